@@ -1,0 +1,599 @@
+//! The `fleethub` command line: `serve` runs the hub; every other verb is a client of the
+//! management API (and `monitor-events` of the MQTT service connection).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::config::{Config, Overrides};
+use crate::hub::Endpoints;
+use crate::server::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE};
+
+#[derive(Parser, Debug)]
+#[command(name = "fleethub", version, about = "Self-hosted IoT hub: MQTT broker, device registry, twins, routes and fleet deployments")]
+pub struct Cli {
+    /// Management API base URL [default: from DATA_DIR/endpoints.json of a running hub, else http://127.0.0.1:8080]
+    #[arg(long, env = "FLEETHUB_URL", global = true)]
+    pub url: Option<String>,
+    /// Admin bearer token [default: the admin-token file in the data directory]
+    #[arg(long, env = "FLEETHUB_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory (serve: where the hub keeps its state; client verbs: where to find the token)
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Output format
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the hub (the default with no subcommand)
+    Serve(ServeArgs),
+    /// Devices in the identity registry
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Modules (deviceId/moduleId identities)
+    #[command(subcommand)]
+    Module(ModuleCmd),
+    /// Print a SAS token for a device or module (the MQTT password)
+    SasToken {
+        device: String,
+        #[arg(long)]
+        module: Option<String>,
+        /// Validity, e.g. 1h, 30m, 7d
+        #[arg(long, default_value = "1h")]
+        duration: String,
+        /// Which key signs the token
+        #[arg(long, value_enum, default_value_t = KeyChoice::Primary)]
+        key: KeyChoice,
+    },
+    /// Print telemetry as it arrives (like `az iot hub monitor-events`)
+    MonitorEvents {
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, requires = "device")]
+        module: Option<String>,
+        /// MQTT address of the hub [default: the hub's plain MQTT endpoint]
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// Stop after this long (e.g. 30s)
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Stop after this many events
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KeyChoice {
+    Primary,
+    Secondary,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); the embedded defaults fill what it leaves out
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Plain MQTT listen address, or "off"
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// MQTT over TLS listen address, or "off"
+    #[arg(long)]
+    pub mqtts: Option<String>,
+    /// HTTP API and /metrics listen address
+    #[arg(long)]
+    pub api: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyArgs {
+    /// Base64 primary key [default: generated]
+    #[arg(long)]
+    primary_key: Option<String>,
+    /// Base64 secondary key [default: generated]
+    #[arg(long)]
+    secondary_key: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCmd {
+    /// Register a device; prints its keys and connection string
+    Create {
+        id: String,
+        #[arg(long, value_parser = ["enabled", "disabled"])]
+        status: Option<String>,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    Show { id: String },
+    /// List devices (one page, or --all)
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        after: Option<String>,
+        /// Follow pages to the end
+        #[arg(long)]
+        all: bool,
+    },
+    Update {
+        id: String,
+        #[arg(long, value_parser = ["enabled", "disabled"])]
+        status: Option<String>,
+        #[arg(long)]
+        status_reason: Option<String>,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModuleCmd {
+    /// Register a module of a device; prints its keys and connection string
+    Create {
+        device: String,
+        module: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    Show { device: String, module: String },
+    List { device: String },
+    Delete { device: String, module: String },
+}
+
+/// Entry point of the binary.
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        None => runtime.block_on(serve(&cli.data_dir, ServeArgs::default())),
+        Some(Command::Serve(ref args)) => runtime.block_on(serve(
+            &cli.data_dir,
+            ServeArgs {
+                config: args.config.clone(),
+                mqtt: args.mqtt.clone(),
+                mqtts: args.mqtts.clone(),
+                api: args.api.clone(),
+            },
+        )),
+        Some(ref command) => {
+            let client = Client::new(&cli)?;
+            runtime.block_on(client.run(command))
+        }
+    }
+}
+
+async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .init();
+    let overrides = Overrides {
+        data_dir: data_dir.clone(),
+        mqtt: args.mqtt,
+        mqtts: args.mqtts,
+        api: args.api,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    crate::server::run(config, crate::server::signal()).await?;
+    Ok(())
+}
+
+fn parse_duration(s: &str) -> Result<Duration> {
+    humantime::parse_duration(s).with_context(|| format!("'{s}' is not a duration (try 30s, 1h, 7d)"))
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    output: Output,
+}
+
+impl Client {
+    fn new(cli: &Cli) -> Result<Client> {
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./fleethub-data"));
+        let token = match &cli.token {
+            Some(t) => t.clone(),
+            None => {
+                let path = data_dir.join(ADMIN_TOKEN_FILE);
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!("no --token given and cannot read {} (set FLEETHUB_TOKEN or --data-dir)", path.display())
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let base = match &cli.url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => match read_endpoints(&data_dir) {
+                Some(e) => format!("http://{}", e.api),
+                None => "http://127.0.0.1:8080".to_string(),
+            },
+        };
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base,
+            token,
+            output: cli.output,
+        })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("cannot reach the hub at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        if !status.is_success() {
+            let message = value.get("message").and_then(|m| m.as_str()).map(str::to_string).unwrap_or_else(|| value.to_string());
+            bail!("{} ({})", message, status);
+        }
+        Ok(value)
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    fn print(&self, value: &Value, text: impl FnOnce(&Value) -> String) {
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+            Output::Text => println!("{}", text(value)),
+        }
+    }
+
+    async fn hostname(&self) -> Result<String> {
+        let info = self.get("/hub").await?;
+        Ok(info["hostname"].as_str().unwrap_or("localhost").to_string())
+    }
+
+    async fn run(&self, command: &Command) -> Result<()> {
+        match command {
+            Command::Serve(_) => unreachable!("serve is handled before a client is built"),
+            Command::Device(cmd) => self.device(cmd).await,
+            Command::Module(cmd) => self.module(cmd).await,
+            Command::SasToken { device, module, duration, key } => {
+                self.sas_token(device, module.as_deref(), duration, *key).await
+            }
+            Command::MonitorEvents { device, module, mqtt, timeout, count } => {
+                self.monitor(device.as_deref(), module.as_deref(), mqtt.as_deref(), timeout.as_deref(), *count)
+                    .await
+            }
+        }
+    }
+
+    async fn with_connection_string(&self, mut record: Value) -> Result<Value> {
+        let host = self.hostname().await?;
+        let device = record["deviceId"].as_str().unwrap_or_default().to_string();
+        let key = record["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap_or_default().to_string();
+        let cs = match record["moduleId"].as_str() {
+            Some(m) => format!("HostName={host};DeviceId={device};ModuleId={m};SharedAccessKey={key}"),
+            None => format!("HostName={host};DeviceId={device};SharedAccessKey={key}"),
+        };
+        record["connectionString"] = Value::String(cs);
+        Ok(record)
+    }
+
+    fn print_identity(&self, verb: &str, v: &Value) {
+        self.print(v, |v| {
+            let name = match v["moduleId"].as_str() {
+                Some(m) => format!("module {}/{}", v["deviceId"].as_str().unwrap_or(""), m),
+                None => format!("device {}", v["deviceId"].as_str().unwrap_or("")),
+            };
+            let mut out = format!("{verb} {name}\n");
+            out += &format!("  status:           {}\n", v["status"].as_str().unwrap_or(""));
+            out += &format!("  connectionState:  {}\n", v["connectionState"].as_str().unwrap_or(""));
+            if let Some(t) = v["lastActivityTime"].as_str() {
+                out += &format!("  lastActivityTime: {t}\n");
+            }
+            out += &format!("  primaryKey:       {}\n", v["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap_or(""));
+            out += &format!("  secondaryKey:     {}", v["authentication"]["symmetricKey"]["secondaryKey"].as_str().unwrap_or(""));
+            if let Some(cs) = v["connectionString"].as_str() {
+                out += &format!("\n  connectionString: {cs}");
+            }
+            out
+        });
+    }
+
+    async fn device(&self, cmd: &DeviceCmd) -> Result<()> {
+        match cmd {
+            DeviceCmd::Create { id, status, keys } => {
+                let mut body = json!({ "deviceId": id });
+                if let Some(s) = status {
+                    body["status"] = json!(s);
+                }
+                if let Some(a) = keys_json(keys) {
+                    body["authentication"] = a;
+                }
+                let v = self.call(reqwest::Method::POST, "/devices", Some(body)).await?;
+                let v = self.with_connection_string(v).await?;
+                self.print_identity("Created", &v);
+            }
+            DeviceCmd::Show { id } => {
+                let v = self.get(&format!("/devices/{}", enc(id))).await?;
+                let v = self.with_connection_string(v).await?;
+                self.print_identity("Device", &v);
+            }
+            DeviceCmd::List { limit, after, all } => {
+                let mut items = Vec::new();
+                let mut after = after.clone();
+                loop {
+                    let mut path = format!("/devices?limit={limit}");
+                    if let Some(a) = &after {
+                        path += &format!("&after={}", enc(a));
+                    }
+                    let page = self.get(&path).await?;
+                    items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                    after = page["next"].as_str().map(str::to_string);
+                    if *all && after.is_some() {
+                        if self.output == Output::Text {
+                            eprintln!("… {} devices so far", items.len());
+                        }
+                        continue;
+                    }
+                    break;
+                }
+                let v = json!({ "items": items, "next": after });
+                self.print(&v, |v| {
+                    let mut out = format!("{:<40} {:<9} {:<13} LAST ACTIVITY", "DEVICE", "STATUS", "CONNECTION");
+                    for d in v["items"].as_array().into_iter().flatten() {
+                        out += &format!(
+                            "\n{:<40} {:<9} {:<13} {}",
+                            d["deviceId"].as_str().unwrap_or(""),
+                            d["status"].as_str().unwrap_or(""),
+                            d["connectionState"].as_str().unwrap_or(""),
+                            d["lastActivityTime"].as_str().unwrap_or("-")
+                        );
+                    }
+                    if let Some(n) = v["next"].as_str() {
+                        out += &format!("\n(more: --after {n})");
+                    }
+                    out
+                });
+            }
+            DeviceCmd::Update { id, status, status_reason, keys } => {
+                let mut body = json!({});
+                if let Some(s) = status {
+                    body["status"] = json!(s);
+                }
+                if let Some(r) = status_reason {
+                    body["statusReason"] = json!(r);
+                }
+                if let Some(a) = keys_json(keys) {
+                    body["authentication"] = a;
+                }
+                let v = self.call(reqwest::Method::PATCH, &format!("/devices/{}", enc(id)), Some(body)).await?;
+                self.print_identity("Updated", &v);
+            }
+            DeviceCmd::Delete { id } => {
+                self.call(reqwest::Method::DELETE, &format!("/devices/{}", enc(id)), None).await?;
+                self.print(&json!({ "deleted": id }), |_| format!("Deleted device {id}"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn module(&self, cmd: &ModuleCmd) -> Result<()> {
+        match cmd {
+            ModuleCmd::Create { device, module, keys } => {
+                let mut body = json!({ "moduleId": module });
+                if let Some(a) = keys_json(keys) {
+                    body["authentication"] = a;
+                }
+                let v = self.call(reqwest::Method::POST, &format!("/devices/{}/modules", enc(device)), Some(body)).await?;
+                let v = self.with_connection_string(v).await?;
+                self.print_identity("Created", &v);
+            }
+            ModuleCmd::Show { device, module } => {
+                let v = self.get(&format!("/devices/{}/modules/{}", enc(device), enc(module))).await?;
+                let v = self.with_connection_string(v).await?;
+                self.print_identity("Module", &v);
+            }
+            ModuleCmd::List { device } => {
+                let v = self.get(&format!("/devices/{}/modules", enc(device))).await?;
+                self.print(&v, |v| {
+                    let mut out = format!("{:<40} {:<9} CONNECTION", "MODULE", "STATUS");
+                    for m in v["items"].as_array().into_iter().flatten() {
+                        out += &format!(
+                            "\n{:<40} {:<9} {}",
+                            m["moduleId"].as_str().unwrap_or(""),
+                            m["status"].as_str().unwrap_or(""),
+                            m["connectionState"].as_str().unwrap_or("")
+                        );
+                    }
+                    out
+                });
+            }
+            ModuleCmd::Delete { device, module } => {
+                self.call(reqwest::Method::DELETE, &format!("/devices/{}/modules/{}", enc(device), enc(module)), None)
+                    .await?;
+                self.print(&json!({ "deleted": format!("{device}/{module}") }), |_| {
+                    format!("Deleted module {device}/{module}")
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn sas_token(&self, device: &str, module: Option<&str>, duration: &str, key: KeyChoice) -> Result<()> {
+        let duration = parse_duration(duration)?;
+        let path = match module {
+            Some(m) => format!("/devices/{}/modules/{}", enc(device), enc(m)),
+            None => format!("/devices/{}", enc(device)),
+        };
+        let record = self.get(&path).await?;
+        let field = match key {
+            KeyChoice::Primary => "primaryKey",
+            KeyChoice::Secondary => "secondaryKey",
+        };
+        let key_b64 = record["authentication"]["symmetricKey"][field].as_str().context("the hub returned no key")?;
+        let host = self.hostname().await?;
+        let identity = crate::identity::IdentityKey::parse(&match module {
+            Some(m) => format!("{device}/{m}"),
+            None => device.to_string(),
+        })?;
+        let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + duration.as_secs();
+        let resource = crate::sas::resource_for(&host, &identity);
+        let token = crate::sas::generate(&resource, key_b64, expiry)?;
+        let username = format!("{host}/{identity}/?api-version=2021-04-12");
+        let v = json!({ "sasToken": token, "expiry": expiry, "clientId": identity.to_string(), "username": username });
+        self.print(&v, |v| v["sasToken"].as_str().unwrap_or_default().to_string());
+        Ok(())
+    }
+
+    async fn monitor(
+        &self,
+        device: Option<&str>,
+        module: Option<&str>,
+        mqtt: Option<&str>,
+        timeout: Option<&str>,
+        count: Option<u64>,
+    ) -> Result<()> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let addr = match mqtt {
+            Some(a) => a.to_string(),
+            None => {
+                let info = self.get("/hub").await?;
+                info["endpoints"]["mqtt"]
+                    .as_str()
+                    .context("the hub has no plain MQTT listener; pass --mqtt")?
+                    .to_string()
+            }
+        };
+        let (host, port) = addr.rsplit_once(':').context("--mqtt must be host:port")?;
+        let port: u16 = port.parse().context("--mqtt port")?;
+        let client_id = format!("monitor-{:08x}", rand::random::<u32>());
+        let mut options = MqttOptions::new(client_id, host.trim_matches(['[', ']']), port);
+        options.set_credentials(crate::mqtt::SERVICE_USERNAME, self.token.clone());
+        options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut events) = AsyncClient::new(options, 100);
+        let filter = match (device, module) {
+            (Some(d), Some(m)) => format!("$fleethub/events/{}/{}/#", crate::topics::encode_id(d), crate::topics::encode_id(m)),
+            (Some(d), None) => format!("$fleethub/events/{}/#", crate::topics::encode_id(d)),
+            _ => "$fleethub/events/#".to_string(),
+        };
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+        let deadline = timeout.map(parse_duration).transpose()?.map(|d| tokio::time::Instant::now() + d);
+        let mut seen = 0u64;
+        if self.output == Output::Text {
+            eprintln!("Monitoring telemetry at {addr}. Press Ctrl+C to stop.");
+        }
+        loop {
+            if count.is_some_and(|c| seen >= c) {
+                break;
+            }
+            let next = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, events.poll()).await.ok(),
+                    None => Some(events.poll().await),
+                }
+            };
+            let event = tokio::select! {
+                e = next => e,
+                _ = tokio::signal::ctrl_c() => None,
+            };
+            match event {
+                None => break,
+                Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.code != rumqttc::ConnectReturnCode::Success => {
+                    bail!("the hub refused the monitor connection: {:?}", ack.code)
+                }
+                Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        bail!("the hub refused the telemetry subscription");
+                    }
+                }
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    if let Some(event) = describe_event(&p.topic, &p.payload) {
+                        seen += 1;
+                        match self.output {
+                            Output::Json => println!("{}", event),
+                            Output::Text => println!("{}", serde_json::to_string_pretty(&json!({ "event": event })).unwrap_or_default()),
+                        }
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("connection to {addr} failed: {e}"),
+            }
+        }
+        let _ = client.disconnect().await;
+        Ok(())
+    }
+}
+
+/// Turns a `$fleethub/events/{d}/{m}/{bag}` delivery into the event JSON printed.
+pub fn describe_event(topic: &str, payload: &[u8]) -> Option<Value> {
+    use percent_encoding::percent_decode_str;
+    let rest = topic.strip_prefix(crate::topics::SERVICE_EVENTS_PREFIX)?;
+    let mut parts = rest.splitn(3, '/');
+    let device = percent_decode_str(parts.next()?).decode_utf8().ok()?.into_owned();
+    let module = parts.next()?;
+    let module = (module != crate::topics::NO_MODULE).then(|| percent_decode_str(module).decode_utf8_lossy().into_owned());
+    let bag = parts.next().unwrap_or("");
+    let message = fleethub_router::Message::from_bag(bag, bytes::Bytes::copy_from_slice(payload)).ok()?;
+    let body = match std::str::from_utf8(payload) {
+        Ok(s) => serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.to_string())),
+        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(payload) }),
+    };
+    let system: serde_json::Map<String, Value> = message.system.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let application: serde_json::Map<String, Value> = message.properties.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    Some(json!({
+        "origin": device,
+        "module": module.unwrap_or_default(),
+        "payload": body,
+        "properties": { "system": system, "application": application },
+    }))
+}
+
+fn keys_json(keys: &KeyArgs) -> Option<Value> {
+    if keys.primary_key.is_none() && keys.secondary_key.is_none() {
+        return None;
+    }
+    let mut k = json!({});
+    if let Some(p) = &keys.primary_key {
+        k["primaryKey"] = json!(p);
+    }
+    if let Some(s) = &keys.secondary_key {
+        k["secondaryKey"] = json!(s);
+    }
+    Some(json!({ "type": "sas", "symmetricKey": k }))
+}
+
+fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn read_endpoints(data_dir: &std::path::Path) -> Option<Endpoints> {
+    let text = std::fs::read_to_string(data_dir.join(ENDPOINTS_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}

@@ -1,0 +1,208 @@
+//! Configuration: the TOML file (defaults embedded from `config/fleethub.toml`), overridden by
+//! command-line flags, checked once into [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default configuration, also the documentation of every key.
+pub const DEFAULT_TOML: &str = include_str!("../../config/fleethub.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key {key}: '{value}' is not an address (host:port) or \"off\"")]
+    Address { key: &'static str, value: String },
+    #[error("config keys tls.cert and tls.key must be set together")]
+    TlsPair,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    hub: HubSection,
+    listen: ListenSection,
+    tls: TlsSection,
+    mqtt: MqttSection,
+    router: RouterSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HubSection {
+    hostname: String,
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenSection {
+    mqtt: String,
+    mqtts: String,
+    api: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    pub max_payload_bytes: usize,
+    pub max_connections: usize,
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    pub max_segment_bytes: usize,
+    pub max_segment_count: usize,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub mqtt: Option<String>,
+    pub mqtts: Option<String>,
+    pub api: Option<String>,
+}
+
+/// The checked configuration the hub runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hostname: String,
+    pub data_dir: PathBuf,
+    pub mqtt: Option<SocketAddr>,
+    pub mqtts: Option<SocketAddr>,
+    pub api: SocketAddr,
+    /// Configured certificate and key; `None` means generate under `data_dir/tls`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub limits: MqttSection,
+    pub router: RouterSection,
+}
+
+impl Config {
+    /// Loads `path` (or the embedded defaults) and applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        // The embedded defaults are the base; a user file may set only some keys.
+        let mut base: toml::Table = toml::from_str(DEFAULT_TOML).map_err(|e| ConfigError::Parse {
+            path: "(embedded defaults)".into(),
+            message: e.to_string(),
+        })?;
+        let label = path.map(|p| p.display().to_string());
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let user: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            merge(&mut base, user);
+        }
+        let file: FileConfig =
+            toml::Value::Table(base)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: label.unwrap_or_else(|| "(embedded defaults)".into()),
+                    message: e.to_string(),
+                })?;
+        Self::build(file, overrides)
+    }
+
+    fn build(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+        let addr = |key: &'static str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
+            if v == "off" {
+                return Ok(None);
+            }
+            v.parse().map(Some).map_err(|_| ConfigError::Address {
+                key,
+                value: v.to_string(),
+            })
+        };
+        let mqtt = addr("listen.mqtt", o.mqtt.as_deref().unwrap_or(&file.listen.mqtt))?;
+        let mqtts = addr("listen.mqtts", o.mqtts.as_deref().unwrap_or(&file.listen.mqtts))?;
+        let api_str = o.api.as_deref().unwrap_or(&file.listen.api);
+        let api = addr("listen.api", api_str)?.ok_or(ConfigError::Address {
+            key: "listen.api",
+            value: api_str.to_string(),
+        })?;
+        let tls = match (file.tls.cert.is_empty(), file.tls.key.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((file.tls.cert.into(), file.tls.key.into())),
+            _ => return Err(ConfigError::TlsPair),
+        };
+        Ok(Config {
+            hostname: file.hub.hostname,
+            data_dir: o.data_dir.clone().unwrap_or(file.hub.data_dir),
+            mqtt,
+            mqtts,
+            api,
+            tls,
+            limits: file.mqtt,
+            router: file.router,
+        })
+    }
+}
+
+fn merge(base: &mut toml::Table, user: toml::Table) {
+    for (k, v) in user {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_load() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.mqtt, Some("127.0.0.1:1883".parse().unwrap()));
+        assert_eq!(c.limits.max_payload_bytes, 256 * 1024);
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn overrides_and_partial_files_apply() {
+        let dir = std::env::temp_dir().join(format!("fh-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[hub]\nhostname = \"hub.example\"\n[listen]\nmqtts = \"off\"\n").unwrap();
+        let o = Overrides { api: Some("127.0.0.1:0".into()), ..Default::default() };
+        let c = Config::load(Some(&file), &o).unwrap();
+        assert_eq!(c.hostname, "hub.example");
+        assert_eq!(c.mqtts, None);
+        assert_eq!(c.api.port(), 0);
+        std::fs::write(&file, "[hub]\nhostnme = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file), &o).unwrap_err().to_string();
+        assert!(err.contains("hostnme"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_address_names_the_key() {
+        let o = Overrides { mqtt: Some("nonsense".into()), ..Default::default() };
+        let err = Config::load(None, &o).unwrap_err().to_string();
+        assert!(err.contains("listen.mqtt"), "{err}");
+    }
+}

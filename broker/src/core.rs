@@ -1,0 +1,110 @@
+//! The embedded rumqttd router, behind a small API: start it, open links into it.
+//!
+//! Only this module and the front end's codec touch rumqttd types. The router runs on its
+//! own OS thread and owns all subscription and fan-out state; every client connection gets
+//! one local link into it (see `mqtt.rs`). rumqttd's own listeners are not used: they cannot
+//! authorize per topic or translate IoT Hub's `$iothub/...` topics.
+
+use std::sync::Arc;
+
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish, QoS};
+use rumqttd::Router;
+
+use crate::config::RouterSection;
+use crate::topics::INTERNAL_ROOT_FILTER;
+
+type BuildLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+
+/// Handle to the running router. Cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    /// rumqttd's router channel is typed with a crate-private event type, so the sender is
+    /// captured in this closure rather than named.
+    build: Arc<BuildLink>,
+}
+
+impl Core {
+    /// Starts the router thread. `max_connections` bounds links (the router preallocates).
+    pub fn start(max_connections: usize, sizing: &RouterSection) -> Core {
+        let config = rumqttd::RouterConfig {
+            // One extra slot for hub-internal links.
+            max_connections: max_connections + 16,
+            max_outgoing_packet_count: 200,
+            max_segment_size: sizing.max_segment_bytes.max(1024 * 64),
+            max_segment_count: sizing.max_segment_count.max(1),
+            custom_segment: None,
+            // A catch-all log: with no subscriber on a topic, rumqttd would otherwise
+            // disconnect the publisher (links use static filters).
+            initialized_filters: Some(vec![INTERNAL_ROOT_FILTER.to_string()]),
+            shared_subscriptions_strategy: Default::default(),
+        };
+        let router_tx = Router::new(0, config).spawn();
+        let build = move |client_id: &str| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(true)
+                .dynamic_filters(false)
+                .build()
+                .map(|(tx, rx, _ack)| (tx, rx))
+        };
+        Core {
+            build: Arc::new(build),
+        }
+    }
+
+    /// Opens a link. Blocks until the router answers, so call it off the async runtime.
+    /// `link_id` must not contain `+ $ # /` (the router ignores such a connect).
+    pub fn link_blocking(&self, link_id: &str) -> Result<(LinkTx, LinkRx), LinkError> {
+        (self.build)(link_id)
+    }
+
+    /// Opens a link from async code.
+    pub async fn link(&self, link_id: String) -> Result<(LinkTx, LinkRx), LinkError> {
+        let core = self.clone();
+        tokio::task::spawn_blocking(move || core.link_blocking(&link_id))
+            .await
+            .unwrap_or(Err(LinkError::NotConnectionAck))
+    }
+}
+
+/// Builds a publish with the given QoS and packet id. rumqttd keeps those fields private;
+/// its MQTT-independent serialisation is the public way in.
+pub fn publish_with(topic: &str, payload: &[u8], qos: QoS, pkid: u16, retain: bool) -> Publish {
+    use bytes::{BufMut, BytesMut};
+    let mut b = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    b.put_u8(0b0011_0000 | (retain as u8) | ((qos as u8) << 1));
+    b.put_u16(pkid);
+    b.put_u16(topic.len() as u16);
+    b.put_slice(topic.as_bytes());
+    b.put_slice(payload);
+    Publish::deserialize(b.freeze())
+}
+
+/// The QoS and packet id of a publish (rumqttd keeps them private; read them back through
+/// the same serialisation). Only used off the hot path.
+pub fn publish_ids(publish: &Publish) -> (u8, u16) {
+    let s = publish.serialize();
+    ((s[0] >> 1) & 0b11, u16::from_be_bytes([s[1], s[2]]))
+}
+
+pub fn disconnect_packet() -> Packet {
+    Packet::Disconnect(
+        rumqttd::protocol::Disconnect {
+            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_with_sets_private_fields() {
+        let p = publish_with("a/b", b"xyz", QoS::AtLeastOnce, 42, false);
+        assert_eq!(publish_ids(&p), (1, 42));
+        assert_eq!(&p.topic[..], b"a/b");
+        assert_eq!(&p.payload[..], b"xyz");
+    }
+}

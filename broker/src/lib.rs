@@ -1,0 +1,30 @@
+//! fleethub: a self-hosted IoT hub in one binary.
+//!
+//! Map of modules, from the wire inwards:
+//! - [`mqtt`]: the MQTT front end devices connect to (plain and TLS): CONNECT
+//!   authentication, per-connection authorization, topic translation.
+//! - [`topics`]: the one table mapping IoT Hub client topics to internal router topics.
+//! - [`core`]: the embedded rumqttd router behind a small start/link API.
+//! - [`sas`], [`identity`]: SAS tokens and validated device/module ids.
+//! - [`registry`]: the durable identity registry (redb).
+//! - [`api`]: the management HTTP API and `/metrics`; [`metrics`]: what it exports.
+//! - [`server`]: startup and shutdown (`run(config, shutdown)`); [`config`]: settings;
+//!   [`tls`]: certificates; [`hub`]: state shared by the front end and the API.
+//! - [`cli`]: the `fleethub` command line.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod hub;
+pub mod identity;
+pub mod metrics;
+pub mod mqtt;
+pub mod registry;
+pub mod sas;
+pub mod server;
+pub mod tls;
+pub mod topics;
+
+pub use config::Config;
+pub use server::run;

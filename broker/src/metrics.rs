@@ -1,0 +1,109 @@
+//! Prometheus metrics, served at `/metrics`. Names follow Prometheus conventions:
+//! `fleethub_` prefix, counters end in `_total`, sizes in bytes.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Connections past CONNACK, now.
+    pub connections: IntGauge,
+    /// CONNECT attempts by `result` (accepted, not_authorized, bad_request, ...).
+    pub connection_attempts: IntCounterVec,
+    /// Refused publishes and subscriptions by `action`.
+    pub authorization_denials: IntCounterVec,
+    pub telemetry_messages: IntCounter,
+    pub telemetry_bytes: IntCounter,
+    /// Connections closed for a protocol violation, by `reason`.
+    pub protocol_errors: IntCounterVec,
+    /// Resident set size, refreshed on every scrape.
+    resident_memory: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let connections = IntGauge::new("fleethub_connections", "MQTT connections currently open (after CONNACK)")
+            .expect("valid metric");
+        let connection_attempts = IntCounterVec::new(
+            Opts::new("fleethub_connection_attempts_total", "MQTT CONNECT attempts by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let authorization_denials = IntCounterVec::new(
+            Opts::new(
+                "fleethub_authorization_denials_total",
+                "Publishes and subscriptions refused because the topic is not the client's",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
+        let telemetry_messages = IntCounter::new(
+            "fleethub_telemetry_messages_total",
+            "Telemetry messages received from devices and modules",
+        )
+        .expect("valid metric");
+        let telemetry_bytes = IntCounter::new(
+            "fleethub_telemetry_bytes_total",
+            "Telemetry body bytes received from devices and modules",
+        )
+        .expect("valid metric");
+        let protocol_errors = IntCounterVec::new(
+            Opts::new(
+                "fleethub_protocol_errors_total",
+                "Connections closed for a malformed or forbidden packet, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let resident_memory = IntGauge::new(
+            "fleethub_process_resident_memory_bytes",
+            "Resident memory of the hub process",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connection_attempts.clone()),
+            Box::new(authorization_denials.clone()),
+            Box::new(telemetry_messages.clone()),
+            Box::new(telemetry_bytes.clone()),
+            Box::new(protocol_errors.clone()),
+            Box::new(resident_memory.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            connections,
+            connection_attempts,
+            authorization_denials,
+            telemetry_messages,
+            telemetry_bytes,
+            protocol_errors,
+            resident_memory,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        if let Some(rss) = resident_bytes() {
+            self.resident_memory.set(rss as i64);
+        }
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// RSS from /proc (Linux); `None` elsewhere.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,714 @@
+//! The MQTT front end: what devices and modules actually connect to.
+//!
+//! Each accepted socket (plain or TLS) runs one task:
+//! 1. read CONNECT (rumqttd's v4 codec), authenticate the SAS token or the admin token;
+//! 2. open a local link into the embedded router under an internal link id;
+//! 3. translate every PUBLISH / SUBSCRIBE through the topic table (`topics.rs`), refusing
+//!    what is not the client's, and pass the rest to the router; translate what the router
+//!    forwards back to the client's topics.
+//!
+//! QoS 1 publishes keep their packet id end to end: the router acknowledges into the link,
+//! and the front end writes that PUBACK to the client. Packets are decoded with rumqttd's own
+//! codec so the QoS and packet id it keeps private travel untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use fleethub_router::Message;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Error as CodecError, Filter, Packet, PingResp, Protocol, PubAck,
+    PubAckReason, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::core::{disconnect_packet, publish_ids, publish_with};
+use crate::hub::{LiveConnection, SharedHub};
+use crate::identity::IdentityKey;
+use crate::registry::Status;
+use crate::sas::{resource_for, SasToken};
+use crate::topics::{self, envelope, Delivery, Inbound, MappedFilter, Principal};
+
+/// Username that marks a service connection (password: the admin token).
+pub const SERVICE_USERNAME: &str = "$service";
+
+/// Accepts plain TCP connections until `shutdown` flips.
+pub async fn serve_tcp(listener: TcpListener, hub: SharedHub, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (hub, shutdown) = (hub.clone(), shutdown.clone());
+                    tokio::spawn(async move { connection(stream, peer, hub, shutdown).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Accepts TLS connections until `shutdown` flips. The handshake runs in the connection's
+/// own task so a slow client never holds up the accept loop.
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    hub: SharedHub,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (hub, shutdown, acceptor) = (hub.clone(), shutdown.clone(), acceptor.clone());
+                    tokio::spawn(async move {
+                        let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
+                        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => connection(tls, peer, hub, shutdown).await,
+                            Ok(Err(e)) => {
+                                hub.metrics.connection_attempts.with_label_values(&["tls_error"]).inc();
+                                debug!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Why a CONNECT was refused (logged; the client only sees the CONNACK code).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("client id is not a valid device or module id: {0}")]
+    BadClientId(String),
+    #[error("username '{0}' does not name the client id")]
+    BadUsername(String),
+    #[error("no password")]
+    NoPassword,
+    #[error("{0} is not registered")]
+    Unknown(String),
+    #[error("{0} is disabled")]
+    Disabled(String),
+    #[error("token: {0}")]
+    Token(#[from] crate::sas::SasError),
+    #[error("wrong service password")]
+    BadServicePassword,
+}
+
+impl Refusal {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Refusal::BadClientId(_) | Refusal::BadUsername(_) => "bad_client_id",
+            Refusal::Unknown(_) => "unknown_identity",
+            Refusal::Disabled(_) => "disabled",
+            Refusal::Token(crate::sas::SasError::Expired { .. }) => "expired_token",
+            _ => "not_authorized",
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn authenticate(
+    hub: &SharedHub,
+    client_id: &str,
+    login: Option<&rumqttd::protocol::Login>,
+) -> Result<Principal, Refusal> {
+    let (username, password) = login
+        .map(|l| (l.username.as_str(), l.password.as_str()))
+        .unwrap_or(("", ""));
+    if username == SERVICE_USERNAME {
+        return if hub.is_admin_token(password) {
+            Ok(Principal::Service)
+        } else {
+            Err(Refusal::BadServicePassword)
+        };
+    }
+    let key = IdentityKey::parse(client_id).map_err(|e| Refusal::BadClientId(e.to_string()))?;
+    // `{hostname}/{deviceId}[/{moduleId}]/?api-version=...`
+    let named = username
+        .split_once('/')
+        .map(|(_host, rest)| rest.split('?').next().unwrap_or("").trim_end_matches('/'));
+    if named != Some(client_id) {
+        return Err(Refusal::BadUsername(username.to_string()));
+    }
+    if password.is_empty() {
+        return Err(Refusal::NoPassword);
+    }
+    let identity = hub
+        .registry
+        .get(&key)
+        .ok_or_else(|| Refusal::Unknown(client_id.to_string()))?;
+    if identity.status == Status::Disabled {
+        return Err(Refusal::Disabled(client_id.to_string()));
+    }
+    let token = SasToken::parse(password)?;
+    let resource = resource_for(&hub.config.hostname, &key);
+    let keys = &identity.authentication.symmetric_key;
+    let now = unix_now();
+    token
+        .verify(&resource, &keys.primary_key, now)
+        .or_else(|e| match e {
+            crate::sas::SasError::BadSignature => token.verify(&resource, &keys.secondary_key, now),
+            other => Err(other),
+        })?;
+    Ok(Principal::Identity(key))
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        w.write_all(buf).await?;
+        buf.clear();
+    }
+    Ok(())
+}
+
+/// Reads the first packet; must be CONNECT within the connect timeout.
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> Option<Packet> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match V4.read_mut(buf, 64 * 1024) {
+            Ok(p) => return Some(p),
+            Err(CodecError::InsufficientBytes(_)) => {}
+            Err(e) => {
+                debug!(error = %e, "malformed CONNECT");
+                return None;
+            }
+        }
+        match tokio::time::timeout_at(deadline, reader.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Runs one client connection to its end.
+pub async fn connection<S>(stream: S, peer: SocketAddr, hub: SharedHub, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut wbuf = BytesMut::with_capacity(4096);
+    let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
+    let Some(packet) = read_connect(&mut reader, &mut rbuf, timeout).await else {
+        hub.metrics.connection_attempts.with_label_values(&["bad_request"]).inc();
+        return;
+    };
+    let Packet::Connect(connect, _, _will, _, login) = packet else {
+        hub.metrics.connection_attempts.with_label_values(&["bad_request"]).inc();
+        debug!(%peer, "first packet was not CONNECT");
+        return;
+    };
+    let principal = match authenticate(&hub, &connect.client_id, login.as_ref()) {
+        Ok(p) => p,
+        Err(refusal) => {
+            hub.metrics
+                .connection_attempts
+                .with_label_values(&[refusal.metric_label()])
+                .inc();
+            info!(%peer, client_id = %connect.client_id, reason = %refusal, "connection refused");
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::NotAuthorized,
+            };
+            let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
+            let _ = write_all(&mut writer, &mut wbuf).await;
+            let _ = writer.shutdown().await;
+            return;
+        }
+    };
+
+    let conn_id = hub.next_conn_id();
+    let kick = Arc::new(Notify::new());
+    if let Principal::Identity(key) = &principal {
+        // A second connection with the same id replaces the first, as in IoT Hub.
+        let previous = hub.live.insert(
+            key.clone(),
+            LiveConnection {
+                conn_id,
+                kick: kick.clone(),
+            },
+        );
+        if let Some(previous) = previous {
+            previous.kick.notify_one();
+        }
+    }
+    let (link_tx, link_rx) = match hub.core.link(format!("c{conn_id}")).await {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(%peer, error = %e, "router refused a link");
+            hub.metrics.connection_attempts.with_label_values(&["server_unavailable"]).inc();
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::ServiceUnavailable,
+            };
+            let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
+            let _ = write_all(&mut writer, &mut wbuf).await;
+            release(&hub, &principal, conn_id);
+            return;
+        }
+    };
+    hub.metrics.connection_attempts.with_label_values(&["accepted"]).inc();
+    hub.metrics.connections.inc();
+    if let Principal::Identity(key) = &principal {
+        hub.registry.set_connected(key, true);
+    }
+    info!(%peer, client_id = %connect.client_id, "connected");
+
+    let ack = ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::Success,
+    };
+    let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
+    let mut session = Session {
+        hub: hub.clone(),
+        telemetry_topic: match &principal {
+            Principal::Identity(key) => topics::telemetry_topic(key),
+            Principal::Service => String::new(),
+        },
+        principal,
+        link_tx,
+        filters: Vec::new(),
+        pending_subs: HashMap::new(),
+        keep_alive: match connect.keep_alive {
+            0 => None,
+            k => Some(Duration::from_millis(k as u64 * 1500)),
+        },
+    };
+    let end = session
+        .run(&mut reader, &mut writer, rbuf, wbuf, link_rx, kick, shutdown)
+        .await;
+    debug!(%peer, client_id = %connect.client_id, reason = end, "connection closed");
+    let _ = session.link_tx.send(disconnect_packet()).await;
+    let _ = writer.shutdown().await;
+    hub.metrics.connections.dec();
+    release(&hub, &session.principal, conn_id);
+}
+
+/// Forgets a connection in the live table, if it is still the current one for its id.
+fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
+    if let Principal::Identity(key) = principal {
+        let ours = hub.live.remove_if(key, |_, live| live.conn_id == conn_id).is_some();
+        if ours {
+            hub.registry.set_connected(key, false);
+            let (hub, key) = (hub.clone(), key.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = hub.registry.persist_activity(&key) {
+                    warn!(error = %e, "could not store last activity time");
+                }
+            });
+        }
+    }
+}
+
+struct Session {
+    hub: SharedHub,
+    principal: Principal,
+    /// Internal topic of this identity's telemetry, computed once.
+    telemetry_topic: String,
+    link_tx: LinkTx,
+    /// Client filters in force, checked again on delivery.
+    filters: Vec<MappedFilter>,
+    /// SUBSCRIBEs waiting for the router's SUBACK: the codes of refused filters are known,
+    /// `None` marks a filter forwarded to the router.
+    pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    keep_alive: Option<Duration>,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    async fn run<R, W>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+        mut rbuf: BytesMut,
+        mut wbuf: BytesMut,
+        mut link_rx: LinkRx,
+        kick: Arc<Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> &'static str
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let far = Duration::from_secs(365 * 24 * 3600);
+        let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
+        loop {
+            if write_all(writer, &mut wbuf).await.is_err() {
+                return "write failed";
+            }
+            // Packets may already be buffered (read together with CONNECT).
+            match self.drain_input(&mut rbuf, &mut wbuf).await {
+                Ok(true) => deadline = Instant::now() + self.keep_alive.unwrap_or(far),
+                Ok(false) => {}
+                Err(reason) => {
+                    let _ = write_all(writer, &mut wbuf).await;
+                    return reason;
+                }
+            }
+            if write_all(writer, &mut wbuf).await.is_err() {
+                return "write failed";
+            }
+            tokio::select! {
+                read = reader.read_buf(&mut rbuf) => match read {
+                    Ok(0) | Err(_) => return "socket closed",
+                    Ok(_) => {}
+                },
+                notification = link_rx.next() => {
+                    let mut unscheduled = false;
+                    let mut next = notification;
+                    // Take everything the router has queued in one go.
+                    loop {
+                        match next {
+                            Ok(Some(n)) => match self.on_notification(n, &mut wbuf).await {
+                                Some(Outcome::Unscheduled) => unscheduled = true,
+                                Some(Outcome::Close) => return "closed by router",
+                                None => {}
+                            },
+                            Ok(None) => break,
+                            Err(_) => return "router link closed",
+                        }
+                        next = match link_rx.next().now_or_never() {
+                            Some(n) => n,
+                            None => break,
+                        };
+                    }
+                    if write_all(writer, &mut wbuf).await.is_err() {
+                        return "write failed";
+                    }
+                    if unscheduled && link_rx.wake().await.is_err() {
+                        return "router link closed";
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => return "keep-alive expired",
+                _ = kick.notified() => return "closed by the hub (taken over, disabled or deleted)",
+                _ = shutdown.changed() => return "hub shutting down",
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in `rbuf`. Returns whether any was read.
+    async fn drain_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<bool, &'static str> {
+        let max_payload = self.hub.config.limits.max_payload_bytes;
+        let mut to_router: Vec<Packet> = Vec::new();
+        let mut any = false;
+        let result = loop {
+            if rbuf.is_empty() {
+                break Ok(());
+            }
+            // QoS 2 is not part of IoT Hub's MQTT; refuse it before decoding.
+            if rbuf[0] >> 4 == 3 && (rbuf[0] >> 1) & 0b11 == 2 {
+                self.protocol_error("qos2");
+                break Err("QoS 2 publish");
+            }
+            let packet = match V4.read_mut(rbuf, max_payload + 64 * 1024) {
+                Ok(p) => p,
+                Err(CodecError::InsufficientBytes(_)) => break Ok(()),
+                Err(CodecError::PayloadSizeLimitExceeded(_)) => {
+                    self.protocol_error("payload_too_large");
+                    break Err("payload too large");
+                }
+                Err(e) => {
+                    debug!(error = %e, "malformed packet");
+                    self.protocol_error("malformed");
+                    break Err("malformed packet");
+                }
+            };
+            any = true;
+            if let Err(reason) = self.on_packet(packet, wbuf, &mut to_router) {
+                break Err(reason);
+            }
+        };
+        self.send_to_router(to_router).await?;
+        result.map(|()| any)
+    }
+
+    fn protocol_error(&self, reason: &str) {
+        self.hub.metrics.protocol_errors.with_label_values(&[reason]).inc();
+    }
+
+    fn deny(&self, action: &str, topic: &str) {
+        self.hub
+            .metrics
+            .authorization_denials
+            .with_label_values(&[action])
+            .inc();
+        warn!(principal = ?self.principal, action, topic, "not authorized");
+    }
+
+    /// Hands a batch to the router with one wake-up.
+    async fn send_to_router(&mut self, mut packets: Vec<Packet>) -> Result<(), &'static str> {
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        {
+            let mut buffer = self.link_tx.buffer();
+            buffer.extend(packets);
+        }
+        self.link_tx.send(last).await.map(|_| ()).map_err(|_| "router link closed")
+    }
+
+    fn on_packet(&mut self, packet: Packet, wbuf: &mut BytesMut, to_router: &mut Vec<Packet>) -> Result<(), &'static str> {
+        match packet {
+            Packet::Publish(mut publish, _) => {
+                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                    self.protocol_error("malformed");
+                    return Err("topic not UTF-8");
+                };
+                let max = self.hub.config.limits.max_payload_bytes;
+                if publish.payload.len() > max {
+                    self.protocol_error("payload_too_large");
+                    return Err("payload too large");
+                }
+                match topics::classify_publish(&self.principal, topic) {
+                    Inbound::Telemetry { bag } => {
+                        let Principal::Identity(key) = &self.principal else {
+                            return Err("service connections cannot publish");
+                        };
+                        let mut message = match Message::from_bag(bag, publish.payload.clone()) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                warn!(principal = ?self.principal, error = %e, "bad property bag");
+                                self.protocol_error("bad_property_bag");
+                                return Err("bad property bag");
+                            }
+                        };
+                        // Connection ids come from authentication, never from the client.
+                        message.system.connection_device_id = Some(key.device.to_string());
+                        message.system.connection_module_id = key.module.as_ref().map(|m| m.to_string());
+                        message.system.enqueued_time = Some(crate::registry::now_rfc3339());
+                        let Some(payload) = envelope::pack(&message.to_bag(), &message.body) else {
+                            self.protocol_error("bad_property_bag");
+                            return Err("property bag too long");
+                        };
+                        self.hub.metrics.telemetry_messages.inc();
+                        self.hub.metrics.telemetry_bytes.inc_by(message.body.len() as u64);
+                        self.hub.registry.touch(key);
+                        publish.topic = self.telemetry_topic.clone().into();
+                        publish.payload = payload;
+                        publish.retain = false;
+                        to_router.push(Packet::Publish(publish, None));
+                    }
+                    Inbound::TwinGet { query } | Inbound::TwinReportedPatch { query } => {
+                        // The twin service is not part of this build yet: answer clearly
+                        // rather than leave the device waiting.
+                        let suffix = format!("501/{query}");
+                        let body = br#"{"message":"twins are not available in this version of fleethub"}"#;
+                        if let Principal::Identity(key) = &self.principal {
+                            if let Some(payload) = envelope::pack(&suffix, body) {
+                                let topic = topics::internal_topic(key, Delivery::TwinResponse);
+                                to_router.push(Packet::Publish(
+                                    publish_with(&topic, &payload, QoS::AtMostOnce, 0, false),
+                                    None,
+                                ));
+                            }
+                        }
+                        self.ack_locally(&publish, wbuf);
+                    }
+                    Inbound::MethodResponse { .. } => {
+                        // No method invocations exist to correlate with yet.
+                        self.ack_locally(&publish, wbuf);
+                    }
+                    Inbound::Denied => {
+                        self.deny("publish", topic);
+                        return Err("publish not authorized");
+                    }
+                }
+            }
+            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe, wbuf, to_router),
+            Packet::Unsubscribe(unsubscribe, _) => self.on_unsubscribe(unsubscribe, wbuf, to_router),
+            Packet::PubAck(ack, _) => to_router.push(Packet::PubAck(ack, None)),
+            Packet::PingReq(_) => {
+                let _ = V4.write(Packet::PingResp(PingResp), wbuf);
+            }
+            Packet::Disconnect(..) => return Err("client disconnected"),
+            Packet::Connect(..) => {
+                self.protocol_error("second_connect");
+                return Err("second CONNECT");
+            }
+            _ => {
+                self.protocol_error("unexpected_packet");
+                return Err("unexpected packet");
+            }
+        }
+        Ok(())
+    }
+
+    /// PUBACK a QoS 1 publish the hub handled itself (it never reached the router).
+    fn ack_locally(&self, publish: &rumqttd::protocol::Publish, wbuf: &mut BytesMut) {
+        let (qos, pkid) = publish_ids(publish);
+        if qos == 1 {
+            let ack = PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            };
+            let _ = V4.write(Packet::PubAck(ack, None), wbuf);
+        }
+    }
+
+    fn on_subscribe(&mut self, subscribe: Subscribe, wbuf: &mut BytesMut, to_router: &mut Vec<Packet>) {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut forward = Vec::new();
+        for f in &subscribe.filters {
+            match topics::map_filter(&self.principal, &f.path) {
+                Some(mapped) => {
+                    codes.push(None);
+                    forward.push(Filter {
+                        path: mapped.internal.clone(),
+                        // IoT Hub has no QoS 2; grant at most 1.
+                        qos: if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+                        nolocal: false,
+                        preserve_retain: false,
+                        retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+                    });
+                    self.filters.retain(|m| m.client != mapped.client);
+                    self.filters.push(mapped);
+                }
+                None => {
+                    self.deny("subscribe", &f.path);
+                    codes.push(Some(SubscribeReasonCode::Failure));
+                }
+            }
+        }
+        if forward.is_empty() {
+            let return_codes = codes.into_iter().map(|c| c.unwrap_or(SubscribeReasonCode::Failure)).collect();
+            let ack = SubAck { pkid: subscribe.pkid, return_codes };
+            let _ = V4.write(Packet::SubAck(ack, None), wbuf);
+        } else {
+            self.pending_subs.insert(subscribe.pkid, codes);
+            let sub = Subscribe { pkid: subscribe.pkid, filters: forward };
+            to_router.push(Packet::Subscribe(sub, None));
+        }
+    }
+
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe, wbuf: &mut BytesMut, to_router: &mut Vec<Packet>) {
+        let mut internal = Vec::new();
+        for f in &unsubscribe.filters {
+            if let Some(mapped) = topics::map_filter(&self.principal, f) {
+                self.filters.retain(|m| m.client != mapped.client);
+                // Leave the router filter while another client filter still needs it.
+                if !self.filters.iter().any(|m| m.internal == mapped.internal) {
+                    internal.push(mapped.internal);
+                }
+            }
+        }
+        if internal.is_empty() {
+            let ack = UnsubAck { pkid: unsubscribe.pkid, reasons: vec![] };
+            let _ = V4.write(Packet::UnsubAck(ack, None), wbuf);
+        } else {
+            let unsub = Unsubscribe { pkid: unsubscribe.pkid, filters: internal };
+            to_router.push(Packet::Unsubscribe(unsub, None));
+        }
+    }
+
+    async fn on_notification(&mut self, n: Notification, wbuf: &mut BytesMut) -> Option<Outcome> {
+        use rumqttd::protocol::Packet as P;
+        match n {
+            Notification::Forward(forward) => {
+                let mut publish = forward.publish;
+                let delivered = std::str::from_utf8(&publish.topic)
+                    .ok()
+                    .zip(envelope::unpack(&publish.payload))
+                    .and_then(|(topic, (suffix, body))| {
+                        topics::to_client_topic(&self.principal, topic, &suffix).map(|t| (t, body))
+                    })
+                    .filter(|(t, _)| self.filters.iter().any(|f| topics::filter_matches(&f.client, t)));
+                match delivered {
+                    Some((topic, body)) => {
+                        publish.topic = topic.into();
+                        publish.payload = body;
+                        let _ = V4.write(P::Publish(publish, None), wbuf);
+                    }
+                    None => {
+                        // Not for this client's filters: settle it with the router so its
+                        // inflight window does not stall.
+                        let (qos, pkid) = publish_ids(&publish);
+                        if qos == 1 {
+                            let ack = PubAck { pkid, reason: PubAckReason::Success };
+                            let _ = self.link_tx.send(P::PubAck(ack, None)).await;
+                        }
+                    }
+                }
+                None
+            }
+            Notification::DeviceAck(ack) => {
+                let packet: P = ack.into();
+                match packet {
+                    P::SubAck(suback, _) => {
+                        let return_codes = match self.pending_subs.remove(&suback.pkid) {
+                            Some(codes) => {
+                                let mut router = suback.return_codes.into_iter();
+                                codes
+                                    .into_iter()
+                                    .map(|c| c.or_else(|| router.next()).unwrap_or(SubscribeReasonCode::Failure))
+                                    .collect()
+                            }
+                            None => suback.return_codes,
+                        };
+                        let ack = SubAck { pkid: suback.pkid, return_codes };
+                        let _ = V4.write(P::SubAck(ack, None), wbuf);
+                    }
+                    P::PingResp(_) | P::ConnAck(..) => {}
+                    other => {
+                        let _ = V4.write(other, wbuf);
+                    }
+                }
+                None
+            }
+            Notification::Unschedule => Some(Outcome::Unscheduled),
+            Notification::Disconnect(..) => Some(Outcome::Close),
+            _ => None,
+        }
+    }
+}
+
+enum Outcome {
+    Unscheduled,
+    Close,
+}
+
+/// `FutureExt::now_or_never` without the futures crate: polls once.
+trait NowOrNever: std::future::Future + Sized {
+    fn now_or_never(self) -> Option<Self::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut fut = std::pin::pin!(self);
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+}
+
+impl<F: std::future::Future> NowOrNever for F {}

@@ -1,0 +1,469 @@
+//! The identity registry: devices and modules with their keys and status, durable in redb.
+//!
+//! Every write commits to the store before it is acknowledged (redb commits are ACID and
+//! fsynced), then updates an in-memory cache that CONNECT authentication reads without
+//! touching the disk. Connection state and last activity are runtime facts kept beside the
+//! cache; last activity is written back when a connection closes.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{DeviceId, IdError, IdentityKey, ModuleId};
+use crate::sas;
+
+/// Key: `deviceId` or `deviceId/moduleId` (`/` never appears in an id). Value: JSON record.
+const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("store: {0}")]
+    Store(String),
+}
+
+macro_rules! store_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RegistryError {
+            fn from(e: $t) -> Self { RegistryError::Store(e.to_string()) }
+        }
+    )*};
+}
+store_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error
+);
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Enabled,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKey {
+    pub primary_key: String,
+    pub secondary_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    /// `sas` (the only kind that can connect today).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub symmetric_key: SymmetricKey,
+}
+
+/// A registry entry as stored and as the API shows it (IoT Hub's field names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    pub device_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module_id: Option<String>,
+    /// Random per creation: a device deleted and re-created is a different identity.
+    pub generation_id: String,
+    /// Changes on every update.
+    pub etag: String,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    pub authentication: Authentication,
+    pub created_time: String,
+    #[serde(default)]
+    pub last_activity_time: Option<String>,
+}
+
+/// What the API returns: the record plus runtime connection state.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityView {
+    #[serde(flatten)]
+    pub identity: Identity,
+    pub connection_state: &'static str,
+}
+
+/// Fields an update may change.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityUpdate {
+    pub status: Option<Status>,
+    pub status_reason: Option<String>,
+    pub authentication: Option<AuthenticationInput>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthenticationInput {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub symmetric_key: Option<SymmetricKeyInput>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SymmetricKeyInput {
+    pub primary_key: Option<String>,
+    pub secondary_key: Option<String>,
+}
+
+#[derive(Default)]
+struct Live {
+    connected: bool,
+    last_activity: Option<SystemTime>,
+}
+
+pub struct Registry {
+    db: Database,
+    cache: DashMap<IdentityKey, Arc<Identity>>,
+    live: DashMap<IdentityKey, Live>,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn new_tag() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn check_key(field: &'static str, key: &str) -> Result<(), RegistryError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| RegistryError::Invalid {
+            field,
+            message: "not base64".into(),
+        })?;
+    if !(16..=64).contains(&bytes.len()) {
+        return Err(RegistryError::Invalid {
+            field,
+            message: format!("{} bytes; keys are 16 to 64 bytes", bytes.len()),
+        });
+    }
+    Ok(())
+}
+
+fn auth_from(input: Option<AuthenticationInput>) -> Result<Authentication, RegistryError> {
+    let input = input.unwrap_or_default();
+    if let Some(kind) = &input.kind {
+        if kind != "sas" {
+            return Err(RegistryError::Invalid {
+                field: "authentication.type",
+                message: format!("'{kind}' is not supported; use \"sas\""),
+            });
+        }
+    }
+    let keys = input.symmetric_key.unwrap_or_default();
+    let primary_key = keys.primary_key.unwrap_or_else(sas::new_key);
+    let secondary_key = keys.secondary_key.unwrap_or_else(sas::new_key);
+    check_key("authentication.symmetricKey.primaryKey", &primary_key)?;
+    check_key("authentication.symmetricKey.secondaryKey", &secondary_key)?;
+    Ok(Authentication {
+        kind: "sas".into(),
+        symmetric_key: SymmetricKey {
+            primary_key,
+            secondary_key,
+        },
+    })
+}
+
+impl Registry {
+    /// Opens (or creates) the store and loads every identity into the cache.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        let db = Database::create(path)?;
+        let cache = DashMap::new();
+        {
+            let tx = db.begin_write()?;
+            tx.open_table(IDENTITIES)?;
+            tx.commit()?;
+        }
+        {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(IDENTITIES)?;
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let identity: Identity = serde_json::from_slice(v.value())?;
+                let key = IdentityKey::parse(k.value())?;
+                cache.insert(key, Arc::new(identity));
+            }
+        }
+        Ok(Registry {
+            db,
+            cache,
+            live: DashMap::new(),
+        })
+    }
+
+    fn put(&self, key: &IdentityKey, identity: &Identity) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec(identity)?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(IDENTITIES)?
+            .insert(key.to_string().as_str(), bytes.as_slice())?;
+        tx.commit()?;
+        self.cache.insert(key.clone(), Arc::new(identity.clone()));
+        Ok(())
+    }
+
+    /// Creates a device or module; a module's device must exist.
+    pub fn create(
+        &self,
+        key: &IdentityKey,
+        status: Option<Status>,
+        auth: Option<AuthenticationInput>,
+    ) -> Result<Identity, RegistryError> {
+        if self.cache.contains_key(key) {
+            return Err(RegistryError::Exists(describe(key)));
+        }
+        if key.module.is_some() && !self.cache.contains_key(&IdentityKey::device(key.device.clone())) {
+            return Err(RegistryError::NotFound(format!("device '{}'", key.device)));
+        }
+        let identity = Identity {
+            device_id: key.device.to_string(),
+            module_id: key.module.as_ref().map(|m| m.to_string()),
+            generation_id: new_tag(),
+            etag: new_tag(),
+            status: status.unwrap_or(Status::Enabled),
+            status_reason: None,
+            authentication: auth_from(auth)?,
+            created_time: now_rfc3339(),
+            last_activity_time: None,
+        };
+        self.put(key, &identity)?;
+        Ok(identity)
+    }
+
+    pub fn get(&self, key: &IdentityKey) -> Option<Arc<Identity>> {
+        self.cache.get(key).map(|e| e.value().clone())
+    }
+
+    pub fn view(&self, identity: &Identity) -> IdentityView {
+        let key = key_of(identity);
+        let (connected, last) = self
+            .live
+            .get(&key)
+            .map(|l| (l.connected, l.last_activity))
+            .unwrap_or((false, None));
+        let mut identity = identity.clone();
+        if let Some(t) = last {
+            identity.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
+        }
+        IdentityView {
+            identity,
+            connection_state: if connected { "Connected" } else { "Disconnected" },
+        }
+    }
+
+    pub fn update(&self, key: &IdentityKey, update: IdentityUpdate) -> Result<Identity, RegistryError> {
+        let current = self.get(key).ok_or_else(|| RegistryError::NotFound(describe(key)))?;
+        let mut next = (*current).clone();
+        if let Some(s) = update.status {
+            next.status = s;
+        }
+        if update.status_reason.is_some() {
+            next.status_reason = update.status_reason;
+        }
+        if let Some(auth) = update.authentication {
+            let keys = auth.symmetric_key.clone().unwrap_or_default();
+            let merged = AuthenticationInput {
+                kind: auth.kind,
+                symmetric_key: Some(SymmetricKeyInput {
+                    primary_key: Some(keys.primary_key.unwrap_or(next.authentication.symmetric_key.primary_key.clone())),
+                    secondary_key: Some(keys.secondary_key.unwrap_or(next.authentication.symmetric_key.secondary_key.clone())),
+                }),
+            };
+            next.authentication = auth_from(Some(merged))?;
+        }
+        next.etag = new_tag();
+        self.put(key, &next)?;
+        Ok(next)
+    }
+
+    /// Deletes an identity; deleting a device deletes its modules. Returns what was deleted.
+    pub fn delete(&self, key: &IdentityKey) -> Result<Vec<IdentityKey>, RegistryError> {
+        if !self.cache.contains_key(key) {
+            return Err(RegistryError::NotFound(describe(key)));
+        }
+        let mut gone = vec![key.clone()];
+        if key.module.is_none() {
+            gone.extend(self.modules_of(&key.device).into_iter().map(|i| key_of(&i)));
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(IDENTITIES)?;
+            for k in &gone {
+                table.remove(k.to_string().as_str())?;
+            }
+        }
+        tx.commit()?;
+        for k in &gone {
+            self.cache.remove(k);
+            self.live.remove(k);
+        }
+        Ok(gone)
+    }
+
+    /// Devices (no modules) in id order, `limit` of them after `after`.
+    pub fn list_devices(&self, limit: usize, after: Option<&str>) -> (Vec<Arc<Identity>>, Option<String>) {
+        let mut all: Vec<Arc<Identity>> = self
+            .cache
+            .iter()
+            .filter(|e| e.key().module.is_none())
+            .filter(|e| after.is_none_or(|a| e.key().device.as_str() > a))
+            .map(|e| e.value().clone())
+            .collect();
+        all.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        let next = (all.len() > limit).then(|| all[limit - 1].device_id.clone());
+        all.truncate(limit);
+        (all, next)
+    }
+
+    pub fn modules_of(&self, device: &DeviceId) -> Vec<Arc<Identity>> {
+        let mut v: Vec<Arc<Identity>> = self
+            .cache
+            .iter()
+            .filter(|e| &e.key().device == device && e.key().module.is_some())
+            .map(|e| e.value().clone())
+            .collect();
+        v.sort_by(|a, b| a.module_id.cmp(&b.module_id));
+        v
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.cache.iter().filter(|e| e.key().module.is_none()).count()
+    }
+
+    /// Runtime: a connection for `key` opened or closed.
+    pub fn set_connected(&self, key: &IdentityKey, connected: bool) {
+        let mut live = self.live.entry(key.clone()).or_default();
+        live.connected = connected;
+        live.last_activity = Some(SystemTime::now());
+    }
+
+    /// Runtime: `key` sent something.
+    pub fn touch(&self, key: &IdentityKey) {
+        if let Some(mut live) = self.live.get_mut(key) {
+            live.last_activity = Some(SystemTime::now());
+        }
+    }
+
+    /// Writes the last activity time of `key` to the store (on disconnect).
+    pub fn persist_activity(&self, key: &IdentityKey) -> Result<(), RegistryError> {
+        let Some(current) = self.get(key) else {
+            return Ok(());
+        };
+        let Some(t) = self.live.get(key).and_then(|l| l.last_activity) else {
+            return Ok(());
+        };
+        let mut next = (*current).clone();
+        next.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
+        self.put(key, &next)
+    }
+}
+
+pub fn key_of(identity: &Identity) -> IdentityKey {
+    // Records are only written from validated keys, so these cannot fail; fall back to a
+    // device key rather than panic if the store was edited by hand.
+    let device = DeviceId::new(&identity.device_id);
+    let module = identity.module_id.as_deref().map(ModuleId::new);
+    match (device, module) {
+        (Ok(d), Some(Ok(m))) => IdentityKey::module(d, m),
+        (Ok(d), _) => IdentityKey::device(d),
+        (Err(_), _) => IdentityKey::device(DeviceId::new("invalid").expect("literal id is valid")),
+    }
+}
+
+pub fn describe(key: &IdentityKey) -> String {
+    match &key.module {
+        None => format!("device '{}'", key.device),
+        Some(m) => format!("module '{}' of device '{}'", m, key.device),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_registry(name: &str) -> (Registry, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("fh-reg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        (Registry::open(&dir.join("store.redb")).unwrap(), dir)
+    }
+
+    #[test]
+    fn create_get_update_delete_and_reopen() {
+        let (reg, dir) = temp_registry("crud");
+        let d1 = IdentityKey::parse("d1").unwrap();
+        let m1 = IdentityKey::parse("d1/m1").unwrap();
+        assert!(matches!(reg.create(&m1, None, None), Err(RegistryError::NotFound(_))));
+        let created = reg.create(&d1, None, None).unwrap();
+        assert!(matches!(reg.create(&d1, None, None), Err(RegistryError::Exists(_))));
+        reg.create(&m1, None, None).unwrap();
+        let upd = reg
+            .update(&d1, IdentityUpdate { status: Some(Status::Disabled), ..Default::default() })
+            .unwrap();
+        assert_eq!(upd.status, Status::Disabled);
+        assert_ne!(upd.etag, created.etag);
+        drop(reg);
+        let reg = Registry::open(&dir.join("store.redb")).unwrap();
+        assert_eq!(reg.get(&d1).unwrap().status, Status::Disabled);
+        assert_eq!(reg.modules_of(&d1.device).len(), 1);
+        assert_eq!(reg.delete(&d1).unwrap().len(), 2);
+        assert!(reg.get(&m1).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn list_pages_in_id_order() {
+        let (reg, dir) = temp_registry("list");
+        for i in 0..5 {
+            reg.create(&IdentityKey::parse(&format!("d{i}")).unwrap(), None, None).unwrap();
+        }
+        let (page, next) = reg.list_devices(2, None);
+        assert_eq!(page.iter().map(|i| i.device_id.as_str()).collect::<Vec<_>>(), ["d0", "d1"]);
+        let (page, next) = reg.list_devices(2, next.as_deref());
+        assert_eq!(page[0].device_id, "d2");
+        let (page, next) = reg.list_devices(2, next.as_deref());
+        assert_eq!((page.len(), next), (1, None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_keys_are_refused_with_field() {
+        let (reg, dir) = temp_registry("keys");
+        let err = reg
+            .create(
+                &IdentityKey::parse("d1").unwrap(),
+                None,
+                Some(AuthenticationInput {
+                    kind: None,
+                    symmetric_key: Some(SymmetricKeyInput { primary_key: Some("short".into()), secondary_key: None }),
+                }),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("primaryKey"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,194 @@
+//! Starting and stopping the hub: `run(config, shutdown)`.
+//!
+//! On first start the data directory is created with the store, the admin token and (unless
+//! certificates are configured) the TLS files. Once the listeners are bound, their actual
+//! addresses (port 0 resolved) are logged and written to `data_dir/endpoints.json`, which is
+//! how tests and scripts find a hub started on ephemeral ports.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::Config;
+use crate::core::Core;
+use crate::hub::{Endpoints, Hub};
+use crate::registry::{Registry, RegistryError};
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{what} ({path}): {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+}
+
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+pub const STORE_FILE: &str = "fleethub.redb";
+
+/// Reads the admin token, creating it (mode 0600) on first start.
+pub fn ensure_admin_token(data_dir: &Path) -> Result<String, ServerError> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ServerError::Io {
+                what: "reading the admin token",
+                path,
+                source,
+            })
+        }
+    }
+    let bytes: [u8; 32] = rand::random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    tls::write_private(&path, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
+
+async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+/// Runs the hub until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::Io {
+        what: "creating the data directory",
+        path: data_dir.clone(),
+        source,
+    })?;
+    let admin_token = ensure_admin_token(&data_dir)?;
+    let registry = Registry::open(&data_dir.join(STORE_FILE))?;
+
+    let tls_config = match config.mqtts {
+        None => None,
+        Some(_) => {
+            let (cert, key) = match &config.tls {
+                Some(pair) => pair.clone(),
+                None => tls::ensure_generated(&data_dir, &config.hostname)?,
+            };
+            Some(tls::server_config(&cert, &key)?)
+        }
+    };
+
+    let core = Core::start(config.limits.max_connections, &config.router);
+    let hub = Arc::new(Hub::new(config.clone(), registry, core, admin_token));
+
+    let mqtt = match config.mqtt {
+        Some(addr) => Some(bind("MQTT", addr).await?),
+        None => None,
+    };
+    let mqtts = match config.mqtts {
+        Some(addr) => Some(bind("MQTTS", addr).await?),
+        None => None,
+    };
+    let api = bind("API", config.api).await?;
+    let local = |l: &TcpListener| l.local_addr().ok();
+    let endpoints = Endpoints {
+        mqtt: mqtt.as_ref().and_then(local),
+        mqtts: mqtts.as_ref().and_then(local),
+        api: local(&api).unwrap_or(config.api),
+    };
+    let _ = hub.endpoints.set(endpoints.clone());
+    write_endpoints(&data_dir, &endpoints)?;
+    info!(
+        mqtt = ?endpoints.mqtt,
+        mqtts = ?endpoints.mqtts,
+        api = %endpoints.api,
+        data_dir = %data_dir.display(),
+        "fleethub listening"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(listener) = mqtt {
+        tasks.spawn(crate::mqtt::serve_tcp(listener, hub.clone(), stop_rx.clone()));
+    }
+    if let (Some(listener), Some(tls)) = (mqtts, tls_config) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        tasks.spawn(crate::mqtt::serve_tls(listener, acceptor, hub.clone(), stop_rx.clone()));
+    }
+    let mut api_stop = stop_rx.clone();
+    let app = crate::api::router(hub.clone());
+    tasks.spawn(async move {
+        let _ = axum::serve(api, app)
+            .with_graceful_shutdown(async move {
+                let _ = api_stop.changed().await;
+            })
+            .await;
+    });
+
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    // Give connections a moment to close and store their last activity.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+        while hub.metrics.connections.get() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
+    info!("stopped");
+    Ok(())
+}
+
+fn write_endpoints(data_dir: &Path, endpoints: &Endpoints) -> Result<(), ServerError> {
+    let path = data_dir.join(ENDPOINTS_FILE);
+    let tmp = data_dir.join(format!("{ENDPOINTS_FILE}.tmp"));
+    let json = serde_json::to_vec_pretty(endpoints).unwrap_or_default();
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| ServerError::Io {
+            what: "writing endpoints.json",
+            path,
+            source,
+        })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

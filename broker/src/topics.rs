@@ -1,0 +1,423 @@
+//! The one table of topic translations and permissions.
+//!
+//! Devices and modules speak IoT Hub topics (`devices/{d}/...`, `$iothub/...`). Those are
+//! per connection: two devices both subscribe to `$iothub/twin/res/#` and must never see each
+//! other's answers. rumqttd knows nothing of that and refuses `$` filters, so every client
+//! topic is translated to an internal topic under the identity's own prefix before it reaches
+//! the embedded router, and back on the way out.
+//!
+//! Internal topics are a *bounded* set, one per identity and kind: rumqttd caches every
+//! distinct topic it has seen and scans all filters for each new one, so the variable part of
+//! a client topic (property bag, `$rid`, status) travels in the payload [`envelope`] instead.
+//!
+//! | client topic (filter prefix)               | internal topic            | who     |
+//! |--------------------------------------------|---------------------------|---------|
+//! | `devices/{d}/messages/devicebound/…`       | `fh/dev/{d}/c2d`          | device  |
+//! | `devices/{d}/modules/{m}/inputs/…`         | `fh/mod/{d}/{m}/inputs`   | module  |
+//! | `$iothub/twin/res/…`                       | `{prefix}twin/res`        | both    |
+//! | `$iothub/twin/PATCH/properties/desired/…`  | `{prefix}twin/desired`    | both    |
+//! | `$iothub/methods/POST/…`                   | `{prefix}methods`         | both    |
+//! | `$fleethub/events/{d}/{m or ~}/{bag}`      | `fh/ev/{d}/{m or ~}`      | service |
+//!
+//! Telemetry published on `devices/{d}/messages/events/{bag}` (or the module form) goes to
+//! `fh/ev/{d}/{m or ~}` with the bag rewritten by the hub (connection ids, enqueued time).
+//! Ids are percent-encoded inside internal topics so `+`, `#` and `%` in an id never act as
+//! wildcards. Anything not in this table is refused.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+
+use crate::identity::IdentityKey;
+
+/// Escaped in ids placed in internal topics: MQTT wildcards, the level separator and `%`.
+const ID_ESCAPE: &AsciiSet = &CONTROLS.add(b'%').add(b'+').add(b'#').add(b'/');
+
+/// Marks "no module" in telemetry topics; `~` is not a valid id character.
+pub const NO_MODULE: &str = "~";
+/// Internal prefix of all telemetry.
+pub const EVENTS_PREFIX: &str = "fh/ev/";
+/// Client-facing prefix of telemetry for service connections (`monitor-events`).
+pub const SERVICE_EVENTS_PREFIX: &str = "$fleethub/events/";
+/// Every internal topic starts here; the router keeps one catch-all filter on it.
+pub const INTERNAL_ROOT_FILTER: &str = "fh/#";
+
+/// Who is on the other end of a connection, as established by authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A registered device or module, authenticated by its SAS token.
+    Identity(IdentityKey),
+    /// An operator tool authenticated by the admin token: may read all telemetry.
+    Service,
+}
+
+/// What a client's PUBLISH is, once its topic has been checked against its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// Telemetry (device events or module output); `bag` is the raw property bag.
+    Telemetry { bag: &'a str },
+    /// `$iothub/twin/GET/?$rid=..`
+    TwinGet { query: &'a str },
+    /// `$iothub/twin/PATCH/properties/reported/?$rid=..`
+    TwinReportedPatch { query: &'a str },
+    /// `$iothub/methods/res/{status}/?$rid=..`
+    MethodResponse { status: &'a str, query: &'a str },
+    /// Not this client's to publish to.
+    Denied,
+}
+
+/// Kinds of hub-to-client delivery an identity can subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// C2D for a device, inputs for a module.
+    Own,
+    TwinResponse,
+    DesiredPatch,
+    MethodRequest,
+}
+
+const DELIVERIES: [Delivery; 4] = [
+    Delivery::Own,
+    Delivery::TwinResponse,
+    Delivery::DesiredPatch,
+    Delivery::MethodRequest,
+];
+
+pub fn encode_id(id: &str) -> String {
+    utf8_percent_encode(id, ID_ESCAPE).to_string()
+}
+
+/// `fh/dev/{d}/` or `fh/mod/{d}/{m}/`: the root of everything private to one identity.
+pub fn identity_prefix(identity: &IdentityKey) -> String {
+    match &identity.module {
+        None => format!("fh/dev/{}/", encode_id(identity.device.as_str())),
+        Some(m) => format!(
+            "fh/mod/{}/{}/",
+            encode_id(identity.device.as_str()),
+            encode_id(m.as_str())
+        ),
+    }
+}
+
+/// The client topic prefix of a delivery kind for `identity`.
+pub fn client_prefix(identity: &IdentityKey, delivery: Delivery) -> String {
+    match (delivery, &identity.module) {
+        (Delivery::Own, None) => format!("devices/{}/messages/devicebound/", identity.device),
+        (Delivery::Own, Some(m)) => format!("devices/{}/modules/{m}/inputs/", identity.device),
+        (Delivery::TwinResponse, _) => "$iothub/twin/res/".into(),
+        (Delivery::DesiredPatch, _) => "$iothub/twin/PATCH/properties/desired/".into(),
+        (Delivery::MethodRequest, _) => "$iothub/methods/POST/".into(),
+    }
+}
+
+/// The internal topic a delivery kind for `identity` is published on.
+pub fn internal_topic(identity: &IdentityKey, delivery: Delivery) -> String {
+    let kind = match (delivery, &identity.module) {
+        (Delivery::Own, None) => "c2d",
+        (Delivery::Own, Some(_)) => "inputs",
+        (Delivery::TwinResponse, _) => "twin/res",
+        (Delivery::DesiredPatch, _) => "twin/desired",
+        (Delivery::MethodRequest, _) => "methods",
+    };
+    format!("{}{kind}", identity_prefix(identity))
+}
+
+/// The internal topic telemetry from `identity` is published on.
+pub fn telemetry_topic(identity: &IdentityKey) -> String {
+    let module = identity
+        .module
+        .as_ref()
+        .map(|m| encode_id(m.as_str()))
+        .unwrap_or_else(|| NO_MODULE.to_string());
+    format!(
+        "{EVENTS_PREFIX}{}/{module}",
+        encode_id(identity.device.as_str())
+    )
+}
+
+/// `true` when the topic level `segment` names `id` (raw or percent-encoded).
+fn names(segment: &str, id: &str) -> bool {
+    segment == id || percent_decode_str(segment).decode_utf8().is_ok_and(|s| s == id)
+}
+
+/// Strips `devices/{d}/` (and `modules/{m}/` for a module) off a client topic.
+fn strip_identity<'a>(topic: &'a str, identity: &IdentityKey) -> Option<&'a str> {
+    let rest = topic.strip_prefix("devices/")?;
+    let (d, rest) = rest.split_once('/')?;
+    if !names(d, identity.device.as_str()) {
+        return None;
+    }
+    match &identity.module {
+        None => Some(rest),
+        Some(m) => {
+            let rest = rest.strip_prefix("modules/")?;
+            let (seg, rest) = rest.split_once('/')?;
+            names(seg, m.as_str()).then_some(rest)
+        }
+    }
+}
+
+/// Rewrites `devices/{encoded d}/...` to the raw id so prefixes compare exactly.
+fn normalise_own(topic: &str, identity: &IdentityKey) -> Option<String> {
+    let rest = strip_identity(topic, identity)?;
+    Some(match &identity.module {
+        None => format!("devices/{}/{rest}", identity.device),
+        Some(m) => format!("devices/{}/modules/{m}/{rest}", identity.device),
+    })
+}
+
+/// Classifies a client PUBLISH topic.
+pub fn classify_publish<'a>(principal: &Principal, topic: &'a str) -> Inbound<'a> {
+    let Principal::Identity(identity) = principal else {
+        return Inbound::Denied;
+    };
+    if let Some(rest) = topic.strip_prefix("$iothub/") {
+        if let Some(query) = rest.strip_prefix("twin/GET/") {
+            return Inbound::TwinGet { query };
+        }
+        if let Some(query) = rest.strip_prefix("twin/PATCH/properties/reported/") {
+            return Inbound::TwinReportedPatch { query };
+        }
+        if let Some(rest) = rest.strip_prefix("methods/res/") {
+            if let Some((status, query)) = rest.split_once('/') {
+                return Inbound::MethodResponse { status, query };
+            }
+        }
+        return Inbound::Denied;
+    }
+    match strip_identity(topic, identity) {
+        Some("messages/events") => Inbound::Telemetry { bag: "" },
+        Some(rest) => match rest.strip_prefix("messages/events/") {
+            Some(bag) => Inbound::Telemetry { bag },
+            None => Inbound::Denied,
+        },
+        None => Inbound::Denied,
+    }
+}
+
+/// A client filter accepted for a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedFilter {
+    /// The filter as the client wrote it (normalised), checked again on every delivery so a
+    /// narrow filter only gets what it asked for.
+    pub client: String,
+    /// The filter subscribed in the embedded router.
+    pub internal: String,
+}
+
+/// Maps a client SUBSCRIBE filter, or `None` when it is not the client's to subscribe to.
+pub fn map_filter(principal: &Principal, filter: &str) -> Option<MappedFilter> {
+    match principal {
+        Principal::Service => {
+            let rest = filter.strip_prefix(SERVICE_EVENTS_PREFIX)?;
+            // Only the device and module levels exist in the router; the bag level is
+            // filtered on delivery.
+            let mut levels = Vec::new();
+            for level in rest.split('/').take(2) {
+                levels.push(level);
+                if level == "#" {
+                    break;
+                }
+            }
+            Some(MappedFilter {
+                client: filter.to_string(),
+                internal: format!("{EVENTS_PREFIX}{}", levels.join("/")),
+            })
+        }
+        Principal::Identity(identity) => {
+            let normalised = normalise_own(filter, identity);
+            let filter = normalised.as_deref().unwrap_or(filter);
+            DELIVERIES.into_iter().find_map(|delivery| {
+                filter
+                    .starts_with(client_prefix(identity, delivery).as_str())
+                    .then(|| MappedFilter {
+                        client: filter.to_string(),
+                        internal: internal_topic(identity, delivery),
+                    })
+            })
+        }
+    }
+}
+
+/// Builds the client topic for a delivery on internal `topic` whose envelope carried
+/// `suffix`; `None` when the topic is not this principal's.
+pub fn to_client_topic(principal: &Principal, topic: &str, suffix: &str) -> Option<String> {
+    match principal {
+        Principal::Service => topic
+            .strip_prefix(EVENTS_PREFIX)
+            .map(|ids| format!("{SERVICE_EVENTS_PREFIX}{ids}/{suffix}")),
+        Principal::Identity(identity) => DELIVERIES
+            .into_iter()
+            .find(|d| internal_topic(identity, *d) == topic)
+            .map(|d| format!("{}{suffix}", client_prefix(identity, d))),
+    }
+}
+
+/// MQTT topic filter matching (`+` one level, `#` the rest, including the parent level).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The payload of an internal publish: the variable end of the client topic, then the body.
+/// Layout: u16 big-endian suffix length, suffix bytes (UTF-8), body.
+pub mod envelope {
+    use super::*;
+
+    /// Longest suffix an envelope carries (an MQTT topic is at most 65535 bytes).
+    pub const MAX_SUFFIX: usize = u16::MAX as usize;
+
+    /// `None` when the suffix is too long to carry.
+    pub fn pack(suffix: &str, body: &[u8]) -> Option<Bytes> {
+        let len = u16::try_from(suffix.len()).ok()?;
+        let mut b = BytesMut::with_capacity(2 + suffix.len() + body.len());
+        b.put_u16(len);
+        b.put_slice(suffix.as_bytes());
+        b.put_slice(body);
+        Some(b.freeze())
+    }
+
+    /// Splits an envelope into (suffix, body); `None` when it is not one.
+    pub fn unpack(payload: &Bytes) -> Option<(String, Bytes)> {
+        let len = u16::from_be_bytes([*payload.first()?, *payload.get(1)?]) as usize;
+        let suffix = payload.get(2..2 + len)?;
+        let suffix = std::str::from_utf8(suffix).ok()?.to_string();
+        Some((suffix, payload.slice(2 + len..)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(d: &str) -> Principal {
+        Principal::Identity(IdentityKey::parse(d).unwrap())
+    }
+
+    /// Every row of the table: the filter maps to the internal topic, and a delivery on that
+    /// topic maps back to the client topic.
+    #[test]
+    fn each_pattern_round_trips() {
+        let cases = [
+            (dev("d1"), "devices/d1/messages/devicebound/#", "fh/dev/d1/c2d", "a=1", "devices/d1/messages/devicebound/a=1"),
+            (dev("d1/m1"), "devices/d1/modules/m1/inputs/#", "fh/mod/d1/m1/inputs", "in1/x=1", "devices/d1/modules/m1/inputs/in1/x=1"),
+            (dev("d1"), "$iothub/twin/res/#", "fh/dev/d1/twin/res", "200/?$rid=1", "$iothub/twin/res/200/?$rid=1"),
+            (dev("d1/m1"), "$iothub/twin/res/#", "fh/mod/d1/m1/twin/res", "204/?$rid=2&$version=3", "$iothub/twin/res/204/?$rid=2&$version=3"),
+            (dev("d1"), "$iothub/twin/PATCH/properties/desired/#", "fh/dev/d1/twin/desired", "?$version=4", "$iothub/twin/PATCH/properties/desired/?$version=4"),
+            (dev("d1"), "$iothub/methods/POST/#", "fh/dev/d1/methods", "reboot/?$rid=9", "$iothub/methods/POST/reboot/?$rid=9"),
+            (Principal::Service, "$fleethub/events/#", "fh/ev/#", "a=1", "$fleethub/events/d1/~/a=1"),
+        ];
+        for (principal, filter, internal, suffix, client_topic) in cases {
+            let mapped = map_filter(&principal, filter).unwrap_or_else(|| panic!("{filter}"));
+            assert_eq!(mapped.internal, internal, "{filter}");
+            let delivered_on = if internal == "fh/ev/#" { "fh/ev/d1/~" } else { internal };
+            assert_eq!(to_client_topic(&principal, delivered_on, suffix).as_deref(), Some(client_topic));
+            assert!(filter_matches(&mapped.client, client_topic), "{filter} vs {client_topic}");
+        }
+    }
+
+    #[test]
+    fn service_filters_keep_device_and_module_levels() {
+        let m = |f| map_filter(&Principal::Service, f).unwrap().internal;
+        assert_eq!(m("$fleethub/events/d1/#"), "fh/ev/d1/#");
+        assert_eq!(m("$fleethub/events/d1/~/#"), "fh/ev/d1/~");
+        assert_eq!(m("$fleethub/events/+/+/a=1"), "fh/ev/+/+");
+    }
+
+    #[test]
+    fn foreign_and_unknown_filters_are_refused() {
+        let d1 = dev("d1");
+        for f in [
+            "devices/d2/messages/devicebound/#",
+            "devices/d1/messages/events/#",
+            "devices/+/messages/devicebound/#",
+            "#",
+            "$iothub/#",
+            "$iothub/twin/#",
+            "fh/dev/d2/#",
+            "fh/#",
+            "$fleethub/events/#",
+            "devices/d1/modules/m1/inputs/#",
+        ] {
+            assert_eq!(map_filter(&d1, f), None, "{f}");
+        }
+        assert_eq!(map_filter(&Principal::Service, "devices/d1/messages/devicebound/#"), None);
+    }
+
+    #[test]
+    fn another_identitys_internal_topics_never_map_back() {
+        assert_eq!(to_client_topic(&dev("d1"), "fh/dev/d2/twin/res", "200/"), None);
+        assert_eq!(to_client_topic(&dev("d1"), "fh/mod/d1/m1/twin/res", "200/"), None);
+        assert_eq!(to_client_topic(&dev("d1/m1"), "fh/dev/d1/twin/res", "200/"), None);
+        assert_eq!(to_client_topic(&Principal::Service, "fh/dev/d1/c2d", "x"), None);
+    }
+
+    #[test]
+    fn publishes_are_classified_per_identity() {
+        let d1 = dev("d1");
+        assert_eq!(classify_publish(&d1, "devices/d1/messages/events/a=1"), Inbound::Telemetry { bag: "a=1" });
+        assert_eq!(classify_publish(&d1, "devices/d1/messages/events/"), Inbound::Telemetry { bag: "" });
+        assert_eq!(classify_publish(&d1, "devices/d1/messages/events"), Inbound::Telemetry { bag: "" });
+        assert_eq!(classify_publish(&d1, "devices/d2/messages/events/"), Inbound::Denied);
+        assert_eq!(classify_publish(&d1, "devices/d1/messages/devicebound/x"), Inbound::Denied);
+        assert_eq!(classify_publish(&d1, "fh/ev/d1/~"), Inbound::Denied);
+        assert_eq!(classify_publish(&d1, "$iothub/twin/GET/?$rid=1"), Inbound::TwinGet { query: "?$rid=1" });
+        assert_eq!(
+            classify_publish(&d1, "$iothub/twin/PATCH/properties/reported/?$rid=2"),
+            Inbound::TwinReportedPatch { query: "?$rid=2" }
+        );
+        assert_eq!(
+            classify_publish(&d1, "$iothub/methods/res/200/?$rid=3"),
+            Inbound::MethodResponse { status: "200", query: "?$rid=3" }
+        );
+        assert_eq!(classify_publish(&d1, "$iothub/twin/PATCH/properties/desired/"), Inbound::Denied);
+        let m1 = dev("d1/m1");
+        assert_eq!(
+            classify_publish(&m1, "devices/d1/modules/m1/messages/events/$.on=out1"),
+            Inbound::Telemetry { bag: "$.on=out1" }
+        );
+        assert_eq!(classify_publish(&m1, "devices/d1/messages/events/"), Inbound::Denied);
+        assert_eq!(classify_publish(&Principal::Service, "devices/d1/messages/events/"), Inbound::Denied);
+    }
+
+    #[test]
+    fn wildcard_characters_in_ids_are_escaped() {
+        let k = IdentityKey::parse("a+b#c%d").unwrap();
+        assert_eq!(identity_prefix(&k), "fh/dev/a%2Bb%23c%25d/");
+        assert_eq!(telemetry_topic(&k), "fh/ev/a%2Bb%23c%25d/~");
+        let p = Principal::Identity(k);
+        assert_eq!(classify_publish(&p, "devices/a%2Bb%23c%25d/messages/events/"), Inbound::Telemetry { bag: "" });
+        assert_eq!(
+            map_filter(&p, "devices/a%2Bb%23c%25d/messages/devicebound/#").unwrap().internal,
+            "fh/dev/a%2Bb%23c%25d/c2d"
+        );
+    }
+
+    #[test]
+    fn filter_matching_follows_mqtt() {
+        assert!(filter_matches("a/#", "a/b/c"));
+        assert!(filter_matches("a/#", "a"));
+        assert!(filter_matches("a/+/c", "a/b/c"));
+        assert!(!filter_matches("a/+", "a/b/c"));
+        assert!(!filter_matches("a/b", "a/c"));
+        assert!(filter_matches("$iothub/twin/res/#", "$iothub/twin/res/200/?$rid=1"));
+        assert!(!filter_matches("$iothub/twin/res/204/#", "$iothub/twin/res/200/?$rid=1"));
+    }
+
+    #[test]
+    fn envelope_round_trips_and_rejects_garbage() {
+        let p = envelope::pack("200/?$rid=1", b"{}").unwrap();
+        assert_eq!(envelope::unpack(&p), Some(("200/?$rid=1".to_string(), Bytes::from_static(b"{}"))));
+        assert_eq!(envelope::unpack(&Bytes::from_static(b"\x00")), None);
+        assert_eq!(envelope::unpack(&Bytes::from_static(b"\x00\x09ab")), None);
+        assert!(envelope::pack(&"x".repeat(70_000), b"").is_none());
+    }
+}

@@ -1,0 +1,12 @@
+//! fleethub's routing crate.
+//!
+//! Map of modules:
+//! - [`message`]: the one message model every telemetry publish is parsed into (body,
+//!   application properties, system properties) and the IoT Hub property-bag codec used on
+//!   MQTT topics. The route language, sinks and store-and-forward queues build on it.
+//!
+//! Nothing here opens a socket: the broker crate feeds messages in and delivers them out.
+
+pub mod message;
+
+pub use message::{Message, PropertyBagError, SystemProperties};

@@ -1,0 +1,272 @@
+//! The message model and the IoT Hub MQTT property bag.
+//!
+//! Devices put a message's properties in the topic, after `messages/events/`, as a
+//! url-encoded `k=v&k2=v2` bag. Keys starting with `$.` are system properties (`$.ct` content
+//! type, `$.ce` content encoding, `$.mid` message id, `$.cid` correlation id, `$.on` output
+//! name, ...); all others are application properties. The hub parses the bag once at the edge
+//! into [`Message`], and writes the same format back out when it delivers a message.
+
+use bytes::Bytes;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+
+/// Characters escaped when writing a bag: the bag's own separators, MQTT wildcards and
+/// anything that is not plain printable ASCII.
+const BAG_ESCAPE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'+')
+    .add(b'/')
+    .add(b'=')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+/// The property bag could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PropertyBagError {
+    #[error("property bag entry {index}: {what} is not valid UTF-8 after percent-decoding")]
+    NotUtf8 { index: usize, what: &'static str },
+    #[error("property bag entry {index}: empty property name")]
+    EmptyName { index: usize },
+    #[error("property bag has {count} properties, at most {max} are allowed")]
+    TooMany { count: usize, max: usize },
+}
+
+/// At most this many properties per message (IoT Hub allows 81 application properties plus
+/// the system ones); more is refused rather than stored.
+pub const MAX_PROPERTIES: usize = 128;
+
+/// System properties the hub knows by name. Connection ids and the enqueued time are set by
+/// the hub from the authenticated connection, never taken from what a device sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemProperties {
+    /// `$.ct`, e.g. `application/json`.
+    pub content_type: Option<String>,
+    /// `$.ce`, e.g. `utf-8`.
+    pub content_encoding: Option<String>,
+    /// `$.mid`
+    pub message_id: Option<String>,
+    /// `$.cid`
+    pub correlation_id: Option<String>,
+    /// `$.on`: the module output a module published on.
+    pub output_name: Option<String>,
+    /// `$.to`
+    pub to: Option<String>,
+    /// `$.uid`
+    pub user_id: Option<String>,
+    /// `$.exp`: absolute expiry time as the sender wrote it.
+    pub expiry: Option<String>,
+    /// `$.cdid`: the authenticated device that sent the message.
+    pub connection_device_id: Option<String>,
+    /// `$.cmid`: the authenticated module that sent the message.
+    pub connection_module_id: Option<String>,
+    /// `iothub-enqueuedtime`: when the hub accepted the message, RFC 3339.
+    pub enqueued_time: Option<String>,
+}
+
+/// Name of the enqueued-time property in a bag (as IoT Hub annotates messages).
+pub const ENQUEUED_TIME: &str = "iothub-enqueuedtime";
+
+impl SystemProperties {
+    fn slot(&mut self, key: &str) -> Option<&mut Option<String>> {
+        Some(match key {
+            "$.ct" => &mut self.content_type,
+            "$.ce" => &mut self.content_encoding,
+            "$.mid" => &mut self.message_id,
+            "$.cid" => &mut self.correlation_id,
+            "$.on" => &mut self.output_name,
+            "$.to" => &mut self.to,
+            "$.uid" => &mut self.user_id,
+            "$.exp" => &mut self.expiry,
+            "$.cdid" => &mut self.connection_device_id,
+            "$.cmid" => &mut self.connection_module_id,
+            ENQUEUED_TIME => &mut self.enqueued_time,
+            _ => return None,
+        })
+    }
+
+    fn entries(&self) -> [(&'static str, &Option<String>); 11] {
+        [
+            ("$.ct", &self.content_type),
+            ("$.ce", &self.content_encoding),
+            ("$.mid", &self.message_id),
+            ("$.cid", &self.correlation_id),
+            ("$.on", &self.output_name),
+            ("$.to", &self.to),
+            ("$.uid", &self.user_id),
+            ("$.exp", &self.expiry),
+            ("$.cdid", &self.connection_device_id),
+            ("$.cmid", &self.connection_module_id),
+            (ENQUEUED_TIME, &self.enqueued_time),
+        ]
+    }
+
+    /// Every system property that is set, by its bag name.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.entries()
+            .into_iter()
+            .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+    }
+}
+
+/// One message as the hub sees it, whatever topic it came in on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    /// The payload, untouched.
+    pub body: Bytes,
+    /// Application properties in the order the sender wrote them.
+    pub properties: Vec<(String, String)>,
+    pub system: SystemProperties,
+}
+
+impl Message {
+    /// Parses a property bag (`k=v&k2=v2`, url-encoded) into a message with `body`.
+    ///
+    /// A leading `?` and empty entries are tolerated (SDKs differ); a key without `=` has an
+    /// empty value. Unknown `$.` keys are kept as application properties.
+    pub fn from_bag(bag: &str, body: Bytes) -> Result<Message, PropertyBagError> {
+        let mut message = Message {
+            body,
+            ..Message::default()
+        };
+        let bag = bag.strip_prefix('?').unwrap_or(bag);
+        let entries: Vec<&str> = bag.split('&').filter(|e| !e.is_empty()).collect();
+        if entries.len() > MAX_PROPERTIES {
+            return Err(PropertyBagError::TooMany {
+                count: entries.len(),
+                max: MAX_PROPERTIES,
+            });
+        }
+        for (index, entry) in entries.into_iter().enumerate() {
+            let (raw_key, raw_value) = entry.split_once('=').unwrap_or((entry, ""));
+            let key = decode(raw_key).ok_or(PropertyBagError::NotUtf8 { index, what: "name" })?;
+            let value = decode(raw_value).ok_or(PropertyBagError::NotUtf8 {
+                index,
+                what: "value",
+            })?;
+            if key.is_empty() {
+                return Err(PropertyBagError::EmptyName { index });
+            }
+            match message.system.slot(&key) {
+                Some(slot) => *slot = Some(value),
+                None => message.properties.push((key, value)),
+            }
+        }
+        Ok(message)
+    }
+
+    /// Writes the properties back as a bag: system properties first, then application ones.
+    pub fn to_bag(&self) -> String {
+        let mut out = String::new();
+        let system = self.system.iter().map(|(k, v)| (k as &str, v));
+        let app = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        for (key, value) in system.chain(app) {
+            if !out.is_empty() {
+                out.push('&');
+            }
+            out.extend(utf8_percent_encode(key, BAG_ESCAPE));
+            out.push('=');
+            out.extend(utf8_percent_encode(value, BAG_ESCAPE));
+        }
+        out
+    }
+
+    /// The application property `name`, if present.
+    pub fn property(&self, name: &str) -> Option<&str> {
+        self.properties
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn decode(raw: &str) -> Option<String> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_system_and_application_properties() {
+        let m = Message::from_bag(
+            "$.ct=application%2Fjson&$.ce=utf-8&temp%20unit=C&alert=true",
+            Bytes::from_static(b"{}"),
+        )
+        .unwrap();
+        assert_eq!(m.system.content_type.as_deref(), Some("application/json"));
+        assert_eq!(m.system.content_encoding.as_deref(), Some("utf-8"));
+        assert_eq!(m.property("temp unit"), Some("C"));
+        assert_eq!(m.property("alert"), Some("true"));
+    }
+
+    #[test]
+    fn tolerates_empty_bag_leading_question_mark_and_bare_keys() {
+        assert_eq!(Message::from_bag("", Bytes::new()).unwrap().properties.len(), 0);
+        let m = Message::from_bag("?a=1&&flag", Bytes::new()).unwrap();
+        assert_eq!(m.properties, vec![("a".into(), "1".into()), ("flag".into(), "".into())]);
+    }
+
+    #[test]
+    fn rejects_bad_encoding_with_position() {
+        let err = Message::from_bag("a=1&b=%FF", Bytes::new()).unwrap_err();
+        assert_eq!(err, PropertyBagError::NotUtf8 { index: 1, what: "value" });
+        let err = Message::from_bag("=x", Bytes::new()).unwrap_err();
+        assert_eq!(err, PropertyBagError::EmptyName { index: 0 });
+    }
+
+    #[test]
+    fn rejects_too_many_properties() {
+        let bag: Vec<String> = (0..=MAX_PROPERTIES).map(|i| format!("k{i}=v")).collect();
+        assert!(matches!(
+            Message::from_bag(&bag.join("&"), Bytes::new()),
+            Err(PropertyBagError::TooMany { .. })
+        ));
+    }
+
+    #[test]
+    fn bag_escapes_wildcards_and_separators() {
+        let m = Message {
+            properties: vec![("a&b".into(), "x=y/#+".into())],
+            ..Message::default()
+        };
+        let bag = m.to_bag();
+        assert!(!bag.contains('#') && !bag.contains('+') && !bag.contains('/'));
+        assert_eq!(Message::from_bag(&bag, Bytes::new()).unwrap(), m);
+    }
+
+    proptest! {
+        #[test]
+        fn bag_round_trips(
+            props in proptest::collection::vec(("[^$].{0,12}", ".{0,12}"), 0..8),
+            ct in proptest::option::of(".{0,10}"),
+            mid in proptest::option::of(".{0,10}"),
+        ) {
+            let m = Message {
+                body: Bytes::new(),
+                properties: props,
+                system: SystemProperties { content_type: ct, message_id: mid, ..Default::default() },
+            };
+            prop_assert_eq!(Message::from_bag(&m.to_bag(), Bytes::new()).unwrap(), m);
+        }
+
+        #[test]
+        fn parser_never_panics(bag in ".{0,200}") {
+            let _ = Message::from_bag(&bag, Bytes::new());
+        }
+    }
+}
