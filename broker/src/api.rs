@@ -36,7 +36,9 @@ pub enum ApiError {
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::InvalidId(_) | RegistryError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
+            RegistryError::InvalidId(_) | RegistryError::Invalid { .. } => {
+                ApiError::BadRequest(e.to_string())
+            }
             RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::Store(_) => ApiError::Internal(e.to_string()),
@@ -65,7 +67,11 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         };
-        (status, Json(json!({"error": kind, "message": self.to_string()}))).into_response()
+        (
+            status,
+            Json(json!({"error": kind, "message": self.to_string()})),
+        )
+            .into_response()
     }
 }
 
@@ -79,7 +85,10 @@ pub fn router(hub: SharedHub) -> Router {
             "/devices/{device}",
             get(get_device).patch(update_device).delete(delete_device),
         )
-        .route("/devices/{device}/modules", get(list_modules).post(create_module))
+        .route(
+            "/devices/{device}/modules",
+            get(list_modules).post(create_module),
+        )
         .route(
             "/devices/{device}/modules/{module}",
             get(get_module).patch(update_module).delete(delete_module),
@@ -161,7 +170,10 @@ fn device_key(device: &str) -> ApiResult<IdentityKey> {
 }
 
 fn module_key(device: &str, module: &str) -> ApiResult<IdentityKey> {
-    Ok(IdentityKey::module(DeviceId::new(device)?, ModuleId::new(module)?))
+    Ok(IdentityKey::module(
+        DeviceId::new(device)?,
+        ModuleId::new(module)?,
+    ))
 }
 
 async fn create(
@@ -171,7 +183,9 @@ async fn create(
     auth: Option<AuthenticationInput>,
 ) -> ApiResult<Response> {
     let view = blocking(hub, move |h| {
-        h.registry.create(&key, status, auth).map(|i| h.registry.view(&i))
+        h.registry
+            .create(&key, status, auth)
+            .map(|i| h.registry.view(&i))
     })
     .await??;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -197,14 +211,16 @@ async fn create_module(
 }
 
 fn show(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<serde_json::Value>> {
-    let identity = hub
-        .registry
-        .get(key)
-        .ok_or_else(|| ApiError::NotFound(format!("{} not found", crate::registry::describe(key))))?;
+    let identity = hub.registry.get(key).ok_or_else(|| {
+        ApiError::NotFound(format!("{} not found", crate::registry::describe(key)))
+    })?;
     Ok(Json(json!(hub.registry.view(&identity))))
 }
 
-async fn get_device(State(hub): State<SharedHub>, Path(device): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn get_device(
+    State(hub): State<SharedHub>,
+    Path(device): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     show(&hub, &device_key(&device)?)
 }
 
@@ -215,29 +231,49 @@ async fn get_module(
     show(&hub, &module_key(&device, &module)?)
 }
 
-async fn list_devices(State(hub): State<SharedHub>, Query(page): Query<Page>) -> ApiResult<Json<serde_json::Value>> {
+async fn list_devices(
+    State(hub): State<SharedHub>,
+    Query(page): Query<Page>,
+) -> ApiResult<Json<serde_json::Value>> {
     let limit = page.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("limit {limit}: must be 1 to 1000")));
+        return Err(ApiError::BadRequest(format!(
+            "limit {limit}: must be 1 to 1000"
+        )));
     }
     let (items, next) = hub.registry.list_devices(limit, page.after.as_deref());
     let items: Vec<_> = items.iter().map(|i| hub.registry.view(i)).collect();
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
-async fn list_modules(State(hub): State<SharedHub>, Path(device): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn list_modules(
+    State(hub): State<SharedHub>,
+    Path(device): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     let key = device_key(&device)?;
     if hub.registry.get(&key).is_none() {
         return Err(ApiError::NotFound(format!("device '{device}' not found")));
     }
-    let items: Vec<_> = hub.registry.modules_of(&key.device).iter().map(|i| hub.registry.view(i)).collect();
+    let items: Vec<_> = hub
+        .registry
+        .modules_of(&key.device)
+        .iter()
+        .map(|i| hub.registry.view(i))
+        .collect();
     Ok(Json(json!({ "items": items, "next": null })))
 }
 
-async fn update(hub: &SharedHub, key: IdentityKey, update: IdentityUpdate) -> ApiResult<Json<serde_json::Value>> {
+async fn update(
+    hub: &SharedHub,
+    key: IdentityKey,
+    update: IdentityUpdate,
+) -> ApiResult<Json<serde_json::Value>> {
     let disables = update.status == Some(Status::Disabled) || update.authentication.is_some();
     let k = key.clone();
-    let view = blocking(hub, move |h| h.registry.update(&k, update).map(|i| h.registry.view(&i))).await??;
+    let view = blocking(hub, move |h| {
+        h.registry.update(&k, update).map(|i| h.registry.view(&i))
+    })
+    .await??;
     if disables {
         // A disabled identity, or one whose keys changed, must connect again.
         hub.kick(&key);
@@ -271,7 +307,10 @@ async fn delete(hub: &SharedHub, key: IdentityKey) -> ApiResult<StatusCode> {
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn delete_device(State(hub): State<SharedHub>, Path(device): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_device(
+    State(hub): State<SharedHub>,
+    Path(device): Path<String>,
+) -> ApiResult<StatusCode> {
     delete(&hub, device_key(&device)?).await
 }
 

@@ -14,7 +14,11 @@ use crate::hub::Endpoints;
 use crate::server::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE};
 
 #[derive(Parser, Debug)]
-#[command(name = "fleethub", version, about = "Self-hosted IoT hub: MQTT broker, device registry, twins, routes and fleet deployments")]
+#[command(
+    name = "fleethub",
+    version,
+    about = "Self-hosted IoT hub: MQTT broker, device registry, twins, routes and fleet deployments"
+)]
 pub struct Cli {
     /// Management API base URL [default: from DATA_DIR/endpoints.json of a running hub, else http://127.0.0.1:8080]
     #[arg(long, env = "FLEETHUB_URL", global = true)]
@@ -120,7 +124,9 @@ pub enum DeviceCmd {
         #[command(flatten)]
         keys: KeyArgs,
     },
-    Show { id: String },
+    Show {
+        id: String,
+    },
     /// List devices (one page, or --all)
     List {
         #[arg(long, default_value_t = 100)]
@@ -140,7 +146,9 @@ pub enum DeviceCmd {
         #[command(flatten)]
         keys: KeyArgs,
     },
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,9 +160,17 @@ pub enum ModuleCmd {
         #[command(flatten)]
         keys: KeyArgs,
     },
-    Show { device: String, module: String },
-    List { device: String },
-    Delete { device: String, module: String },
+    Show {
+        device: String,
+        module: String,
+    },
+    List {
+        device: String,
+    },
+    Delete {
+        device: String,
+        module: String,
+    },
 }
 
 /// Entry point of the binary.
@@ -201,7 +217,8 @@ async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
-    humantime::parse_duration(s).with_context(|| format!("'{s}' is not a duration (try 30s, 1h, 7d)"))
+    humantime::parse_duration(s)
+        .with_context(|| format!("'{s}' is not a duration (try 30s, 1h, 7d)"))
 }
 
 struct Client {
@@ -244,18 +261,34 @@ impl Client {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the hub at {}", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.base))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         if !status.is_success() {
-            let message = value.get("message").and_then(|m| m.as_str()).map(str::to_string).unwrap_or_else(|| value.to_string());
+            let message = value
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
             bail!("{} ({})", message, status);
         }
         Ok(value)
@@ -267,7 +300,10 @@ impl Client {
 
     fn print(&self, value: &Value, text: impl FnOnce(&Value) -> String) {
         match self.output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            ),
             Output::Text => println!("{}", text(value)),
         }
     }
@@ -282,12 +318,30 @@ impl Client {
             Command::Serve(_) => unreachable!("serve is handled before a client is built"),
             Command::Device(cmd) => self.device(cmd).await,
             Command::Module(cmd) => self.module(cmd).await,
-            Command::SasToken { device, module, duration, key } => {
-                self.sas_token(device, module.as_deref(), duration, *key).await
-            }
-            Command::MonitorEvents { device, module, mqtt, timeout, count } => {
-                self.monitor(device.as_deref(), module.as_deref(), mqtt.as_deref(), timeout.as_deref(), *count)
+            Command::SasToken {
+                device,
+                module,
+                duration,
+                key,
+            } => {
+                self.sas_token(device, module.as_deref(), duration, *key)
                     .await
+            }
+            Command::MonitorEvents {
+                device,
+                module,
+                mqtt,
+                timeout,
+                count,
+            } => {
+                self.monitor(
+                    device.as_deref(),
+                    module.as_deref(),
+                    mqtt.as_deref(),
+                    timeout.as_deref(),
+                    *count,
+                )
+                .await
             }
         }
     }
@@ -295,9 +349,14 @@ impl Client {
     async fn with_connection_string(&self, mut record: Value) -> Result<Value> {
         let host = self.hostname().await?;
         let device = record["deviceId"].as_str().unwrap_or_default().to_string();
-        let key = record["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap_or_default().to_string();
+        let key = record["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let cs = match record["moduleId"].as_str() {
-            Some(m) => format!("HostName={host};DeviceId={device};ModuleId={m};SharedAccessKey={key}"),
+            Some(m) => {
+                format!("HostName={host};DeviceId={device};ModuleId={m};SharedAccessKey={key}")
+            }
             None => format!("HostName={host};DeviceId={device};SharedAccessKey={key}"),
         };
         record["connectionString"] = Value::String(cs);
@@ -311,13 +370,29 @@ impl Client {
                 None => format!("device {}", v["deviceId"].as_str().unwrap_or("")),
             };
             let mut out = format!("{verb} {name}\n");
-            out += &format!("  status:           {}\n", v["status"].as_str().unwrap_or(""));
-            out += &format!("  connectionState:  {}\n", v["connectionState"].as_str().unwrap_or(""));
+            out += &format!(
+                "  status:           {}\n",
+                v["status"].as_str().unwrap_or("")
+            );
+            out += &format!(
+                "  connectionState:  {}\n",
+                v["connectionState"].as_str().unwrap_or("")
+            );
             if let Some(t) = v["lastActivityTime"].as_str() {
                 out += &format!("  lastActivityTime: {t}\n");
             }
-            out += &format!("  primaryKey:       {}\n", v["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap_or(""));
-            out += &format!("  secondaryKey:     {}", v["authentication"]["symmetricKey"]["secondaryKey"].as_str().unwrap_or(""));
+            out += &format!(
+                "  primaryKey:       {}\n",
+                v["authentication"]["symmetricKey"]["primaryKey"]
+                    .as_str()
+                    .unwrap_or("")
+            );
+            out += &format!(
+                "  secondaryKey:     {}",
+                v["authentication"]["symmetricKey"]["secondaryKey"]
+                    .as_str()
+                    .unwrap_or("")
+            );
             if let Some(cs) = v["connectionString"].as_str() {
                 out += &format!("\n  connectionString: {cs}");
             }
@@ -335,7 +410,9 @@ impl Client {
                 if let Some(a) = keys_json(keys) {
                     body["authentication"] = a;
                 }
-                let v = self.call(reqwest::Method::POST, "/devices", Some(body)).await?;
+                let v = self
+                    .call(reqwest::Method::POST, "/devices", Some(body))
+                    .await?;
                 let v = self.with_connection_string(v).await?;
                 self.print_identity("Created", &v);
             }
@@ -365,7 +442,10 @@ impl Client {
                 }
                 let v = json!({ "items": items, "next": after });
                 self.print(&v, |v| {
-                    let mut out = format!("{:<40} {:<9} {:<13} LAST ACTIVITY", "DEVICE", "STATUS", "CONNECTION");
+                    let mut out = format!(
+                        "{:<40} {:<9} {:<13} LAST ACTIVITY",
+                        "DEVICE", "STATUS", "CONNECTION"
+                    );
                     for d in v["items"].as_array().into_iter().flatten() {
                         out += &format!(
                             "\n{:<40} {:<9} {:<13} {}",
@@ -381,7 +461,12 @@ impl Client {
                     out
                 });
             }
-            DeviceCmd::Update { id, status, status_reason, keys } => {
+            DeviceCmd::Update {
+                id,
+                status,
+                status_reason,
+                keys,
+            } => {
                 let mut body = json!({});
                 if let Some(s) = status {
                     body["status"] = json!(s);
@@ -392,12 +477,25 @@ impl Client {
                 if let Some(a) = keys_json(keys) {
                     body["authentication"] = a;
                 }
-                let v = self.call(reqwest::Method::PATCH, &format!("/devices/{}", enc(id)), Some(body)).await?;
+                let v = self
+                    .call(
+                        reqwest::Method::PATCH,
+                        &format!("/devices/{}", enc(id)),
+                        Some(body),
+                    )
+                    .await?;
                 self.print_identity("Updated", &v);
             }
             DeviceCmd::Delete { id } => {
-                self.call(reqwest::Method::DELETE, &format!("/devices/{}", enc(id)), None).await?;
-                self.print(&json!({ "deleted": id }), |_| format!("Deleted device {id}"));
+                self.call(
+                    reqwest::Method::DELETE,
+                    &format!("/devices/{}", enc(id)),
+                    None,
+                )
+                .await?;
+                self.print(&json!({ "deleted": id }), |_| {
+                    format!("Deleted device {id}")
+                });
             }
         }
         Ok(())
@@ -405,22 +503,36 @@ impl Client {
 
     async fn module(&self, cmd: &ModuleCmd) -> Result<()> {
         match cmd {
-            ModuleCmd::Create { device, module, keys } => {
+            ModuleCmd::Create {
+                device,
+                module,
+                keys,
+            } => {
                 let mut body = json!({ "moduleId": module });
                 if let Some(a) = keys_json(keys) {
                     body["authentication"] = a;
                 }
-                let v = self.call(reqwest::Method::POST, &format!("/devices/{}/modules", enc(device)), Some(body)).await?;
+                let v = self
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/devices/{}/modules", enc(device)),
+                        Some(body),
+                    )
+                    .await?;
                 let v = self.with_connection_string(v).await?;
                 self.print_identity("Created", &v);
             }
             ModuleCmd::Show { device, module } => {
-                let v = self.get(&format!("/devices/{}/modules/{}", enc(device), enc(module))).await?;
+                let v = self
+                    .get(&format!("/devices/{}/modules/{}", enc(device), enc(module)))
+                    .await?;
                 let v = self.with_connection_string(v).await?;
                 self.print_identity("Module", &v);
             }
             ModuleCmd::List { device } => {
-                let v = self.get(&format!("/devices/{}/modules", enc(device))).await?;
+                let v = self
+                    .get(&format!("/devices/{}/modules", enc(device)))
+                    .await?;
                 self.print(&v, |v| {
                     let mut out = format!("{:<40} {:<9} CONNECTION", "MODULE", "STATUS");
                     for m in v["items"].as_array().into_iter().flatten() {
@@ -435,8 +547,12 @@ impl Client {
                 });
             }
             ModuleCmd::Delete { device, module } => {
-                self.call(reqwest::Method::DELETE, &format!("/devices/{}/modules/{}", enc(device), enc(module)), None)
-                    .await?;
+                self.call(
+                    reqwest::Method::DELETE,
+                    &format!("/devices/{}/modules/{}", enc(device), enc(module)),
+                    None,
+                )
+                .await?;
                 self.print(&json!({ "deleted": format!("{device}/{module}") }), |_| {
                     format!("Deleted module {device}/{module}")
                 });
@@ -445,7 +561,13 @@ impl Client {
         Ok(())
     }
 
-    async fn sas_token(&self, device: &str, module: Option<&str>, duration: &str, key: KeyChoice) -> Result<()> {
+    async fn sas_token(
+        &self,
+        device: &str,
+        module: Option<&str>,
+        duration: &str,
+        key: KeyChoice,
+    ) -> Result<()> {
         let duration = parse_duration(duration)?;
         let path = match module {
             Some(m) => format!("/devices/{}/modules/{}", enc(device), enc(m)),
@@ -456,7 +578,9 @@ impl Client {
             KeyChoice::Primary => "primaryKey",
             KeyChoice::Secondary => "secondaryKey",
         };
-        let key_b64 = record["authentication"]["symmetricKey"][field].as_str().context("the hub returned no key")?;
+        let key_b64 = record["authentication"]["symmetricKey"][field]
+            .as_str()
+            .context("the hub returned no key")?;
         let host = self.hostname().await?;
         let identity = crate::identity::IdentityKey::parse(&match module {
             Some(m) => format!("{device}/{m}"),
@@ -467,7 +591,9 @@ impl Client {
         let token = crate::sas::generate(&resource, key_b64, expiry)?;
         let username = format!("{host}/{identity}/?api-version=2021-04-12");
         let v = json!({ "sasToken": token, "expiry": expiry, "clientId": identity.to_string(), "username": username });
-        self.print(&v, |v| v["sasToken"].as_str().unwrap_or_default().to_string());
+        self.print(&v, |v| {
+            v["sasToken"].as_str().unwrap_or_default().to_string()
+        });
         Ok(())
     }
 
@@ -499,12 +625,19 @@ impl Client {
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut events) = AsyncClient::new(options, 100);
         let filter = match (device, module) {
-            (Some(d), Some(m)) => format!("$fleethub/events/{}/{}/#", crate::topics::encode_id(d), crate::topics::encode_id(m)),
+            (Some(d), Some(m)) => format!(
+                "$fleethub/events/{}/{}/#",
+                crate::topics::encode_id(d),
+                crate::topics::encode_id(m)
+            ),
             (Some(d), None) => format!("$fleethub/events/{}/#", crate::topics::encode_id(d)),
             _ => "$fleethub/events/#".to_string(),
         };
         client.subscribe(filter, QoS::AtLeastOnce).await?;
-        let deadline = timeout.map(parse_duration).transpose()?.map(|d| tokio::time::Instant::now() + d);
+        let deadline = timeout
+            .map(parse_duration)
+            .transpose()?
+            .map(|d| tokio::time::Instant::now() + d);
         let mut seen = 0u64;
         if self.output == Output::Text {
             eprintln!("Monitoring telemetry at {addr}. Press Ctrl+C to stop.");
@@ -525,11 +658,17 @@ impl Client {
             };
             match event {
                 None => break,
-                Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.code != rumqttc::ConnectReturnCode::Success => {
+                Some(Ok(Event::Incoming(Packet::ConnAck(ack))))
+                    if ack.code != rumqttc::ConnectReturnCode::Success =>
+                {
                     bail!("the hub refused the monitor connection: {:?}", ack.code)
                 }
                 Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
                         bail!("the hub refused the telemetry subscription");
                     }
                 }
@@ -538,7 +677,11 @@ impl Client {
                         seen += 1;
                         match self.output {
                             Output::Json => println!("{}", event),
-                            Output::Text => println!("{}", serde_json::to_string_pretty(&json!({ "event": event })).unwrap_or_default()),
+                            Output::Text => println!(
+                                "{}",
+                                serde_json::to_string_pretty(&json!({ "event": event }))
+                                    .unwrap_or_default()
+                            ),
                         }
                     }
                 }
@@ -556,17 +699,30 @@ pub fn describe_event(topic: &str, payload: &[u8]) -> Option<Value> {
     use percent_encoding::percent_decode_str;
     let rest = topic.strip_prefix(crate::topics::SERVICE_EVENTS_PREFIX)?;
     let mut parts = rest.splitn(3, '/');
-    let device = percent_decode_str(parts.next()?).decode_utf8().ok()?.into_owned();
+    let device = percent_decode_str(parts.next()?)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
     let module = parts.next()?;
-    let module = (module != crate::topics::NO_MODULE).then(|| percent_decode_str(module).decode_utf8_lossy().into_owned());
+    let module = (module != crate::topics::NO_MODULE)
+        .then(|| percent_decode_str(module).decode_utf8_lossy().into_owned());
     let bag = parts.next().unwrap_or("");
-    let message = fleethub_router::Message::from_bag(bag, bytes::Bytes::copy_from_slice(payload)).ok()?;
+    let message =
+        fleethub_router::Message::from_bag(bag, bytes::Bytes::copy_from_slice(payload)).ok()?;
     let body = match std::str::from_utf8(payload) {
         Ok(s) => serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.to_string())),
         Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(payload) }),
     };
-    let system: serde_json::Map<String, Value> = message.system.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-    let application: serde_json::Map<String, Value> = message.properties.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let system: serde_json::Map<String, Value> = message
+        .system
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let application: serde_json::Map<String, Value> = message
+        .properties
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
     Some(json!({
         "origin": device,
         "module": module.unwrap_or_default(),

@@ -98,10 +98,11 @@ impl Config {
     /// Loads `path` (or the embedded defaults) and applies `overrides`.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         // The embedded defaults are the base; a user file may set only some keys.
-        let mut base: toml::Table = toml::from_str(DEFAULT_TOML).map_err(|e| ConfigError::Parse {
-            path: "(embedded defaults)".into(),
-            message: e.to_string(),
-        })?;
+        let mut base: toml::Table =
+            toml::from_str(DEFAULT_TOML).map_err(|e| ConfigError::Parse {
+                path: "(embedded defaults)".into(),
+                message: e.to_string(),
+            })?;
         let label = path.map(|p| p.display().to_string());
         if let Some(path) = path {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -134,8 +135,14 @@ impl Config {
                 value: v.to_string(),
             })
         };
-        let mqtt = addr("listen.mqtt", o.mqtt.as_deref().unwrap_or(&file.listen.mqtt))?;
-        let mqtts = addr("listen.mqtts", o.mqtts.as_deref().unwrap_or(&file.listen.mqtts))?;
+        let mqtt = addr(
+            "listen.mqtt",
+            o.mqtt.as_deref().unwrap_or(&file.listen.mqtt),
+        )?;
+        let mqtts = addr(
+            "listen.mqtts",
+            o.mqtts.as_deref().unwrap_or(&file.listen.mqtts),
+        )?;
         let api_str = o.api.as_deref().unwrap_or(&file.listen.api);
         let api = addr("listen.api", api_str)?.ok_or(ConfigError::Address {
             key: "listen.api",
@@ -187,8 +194,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fh-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "[hub]\nhostname = \"hub.example\"\n[listen]\nmqtts = \"off\"\n").unwrap();
-        let o = Overrides { api: Some("127.0.0.1:0".into()), ..Default::default() };
+        std::fs::write(
+            &file,
+            "[hub]\nhostname = \"hub.example\"\n[listen]\nmqtts = \"off\"\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            api: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
         let c = Config::load(Some(&file), &o).unwrap();
         assert_eq!(c.hostname, "hub.example");
         assert_eq!(c.mqtts, None);
@@ -201,7 +215,10 @@ mod tests {
 
     #[test]
     fn bad_address_names_the_key() {
-        let o = Overrides { mqtt: Some("nonsense".into()), ..Default::default() };
+        let o = Overrides {
+            mqtt: Some("nonsense".into()),
+            ..Default::default()
+        };
         let err = Config::load(None, &o).unwrap_err().to_string();
         assert!(err.contains("listen.mqtt"), "{err}");
     }

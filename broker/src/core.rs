@@ -14,7 +14,22 @@ use rumqttd::Router;
 use crate::config::RouterSection;
 use crate::topics::INTERNAL_ROOT_FILTER;
 
-type BuildLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+type BuildLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), CoreError> + Send + Sync;
+
+/// The router did not accept a link (it is full, or gone).
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("router refused the link: {0}")]
+    Link(String),
+    #[error("link task failed: {0}")]
+    Task(String),
+}
+
+impl From<LinkError> for CoreError {
+    fn from(e: LinkError) -> Self {
+        CoreError::Link(e.to_string())
+    }
+}
 
 /// Handle to the running router. Cheap to clone.
 #[derive(Clone)]
@@ -46,6 +61,7 @@ impl Core {
                 .dynamic_filters(false)
                 .build()
                 .map(|(tx, rx, _ack)| (tx, rx))
+                .map_err(CoreError::from)
         };
         Core {
             build: Arc::new(build),
@@ -54,16 +70,16 @@ impl Core {
 
     /// Opens a link. Blocks until the router answers, so call it off the async runtime.
     /// `link_id` must not contain `+ $ # /` (the router ignores such a connect).
-    pub fn link_blocking(&self, link_id: &str) -> Result<(LinkTx, LinkRx), LinkError> {
+    pub fn link_blocking(&self, link_id: &str) -> Result<(LinkTx, LinkRx), CoreError> {
         (self.build)(link_id)
     }
 
     /// Opens a link from async code.
-    pub async fn link(&self, link_id: String) -> Result<(LinkTx, LinkRx), LinkError> {
+    pub async fn link(&self, link_id: String) -> Result<(LinkTx, LinkRx), CoreError> {
         let core = self.clone();
         tokio::task::spawn_blocking(move || core.link_blocking(&link_id))
             .await
-            .unwrap_or(Err(LinkError::NotConnectionAck))
+            .map_err(|e| CoreError::Task(e.to_string()))?
     }
 }
 

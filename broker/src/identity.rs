@@ -136,11 +136,18 @@ mod tests {
         assert_eq!(DeviceId::new(""), Err(IdError::Empty { kind: "device" }));
         assert_eq!(
             DeviceId::new(&"a".repeat(129)),
-            Err(IdError::TooLong { kind: "device", len: 129 })
+            Err(IdError::TooLong {
+                kind: "device",
+                len: 129
+            })
         );
         assert_eq!(
             ModuleId::new("ab/c"),
-            Err(IdError::InvalidChar { kind: "module", ch: '/', position: 2 })
+            Err(IdError::InvalidChar {
+                kind: "module",
+                ch: '/',
+                position: 2
+            })
         );
         assert!(DeviceId::new("héllo").is_err());
         assert!(DeviceId::new("a b").is_err());

@@ -22,10 +22,16 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let connections = IntGauge::new("fleethub_connections", "MQTT connections currently open (after CONNACK)")
-            .expect("valid metric");
+        let connections = IntGauge::new(
+            "fleethub_connections",
+            "MQTT connections currently open (after CONNACK)",
+        )
+        .expect("valid metric");
         let connection_attempts = IntCounterVec::new(
-            Opts::new("fleethub_connection_attempts_total", "MQTT CONNECT attempts by result"),
+            Opts::new(
+                "fleethub_connection_attempts_total",
+                "MQTT CONNECT attempts by result",
+            ),
             &["result"],
         )
         .expect("valid metric");

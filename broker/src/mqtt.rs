@@ -213,8 +213,12 @@ async fn read_connect<R: AsyncRead + Unpin>(
 }
 
 /// Runs one client connection to its end.
-pub async fn connection<S>(stream: S, peer: SocketAddr, hub: SharedHub, shutdown: watch::Receiver<bool>)
-where
+pub async fn connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    hub: SharedHub,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -222,11 +226,17 @@ where
     let mut wbuf = BytesMut::with_capacity(4096);
     let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
     let Some(packet) = read_connect(&mut reader, &mut rbuf, timeout).await else {
-        hub.metrics.connection_attempts.with_label_values(&["bad_request"]).inc();
+        hub.metrics
+            .connection_attempts
+            .with_label_values(&["bad_request"])
+            .inc();
         return;
     };
     let Packet::Connect(connect, _, _will, _, login) = packet else {
-        hub.metrics.connection_attempts.with_label_values(&["bad_request"]).inc();
+        hub.metrics
+            .connection_attempts
+            .with_label_values(&["bad_request"])
+            .inc();
         debug!(%peer, "first packet was not CONNECT");
         return;
     };
@@ -268,7 +278,10 @@ where
         Ok(link) => link,
         Err(e) => {
             warn!(%peer, error = %e, "router refused a link");
-            hub.metrics.connection_attempts.with_label_values(&["server_unavailable"]).inc();
+            hub.metrics
+                .connection_attempts
+                .with_label_values(&["server_unavailable"])
+                .inc();
             let ack = ConnAck {
                 session_present: false,
                 code: ConnectReturnCode::ServiceUnavailable,
@@ -279,7 +292,10 @@ where
             return;
         }
     };
-    hub.metrics.connection_attempts.with_label_values(&["accepted"]).inc();
+    hub.metrics
+        .connection_attempts
+        .with_label_values(&["accepted"])
+        .inc();
     hub.metrics.connections.inc();
     if let Principal::Identity(key) = &principal {
         hub.registry.set_connected(key, true);
@@ -307,7 +323,15 @@ where
         },
     };
     let end = session
-        .run(&mut reader, &mut writer, rbuf, wbuf, link_rx, kick, shutdown)
+        .run(
+            &mut reader,
+            &mut writer,
+            rbuf,
+            wbuf,
+            link_rx,
+            kick,
+            shutdown,
+        )
         .await;
     debug!(%peer, client_id = %connect.client_id, reason = end, "connection closed");
     let _ = session.link_tx.send(disconnect_packet()).await;
@@ -319,7 +343,10 @@ where
 /// Forgets a connection in the live table, if it is still the current one for its id.
 fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
     if let Principal::Identity(key) = principal {
-        let ours = hub.live.remove_if(key, |_, live| live.conn_id == conn_id).is_some();
+        let ours = hub
+            .live
+            .remove_if(key, |_, live| live.conn_id == conn_id)
+            .is_some();
         if ours {
             hub.registry.set_connected(key, false);
             let (hub, key) = (hub.clone(), key.clone());
@@ -419,7 +446,11 @@ impl Session {
     }
 
     /// Decodes and handles every complete packet in `rbuf`. Returns whether any was read.
-    async fn drain_input(&mut self, rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> Result<bool, &'static str> {
+    async fn drain_input(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+    ) -> Result<bool, &'static str> {
         let max_payload = self.hub.config.limits.max_payload_bytes;
         let mut to_router: Vec<Packet> = Vec::new();
         let mut any = false;
@@ -455,7 +486,11 @@ impl Session {
     }
 
     fn protocol_error(&self, reason: &str) {
-        self.hub.metrics.protocol_errors.with_label_values(&[reason]).inc();
+        self.hub
+            .metrics
+            .protocol_errors
+            .with_label_values(&[reason])
+            .inc();
     }
 
     fn deny(&self, action: &str, topic: &str) {
@@ -476,10 +511,19 @@ impl Session {
             let mut buffer = self.link_tx.buffer();
             buffer.extend(packets);
         }
-        self.link_tx.send(last).await.map(|_| ()).map_err(|_| "router link closed")
+        self.link_tx
+            .send(last)
+            .await
+            .map(|_| ())
+            .map_err(|_| "router link closed")
     }
 
-    fn on_packet(&mut self, packet: Packet, wbuf: &mut BytesMut, to_router: &mut Vec<Packet>) -> Result<(), &'static str> {
+    fn on_packet(
+        &mut self,
+        packet: Packet,
+        wbuf: &mut BytesMut,
+        to_router: &mut Vec<Packet>,
+    ) -> Result<(), &'static str> {
         match packet {
             Packet::Publish(mut publish, _) => {
                 let Ok(topic) = std::str::from_utf8(&publish.topic) else {
@@ -506,14 +550,18 @@ impl Session {
                         };
                         // Connection ids come from authentication, never from the client.
                         message.system.connection_device_id = Some(key.device.to_string());
-                        message.system.connection_module_id = key.module.as_ref().map(|m| m.to_string());
+                        message.system.connection_module_id =
+                            key.module.as_ref().map(|m| m.to_string());
                         message.system.enqueued_time = Some(crate::registry::now_rfc3339());
                         let Some(payload) = envelope::pack(&message.to_bag(), &message.body) else {
                             self.protocol_error("bad_property_bag");
                             return Err("property bag too long");
                         };
                         self.hub.metrics.telemetry_messages.inc();
-                        self.hub.metrics.telemetry_bytes.inc_by(message.body.len() as u64);
+                        self.hub
+                            .metrics
+                            .telemetry_bytes
+                            .inc_by(message.body.len() as u64);
                         self.hub.registry.touch(key);
                         publish.topic = self.telemetry_topic.clone().into();
                         publish.payload = payload;
@@ -524,7 +572,8 @@ impl Session {
                         // The twin service is not part of this build yet: answer clearly
                         // rather than leave the device waiting.
                         let suffix = format!("501/{query}");
-                        let body = br#"{"message":"twins are not available in this version of fleethub"}"#;
+                        let body =
+                            br#"{"message":"twins are not available in this version of fleethub"}"#;
                         if let Principal::Identity(key) = &self.principal {
                             if let Some(payload) = envelope::pack(&suffix, body) {
                                 let topic = topics::internal_topic(key, Delivery::TwinResponse);
@@ -547,7 +596,9 @@ impl Session {
                 }
             }
             Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe, wbuf, to_router),
-            Packet::Unsubscribe(unsubscribe, _) => self.on_unsubscribe(unsubscribe, wbuf, to_router),
+            Packet::Unsubscribe(unsubscribe, _) => {
+                self.on_unsubscribe(unsubscribe, wbuf, to_router)
+            }
             Packet::PubAck(ack, _) => to_router.push(Packet::PubAck(ack, None)),
             Packet::PingReq(_) => {
                 let _ = V4.write(Packet::PingResp(PingResp), wbuf);
@@ -577,7 +628,12 @@ impl Session {
         }
     }
 
-    fn on_subscribe(&mut self, subscribe: Subscribe, wbuf: &mut BytesMut, to_router: &mut Vec<Packet>) {
+    fn on_subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        wbuf: &mut BytesMut,
+        to_router: &mut Vec<Packet>,
+    ) {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
         for f in &subscribe.filters {
@@ -587,7 +643,11 @@ impl Session {
                     forward.push(Filter {
                         path: mapped.internal.clone(),
                         // IoT Hub has no QoS 2; grant at most 1.
-                        qos: if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+                        qos: if f.qos == QoS::AtMostOnce {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        },
                         nolocal: false,
                         preserve_retain: false,
                         retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
@@ -602,17 +662,31 @@ impl Session {
             }
         }
         if forward.is_empty() {
-            let return_codes = codes.into_iter().map(|c| c.unwrap_or(SubscribeReasonCode::Failure)).collect();
-            let ack = SubAck { pkid: subscribe.pkid, return_codes };
+            let return_codes = codes
+                .into_iter()
+                .map(|c| c.unwrap_or(SubscribeReasonCode::Failure))
+                .collect();
+            let ack = SubAck {
+                pkid: subscribe.pkid,
+                return_codes,
+            };
             let _ = V4.write(Packet::SubAck(ack, None), wbuf);
         } else {
             self.pending_subs.insert(subscribe.pkid, codes);
-            let sub = Subscribe { pkid: subscribe.pkid, filters: forward };
+            let sub = Subscribe {
+                pkid: subscribe.pkid,
+                filters: forward,
+            };
             to_router.push(Packet::Subscribe(sub, None));
         }
     }
 
-    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe, wbuf: &mut BytesMut, to_router: &mut Vec<Packet>) {
+    fn on_unsubscribe(
+        &mut self,
+        unsubscribe: Unsubscribe,
+        wbuf: &mut BytesMut,
+        to_router: &mut Vec<Packet>,
+    ) {
         let mut internal = Vec::new();
         for f in &unsubscribe.filters {
             if let Some(mapped) = topics::map_filter(&self.principal, f) {
@@ -624,10 +698,16 @@ impl Session {
             }
         }
         if internal.is_empty() {
-            let ack = UnsubAck { pkid: unsubscribe.pkid, reasons: vec![] };
+            let ack = UnsubAck {
+                pkid: unsubscribe.pkid,
+                reasons: vec![],
+            };
             let _ = V4.write(Packet::UnsubAck(ack, None), wbuf);
         } else {
-            let unsub = Unsubscribe { pkid: unsubscribe.pkid, filters: internal };
+            let unsub = Unsubscribe {
+                pkid: unsubscribe.pkid,
+                filters: internal,
+            };
             to_router.push(Packet::Unsubscribe(unsub, None));
         }
     }
@@ -643,7 +723,11 @@ impl Session {
                     .and_then(|(topic, (suffix, body))| {
                         topics::to_client_topic(&self.principal, topic, &suffix).map(|t| (t, body))
                     })
-                    .filter(|(t, _)| self.filters.iter().any(|f| topics::filter_matches(&f.client, t)));
+                    .filter(|(t, _)| {
+                        self.filters
+                            .iter()
+                            .any(|f| topics::filter_matches(&f.client, t))
+                    });
                 match delivered {
                     Some((topic, body)) => {
                         publish.topic = topic.into();
@@ -655,7 +739,10 @@ impl Session {
                         // inflight window does not stall.
                         let (qos, pkid) = publish_ids(&publish);
                         if qos == 1 {
-                            let ack = PubAck { pkid, reason: PubAckReason::Success };
+                            let ack = PubAck {
+                                pkid,
+                                reason: PubAckReason::Success,
+                            };
                             let _ = self.link_tx.send(P::PubAck(ack, None)).await;
                         }
                     }
@@ -671,12 +758,18 @@ impl Session {
                                 let mut router = suback.return_codes.into_iter();
                                 codes
                                     .into_iter()
-                                    .map(|c| c.or_else(|| router.next()).unwrap_or(SubscribeReasonCode::Failure))
+                                    .map(|c| {
+                                        c.or_else(|| router.next())
+                                            .unwrap_or(SubscribeReasonCode::Failure)
+                                    })
                                     .collect()
                             }
                             None => suback.return_codes,
                         };
-                        let ack = SubAck { pkid: suback.pkid, return_codes };
+                        let ack = SubAck {
+                            pkid: suback.pkid,
+                            return_codes,
+                        };
                         let _ = V4.write(P::SubAck(ack, None), wbuf);
                     }
                     P::PingResp(_) | P::ConnAck(..) => {}

@@ -136,6 +136,9 @@ struct Live {
 
 pub struct Registry {
     db: Database,
+    /// Serialises read-modify-write operations: without it, a last-activity write that read
+    /// the record before an API update could put the old record back over it.
+    writer: std::sync::Mutex<()>,
     cache: DashMap<IdentityKey, Arc<Identity>>,
     live: DashMap<IdentityKey, Live>,
 }
@@ -211,9 +214,16 @@ impl Registry {
         }
         Ok(Registry {
             db,
+            writer: std::sync::Mutex::new(()),
             cache,
             live: DashMap::new(),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A panic while holding the lock leaves nothing half-written (redb transactions are
+        // atomic), so a poisoned lock is safe to take.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn put(&self, key: &IdentityKey, identity: &Identity) -> Result<(), RegistryError> {
@@ -233,10 +243,15 @@ impl Registry {
         status: Option<Status>,
         auth: Option<AuthenticationInput>,
     ) -> Result<Identity, RegistryError> {
+        let _writer = self.lock();
         if self.cache.contains_key(key) {
             return Err(RegistryError::Exists(describe(key)));
         }
-        if key.module.is_some() && !self.cache.contains_key(&IdentityKey::device(key.device.clone())) {
+        if key.module.is_some()
+            && !self
+                .cache
+                .contains_key(&IdentityKey::device(key.device.clone()))
+        {
             return Err(RegistryError::NotFound(format!("device '{}'", key.device)));
         }
         let identity = Identity {
@@ -271,12 +286,23 @@ impl Registry {
         }
         IdentityView {
             identity,
-            connection_state: if connected { "Connected" } else { "Disconnected" },
+            connection_state: if connected {
+                "Connected"
+            } else {
+                "Disconnected"
+            },
         }
     }
 
-    pub fn update(&self, key: &IdentityKey, update: IdentityUpdate) -> Result<Identity, RegistryError> {
-        let current = self.get(key).ok_or_else(|| RegistryError::NotFound(describe(key)))?;
+    pub fn update(
+        &self,
+        key: &IdentityKey,
+        update: IdentityUpdate,
+    ) -> Result<Identity, RegistryError> {
+        let _writer = self.lock();
+        let current = self
+            .get(key)
+            .ok_or_else(|| RegistryError::NotFound(describe(key)))?;
         let mut next = (*current).clone();
         if let Some(s) = update.status {
             next.status = s;
@@ -289,8 +315,14 @@ impl Registry {
             let merged = AuthenticationInput {
                 kind: auth.kind,
                 symmetric_key: Some(SymmetricKeyInput {
-                    primary_key: Some(keys.primary_key.unwrap_or(next.authentication.symmetric_key.primary_key.clone())),
-                    secondary_key: Some(keys.secondary_key.unwrap_or(next.authentication.symmetric_key.secondary_key.clone())),
+                    primary_key: Some(
+                        keys.primary_key
+                            .unwrap_or(next.authentication.symmetric_key.primary_key.clone()),
+                    ),
+                    secondary_key: Some(
+                        keys.secondary_key
+                            .unwrap_or(next.authentication.symmetric_key.secondary_key.clone()),
+                    ),
                 }),
             };
             next.authentication = auth_from(Some(merged))?;
@@ -302,6 +334,7 @@ impl Registry {
 
     /// Deletes an identity; deleting a device deletes its modules. Returns what was deleted.
     pub fn delete(&self, key: &IdentityKey) -> Result<Vec<IdentityKey>, RegistryError> {
+        let _writer = self.lock();
         if !self.cache.contains_key(key) {
             return Err(RegistryError::NotFound(describe(key)));
         }
@@ -325,7 +358,11 @@ impl Registry {
     }
 
     /// Devices (no modules) in id order, `limit` of them after `after`.
-    pub fn list_devices(&self, limit: usize, after: Option<&str>) -> (Vec<Arc<Identity>>, Option<String>) {
+    pub fn list_devices(
+        &self,
+        limit: usize,
+        after: Option<&str>,
+    ) -> (Vec<Arc<Identity>>, Option<String>) {
         let mut all: Vec<Arc<Identity>> = self
             .cache
             .iter()
@@ -351,7 +388,10 @@ impl Registry {
     }
 
     pub fn device_count(&self) -> usize {
-        self.cache.iter().filter(|e| e.key().module.is_none()).count()
+        self.cache
+            .iter()
+            .filter(|e| e.key().module.is_none())
+            .count()
     }
 
     /// Runtime: a connection for `key` opened or closed.
@@ -370,6 +410,7 @@ impl Registry {
 
     /// Writes the last activity time of `key` to the store (on disconnect).
     pub fn persist_activity(&self, key: &IdentityKey) -> Result<(), RegistryError> {
+        let _writer = self.lock();
         let Some(current) = self.get(key) else {
             return Ok(());
         };
@@ -416,12 +457,24 @@ mod tests {
         let (reg, dir) = temp_registry("crud");
         let d1 = IdentityKey::parse("d1").unwrap();
         let m1 = IdentityKey::parse("d1/m1").unwrap();
-        assert!(matches!(reg.create(&m1, None, None), Err(RegistryError::NotFound(_))));
+        assert!(matches!(
+            reg.create(&m1, None, None),
+            Err(RegistryError::NotFound(_))
+        ));
         let created = reg.create(&d1, None, None).unwrap();
-        assert!(matches!(reg.create(&d1, None, None), Err(RegistryError::Exists(_))));
+        assert!(matches!(
+            reg.create(&d1, None, None),
+            Err(RegistryError::Exists(_))
+        ));
         reg.create(&m1, None, None).unwrap();
         let upd = reg
-            .update(&d1, IdentityUpdate { status: Some(Status::Disabled), ..Default::default() })
+            .update(
+                &d1,
+                IdentityUpdate {
+                    status: Some(Status::Disabled),
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert_eq!(upd.status, Status::Disabled);
         assert_ne!(upd.etag, created.etag);
@@ -435,13 +488,48 @@ mod tests {
     }
 
     #[test]
+    fn activity_write_never_undoes_a_concurrent_update() {
+        let (reg, dir) = temp_registry("race");
+        let reg = std::sync::Arc::new(reg);
+        let d1 = IdentityKey::parse("d1").unwrap();
+        reg.create(&d1, None, None).unwrap();
+        reg.set_connected(&d1, true);
+        for i in 0..50 {
+            let status = if i % 2 == 0 {
+                Status::Disabled
+            } else {
+                Status::Enabled
+            };
+            let (r, k) = (reg.clone(), d1.clone());
+            let t = std::thread::spawn(move || r.persist_activity(&k).unwrap());
+            reg.update(
+                &d1,
+                IdentityUpdate {
+                    status: Some(status),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            t.join().unwrap();
+            assert_eq!(reg.get(&d1).unwrap().status, status, "round {i}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn list_pages_in_id_order() {
         let (reg, dir) = temp_registry("list");
         for i in 0..5 {
-            reg.create(&IdentityKey::parse(&format!("d{i}")).unwrap(), None, None).unwrap();
+            reg.create(&IdentityKey::parse(&format!("d{i}")).unwrap(), None, None)
+                .unwrap();
         }
         let (page, next) = reg.list_devices(2, None);
-        assert_eq!(page.iter().map(|i| i.device_id.as_str()).collect::<Vec<_>>(), ["d0", "d1"]);
+        assert_eq!(
+            page.iter()
+                .map(|i| i.device_id.as_str())
+                .collect::<Vec<_>>(),
+            ["d0", "d1"]
+        );
         let (page, next) = reg.list_devices(2, next.as_deref());
         assert_eq!(page[0].device_id, "d2");
         let (page, next) = reg.list_devices(2, next.as_deref());
@@ -458,7 +546,10 @@ mod tests {
                 None,
                 Some(AuthenticationInput {
                     kind: None,
-                    symmetric_key: Some(SymmetricKeyInput { primary_key: Some("short".into()), secondary_key: None }),
+                    symmetric_key: Some(SymmetricKeyInput {
+                        primary_key: Some("short".into()),
+                        secondary_key: None,
+                    }),
                 }),
             )
             .unwrap_err()

@@ -130,7 +130,9 @@ pub fn generate(resource: &str, key_b64: &str, expiry: u64) -> Result<String, Sa
     mac.update(format!("{sr}\n{expiry}").as_bytes());
     let sig = B64.encode(mac.finalize().into_bytes());
     let sig = utf8_percent_encode(&sig, NON_ALPHANUMERIC);
-    Ok(format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}"))
+    Ok(format!(
+        "SharedAccessSignature sr={sr}&sig={sig}&se={expiry}"
+    ))
 }
 
 /// A fresh random 256-bit key, base64 encoded, as IoT Hub generates them.
@@ -174,14 +176,23 @@ mod tests {
     #[test]
     fn refuses_expired_wrong_resource_and_bad_signature() {
         let t = SasToken::parse(&generate("h/devices/d1", KEY, 100).unwrap()).unwrap();
-        assert!(matches!(t.verify("h/devices/d1", KEY, 100), Err(SasError::Expired { .. })));
-        assert!(matches!(t.verify("h/devices/d2", KEY, 1), Err(SasError::WrongResource { .. })));
+        assert!(matches!(
+            t.verify("h/devices/d1", KEY, 100),
+            Err(SasError::Expired { .. })
+        ));
+        assert!(matches!(
+            t.verify("h/devices/d2", KEY, 1),
+            Err(SasError::WrongResource { .. })
+        ));
         assert!(matches!(
             t.verify("h/devices/d1/modules/m", KEY, 1),
             Err(SasError::WrongResource { .. })
         ));
         let other = new_key();
-        assert_eq!(t.verify("h/devices/d1", &other, 1), Err(SasError::BadSignature));
+        assert_eq!(
+            t.verify("h/devices/d1", &other, 1),
+            Err(SasError::BadSignature)
+        );
     }
 
     #[test]

@@ -124,11 +124,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(listener) = mqtt {
-        tasks.spawn(crate::mqtt::serve_tcp(listener, hub.clone(), stop_rx.clone()));
+        tasks.spawn(crate::mqtt::serve_tcp(
+            listener,
+            hub.clone(),
+            stop_rx.clone(),
+        ));
     }
     if let (Some(listener), Some(tls)) = (mqtts, tls_config) {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        tasks.spawn(crate::mqtt::serve_tls(listener, acceptor, hub.clone(), stop_rx.clone()));
+        tasks.spawn(crate::mqtt::serve_tls(
+            listener,
+            acceptor,
+            hub.clone(),
+            stop_rx.clone(),
+        ));
     }
     let mut api_stop = stop_rx.clone();
     let app = crate::api::router(hub.clone());

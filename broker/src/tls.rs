@@ -33,7 +33,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
 /// Where the generated files live under the data directory.
 pub fn generated_paths(data_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let dir = data_dir.join("tls");
-    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
 
 /// Creates the local CA and a server certificate for localhost, 127.0.0.1, ::1 and

@@ -136,7 +136,10 @@ pub fn telemetry_topic(identity: &IdentityKey) -> String {
 
 /// `true` when the topic level `segment` names `id` (raw or percent-encoded).
 fn names(segment: &str, id: &str) -> bool {
-    segment == id || percent_decode_str(segment).decode_utf8().is_ok_and(|s| s == id)
+    segment == id
+        || percent_decode_str(segment)
+            .decode_utf8()
+            .is_ok_and(|s| s == id)
 }
 
 /// Strips `devices/{d}/` (and `modules/{m}/` for a module) off a client topic.
@@ -307,20 +310,72 @@ mod tests {
     #[test]
     fn each_pattern_round_trips() {
         let cases = [
-            (dev("d1"), "devices/d1/messages/devicebound/#", "fh/dev/d1/c2d", "a=1", "devices/d1/messages/devicebound/a=1"),
-            (dev("d1/m1"), "devices/d1/modules/m1/inputs/#", "fh/mod/d1/m1/inputs", "in1/x=1", "devices/d1/modules/m1/inputs/in1/x=1"),
-            (dev("d1"), "$iothub/twin/res/#", "fh/dev/d1/twin/res", "200/?$rid=1", "$iothub/twin/res/200/?$rid=1"),
-            (dev("d1/m1"), "$iothub/twin/res/#", "fh/mod/d1/m1/twin/res", "204/?$rid=2&$version=3", "$iothub/twin/res/204/?$rid=2&$version=3"),
-            (dev("d1"), "$iothub/twin/PATCH/properties/desired/#", "fh/dev/d1/twin/desired", "?$version=4", "$iothub/twin/PATCH/properties/desired/?$version=4"),
-            (dev("d1"), "$iothub/methods/POST/#", "fh/dev/d1/methods", "reboot/?$rid=9", "$iothub/methods/POST/reboot/?$rid=9"),
-            (Principal::Service, "$fleethub/events/#", "fh/ev/#", "a=1", "$fleethub/events/d1/~/a=1"),
+            (
+                dev("d1"),
+                "devices/d1/messages/devicebound/#",
+                "fh/dev/d1/c2d",
+                "a=1",
+                "devices/d1/messages/devicebound/a=1",
+            ),
+            (
+                dev("d1/m1"),
+                "devices/d1/modules/m1/inputs/#",
+                "fh/mod/d1/m1/inputs",
+                "in1/x=1",
+                "devices/d1/modules/m1/inputs/in1/x=1",
+            ),
+            (
+                dev("d1"),
+                "$iothub/twin/res/#",
+                "fh/dev/d1/twin/res",
+                "200/?$rid=1",
+                "$iothub/twin/res/200/?$rid=1",
+            ),
+            (
+                dev("d1/m1"),
+                "$iothub/twin/res/#",
+                "fh/mod/d1/m1/twin/res",
+                "204/?$rid=2&$version=3",
+                "$iothub/twin/res/204/?$rid=2&$version=3",
+            ),
+            (
+                dev("d1"),
+                "$iothub/twin/PATCH/properties/desired/#",
+                "fh/dev/d1/twin/desired",
+                "?$version=4",
+                "$iothub/twin/PATCH/properties/desired/?$version=4",
+            ),
+            (
+                dev("d1"),
+                "$iothub/methods/POST/#",
+                "fh/dev/d1/methods",
+                "reboot/?$rid=9",
+                "$iothub/methods/POST/reboot/?$rid=9",
+            ),
+            (
+                Principal::Service,
+                "$fleethub/events/#",
+                "fh/ev/#",
+                "a=1",
+                "$fleethub/events/d1/~/a=1",
+            ),
         ];
         for (principal, filter, internal, suffix, client_topic) in cases {
             let mapped = map_filter(&principal, filter).unwrap_or_else(|| panic!("{filter}"));
             assert_eq!(mapped.internal, internal, "{filter}");
-            let delivered_on = if internal == "fh/ev/#" { "fh/ev/d1/~" } else { internal };
-            assert_eq!(to_client_topic(&principal, delivered_on, suffix).as_deref(), Some(client_topic));
-            assert!(filter_matches(&mapped.client, client_topic), "{filter} vs {client_topic}");
+            let delivered_on = if internal == "fh/ev/#" {
+                "fh/ev/d1/~"
+            } else {
+                internal
+            };
+            assert_eq!(
+                to_client_topic(&principal, delivered_on, suffix).as_deref(),
+                Some(client_topic)
+            );
+            assert!(
+                filter_matches(&mapped.client, client_topic),
+                "{filter} vs {client_topic}"
+            );
         }
     }
 
@@ -349,43 +404,88 @@ mod tests {
         ] {
             assert_eq!(map_filter(&d1, f), None, "{f}");
         }
-        assert_eq!(map_filter(&Principal::Service, "devices/d1/messages/devicebound/#"), None);
+        assert_eq!(
+            map_filter(&Principal::Service, "devices/d1/messages/devicebound/#"),
+            None
+        );
     }
 
     #[test]
     fn another_identitys_internal_topics_never_map_back() {
-        assert_eq!(to_client_topic(&dev("d1"), "fh/dev/d2/twin/res", "200/"), None);
-        assert_eq!(to_client_topic(&dev("d1"), "fh/mod/d1/m1/twin/res", "200/"), None);
-        assert_eq!(to_client_topic(&dev("d1/m1"), "fh/dev/d1/twin/res", "200/"), None);
-        assert_eq!(to_client_topic(&Principal::Service, "fh/dev/d1/c2d", "x"), None);
+        assert_eq!(
+            to_client_topic(&dev("d1"), "fh/dev/d2/twin/res", "200/"),
+            None
+        );
+        assert_eq!(
+            to_client_topic(&dev("d1"), "fh/mod/d1/m1/twin/res", "200/"),
+            None
+        );
+        assert_eq!(
+            to_client_topic(&dev("d1/m1"), "fh/dev/d1/twin/res", "200/"),
+            None
+        );
+        assert_eq!(
+            to_client_topic(&Principal::Service, "fh/dev/d1/c2d", "x"),
+            None
+        );
     }
 
     #[test]
     fn publishes_are_classified_per_identity() {
         let d1 = dev("d1");
-        assert_eq!(classify_publish(&d1, "devices/d1/messages/events/a=1"), Inbound::Telemetry { bag: "a=1" });
-        assert_eq!(classify_publish(&d1, "devices/d1/messages/events/"), Inbound::Telemetry { bag: "" });
-        assert_eq!(classify_publish(&d1, "devices/d1/messages/events"), Inbound::Telemetry { bag: "" });
-        assert_eq!(classify_publish(&d1, "devices/d2/messages/events/"), Inbound::Denied);
-        assert_eq!(classify_publish(&d1, "devices/d1/messages/devicebound/x"), Inbound::Denied);
+        assert_eq!(
+            classify_publish(&d1, "devices/d1/messages/events/a=1"),
+            Inbound::Telemetry { bag: "a=1" }
+        );
+        assert_eq!(
+            classify_publish(&d1, "devices/d1/messages/events/"),
+            Inbound::Telemetry { bag: "" }
+        );
+        assert_eq!(
+            classify_publish(&d1, "devices/d1/messages/events"),
+            Inbound::Telemetry { bag: "" }
+        );
+        assert_eq!(
+            classify_publish(&d1, "devices/d2/messages/events/"),
+            Inbound::Denied
+        );
+        assert_eq!(
+            classify_publish(&d1, "devices/d1/messages/devicebound/x"),
+            Inbound::Denied
+        );
         assert_eq!(classify_publish(&d1, "fh/ev/d1/~"), Inbound::Denied);
-        assert_eq!(classify_publish(&d1, "$iothub/twin/GET/?$rid=1"), Inbound::TwinGet { query: "?$rid=1" });
+        assert_eq!(
+            classify_publish(&d1, "$iothub/twin/GET/?$rid=1"),
+            Inbound::TwinGet { query: "?$rid=1" }
+        );
         assert_eq!(
             classify_publish(&d1, "$iothub/twin/PATCH/properties/reported/?$rid=2"),
             Inbound::TwinReportedPatch { query: "?$rid=2" }
         );
         assert_eq!(
             classify_publish(&d1, "$iothub/methods/res/200/?$rid=3"),
-            Inbound::MethodResponse { status: "200", query: "?$rid=3" }
+            Inbound::MethodResponse {
+                status: "200",
+                query: "?$rid=3"
+            }
         );
-        assert_eq!(classify_publish(&d1, "$iothub/twin/PATCH/properties/desired/"), Inbound::Denied);
+        assert_eq!(
+            classify_publish(&d1, "$iothub/twin/PATCH/properties/desired/"),
+            Inbound::Denied
+        );
         let m1 = dev("d1/m1");
         assert_eq!(
             classify_publish(&m1, "devices/d1/modules/m1/messages/events/$.on=out1"),
             Inbound::Telemetry { bag: "$.on=out1" }
         );
-        assert_eq!(classify_publish(&m1, "devices/d1/messages/events/"), Inbound::Denied);
-        assert_eq!(classify_publish(&Principal::Service, "devices/d1/messages/events/"), Inbound::Denied);
+        assert_eq!(
+            classify_publish(&m1, "devices/d1/messages/events/"),
+            Inbound::Denied
+        );
+        assert_eq!(
+            classify_publish(&Principal::Service, "devices/d1/messages/events/"),
+            Inbound::Denied
+        );
     }
 
     #[test]
@@ -394,9 +494,14 @@ mod tests {
         assert_eq!(identity_prefix(&k), "fh/dev/a%2Bb%23c%25d/");
         assert_eq!(telemetry_topic(&k), "fh/ev/a%2Bb%23c%25d/~");
         let p = Principal::Identity(k);
-        assert_eq!(classify_publish(&p, "devices/a%2Bb%23c%25d/messages/events/"), Inbound::Telemetry { bag: "" });
         assert_eq!(
-            map_filter(&p, "devices/a%2Bb%23c%25d/messages/devicebound/#").unwrap().internal,
+            classify_publish(&p, "devices/a%2Bb%23c%25d/messages/events/"),
+            Inbound::Telemetry { bag: "" }
+        );
+        assert_eq!(
+            map_filter(&p, "devices/a%2Bb%23c%25d/messages/devicebound/#")
+                .unwrap()
+                .internal,
             "fh/dev/a%2Bb%23c%25d/c2d"
         );
     }
@@ -408,14 +513,23 @@ mod tests {
         assert!(filter_matches("a/+/c", "a/b/c"));
         assert!(!filter_matches("a/+", "a/b/c"));
         assert!(!filter_matches("a/b", "a/c"));
-        assert!(filter_matches("$iothub/twin/res/#", "$iothub/twin/res/200/?$rid=1"));
-        assert!(!filter_matches("$iothub/twin/res/204/#", "$iothub/twin/res/200/?$rid=1"));
+        assert!(filter_matches(
+            "$iothub/twin/res/#",
+            "$iothub/twin/res/200/?$rid=1"
+        ));
+        assert!(!filter_matches(
+            "$iothub/twin/res/204/#",
+            "$iothub/twin/res/200/?$rid=1"
+        ));
     }
 
     #[test]
     fn envelope_round_trips_and_rejects_garbage() {
         let p = envelope::pack("200/?$rid=1", b"{}").unwrap();
-        assert_eq!(envelope::unpack(&p), Some(("200/?$rid=1".to_string(), Bytes::from_static(b"{}"))));
+        assert_eq!(
+            envelope::unpack(&p),
+            Some(("200/?$rid=1".to_string(), Bytes::from_static(b"{}")))
+        );
         assert_eq!(envelope::unpack(&Bytes::from_static(b"\x00")), None);
         assert_eq!(envelope::unpack(&Bytes::from_static(b"\x00\x09ab")), None);
         assert!(envelope::pack(&"x".repeat(70_000), b"").is_none());

@@ -145,7 +145,10 @@ impl Message {
         }
         for (index, entry) in entries.into_iter().enumerate() {
             let (raw_key, raw_value) = entry.split_once('=').unwrap_or((entry, ""));
-            let key = decode(raw_key).ok_or(PropertyBagError::NotUtf8 { index, what: "name" })?;
+            let key = decode(raw_key).ok_or(PropertyBagError::NotUtf8 {
+                index,
+                what: "name",
+            })?;
             let value = decode(raw_value).ok_or(PropertyBagError::NotUtf8 {
                 index,
                 what: "value",
@@ -216,15 +219,30 @@ mod tests {
 
     #[test]
     fn tolerates_empty_bag_leading_question_mark_and_bare_keys() {
-        assert_eq!(Message::from_bag("", Bytes::new()).unwrap().properties.len(), 0);
+        assert_eq!(
+            Message::from_bag("", Bytes::new())
+                .unwrap()
+                .properties
+                .len(),
+            0
+        );
         let m = Message::from_bag("?a=1&&flag", Bytes::new()).unwrap();
-        assert_eq!(m.properties, vec![("a".into(), "1".into()), ("flag".into(), "".into())]);
+        assert_eq!(
+            m.properties,
+            vec![("a".into(), "1".into()), ("flag".into(), "".into())]
+        );
     }
 
     #[test]
     fn rejects_bad_encoding_with_position() {
         let err = Message::from_bag("a=1&b=%FF", Bytes::new()).unwrap_err();
-        assert_eq!(err, PropertyBagError::NotUtf8 { index: 1, what: "value" });
+        assert_eq!(
+            err,
+            PropertyBagError::NotUtf8 {
+                index: 1,
+                what: "value"
+            }
+        );
         let err = Message::from_bag("=x", Bytes::new()).unwrap_err();
         assert_eq!(err, PropertyBagError::EmptyName { index: 0 });
     }

@@ -1,0 +1,454 @@
+//! A real hub for a test: the `fleethub` binary started on ephemeral ports in its own temp
+//! data directory, killed by its process id and cleaned up on `Drop`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleethub::hub::Endpoints;
+use fleethub::identity::IdentityKey;
+use reqwest::Method;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh, unique temp directory (removed by `Hub`'s `Drop`).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "fleethub-e2e-{name}-{}-{n}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+pub struct Hub {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub endpoints: Endpoints,
+    pub token: String,
+    pub hostname: String,
+    extra_args: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Hub {
+    /// Starts a hub with the embedded defaults on port 0.
+    pub async fn start(name: &str) -> Hub {
+        Self::start_with(temp_dir(name), &[]).await
+    }
+
+    /// Starts a hub in `dir` with extra `serve` arguments.
+    pub async fn start_with(dir: PathBuf, extra: &[&str]) -> Hub {
+        let extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let data = dir.join("data");
+        // A hub killed with -9 leaves its old endpoints behind.
+        let _ = std::fs::remove_file(data.join("endpoints.json"));
+        let log = std::fs::File::create(dir.join(format!(
+            "hub-{}.log",
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        )))
+        .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleethub"));
+        cmd.arg("--data-dir").arg(&data).arg("serve");
+        let has = |flag: &str| extra_args.iter().any(|a| a == flag);
+        for (flag, default) in [
+            ("--mqtt", "127.0.0.1:0"),
+            ("--mqtts", "127.0.0.1:0"),
+            ("--api", "127.0.0.1:0"),
+        ] {
+            if !has(flag) {
+                cmd.arg(flag).arg(default);
+            }
+        }
+        cmd.args(&extra_args)
+            .env("RUST_LOG", "info,rumqttd=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = cmd.spawn().expect("start fleethub");
+        let endpoints_path = data.join("endpoints.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let endpoints: Endpoints = loop {
+            if let Ok(text) = std::fs::read_to_string(&endpoints_path) {
+                if let Ok(e) = serde_json::from_str(&text) {
+                    break e;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hub did not start; log in {}",
+                dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let token = std::fs::read_to_string(data.join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_string();
+        let mut hub = Hub {
+            child: Some(child),
+            dir,
+            endpoints,
+            token,
+            hostname: String::new(),
+            extra_args,
+            http: reqwest::Client::new(),
+        };
+        let (_, info) = hub.api(Method::GET, "/hub", None).await;
+        hub.hostname = info["hostname"].as_str().unwrap_or("localhost").to_string();
+        hub
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("hub running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        child.wait().expect("wait for hub")
+    }
+
+    /// Starts a new hub process on the same data directory.
+    pub async fn restart(mut self) -> Hub {
+        self.kill9();
+        let dir = std::mem::take(&mut self.dir);
+        let extra: Vec<String> = std::mem::take(&mut self.extra_args);
+        let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
+        Hub::start_with(dir, &extra).await
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.endpoints.api, path)
+    }
+
+    /// Calls the API with the admin token; returns status and JSON body (Null when empty).
+    pub async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.api_url(path))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("API reachable");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Registers a device and returns its primary key.
+    pub async fn create_device(&self, id: &str) -> String {
+        let (status, body) = self
+            .api(Method::POST, "/devices", Some(json!({ "deviceId": id })))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub async fn create_module(&self, device: &str, module: &str) -> String {
+        let (status, body) = self
+            .api(
+                Method::POST,
+                &format!("/devices/{device}/modules"),
+                Some(json!({ "moduleId": module })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// A SAS token for `identity` (`d` or `d/m`) valid for an hour.
+    pub fn sas(&self, identity: &str, key: &str) -> String {
+        let key_id = IdentityKey::parse(identity).unwrap();
+        let expiry = unix_now() + 3600;
+        fleethub::sas::generate(
+            &fleethub::sas::resource_for(&self.hostname, &key_id),
+            key,
+            expiry,
+        )
+        .unwrap()
+    }
+
+    pub fn username(&self, identity: &str) -> String {
+        format!("{}/{identity}/?api-version=2021-04-12", self.hostname)
+    }
+
+    /// Options for a device or module connection over plain MQTT.
+    pub fn options(&self, identity: &str, password: &str) -> MqttOptions {
+        let addr = self.endpoints.mqtt.expect("plain MQTT enabled");
+        let mut o = MqttOptions::new(identity, addr.ip().to_string(), addr.port());
+        o.set_credentials(self.username(identity), password);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(512 * 1024, 512 * 1024);
+        o
+    }
+
+    /// Options for the same over TLS, trusting the hub's generated CA.
+    pub fn tls_options(&self, identity: &str, password: &str) -> MqttOptions {
+        let addr = self.endpoints.mqtts.expect("MQTTS enabled");
+        let mut o = MqttOptions::new(identity, "localhost", addr.port());
+        o.set_credentials(self.username(identity), password);
+        o.set_keep_alive(Duration::from_secs(30));
+        let ca = std::fs::read(self.data_dir().join("tls/ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        o.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
+        o
+    }
+
+    /// A connected device; panics if the hub refuses it.
+    pub async fn device(&self, identity: &str, key: &str) -> Client {
+        let o = self.options(identity, &self.sas(identity, key));
+        Client::connect(o)
+            .await
+            .unwrap_or_else(|code| panic!("{identity} refused: {code:?}"))
+    }
+
+    /// A service connection (admin token) that watches all telemetry.
+    pub async fn monitor(&self) -> Client {
+        let addr = self.endpoints.mqtt.unwrap();
+        let mut o = MqttOptions::new(
+            format!("monitor-{:x}", rand::random::<u32>()),
+            addr.ip().to_string(),
+            addr.port(),
+        );
+        o.set_credentials("$service", self.token.clone());
+        o.set_max_packet_size(512 * 1024, 512 * 1024);
+        let client = Client::connect(o).await.expect("monitor connects");
+        client.subscribe_ok("$fleethub/events/#").await;
+        client
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.api_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one metric line (`name{labels}`), 0 when absent.
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill9();
+        if !self.dir.as_os_str().is_empty() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// What a test client observed.
+#[derive(Debug)]
+pub enum Seen {
+    Publish(Publish),
+    SubAck(Vec<rumqttc::SubscribeReasonCode>),
+    PubAck(#[allow(dead_code)] u16),
+    Disconnected(String),
+}
+
+/// An MQTT client whose event loop runs in a task and reports what it sees.
+pub struct Client {
+    pub client: AsyncClient,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    /// Connects; `Err(code)` when the hub refuses the CONNECT.
+    pub async fn connect(options: MqttOptions) -> Result<Client, ConnectReturnCode> {
+        let (client, mut events) = AsyncClient::new(options, 1000);
+        match first_connack(&mut events).await {
+            Ok(()) => {}
+            Err(code) => return Err(code),
+        }
+        let (tx, seen) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(Seen::Publish(p));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => {
+                        let _ = tx.send(Seen::SubAck(s.return_codes));
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        let _ = tx.send(Seen::PubAck(a.pkid));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Seen::Disconnected(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Client { client, seen, task })
+    }
+
+    /// The next event, or `None` after `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<Seen> {
+        tokio::time::timeout(within, self.seen.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits for the next publish, skipping acks.
+    pub async fn next_publish(&mut self, within: Duration) -> Option<Publish> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.seen.recv())
+                .await
+                .ok()
+                .flatten()?
+            {
+                Seen::Publish(p) => return Some(p),
+                Seen::Disconnected(_) => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until the connection drops; returns the error text.
+    pub async fn disconnected(&mut self, within: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Seen::Disconnected(e) = tokio::time::timeout_at(deadline, self.seen.recv())
+                .await
+                .ok()
+                .flatten()?
+            {
+                return Some(e);
+            }
+        }
+    }
+
+    /// Subscribes and returns the SUBACK codes.
+    pub async fn subscribe_many(&mut self, filters: &[&str]) -> Vec<rumqttc::SubscribeReasonCode> {
+        let filters = filters
+            .iter()
+            .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce));
+        self.client.subscribe_many(filters).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, self.seen.recv())
+                .await
+                .expect("SUBACK in time")
+                .expect("connected")
+            {
+                Seen::SubAck(codes) => return codes,
+                Seen::Disconnected(e) => panic!("disconnected while subscribing: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn subscribe_ok(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn first_connack(events: &mut EventLoop) -> Result<(), ConnectReturnCode> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                return if ack.code == ConnectReturnCode::Success {
+                    Ok(())
+                } else {
+                    Err(ack.code)
+                };
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => return Err(code),
+            Ok(Err(e)) => panic!("connection failed before CONNACK: {e}"),
+            Err(_) => panic!("no CONNACK within 10 s"),
+        }
+    }
+}
+
+/// Runs the `fleethub` CLI against a hub; returns (success, stdout, stderr).
+pub fn cli(hub: &Hub, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleethub"))
+        .arg("--data-dir")
+        .arg(hub.data_dir())
+        .args(args)
+        .env_remove("FLEETHUB_URL")
+        .env_remove("FLEETHUB_TOKEN")
+        .output()
+        .expect("run fleethub CLI");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
