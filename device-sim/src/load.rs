@@ -1,0 +1,188 @@
+//! One load run: N publishing clients and one subscriber, all rumqttc on one runtime.
+//! Every payload starts with its send time, so the subscriber measures end-to-end latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use serde_json::{json, Value};
+
+use crate::targets::Target;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn now_micros() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+pub struct LoadSpec {
+    pub messages_per_device: usize,
+    pub payload_bytes: usize,
+    pub qos: QoS,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadResult {
+    pub target: &'static str,
+    pub devices: usize,
+    pub sent: u64,
+    pub received: u64,
+    pub elapsed: Duration,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl LoadResult {
+    pub fn rate(&self) -> f64 {
+        self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "target": self.target,
+            "devices": self.devices,
+            "sent": self.sent,
+            "received": self.received,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "messages_per_s": self.rate(),
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+        })
+    }
+}
+
+pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
+    let devices = target.devices.len();
+    let expected = (devices * spec.messages_per_device) as u64;
+
+    // Subscriber first, and wait for its SUBACK.
+    let (options, filter) = target.subscriber_options();
+    let (sub, mut sub_events) = AsyncClient::new(options, 100);
+    sub.subscribe(filter, spec.qos).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), sub_events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{}: subscriber failed: {e}", target.name),
+            Err(_) => bail!("{}: no SUBACK", target.name),
+        }
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(expected as usize)));
+    let last_rx = Arc::new(AtomicU64::new(0));
+    let subscriber = {
+        let (received, latencies, last_rx) = (received.clone(), latencies.clone(), last_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                match sub_events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let now = now_micros();
+                        if p.payload.len() >= 8 {
+                            let sent =
+                                u64::from_be_bytes(p.payload[..8].try_into().unwrap_or([0; 8]));
+                            if let Ok(mut l) = latencies.lock() {
+                                l.push(now.saturating_sub(sent));
+                            }
+                        }
+                        last_rx.store(now, Ordering::Relaxed);
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+
+    // Connect every publisher before the clock starts.
+    let mut clients = Vec::with_capacity(devices);
+    for i in 0..devices {
+        let (options, topic) = target.device_options(i);
+        let (client, mut events) = AsyncClient::new(options, 10);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("{}: device {i} failed to connect: {e}", target.name),
+                Err(_) => bail!("{}: device {i}: no CONNACK", target.name),
+            }
+        }
+        let acked = Arc::new(AtomicU64::new(0));
+        let a = acked.clone();
+        let poller = tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::PubAck(_)) = event {
+                    a.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        clients.push((client, topic, acked, poller));
+    }
+
+    let start = now_micros();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut publishers = Vec::new();
+    for (client, topic, _, _) in &clients {
+        let (client, topic, sent) = (client.clone(), topic.clone(), sent.clone());
+        let (n, size, qos) = (
+            spec.messages_per_device,
+            spec.payload_bytes.max(8),
+            spec.qos,
+        );
+        publishers.push(tokio::spawn(async move {
+            let mut payload = vec![b'x'; size];
+            for _ in 0..n {
+                payload[..8].copy_from_slice(&now_micros().to_be_bytes());
+                if client
+                    .publish(topic.clone(), qos, false, payload.clone())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for p in publishers {
+        let _ = p.await;
+    }
+    // Wait for the subscriber to catch up; stop when nothing arrives for 5 s.
+    let mut last_seen = (0, Instant::now());
+    while received.load(Ordering::Relaxed) < expected {
+        let r = received.load(Ordering::Relaxed);
+        if r != last_seen.0 {
+            last_seen = (r, Instant::now());
+        } else if last_seen.1.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let end = last_rx.load(Ordering::Relaxed).max(start + 1);
+    subscriber.abort();
+    for (client, _, _, poller) in clients {
+        let _ = client.disconnect().await;
+        poller.abort();
+    }
+    let _ = sub.disconnect().await;
+    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let idx = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat[idx] as f64 / 1000.0
+    };
+    Ok(LoadResult {
+        target: target.name,
+        devices,
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        elapsed: Duration::from_micros(end - start),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    })
+}

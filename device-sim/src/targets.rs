@@ -1,0 +1,244 @@
+//! The brokers a benchmark runs against, each started in this process on its own threads:
+//! fleethub (its library `run`, on its own runtime) and a bare rumqttd with the same router
+//! sizing. Each target says how its clients connect and which topics they use.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rumqttc::MqttOptions;
+use serde_json::json;
+
+/// How a load's clients reach a broker.
+pub struct Target {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    /// (client id, username, password, publish topic) per device.
+    pub devices: Vec<(String, Option<(String, String)>, String)>,
+    pub subscriber: (String, Option<(String, String)>, String),
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+    data_dir: Option<PathBuf>,
+}
+
+impl Target {
+    pub fn device_options(&self, i: usize) -> (MqttOptions, String) {
+        let (id, creds, topic) = &self.devices[i];
+        (options(self.addr, id, creds), topic.clone())
+    }
+
+    pub fn subscriber_options(&self) -> (MqttOptions, String) {
+        let (id, creds, filter) = &self.subscriber;
+        (options(self.addr, id, creds), filter.clone())
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(stop) = self._stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(dir) = &self.data_dir {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn options(addr: SocketAddr, id: &str, creds: &Option<(String, String)>) -> MqttOptions {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    if let Some((u, p)) = creds {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    o.set_inflight(100);
+    o
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+/// Router log sizing, the same for both targets so neither gets bigger buffers. rumqttd's
+/// logs are rings: a subscriber further behind than this loses messages, in either broker.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizing {
+    pub segment_bytes: usize,
+    pub segment_count: usize,
+}
+
+/// A bare rumqttd: one v4 listener, no auth, dynamic filters.
+pub fn rumqttd(devices: usize, sizing: Sizing) -> Result<Target> {
+    let addr = free_port()?;
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: 300 * 1024,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "v4-bench".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: devices + 16,
+            max_outgoing_packet_count: 200,
+            max_segment_size: sizing.segment_bytes,
+            max_segment_count: sizing.segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("bench-rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            let _ = broker.start();
+        })?;
+    wait_for_port(addr)?;
+    Ok(Target {
+        name: "rumqttd",
+        addr,
+        devices: (0..devices)
+            .map(|i| (format!("dev{i}"), None, format!("bench/dev{i}/events")))
+            .collect(),
+        subscriber: ("bench-sub".into(), None, "bench/#".into()),
+        _stop: None,
+        data_dir: None,
+    })
+}
+
+fn wait_for_port(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("broker did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// fleethub with its embedded defaults on ephemeral ports, in a temp data directory, with
+/// `devices` registered through its API.
+pub fn fleethub(devices: usize, sizing: Sizing) -> Result<Target> {
+    let data_dir = std::env::temp_dir().join(format!(
+        "device-sim-bench-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let overrides = fleethub::config::Overrides {
+        data_dir: Some(data_dir.clone()),
+        mqtt: Some("127.0.0.1:0".into()),
+        mqtts: Some("off".into()),
+        api: Some("127.0.0.1:0".into()),
+    };
+    let mut config = fleethub::Config::load(None, &overrides)?;
+    config.router.max_segment_bytes = sizing.segment_bytes;
+    config.router.max_segment_count = sizing.segment_count;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("bench-fleethub".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("fleethub")
+                .build()
+            else {
+                return;
+            };
+            let _ = rt.block_on(fleethub::run(config, async {
+                let _ = stop_rx.await;
+            }));
+        })?;
+    let endpoints_path = data_dir.join("endpoints.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let endpoints: fleethub::hub::Endpoints = loop {
+        if let Some(e) = std::fs::read_to_string(&endpoints_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
+            break e;
+        }
+        if Instant::now() > deadline {
+            bail!("fleethub did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let token = std::fs::read_to_string(data_dir.join("admin-token"))?
+        .trim()
+        .to_string();
+    let addr = endpoints
+        .mqtt
+        .context("fleethub has no plain MQTT listener")?;
+    let api = format!("http://{}", endpoints.api);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let list = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let mut list = Vec::with_capacity(devices);
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 24 * 3600;
+        for i in 0..devices {
+            let id = format!("dev{i}");
+            let resp = http
+                .post(format!("{api}/devices"))
+                .bearer_auth(&token)
+                .json(&json!({ "deviceId": id }))
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                bail!(
+                    "registering {id}: {}",
+                    resp.text().await.unwrap_or_default()
+                );
+            }
+            let v: serde_json::Value = resp.json().await?;
+            let key = v["authentication"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .context("no key")?
+                .to_string();
+            let identity = fleethub::identity::IdentityKey::parse(&id)?;
+            let sas = fleethub::sas::generate(
+                &fleethub::sas::resource_for("localhost", &identity),
+                &key,
+                expiry,
+            )?;
+            let user = format!("localhost/{id}/?api-version=2021-04-12");
+            list.push((
+                id.clone(),
+                Some((user, sas)),
+                format!("devices/{id}/messages/events/"),
+            ));
+        }
+        Ok::<_, anyhow::Error>(list)
+    })?;
+    Ok(Target {
+        name: "fleethub",
+        addr,
+        devices: list,
+        subscriber: (
+            "bench-monitor".into(),
+            Some(("$service".into(), token)),
+            "$fleethub/events/#".into(),
+        ),
+        _stop: Some(stop_tx),
+        data_dir: Some(data_dir),
+    })
+}
