@@ -11,26 +11,33 @@ use anyhow::{bail, Context, Result};
 use rumqttc::MqttOptions;
 use serde_json::json;
 
+/// One simulated client: its id, credentials, and the topic it publishes (or the filter it
+/// subscribes to).
+pub struct ClientSpec {
+    pub id: String,
+    pub credentials: Option<(String, String)>,
+    pub topic: String,
+}
+
 /// How a load's clients reach a broker.
 pub struct Target {
     pub name: &'static str,
     pub addr: SocketAddr,
-    /// (client id, username, password, publish topic) per device.
-    pub devices: Vec<(String, Option<(String, String)>, String)>,
-    pub subscriber: (String, Option<(String, String)>, String),
+    pub devices: Vec<ClientSpec>,
+    pub subscriber: ClientSpec,
     _stop: Option<tokio::sync::oneshot::Sender<()>>,
     data_dir: Option<PathBuf>,
 }
 
 impl Target {
     pub fn device_options(&self, i: usize) -> (MqttOptions, String) {
-        let (id, creds, topic) = &self.devices[i];
-        (options(self.addr, id, creds), topic.clone())
+        let c = &self.devices[i];
+        (options(self.addr, &c.id, &c.credentials), c.topic.clone())
     }
 
     pub fn subscriber_options(&self) -> (MqttOptions, String) {
-        let (id, creds, filter) = &self.subscriber;
-        (options(self.addr, id, creds), filter.clone())
+        let c = &self.subscriber;
+        (options(self.addr, &c.id, &c.credentials), c.topic.clone())
     }
 }
 
