@@ -120,9 +120,17 @@ pub fn rumqttd(devices: usize, sizing: Sizing) -> Result<Target> {
         name: "rumqttd",
         addr,
         devices: (0..devices)
-            .map(|i| (format!("dev{i}"), None, format!("bench/dev{i}/events")))
+            .map(|i| ClientSpec {
+                id: format!("dev{i}"),
+                credentials: None,
+                topic: format!("bench/dev{i}/events"),
+            })
             .collect(),
-        subscriber: ("bench-sub".into(), None, "bench/#".into()),
+        subscriber: ClientSpec {
+            id: "bench-sub".into(),
+            credentials: None,
+            topic: "bench/#".into(),
+        },
         _stop: None,
         data_dir: None,
     })
@@ -228,11 +236,11 @@ pub fn fleethub(devices: usize, sizing: Sizing) -> Result<Target> {
                 expiry,
             )?;
             let user = format!("localhost/{id}/?api-version=2021-04-12");
-            list.push((
-                id.clone(),
-                Some((user, sas)),
-                format!("devices/{id}/messages/events/"),
-            ));
+            list.push(ClientSpec {
+                id: id.clone(),
+                credentials: Some((user, sas)),
+                topic: format!("devices/{id}/messages/events/"),
+            });
         }
         Ok::<_, anyhow::Error>(list)
     })?;
@@ -240,11 +248,11 @@ pub fn fleethub(devices: usize, sizing: Sizing) -> Result<Target> {
         name: "fleethub",
         addr,
         devices: list,
-        subscriber: (
-            "bench-monitor".into(),
-            Some(("$service".into(), token)),
-            "$fleethub/events/#".into(),
-        ),
+        subscriber: ClientSpec {
+            id: "bench-monitor".into(),
+            credentials: Some(("$service".into(), token)),
+            topic: "$fleethub/events/#".into(),
+        },
         _stop: Some(stop_tx),
         data_dir: Some(data_dir),
     })
