@@ -309,6 +309,7 @@ pub async fn connection<S>(
     let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
     let mut session = Session {
         hub: hub.clone(),
+        conn_id,
         telemetry_topic: match &principal {
             Principal::Identity(key) => topics::telemetry_topic(key),
             Principal::Service => String::new(),
@@ -334,10 +335,9 @@ pub async fn connection<S>(
         )
         .await;
     debug!(%peer, client_id = %connect.client_id, reason = end, "connection closed");
-    let _ = session.link_tx.send(disconnect_packet()).await;
     let _ = writer.shutdown().await;
-    hub.metrics.connections.dec();
-    release(&hub, &session.principal, conn_id);
+    // Dropping the session releases the router link, the gauge and the live entry.
+    drop(session);
 }
 
 /// Forgets a connection in the live table, if it is still the current one for its id.
@@ -361,6 +361,7 @@ fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
 
 struct Session {
     hub: SharedHub,
+    conn_id: u64,
     principal: Principal,
     /// Internal topic of this identity's telemetry, computed once.
     telemetry_topic: String,
@@ -371,6 +372,16 @@ struct Session {
     /// `None` marks a filter forwarded to the router.
     pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     keep_alive: Option<Duration>,
+}
+
+/// Cleanup lives in `Drop` so it also happens if a connection task panics.
+impl Drop for Session {
+    fn drop(&mut self) {
+        // `LinkTx::send` never awaits (it is synchronous inside), so one poll completes it.
+        let _ = self.link_tx.send(disconnect_packet()).now_or_never();
+        self.hub.metrics.connections.dec();
+        release(&self.hub, &self.principal, self.conn_id);
+    }
 }
 
 impl Session {
@@ -805,3 +816,36 @@ trait NowOrNever: std::future::Future + Sized {
 }
 
 impl<F: std::future::Future> NowOrNever for F {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever a client sends, decoding returns a packet or an error, never a panic.
+        #[test]
+        fn codec_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            for _ in 0..8 {
+                if V4.read_mut(&mut buf, 1024).is_err() {
+                    break;
+                }
+            }
+        }
+
+        /// Same, for inputs that start like a real packet of each type.
+        #[test]
+        fn codec_never_panics_on_plausible_headers(
+            kind in 1u8..16, flags in 0u8..16, len in 0u8..128,
+            body in proptest::collection::vec(any::<u8>(), 0..160),
+        ) {
+            let mut bytes = vec![(kind << 4) | flags, len];
+            bytes.extend(body);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = V4.read_mut(&mut buf, 1024);
+        }
+    }
+}

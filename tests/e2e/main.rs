@@ -3,6 +3,7 @@
 
 mod auth;
 mod authz;
+mod garbage;
 mod harness;
 mod interop;
 mod registry;
