@@ -4,9 +4,12 @@
 //! - [`message`]: the one message model every telemetry publish is parsed into (body,
 //!   application properties, system properties) and the IoT Hub property-bag codec used on
 //!   MQTT topics. The route language, sinks and store-and-forward queues build on it.
+//! - [`condition`]: the IoT Hub query language's expressions (twin queries, route `WHERE`
+//!   clauses, deployment target conditions): parse once, evaluate three-valued.
 //!
 //! Nothing here opens a socket: the broker crate feeds messages in and delivers them out.
 
+pub mod condition;
 pub mod message;
 
 pub use message::{Message, PropertyBagError, SystemProperties};

@@ -1,0 +1,79 @@
+//! Twin queries: `SELECT * | SELECT COUNT() [AS n] FROM devices | devices.modules [WHERE …]`.
+
+use serde_json::Value;
+
+use super::lexer::{self, Tok};
+use super::parser::{Expr, Parser};
+use super::{eval, JsonDoc, ParseError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Projection {
+    All,
+    Count { alias: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collection {
+    Devices,
+    Modules,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Query {
+    pub projection: Projection,
+    pub from: Collection,
+    filter: Option<Expr>,
+}
+
+impl Query {
+    pub fn parse(src: &str) -> Result<Query, ParseError> {
+        let mut p = Parser::new(lexer::lex(src)?);
+        p.expect_keyword("SELECT")?;
+        let projection = if p.peek().tok == Tok::Star {
+            p.next();
+            Projection::All
+        } else if p.keyword("COUNT") {
+            p.expect(Tok::LParen)?;
+            p.expect(Tok::RParen)?;
+            let alias = if p.keyword("AS") {
+                match p.next().tok {
+                    Tok::Ident(a) => a,
+                    _ => return Err(p.error("an alias name after AS")),
+                }
+            } else {
+                "numberOfDevices".to_string()
+            };
+            Projection::Count { alias }
+        } else {
+            return Err(p.error("'*' or COUNT()"));
+        };
+        p.expect_keyword("FROM")?;
+        p.expect_keyword("devices")?;
+        let from = if p.peek().tok == Tok::Dot {
+            p.next();
+            p.expect_keyword("modules")?;
+            Collection::Modules
+        } else {
+            Collection::Devices
+        };
+        let filter = if p.keyword("WHERE") {
+            Some(p.expression()?)
+        } else {
+            None
+        };
+        p.expect_end()?;
+        Ok(Query {
+            projection,
+            from,
+            filter,
+        })
+    }
+
+    /// Whether a twin document (the JSON the API shows) satisfies the WHERE clause.
+    pub fn matches(&self, twin: &Value) -> bool {
+        match &self.filter {
+            None => true,
+            Some(e) => matches!(eval::eval(e, &JsonDoc(twin)), Some(Value::Bool(true))),
+        }
+    }
+}
