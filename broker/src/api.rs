@@ -30,6 +30,10 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
+    GatewayTimeout(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -65,6 +69,10 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            ApiError::PreconditionFailed(_) => {
+                (StatusCode::PRECONDITION_FAILED, "PreconditionFailed")
+            }
+            ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         };
         (
@@ -93,6 +101,24 @@ pub fn router(hub: SharedHub) -> Router {
             "/devices/{device}/modules/{module}",
             get(get_module).patch(update_module).delete(delete_module),
         )
+        .route("/twins/query", axum::routing::post(query_twins))
+        .route(
+            "/twins/{device}",
+            get(get_device_twin).patch(patch_device_twin),
+        )
+        .route(
+            "/twins/{device}/modules/{module}",
+            get(get_module_twin).patch(patch_module_twin),
+        )
+        .route(
+            "/devices/{device}/methods",
+            axum::routing::post(device_method),
+        )
+        .route(
+            "/devices/{device}/modules/{module}/methods",
+            axum::routing::post(module_method),
+        )
+        .route("/devices/{device}/messages", axum::routing::post(send_c2d))
         .layer(middleware::from_fn_with_state(hub.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -303,6 +329,15 @@ async fn delete(hub: &SharedHub, key: IdentityKey) -> ApiResult<StatusCode> {
     let gone = blocking(hub, move |h| h.registry.delete(&key)).await??;
     for k in &gone {
         hub.kick(k);
+        let _ = hub
+            .twins
+            .apply(k.clone(), crate::twin::TwinOp::Delete)
+            .await;
+        hub.clear_desired_state(k);
+        if k.module.is_none() {
+            let device = k.device.to_string();
+            let _ = blocking(hub, move |h| h.c2d.purge(&device)).await;
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -319,4 +354,365 @@ async fn delete_module(
     Path((device, module)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     delete(&hub, module_key(&device, &module)?).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Twins
+
+fn registered(
+    hub: &SharedHub,
+    key: &IdentityKey,
+) -> ApiResult<std::sync::Arc<crate::registry::Identity>> {
+    hub.registry
+        .get(key)
+        .ok_or_else(|| ApiError::NotFound(format!("{} not found", crate::registry::describe(key))))
+}
+
+fn twin_json(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<serde_json::Value>> {
+    let identity = registered(hub, key)?;
+    let twin = hub.twins.get(key);
+    hub.metrics.twin_reads.with_label_values(&["ok"]).inc();
+    Ok(Json(crate::twin::view::api_json(
+        key,
+        &twin,
+        Some(&hub.registry.view(&identity)),
+    )))
+}
+
+async fn get_device_twin(
+    State(hub): State<SharedHub>,
+    Path(device): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    twin_json(&hub, &device_key(&device)?)
+}
+
+async fn get_module_twin(
+    State(hub): State<SharedHub>,
+    Path((device, module)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    twin_json(&hub, &module_key(&device, &module)?)
+}
+
+/// `{"tags": {...}, "properties": {"desired": {...}}}`; reported properties are the device's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TwinPatch {
+    tags: Option<serde_json::Value>,
+    properties: Option<TwinPatchProperties>,
+    // Read-only fields a client may echo back from a GET; ignored.
+    #[serde(rename = "deviceId")]
+    _device_id: Option<serde_json::Value>,
+    #[serde(rename = "moduleId")]
+    _module_id: Option<serde_json::Value>,
+    #[serde(rename = "etag")]
+    _etag: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TwinPatchProperties {
+    desired: Option<serde_json::Value>,
+    reported: Option<serde_json::Value>,
+}
+
+async fn patch_twin(
+    hub: &SharedHub,
+    key: IdentityKey,
+    headers: &axum::http::HeaderMap,
+    body: Result<Json<TwinPatch>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    use crate::twin::{doc, TwinError, TwinOp};
+    let identity = registered(hub, &key)?;
+    let Json(body) = body?;
+    let bad = |e: doc::PatchError| ApiError::BadRequest(e.to_string());
+    let mut desired = None;
+    if let Some(props) = body.properties {
+        if props.reported.is_some() {
+            return Err(ApiError::BadRequest(
+                "properties.reported: reported properties are written by the device only".into(),
+            ));
+        }
+        if let Some(d) = props.desired {
+            desired = Some(doc::validate("properties.desired", d).map_err(bad)?);
+        }
+    }
+    let tags = body
+        .tags
+        .map(|t| doc::validate("tags", t))
+        .transpose()
+        .map_err(bad)?;
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().trim_matches('"').to_string());
+    let section = match (&tags, &desired) {
+        (Some(_), None) => "tags",
+        _ => "desired",
+    };
+    let applied = hub
+        .twins
+        .apply(
+            key.clone(),
+            TwinOp::Update {
+                tags,
+                desired,
+                if_match,
+            },
+        )
+        .await
+        .map_err(|e| {
+            let result = if matches!(e, TwinError::EtagMismatch { .. }) {
+                "conflict"
+            } else {
+                "error"
+            };
+            hub.metrics
+                .twin_patches
+                .with_label_values(&[section, result])
+                .inc();
+            match e {
+                TwinError::EtagMismatch { .. } => ApiError::PreconditionFailed(e.to_string()),
+                TwinError::Store(_) => ApiError::Internal(e.to_string()),
+            }
+        })?;
+    hub.metrics
+        .twin_patches
+        .with_label_values(&[section, "ok"])
+        .inc();
+    if applied.desired_patch.is_some() {
+        hub.publish_desired(&key, &applied.twin, applied.desired_patch.as_ref());
+    }
+    Ok(Json(crate::twin::view::api_json(
+        &key,
+        &applied.twin,
+        Some(&hub.registry.view(&identity)),
+    )))
+}
+
+async fn patch_device_twin(
+    State(hub): State<SharedHub>,
+    Path(device): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<TwinPatch>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    patch_twin(&hub, device_key(&device)?, &headers, body).await
+}
+
+async fn patch_module_twin(
+    State(hub): State<SharedHub>,
+    Path((device, module)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<TwinPatch>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    patch_twin(&hub, module_key(&device, &module)?, &headers, body).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    query: String,
+}
+
+async fn query_twins(
+    State(hub): State<SharedHub>,
+    body: Result<Json<QueryBody>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    use fleethub_router::condition::query::{Collection, Projection, Query};
+    let Json(body) = body?;
+    let query =
+        Query::parse(&body.query).map_err(|e| ApiError::BadRequest(format!("query: {e}")))?;
+    let want_modules = query.from == Collection::Modules;
+    let hub2 = hub.clone();
+    blocking(&hub, move |_| {
+        let hub = hub2;
+        let mut count = 0u64;
+        let mut items = Vec::new();
+        for entry in hub.registry.identities() {
+            let key = crate::registry::key_of(&entry);
+            if key.module.is_some() != want_modules {
+                continue;
+            }
+            let twin = hub.twins.get(&key);
+            let view = crate::twin::view::QueryView {
+                key: &key,
+                twin: &twin,
+            };
+            if !query.matches_with(&view) {
+                continue;
+            }
+            count += 1;
+            if query.projection == Projection::All {
+                items.push(crate::twin::view::api_json(
+                    &key,
+                    &twin,
+                    Some(&hub.registry.view(&entry)),
+                ));
+            }
+        }
+        match &query.projection {
+            Projection::All => Ok(Json(json!({ "items": items }))),
+            Projection::Count { alias } => {
+                Ok(Json(json!({ "items": [ { alias.as_str(): count } ] })))
+            }
+        }
+    })
+    .await?
+}
+
+// ---------------------------------------------------------------------------------------
+// Direct methods
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MethodCall {
+    method_name: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+    response_timeout_in_seconds: Option<u64>,
+    connect_timeout_in_seconds: Option<u64>,
+}
+
+async fn invoke(
+    hub: &SharedHub,
+    key: IdentityKey,
+    body: Result<Json<MethodCall>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    registered(hub, &key)?;
+    let Json(call) = body?;
+    let _ = call.connect_timeout_in_seconds;
+    if call.method_name.is_empty() || call.method_name.contains(['/', '#', '+', '?']) {
+        return Err(ApiError::BadRequest(format!(
+            "methodName '{}': must be non-empty without / # + ?",
+            call.method_name
+        )));
+    }
+    let timeout = call.response_timeout_in_seconds.unwrap_or(30);
+    if !(1..=300).contains(&timeout) {
+        return Err(ApiError::BadRequest(format!(
+            "responseTimeoutInSeconds {timeout}: must be 1 to 300"
+        )));
+    }
+    if !hub.live.contains_key(&key) {
+        hub.metrics
+            .method_calls
+            .with_label_values(&["offline"])
+            .inc();
+        return Err(ApiError::NotFound(format!(
+            "{} is not connected",
+            crate::registry::describe(&key)
+        )));
+    }
+    let (rid, reply) = hub.methods.register(&key);
+    let suffix = format!("{}/?$rid={rid}", call.method_name);
+    hub.deliver(
+        &key,
+        crate::topics::Delivery::MethodRequest,
+        &suffix,
+        call.payload.to_string().as_bytes(),
+        false,
+    );
+    match tokio::time::timeout(std::time::Duration::from_secs(timeout), reply).await {
+        Ok(Ok(r)) => {
+            hub.metrics.method_calls.with_label_values(&["ok"]).inc();
+            Ok(Json(json!({ "status": r.status, "payload": r.payload })))
+        }
+        _ => {
+            hub.methods.forget(&key, &rid);
+            hub.metrics
+                .method_calls
+                .with_label_values(&["timeout"])
+                .inc();
+            Err(ApiError::GatewayTimeout(format!(
+                "{} did not answer '{}' within {timeout} s",
+                crate::registry::describe(&key),
+                call.method_name
+            )))
+        }
+    }
+}
+
+async fn device_method(
+    State(hub): State<SharedHub>,
+    Path(device): Path<String>,
+    body: Result<Json<MethodCall>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    invoke(&hub, device_key(&device)?, body).await
+}
+
+async fn module_method(
+    State(hub): State<SharedHub>,
+    Path((device, module)): Path<(String, String)>,
+    body: Result<Json<MethodCall>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    invoke(&hub, module_key(&device, &module)?, body).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Cloud-to-device messages
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct C2dBody {
+    /// A string is sent as its UTF-8 bytes; any other JSON value as its JSON text.
+    body: serde_json::Value,
+    #[serde(default)]
+    properties: serde_json::Map<String, serde_json::Value>,
+    message_id: Option<String>,
+    /// Time to live; default one hour, at most two days (IoT Hub's maximum).
+    ttl_seconds: Option<u64>,
+}
+
+async fn send_c2d(
+    State(hub): State<SharedHub>,
+    Path(device): Path<String>,
+    body: Result<Json<C2dBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let key = device_key(&device)?;
+    registered(&hub, &key)?;
+    let Json(msg) = body?;
+    let ttl = msg.ttl_seconds.unwrap_or(3600);
+    if !(1..=172_800).contains(&ttl) {
+        return Err(ApiError::BadRequest(format!(
+            "ttlSeconds {ttl}: must be 1 to 172800"
+        )));
+    }
+    let mut properties = Vec::new();
+    for (k, v) in msg.properties {
+        let v = match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        properties.push((k, v));
+    }
+    let bytes = match msg.body {
+        serde_json::Value::String(s) => s.into_bytes(),
+        other => other.to_string().into_bytes(),
+    };
+    let message_id = msg
+        .message_id
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let dev = device.clone();
+    let queued = blocking(&hub, move |h| {
+        h.c2d
+            .enqueue(&dev, message_id, &bytes, properties, ttl * 1000)
+    })
+    .await?
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    hub.metrics
+        .c2d_messages
+        .with_label_values(&["queued"])
+        .inc();
+    if let Some(live) = hub.live.get(&key) {
+        live.c2d.notify_one();
+    }
+    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_millis(queued.expires_at_ms);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "messageId": queued.message_id,
+            "enqueuedTime": queued.enqueued_time,
+            "expiryTimeUtc": humantime::format_rfc3339_millis(expires).to_string(),
+        })),
+    )
+        .into_response())
 }

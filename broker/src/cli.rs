@@ -52,6 +52,15 @@ pub enum Command {
     /// Modules (deviceId/moduleId identities)
     #[command(subcommand)]
     Module(ModuleCmd),
+    /// Device and module twins
+    #[command(subcommand)]
+    Twin(TwinCmd),
+    /// Direct methods
+    #[command(subcommand)]
+    Method(MethodCmd),
+    /// Cloud-to-device messages
+    #[command(subcommand)]
+    C2d(C2dCmd),
     /// Print a SAS token for a device or module (the MQTT password)
     SasToken {
         device: String,
@@ -148,6 +157,69 @@ pub enum DeviceCmd {
     },
     Delete {
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TwinCmd {
+    /// Print a twin
+    Show {
+        device: String,
+        #[arg(long)]
+        module: Option<String>,
+    },
+    /// Patch tags and/or desired properties (JSON merge patch: null deletes)
+    Update {
+        device: String,
+        #[arg(long)]
+        module: Option<String>,
+        /// Desired-properties patch, e.g. '{"interval": 30}'
+        #[arg(long)]
+        desired: Option<String>,
+        /// Tags patch, e.g. '{"location": {"region": "US"}}'
+        #[arg(long)]
+        tags: Option<String>,
+        /// Only apply if the twin's etag is still this (HTTP If-Match)
+        #[arg(long)]
+        etag: Option<String>,
+    },
+    /// Run an IoT Hub twin query, e.g. "SELECT * FROM devices WHERE tags.region = 'US'"
+    Query { query: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MethodCmd {
+    /// Call a direct method and print the device's answer
+    Invoke {
+        device: String,
+        method: String,
+        #[arg(long)]
+        module: Option<String>,
+        /// JSON payload
+        #[arg(long, default_value = "null")]
+        payload: String,
+        /// Seconds to wait for the answer
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum C2dCmd {
+    /// Queue a message for a device (delivered when it is connected and subscribed)
+    Send {
+        device: String,
+        /// Message body (sent as UTF-8 text)
+        #[arg(long)]
+        body: String,
+        /// Application property, repeatable: --property key=value
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Time to live, e.g. 1h (default) or 10m
+        #[arg(long, default_value = "1h")]
+        ttl: String,
     },
 }
 
@@ -318,6 +390,65 @@ impl Client {
             Command::Serve(_) => unreachable!("serve is handled before a client is built"),
             Command::Device(cmd) => self.device(cmd).await,
             Command::Module(cmd) => self.module(cmd).await,
+            Command::Twin(cmd) => self.twin(cmd).await,
+            Command::Method(MethodCmd::Invoke {
+                device,
+                method,
+                module,
+                payload,
+                timeout,
+            }) => {
+                let payload: Value =
+                    serde_json::from_str(payload).context("--payload is not JSON")?;
+                let path = match module {
+                    Some(m) => format!("/devices/{}/modules/{}/methods", enc(device), enc(m)),
+                    None => format!("/devices/{}/methods", enc(device)),
+                };
+                let body = json!({ "methodName": method, "payload": payload, "responseTimeoutInSeconds": timeout });
+                let v = self.call(reqwest::Method::POST, &path, Some(body)).await?;
+                self.print(&v, |v| {
+                    format!(
+                        "status: {}\npayload: {}",
+                        v["status"],
+                        serde_json::to_string_pretty(&v["payload"]).unwrap_or_default()
+                    )
+                });
+                Ok(())
+            }
+            Command::C2d(C2dCmd::Send {
+                device,
+                body,
+                properties,
+                message_id,
+                ttl,
+            }) => {
+                let mut props = serde_json::Map::new();
+                for p in properties {
+                    let (k, v) = p
+                        .split_once('=')
+                        .with_context(|| format!("--property '{p}' is not KEY=VALUE"))?;
+                    props.insert(k.to_string(), json!(v));
+                }
+                let mut req = json!({ "body": body, "properties": props, "ttlSeconds": parse_duration(ttl)?.as_secs() });
+                if let Some(id) = message_id {
+                    req["messageId"] = json!(id);
+                }
+                let v = self
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/devices/{}/messages", enc(device)),
+                        Some(req),
+                    )
+                    .await?;
+                self.print(&v, |v| {
+                    format!(
+                        "Queued message {} for {device} (expires {})",
+                        v["messageId"].as_str().unwrap_or(""),
+                        v["expiryTimeUtc"].as_str().unwrap_or("")
+                    )
+                });
+                Ok(())
+            }
             Command::SasToken {
                 device,
                 module,
@@ -556,6 +687,69 @@ impl Client {
                 self.print(&json!({ "deleted": format!("{device}/{module}") }), |_| {
                     format!("Deleted module {device}/{module}")
                 });
+            }
+        }
+        Ok(())
+    }
+
+    async fn twin(&self, cmd: &TwinCmd) -> Result<()> {
+        let path = |device: &str, module: &Option<String>| match module {
+            Some(m) => format!("/twins/{}/modules/{}", enc(device), enc(m)),
+            None => format!("/twins/{}", enc(device)),
+        };
+        let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+        match cmd {
+            TwinCmd::Show { device, module } => {
+                let v = self.get(&path(device, module)).await?;
+                self.print(&v, pretty);
+            }
+            TwinCmd::Update {
+                device,
+                module,
+                desired,
+                tags,
+                etag,
+            } => {
+                let mut body = json!({});
+                if let Some(d) = desired {
+                    let d: Value = serde_json::from_str(d).context("--desired is not JSON")?;
+                    body["properties"] = json!({ "desired": d });
+                }
+                if let Some(t) = tags {
+                    body["tags"] = serde_json::from_str(t).context("--tags is not JSON")?;
+                }
+                if body.as_object().is_some_and(|o| o.is_empty()) {
+                    bail!("nothing to update: give --desired and/or --tags");
+                }
+                let url = format!("{}{}", self.base, path(device, module));
+                let mut req = self.http.patch(&url).bearer_auth(&self.token).json(&body);
+                if let Some(e) = etag {
+                    req = req.header("If-Match", e.as_str());
+                }
+                let resp = req
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+                let status = resp.status();
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                if !status.is_success() {
+                    bail!(
+                        "{} ({})",
+                        v["message"].as_str().unwrap_or("request failed"),
+                        status
+                    );
+                }
+                self.print(&v, pretty);
+            }
+            TwinCmd::Query { query } => {
+                let v = self
+                    .call(
+                        reqwest::Method::POST,
+                        "/twins/query",
+                        Some(json!({ "query": query })),
+                    )
+                    .await?;
+                self.print(&v, pretty);
             }
         }
         Ok(())

@@ -83,6 +83,68 @@ impl Core {
     }
 }
 
+/// The hub's own link into the router, for what the hub publishes to devices: twin answers,
+/// desired patches, retained desired state, method requests.
+pub struct HubLink {
+    /// `LinkTx::send` is synchronous, so a std mutex is the right lock.
+    tx: std::sync::Mutex<LinkTx>,
+    next_pkid: std::sync::atomic::AtomicU16,
+}
+
+impl HubLink {
+    /// Opens the link and starts draining what the router sends back to it (acks).
+    pub async fn open(core: &Core) -> Result<HubLink, CoreError> {
+        let (tx, mut rx) = core.link("hub".into()).await?;
+        tokio::spawn(async move {
+            loop {
+                match rx.next().await {
+                    Ok(Some(rumqttd::Notification::Unschedule)) => {
+                        if rx.wake().await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(HubLink {
+            tx: std::sync::Mutex::new(tx),
+            next_pkid: std::sync::atomic::AtomicU16::new(1),
+        })
+    }
+
+    /// Publishes at QoS 1 (retained if asked).
+    pub fn publish(&self, topic: &str, payload: &[u8], retain: bool) -> Result<(), CoreError> {
+        let pkid = match self
+            .next_pkid
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => 1,
+            n => n,
+        };
+        let publish = publish_with(topic, payload, QoS::AtLeastOnce, pkid, retain);
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = tx.send(Packet::Publish(publish, None));
+        futures_ready(sent)
+            .map(|_| ())
+            .map_err(|e| CoreError::Link(e.to_string()))
+    }
+}
+
+/// `LinkTx::send` is `async` in name only; complete it with one poll.
+fn futures_ready<T>(
+    fut: impl std::future::Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut fut = std::pin::pin!(fut);
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Err(LinkError::NotConnectionAck),
+    }
+}
+
 /// Builds a publish with the given QoS and packet id. rumqttd keeps those fields private;
 /// its MQTT-independent serialisation is the public way in.
 pub fn publish_with(topic: &str, payload: &[u8], qos: QoS, pkid: u16, retain: bool) -> Publish {

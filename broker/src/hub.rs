@@ -8,11 +8,15 @@ use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::c2d::C2dStore;
 use crate::config::Config;
-use crate::core::Core;
+use crate::core::{Core, HubLink};
 use crate::identity::IdentityKey;
+use crate::methods::Methods;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::topics::{self, envelope, Delivery};
+use crate::twin::{Twin, TwinStore};
 
 /// Addresses actually bound (port 0 resolved). Written to `data_dir/endpoints.json`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -27,13 +31,27 @@ pub struct Endpoints {
 pub struct LiveConnection {
     pub conn_id: u64,
     pub kick: Arc<Notify>,
+    /// Woken when a C2D message is queued for this device.
+    pub c2d: Arc<Notify>,
+}
+
+/// The durable stores the hub opens at start.
+pub struct Stores {
+    pub registry: Registry,
+    pub twins: TwinStore,
+    pub c2d: C2dStore,
 }
 
 pub struct Hub {
     pub config: Config,
     pub registry: Registry,
+    pub twins: TwinStore,
+    pub c2d: C2dStore,
+    pub methods: Methods,
     pub metrics: Metrics,
     pub core: Core,
+    /// The hub's own link for what it publishes to devices.
+    pub link: HubLink,
     /// The operator's bearer token (API) and service-connection password (MQTT).
     pub admin_token: String,
     pub live: DashMap<IdentityKey, LiveConnection>,
@@ -43,12 +61,22 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(config: Config, registry: Registry, core: Core, admin_token: String) -> Hub {
+    pub fn new(
+        config: Config,
+        stores: Stores,
+        core: Core,
+        link: HubLink,
+        admin_token: String,
+    ) -> Hub {
         Hub {
             config,
-            registry,
+            registry: stores.registry,
+            twins: stores.twins,
+            c2d: stores.c2d,
+            methods: Methods::default(),
             metrics: Metrics::new(),
             core,
+            link,
             admin_token,
             live: DashMap::new(),
             endpoints: std::sync::OnceLock::new(),
@@ -65,6 +93,81 @@ impl Hub {
         if let Some(live) = self.live.get(key) {
             live.kick.notify_one();
         }
+    }
+
+    /// Publishes to one identity's delivery topic, with `suffix` completing the client topic.
+    pub fn deliver(
+        &self,
+        key: &IdentityKey,
+        delivery: Delivery,
+        suffix: &str,
+        body: &[u8],
+        retain: bool,
+    ) {
+        let Some(payload) = envelope::pack(suffix, body) else {
+            return;
+        };
+        if let Err(e) = self
+            .link
+            .publish(&topics::internal_topic(key, delivery), &payload, retain)
+        {
+            tracing::warn!(identity = %key, error = %e, "could not publish to the router");
+        }
+    }
+
+    /// Answers a twin request on `$iothub/twin/res/{status}/?$rid=..[&$version=v]`.
+    pub fn twin_response(
+        &self,
+        key: &IdentityKey,
+        status: u16,
+        query: &str,
+        version: Option<u64>,
+        body: &[u8],
+    ) {
+        let mut suffix = format!("{status}/{query}");
+        if let Some(v) = version {
+            suffix.push_str(&format!("&$version={v}"));
+        }
+        self.deliver(key, Delivery::TwinResponse, &suffix, body, false);
+    }
+
+    /// Publishes a desired change: the patch on `$iothub/twin/PATCH/properties/desired/` and
+    /// the full document on the retained `$fleethub/twin/desired/` topic.
+    pub fn publish_desired(
+        &self,
+        key: &IdentityKey,
+        twin: &Twin,
+        patch: Option<&serde_json::Value>,
+    ) {
+        let version = twin.desired.version;
+        if let Some(patch) = patch {
+            self.deliver(
+                key,
+                Delivery::DesiredPatch,
+                &format!("?$version={version}"),
+                patch.to_string().as_bytes(),
+                false,
+            );
+            self.metrics.desired_pushes.inc();
+        }
+        self.publish_desired_state(key, twin);
+    }
+
+    /// The retained full desired document of `key`.
+    pub fn publish_desired_state(&self, key: &IdentityKey, twin: &Twin) {
+        let body = twin.desired.with_version().to_string();
+        let suffix = format!("?$version={}", twin.desired.version);
+        self.deliver(key, Delivery::DesiredState, &suffix, body.as_bytes(), true);
+    }
+
+    /// Removes the retained desired document of a deleted identity (an empty retained
+    /// payload clears it in the router).
+    pub fn clear_desired_state(&self, key: &IdentityKey) {
+        let _ = self.link.publish(
+            &topics::internal_topic(key, Delivery::DesiredState),
+            &[],
+            true,
+        );
     }
 
     /// Constant-time comparison with the admin token.

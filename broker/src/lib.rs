@@ -7,17 +7,22 @@
 //! - [`core`]: the embedded rumqttd router behind a small start/link API.
 //! - [`sas`], [`identity`]: SAS tokens and validated device/module ids.
 //! - [`registry`]: the durable identity registry (redb).
+//! - [`twin`]: device and module twins (merge patches, metadata, group-committed store).
+//! - [`methods`]: direct method calls awaiting device replies; [`c2d`]: the durable
+//!   cloud-to-device queue.
 //! - [`api`]: the management HTTP API and `/metrics`; [`metrics`]: what it exports.
 //! - [`server`]: startup and shutdown (`run(config, shutdown)`); [`config`]: settings;
 //!   [`tls`]: certificates; [`hub`]: state shared by the front end and the API.
 //! - [`cli`]: the `fleethub` command line.
 
 pub mod api;
+pub mod c2d;
 pub mod cli;
 pub mod config;
 pub mod core;
 pub mod hub;
 pub mod identity;
+pub mod methods;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
@@ -25,6 +30,7 @@ pub mod sas;
 pub mod server;
 pub mod tls;
 pub mod topics;
+pub mod twin;
 
 pub use config::Config;
 pub use server::run;

@@ -15,6 +15,16 @@ pub struct Metrics {
     pub telemetry_bytes: IntCounter,
     /// Connections closed for a protocol violation, by `reason`.
     pub protocol_errors: IntCounterVec,
+    /// Twin reads (device GET and API) by `result`.
+    pub twin_reads: IntCounterVec,
+    /// Twin patches by `section` (reported, desired, tags) and `result`.
+    pub twin_patches: IntCounterVec,
+    /// Desired patches published to devices and modules.
+    pub desired_pushes: IntCounter,
+    /// Direct method calls by `result` (ok, offline, timeout, error).
+    pub method_calls: IntCounterVec,
+    /// C2D messages by `event` (queued, delivered, expired).
+    pub c2d_messages: IntCounterVec,
     /// Resident set size, refreshed on every scrape.
     resident_memory: IntGauge,
 }
@@ -61,6 +71,40 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let twin_reads = IntCounterVec::new(
+            Opts::new("fleethub_twin_reads_total", "Twin reads by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let twin_patches = IntCounterVec::new(
+            Opts::new(
+                "fleethub_twin_patches_total",
+                "Twin patches by section and result",
+            ),
+            &["section", "result"],
+        )
+        .expect("valid metric");
+        let desired_pushes = IntCounter::new(
+            "fleethub_desired_pushes_total",
+            "Desired-property patches published to devices and modules",
+        )
+        .expect("valid metric");
+        let method_calls = IntCounterVec::new(
+            Opts::new(
+                "fleethub_method_calls_total",
+                "Direct method calls by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let c2d_messages = IntCounterVec::new(
+            Opts::new(
+                "fleethub_c2d_messages_total",
+                "Cloud-to-device messages by event",
+            ),
+            &["event"],
+        )
+        .expect("valid metric");
         let resident_memory = IntGauge::new(
             "fleethub_process_resident_memory_bytes",
             "Resident memory of the hub process",
@@ -73,6 +117,11 @@ impl Metrics {
             Box::new(telemetry_messages.clone()),
             Box::new(telemetry_bytes.clone()),
             Box::new(protocol_errors.clone()),
+            Box::new(twin_reads.clone()),
+            Box::new(twin_patches.clone()),
+            Box::new(desired_pushes.clone()),
+            Box::new(method_calls.clone()),
+            Box::new(c2d_messages.clone()),
             Box::new(resident_memory.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -85,6 +134,11 @@ impl Metrics {
             telemetry_messages,
             telemetry_bytes,
             protocol_errors,
+            twin_reads,
+            twin_patches,
+            desired_pushes,
+            method_calls,
+            c2d_messages,
             resident_memory,
         }
     }

@@ -261,6 +261,7 @@ pub async fn connection<S>(
 
     let conn_id = hub.next_conn_id();
     let kick = Arc::new(Notify::new());
+    let c2d = Arc::new(Notify::new());
     if let Principal::Identity(key) = &principal {
         // A second connection with the same id replaces the first, as in IoT Hub.
         let previous = hub.live.insert(
@@ -268,6 +269,7 @@ pub async fn connection<S>(
             LiveConnection {
                 conn_id,
                 kick: kick.clone(),
+                c2d: c2d.clone(),
             },
         );
         if let Some(previous) = previous {
@@ -318,6 +320,10 @@ pub async fn connection<S>(
         link_tx,
         filters: Vec::new(),
         pending_subs: HashMap::new(),
+        c2d: C2dDelivery {
+            wake: c2d,
+            ..C2dDelivery::default()
+        },
         keep_alive: match connect.keep_alive {
             0 => None,
             k => Some(Duration::from_millis(k as u64 * 1500)),
@@ -372,6 +378,35 @@ struct Session {
     /// `None` marks a filter forwarded to the router.
     pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     keep_alive: Option<Duration>,
+    c2d: C2dDelivery,
+}
+
+/// C2D messages in flight to this device, delivered from the durable queue by the front end
+/// itself with packet ids from a range the router never uses (it cycles within 1..=100), so
+/// the device's PUBACK can be matched to the message it completes.
+#[derive(Default)]
+struct C2dDelivery {
+    wake: Arc<Notify>,
+    /// Subscribed to `devices/{d}/messages/devicebound/#`.
+    active: bool,
+    inflight: std::collections::VecDeque<(u16, u64)>,
+    /// Highest sequence handed out on this connection.
+    last_seq: u64,
+    next_pkid: u16,
+}
+
+const C2D_WINDOW: usize = 16;
+const C2D_PKID_BASE: u16 = 1000;
+
+impl C2dDelivery {
+    fn pkid(&mut self) -> u16 {
+        if self.next_pkid < C2D_PKID_BASE {
+            self.next_pkid = C2D_PKID_BASE;
+        }
+        let p = self.next_pkid;
+        self.next_pkid = if p == u16::MAX { C2D_PKID_BASE } else { p + 1 };
+        p
+    }
 }
 
 /// Cleanup lives in `Drop` so it also happens if a connection task panics.
@@ -401,6 +436,7 @@ impl Session {
         W: AsyncWrite + Unpin,
     {
         let far = Duration::from_secs(365 * 24 * 3600);
+        let c2d_wake = self.c2d.wake.clone();
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
         loop {
             if write_all(writer, &mut wbuf).await.is_err() {
@@ -449,6 +485,7 @@ impl Session {
                         return "router link closed";
                     }
                 },
+                _ = c2d_wake.notified(), if self.c2d.active => self.c2d_fill(&mut wbuf),
                 _ = tokio::time::sleep_until(deadline) => return "keep-alive expired",
                 _ = kick.notified() => return "closed by the hub (taken over, disabled or deleted)",
                 _ = shutdown.changed() => return "hub shutting down",
@@ -579,25 +616,39 @@ impl Session {
                         publish.retain = false;
                         to_router.push(Packet::Publish(publish, None));
                     }
-                    Inbound::TwinGet { query } | Inbound::TwinReportedPatch { query } => {
-                        // The twin service is not part of this build yet: answer clearly
-                        // rather than leave the device waiting.
-                        let suffix = format!("501/{query}");
-                        let body =
-                            br#"{"message":"twins are not available in this version of fleethub"}"#;
+                    Inbound::TwinGet { query } => {
                         if let Principal::Identity(key) = &self.principal {
-                            if let Some(payload) = envelope::pack(&suffix, body) {
-                                let topic = topics::internal_topic(key, Delivery::TwinResponse);
-                                to_router.push(Packet::Publish(
-                                    publish_with(&topic, &payload, QoS::AtMostOnce, 0, false),
-                                    None,
-                                ));
-                            }
+                            let twin = self.hub.twins.get(key);
+                            let body = crate::twin::view::device_json(&twin).to_string();
+                            self.hub
+                                .twin_response(key, 200, query, None, body.as_bytes());
+                            self.hub.metrics.twin_reads.with_label_values(&["ok"]).inc();
                         }
                         self.ack_locally(&publish, wbuf);
                     }
-                    Inbound::MethodResponse { .. } => {
-                        // No method invocations exist to correlate with yet.
+                    Inbound::TwinReportedPatch { query } => {
+                        if let Principal::Identity(key) = &self.principal {
+                            self.reported_patch(key.clone(), query, &publish.payload);
+                        }
+                        self.ack_locally(&publish, wbuf);
+                    }
+                    Inbound::MethodResponse { status, query } => {
+                        if let Principal::Identity(key) = &self.principal {
+                            let rid = crate::methods::query_param(query, "$rid").unwrap_or("");
+                            let payload =
+                                serde_json::from_slice(&publish.payload).unwrap_or_else(|_| {
+                                    serde_json::Value::String(
+                                        String::from_utf8_lossy(&publish.payload).into_owned(),
+                                    )
+                                });
+                            let reply = crate::methods::MethodReply {
+                                status: status.parse().unwrap_or(500),
+                                payload,
+                            };
+                            if !self.hub.methods.complete(key, rid, reply) {
+                                debug!(identity = %key, rid, "method reply for no waiting call");
+                            }
+                        }
                         self.ack_locally(&publish, wbuf);
                     }
                     Inbound::Denied => {
@@ -610,6 +661,7 @@ impl Session {
             Packet::Unsubscribe(unsubscribe, _) => {
                 self.on_unsubscribe(unsubscribe, wbuf, to_router)
             }
+            Packet::PubAck(ack, _) if ack.pkid >= C2D_PKID_BASE => self.c2d_acked(ack.pkid, wbuf),
             Packet::PubAck(ack, _) => to_router.push(Packet::PubAck(ack, None)),
             Packet::PingReq(_) => {
                 let _ = V4.write(Packet::PingResp(PingResp), wbuf);
@@ -625,6 +677,107 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Validates a reported patch and queues it; the answer (204 with the new version, or 400
+    /// with the reason) is published once the patch is committed.
+    fn reported_patch(&self, key: IdentityKey, query: &str, body: &[u8]) {
+        use crate::twin::{doc, TwinOp};
+        let parsed = serde_json::from_slice::<serde_json::Value>(body)
+            .map_err(|e| doc::PatchError::NotJson(e.to_string()))
+            .and_then(|v| doc::validate("properties.reported", v));
+        let patch = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                let body = serde_json::json!({ "message": e.to_string() }).to_string();
+                self.hub
+                    .twin_response(&key, 400, query, None, body.as_bytes());
+                self.hub
+                    .metrics
+                    .twin_patches
+                    .with_label_values(&["reported", "bad_request"])
+                    .inc();
+                return;
+            }
+        };
+        let committed = self.hub.twins.submit(key.clone(), TwinOp::Reported(patch));
+        let (hub, query) = (self.hub.clone(), query.to_string());
+        tokio::spawn(async move {
+            match committed.await {
+                Ok(applied) => {
+                    hub.twin_response(&key, 204, &query, Some(applied.twin.reported.version), b"");
+                    hub.metrics
+                        .twin_patches
+                        .with_label_values(&["reported", "ok"])
+                        .inc();
+                }
+                Err(e) => {
+                    let body = serde_json::json!({ "message": e.to_string() }).to_string();
+                    hub.twin_response(&key, 500, &query, None, body.as_bytes());
+                    hub.metrics
+                        .twin_patches
+                        .with_label_values(&["reported", "error"])
+                        .inc();
+                }
+            }
+        });
+    }
+
+    /// Sends queued C2D messages while the window has room.
+    fn c2d_fill(&mut self, wbuf: &mut BytesMut) {
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        if key.module.is_some() || !self.c2d.active {
+            return;
+        }
+        let room = C2D_WINDOW.saturating_sub(self.c2d.inflight.len());
+        if room == 0 {
+            return;
+        }
+        let device = key.device.as_str();
+        match self.hub.c2d.pending(device, self.c2d.last_seq, room) {
+            Ok((messages, expired)) => {
+                self.hub
+                    .metrics
+                    .c2d_messages
+                    .with_label_values(&["expired"])
+                    .inc_by(expired);
+                for m in messages {
+                    let topic = format!("devices/{device}/messages/devicebound/{}", m.bag(device));
+                    let pkid = self.c2d.pkid();
+                    let p = publish_with(&topic, &m.body_bytes(), QoS::AtLeastOnce, pkid, false);
+                    let _ = V4.write(Packet::Publish(p, None), wbuf);
+                    self.c2d.inflight.push_back((pkid, m.seq));
+                    self.c2d.last_seq = m.seq;
+                }
+            }
+            Err(e) => warn!(identity = %key, error = %e, "cannot read the C2D queue"),
+        }
+    }
+
+    /// The device acknowledged a C2D message: it leaves the queue.
+    fn c2d_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
+        let Some(pos) = self.c2d.inflight.iter().position(|(p, _)| *p == pkid) else {
+            return;
+        };
+        let Some((_, seq)) = self.c2d.inflight.remove(pos) else {
+            return;
+        };
+        if let Principal::Identity(key) = &self.principal {
+            let (hub, device) = (self.hub.clone(), key.device.to_string());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = hub.c2d.remove_many(&device, &[seq]) {
+                    warn!(device, error = %e, "cannot remove a delivered C2D message");
+                }
+            });
+            self.hub
+                .metrics
+                .c2d_messages
+                .with_label_values(&["delivered"])
+                .inc();
+        }
+        self.c2d_fill(wbuf);
     }
 
     /// PUBACK a QoS 1 publish the hub handled itself (it never reached the router).
@@ -672,6 +825,7 @@ impl Session {
                 }
             }
         }
+        self.update_c2d_active();
         if forward.is_empty() {
             let return_codes = codes
                 .into_iter()
@@ -692,6 +846,22 @@ impl Session {
         }
     }
 
+    /// C2D flows while a device has a filter on its devicebound topic.
+    fn update_c2d_active(&mut self) {
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        if key.module.is_some() {
+            return;
+        }
+        let own = topics::internal_topic(key, Delivery::Own);
+        let active = self.filters.iter().any(|f| f.internal == own);
+        if active && !self.c2d.active {
+            self.c2d.wake.notify_one();
+        }
+        self.c2d.active = active;
+    }
+
     fn on_unsubscribe(
         &mut self,
         unsubscribe: Unsubscribe,
@@ -708,6 +878,7 @@ impl Session {
                 }
             }
         }
+        self.update_c2d_active();
         if internal.is_empty() {
             let ack = UnsubAck {
                 pkid: unsubscribe.pkid,

@@ -5,7 +5,6 @@
 //! touching the disk. Connection state and last activity are runtime facts kept beside the
 //! cache; last activity is written back when a connection closes.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -135,7 +134,7 @@ struct Live {
 }
 
 pub struct Registry {
-    db: Database,
+    db: Arc<Database>,
     /// Serialises read-modify-write operations: without it, a last-activity write that read
     /// the record before an API update could put the old record back over it.
     writer: std::sync::Mutex<()>,
@@ -193,9 +192,8 @@ fn auth_from(input: Option<AuthenticationInput>) -> Result<Authentication, Regis
 }
 
 impl Registry {
-    /// Opens (or creates) the store and loads every identity into the cache.
-    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
-        let db = Database::create(path)?;
+    /// Loads every identity of the store into the cache.
+    pub fn open(db: Arc<Database>) -> Result<Registry, RegistryError> {
         let cache = DashMap::new();
         {
             let tx = db.begin_write()?;
@@ -387,6 +385,11 @@ impl Registry {
         v
     }
 
+    /// Every identity, devices and modules, in no particular order.
+    pub fn identities(&self) -> Vec<Arc<Identity>> {
+        self.cache.iter().map(|e| e.value().clone()).collect()
+    }
+
     pub fn device_count(&self) -> usize {
         self.cache
             .iter()
@@ -449,7 +452,10 @@ mod tests {
     fn temp_registry(name: &str) -> (Registry, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("fh-reg-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        (Registry::open(&dir.join("store.redb")).unwrap(), dir)
+        (
+            Registry::open(Arc::new(Database::create(dir.join("store.redb")).unwrap())).unwrap(),
+            dir,
+        )
     }
 
     #[test]
@@ -479,7 +485,8 @@ mod tests {
         assert_eq!(upd.status, Status::Disabled);
         assert_ne!(upd.etag, created.etag);
         drop(reg);
-        let reg = Registry::open(&dir.join("store.redb")).unwrap();
+        let reg =
+            Registry::open(Arc::new(Database::create(dir.join("store.redb")).unwrap())).unwrap();
         assert_eq!(reg.get(&d1).unwrap().status, Status::Disabled);
         assert_eq!(reg.modules_of(&d1.device).len(), 1);
         assert_eq!(reg.delete(&d1).unwrap().len(), 2);
@@ -490,7 +497,7 @@ mod tests {
     #[test]
     fn activity_write_never_undoes_a_concurrent_update() {
         let (reg, dir) = temp_registry("race");
-        let reg = std::sync::Arc::new(reg);
+        let reg = Arc::new(reg);
         let d1 = IdentityKey::parse("d1").unwrap();
         reg.create(&d1, None, None).unwrap();
         reg.set_connected(&d1, true);

@@ -14,11 +14,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::c2d::C2dStore;
 use crate::config::Config;
-use crate::core::Core;
-use crate::hub::{Endpoints, Hub};
+use crate::core::{Core, HubLink};
+use crate::hub::{Endpoints, Hub, Stores};
 use crate::registry::{Registry, RegistryError};
 use crate::tls::{self, TlsError};
+use crate::twin::TwinStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -36,6 +38,8 @@ pub enum ServerError {
     },
     #[error("store: {0}")]
     Registry(#[from] RegistryError),
+    #[error("store: {0}")]
+    Store(String),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
 }
@@ -80,7 +84,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         source,
     })?;
     let admin_token = ensure_admin_token(&data_dir)?;
-    let registry = Registry::open(&data_dir.join(STORE_FILE))?;
+    let store_path = data_dir.join(STORE_FILE);
+    let db = Arc::new(
+        redb::Database::create(&store_path)
+            .map_err(|e| ServerError::Store(format!("{}: {e}", store_path.display())))?,
+    );
+    let stores = Stores {
+        registry: Registry::open(db.clone())?,
+        twins: TwinStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
+        c2d: C2dStore::open(db).map_err(|e| ServerError::Store(e.to_string()))?,
+    };
 
     let tls_config = match config.mqtts {
         None => None,
@@ -94,7 +107,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
 
     let core = Core::start(config.limits.max_connections, &config.router);
-    let hub = Arc::new(Hub::new(config.clone(), registry, core, admin_token));
+    let link = HubLink::open(&core)
+        .await
+        .map_err(|e| ServerError::Store(e.to_string()))?;
+    let hub = Arc::new(Hub::new(config.clone(), stores, core, link, admin_token));
+    // rumqttd keeps nothing across restarts: put every identity's desired state back.
+    for (key, twin) in hub.twins.all() {
+        hub.publish_desired_state(&key, &twin);
+    }
 
     let mqtt = match config.mqtt {
         Some(addr) => Some(bind("MQTT", addr).await?),

@@ -17,6 +17,7 @@
 //! | `$iothub/twin/res/…`                       | `{prefix}twin/res`        | both    |
 //! | `$iothub/twin/PATCH/properties/desired/…`  | `{prefix}twin/desired`    | both    |
 //! | `$iothub/methods/POST/…`                   | `{prefix}methods`         | both    |
+//! | `$fleethub/twin/desired/…` (retained)      | `{prefix}twin/state`      | both    |
 //! | `$fleethub/events/{d}/{m or ~}/{bag}`      | `fh/ev/{d}/{m or ~}`      | service |
 //!
 //! Telemetry published on `devices/{d}/messages/events/{bag}` (or the module form) goes to
@@ -73,13 +74,16 @@ pub enum Delivery {
     TwinResponse,
     DesiredPatch,
     MethodRequest,
+    /// The full desired document, retained: fleethub's native topic.
+    DesiredState,
 }
 
-const DELIVERIES: [Delivery; 4] = [
+const DELIVERIES: [Delivery; 5] = [
     Delivery::Own,
     Delivery::TwinResponse,
     Delivery::DesiredPatch,
     Delivery::MethodRequest,
+    Delivery::DesiredState,
 ];
 
 pub fn encode_id(id: &str) -> String {
@@ -106,6 +110,7 @@ pub fn client_prefix(identity: &IdentityKey, delivery: Delivery) -> String {
         (Delivery::TwinResponse, _) => "$iothub/twin/res/".into(),
         (Delivery::DesiredPatch, _) => "$iothub/twin/PATCH/properties/desired/".into(),
         (Delivery::MethodRequest, _) => "$iothub/methods/POST/".into(),
+        (Delivery::DesiredState, _) => "$fleethub/twin/desired/".into(),
     }
 }
 
@@ -117,6 +122,7 @@ pub fn internal_topic(identity: &IdentityKey, delivery: Delivery) -> String {
         (Delivery::TwinResponse, _) => "twin/res",
         (Delivery::DesiredPatch, _) => "twin/desired",
         (Delivery::MethodRequest, _) => "methods",
+        (Delivery::DesiredState, _) => "twin/state",
     };
     format!("{}{kind}", identity_prefix(identity))
 }

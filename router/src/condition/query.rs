@@ -69,6 +69,14 @@ impl Query {
         })
     }
 
+    /// Whether the twin behind `ctx` satisfies the WHERE clause.
+    pub fn matches_with(&self, ctx: &dyn eval::Resolve) -> bool {
+        match &self.filter {
+            None => true,
+            Some(e) => matches!(eval::eval(e, ctx), Some(Value::Bool(true))),
+        }
+    }
+
     /// Whether a twin document (the JSON the API shows) satisfies the WHERE clause.
     pub fn matches(&self, twin: &Value) -> bool {
         match &self.filter {

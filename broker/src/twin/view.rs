@@ -1,0 +1,86 @@
+//! How twins look from outside, and how queries see them without building JSON per twin.
+
+use serde_json::{json, Value};
+
+use fleethub_router::condition::{walk, Resolve, Segment};
+
+use super::doc::Twin;
+use crate::identity::IdentityKey;
+use crate::registry::IdentityView;
+
+/// The API's twin document (IoT Hub's shape).
+pub fn api_json(key: &IdentityKey, twin: &Twin, identity: Option<&IdentityView>) -> Value {
+    let mut v = json!({
+        "deviceId": key.device.as_str(),
+        "etag": twin.etag,
+        "version": twin.version,
+        "tags": twin.tags,
+        "properties": {
+            "desired": twin.desired.full(),
+            "reported": twin.reported.full(),
+        },
+    });
+    if let Some(m) = &key.module {
+        v["moduleId"] = json!(m.as_str());
+    }
+    if let Some(i) = identity {
+        v["status"] = json!(i.identity.status);
+        v["connectionState"] = json!(i.connection_state);
+        v["lastActivityTime"] = json!(i.identity.last_activity_time);
+    }
+    v
+}
+
+/// What a device's `$iothub/twin/GET` returns.
+pub fn device_json(twin: &Twin) -> Value {
+    json!({
+        "desired": twin.desired.with_version(),
+        "reported": twin.reported.with_version(),
+    })
+}
+
+/// Resolves query paths against a twin in place.
+pub struct QueryView<'a> {
+    pub key: &'a IdentityKey,
+    pub twin: &'a Twin,
+}
+
+impl Resolve for QueryView<'_> {
+    fn resolve(&self, path: &[Segment]) -> Option<Value> {
+        let Some(Segment::Key(first)) = path.first() else {
+            return None;
+        };
+        match first.as_str() {
+            "deviceId" if path.len() == 1 => Some(json!(self.key.device.as_str())),
+            "moduleId" if path.len() == 1 => self.key.module.as_ref().map(|m| json!(m.as_str())),
+            "version" if path.len() == 1 => Some(json!(self.twin.version)),
+            "etag" if path.len() == 1 => Some(json!(self.twin.etag)),
+            "tags" => walk_map(&self.twin.tags, &path[1..]),
+            "properties" => {
+                let Some(Segment::Key(section)) = path.get(1) else {
+                    return None;
+                };
+                let section = match section.as_str() {
+                    "desired" => &self.twin.desired,
+                    "reported" => &self.twin.reported,
+                    _ => return None,
+                };
+                match path.get(2) {
+                    Some(Segment::Key(k)) if k == "$version" && path.len() == 3 => {
+                        Some(json!(section.version))
+                    }
+                    _ => walk_map(&section.data, &path[2..]),
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+fn walk_map(map: &serde_json::Map<String, Value>, path: &[Segment]) -> Option<Value> {
+    match path.split_first() {
+        None => Some(Value::Object(map.clone())),
+        Some((Segment::Key(k), rest)) => walk(map.get(k)?, rest).cloned(),
+        Some((Segment::Index(_), _)) => None,
+    }
+}
