@@ -126,22 +126,20 @@ impl HubLink {
         let publish = publish_with(topic, payload, QoS::AtLeastOnce, pkid, retain);
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let sent = tx.send(Packet::Publish(publish, None));
-        futures_ready(sent)
-            .map(|_| ())
-            .map_err(|e| CoreError::Link(e.to_string()))
+        futures_ready(sent).map(|_| ())
     }
 }
 
 /// `LinkTx::send` is `async` in name only; complete it with one poll.
 fn futures_ready<T>(
     fut: impl std::future::Future<Output = Result<T, LinkError>>,
-) -> Result<T, LinkError> {
+) -> Result<T, CoreError> {
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     let mut fut = std::pin::pin!(fut);
     match fut.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(r) => r,
-        std::task::Poll::Pending => Err(LinkError::NotConnectionAck),
+        std::task::Poll::Ready(r) => r.map_err(CoreError::from),
+        std::task::Poll::Pending => Err(CoreError::Link("router channel not ready".into())),
     }
 }
 

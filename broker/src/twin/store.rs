@@ -149,7 +149,7 @@ fn apply_op(
 ) -> Result<(Option<Twin>, Option<Value>), TwinError> {
     let mut twin = current.clone();
     match op {
-        TwinOp::Delete => return Ok((None, None)),
+        TwinOp::Delete => Ok((None, None)),
         TwinOp::Reported(patch) => {
             twin.reported.apply(patch, now, false);
             twin.touch();
