@@ -825,7 +825,6 @@ impl Session {
                 }
             }
         }
-        self.update_c2d_active();
         if forward.is_empty() {
             let return_codes = codes
                 .into_iter()
@@ -953,6 +952,8 @@ impl Session {
                             return_codes,
                         };
                         let _ = V4.write(P::SubAck(ack, None), wbuf);
+                        // C2D starts after the SUBACK that enables it.
+                        self.update_c2d_active();
                     }
                     P::PingResp(_) | P::ConnAck(..) => {}
                     other => {

@@ -309,7 +309,9 @@ pub enum Seen {
 /// An MQTT client whose event loop runs in a task and reports what it sees.
 pub struct Client {
     pub client: AsyncClient,
-    pub seen: mpsc::UnboundedReceiver<Seen>,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    /// Events that arrived while waiting for a SUBACK.
+    early: std::collections::VecDeque<Seen>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -342,26 +344,34 @@ impl Client {
                 }
             }
         });
-        Ok(Client { client, seen, task })
+        Ok(Client {
+            client,
+            seen,
+            early: Default::default(),
+            task,
+        })
+    }
+
+    async fn recv_until(&mut self, deadline: tokio::time::Instant) -> Option<Seen> {
+        if let Some(e) = self.early.pop_front() {
+            return Some(e);
+        }
+        tokio::time::timeout_at(deadline, self.seen.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The next event, or `None` after `within`.
     pub async fn next(&mut self, within: Duration) -> Option<Seen> {
-        tokio::time::timeout(within, self.seen.recv())
-            .await
-            .ok()
-            .flatten()
+        self.recv_until(tokio::time::Instant::now() + within).await
     }
 
     /// Waits for the next publish, skipping acks.
     pub async fn next_publish(&mut self, within: Duration) -> Option<Publish> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            match tokio::time::timeout_at(deadline, self.seen.recv())
-                .await
-                .ok()
-                .flatten()?
-            {
+            match self.recv_until(deadline).await? {
                 Seen::Publish(p) => return Some(p),
                 Seen::Disconnected(_) => return None,
                 _ => {}
@@ -373,32 +383,32 @@ impl Client {
     pub async fn disconnected(&mut self, within: Duration) -> Option<String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Seen::Disconnected(e) = tokio::time::timeout_at(deadline, self.seen.recv())
-                .await
-                .ok()
-                .flatten()?
-            {
+            if let Seen::Disconnected(e) = self.recv_until(deadline).await? {
                 return Some(e);
             }
         }
     }
 
-    /// Subscribes and returns the SUBACK codes.
+    /// Subscribes and returns the SUBACK codes; publishes that arrive first are kept.
     pub async fn subscribe_many(&mut self, filters: &[&str]) -> Vec<rumqttc::SubscribeReasonCode> {
         let filters = filters
             .iter()
             .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce));
         self.client.subscribe_many(filters).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut kept = Vec::new();
         loop {
-            match tokio::time::timeout_at(deadline, self.seen.recv())
+            let event = tokio::time::timeout_at(deadline, self.seen.recv())
                 .await
                 .expect("SUBACK in time")
-                .expect("connected")
-            {
-                Seen::SubAck(codes) => return codes,
+                .expect("connected");
+            match event {
+                Seen::SubAck(codes) => {
+                    self.early.extend(kept);
+                    return codes;
+                }
                 Seen::Disconnected(e) => panic!("disconnected while subscribing: {e}"),
-                _ => {}
+                other => kept.push(other),
             }
         }
     }
@@ -451,4 +461,35 @@ pub fn cli(hub: &Hub, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+impl Client {
+    /// Publishes and waits for the next publish whose topic starts with `prefix`.
+    pub async fn request(&mut self, topic: &str, body: &[u8], prefix: &str) -> Publish {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, body.to_vec())
+            .await
+            .unwrap();
+        self.next_publish_on(prefix, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("no answer on {prefix} to {topic}"))
+    }
+
+    /// The next publish on a topic starting with `prefix`, skipping others.
+    pub async fn next_publish_on(&mut self, prefix: &str, within: Duration) -> Option<Publish> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let p = self.next_publish(left).await?;
+            if p.topic.starts_with(prefix) {
+                return Some(p);
+            }
+        }
+    }
+}
+
+/// Parses a JSON payload.
+pub fn json_of(p: &Publish) -> Value {
+    serde_json::from_slice(&p.payload)
+        .unwrap_or_else(|_| panic!("not JSON on {}: {:?}", p.topic, p.payload))
 }

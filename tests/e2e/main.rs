@@ -3,8 +3,12 @@
 
 mod auth;
 mod authz;
+mod c2d;
+mod crash;
 mod garbage;
 mod harness;
 mod interop;
+mod methods;
 mod registry;
 mod telemetry;
+mod twin;
