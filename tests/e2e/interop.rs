@@ -1,38 +1,43 @@
 //! Interop with the Azure IoT device SDK for Python (`azure-iot-device` 2.x, unmodified):
-//! `create_from_connection_string(cs, server_verification_cert=ca.pem)` connects to the TLS
-//! listener and `send_message` arrives with its custom properties.
+//! telemetry with custom properties; and the device plane (twin read, reported patch,
+//! desired patch, direct method, C2D) for `IoTHubDeviceClient` and, with a module twin,
+//! `IoTHubModuleClient`.
 //!
-//! The SDK always dials port 8883, so the hub listens on 8883 of a random 127.x.y.z address
+//! The SDK always dials port 8883, so each hub listens on 8883 of a random 127.x.y.z address
 //! and uses that address as its hostname (the generated certificate covers it). The Python
 //! interpreter comes from FLEETHUB_PYTHON (set by `.ci/run`, which installs the SDK into a
-//! virtualenv); without it the test is skipped locally and fails under CI.
+//! virtualenv); without it these tests are skipped locally and fail under CI.
 
 use std::time::Duration;
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{temp_dir, Hub};
 
-#[tokio::test]
-async fn azure_iot_python_sdk_sends_telemetry_over_tls() {
-    let python = match std::env::var("FLEETHUB_PYTHON") {
-        Ok(p) => p,
+fn python() -> Option<String> {
+    match std::env::var("FLEETHUB_PYTHON") {
+        Ok(p) => Some(p),
         Err(_) if std::env::var_os("CI").is_some() => {
             panic!("FLEETHUB_PYTHON must point at a python with azure-iot-device under CI")
         }
         Err(_) => {
             eprintln!("skipped: set FLEETHUB_PYTHON to a python with azure-iot-device installed");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// A hub whose TLS listener is on `{random loopback}:8883`, that address being its hostname.
+async fn sdk_hub(name: &str) -> (Hub, String) {
     let ip = format!(
         "127.{}.{}.{}",
         1 + rand::random::<u8>() % 250,
         rand::random::<u8>(),
         1 + rand::random::<u8>() % 250
     );
-    let dir = temp_dir("interop");
+    let dir = temp_dir(name);
     let config = dir.join("hub.toml");
     std::fs::write(&config, format!("[hub]\nhostname = \"{ip}\"\n")).unwrap();
     let mqtts = format!("{ip}:8883");
@@ -41,28 +46,25 @@ async fn azure_iot_python_sdk_sends_telemetry_over_tls() {
         &["--config", config.to_str().unwrap(), "--mqtts", &mqtts],
     )
     .await;
-    let (s, rec) = hub
-        .api(
-            Method::POST,
-            "/devices",
-            Some(json!({ "deviceId": "sdk-device" })),
-        )
-        .await;
-    assert_eq!(s, 201);
-    let key = rec["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap();
+    (hub, ip)
+}
+
+fn script(name: &str) -> String {
+    format!("{}/../tests/interop/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test]
+async fn azure_iot_python_sdk_sends_telemetry_over_tls() {
+    let Some(python) = python() else { return };
+    let (hub, ip) = sdk_hub("interop-tel").await;
+    let key = hub.create_device("sdk-device").await;
     let cs = format!("HostName={ip};DeviceId=sdk-device;SharedAccessKey={key}");
     let mut monitor = hub.monitor().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/interop/send_message.py"
-    );
     let ca = hub.data_dir().join("tls/ca.pem");
     let out = tokio::process::Command::new(python)
-        .arg(script)
+        .arg(script("send_message.py"))
         .arg(&cs)
         .arg(&ca)
         .arg("sdk-msg-1")
@@ -89,4 +91,152 @@ async fn azure_iot_python_sdk_sends_telemetry_over_tls() {
     assert_eq!(event["properties"]["application"]["site"], "plant 7");
     assert_eq!(event["properties"]["system"]["$.mid"], "sdk-msg-1");
     assert_eq!(event["properties"]["system"]["$.ct"], "application/json");
+}
+
+/// Runs the CLI against `hub` without blocking this (single-threaded) test runtime.
+async fn cli_async(hub: &Hub, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleethub"))
+        .arg("--data-dir")
+        .arg(hub.data_dir())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+type SdkLines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// The SDK script's next JSON line.
+async fn read_json(lines: &mut SdkLines) -> Value {
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("SDK output in time")
+        .unwrap()
+        .expect("SDK still running");
+    serde_json::from_str::<Value>(&line).unwrap()
+}
+
+async fn device_plane(kind: &str) {
+    let Some(python) = python() else { return };
+    let (hub, ip) = sdk_hub(&format!("interop-{kind}")).await;
+    let dkey = hub.create_device("sdk-dev").await;
+    let (cs, twin_path, identity_args): (String, &str, Vec<&str>) = if kind == "module" {
+        let mkey = hub.create_module("sdk-dev", "sdk-mod").await;
+        (
+            format!("HostName={ip};DeviceId=sdk-dev;ModuleId=sdk-mod;SharedAccessKey={mkey}"),
+            "/twins/sdk-dev/modules/sdk-mod",
+            vec!["--module", "sdk-mod"],
+        )
+    } else {
+        (
+            format!("HostName={ip};DeviceId=sdk-dev;SharedAccessKey={dkey}"),
+            "/twins/sdk-dev",
+            vec![],
+        )
+    };
+    // A desired property set before the client connects shows up in its first get_twin.
+    hub.api(
+        Method::PATCH,
+        twin_path,
+        Some(json!({"properties": {"desired": {"initial": true}}})),
+    )
+    .await;
+
+    let ca = hub.data_dir().join("tls/ca.pem");
+    let mut child = tokio::process::Command::new(python)
+        .arg(script("device_plane.py"))
+        .arg(kind)
+        .arg(&cs)
+        .arg(&ca)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    let ready = read_json(&mut lines).await;
+    assert_eq!(ready["ready"], kind, "{ready}");
+    assert_eq!(ready["twin"]["desired"]["initial"], true, "{ready}");
+    assert_eq!(ready["twin"]["desired"]["$version"], 1);
+
+    let mut twin_args = vec!["twin", "update", "sdk-dev"];
+    twin_args.extend(&identity_args);
+    twin_args.extend(["--desired", r#"{"setpoint": 22}"#]);
+    let (ok, _, err) = cli_async(&hub, &twin_args).await;
+    assert!(ok, "{err}");
+    let mut method_args = vec!["--output", "json", "method", "invoke", "sdk-dev", "reboot"];
+    method_args.extend(&identity_args);
+    method_args.extend(["--payload", r#"{"delay": 1}"#, "--timeout", "30"]);
+    let (ok, method_out, err) = cli_async(&hub, &method_args).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&method_out).unwrap(),
+        json!({"status": 200, "payload": {"handled": "reboot", "echo": {"delay": 1}}})
+    );
+    if kind == "device" {
+        let (ok, _, err) = cli_async(
+            &hub,
+            &[
+                "c2d",
+                "send",
+                "sdk-dev",
+                "--body",
+                "hello device",
+                "--property",
+                "color=blue",
+                "--message-id",
+                "c2d-1",
+            ],
+        )
+        .await;
+        assert!(ok, "{err}");
+    }
+
+    let expected = if kind == "device" { 3 } else { 2 };
+    let mut events = Vec::new();
+    for _ in 0..expected {
+        events.push(read_json(&mut lines).await);
+    }
+    let find = |k: &str| {
+        events
+            .iter()
+            .find(|e| e.get(k).is_some())
+            .unwrap_or_else(|| panic!("no {k} event in {events:?}"))
+            .clone()
+    };
+    let desired = find("desired");
+    assert_eq!(desired["desired"]["setpoint"], 22);
+    assert_eq!(desired["desired"]["$version"], 2);
+    assert_eq!(find("method")["payload"], json!({"delay": 1}));
+    if kind == "device" {
+        let c2d = find("c2d");
+        assert_eq!(c2d["c2d"], "hello device");
+        assert_eq!(c2d["properties"]["color"], "blue");
+        assert_eq!(c2d["message_id"], "c2d-1");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("SDK exits")
+        .unwrap();
+    assert!(status.success());
+
+    let (_, twin) = hub.api(Method::GET, twin_path, None).await;
+    assert_eq!(twin["properties"]["reported"]["fw"], "1.2.3");
+    assert_eq!(twin["properties"]["reported"]["sdk"], "python");
+}
+
+#[tokio::test]
+async fn azure_iot_python_sdk_device_client_twin_methods_c2d() {
+    device_plane("device").await;
+}
+
+#[tokio::test]
+async fn azure_iot_python_sdk_module_client_twin_and_methods() {
+    device_plane("module").await;
 }
