@@ -139,3 +139,70 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct TwinBenchArgs {
+    /// Devices, each in a closed request/answer loop
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// Round trips per device
+    #[arg(long, default_value_t = 200)]
+    patches: usize,
+    /// Approximate patch size in bytes
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+pub fn run_twin(args: TwinBenchArgs) -> Result<()> {
+    let sizing = targets::Sizing {
+        segment_bytes: 16 * 1024 * 1024,
+        segment_count: 2,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("load")
+        .build()?;
+    let baseline = targets::rumqttd(args.devices, sizing)?;
+    let b = rt.block_on(crate::roundtrip::run(&baseline, args.patches, args.payload))?;
+    let hub = targets::fleethub(args.devices, sizing)?;
+    let f = rt.block_on(crate::roundtrip::run(&hub, args.patches, args.payload))?;
+    match args.output {
+        Output::Json => {
+            let v = json!({
+                "devices": args.devices,
+                "round_trips_per_device": args.patches,
+                "results": [b.json(), f.json()],
+                "ratio_fleethub_to_rumqttd": f.rate() / b.rate(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Text => {
+            println!(
+                "{} devices x {} round trips, ~{} B requests",
+                args.devices, args.patches, args.payload
+            );
+            println!(
+                "{:<10} {:>12} {:>10} {:>12} {:>8} {:>8}",
+                "target", "round_trips", "elapsed_s", "per_s", "p50_ms", "p99_ms"
+            );
+            for r in [&b, &f] {
+                println!(
+                    "{:<10} {:>12} {:>10.2} {:>12.0} {:>8.2} {:>8.2}",
+                    r.target,
+                    r.completed,
+                    r.elapsed.as_secs_f64(),
+                    r.rate(),
+                    r.p50_ms,
+                    r.p99_ms
+                );
+            }
+            println!(
+                "fleethub (durable reported patch) / rumqttd (echo) round trips: {:.2}",
+                f.rate() / b.rate()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,11 +1,13 @@
 //! `device-sim`: simulated fleets over MQTT.
 //!
-//! Today it has one verb, `bench`: the same load (same clients, payloads, QoS and counts)
-//! against a bare embedded rumqttd and against fleethub, in one run, printed side by side.
-//! This is the harness BENCHMARKS.md quotes.
+//! Verbs: `bench` runs the same telemetry load (same clients, payloads, QoS and counts)
+//! against a bare embedded rumqttd and against fleethub, in one run, side by side;
+//! `bench-twin` measures reported-property round trips the same way. These are the
+//! harnesses BENCHMARKS.md quotes.
 
 mod bench;
 mod load;
+mod roundtrip;
 mod targets;
 
 use clap::{Parser, Subcommand};
@@ -25,11 +27,14 @@ struct Cli {
 enum Command {
     /// Same load against bare rumqttd and fleethub, side by side
     Bench(bench::BenchArgs),
+    /// Reported-property round trips on fleethub beside an echo round trip on bare rumqttd
+    BenchTwin(bench::TwinBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::BenchTwin(args) => bench::run_twin(args),
     }
 }
