@@ -6,10 +6,16 @@
 //!   MQTT topics. The route language, sinks and store-and-forward queues build on it.
 //! - [`condition`]: the IoT Hub query language's expressions (twin queries, route `WHERE`
 //!   clauses, deployment target conditions): parse once, evaluate three-valued.
+//! - [`route`]: `FROM … WHERE … INTO …` parsed into typed routes; whole sets validated into
+//!   a [`route::RouteTable`].
+//! - [`context`]: how a message looks to a condition (`$body`, system and application
+//!   properties), the body parsed at most once per message.
 //!
 //! Nothing here opens a socket: the broker crate feeds messages in and delivers them out.
 
 pub mod condition;
+pub mod context;
 pub mod message;
+pub mod route;
 
 pub use message::{Message, PropertyBagError, SystemProperties};

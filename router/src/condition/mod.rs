@@ -12,7 +12,7 @@
 //! `$connectionDeviceId`); what they resolve to is up to the caller's [`Resolve`].
 
 mod eval;
-mod lexer;
+pub(crate) mod lexer;
 mod parser;
 pub mod query;
 
@@ -57,6 +57,21 @@ impl Condition {
         Ok(Condition {
             expr,
             source: src.to_string(),
+        })
+    }
+
+    /// Parses a condition from already-lexed tokens (a route's WHERE clause); `tokens` must
+    /// end with an `End` token placed where the clause ends.
+    pub(crate) fn from_tokens(
+        tokens: Vec<lexer::Spanned>,
+        source: &str,
+    ) -> Result<Condition, ParseError> {
+        let mut p = parser::Parser::new(tokens);
+        let expr = p.expression()?;
+        p.expect_end()?;
+        Ok(Condition {
+            expr,
+            source: source.to_string(),
         })
     }
 
