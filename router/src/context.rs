@@ -84,7 +84,7 @@ impl<'m> MessageContext<'m> {
 }
 
 fn decode_utf16(bytes: &[u8]) -> Option<String> {
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return None;
     }
     let big = bytes.starts_with(&[0xFE, 0xFF]);
@@ -102,7 +102,7 @@ fn decode_utf16(bytes: &[u8]) -> Option<String> {
 }
 
 fn decode_utf32(bytes: &[u8]) -> Option<String> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     let big = bytes.starts_with(&[0, 0, 0xFE, 0xFF]);
