@@ -33,6 +33,8 @@ pub enum ApiError {
     PreconditionFailed(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    #[error("route set refused: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    InvalidRoutes(Vec<fleethub_router::route::RouteError>),
     #[error("{0}")]
     Internal(String),
 }
@@ -64,6 +66,14 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::InvalidRoutes(errors) = &self {
+            let list: Vec<serde_json::Value> = errors
+                .iter()
+                .map(|e| json!({"name": e.name, "source": e.origin, "message": e.message, "column": e.column}))
+                .collect();
+            let body = json!({"error": "BadRequest", "message": self.to_string(), "errors": list});
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
         let (status, kind) = match &self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "Unauthorized"),
@@ -73,6 +83,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::PRECONDITION_FAILED, "PreconditionFailed")
             }
             ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            ApiError::InvalidRoutes(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         };
         (
@@ -119,6 +130,8 @@ pub fn router(hub: SharedHub) -> Router {
             axum::routing::post(module_method),
         )
         .route("/devices/{device}/messages", axum::routing::post(send_c2d))
+        .route("/routes", get(list_routes))
+        .route("/routes/check", axum::routing::post(check_route))
         .layer(middleware::from_fn_with_state(hub.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -176,6 +189,7 @@ struct CreateDevice {
     device_id: String,
     status: Option<Status>,
     authentication: Option<AuthenticationInput>,
+    capabilities: Option<crate::registry::Capabilities>,
 }
 
 #[derive(Deserialize)]
@@ -207,10 +221,11 @@ async fn create(
     key: IdentityKey,
     status: Option<Status>,
     auth: Option<AuthenticationInput>,
+    capabilities: crate::registry::Capabilities,
 ) -> ApiResult<Response> {
     let view = blocking(hub, move |h| {
         h.registry
-            .create(&key, status, auth)
+            .create_with(&key, status, auth, capabilities)
             .map(|i| h.registry.view(&i))
     })
     .await??;
@@ -223,7 +238,8 @@ async fn create_device(
 ) -> ApiResult<Response> {
     let Json(body) = body?;
     let key = device_key(&body.device_id)?;
-    create(&hub, key, body.status, body.authentication).await
+    let caps = body.capabilities.unwrap_or_default();
+    create(&hub, key, body.status, body.authentication, caps).await
 }
 
 async fn create_module(
@@ -233,7 +249,7 @@ async fn create_module(
 ) -> ApiResult<Response> {
     let Json(body) = body?;
     let key = module_key(&device, &body.module_id)?;
-    create(&hub, key, None, body.authentication).await
+    create(&hub, key, None, body.authentication, Default::default()).await
 }
 
 fn show(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<serde_json::Value>> {
@@ -449,6 +465,27 @@ async fn patch_twin(
         (Some(_), None) => "tags",
         _ => "desired",
     };
+    // Routes live in the $edgeHub twin: a desired change must leave a valid route set, or
+    // it is refused whole and the table in force stays.
+    let is_edge_hub = key.device == hub.config.hub_id
+        && key.module.as_ref().is_some_and(|m| m.as_str() == crate::routing::EDGE_HUB);
+    let _routes_guard = if is_edge_hub && desired.is_some() {
+        Some(hub.routing.update.lock().await)
+    } else {
+        None
+    };
+    let mut next_table = None;
+    if let (true, Some(patch)) = (is_edge_hub, &desired) {
+        let mut next = hub.twins.get(&key).desired.data.clone();
+        doc::merge(&mut next, &mut serde_json::Map::new(), patch, "", None);
+        match hub.routing.build(&next) {
+            Ok(table) => next_table = Some(table),
+            Err(errors) => {
+                hub.metrics.twin_patches.with_label_values(&[section, "bad_request"]).inc();
+                return Err(ApiError::InvalidRoutes(errors));
+            }
+        }
+    }
     let applied = hub
         .twins
         .apply(
@@ -479,6 +516,10 @@ async fn patch_twin(
         .twin_patches
         .with_label_values(&[section, "ok"])
         .inc();
+    if let Some(table) = next_table {
+        hub.routing.swap(table);
+        tracing::info!(routes = hub.routing.table().routes.len(), "route table replaced from the $edgeHub twin");
+    }
     if applied.desired_patch.is_some() {
         hub.publish_desired(&key, &applied.twin, applied.desired_patch.as_ref());
     }
@@ -715,4 +756,40 @@ async fn send_c2d(
         })),
     )
         .into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Routes
+
+async fn list_routes(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
+    let mut v = crate::routing::table_json(&hub.routing.table());
+    v["upstream"] = json!({
+        "enabled": hub.upstream.is_some(),
+        "connected": hub.upstream.as_ref().is_some_and(|u| u.is_connected()),
+    });
+    Json(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    route: String,
+}
+
+async fn check_route(body: Result<Json<CheckBody>, JsonRejection>) -> ApiResult<Response> {
+    let Json(body) = body?;
+    match fleethub_router::route::Route::parse(&body.route) {
+        Ok(r) => Ok(Json(json!({
+            "valid": true,
+            "source": format!("{:?}", r.source),
+            "condition": r.condition.as_ref().map(|c| c.source().to_string()),
+            "sink": r.sink.to_string(),
+        }))
+        .into_response()),
+        Err(e) => Ok((
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "BadRequest", "valid": false, "message": e.to_string(), "column": e.column})),
+        )
+            .into_response()),
+    }
 }

@@ -61,6 +61,9 @@ pub enum Command {
     /// Cloud-to-device messages
     #[command(subcommand)]
     C2d(C2dCmd),
+    /// Routes: the table in force, and checking an expression
+    #[command(subcommand)]
+    Route(RouteCmd),
     /// Print a SAS token for a device or module (the MQTT password)
     SasToken {
         device: String,
@@ -130,6 +133,10 @@ pub enum DeviceCmd {
         id: String,
         #[arg(long, value_parser = ["enabled", "disabled"])]
         status: Option<String>,
+        /// A gateway (IoT Edge device, child fleethub): messages it forwards keep their
+        /// original device and module ids
+        #[arg(long)]
+        edge: bool,
         #[command(flatten)]
         keys: KeyArgs,
     },
@@ -158,6 +165,14 @@ pub enum DeviceCmd {
     Delete {
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RouteCmd {
+    /// The routes in force and where each came from (config or the $edgeHub twin)
+    List,
+    /// Validate one route expression; prints the error with its column
+    Check { route: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -391,6 +406,54 @@ impl Client {
             Command::Device(cmd) => self.device(cmd).await,
             Command::Module(cmd) => self.module(cmd).await,
             Command::Twin(cmd) => self.twin(cmd).await,
+            Command::Route(RouteCmd::List) => {
+                let v = self.get("/routes").await?;
+                self.print(&v, |v| {
+                    let mut out = format!("{:<20} {:<9} {:>3} {:>8}  ROUTE", "NAME", "SOURCE", "PRI", "TTL_S");
+                    for r in v["routes"].as_array().into_iter().flatten() {
+                        out += &format!(
+                            "\n{:<20} {:<9} {:>3} {:>8}  {}",
+                            r["name"].as_str().unwrap_or(""),
+                            r["source"].as_str().unwrap_or(""),
+                            r["priority"],
+                            r["timeToLiveSecs"],
+                            r["route"].as_str().unwrap_or("")
+                        );
+                    }
+                    out += &format!(
+                        "\nupstream: {}",
+                        match (v["upstream"]["enabled"].as_bool(), v["upstream"]["connected"].as_bool()) {
+                            (Some(true), Some(true)) => "connected",
+                            (Some(true), _) => "disconnected",
+                            _ => "not configured",
+                        }
+                    );
+                    out
+                });
+                Ok(())
+            }
+            Command::Route(RouteCmd::Check { route }) => {
+                let url = format!("{}/routes/check", self.base);
+                let resp = self
+                    .http
+                    .post(&url)
+                    .bearer_auth(&self.token)
+                    .json(&json!({ "route": route }))
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                if v["valid"].as_bool() == Some(true) {
+                    self.print(&v, |v| format!("valid: {} -> {}", v["source"].as_str().unwrap_or(""), v["sink"].as_str().unwrap_or("")));
+                    Ok(())
+                } else {
+                    let column = v["column"].as_u64().unwrap_or(1) as usize;
+                    if self.output == Output::Text {
+                        eprintln!("{route}\n{}^", " ".repeat(column.saturating_sub(1)));
+                    }
+                    bail!("{}", v["message"].as_str().unwrap_or("invalid route"))
+                }
+            }
             Command::Method(MethodCmd::Invoke {
                 device,
                 method,
@@ -533,8 +596,11 @@ impl Client {
 
     async fn device(&self, cmd: &DeviceCmd) -> Result<()> {
         match cmd {
-            DeviceCmd::Create { id, status, keys } => {
+            DeviceCmd::Create { id, status, edge, keys } => {
                 let mut body = json!({ "deviceId": id });
+                if *edge {
+                    body["capabilities"] = json!({ "iotEdge": true });
+                }
                 if let Some(s) = status {
                     body["status"] = json!(s);
                 }

@@ -22,6 +22,12 @@ pub enum ConfigError {
     Address { key: &'static str, value: String },
     #[error("config keys tls.cert and tls.key must be set together")]
     TlsPair,
+    #[error("config key hub.id: {0}")]
+    HubId(String),
+    #[error("config [routes].{name}: {message}")]
+    Route { name: String, message: String },
+    #[error("config [upstream]: {0}")]
+    Upstream(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -32,11 +38,40 @@ struct FileConfig {
     tls: TlsSection,
     mqtt: MqttSection,
     router: RouterSection,
+    routing: RoutingSection,
+    #[serde(default)]
+    routes: toml::Table,
+    upstream: UpstreamSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingSection {
+    pub detect_json_bodies: bool,
+    pub time_to_live_secs: u64,
+}
+
+/// `[upstream]`: the bridge `INTO $upstream` uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub enabled: bool,
+    pub address: String,
+    pub tls: bool,
+    pub ca: String,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub device_key: String,
+    pub sas_hostname: String,
+    pub topic: String,
+    pub buffer_messages: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HubSection {
+    id: String,
     hostname: String,
     data_dir: PathBuf,
 }
@@ -83,6 +118,8 @@ pub struct Overrides {
 /// The checked configuration the hub runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The hub's own device id.
+    pub hub_id: crate::identity::DeviceId,
     pub hostname: String,
     pub data_dir: PathBuf,
     pub mqtt: Option<SocketAddr>,
@@ -92,6 +129,10 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub limits: MqttSection,
     pub router: RouterSection,
+    pub routing: RoutingSection,
+    /// Routes from `[routes]`, parsed and checked when the hub starts.
+    pub routes: Vec<fleethub_router::route::RouteSpec>,
+    pub upstream: UpstreamSection,
 }
 
 impl Config {
@@ -153,7 +194,13 @@ impl Config {
             (false, false) => Some((file.tls.cert.into(), file.tls.key.into())),
             _ => return Err(ConfigError::TlsPair),
         };
+        let hub_id = crate::identity::DeviceId::new(&file.hub.id).map_err(|e| ConfigError::HubId(e.to_string()))?;
+        let routes = route_specs(&file.routes)?;
+        if file.upstream.enabled && file.upstream.address.is_empty() {
+            return Err(ConfigError::Upstream("enabled without an address".into()));
+        }
         Ok(Config {
+            hub_id,
             hostname: file.hub.hostname,
             data_dir: o.data_dir.clone().unwrap_or(file.hub.data_dir),
             mqtt,
@@ -162,8 +209,53 @@ impl Config {
             tls,
             limits: file.mqtt,
             router: file.router,
+            routing: file.routing,
+            routes,
+            upstream: file.upstream,
         })
     }
+}
+
+/// `name = "FROM …"` or `name = { route = "FROM …", priority = 0, timeToLiveSecs = 7200 }`.
+fn route_specs(table: &toml::Table) -> Result<Vec<fleethub_router::route::RouteSpec>, ConfigError> {
+    let mut specs = Vec::new();
+    for (name, value) in table {
+        let err = |message: &str| ConfigError::Route {
+            name: name.clone(),
+            message: message.to_string(),
+        };
+        let (text, priority, ttl) = match value {
+            toml::Value::String(s) => (s.clone(), 0, None),
+            toml::Value::Table(t) => {
+                for key in t.keys() {
+                    if !["route", "priority", "timeToLiveSecs"].contains(&key.as_str()) {
+                        return Err(err(&format!("unknown key '{key}' (route, priority, timeToLiveSecs)")));
+                    }
+                }
+                let text = t.get("route").and_then(|v| v.as_str()).ok_or_else(|| err("needs route = \"FROM …\""))?;
+                let priority = match t.get("priority") {
+                    None => 0,
+                    Some(toml::Value::Integer(p)) if (0..=9).contains(p) => *p as u8,
+                    Some(_) => return Err(err("priority must be an integer 0..9")),
+                };
+                let ttl = match t.get("timeToLiveSecs") {
+                    None => None,
+                    Some(toml::Value::Integer(s)) if *s > 0 => Some(*s as u64),
+                    Some(_) => return Err(err("timeToLiveSecs must be a positive integer")),
+                };
+                (text.to_string(), priority, ttl)
+            }
+            _ => return Err(err("must be a route string or a table")),
+        };
+        specs.push(fleethub_router::route::RouteSpec {
+            name: name.clone(),
+            text,
+            priority,
+            ttl_secs: ttl,
+            origin: "config".into(),
+        });
+    }
+    Ok(specs)
 }
 
 fn merge(base: &mut toml::Table, user: toml::Table) {
@@ -210,6 +302,26 @@ mod tests {
         std::fs::write(&file, "[hub]\nhostnme = \"x\"\n").unwrap();
         let err = Config::load(Some(&file), &o).unwrap_err().to_string();
         assert!(err.contains("hostnme"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn routes_come_in_both_forms() {
+        let dir = std::env::temp_dir().join(format!("fh-cfg-routes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[routes]\nall = \"FROM /* INTO $upstream\"\nhot = { route = \"FROM /messages/* INTO $upstream\", priority = 2, timeToLiveSecs = 60 }\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(c.routes.len(), 2);
+        let hot = c.routes.iter().find(|r| r.name == "hot").unwrap();
+        assert_eq!((hot.priority, hot.ttl_secs), (2, Some(60)));
+        std::fs::write(&file, "[routes]\nx = { route = \"FROM /*\", priority = 12 }\n").unwrap();
+        let err = Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("[routes].x") && err.contains("priority"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

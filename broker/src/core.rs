@@ -130,6 +130,28 @@ impl HubLink {
     }
 }
 
+impl HubLink {
+    /// Publishes several messages at QoS 1 with one wake-up of the router.
+    pub fn publish_batch(&self, batch: Vec<(String, bytes::Bytes)>) -> Result<(), CoreError> {
+        let mut packets: Vec<Packet> = batch
+            .into_iter()
+            .map(|(topic, payload)| {
+                let pkid = match self.next_pkid.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                    0 => 1,
+                    n => n,
+                };
+                Packet::Publish(publish_with(&topic, &payload, QoS::AtLeastOnce, pkid, false), None)
+            })
+            .collect();
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.buffer().extend(packets);
+        futures_ready(tx.send(last)).map(|_| ())
+    }
+}
+
 /// `LinkTx::send` is `async` in name only; complete it with one poll.
 fn futures_ready<T>(
     fut: impl std::future::Future<Output = Result<T, LinkError>>,

@@ -10,6 +10,8 @@
 //! - [`twin`]: device and module twins (merge patches, metadata, group-committed store).
 //! - [`methods`]: direct method calls awaiting device replies; [`c2d`]: the durable
 //!   cloud-to-device queue.
+//! - [`routing`]: the route table in force (config and `$edgeHub` twin) and dispatch;
+//!   [`upstream`]: the `$upstream` bridge.
 //! - [`api`]: the management HTTP API and `/metrics`; [`metrics`]: what it exports.
 //! - [`server`]: startup and shutdown (`run(config, shutdown)`); [`config`]: settings;
 //!   [`tls`]: certificates; [`hub`]: state shared by the front end and the API.
@@ -26,11 +28,13 @@ pub mod methods;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
+pub mod routing;
 pub mod sas;
 pub mod server;
 pub mod tls;
 pub mod topics;
 pub mod twin;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::run;

@@ -25,6 +25,14 @@ pub struct Metrics {
     pub method_calls: IntCounterVec,
     /// C2D messages by `event` (queued, delivered, expired).
     pub c2d_messages: IntCounterVec,
+    /// Messages a route matched, by `route`.
+    pub route_matched: IntCounterVec,
+    /// Route conditions that did not evaluate to a boolean (undefined), by `route`.
+    pub route_condition_errors: IntCounterVec,
+    /// Routed messages by `sink` and `result` (delivered, dropped).
+    pub sink_messages: IntCounterVec,
+    /// 1 while the upstream bridge is connected.
+    pub upstream_connected: IntGauge,
     /// Resident set size, refreshed on every scrape.
     resident_memory: IntGauge,
 }
@@ -105,6 +113,26 @@ impl Metrics {
             &["event"],
         )
         .expect("valid metric");
+        let route_matched = IntCounterVec::new(
+            Opts::new("fleethub_route_matched_total", "Messages a route matched, by route"),
+            &["route"],
+        )
+        .expect("valid metric");
+        let route_condition_errors = IntCounterVec::new(
+            Opts::new(
+                "fleethub_route_condition_errors_total",
+                "Route conditions that evaluated to undefined or a non-boolean, by route",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        let sink_messages = IntCounterVec::new(
+            Opts::new("fleethub_sink_messages_total", "Routed messages by sink and result"),
+            &["sink", "result"],
+        )
+        .expect("valid metric");
+        let upstream_connected = IntGauge::new("fleethub_upstream_connected", "1 while the upstream bridge is connected")
+            .expect("valid metric");
         let resident_memory = IntGauge::new(
             "fleethub_process_resident_memory_bytes",
             "Resident memory of the hub process",
@@ -122,6 +150,10 @@ impl Metrics {
             Box::new(desired_pushes.clone()),
             Box::new(method_calls.clone()),
             Box::new(c2d_messages.clone()),
+            Box::new(route_matched.clone()),
+            Box::new(route_condition_errors.clone()),
+            Box::new(sink_messages.clone()),
+            Box::new(upstream_connected.clone()),
             Box::new(resident_memory.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -139,6 +171,10 @@ impl Metrics {
             desired_pushes,
             method_calls,
             c2d_messages,
+            route_matched,
+            route_condition_errors,
+            sink_messages,
+            upstream_connected,
             resident_memory,
         }
     }

@@ -309,9 +309,15 @@ pub async fn connection<S>(
         code: ConnectReturnCode::Success,
     };
     let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
+    let gateway = match &principal {
+        Principal::Identity(key) => hub.registry.get(key).is_some_and(|i| i.capabilities.iot_edge),
+        Principal::Service => false,
+    };
     let mut session = Session {
         hub: hub.clone(),
         conn_id,
+        gateway,
+        routed: Vec::new(),
         telemetry_topic: match &principal {
             Principal::Identity(key) => topics::telemetry_topic(key),
             Principal::Service => String::new(),
@@ -346,6 +352,15 @@ pub async fn connection<S>(
     drop(session);
 }
 
+/// The original sender named in a gateway-forwarded message's `$.cdid` / `$.cmid`.
+fn forwarded_sender(message: &Message) -> Option<IdentityKey> {
+    let device = crate::identity::DeviceId::new(message.system.connection_device_id.as_deref()?).ok()?;
+    match message.system.connection_module_id.as_deref() {
+        Some(m) => Some(IdentityKey::module(device, crate::identity::ModuleId::new(m).ok()?)),
+        None => Some(IdentityKey::device(device)),
+    }
+}
+
 /// Forgets a connection in the live table, if it is still the current one for its id.
 fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
     if let Principal::Identity(key) = principal {
@@ -368,6 +383,10 @@ fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
 struct Session {
     hub: SharedHub,
     conn_id: u64,
+    /// An `iotEdge` identity: its messages may carry the original sender's ids.
+    gateway: bool,
+    /// Routed copies (module inputs) gathered while reading, handed to the router in one go.
+    routed: Vec<(String, bytes::Bytes)>,
     principal: Principal,
     /// Internal topic of this identity's telemetry, computed once.
     telemetry_topic: String,
@@ -530,6 +549,11 @@ impl Session {
             }
         };
         self.send_to_router(to_router).await?;
+        if !self.routed.is_empty() {
+            if let Err(e) = self.hub.link.publish_batch(std::mem::take(&mut self.routed)) {
+                warn!(error = %e, "could not hand routed messages to the router");
+            }
+        }
         result.map(|()| any)
     }
 
@@ -596,22 +620,27 @@ impl Session {
                                 return Err("bad property bag");
                             }
                         };
-                        // Connection ids come from authentication, never from the client.
-                        message.system.connection_device_id = Some(key.device.to_string());
-                        message.system.connection_module_id =
-                            key.module.as_ref().map(|m| m.to_string());
+                        // Connection ids come from authentication, never from the client;
+                        // only a gateway may forward another sender's ids.
+                        let forwarded = self.gateway && message.system.connection_device_id.is_some();
+                        if !forwarded {
+                            message.system.connection_device_id = Some(key.device.to_string());
+                            message.system.connection_module_id = key.module.as_ref().map(|m| m.to_string());
+                        }
                         message.system.enqueued_time = Some(crate::registry::now_rfc3339());
+                        let sender = if forwarded { forwarded_sender(&message).unwrap_or_else(|| key.clone()) } else { key.clone() };
+                        let origin = self.hub.origin(&sender, message.system.output_name.as_deref());
+                        let routed = self.hub.dispatch(&message, &origin, false);
+                        self.routed.extend(routed);
                         let Some(payload) = envelope::pack(&message.to_bag(), &message.body) else {
                             self.protocol_error("bad_property_bag");
                             return Err("property bag too long");
                         };
                         self.hub.metrics.telemetry_messages.inc();
-                        self.hub
-                            .metrics
-                            .telemetry_bytes
-                            .inc_by(message.body.len() as u64);
+                        self.hub.metrics.telemetry_bytes.inc_by(message.body.len() as u64);
                         self.hub.registry.touch(key);
-                        publish.topic = self.telemetry_topic.clone().into();
+                        let topic = if forwarded { topics::telemetry_topic(&sender) } else { self.telemetry_topic.clone() };
+                        publish.topic = topic.into();
                         publish.payload = payload;
                         publish.retain = false;
                         to_router.push(Packet::Publish(publish, None));
@@ -700,7 +729,7 @@ impl Session {
                 return;
             }
         };
-        let committed = self.hub.twins.submit(key.clone(), TwinOp::Reported(patch));
+        let committed = self.hub.twins.submit(key.clone(), TwinOp::Reported(patch.clone()));
         let (hub, query) = (self.hub.clone(), query.to_string());
         tokio::spawn(async move {
             match committed.await {

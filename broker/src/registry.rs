@@ -92,6 +92,17 @@ pub struct Identity {
     pub created_time: String,
     #[serde(default)]
     pub last_activity_time: Option<String>,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+}
+
+/// IoT Hub's device capabilities. An `iotEdge` device is a gateway: messages it forwards keep
+/// the original device and module ids they carry (a nested fleethub, an IoT Edge device).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    #[serde(default)]
+    pub iot_edge: bool,
 }
 
 /// What the API returns: the record plus runtime connection state.
@@ -110,6 +121,7 @@ pub struct IdentityUpdate {
     pub status: Option<Status>,
     pub status_reason: Option<String>,
     pub authentication: Option<AuthenticationInput>,
+    pub capabilities: Option<Capabilities>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -241,6 +253,16 @@ impl Registry {
         status: Option<Status>,
         auth: Option<AuthenticationInput>,
     ) -> Result<Identity, RegistryError> {
+        self.create_with(key, status, auth, Capabilities::default())
+    }
+
+    pub fn create_with(
+        &self,
+        key: &IdentityKey,
+        status: Option<Status>,
+        auth: Option<AuthenticationInput>,
+        capabilities: Capabilities,
+    ) -> Result<Identity, RegistryError> {
         let _writer = self.lock();
         if self.cache.contains_key(key) {
             return Err(RegistryError::Exists(describe(key)));
@@ -262,6 +284,7 @@ impl Registry {
             authentication: auth_from(auth)?,
             created_time: now_rfc3339(),
             last_activity_time: None,
+            capabilities,
         };
         self.put(key, &identity)?;
         Ok(identity)
@@ -307,6 +330,9 @@ impl Registry {
         }
         if update.status_reason.is_some() {
             next.status_reason = update.status_reason;
+        }
+        if let Some(c) = update.capabilities {
+            next.capabilities = c;
         }
         if let Some(auth) = update.authentication {
             let keys = auth.symmetric_key.clone().unwrap_or_default();

@@ -40,6 +40,8 @@ pub enum ServerError {
     Registry(#[from] RegistryError),
     #[error("store: {0}")]
     Store(String),
+    #[error("invalid routes: {0}")]
+    Routes(String),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
 }
@@ -106,11 +108,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
+    // The hub is a device in its own registry, with the $edgeHub module whose twin has routes.
+    let hub_key = crate::identity::IdentityKey::device(config.hub_id.clone());
+    let edge_key = crate::identity::IdentityKey::module(
+        config.hub_id.clone(),
+        crate::identity::ModuleId::new(crate::routing::EDGE_HUB).map_err(|e| ServerError::Store(e.to_string()))?,
+    );
+    for key in [&hub_key, &edge_key] {
+        if stores.registry.get(key).is_none() {
+            let caps = crate::registry::Capabilities { iot_edge: key.module.is_none() };
+            stores.registry.create_with(key, None, None, caps)?;
+        }
+    }
+    let edge_desired = stores.twins.get(&edge_key).desired.data.clone();
+    let routing = crate::routing::Routing::new(
+        config.routes.clone(),
+        config.routing.time_to_live_secs,
+        config.routing.detect_json_bodies,
+        &edge_desired,
+    )
+    .map_err(|errors| ServerError::Routes(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let upstream = if config.upstream.enabled {
+        Some(
+            crate::upstream::Upstream::start(&config.upstream, config.hub_id.as_str(), metrics.clone())
+                .map_err(|e| ServerError::Store(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let core = Core::start(config.limits.max_connections, &config.router);
     let link = HubLink::open(&core)
         .await
         .map_err(|e| ServerError::Store(e.to_string()))?;
-    let hub = Arc::new(Hub::new(config.clone(), stores, core, link, admin_token));
+    let hub = Arc::new(Hub::new(config.clone(), stores, core, link, admin_token, routing, upstream, metrics));
     // rumqttd keeps nothing across restarts: put every identity's desired state back.
     for (key, twin) in hub.twins.all() {
         hub.publish_desired_state(&key, &twin);

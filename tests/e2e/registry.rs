@@ -133,7 +133,8 @@ async fn list_pages_and_cli_json_output() {
     );
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["items"].as_array().unwrap().len(), 6);
+    // Five devices, cli1, and the hub's own device ("fleethub").
+    assert_eq!(v["items"].as_array().unwrap().len(), 7);
     let (ok, out, _) = cli(
         &hub,
         &[

@@ -394,13 +394,15 @@ async fn twin_queries_over_tags_reported_and_modules() {
     let (_, v) =
         q("SELECT COUNT() AS n FROM devices WHERE tags.location.region IN ['US', 'EU']").await;
     assert_eq!(v["items"][0]["n"], 3);
+    // us1/m and the hub's own fleethub/$edgeHub.
     let (_, v) = q("SELECT COUNT() AS n FROM devices.modules").await;
-    assert_eq!(v["items"][0]["n"], 1);
+    assert_eq!(v["items"][0]["n"], 2);
     let (_, v) = q(
         "SELECT * FROM devices WHERE NOT IS_DEFINED(tags.location) OR properties.reported.fw < 2",
     )
     .await;
-    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    // us2 (fw 1) and the hub's own untagged device.
+    assert_eq!(v["items"].as_array().unwrap().len(), 2);
     let (s, v) = q("SELECT * FROM devices WHERE tags.location.region = ").await;
     assert_eq!(s, 400);
     assert!(v["message"].as_str().unwrap().contains("column 52"), "{v}");

@@ -1,0 +1,258 @@
+//! The route table in force and message dispatch.
+//!
+//! Routes come from the config's `[routes]` and from the desired properties of the hub's
+//! `$edgeHub` module twin (schema 1.0 string routes, 1.1 route objects with `priority` and
+//! `timeToLiveSecs`, and `storeAndForwardConfiguration.timeToLiveSecs`). A new set is built
+//! whole and swapped in atomically, so connections and messages in flight never notice; an
+//! invalid set is refused with every error and the old table stays.
+
+use std::sync::{Arc, RwLock};
+
+use fleethub_router::context::MessageContext;
+use fleethub_router::route::{Origin, RouteError, RouteSpec, RouteTable, Sink};
+use fleethub_router::Message;
+use serde_json::{Map, Value};
+
+/// The module whose twin carries routes.
+pub const EDGE_HUB: &str = "$edgeHub";
+
+pub struct Routing {
+    table: RwLock<Arc<RouteTable>>,
+    config_routes: Vec<RouteSpec>,
+    config_ttl: u64,
+    detect_json: bool,
+    /// Serialises $edgeHub updates: validate and swap as one step.
+    pub update: tokio::sync::Mutex<()>,
+}
+
+/// A sink a message must go to, and the route that sent it there.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub route: String,
+    pub sink: Sink,
+    pub priority: u8,
+    pub ttl_secs: u64,
+}
+
+impl Routing {
+    /// Builds the table from config routes and the `$edgeHub` desired properties.
+    pub fn new(config_routes: Vec<RouteSpec>, config_ttl: u64, detect_json: bool, edge_hub: &Map<String, Value>) -> Result<Routing, Vec<RouteError>> {
+        let routing = Routing {
+            table: RwLock::new(Arc::new(RouteTable::default())),
+            config_routes,
+            config_ttl,
+            detect_json,
+            update: tokio::sync::Mutex::new(()),
+        };
+        let table = routing.build(edge_hub)?;
+        routing.swap(table);
+        Ok(routing)
+    }
+
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Builds (without installing) the table for these `$edgeHub` desired properties.
+    pub fn build(&self, edge_hub: &Map<String, Value>) -> Result<RouteTable, Vec<RouteError>> {
+        let (twin_routes, twin_ttl) = edge_hub_routes(edge_hub)?;
+        let mut specs: Vec<RouteSpec> = self
+            .config_routes
+            .iter()
+            .filter(|c| !twin_routes.iter().any(|t| t.name == c.name))
+            .cloned()
+            .collect();
+        specs.extend(twin_routes);
+        RouteTable::build(specs, twin_ttl.unwrap_or(self.config_ttl))
+    }
+
+    pub fn swap(&self, table: RouteTable) {
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+
+    /// Every sink `message` goes to under the table in force, one per matching route.
+    /// `on_undefined` is told of routes whose condition was not a boolean.
+    pub fn route(&self, message: &Message, origin: &Origin<'_>, twin_change: bool, mut on_undefined: impl FnMut(&str)) -> Vec<Delivery> {
+        let table = self.table();
+        if table.routes.is_empty() {
+            return Vec::new();
+        }
+        let ctx = MessageContext::new(message, self.detect_json, twin_change);
+        let mut out = Vec::new();
+        for r in &table.routes {
+            if !r.route.source.matches(origin) {
+                continue;
+            }
+            if let Some(c) = &r.route.condition {
+                match c.evaluate(&ctx) {
+                    Some(Value::Bool(true)) => {}
+                    Some(Value::Bool(false)) => continue,
+                    _ => {
+                        on_undefined(&r.spec.name);
+                        continue;
+                    }
+                }
+            }
+            out.push(Delivery {
+                route: r.spec.name.clone(),
+                sink: r.route.sink.clone(),
+                priority: r.spec.priority,
+                ttl_secs: r.spec.ttl_secs.unwrap_or(table.default_ttl_secs),
+            });
+        }
+        out
+    }
+}
+
+/// Reads routes from `$edgeHub` desired properties.
+pub fn edge_hub_routes(desired: &Map<String, Value>) -> Result<(Vec<RouteSpec>, Option<u64>), Vec<RouteError>> {
+    let mut errors = Vec::new();
+    let mut specs = Vec::new();
+    let err = |name: &str, message: String| RouteError {
+        name: name.to_string(),
+        origin: EDGE_HUB.into(),
+        message,
+        column: None,
+    };
+    if let Some(routes) = desired.get("routes") {
+        let Value::Object(routes) = routes else {
+            return Err(vec![err("routes", "properties.desired.routes must be an object".into())]);
+        };
+        for (name, v) in routes {
+            match v {
+                Value::String(text) => specs.push(RouteSpec {
+                    name: name.clone(),
+                    text: text.clone(),
+                    priority: 0,
+                    ttl_secs: None,
+                    origin: EDGE_HUB.into(),
+                }),
+                Value::Object(o) => {
+                    let Some(text) = o.get("route").and_then(|t| t.as_str()) else {
+                        errors.push(err(name, "a route object needs \"route\": \"FROM …\"".into()));
+                        continue;
+                    };
+                    let priority = match o.get("priority") {
+                        None => 0,
+                        Some(p) => match p.as_u64().filter(|p| *p <= 9) {
+                            Some(p) => p as u8,
+                            None => {
+                                errors.push(err(name, format!("priority {p} is not an integer 0..9")));
+                                continue;
+                            }
+                        },
+                    };
+                    let ttl = match o.get("timeToLiveSecs") {
+                        None => None,
+                        Some(t) => match t.as_u64().filter(|t| *t > 0) {
+                            Some(t) => Some(t),
+                            None => {
+                                errors.push(err(name, format!("timeToLiveSecs {t} is not a positive integer")));
+                                continue;
+                            }
+                        },
+                    };
+                    specs.push(RouteSpec {
+                        name: name.clone(),
+                        text: text.to_string(),
+                        priority,
+                        ttl_secs: ttl,
+                        origin: EDGE_HUB.into(),
+                    });
+                }
+                other => errors.push(err(name, format!("a route must be a string or an object, found {other}"))),
+            }
+        }
+    }
+    let ttl = match desired.get("storeAndForwardConfiguration").and_then(|s| s.get("timeToLiveSecs")) {
+        None => None,
+        Some(t) => match t.as_u64().filter(|t| *t > 0) {
+            Some(t) => Some(t),
+            None => {
+                errors.push(err("storeAndForwardConfiguration", format!("timeToLiveSecs {t} is not a positive integer")));
+                None
+            }
+        },
+    };
+    // Validate route texts too, so every error of the set is reported at once.
+    if let Err(route_errors) = RouteTable::build(specs.clone(), 1) {
+        errors.extend(route_errors);
+    }
+    if errors.is_empty() {
+        Ok((specs, ttl))
+    } else {
+        Err(errors)
+    }
+}
+
+/// The JSON the API and CLI show for the table in force.
+pub fn table_json(table: &RouteTable) -> Value {
+    let routes: Vec<Value> = table
+        .routes
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.spec.name,
+                "route": r.spec.text,
+                "priority": r.spec.priority,
+                "timeToLiveSecs": r.spec.ttl_secs.unwrap_or(table.default_ttl_secs),
+                "source": r.spec.origin,
+                "sink": r.route.sink.to_string(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "routes": routes, "defaultTimeToLiveSecs": table.default_ttl_secs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn edge_hub_schemas_1_0_and_1_1() {
+        let (specs, ttl) = edge_hub_routes(&obj(json!({
+            "schemaVersion": "1.1",
+            "routes": {
+                "plain": "FROM /* INTO $upstream",
+                "rich": {"route": "FROM /messages/* INTO $upstream", "priority": 3, "timeToLiveSecs": 60}
+            },
+            "storeAndForwardConfiguration": {"timeToLiveSecs": 100}
+        })))
+        .unwrap();
+        assert_eq!(ttl, Some(100));
+        let rich = specs.iter().find(|s| s.name == "rich").unwrap();
+        assert_eq!((rich.priority, rich.ttl_secs), (3, Some(60)));
+    }
+
+    #[test]
+    fn every_error_of_a_set_is_listed() {
+        let errors = edge_hub_routes(&obj(json!({
+            "routes": {
+                "a": "FROM /* INTO nowhere",
+                "b": {"route": "FROM /* INTO $upstream", "priority": 12},
+                "c": 5,
+                "d": "FROM /* INTO $upstream"
+            }
+        })))
+        .unwrap_err();
+        let names: Vec<&str> = errors.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names.len(), 3, "{errors:?}");
+        assert!(names.contains(&"a") && names.contains(&"b") && names.contains(&"c"));
+    }
+
+    #[test]
+    fn twin_routes_override_config_routes_of_the_same_name() {
+        let config = vec![RouteSpec { name: "r".into(), text: "FROM /* INTO $upstream".into(), priority: 0, ttl_secs: None, origin: "config".into() }];
+        let routing = Routing::new(config, 7200, false, &Map::new()).unwrap();
+        assert_eq!(routing.table().routes[0].spec.origin, "config");
+        let table = routing.build(&obj(json!({"routes": {"r": "FROM /messages/* INTO $upstream"}}))).unwrap();
+        routing.swap(table);
+        assert_eq!(routing.table().routes.len(), 1);
+        assert_eq!(routing.table().routes[0].spec.origin, EDGE_HUB);
+    }
+}
