@@ -468,7 +468,10 @@ async fn patch_twin(
     // Routes live in the $edgeHub twin: a desired change must leave a valid route set, or
     // it is refused whole and the table in force stays.
     let is_edge_hub = key.device == hub.config.hub_id
-        && key.module.as_ref().is_some_and(|m| m.as_str() == crate::routing::EDGE_HUB);
+        && key
+            .module
+            .as_ref()
+            .is_some_and(|m| m.as_str() == crate::routing::EDGE_HUB);
     let _routes_guard = if is_edge_hub && desired.is_some() {
         Some(hub.routing.update.lock().await)
     } else {
@@ -481,7 +484,10 @@ async fn patch_twin(
         match hub.routing.build(&next) {
             Ok(table) => next_table = Some(table),
             Err(errors) => {
-                hub.metrics.twin_patches.with_label_values(&[section, "bad_request"]).inc();
+                hub.metrics
+                    .twin_patches
+                    .with_label_values(&[section, "bad_request"])
+                    .inc();
                 return Err(ApiError::InvalidRoutes(errors));
             }
         }
@@ -518,7 +524,10 @@ async fn patch_twin(
         .inc();
     if let Some(table) = next_table {
         hub.routing.swap(table);
-        tracing::info!(routes = hub.routing.table().routes.len(), "route table replaced from the $edgeHub twin");
+        tracing::info!(
+            routes = hub.routing.table().routes.len(),
+            "route table replaced from the $edgeHub twin"
+        );
     }
     if applied.desired_patch.is_some() {
         hub.publish_desired(&key, &applied.twin, applied.desired_patch.as_ref());

@@ -409,7 +409,10 @@ impl Client {
             Command::Route(RouteCmd::List) => {
                 let v = self.get("/routes").await?;
                 self.print(&v, |v| {
-                    let mut out = format!("{:<20} {:<9} {:>3} {:>8}  ROUTE", "NAME", "SOURCE", "PRI", "TTL_S");
+                    let mut out = format!(
+                        "{:<20} {:<9} {:>3} {:>8}  ROUTE",
+                        "NAME", "SOURCE", "PRI", "TTL_S"
+                    );
                     for r in v["routes"].as_array().into_iter().flatten() {
                         out += &format!(
                             "\n{:<20} {:<9} {:>3} {:>8}  {}",
@@ -422,7 +425,10 @@ impl Client {
                     }
                     out += &format!(
                         "\nupstream: {}",
-                        match (v["upstream"]["enabled"].as_bool(), v["upstream"]["connected"].as_bool()) {
+                        match (
+                            v["upstream"]["enabled"].as_bool(),
+                            v["upstream"]["connected"].as_bool()
+                        ) {
                             (Some(true), Some(true)) => "connected",
                             (Some(true), _) => "disconnected",
                             _ => "not configured",
@@ -444,7 +450,13 @@ impl Client {
                     .with_context(|| format!("cannot reach the hub at {}", self.base))?;
                 let v: Value = resp.json().await.unwrap_or(Value::Null);
                 if v["valid"].as_bool() == Some(true) {
-                    self.print(&v, |v| format!("valid: {} -> {}", v["source"].as_str().unwrap_or(""), v["sink"].as_str().unwrap_or("")));
+                    self.print(&v, |v| {
+                        format!(
+                            "valid: {} -> {}",
+                            v["source"].as_str().unwrap_or(""),
+                            v["sink"].as_str().unwrap_or("")
+                        )
+                    });
                     Ok(())
                 } else {
                     let column = v["column"].as_u64().unwrap_or(1) as usize;
@@ -596,7 +608,12 @@ impl Client {
 
     async fn device(&self, cmd: &DeviceCmd) -> Result<()> {
         match cmd {
-            DeviceCmd::Create { id, status, edge, keys } => {
+            DeviceCmd::Create {
+                id,
+                status,
+                edge,
+                keys,
+            } => {
                 let mut body = json!({ "deviceId": id });
                 if *edge {
                     body["capabilities"] = json!({ "iotEdge": true });

@@ -194,7 +194,8 @@ impl Config {
             (false, false) => Some((file.tls.cert.into(), file.tls.key.into())),
             _ => return Err(ConfigError::TlsPair),
         };
-        let hub_id = crate::identity::DeviceId::new(&file.hub.id).map_err(|e| ConfigError::HubId(e.to_string()))?;
+        let hub_id = crate::identity::DeviceId::new(&file.hub.id)
+            .map_err(|e| ConfigError::HubId(e.to_string()))?;
         let routes = route_specs(&file.routes)?;
         if file.upstream.enabled && file.upstream.address.is_empty() {
             return Err(ConfigError::Upstream("enabled without an address".into()));
@@ -229,10 +230,15 @@ fn route_specs(table: &toml::Table) -> Result<Vec<fleethub_router::route::RouteS
             toml::Value::Table(t) => {
                 for key in t.keys() {
                     if !["route", "priority", "timeToLiveSecs"].contains(&key.as_str()) {
-                        return Err(err(&format!("unknown key '{key}' (route, priority, timeToLiveSecs)")));
+                        return Err(err(&format!(
+                            "unknown key '{key}' (route, priority, timeToLiveSecs)"
+                        )));
                     }
                 }
-                let text = t.get("route").and_then(|v| v.as_str()).ok_or_else(|| err("needs route = \"FROM …\""))?;
+                let text = t
+                    .get("route")
+                    .and_then(|v| v.as_str())
+                    .ok_or_else(|| err("needs route = \"FROM …\""))?;
                 let priority = match t.get("priority") {
                     None => 0,
                     Some(toml::Value::Integer(p)) if (0..=9).contains(p) => *p as u8,
@@ -319,9 +325,18 @@ mod tests {
         assert_eq!(c.routes.len(), 2);
         let hot = c.routes.iter().find(|r| r.name == "hot").unwrap();
         assert_eq!((hot.priority, hot.ttl_secs), (2, Some(60)));
-        std::fs::write(&file, "[routes]\nx = { route = \"FROM /*\", priority = 12 }\n").unwrap();
-        let err = Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string();
-        assert!(err.contains("[routes].x") && err.contains("priority"), "{err}");
+        std::fs::write(
+            &file,
+            "[routes]\nx = { route = \"FROM /*\", priority = 12 }\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&file), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[routes].x") && err.contains("priority"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

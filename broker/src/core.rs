@@ -136,11 +136,17 @@ impl HubLink {
         let mut packets: Vec<Packet> = batch
             .into_iter()
             .map(|(topic, payload)| {
-                let pkid = match self.next_pkid.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                let pkid = match self
+                    .next_pkid
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                {
                     0 => 1,
                     n => n,
                 };
-                Packet::Publish(publish_with(&topic, &payload, QoS::AtLeastOnce, pkid, false), None)
+                Packet::Publish(
+                    publish_with(&topic, &payload, QoS::AtLeastOnce, pkid, false),
+                    None,
+                )
             })
             .collect();
         let Some(last) = packets.pop() else {

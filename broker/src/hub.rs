@@ -182,10 +182,18 @@ impl Hub {
     /// Routes a message: returns the module-input publishes to hand to the router (the
     /// caller batches them) and queues upstream copies. Counts matches, undefined
     /// conditions and sink results.
-    pub fn dispatch(&self, message: &fleethub_router::Message, origin: &fleethub_router::route::Origin<'_>, twin_change: bool) -> Vec<(String, bytes::Bytes)> {
+    pub fn dispatch(
+        &self,
+        message: &fleethub_router::Message,
+        origin: &fleethub_router::route::Origin<'_>,
+        twin_change: bool,
+    ) -> Vec<(String, bytes::Bytes)> {
         use fleethub_router::route::Sink;
         let deliveries = self.routing.route(message, origin, twin_change, |route| {
-            self.metrics.route_condition_errors.with_label_values(&[route]).inc();
+            self.metrics
+                .route_condition_errors
+                .with_label_values(&[route])
+                .inc();
         });
         if deliveries.is_empty() {
             return Vec::new();
@@ -193,27 +201,47 @@ impl Hub {
         let mut publishes = Vec::new();
         let mut bag: Option<String> = None;
         for d in deliveries {
-            self.metrics.route_matched.with_label_values(&[&d.route]).inc();
+            self.metrics
+                .route_matched
+                .with_label_values(&[&d.route])
+                .inc();
             match &d.sink {
                 Sink::ModuleInput { module, input } => {
                     let Ok(module_id) = crate::identity::ModuleId::new(module) else {
-                        self.metrics.sink_messages.with_label_values(&[&d.sink.to_string(), "dropped"]).inc();
+                        self.metrics
+                            .sink_messages
+                            .with_label_values(&[&d.sink.to_string(), "dropped"])
+                            .inc();
                         continue;
                     };
                     let target = IdentityKey::module(self.config.hub_id.clone(), module_id);
                     let bag = bag.get_or_insert_with(|| message.to_bag());
                     match envelope::pack(&format!("{input}/{bag}"), &message.body) {
                         Some(payload) => {
-                            publishes.push((topics::internal_topic(&target, Delivery::Own), payload));
-                            self.metrics.sink_messages.with_label_values(&[&d.sink.to_string(), "forwarded"]).inc();
+                            publishes
+                                .push((topics::internal_topic(&target, Delivery::Own), payload));
+                            self.metrics
+                                .sink_messages
+                                .with_label_values(&[&d.sink.to_string(), "forwarded"])
+                                .inc();
                         }
-                        None => self.metrics.sink_messages.with_label_values(&[&d.sink.to_string(), "dropped"]).inc(),
+                        None => self
+                            .metrics
+                            .sink_messages
+                            .with_label_values(&[&d.sink.to_string(), "dropped"])
+                            .inc(),
                     }
                 }
                 Sink::Upstream => {
-                    let queued = self.upstream.as_ref().is_some_and(|u| u.send(message.clone()));
+                    let queued = self
+                        .upstream
+                        .as_ref()
+                        .is_some_and(|u| u.send(message.clone()));
                     let result = if queued { "forwarded" } else { "dropped" };
-                    self.metrics.sink_messages.with_label_values(&["$upstream", result]).inc();
+                    self.metrics
+                        .sink_messages
+                        .with_label_values(&["$upstream", result])
+                        .inc();
                 }
             }
         }
@@ -222,8 +250,14 @@ impl Hub {
 
     /// A twin change notification for `key` (its reported properties changed), routed like
     /// a message from it on `/twinChangeNotifications`.
-    pub fn twin_changed(&self, key: &IdentityKey, patch: &serde_json::Map<String, serde_json::Value>, version: u64) {
-        let body = serde_json::json!({ "version": version, "properties": { "reported": patch } }).to_string();
+    pub fn twin_changed(
+        &self,
+        key: &IdentityKey,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        version: u64,
+    ) {
+        let body = serde_json::json!({ "version": version, "properties": { "reported": patch } })
+            .to_string();
         let message = fleethub_router::Message {
             body: bytes::Bytes::from(body),
             properties: Vec::new(),
@@ -236,7 +270,11 @@ impl Hub {
                 ..Default::default()
             },
         };
-        let origin = fleethub_router::route::Origin { hub_module: None, output: None, twin_change: true };
+        let origin = fleethub_router::route::Origin {
+            hub_module: None,
+            output: None,
+            twin_change: true,
+        };
         let publishes = self.dispatch(&message, &origin, true);
         if let Err(e) = self.link.publish_batch(publishes) {
             tracing::warn!(error = %e, "could not route a twin change notification");
@@ -244,9 +282,21 @@ impl Hub {
     }
 
     /// The routing origin of a message from `key`.
-    pub fn origin<'a>(&self, key: &'a IdentityKey, output: Option<&'a str>) -> fleethub_router::route::Origin<'a> {
-        let hub_module = if key.device == self.config.hub_id { key.module.as_ref().map(|m| m.as_str()) } else { None };
-        fleethub_router::route::Origin { hub_module, output, twin_change: false }
+    pub fn origin<'a>(
+        &self,
+        key: &'a IdentityKey,
+        output: Option<&'a str>,
+    ) -> fleethub_router::route::Origin<'a> {
+        let hub_module = if key.device == self.config.hub_id {
+            key.module.as_ref().map(|m| m.as_str())
+        } else {
+            None
+        };
+        fleethub_router::route::Origin {
+            hub_module,
+            output,
+            twin_change: false,
+        }
     }
 
     /// Constant-time comparison with the admin token.

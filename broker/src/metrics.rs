@@ -114,7 +114,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let route_matched = IntCounterVec::new(
-            Opts::new("fleethub_route_matched_total", "Messages a route matched, by route"),
+            Opts::new(
+                "fleethub_route_matched_total",
+                "Messages a route matched, by route",
+            ),
             &["route"],
         )
         .expect("valid metric");
@@ -127,12 +130,18 @@ impl Metrics {
         )
         .expect("valid metric");
         let sink_messages = IntCounterVec::new(
-            Opts::new("fleethub_sink_messages_total", "Routed messages by sink and result"),
+            Opts::new(
+                "fleethub_sink_messages_total",
+                "Routed messages by sink and result",
+            ),
             &["sink", "result"],
         )
         .expect("valid metric");
-        let upstream_connected = IntGauge::new("fleethub_upstream_connected", "1 while the upstream bridge is connected")
-            .expect("valid metric");
+        let upstream_connected = IntGauge::new(
+            "fleethub_upstream_connected",
+            "1 while the upstream bridge is connected",
+        )
+        .expect("valid metric");
         let resident_memory = IntGauge::new(
             "fleethub_process_resident_memory_bytes",
             "Resident memory of the hub process",

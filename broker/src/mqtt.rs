@@ -310,7 +310,10 @@ pub async fn connection<S>(
     };
     let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
     let gateway = match &principal {
-        Principal::Identity(key) => hub.registry.get(key).is_some_and(|i| i.capabilities.iot_edge),
+        Principal::Identity(key) => hub
+            .registry
+            .get(key)
+            .is_some_and(|i| i.capabilities.iot_edge),
         Principal::Service => false,
     };
     let mut session = Session {
@@ -354,9 +357,13 @@ pub async fn connection<S>(
 
 /// The original sender named in a gateway-forwarded message's `$.cdid` / `$.cmid`.
 fn forwarded_sender(message: &Message) -> Option<IdentityKey> {
-    let device = crate::identity::DeviceId::new(message.system.connection_device_id.as_deref()?).ok()?;
+    let device =
+        crate::identity::DeviceId::new(message.system.connection_device_id.as_deref()?).ok()?;
     match message.system.connection_module_id.as_deref() {
-        Some(m) => Some(IdentityKey::module(device, crate::identity::ModuleId::new(m).ok()?)),
+        Some(m) => Some(IdentityKey::module(
+            device,
+            crate::identity::ModuleId::new(m).ok()?,
+        )),
         None => Some(IdentityKey::device(device)),
     }
 }
@@ -550,7 +557,11 @@ impl Session {
         };
         self.send_to_router(to_router).await?;
         if !self.routed.is_empty() {
-            if let Err(e) = self.hub.link.publish_batch(std::mem::take(&mut self.routed)) {
+            if let Err(e) = self
+                .hub
+                .link
+                .publish_batch(std::mem::take(&mut self.routed))
+            {
                 warn!(error = %e, "could not hand routed messages to the router");
             }
         }
@@ -622,14 +633,22 @@ impl Session {
                         };
                         // Connection ids come from authentication, never from the client;
                         // only a gateway may forward another sender's ids.
-                        let forwarded = self.gateway && message.system.connection_device_id.is_some();
+                        let forwarded =
+                            self.gateway && message.system.connection_device_id.is_some();
                         if !forwarded {
                             message.system.connection_device_id = Some(key.device.to_string());
-                            message.system.connection_module_id = key.module.as_ref().map(|m| m.to_string());
+                            message.system.connection_module_id =
+                                key.module.as_ref().map(|m| m.to_string());
                         }
                         message.system.enqueued_time = Some(crate::registry::now_rfc3339());
-                        let sender = if forwarded { forwarded_sender(&message).unwrap_or_else(|| key.clone()) } else { key.clone() };
-                        let origin = self.hub.origin(&sender, message.system.output_name.as_deref());
+                        let sender = if forwarded {
+                            forwarded_sender(&message).unwrap_or_else(|| key.clone())
+                        } else {
+                            key.clone()
+                        };
+                        let origin = self
+                            .hub
+                            .origin(&sender, message.system.output_name.as_deref());
                         let routed = self.hub.dispatch(&message, &origin, false);
                         self.routed.extend(routed);
                         let Some(payload) = envelope::pack(&message.to_bag(), &message.body) else {
@@ -637,9 +656,16 @@ impl Session {
                             return Err("property bag too long");
                         };
                         self.hub.metrics.telemetry_messages.inc();
-                        self.hub.metrics.telemetry_bytes.inc_by(message.body.len() as u64);
+                        self.hub
+                            .metrics
+                            .telemetry_bytes
+                            .inc_by(message.body.len() as u64);
                         self.hub.registry.touch(key);
-                        let topic = if forwarded { topics::telemetry_topic(&sender) } else { self.telemetry_topic.clone() };
+                        let topic = if forwarded {
+                            topics::telemetry_topic(&sender)
+                        } else {
+                            self.telemetry_topic.clone()
+                        };
                         publish.topic = topic.into();
                         publish.payload = payload;
                         publish.retain = false;
@@ -729,7 +755,10 @@ impl Session {
                 return;
             }
         };
-        let committed = self.hub.twins.submit(key.clone(), TwinOp::Reported(patch.clone()));
+        let committed = self
+            .hub
+            .twins
+            .submit(key.clone(), TwinOp::Reported(patch.clone()));
         let (hub, query) = (self.hub.clone(), query.to_string());
         tokio::spawn(async move {
             match committed.await {
@@ -739,6 +768,7 @@ impl Session {
                         .twin_patches
                         .with_label_values(&["reported", "ok"])
                         .inc();
+                    hub.twin_changed(&key, &patch, applied.twin.reported.version);
                 }
                 Err(e) => {
                     let body = serde_json::json!({ "message": e.to_string() }).to_string();

@@ -36,7 +36,12 @@ pub struct Delivery {
 
 impl Routing {
     /// Builds the table from config routes and the `$edgeHub` desired properties.
-    pub fn new(config_routes: Vec<RouteSpec>, config_ttl: u64, detect_json: bool, edge_hub: &Map<String, Value>) -> Result<Routing, Vec<RouteError>> {
+    pub fn new(
+        config_routes: Vec<RouteSpec>,
+        config_ttl: u64,
+        detect_json: bool,
+        edge_hub: &Map<String, Value>,
+    ) -> Result<Routing, Vec<RouteError>> {
         let routing = Routing {
             table: RwLock::new(Arc::new(RouteTable::default())),
             config_routes,
@@ -72,7 +77,13 @@ impl Routing {
 
     /// Every sink `message` goes to under the table in force, one per matching route.
     /// `on_undefined` is told of routes whose condition was not a boolean.
-    pub fn route(&self, message: &Message, origin: &Origin<'_>, twin_change: bool, mut on_undefined: impl FnMut(&str)) -> Vec<Delivery> {
+    pub fn route(
+        &self,
+        message: &Message,
+        origin: &Origin<'_>,
+        twin_change: bool,
+        mut on_undefined: impl FnMut(&str),
+    ) -> Vec<Delivery> {
         let table = self.table();
         if table.routes.is_empty() {
             return Vec::new();
@@ -105,7 +116,9 @@ impl Routing {
 }
 
 /// Reads routes from `$edgeHub` desired properties.
-pub fn edge_hub_routes(desired: &Map<String, Value>) -> Result<(Vec<RouteSpec>, Option<u64>), Vec<RouteError>> {
+pub fn edge_hub_routes(
+    desired: &Map<String, Value>,
+) -> Result<(Vec<RouteSpec>, Option<u64>), Vec<RouteError>> {
     let mut errors = Vec::new();
     let mut specs = Vec::new();
     let err = |name: &str, message: String| RouteError {
@@ -116,7 +129,10 @@ pub fn edge_hub_routes(desired: &Map<String, Value>) -> Result<(Vec<RouteSpec>, 
     };
     if let Some(routes) = desired.get("routes") {
         let Value::Object(routes) = routes else {
-            return Err(vec![err("routes", "properties.desired.routes must be an object".into())]);
+            return Err(vec![err(
+                "routes",
+                "properties.desired.routes must be an object".into(),
+            )]);
         };
         for (name, v) in routes {
             match v {
@@ -129,7 +145,10 @@ pub fn edge_hub_routes(desired: &Map<String, Value>) -> Result<(Vec<RouteSpec>, 
                 }),
                 Value::Object(o) => {
                     let Some(text) = o.get("route").and_then(|t| t.as_str()) else {
-                        errors.push(err(name, "a route object needs \"route\": \"FROM …\"".into()));
+                        errors.push(err(
+                            name,
+                            "a route object needs \"route\": \"FROM …\"".into(),
+                        ));
                         continue;
                     };
                     let priority = match o.get("priority") {
@@ -137,7 +156,10 @@ pub fn edge_hub_routes(desired: &Map<String, Value>) -> Result<(Vec<RouteSpec>, 
                         Some(p) => match p.as_u64().filter(|p| *p <= 9) {
                             Some(p) => p as u8,
                             None => {
-                                errors.push(err(name, format!("priority {p} is not an integer 0..9")));
+                                errors.push(err(
+                                    name,
+                                    format!("priority {p} is not an integer 0..9"),
+                                ));
                                 continue;
                             }
                         },
@@ -147,7 +169,10 @@ pub fn edge_hub_routes(desired: &Map<String, Value>) -> Result<(Vec<RouteSpec>, 
                         Some(t) => match t.as_u64().filter(|t| *t > 0) {
                             Some(t) => Some(t),
                             None => {
-                                errors.push(err(name, format!("timeToLiveSecs {t} is not a positive integer")));
+                                errors.push(err(
+                                    name,
+                                    format!("timeToLiveSecs {t} is not a positive integer"),
+                                ));
                                 continue;
                             }
                         },
@@ -160,16 +185,25 @@ pub fn edge_hub_routes(desired: &Map<String, Value>) -> Result<(Vec<RouteSpec>, 
                         origin: EDGE_HUB.into(),
                     });
                 }
-                other => errors.push(err(name, format!("a route must be a string or an object, found {other}"))),
+                other => errors.push(err(
+                    name,
+                    format!("a route must be a string or an object, found {other}"),
+                )),
             }
         }
     }
-    let ttl = match desired.get("storeAndForwardConfiguration").and_then(|s| s.get("timeToLiveSecs")) {
+    let ttl = match desired
+        .get("storeAndForwardConfiguration")
+        .and_then(|s| s.get("timeToLiveSecs"))
+    {
         None => None,
         Some(t) => match t.as_u64().filter(|t| *t > 0) {
             Some(t) => Some(t),
             None => {
-                errors.push(err("storeAndForwardConfiguration", format!("timeToLiveSecs {t} is not a positive integer")));
+                errors.push(err(
+                    "storeAndForwardConfiguration",
+                    format!("timeToLiveSecs {t} is not a positive integer"),
+                ));
                 None
             }
         },
@@ -247,10 +281,20 @@ mod tests {
 
     #[test]
     fn twin_routes_override_config_routes_of_the_same_name() {
-        let config = vec![RouteSpec { name: "r".into(), text: "FROM /* INTO $upstream".into(), priority: 0, ttl_secs: None, origin: "config".into() }];
+        let config = vec![RouteSpec {
+            name: "r".into(),
+            text: "FROM /* INTO $upstream".into(),
+            priority: 0,
+            ttl_secs: None,
+            origin: "config".into(),
+        }];
         let routing = Routing::new(config, 7200, false, &Map::new()).unwrap();
         assert_eq!(routing.table().routes[0].spec.origin, "config");
-        let table = routing.build(&obj(json!({"routes": {"r": "FROM /messages/* INTO $upstream"}}))).unwrap();
+        let table = routing
+            .build(&obj(
+                json!({"routes": {"r": "FROM /messages/* INTO $upstream"}}),
+            ))
+            .unwrap();
         routing.swap(table);
         assert_eq!(routing.table().routes.len(), 1);
         assert_eq!(routing.table().routes[0].spec.origin, EDGE_HUB);

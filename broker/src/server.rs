@@ -112,11 +112,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let hub_key = crate::identity::IdentityKey::device(config.hub_id.clone());
     let edge_key = crate::identity::IdentityKey::module(
         config.hub_id.clone(),
-        crate::identity::ModuleId::new(crate::routing::EDGE_HUB).map_err(|e| ServerError::Store(e.to_string()))?,
+        crate::identity::ModuleId::new(crate::routing::EDGE_HUB)
+            .map_err(|e| ServerError::Store(e.to_string()))?,
     );
     for key in [&hub_key, &edge_key] {
         if stores.registry.get(key).is_none() {
-            let caps = crate::registry::Capabilities { iot_edge: key.module.is_none() };
+            let caps = crate::registry::Capabilities {
+                iot_edge: key.module.is_none(),
+            };
             stores.registry.create_with(key, None, None, caps)?;
         }
     }
@@ -127,12 +130,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.routing.detect_json_bodies,
         &edge_desired,
     )
-    .map_err(|errors| ServerError::Routes(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
+    .map_err(|errors| {
+        ServerError::Routes(
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let upstream = if config.upstream.enabled {
         Some(
-            crate::upstream::Upstream::start(&config.upstream, config.hub_id.as_str(), metrics.clone())
-                .map_err(|e| ServerError::Store(e.to_string()))?,
+            crate::upstream::Upstream::start(
+                &config.upstream,
+                config.hub_id.as_str(),
+                metrics.clone(),
+            )
+            .map_err(|e| ServerError::Store(e.to_string()))?,
         )
     } else {
         None
@@ -141,7 +156,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let link = HubLink::open(&core)
         .await
         .map_err(|e| ServerError::Store(e.to_string()))?;
-    let hub = Arc::new(Hub::new(config.clone(), stores, core, link, admin_token, routing, upstream, metrics));
+    let hub = Arc::new(Hub::new(
+        config.clone(),
+        stores,
+        core,
+        link,
+        admin_token,
+        routing,
+        upstream,
+        metrics,
+    ));
     // rumqttd keeps nothing across restarts: put every identity's desired state back.
     for (key, twin) in hub.twins.all() {
         hub.publish_desired_state(&key, &twin);

@@ -34,14 +34,30 @@ pub struct Upstream {
 
 impl Upstream {
     /// Starts the bridge task.
-    pub fn start(cfg: &UpstreamSection, hub_id: &str, metrics: Arc<Metrics>) -> Result<Upstream, UpstreamError> {
+    pub fn start(
+        cfg: &UpstreamSection,
+        hub_id: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, UpstreamError> {
         let (host, port) = cfg
             .address
             .rsplit_once(':')
-            .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.trim_matches(['[', ']']).to_string(), p)))
+            .and_then(|(h, p)| {
+                p.parse::<u16>()
+                    .ok()
+                    .map(|p| (h.trim_matches(['[', ']']).to_string(), p))
+            })
             .ok_or_else(|| UpstreamError::Address(cfg.address.clone()))?;
-        let client_id = if cfg.client_id.is_empty() { hub_id.to_string() } else { cfg.client_id.clone() };
-        let sas_host = if cfg.sas_hostname.is_empty() { host.clone() } else { cfg.sas_hostname.clone() };
+        let client_id = if cfg.client_id.is_empty() {
+            hub_id.to_string()
+        } else {
+            cfg.client_id.clone()
+        };
+        let sas_host = if cfg.sas_hostname.is_empty() {
+            host.clone()
+        } else {
+            cfg.sas_hostname.clone()
+        };
         let mut options = MqttOptions::new(client_id.clone(), host, port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(512 * 1024, 512 * 1024);
@@ -54,10 +70,15 @@ impl Upstream {
             String::new()
         };
         let password = if !cfg.device_key.is_empty() {
-            let identity = crate::identity::IdentityKey::parse(&client_id).map_err(|e| UpstreamError::Sas(e.to_string()))?;
+            let identity = crate::identity::IdentityKey::parse(&client_id)
+                .map_err(|e| UpstreamError::Sas(e.to_string()))?;
             let expiry = crate::c2d::now_ms() / 1000 + 365 * 24 * 3600;
-            crate::sas::generate(&crate::sas::resource_for(&sas_host, &identity), &cfg.device_key, expiry)
-                .map_err(|e| UpstreamError::Sas(e.to_string()))?
+            crate::sas::generate(
+                &crate::sas::resource_for(&sas_host, &identity),
+                &cfg.device_key,
+                expiry,
+            )
+            .map_err(|e| UpstreamError::Sas(e.to_string()))?
         } else {
             cfg.password.clone()
         };
@@ -67,18 +88,34 @@ impl Upstream {
         if cfg.tls {
             let mut roots = rustls::RootCertStore::empty();
             if !cfg.ca.is_empty() {
-                let pem = std::fs::read(&cfg.ca).map_err(|e| UpstreamError::Ca { path: cfg.ca.clone(), message: e.to_string() })?;
+                let pem = std::fs::read(&cfg.ca).map_err(|e| UpstreamError::Ca {
+                    path: cfg.ca.clone(),
+                    message: e.to_string(),
+                })?;
                 for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    let cert = cert.map_err(|e| UpstreamError::Ca { path: cfg.ca.clone(), message: e.to_string() })?;
-                    roots.add(cert).map_err(|e| UpstreamError::Ca { path: cfg.ca.clone(), message: e.to_string() })?;
+                    let cert = cert.map_err(|e| UpstreamError::Ca {
+                        path: cfg.ca.clone(),
+                        message: e.to_string(),
+                    })?;
+                    roots.add(cert).map_err(|e| UpstreamError::Ca {
+                        path: cfg.ca.clone(),
+                        message: e.to_string(),
+                    })?;
                 }
             }
-            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| UpstreamError::Ca { path: cfg.ca.clone(), message: e.to_string() })?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            options.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| UpstreamError::Ca {
+                path: cfg.ca.clone(),
+                message: e.to_string(),
+            })?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            options.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+            ));
         }
         let (tx, mut rx) = mpsc::channel::<Message>(cfg.buffer_messages.max(1));
         let connected = Arc::new(AtomicBool::new(false));
@@ -99,7 +136,9 @@ impl Upstream {
                         backoff = Duration::from_millis(200);
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        m.sink_messages.with_label_values(&["$upstream", "delivered"]).inc();
+                        m.sink_messages
+                            .with_label_values(&["$upstream", "delivered"])
+                            .inc();
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -117,14 +156,26 @@ impl Upstream {
         // the connection is down and sends it once it is back).
         tokio::spawn(async move {
             while let Some(message) = rx.recv().await {
-                let device = message.system.connection_device_id.clone().unwrap_or_default();
-                let module = message.system.connection_module_id.clone().unwrap_or_default();
+                let device = message
+                    .system
+                    .connection_device_id
+                    .clone()
+                    .unwrap_or_default();
+                let module = message
+                    .system
+                    .connection_module_id
+                    .clone()
+                    .unwrap_or_default();
                 let topic = template
                     .replace("{hubId}", &hub_id)
                     .replace("{deviceId}", &device)
                     .replace("{moduleId}", &module)
                     .replace("{bag}", &message.to_bag());
-                if client.publish(topic, QoS::AtLeastOnce, false, message.body.to_vec()).await.is_err() {
+                if client
+                    .publish(topic, QoS::AtLeastOnce, false, message.body.to_vec())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

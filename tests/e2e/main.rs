@@ -10,5 +10,6 @@ mod harness;
 mod interop;
 mod methods;
 mod registry;
+mod routes;
 mod telemetry;
 mod twin;
