@@ -58,6 +58,9 @@ pub struct Hub {
     /// The operator's bearer token (API) and service-connection password (MQTT).
     pub admin_token: String,
     pub live: DashMap<IdentityKey, LiveConnection>,
+    /// Service connections subscribed to telemetry; while there are none, telemetry is not
+    /// published into the router at all.
+    pub event_subscribers: std::sync::atomic::AtomicUsize,
     /// Set once the listeners are bound.
     pub endpoints: std::sync::OnceLock<Endpoints>,
     next_conn: AtomicU64,
@@ -88,6 +91,7 @@ impl Hub {
             link,
             admin_token,
             live: DashMap::new(),
+            event_subscribers: std::sync::atomic::AtomicUsize::new(0),
             endpoints: std::sync::OnceLock::new(),
             next_conn: AtomicU64::new(1),
         }
@@ -180,68 +184,53 @@ impl Hub {
     }
 
     /// Routes a message: returns the module-input publishes to hand to the router (the
-    /// caller batches them) and queues upstream copies. Counts matches, undefined
-    /// conditions and sink results.
+    /// caller batches them) and queues upstream copies. `bag` is the message's property bag
+    /// if the caller has it already.
     pub fn dispatch(
         &self,
         message: &fleethub_router::Message,
+        bag: Option<&str>,
         origin: &fleethub_router::route::Origin<'_>,
         twin_change: bool,
     ) -> Vec<(String, bytes::Bytes)> {
         use fleethub_router::route::Sink;
-        let deliveries = self.routing.route(message, origin, twin_change, |route| {
-            self.metrics
-                .route_condition_errors
-                .with_label_values(&[route])
-                .inc();
-        });
+        let deliveries = self.routing.route(message, origin, twin_change);
         if deliveries.is_empty() {
             return Vec::new();
         }
         let mut publishes = Vec::new();
-        let mut bag: Option<String> = None;
+        let mut own_bag: Option<String> = None;
         for d in deliveries {
-            self.metrics
-                .route_matched
-                .with_label_values(&[&d.route])
-                .inc();
             match &d.sink {
                 Sink::ModuleInput { module, input } => {
                     let Ok(module_id) = crate::identity::ModuleId::new(module) else {
-                        self.metrics
-                            .sink_messages
-                            .with_label_values(&[&d.sink.to_string(), "dropped"])
-                            .inc();
+                        d.counters.dropped.inc();
                         continue;
                     };
                     let target = IdentityKey::module(self.config.hub_id.clone(), module_id);
-                    let bag = bag.get_or_insert_with(|| message.to_bag());
+                    let bag = match bag {
+                        Some(b) => b,
+                        None => own_bag.get_or_insert_with(|| message.to_bag()).as_str(),
+                    };
                     match envelope::pack(&format!("{input}/{bag}"), &message.body) {
                         Some(payload) => {
                             publishes
                                 .push((topics::internal_topic(&target, Delivery::Own), payload));
-                            self.metrics
-                                .sink_messages
-                                .with_label_values(&[&d.sink.to_string(), "forwarded"])
-                                .inc();
+                            d.counters.forwarded.inc();
                         }
-                        None => self
-                            .metrics
-                            .sink_messages
-                            .with_label_values(&[&d.sink.to_string(), "dropped"])
-                            .inc(),
+                        None => d.counters.dropped.inc(),
                     }
                 }
                 Sink::Upstream => {
-                    let queued = self
+                    if self
                         .upstream
                         .as_ref()
-                        .is_some_and(|u| u.send(message.clone()));
-                    let result = if queued { "forwarded" } else { "dropped" };
-                    self.metrics
-                        .sink_messages
-                        .with_label_values(&["$upstream", result])
-                        .inc();
+                        .is_some_and(|u| u.send(message.clone()))
+                    {
+                        d.counters.forwarded.inc();
+                    } else {
+                        d.counters.dropped.inc();
+                    }
                 }
             }
         }
@@ -275,7 +264,7 @@ impl Hub {
             output: None,
             twin_change: true,
         };
-        let publishes = self.dispatch(&message, &origin, true);
+        let publishes = self.dispatch(&message, None, &origin, true);
         if let Err(e) = self.link.publish_batch(publishes) {
             tracing::warn!(error = %e, "could not route a twin change notification");
         }

@@ -321,6 +321,8 @@ pub async fn connection<S>(
         conn_id,
         gateway,
         routed: Vec::new(),
+        current: None,
+        counted_subscriber: false,
         telemetry_topic: match &principal {
             Principal::Identity(key) => topics::telemetry_topic(key),
             Principal::Service => String::new(),
@@ -353,6 +355,33 @@ pub async fn connection<S>(
     let _ = writer.shutdown().await;
     // Dropping the session releases the router link, the gauge and the live entry.
     drop(session);
+}
+
+/// (QoS, packet id) of the PUBLISH at the start of `buf`, from its fixed header; `None` for
+/// other packets or an incomplete header.
+fn peek_publish_ids(buf: &[u8]) -> Option<(u8, u16)> {
+    let first = *buf.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 0b11;
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return None;
+        }
+    }
+    if qos == 0 {
+        return Some((0, 0));
+    }
+    let topic_len = u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]) as usize;
+    let at = i + 2 + topic_len;
+    Some((qos, u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])))
 }
 
 /// The original sender named in a gateway-forwarded message's `$.cdid` / `$.cmid`.
@@ -394,6 +423,10 @@ struct Session {
     gateway: bool,
     /// Routed copies (module inputs) gathered while reading, handed to the router in one go.
     routed: Vec<(String, bytes::Bytes)>,
+    /// (QoS, packet id) of the PUBLISH being handled.
+    current: Option<(u8, u16)>,
+    /// A service connection counted in `Hub::event_subscribers`.
+    counted_subscriber: bool,
     principal: Principal,
     /// Internal topic of this identity's telemetry, computed once.
     telemetry_topic: String,
@@ -441,6 +474,11 @@ impl Drop for Session {
         // `LinkTx::send` never awaits (it is synchronous inside), so one poll completes it.
         let _ = self.link_tx.send(disconnect_packet()).now_or_never();
         self.hub.metrics.connections.dec();
+        if self.counted_subscriber {
+            self.hub
+                .event_subscribers
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         release(&self.hub, &self.principal, self.conn_id);
     }
 }
@@ -537,6 +575,8 @@ impl Session {
                 self.protocol_error("qos2");
                 break Err("QoS 2 publish");
             }
+            // QoS and packet id of a PUBLISH, read from its header: rumqttd keeps them private.
+            self.current = peek_publish_ids(rbuf);
             let packet = match V4.read_mut(rbuf, max_payload + 64 * 1024) {
                 Ok(p) => p,
                 Err(CodecError::InsufficientBytes(_)) => break Ok(()),
@@ -646,12 +686,13 @@ impl Session {
                         } else {
                             key.clone()
                         };
+                        let bag = message.to_bag();
                         let origin = self
                             .hub
                             .origin(&sender, message.system.output_name.as_deref());
-                        let routed = self.hub.dispatch(&message, &origin, false);
+                        let routed = self.hub.dispatch(&message, Some(&bag), &origin, false);
                         self.routed.extend(routed);
-                        let Some(payload) = envelope::pack(&message.to_bag(), &message.body) else {
+                        let Some(payload) = envelope::pack(&bag, &message.body) else {
                             self.protocol_error("bad_property_bag");
                             return Err("property bag too long");
                         };
@@ -666,10 +707,20 @@ impl Session {
                         } else {
                             self.telemetry_topic.clone()
                         };
-                        publish.topic = topic.into();
-                        publish.payload = payload;
-                        publish.retain = false;
-                        to_router.push(Packet::Publish(publish, None));
+                        // The hub acknowledges telemetry itself, in order, once routed; the
+                        // router only carries it to service subscribers (monitor-events).
+                        self.ack_locally(&publish, wbuf);
+                        if self
+                            .hub
+                            .event_subscribers
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                            > 0
+                        {
+                            publish.topic = topic.into();
+                            publish.payload = payload;
+                            publish.retain = false;
+                            to_router.push(Packet::Publish(publish, None));
+                        }
                     }
                     Inbound::TwinGet { query } => {
                         if let Principal::Identity(key) = &self.principal {
@@ -840,8 +891,10 @@ impl Session {
     }
 
     /// PUBACK a QoS 1 publish the hub handled itself (it never reached the router).
-    fn ack_locally(&self, publish: &rumqttd::protocol::Publish, wbuf: &mut BytesMut) {
-        let (qos, pkid) = publish_ids(publish);
+    fn ack_locally(&self, _publish: &rumqttd::protocol::Publish, wbuf: &mut BytesMut) {
+        let Some((qos, pkid)) = self.current else {
+            return;
+        };
         if qos == 1 {
             let ack = PubAck {
                 pkid,
@@ -883,6 +936,12 @@ impl Session {
                     codes.push(Some(SubscribeReasonCode::Failure));
                 }
             }
+        }
+        if self.principal == Principal::Service && !forward.is_empty() && !self.counted_subscriber {
+            self.counted_subscriber = true;
+            self.hub
+                .event_subscribers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if forward.is_empty() {
             let return_codes = codes
@@ -1014,7 +1073,8 @@ impl Session {
                         // C2D starts after the SUBACK that enables it.
                         self.update_c2d_active();
                     }
-                    P::PingResp(_) | P::ConnAck(..) => {}
+                    // Telemetry was acknowledged by the front end already.
+                    P::PingResp(_) | P::ConnAck(..) | P::PubAck(..) => {}
                     other => {
                         let _ = V4.write(other, wbuf);
                     }
@@ -1053,8 +1113,39 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn peeked_ids_match_the_encoded_publish() {
+        for (qos, pkid, topic_len, payload_len) in [
+            (1, 7, 3, 5),
+            (1, 65535, 300, 20000),
+            (0, 0, 10, 0),
+            (1, 1, 0, 0),
+        ] {
+            let topic = "t".repeat(topic_len);
+            let qos_level = if qos == 1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            let p = publish_with(&topic, &vec![1u8; payload_len], qos_level, pkid, false);
+            let mut buf = BytesMut::new();
+            V4.write(Packet::Publish(p, None), &mut buf).unwrap();
+            assert_eq!(
+                peek_publish_ids(&buf),
+                Some((qos, if qos == 1 { pkid } else { 0 }))
+            );
+        }
+        assert_eq!(peek_publish_ids(&[0x30]), None);
+        assert_eq!(peek_publish_ids(&[0x82, 0x02, 0, 1]), None);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn peek_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = peek_publish_ids(&bytes);
+        }
 
         /// Whatever a client sends, decoding returns a packet or an error, never a panic.
         #[test]

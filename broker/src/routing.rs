@@ -16,8 +16,24 @@ use serde_json::{Map, Value};
 /// The module whose twin carries routes.
 pub const EDGE_HUB: &str = "$edgeHub";
 
+/// Metric handles of one route, resolved once when its table is installed so the per-message
+/// path does no label lookups.
+pub struct RouteCounters {
+    pub matched: prometheus::IntCounter,
+    pub undefined: prometheus::IntCounter,
+    pub forwarded: prometheus::IntCounter,
+    pub dropped: prometheus::IntCounter,
+}
+
+/// A table with its counters, swapped in as one.
+struct Installed {
+    table: Arc<RouteTable>,
+    counters: Vec<Arc<RouteCounters>>,
+}
+
 pub struct Routing {
-    table: RwLock<Arc<RouteTable>>,
+    installed: RwLock<Arc<Installed>>,
+    metrics: Arc<crate::metrics::Metrics>,
     config_routes: Vec<RouteSpec>,
     config_ttl: u64,
     detect_json: bool,
@@ -26,12 +42,12 @@ pub struct Routing {
 }
 
 /// A sink a message must go to, and the route that sent it there.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Delivery {
-    pub route: String,
     pub sink: Sink,
     pub priority: u8,
     pub ttl_secs: u64,
+    pub counters: Arc<RouteCounters>,
 }
 
 impl Routing {
@@ -41,9 +57,14 @@ impl Routing {
         config_ttl: u64,
         detect_json: bool,
         edge_hub: &Map<String, Value>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Routing, Vec<RouteError>> {
         let routing = Routing {
-            table: RwLock::new(Arc::new(RouteTable::default())),
+            installed: RwLock::new(Arc::new(Installed {
+                table: Arc::new(RouteTable::default()),
+                counters: Vec::new(),
+            })),
+            metrics,
             config_routes,
             config_ttl,
             detect_json,
@@ -54,8 +75,15 @@ impl Routing {
         Ok(routing)
     }
 
+    fn installed(&self) -> Arc<Installed> {
+        self.installed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn table(&self) -> Arc<RouteTable> {
-        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.installed().table.clone()
     }
 
     /// Builds (without installing) the table for these `$edgeHub` desired properties.
@@ -72,25 +100,43 @@ impl Routing {
     }
 
     pub fn swap(&self, table: RouteTable) {
-        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        let m = &self.metrics;
+        let counters = table
+            .routes
+            .iter()
+            .map(|r| {
+                let sink = r.route.sink.to_string();
+                Arc::new(RouteCounters {
+                    matched: m.route_matched.with_label_values(&[&r.spec.name]),
+                    undefined: m.route_condition_errors.with_label_values(&[&r.spec.name]),
+                    forwarded: m.sink_messages.with_label_values(&[&sink, "forwarded"]),
+                    dropped: m.sink_messages.with_label_values(&[&sink, "dropped"]),
+                })
+            })
+            .collect();
+        let installed = Arc::new(Installed {
+            table: Arc::new(table),
+            counters,
+        });
+        *self.installed.write().unwrap_or_else(|e| e.into_inner()) = installed;
     }
 
     /// Every sink `message` goes to under the table in force, one per matching route.
-    /// `on_undefined` is told of routes whose condition was not a boolean.
+    /// Counts matches and conditions that were not booleans (undefined).
     pub fn route(
         &self,
         message: &Message,
         origin: &Origin<'_>,
         twin_change: bool,
-        mut on_undefined: impl FnMut(&str),
     ) -> Vec<Delivery> {
-        let table = self.table();
+        let installed = self.installed();
+        let table = &installed.table;
         if table.routes.is_empty() {
             return Vec::new();
         }
         let ctx = MessageContext::new(message, self.detect_json, twin_change);
         let mut out = Vec::new();
-        for r in &table.routes {
+        for (r, counters) in table.routes.iter().zip(&installed.counters) {
             if !r.route.source.matches(origin) {
                 continue;
             }
@@ -99,16 +145,17 @@ impl Routing {
                     Some(Value::Bool(true)) => {}
                     Some(Value::Bool(false)) => continue,
                     _ => {
-                        on_undefined(&r.spec.name);
+                        counters.undefined.inc();
                         continue;
                     }
                 }
             }
+            counters.matched.inc();
             out.push(Delivery {
-                route: r.spec.name.clone(),
                 sink: r.route.sink.clone(),
                 priority: r.spec.priority,
                 ttl_secs: r.spec.ttl_secs.unwrap_or(table.default_ttl_secs),
+                counters: counters.clone(),
             });
         }
         out
@@ -288,7 +335,8 @@ mod tests {
             ttl_secs: None,
             origin: "config".into(),
         }];
-        let routing = Routing::new(config, 7200, false, &Map::new()).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let routing = Routing::new(config, 7200, false, &Map::new(), metrics).unwrap();
         assert_eq!(routing.table().routes[0].spec.origin, "config");
         let table = routing
             .build(&obj(

@@ -124,11 +124,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     let edge_desired = stores.twins.get(&edge_key).desired.data.clone();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let routing = crate::routing::Routing::new(
         config.routes.clone(),
         config.routing.time_to_live_secs,
         config.routing.detect_json_bodies,
         &edge_desired,
+        metrics.clone(),
     )
     .map_err(|errors| {
         ServerError::Routes(
@@ -139,7 +141,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .join("; "),
         )
     })?;
-    let metrics = Arc::new(crate::metrics::Metrics::new());
     let upstream = if config.upstream.enabled {
         Some(
             crate::upstream::Upstream::start(

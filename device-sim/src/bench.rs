@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Which brokers to run
     #[arg(long, value_enum, default_value_t = Which::Both)]
     target: Which,
+    /// fleethub routes each message through a `$body` condition into a module input, which
+    /// is the subscriber (bodies are JSON for both brokers)
+    #[arg(long)]
+    routed: bool,
     /// Router log segment size in MiB (both brokers)
     #[arg(long, default_value_t = 32)]
     segment_mib: usize,
@@ -61,6 +65,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             QoS::AtLeastOnce
         },
+        json: args.routed,
     };
     let sizing = targets::Sizing {
         segment_bytes: args.segment_mib * 1024 * 1024,
@@ -85,7 +90,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         results.extend(r);
     }
     if args.target != Which::Rumqttd {
-        let target = targets::fleethub(args.devices, sizing)?;
+        let target = targets::fleethub_with(args.devices, sizing, args.routed)?;
         let mut r = None;
         for _ in 0..args.rounds.max(1) {
             r = best(r, rt.block_on(load::run(&target, &spec))?);
@@ -106,6 +111,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "messages_per_device": args.messages,
                 "payload_bytes": args.payload,
                 "qos": args.qos,
+                "routed": args.routed,
                 "results": results.iter().map(|r| r.json()).collect::<Vec<_>>(),
                 "ratio_fleethub_to_rumqttd": ratio,
             });
@@ -113,8 +119,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Output::Text => {
             println!(
-                "{} devices x {} messages, {} B payload, QoS {}",
-                args.devices, args.messages, args.payload, args.qos
+                "{} devices x {} messages, {} B payload, QoS {}{}",
+                args.devices,
+                args.messages,
+                args.payload,
+                args.qos,
+                if args.routed {
+                    format!(", fleethub routed by: {}", targets::BENCH_ROUTE)
+                } else {
+                    String::new()
+                }
             );
             println!(
                 "{:<10} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",

@@ -21,6 +21,34 @@ pub struct LoadSpec {
     pub messages_per_device: usize,
     pub payload_bytes: usize,
     pub qos: QoS,
+    /// JSON bodies (`{"ts":…,"temperature":…,"pad":"…"}`) for routes with `$body` conditions.
+    pub json: bool,
+}
+
+/// A body of about `size` bytes carrying the send time.
+fn body(size: usize, json: bool, sent: u64) -> Vec<u8> {
+    if json {
+        let head = format!("{{\"ts\":{sent},\"temperature\":21.5,\"pad\":\"");
+        let pad = size.saturating_sub(head.len() + 2);
+        let mut b = head.into_bytes();
+        b.extend(std::iter::repeat_n(b'x', pad));
+        b.extend_from_slice(b"\"}");
+        b
+    } else {
+        let mut b = vec![b'x'; size.max(8)];
+        b[..8].copy_from_slice(&sent.to_be_bytes());
+        b
+    }
+}
+
+/// The send time a body carries.
+fn sent_at(payload: &[u8]) -> Option<u64> {
+    if let Some(rest) = payload.strip_prefix(b"{\"ts\":") {
+        let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+        std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    } else {
+        Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -79,9 +107,7 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
                 match sub_events.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let now = now_micros();
-                        if p.payload.len() >= 8 {
-                            let sent =
-                                u64::from_be_bytes(p.payload[..8].try_into().unwrap_or([0; 8]));
+                        if let Some(sent) = sent_at(&p.payload) {
                             if let Ok(mut l) = latencies.lock() {
                                 l.push(now.saturating_sub(sent));
                             }
@@ -126,17 +152,17 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
     let mut publishers = Vec::new();
     for (client, topic, _, _) in &clients {
         let (client, topic, sent) = (client.clone(), topic.clone(), sent.clone());
-        let (n, size, qos) = (
+        let (n, size, qos, json) = (
             spec.messages_per_device,
-            spec.payload_bytes.max(8),
+            spec.payload_bytes,
             spec.qos,
+            spec.json,
         );
         publishers.push(tokio::spawn(async move {
-            let mut payload = vec![b'x'; size];
             for _ in 0..n {
-                payload[..8].copy_from_slice(&now_micros().to_be_bytes());
+                let payload = body(size, json, now_micros());
                 if client
-                    .publish(topic.clone(), qos, false, payload.clone())
+                    .publish(topic.clone(), qos, false, payload)
                     .await
                     .is_err()
                 {

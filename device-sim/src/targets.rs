@@ -150,6 +150,15 @@ fn wait_for_port(addr: SocketAddr) -> Result<()> {
 /// fleethub with its embedded defaults on ephemeral ports, in a temp data directory, with
 /// `devices` registered through its API.
 pub fn fleethub(devices: usize, sizing: Sizing) -> Result<Target> {
+    fleethub_with(devices, sizing, false)
+}
+
+/// The route the routed benchmark installs: a `$body` condition into a module input.
+pub const BENCH_ROUTE: &str = "FROM /messages/* WHERE $body.temperature > 0 INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")";
+
+/// fleethub; with `routed`, devices send JSON telemetry that [`BENCH_ROUTE`] delivers to the
+/// hub's module `sink`, which is the subscriber.
+pub fn fleethub_with(devices: usize, sizing: Sizing, routed: bool) -> Result<Target> {
     let data_dir = std::env::temp_dir().join(format!(
         "device-sim-bench-{}-{:x}",
         std::process::id(),
@@ -236,23 +245,69 @@ pub fn fleethub(devices: usize, sizing: Sizing) -> Result<Target> {
                 expiry,
             )?;
             let user = format!("localhost/{id}/?api-version=2021-04-12");
+            let topic = if routed {
+                format!("devices/{id}/messages/events/$.ct=application%2Fjson&$.ce=utf-8")
+            } else {
+                format!("devices/{id}/messages/events/")
+            };
             list.push(ClientSpec {
                 id: id.clone(),
                 credentials: Some((user, sas)),
-                topic: format!("devices/{id}/messages/events/"),
+                topic,
             });
         }
-        Ok::<_, anyhow::Error>(list)
+        if !routed {
+            return Ok::<_, anyhow::Error>((list, None));
+        }
+        let resp = http
+            .post(format!("{api}/devices/fleethub/modules"))
+            .bearer_auth(&token)
+            .json(&json!({ "moduleId": "sink" }))
+            .send()
+            .await?;
+        let v: serde_json::Value = resp.json().await?;
+        let key = v["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .context("no module key")?
+            .to_string();
+        let resp = http
+            .patch(format!("{api}/twins/fleethub/modules/$edgeHub"))
+            .bearer_auth(&token)
+            .json(&json!({ "properties": { "desired": { "routes": { "bench": BENCH_ROUTE } } } }))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!(
+                "installing the route: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let identity = fleethub::identity::IdentityKey::parse("fleethub/sink")?;
+        let sas = fleethub::sas::generate(
+            &fleethub::sas::resource_for("localhost", &identity),
+            &key,
+            expiry,
+        )?;
+        let sink = ClientSpec {
+            id: "fleethub/sink".into(),
+            credentials: Some((
+                "localhost/fleethub/sink/?api-version=2021-04-12".into(),
+                sas,
+            )),
+            topic: "devices/fleethub/modules/sink/inputs/#".into(),
+        };
+        Ok::<_, anyhow::Error>((list, Some(sink)))
     })?;
+    let (list, sink) = list;
     Ok(Target {
         name: "fleethub",
         addr,
         devices: list,
-        subscriber: ClientSpec {
+        subscriber: sink.unwrap_or(ClientSpec {
             id: "bench-monitor".into(),
             credentials: Some(("$service".into(), token)),
             topic: "$fleethub/events/#".into(),
-        },
+        }),
         _stop: Some(stop_tx),
         data_dir: Some(data_dir),
     })
