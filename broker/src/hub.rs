@@ -202,20 +202,18 @@ impl Hub {
         let mut own_bag: Option<String> = None;
         for d in deliveries {
             match &d.sink {
-                Sink::ModuleInput { module, input } => {
-                    let Ok(module_id) = crate::identity::ModuleId::new(module) else {
+                Sink::ModuleInput { input, .. } => {
+                    let Some(topic) = &d.counters.input_topic else {
                         d.counters.dropped.inc();
                         continue;
                     };
-                    let target = IdentityKey::module(self.config.hub_id.clone(), module_id);
                     let bag = match bag {
                         Some(b) => b,
                         None => own_bag.get_or_insert_with(|| message.to_bag()).as_str(),
                     };
                     match envelope::pack(&format!("{input}/{bag}"), &message.body) {
                         Some(payload) => {
-                            publishes
-                                .push((topics::internal_topic(&target, Delivery::Own), payload));
+                            publishes.push((topic.clone(), payload));
                             d.counters.forwarded.inc();
                         }
                         None => d.counters.dropped.inc(),

@@ -323,6 +323,7 @@ pub async fn connection<S>(
         routed: Vec::new(),
         current: None,
         counted_subscriber: false,
+        client_topics: topics::ClientTopics::new(&principal),
         telemetry_topic: match &principal {
             Principal::Identity(key) => topics::telemetry_topic(key),
             Principal::Service => String::new(),
@@ -425,6 +426,8 @@ struct Session {
     routed: Vec<(String, bytes::Bytes)>,
     /// (QoS, packet id) of the PUBLISH being handled.
     current: Option<(u8, u16)>,
+    /// This connection's rows of the topic table, computed once.
+    client_topics: topics::ClientTopics,
     /// A service connection counted in `Hub::event_subscribers`.
     counted_subscriber: bool,
     principal: Principal,
@@ -1020,7 +1023,9 @@ impl Session {
                     .ok()
                     .zip(envelope::unpack(&publish.payload))
                     .and_then(|(topic, (suffix, body))| {
-                        topics::to_client_topic(&self.principal, topic, &suffix).map(|t| (t, body))
+                        self.client_topics
+                            .to_client(topic, suffix)
+                            .map(|t| (t, body))
                     })
                     .filter(|(t, _)| {
                         self.filters

@@ -19,6 +19,9 @@ pub const EDGE_HUB: &str = "$edgeHub";
 /// Metric handles of one route, resolved once when its table is installed so the per-message
 /// path does no label lookups.
 pub struct RouteCounters {
+    /// The internal topic of a module-input sink (`None` for `$upstream`, or a module name
+    /// that is not a valid id).
+    pub input_topic: Option<String>,
     pub matched: prometheus::IntCounter,
     pub undefined: prometheus::IntCounter,
     pub forwarded: prometheus::IntCounter,
@@ -34,6 +37,7 @@ struct Installed {
 pub struct Routing {
     installed: RwLock<Arc<Installed>>,
     metrics: Arc<crate::metrics::Metrics>,
+    hub_id: crate::identity::DeviceId,
     config_routes: Vec<RouteSpec>,
     config_ttl: u64,
     detect_json: bool,
@@ -58,6 +62,7 @@ impl Routing {
         detect_json: bool,
         edge_hub: &Map<String, Value>,
         metrics: Arc<crate::metrics::Metrics>,
+        hub_id: crate::identity::DeviceId,
     ) -> Result<Routing, Vec<RouteError>> {
         let routing = Routing {
             installed: RwLock::new(Arc::new(Installed {
@@ -65,6 +70,7 @@ impl Routing {
                 counters: Vec::new(),
             })),
             metrics,
+            hub_id,
             config_routes,
             config_ttl,
             detect_json,
@@ -106,7 +112,17 @@ impl Routing {
             .iter()
             .map(|r| {
                 let sink = r.route.sink.to_string();
+                let input_topic = match &r.route.sink {
+                    Sink::ModuleInput { module, .. } => {
+                        crate::identity::ModuleId::new(module).ok().map(|m| {
+                            let key = crate::identity::IdentityKey::module(self.hub_id.clone(), m);
+                            crate::topics::internal_topic(&key, crate::topics::Delivery::Own)
+                        })
+                    }
+                    Sink::Upstream => None,
+                };
                 Arc::new(RouteCounters {
+                    input_topic,
                     matched: m.route_matched.with_label_values(&[&r.spec.name]),
                     undefined: m.route_condition_errors.with_label_values(&[&r.spec.name]),
                     forwarded: m.sink_messages.with_label_values(&[&sink, "forwarded"]),
@@ -336,7 +352,8 @@ mod tests {
             origin: "config".into(),
         }];
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let routing = Routing::new(config, 7200, false, &Map::new(), metrics).unwrap();
+        let hub = crate::identity::DeviceId::new("hub").unwrap();
+        let routing = Routing::new(config, 7200, false, &Map::new(), metrics, hub).unwrap();
         assert_eq!(routing.table().routes[0].spec.origin, "config");
         let table = routing
             .build(&obj(

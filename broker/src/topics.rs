@@ -250,14 +250,44 @@ pub fn map_filter(principal: &Principal, filter: &str) -> Option<MappedFilter> {
 /// Builds the client topic for a delivery on internal `topic` whose envelope carried
 /// `suffix`; `None` when the topic is not this principal's.
 pub fn to_client_topic(principal: &Principal, topic: &str, suffix: &str) -> Option<String> {
-    match principal {
-        Principal::Service => topic
-            .strip_prefix(EVENTS_PREFIX)
-            .map(|ids| format!("{SERVICE_EVENTS_PREFIX}{ids}/{suffix}")),
-        Principal::Identity(identity) => DELIVERIES
-            .into_iter()
-            .find(|d| internal_topic(identity, *d) == topic)
-            .map(|d| format!("{}{suffix}", client_prefix(identity, d))),
+    ClientTopics::new(principal).to_client(topic, suffix)
+}
+
+/// One connection's rows of the table, computed once so deliveries do no formatting.
+pub struct ClientTopics {
+    service: bool,
+    /// (internal topic, client prefix) per delivery kind.
+    rows: Vec<(String, String)>,
+}
+
+impl ClientTopics {
+    pub fn new(principal: &Principal) -> ClientTopics {
+        match principal {
+            Principal::Service => ClientTopics {
+                service: true,
+                rows: Vec::new(),
+            },
+            Principal::Identity(identity) => ClientTopics {
+                service: false,
+                rows: DELIVERIES
+                    .into_iter()
+                    .map(|d| (internal_topic(identity, d), client_prefix(identity, d)))
+                    .collect(),
+            },
+        }
+    }
+
+    /// The client topic for a delivery on internal `topic` with envelope `suffix`.
+    pub fn to_client(&self, topic: &str, suffix: &str) -> Option<String> {
+        if self.service {
+            return topic
+                .strip_prefix(EVENTS_PREFIX)
+                .map(|ids| format!("{SERVICE_EVENTS_PREFIX}{ids}/{suffix}"));
+        }
+        self.rows
+            .iter()
+            .find(|(internal, _)| internal == topic)
+            .map(|(_, client)| format!("{client}{suffix}"))
     }
 }
 
@@ -295,10 +325,10 @@ pub mod envelope {
     }
 
     /// Splits an envelope into (suffix, body); `None` when it is not one.
-    pub fn unpack(payload: &Bytes) -> Option<(String, Bytes)> {
+    pub fn unpack(payload: &Bytes) -> Option<(&str, Bytes)> {
         let len = u16::from_be_bytes([*payload.first()?, *payload.get(1)?]) as usize;
         let suffix = payload.get(2..2 + len)?;
-        let suffix = std::str::from_utf8(suffix).ok()?.to_string();
+        let suffix = std::str::from_utf8(suffix).ok()?;
         Some((suffix, payload.slice(2 + len..)))
     }
 }
@@ -534,7 +564,7 @@ mod tests {
         let p = envelope::pack("200/?$rid=1", b"{}").unwrap();
         assert_eq!(
             envelope::unpack(&p),
-            Some(("200/?$rid=1".to_string(), Bytes::from_static(b"{}")))
+            Some(("200/?$rid=1", Bytes::from_static(b"{}")))
         );
         assert_eq!(envelope::unpack(&Bytes::from_static(b"\x00")), None);
         assert_eq!(envelope::unpack(&Bytes::from_static(b"\x00\x09ab")), None);

@@ -12,6 +12,11 @@ mod targets;
 
 use clap::{Parser, Subcommand};
 
+/// The same allocator as the `fleethub` binary, so the in-process hub runs as it does there
+/// (both brokers and the load generator share it).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "device-sim",
