@@ -398,7 +398,8 @@ async fn route_changes_under_load_lose_nothing() {
 
 #[tokio::test]
 async fn nested_fleethub_forwards_upstream_with_original_ids() {
-    // The parent: the child is a registered gateway device of it.
+    // The parent: the child is a registered gateway device of it, and connects over TLS
+    // trusting the parent's generated CA.
     let parent = Hub::start("routes-parent").await;
     let (s, rec) = parent
         .api(
@@ -419,8 +420,9 @@ async fn nested_fleethub_forwards_upstream_with_original_ids() {
     std::fs::write(
         &config,
         format!(
-            "[hub]\nid = \"child\"\n[routes]\nup = \"FROM /messages/* INTO $upstream\"\n[upstream]\nenabled = true\naddress = \"{}\"\ndevice_key = \"{child_key}\"\nsas_hostname = \"localhost\"\n",
-            parent.endpoints.mqtt.unwrap()
+            "[hub]\nid = \"child\"\n[routes]\nup = \"FROM /messages/* INTO $upstream\"\n[upstream]\nenabled = true\naddress = \"{}\"\ntls = true\nca = \"{}\"\ndevice_key = \"{child_key}\"\nsas_hostname = \"localhost\"\n",
+            parent.endpoints.mqtts.unwrap(),
+            parent.data_dir().join("tls/ca.pem").display()
         ),
     )
     .unwrap();
