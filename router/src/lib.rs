@@ -10,12 +10,15 @@
 //!   a [`route::RouteTable`].
 //! - [`context`]: how a message looks to a condition (`$body`, system and application
 //!   properties), the body parsed at most once per message.
+//! - [`queue`]: store-and-forward: a queue per sink ordered by priority then arrival, with
+//!   time to live and a size quota; in memory or durable (redb, group commit).
 //!
 //! Nothing here opens a socket: the broker crate feeds messages in and delivers them out.
 
 pub mod condition;
 pub mod context;
 pub mod message;
+pub mod queue;
 pub mod route;
 
 pub use message::{Message, PropertyBagError, SystemProperties};

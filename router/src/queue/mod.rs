@@ -1,0 +1,140 @@
+//! Store-and-forward: a queue of routed messages per sink.
+//!
+//! Every routed message is appended to its sink's queue before the device's publish is
+//! acknowledged, and leaves only when the sink acknowledged it or its time to live ran out.
+//! Order within a sink is priority first (0 highest … 9), then arrival; an entry's key is
+//! `(sink, priority, seq)` so both implementations simply iterate keys in order. Readers pass
+//! the keys they have in flight to skip, so a high-priority message that arrives while a
+//! backlog drains is the next one handed out.
+//!
+//! Two implementations run through the same tests: [`MemoryQueue`] and the durable
+//! [`DiskQueue`] (redb, group-committed by one writer thread).
+
+mod disk;
+mod memory;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+pub use disk::DiskQueue;
+pub use memory::MemoryQueue;
+
+/// A message to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    pub sink: String,
+    pub priority: u8,
+    pub ttl_ms: u64,
+    /// The property bag the sink delivers.
+    pub bag: String,
+    pub body: Bytes,
+}
+
+/// Where an entry sits: ordered by sink, then priority, then arrival.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryKey {
+    pub sink: String,
+    pub priority: u8,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: EntryKey,
+    /// Wall-clock enqueue time (unix ms): TTL survives restarts.
+    pub enqueued_ms: u64,
+    pub expires_ms: u64,
+    pub bag: String,
+    pub body: Bytes,
+}
+
+impl Entry {
+    /// What an entry counts against the quota.
+    pub fn size(&self) -> u64 {
+        entry_size(&self.bag, &self.body)
+    }
+}
+
+pub(crate) fn entry_size(bag: &str, body: &[u8]) -> u64 {
+    (bag.len() + body.len() + 32) as u64
+}
+
+/// What to do when the quota is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Drop the oldest messages of the lowest priority (counted) to make room.
+    DropOldest,
+    /// Refuse the new messages: the hub withholds the PUBACK (back-pressure).
+    Refuse,
+}
+
+/// Size limits. 0 means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_sink_bytes: u64,
+    pub when_full: WhenFull,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 0,
+            max_sink_bytes: 0,
+            when_full: WhenFull::DropOldest,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("the store-and-forward quota is full")]
+    Full,
+    #[error("store-and-forward store: {0}")]
+    Store(String),
+}
+
+/// Per-sink view for operators.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    pub sink: String,
+    pub depth: u64,
+    pub bytes: u64,
+    /// Enqueue time of the oldest entry, unix ms.
+    pub oldest_ms: Option<u64>,
+    pub dropped_expired: u64,
+    pub dropped_quota: u64,
+}
+
+/// Entries handed out by [`Queue::peek`], and how many expired ones it removed on the way.
+#[derive(Debug, Default)]
+pub struct Peeked {
+    pub entries: Vec<Entry>,
+    pub expired: u64,
+}
+
+pub type AppendFuture = Pin<Box<dyn Future<Output = Result<(), QueueError>> + Send>>;
+
+pub trait Queue: Send + Sync {
+    /// Appends entries as one unit; the future resolves once they are stored (for the disk
+    /// queue: committed). Entries submitted one after another keep that order.
+    fn append(&self, entries: Vec<NewEntry>, now_ms: u64) -> AppendFuture;
+    /// Up to `limit` live entries of `sink` in delivery order, skipping `skip` (in flight);
+    /// expired entries met on the way are removed and counted.
+    fn peek(
+        &self,
+        sink: &str,
+        skip: &HashSet<EntryKey>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Peeked, QueueError>;
+    /// Removes delivered entries.
+    fn remove(&self, keys: Vec<EntryKey>);
+    /// Sinks with entries or counters.
+    fn stats(&self) -> Vec<SinkStats>;
+}

@@ -1,0 +1,279 @@
+//! One test list, run against every queue implementation.
+
+use std::collections::HashSet;
+
+use super::*;
+
+fn entry(sink: &str, priority: u8, ttl_ms: u64, body: &str) -> NewEntry {
+    NewEntry {
+        sink: sink.into(),
+        priority,
+        ttl_ms,
+        bag: format!("n={body}"),
+        body: Bytes::copy_from_slice(body.as_bytes()),
+    }
+}
+
+fn bodies(p: &Peeked) -> Vec<String> {
+    p.entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+        .collect()
+}
+
+/// Waits until every earlier job is applied (an empty append goes through the same path).
+async fn settle(q: &dyn Queue) {
+    q.append(Vec::new(), 0).await.unwrap();
+}
+
+async fn priority_then_arrival(q: &dyn Queue) {
+    q.append(
+        vec![
+            entry("s", 5, 60_000, "a"),
+            entry("s", 0, 60_000, "b"),
+            entry("s", 5, 60_000, "c"),
+        ],
+        1000,
+    )
+    .await
+    .unwrap();
+    q.append(
+        vec![entry("s", 0, 60_000, "d"), entry("other", 0, 60_000, "x")],
+        1000,
+    )
+    .await
+    .unwrap();
+    let p = q.peek("s", &HashSet::new(), 10, 2000).unwrap();
+    assert_eq!(bodies(&p), ["b", "d", "a", "c"]);
+}
+
+async fn in_flight_is_skipped_and_live_high_priority_jumps_the_backlog(q: &dyn Queue) {
+    for i in 0..5 {
+        q.append(vec![entry("s", 5, 60_000, &format!("old{i}"))], 1000)
+            .await
+            .unwrap();
+    }
+    let first = q.peek("s", &HashSet::new(), 2, 2000).unwrap();
+    assert_eq!(bodies(&first), ["old0", "old1"]);
+    let in_flight: HashSet<EntryKey> = first.entries.iter().map(|e| e.key.clone()).collect();
+    q.append(vec![entry("s", 0, 60_000, "live")], 2000)
+        .await
+        .unwrap();
+    let next = q.peek("s", &in_flight, 2, 2000).unwrap();
+    assert_eq!(bodies(&next), ["live", "old2"]);
+}
+
+async fn removal_and_stats(q: &dyn Queue) {
+    q.append(
+        vec![entry("s", 0, 60_000, "a"), entry("s", 0, 60_000, "b")],
+        1000,
+    )
+    .await
+    .unwrap();
+    let p = q.peek("s", &HashSet::new(), 10, 1500).unwrap();
+    q.remove(vec![p.entries[0].key.clone()]);
+    settle(q).await;
+    let p = q.peek("s", &HashSet::new(), 10, 1500).unwrap();
+    assert_eq!(bodies(&p), ["b"]);
+    let stats = q.stats();
+    let s = stats.iter().find(|s| s.sink == "s").unwrap();
+    assert_eq!(s.depth, 1);
+    assert_eq!(s.bytes, entry_size("n=b", b"b"));
+    assert_eq!(s.oldest_ms, Some(1000));
+}
+
+async fn expired_entries_are_never_handed_out(q: &dyn Queue) {
+    q.append(
+        vec![entry("s", 0, 100, "short"), entry("s", 0, 10_000, "long")],
+        1000,
+    )
+    .await
+    .unwrap();
+    let p = q.peek("s", &HashSet::new(), 10, 1100).unwrap();
+    assert_eq!(bodies(&p), ["long"]);
+    assert_eq!(p.expired, 1);
+    settle(q).await;
+    let s = q.stats().into_iter().find(|s| s.sink == "s").unwrap();
+    assert_eq!((s.depth, s.dropped_expired), (1, 1));
+    assert!(bodies(&q.peek("s", &HashSet::new(), 10, 20_000).unwrap()).is_empty());
+}
+
+async fn quota_drops_oldest_of_lowest_priority(q: &dyn Queue) {
+    // Limits: 4 entries' worth in total (see `limits_for_quota`).
+    q.append(
+        vec![
+            entry("s", 0, 60_000, "h1"),
+            entry("s", 9, 60_000, "l1"),
+            entry("s", 9, 60_000, "l2"),
+            entry("t", 0, 60_000, "h2"),
+        ],
+        1,
+    )
+    .await
+    .unwrap();
+    q.append(vec![entry("s", 0, 60_000, "h3")], 2)
+        .await
+        .unwrap();
+    let s = bodies(&q.peek("s", &HashSet::new(), 10, 3).unwrap());
+    assert_eq!(
+        s,
+        ["h1", "h3", "l2"],
+        "l1, the oldest lowest-priority entry, made room"
+    );
+    let stats = q.stats();
+    assert_eq!(stats.iter().map(|s| s.dropped_quota).sum::<u64>(), 1);
+}
+
+async fn refuse_policy_refuses_without_dropping(q: &dyn Queue) {
+    q.append(
+        vec![
+            entry("s", 0, 60_000, "a"),
+            entry("s", 0, 60_000, "b"),
+            entry("s", 0, 60_000, "c"),
+            entry("s", 0, 60_000, "d"),
+        ],
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        q.append(vec![entry("s", 0, 60_000, "e")], 2).await,
+        Err(QueueError::Full)
+    );
+    assert_eq!(
+        bodies(&q.peek("s", &HashSet::new(), 10, 3).unwrap()),
+        ["a", "b", "c", "d"]
+    );
+    let p = q.peek("s", &HashSet::new(), 1, 3).unwrap();
+    q.remove(vec![p.entries[0].key.clone()]);
+    settle(q).await;
+    q.append(vec![entry("s", 0, 60_000, "e")], 4).await.unwrap();
+}
+
+fn limits_for_quota(when_full: WhenFull) -> Limits {
+    Limits {
+        max_bytes: 4 * entry_size("n=h1", b"h1"),
+        max_sink_bytes: 0,
+        when_full,
+    }
+}
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fh-queue-{name}-{}-{:x}",
+        std::process::id(),
+        rand_u32()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("queue.redb")
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    h.finish() as u32
+}
+
+macro_rules! for_each_queue {
+    ($name:ident, $limits:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn memory() {
+                let q = MemoryQueue::new($limits);
+                super::$name(&q).await;
+            }
+
+            #[tokio::test]
+            async fn disk() {
+                let path = temp_path(stringify!($name));
+                let q = DiskQueue::open(&path, $limits).unwrap();
+                super::$name(&q).await;
+                let _ = std::fs::remove_dir_all(path.parent().unwrap());
+            }
+        }
+    };
+}
+
+for_each_queue!(priority_then_arrival, Limits::default());
+for_each_queue!(
+    in_flight_is_skipped_and_live_high_priority_jumps_the_backlog,
+    Limits::default()
+);
+for_each_queue!(removal_and_stats, Limits::default());
+for_each_queue!(expired_entries_are_never_handed_out, Limits::default());
+for_each_queue!(
+    quota_drops_oldest_of_lowest_priority,
+    limits_for_quota(WhenFull::DropOldest)
+);
+for_each_queue!(
+    refuse_policy_refuses_without_dropping,
+    limits_for_quota(WhenFull::Refuse)
+);
+
+#[tokio::test]
+async fn disk_entries_survive_reopen_with_ttl_by_wall_clock() {
+    let path = temp_path("reopen");
+    {
+        let q = DiskQueue::open(&path, Limits::default()).unwrap();
+        q.append(
+            vec![
+                entry("s", 3, 1_000, "soon"),
+                entry("s", 1, 1_000_000, "later"),
+            ],
+            10_000,
+        )
+        .await
+        .unwrap();
+    }
+    let q = DiskQueue::open(&path, Limits::default()).unwrap();
+    let s = q.stats().into_iter().find(|s| s.sink == "s").unwrap();
+    assert_eq!(s.depth, 2, "counters rebuilt at open");
+    // After the restart the clock moved past the first one's expiry.
+    let p = q.peek("s", &HashSet::new(), 10, 12_000).unwrap();
+    assert_eq!(bodies(&p), ["later"]);
+    assert_eq!(p.expired, 1);
+    // New entries get new sequence numbers after the old ones.
+    q.append(vec![entry("s", 1, 1_000_000, "new")], 12_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        bodies(&q.peek("s", &HashSet::new(), 10, 12_000).unwrap()),
+        ["later", "new"]
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test]
+async fn disk_store_that_cannot_be_opened_is_set_aside() {
+    let path = temp_path("truncated");
+    {
+        let q = DiskQueue::open(&path, Limits::default()).unwrap();
+        for i in 0..200 {
+            q.append(vec![entry("s", 0, 1_000_000, &format!("m{i}"))], 1)
+                .await
+                .unwrap();
+        }
+    }
+    // Cut the file in the middle.
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let q = DiskQueue::open(&path, Limits::default()).expect("the hub must start");
+    // Either redb repaired it, or it was moved aside and the queue starts empty.
+    let depth = q.stats().iter().map(|s| s.depth).sum::<u64>();
+    assert!(q.recovered_from.is_some() || depth <= 200);
+    q.append(vec![entry("s", 0, 1_000_000, "after")], 2)
+        .await
+        .unwrap();
+    assert!(bodies(&q.peek("s", &HashSet::new(), 1000, 3).unwrap()).contains(&"after".to_string()));
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
