@@ -167,6 +167,10 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
+    hub.metrics.observe_queues(
+        &fleethub_router::queue::Queue::stats(&*hub.queues),
+        crate::c2d::now_ms(),
+    );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         hub.metrics.render(),

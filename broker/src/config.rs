@@ -42,6 +42,7 @@ struct FileConfig {
     #[serde(default)]
     routes: toml::Table,
     upstream: UpstreamSection,
+    store_and_forward: StoreAndForwardSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,7 +66,22 @@ pub struct UpstreamSection {
     pub device_key: String,
     pub sas_hostname: String,
     pub topic: String,
-    pub buffer_messages: usize,
+}
+
+/// `[store_and_forward]`: the durable queues' limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreAndForwardSection {
+    pub max_bytes: u64,
+    pub max_sink_bytes: u64,
+    pub when_full: WhenFullSetting,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFullSetting {
+    DropOldest,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +149,7 @@ pub struct Config {
     /// Routes from `[routes]`, parsed and checked when the hub starts.
     pub routes: Vec<fleethub_router::route::RouteSpec>,
     pub upstream: UpstreamSection,
+    pub store_and_forward: StoreAndForwardSection,
 }
 
 impl Config {
@@ -213,6 +230,7 @@ impl Config {
             routing: file.routing,
             routes,
             upstream: file.upstream,
+            store_and_forward: file.store_and_forward,
         })
     }
 }

@@ -44,6 +44,8 @@ pub struct Stores {
 
 pub struct Hub {
     pub config: Config,
+    /// Store-and-forward: one durable queue per sink.
+    pub queues: Arc<fleethub_router::queue::DiskQueue>,
     pub routing: crate::routing::Routing,
     /// The `$upstream` bridge, when configured.
     pub upstream: Option<crate::upstream::Upstream>,
@@ -77,9 +79,11 @@ impl Hub {
         routing: crate::routing::Routing,
         upstream: Option<crate::upstream::Upstream>,
         metrics: Arc<Metrics>,
+        queues: Arc<fleethub_router::queue::DiskQueue>,
     ) -> Hub {
         Hub {
             config,
+            queues,
             routing,
             upstream,
             registry: stores.registry,
@@ -183,62 +187,89 @@ impl Hub {
         );
     }
 
-    /// Routes a message: returns the module-input publishes to hand to the router (the
-    /// caller batches them) and queues upstream copies. `bag` is the message's property bag
-    /// if the caller has it already.
+    /// Routes a message: one queue entry per matching route, to be appended (durably)
+    /// before the publish is acknowledged. `bag` is the message's property bag if the caller
+    /// has it already.
     pub fn dispatch(
         &self,
         message: &fleethub_router::Message,
         bag: Option<&str>,
         origin: &fleethub_router::route::Origin<'_>,
         twin_change: bool,
-    ) -> Vec<(String, bytes::Bytes)> {
+    ) -> Vec<fleethub_router::queue::NewEntry> {
         use fleethub_router::route::Sink;
         let deliveries = self.routing.route(message, origin, twin_change);
         if deliveries.is_empty() {
             return Vec::new();
         }
-        let mut publishes = Vec::new();
-        let mut own_bag: Option<String> = None;
+        let bag = match bag {
+            Some(b) => b.to_string(),
+            None => message.to_bag(),
+        };
+        let mut entries = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            match &d.sink {
-                Sink::ModuleInput { input, .. } => {
-                    let Some(topic) = &d.counters.input_topic else {
-                        d.counters.dropped.inc();
-                        continue;
-                    };
-                    let bag = match bag {
-                        Some(b) => b,
-                        None => own_bag.get_or_insert_with(|| message.to_bag()).as_str(),
-                    };
-                    match envelope::pack(&format!("{input}/{bag}"), &message.body) {
-                        Some(payload) => {
-                            publishes.push((topic.clone(), payload));
-                            d.counters.forwarded.inc();
-                        }
-                        None => d.counters.dropped.inc(),
-                    }
+            let sink = match &d.sink {
+                Sink::ModuleInput { .. } if d.counters.input_topic.is_none() => {
+                    d.counters.dropped.inc();
+                    continue;
                 }
-                Sink::Upstream => {
-                    if self
-                        .upstream
-                        .as_ref()
-                        .is_some_and(|u| u.send(message.clone()))
-                    {
-                        d.counters.forwarded.inc();
-                    } else {
-                        d.counters.dropped.inc();
-                    }
+                Sink::ModuleInput { .. } => d.counters.sink_name.clone(),
+                Sink::Upstream if self.upstream.is_none() => {
+                    d.counters.dropped.inc();
+                    continue;
+                }
+                Sink::Upstream => crate::upstream::SINK.to_string(),
+            };
+            d.counters.forwarded.inc();
+            entries.push(fleethub_router::queue::NewEntry {
+                sink,
+                priority: d.priority,
+                ttl_ms: d.ttl_secs.saturating_mul(1000),
+                bag: bag.clone(),
+                body: message.body.clone(),
+            });
+        }
+        entries
+    }
+
+    /// Tells the sinks of freshly committed entries that there is work.
+    pub fn wake_sinks(&self, entries: &[fleethub_router::queue::NewEntry]) {
+        let mut upstream = false;
+        let mut modules: Vec<&str> = Vec::new();
+        for e in entries {
+            if e.sink == crate::upstream::SINK {
+                upstream = true;
+            } else if let Some(m) = e
+                .sink
+                .strip_prefix("/modules/")
+                .and_then(|r| r.split('/').next())
+            {
+                if !modules.contains(&m) {
+                    modules.push(m);
                 }
             }
         }
-        publishes
+        if upstream {
+            if let Some(u) = &self.upstream {
+                u.wake();
+            }
+        }
+        for m in modules {
+            if let Ok(m) = crate::identity::ModuleId::new(m) {
+                if let Some(live) = self
+                    .live
+                    .get(&IdentityKey::module(self.config.hub_id.clone(), m))
+                {
+                    live.c2d.notify_one();
+                }
+            }
+        }
     }
 
     /// A twin change notification for `key` (its reported properties changed), routed like
     /// a message from it on `/twinChangeNotifications`.
     pub fn twin_changed(
-        &self,
+        self: &Arc<Self>,
         key: &IdentityKey,
         patch: &serde_json::Map<String, serde_json::Value>,
         version: u64,
@@ -262,10 +293,22 @@ impl Hub {
             output: None,
             twin_change: true,
         };
-        let publishes = self.dispatch(&message, None, &origin, true);
-        if let Err(e) = self.link.publish_batch(publishes) {
-            tracing::warn!(error = %e, "could not route a twin change notification");
+        let entries = self.dispatch(&message, None, &origin, true);
+        if entries.is_empty() {
+            return;
         }
+        let hub = self.clone();
+        let committed = fleethub_router::queue::Queue::append(
+            &*self.queues,
+            entries.clone(),
+            crate::c2d::now_ms(),
+        );
+        tokio::spawn(async move {
+            match committed.await {
+                Ok(()) => hub.wake_sinks(&entries),
+                Err(e) => tracing::warn!(error = %e, "could not queue a twin change notification"),
+            }
+        });
     }
 
     /// The routing origin of a message from `key`.

@@ -33,6 +33,15 @@ pub struct Metrics {
     pub sink_messages: IntCounterVec,
     /// 1 while the upstream bridge is connected.
     pub upstream_connected: IntGauge,
+    /// Routed messages not stored because the quota refused them (not acknowledged).
+    pub queue_refused: IntCounter,
+    /// Per sink, refreshed on every scrape from the queues.
+    queue_depth: prometheus::IntGaugeVec,
+    queue_bytes: prometheus::IntGaugeVec,
+    queue_oldest_age: prometheus::GaugeVec,
+    queue_dropped: IntCounterVec,
+    /// Drop counts already exported, to add only the difference to the counter.
+    queue_dropped_seen: std::sync::Mutex<std::collections::HashMap<(String, &'static str), u64>>,
     /// Resident set size, refreshed on every scrape.
     resident_memory: IntGauge,
 }
@@ -142,6 +151,43 @@ impl Metrics {
             "1 while the upstream bridge is connected",
         )
         .expect("valid metric");
+        let queue_refused = IntCounter::new(
+            "fleethub_queue_refused_total",
+            "Routed messages refused by the store-and-forward quota (their publish was not acknowledged)",
+        )
+        .expect("valid metric");
+        let queue_depth = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "fleethub_queue_depth",
+                "Messages waiting in a sink's store-and-forward queue",
+            ),
+            &["sink"],
+        )
+        .expect("valid metric");
+        let queue_bytes = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "fleethub_queue_bytes",
+                "Bytes waiting in a sink's store-and-forward queue",
+            ),
+            &["sink"],
+        )
+        .expect("valid metric");
+        let queue_oldest_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "fleethub_queue_oldest_age_seconds",
+                "Age of the oldest message in a sink's queue",
+            ),
+            &["sink"],
+        )
+        .expect("valid metric");
+        let queue_dropped = IntCounterVec::new(
+            Opts::new(
+                "fleethub_queue_dropped_total",
+                "Queued messages dropped undelivered, by sink and reason (expired, quota)",
+            ),
+            &["sink", "reason"],
+        )
+        .expect("valid metric");
         let resident_memory = IntGauge::new(
             "fleethub_process_resident_memory_bytes",
             "Resident memory of the hub process",
@@ -163,6 +209,11 @@ impl Metrics {
             Box::new(route_condition_errors.clone()),
             Box::new(sink_messages.clone()),
             Box::new(upstream_connected.clone()),
+            Box::new(queue_refused.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(queue_bytes.clone()),
+            Box::new(queue_oldest_age.clone()),
+            Box::new(queue_dropped.clone()),
             Box::new(resident_memory.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -184,7 +235,43 @@ impl Metrics {
             route_condition_errors,
             sink_messages,
             upstream_connected,
+            queue_refused,
+            queue_depth,
+            queue_bytes,
+            queue_oldest_age,
+            queue_dropped,
+            queue_dropped_seen: Default::default(),
             resident_memory,
+        }
+    }
+
+    /// Updates the queue gauges and drop counters from the queues' own counters.
+    pub fn observe_queues(&self, stats: &[fleethub_router::queue::SinkStats], now_ms: u64) {
+        let mut seen = self
+            .queue_dropped_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for s in stats {
+            self.queue_depth
+                .with_label_values(&[&s.sink])
+                .set(s.depth as i64);
+            self.queue_bytes
+                .with_label_values(&[&s.sink])
+                .set(s.bytes as i64);
+            let age = s
+                .oldest_ms
+                .map(|t| now_ms.saturating_sub(t) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            self.queue_oldest_age.with_label_values(&[&s.sink]).set(age);
+            for (reason, total) in [("expired", s.dropped_expired), ("quota", s.dropped_quota)] {
+                let last = seen.entry((s.sink.clone(), reason)).or_insert(0);
+                if total > *last {
+                    self.queue_dropped
+                        .with_label_values(&[&s.sink, reason])
+                        .inc_by(total - *last);
+                    *last = total;
+                }
+            }
         }
     }
 

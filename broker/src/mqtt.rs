@@ -320,7 +320,8 @@ pub async fn connection<S>(
         hub: hub.clone(),
         conn_id,
         gateway,
-        routed: Vec::new(),
+        queued: Vec::new(),
+        deferred_acks: Vec::new(),
         current: None,
         counted_subscriber: false,
         client_topics: topics::ClientTopics::new(&principal),
@@ -422,8 +423,10 @@ struct Session {
     conn_id: u64,
     /// An `iotEdge` identity: its messages may carry the original sender's ids.
     gateway: bool,
-    /// Routed copies (module inputs) gathered while reading, handed to the router in one go.
-    routed: Vec<(String, bytes::Bytes)>,
+    /// Queue entries of routed messages read in this batch, appended as one unit.
+    queued: Vec<fleethub_router::queue::NewEntry>,
+    /// PUBACKs of this batch, written once its queue entries are committed.
+    deferred_acks: Vec<u16>,
     /// (QoS, packet id) of the PUBLISH being handled.
     current: Option<(u8, u16)>,
     /// This connection's rows of the topic table, computed once.
@@ -455,9 +458,14 @@ struct C2dDelivery {
     /// Highest sequence handed out on this connection.
     last_seq: u64,
     next_pkid: u16,
+    /// For one of the hub's modules: routed messages in flight from its input queues.
+    inputs_inflight: HashMap<u16, fleethub_router::queue::EntryKey>,
+    inputs_keys: std::collections::HashSet<fleethub_router::queue::EntryKey>,
 }
 
 const C2D_WINDOW: usize = 16;
+/// Routed messages in flight to one module at once.
+const INPUT_WINDOW: usize = 100;
 const C2D_PKID_BASE: u16 = 1000;
 
 impl C2dDelivery {
@@ -599,14 +607,32 @@ impl Session {
             }
         };
         self.send_to_router(to_router).await?;
-        if !self.routed.is_empty() {
-            if let Err(e) = self
-                .hub
-                .link
-                .publish_batch(std::mem::take(&mut self.routed))
-            {
-                warn!(error = %e, "could not hand routed messages to the router");
+        if !self.queued.is_empty() {
+            let entries = std::mem::take(&mut self.queued);
+            let committed = fleethub_router::queue::Queue::append(
+                &*self.hub.queues,
+                entries.clone(),
+                crate::c2d::now_ms(),
+            )
+            .await;
+            match committed {
+                Ok(()) => self.hub.wake_sinks(&entries),
+                Err(e) => {
+                    // Not stored, so not acknowledged: the device sends them again.
+                    self.hub.metrics.queue_refused.inc_by(entries.len() as u64);
+                    if !matches!(e, fleethub_router::queue::QueueError::Full) {
+                        warn!(error = %e, "could not queue routed messages");
+                    }
+                    self.deferred_acks.clear();
+                }
             }
+        }
+        for pkid in self.deferred_acks.drain(..) {
+            let ack = PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            };
+            let _ = V4.write(Packet::PubAck(ack, None), wbuf);
         }
         result.map(|()| any)
     }
@@ -693,8 +719,8 @@ impl Session {
                         let origin = self
                             .hub
                             .origin(&sender, message.system.output_name.as_deref());
-                        let routed = self.hub.dispatch(&message, Some(&bag), &origin, false);
-                        self.routed.extend(routed);
+                        let entries = self.hub.dispatch(&message, Some(&bag), &origin, false);
+                        self.queued.extend(entries);
                         let Some(payload) = envelope::pack(&bag, &message.body) else {
                             self.protocol_error("bad_property_bag");
                             return Err("property bag too long");
@@ -841,6 +867,9 @@ impl Session {
         let Principal::Identity(key) = &self.principal else {
             return;
         };
+        if key.module.is_some() {
+            return self.inputs_fill(wbuf);
+        }
         if key.module.is_some() || !self.c2d.active {
             return;
         }
@@ -871,6 +900,17 @@ impl Session {
 
     /// The device acknowledged a C2D message: it leaves the queue.
     fn c2d_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
+        if let Some(key) = self.c2d.inputs_inflight.remove(&pkid) {
+            // A module took a routed message: it leaves its queue.
+            self.c2d.inputs_keys.remove(&key);
+            self.hub
+                .metrics
+                .sink_messages
+                .with_label_values(&[&key.sink, "delivered"])
+                .inc();
+            fleethub_router::queue::Queue::remove(&*self.hub.queues, vec![key]);
+            return self.inputs_fill(wbuf);
+        }
         let Some(pos) = self.c2d.inflight.iter().position(|(p, _)| *p == pkid) else {
             return;
         };
@@ -893,17 +933,66 @@ impl Session {
         self.c2d_fill(wbuf);
     }
 
-    /// PUBACK a QoS 1 publish the hub handled itself (it never reached the router).
-    fn ack_locally(&self, _publish: &rumqttd::protocol::Publish, wbuf: &mut BytesMut) {
-        let Some((qos, pkid)) = self.current else {
+    /// Delivers routed messages from this module's input queues (`/modules/{m}/inputs/*`),
+    /// highest priority first, while the window has room.
+    fn inputs_fill(&mut self, wbuf: &mut BytesMut) {
+        use fleethub_router::queue::Queue;
+        let Principal::Identity(key) = &self.principal else {
             return;
         };
-        if qos == 1 {
-            let ack = PubAck {
-                pkid,
-                reason: PubAckReason::Success,
+        let Some(module) = &key.module else {
+            return;
+        };
+        if !self.c2d.active {
+            return;
+        }
+        let prefix = format!("/modules/{module}/inputs/");
+        let sinks: Vec<String> = self
+            .hub
+            .queues
+            .stats()
+            .into_iter()
+            .filter(|s| s.depth > 0 && s.sink.starts_with(&prefix))
+            .map(|s| s.sink)
+            .collect();
+        let now = crate::c2d::now_ms();
+        for sink in sinks {
+            let room = INPUT_WINDOW.saturating_sub(self.c2d.inputs_inflight.len());
+            if room == 0 {
+                break;
+            }
+            let peeked = match self
+                .hub
+                .queues
+                .peek(&sink, &self.c2d.inputs_keys, room, now)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(sink, error = %e, "cannot read a module input queue");
+                    continue;
+                }
             };
-            let _ = V4.write(Packet::PubAck(ack, None), wbuf);
+            let input = &sink[prefix.len()..];
+            for entry in peeked.entries {
+                let topic = format!(
+                    "devices/{}/modules/{module}/inputs/{input}/{}",
+                    key.device, entry.bag
+                );
+                let pkid = self.c2d.pkid();
+                let p = publish_with(&topic, &entry.body, QoS::AtLeastOnce, pkid, false);
+                let _ = V4.write(Packet::Publish(p, None), wbuf);
+                self.c2d.inputs_keys.insert(entry.key.clone());
+                self.c2d.inputs_inflight.insert(pkid, entry.key);
+            }
+        }
+    }
+
+    /// PUBACK a QoS 1 publish the hub handled itself. Acknowledgements wait until the end of
+    /// the read batch, after its routed messages are committed to their queues, and go out
+    /// in the order the publishes came in.
+    fn ack_locally(&mut self, _publish: &rumqttd::protocol::Publish, _wbuf: &mut BytesMut) {
+        if let Some((1, pkid)) = self.current {
+            self.deferred_acks.push(pkid);
         }
     }
 
@@ -971,7 +1060,7 @@ impl Session {
         let Principal::Identity(key) = &self.principal else {
             return;
         };
-        if key.module.is_some() {
+        if key.module.is_some() && key.device != self.hub.config.hub_id {
             return;
         }
         let own = topics::internal_topic(key, Delivery::Own);

@@ -19,6 +19,8 @@ pub const EDGE_HUB: &str = "$edgeHub";
 /// Metric handles of one route, resolved once when its table is installed so the per-message
 /// path does no label lookups.
 pub struct RouteCounters {
+    /// The sink's queue name: `$upstream` or `/modules/{m}/inputs/{i}`.
+    pub sink_name: String,
     /// The internal topic of a module-input sink (`None` for `$upstream`, or a module name
     /// that is not a valid id).
     pub input_topic: Option<String>,
@@ -122,6 +124,7 @@ impl Routing {
                     Sink::Upstream => None,
                 };
                 Arc::new(RouteCounters {
+                    sink_name: sink.clone(),
                     input_topic,
                     matched: m.route_matched.with_label_values(&[&r.spec.name]),
                     undefined: m.route_condition_errors.with_label_values(&[&r.spec.name]),

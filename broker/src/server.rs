@@ -49,6 +49,7 @@ pub enum ServerError {
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
 pub const STORE_FILE: &str = "fleethub.redb";
+pub const QUEUES_FILE: &str = "queues.redb";
 
 /// Reads the admin token, creating it (mode 0600) on first start.
 pub fn ensure_admin_token(data_dir: &Path) -> Result<String, ServerError> {
@@ -142,11 +143,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .join("; "),
         )
     })?;
+    let limits = fleethub_router::queue::Limits {
+        max_bytes: config.store_and_forward.max_bytes,
+        max_sink_bytes: config.store_and_forward.max_sink_bytes,
+        when_full: match config.store_and_forward.when_full {
+            crate::config::WhenFullSetting::DropOldest => {
+                fleethub_router::queue::WhenFull::DropOldest
+            }
+            crate::config::WhenFullSetting::Refuse => fleethub_router::queue::WhenFull::Refuse,
+        },
+    };
+    let queues = Arc::new(
+        fleethub_router::queue::DiskQueue::open(&data_dir.join(QUEUES_FILE), limits)
+            .map_err(|e| ServerError::Store(e.to_string()))?,
+    );
+    if let Some(aside) = &queues.recovered_from {
+        tracing::error!(moved_to = %aside.display(), "the store-and-forward store was damaged; started with empty queues");
+    }
     let upstream = if config.upstream.enabled {
         Some(
             crate::upstream::Upstream::start(
                 &config.upstream,
                 config.hub_id.as_str(),
+                queues.clone(),
                 metrics.clone(),
             )
             .map_err(|e| ServerError::Store(e.to_string()))?,
@@ -167,6 +186,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         routing,
         upstream,
         metrics,
+        queues,
     ));
     // rumqttd keeps nothing across restarts: put every identity's desired state back.
     for (key, twin) in hub.twins.all() {
@@ -197,6 +217,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         data_dir = %data_dir.display(),
         "fleethub listening"
     );
+
+    // Expired entries in queues nobody drains (sink offline) are removed as time passes.
+    let sweeper_hub = hub.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let hub = sweeper_hub.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                use fleethub_router::queue::Queue;
+                let none = std::collections::HashSet::new();
+                for s in hub.queues.stats() {
+                    if s.depth > 0 {
+                        let _ = hub.queues.peek(&s.sink, &none, 512, crate::c2d::now_ms());
+                    }
+                }
+            })
+            .await;
+        }
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();

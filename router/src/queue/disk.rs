@@ -53,6 +53,9 @@ pub struct DiskQueue {
     /// `None` once closing: dropping the sender ends the writer thread.
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Keys handed to `remove` whose removal is not committed yet: `peek` must not hand them
+    /// out again meanwhile (that would be a duplicate delivery).
+    removing: Arc<Mutex<HashSet<EntryKey>>>,
     counters: Arc<Mutex<Counters>>,
     /// Set when the store could not be opened and was moved aside (shown to operators).
     pub recovered_from: Option<PathBuf>,
@@ -148,14 +151,17 @@ impl DiskQueue {
         let counters = Arc::new(Mutex::new(counters));
         let (tx, rx) = mpsc::channel();
         let (wdb, wcounters) = (db.clone(), counters.clone());
+        let removing = Arc::new(Mutex::new(HashSet::new()));
+        let wremoving = removing.clone();
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())
-            .spawn(move || writer(wdb, wcounters, rx, limits))
+            .spawn(move || writer(wdb, wcounters, rx, limits, wremoving))
             .map_err(err)?;
         Ok(DiskQueue {
             db,
             jobs: Mutex::new(Some(tx)),
             writer: Some(handle),
+            removing,
             counters,
             recovered_from,
         })
@@ -258,6 +264,7 @@ fn writer(
     shared: Arc<Mutex<Counters>>,
     rx: mpsc::Receiver<Job>,
     limits: Limits,
+    removing: Arc<Mutex<HashSet<EntryKey>>>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -269,6 +276,14 @@ fn writer(
         }
         let mut c = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut replies = Vec::new();
+        let removed: Vec<EntryKey> = batch
+            .iter()
+            .filter_map(|j| match j {
+                Job::Remove(keys) => Some(keys.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
         let result = (|| -> Result<(), QueueError> {
             let tx = db.begin_write().map_err(err)?;
             {
@@ -303,6 +318,11 @@ fn writer(
         match result {
             Ok(()) => {
                 *shared.lock().unwrap_or_else(|e| e.into_inner()) = c;
+                let mut pending = removing.lock().unwrap_or_else(|e| e.into_inner());
+                for k in &removed {
+                    pending.remove(k);
+                }
+                drop(pending);
                 for (reply, outcome) in replies {
                     let _ = reply.send(outcome);
                 }
@@ -420,6 +440,13 @@ impl Queue for DiskQueue {
         limit: usize,
         now_ms: u64,
     ) -> Result<Peeked, QueueError> {
+        // Snapshot the pending removals before reading: a key whose removal commits later
+        // is then either still listed here or already gone from the store.
+        let removing = self
+            .removing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(QUEUE).map_err(err)?;
         let mut out = Peeked::default();
@@ -438,7 +465,7 @@ impl Queue for DiskQueue {
                 priority,
                 seq,
             };
-            if skip.contains(&key) {
+            if skip.contains(&key) || removing.contains(&key) {
                 continue;
             }
             let Some(entry) = decode(key.clone(), v.value()) else {
@@ -459,6 +486,10 @@ impl Queue for DiskQueue {
     }
 
     fn remove(&self, keys: Vec<EntryKey>) {
+        self.removing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(keys.iter().cloned());
         self.send(Job::Remove(keys));
     }
 

@@ -82,6 +82,28 @@ async fn removal_and_stats(q: &dyn Queue) {
     assert_eq!(s.oldest_ms, Some(1000));
 }
 
+async fn removed_entries_are_never_handed_out_again(q: &dyn Queue) {
+    for i in 0..50 {
+        q.append(vec![entry("s", 0, 60_000, &format!("m{i}"))], 1)
+            .await
+            .unwrap();
+    }
+    let mut seen = HashSet::new();
+    // Deliver and remove one at a time without waiting for removals to be committed.
+    for _ in 0..50 {
+        let p = q.peek("s", &HashSet::new(), 1, 2).unwrap();
+        let e = &p.entries[0];
+        assert!(seen.insert(e.key.clone()), "{:?} handed out twice", e.key);
+        q.remove(vec![e.key.clone()]);
+    }
+    settle(q).await;
+    assert!(q
+        .peek("s", &HashSet::new(), 10, 2)
+        .unwrap()
+        .entries
+        .is_empty());
+}
+
 async fn expired_entries_are_never_handed_out(q: &dyn Queue) {
     q.append(
         vec![entry("s", 0, 100, "short"), entry("s", 0, 10_000, "long")],
@@ -208,6 +230,10 @@ for_each_queue!(
     Limits::default()
 );
 for_each_queue!(removal_and_stats, Limits::default());
+for_each_queue!(
+    removed_entries_are_never_handed_out_again,
+    Limits::default()
+);
 for_each_queue!(expired_entries_are_never_handed_out, Limits::default());
 for_each_queue!(
     quota_drops_oldest_of_lowest_priority,
