@@ -131,6 +131,7 @@ pub fn router(hub: SharedHub) -> Router {
         )
         .route("/devices/{device}/messages", axum::routing::post(send_c2d))
         .route("/routes", get(list_routes))
+        .route("/queues", get(list_queues))
         .route("/routes/check", axum::routing::post(check_route))
         .layer(middleware::from_fn_with_state(hub.clone(), require_token));
     Router::new()
@@ -805,4 +806,36 @@ async fn check_route(body: Result<Json<CheckBody>, JsonRejection>) -> ApiResult<
         )
             .into_response()),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Store-and-forward queues
+
+async fn list_queues(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
+    let now = crate::c2d::now_ms();
+    let stats = fleethub_router::queue::Queue::stats(&*hub.queues);
+    hub.metrics.observe_queues(&stats, now);
+    let items: Vec<serde_json::Value> = stats
+        .iter()
+        .map(|s| {
+            json!({
+                "sink": s.sink,
+                "depth": s.depth,
+                "bytes": s.bytes,
+                "oldestAgeSeconds": s.oldest_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
+                "dropped": { "expired": s.dropped_expired, "quota": s.dropped_quota },
+            })
+        })
+        .collect();
+    let cfg = &hub.config.store_and_forward;
+    Json(json!({
+        "items": items,
+        "limits": {
+            "maxBytes": cfg.max_bytes,
+            "maxSinkBytes": cfg.max_sink_bytes,
+            "whenFull": format!("{:?}", cfg.when_full),
+        },
+        "refused": hub.metrics.queue_refused.get(),
+        "recoveredFrom": hub.queues.recovered_from.as_ref().map(|p| p.display().to_string()),
+    }))
 }

@@ -64,6 +64,9 @@ pub enum Command {
     /// Routes: the table in force, and checking an expression
     #[command(subcommand)]
     Route(RouteCmd),
+    /// Store-and-forward queues, one per sink
+    #[command(subcommand)]
+    Queue(QueueCmd),
     /// Print a SAS token for a device or module (the MQTT password)
     SasToken {
         device: String,
@@ -165,6 +168,14 @@ pub enum DeviceCmd {
     Delete {
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCmd {
+    /// Every sink's queue: depth, bytes, oldest message age, drops by reason
+    List,
+    /// One sink's queue, e.g. '$upstream' or /modules/filter/inputs/in1
+    Show { sink: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -406,6 +417,44 @@ impl Client {
             Command::Device(cmd) => self.device(cmd).await,
             Command::Module(cmd) => self.module(cmd).await,
             Command::Twin(cmd) => self.twin(cmd).await,
+            Command::Queue(cmd) => {
+                let v = self.get("/queues").await?;
+                let v = match cmd {
+                    QueueCmd::List => v,
+                    QueueCmd::Show { sink } => v["items"]
+                        .as_array()
+                        .and_then(|items| {
+                            items.iter().find(|i| i["sink"] == sink.as_str()).cloned()
+                        })
+                        .with_context(|| format!("no queue for sink '{sink}'"))?,
+                };
+                self.print(&v, |v| {
+                    let row = |q: &Value| {
+                        format!(
+                            "{:<40} {:>10} {:>12} {:>12} {:>9} {:>9}",
+                            q["sink"].as_str().unwrap_or(""),
+                            q["depth"],
+                            q["bytes"],
+                            q["oldestAgeSeconds"]
+                                .as_f64()
+                                .map(|a| format!("{a:.1}"))
+                                .unwrap_or_else(|| "-".into()),
+                            q["dropped"]["expired"],
+                            q["dropped"]["quota"]
+                        )
+                    };
+                    let mut out = format!(
+                        "{:<40} {:>10} {:>12} {:>12} {:>9} {:>9}",
+                        "SINK", "DEPTH", "BYTES", "OLDEST_S", "EXPIRED", "QUOTA"
+                    );
+                    match v["items"].as_array() {
+                        Some(items) => items.iter().for_each(|q| out += &format!("\n{}", row(q))),
+                        None => out += &format!("\n{}", row(v)),
+                    }
+                    out
+                });
+                Ok(())
+            }
             Command::Route(RouteCmd::List) => {
                 let v = self.get("/routes").await?;
                 self.print(&v, |v| {

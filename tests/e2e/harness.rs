@@ -493,3 +493,55 @@ pub fn json_of(p: &Publish) -> Value {
     serde_json::from_slice(&p.payload)
         .unwrap_or_else(|_| panic!("not JSON on {}: {:?}", p.topic, p.payload))
 }
+
+/// A free loopback port (bound, read back, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A bare rumqttd on `port` (no auth): an upstream broker for tests. It runs until the test
+/// process ends.
+pub fn start_bare_broker(port: u16) {
+    use std::collections::HashMap;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = rumqttd::ServerSettings {
+        name: "upstream".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: 300 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 16 * 1024 * 1024,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Default::default()
+    };
+    std::thread::spawn(move || {
+        let _ = rumqttd::Broker::new(config).start();
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "bare broker did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -11,5 +11,6 @@ mod interop;
 mod methods;
 mod registry;
 mod routes;
+mod store_forward;
 mod telemetry;
 mod twin;

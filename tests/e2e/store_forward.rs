@@ -1,0 +1,214 @@
+//! Store-and-forward: what the hub acknowledged survives `kill -9` and reaches its sink once
+//! the sink is back — at least once, in priority order, never after its time to live.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::Method;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+
+use crate::harness::{free_port, start_bare_broker, temp_dir, Hub, Seen};
+
+/// Publishes `total` QoS 1 messages (`seq`, `prio` properties) and kills the hub with -9 once
+/// `kill_after` of them were acknowledged. Returns how many were acknowledged.
+async fn publish_then_kill(
+    hub: &mut Hub,
+    device: &str,
+    key: &str,
+    plan: &[(&str, usize)],
+    kill_after: usize,
+) -> Vec<(usize, String)> {
+    let mut d = hub.device(device, key).await;
+    let mut sent: Vec<(usize, String)> = Vec::new();
+    let mut seq = 0;
+    for (prio, n) in plan {
+        for _ in 0..*n {
+            sent.push((seq, prio.to_string()));
+            seq += 1;
+        }
+    }
+    let publisher = {
+        let client = d.client.clone();
+        let device = device.to_string();
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for (seq, prio) in sent {
+                let topic = format!("devices/{device}/messages/events/seq={seq}&prio={prio}");
+                if client
+                    .publish(topic, QoS::AtLeastOnce, false, seq.to_string())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    // The hub acknowledges in order, so the first k PUBACKs cover messages 0..k.
+    let mut acked = 0;
+    while acked < kill_after {
+        match d.next(Duration::from_secs(20)).await {
+            Some(Seen::PubAck(_)) => acked += 1,
+            Some(Seen::Disconnected(e)) => panic!("device dropped: {e}"),
+            Some(_) => {}
+            None => panic!("no PUBACK after {acked}"),
+        }
+    }
+    hub.kill9();
+    publisher.abort();
+    // Anything acknowledged in between counts too.
+    while let Some(Seen::PubAck(_)) = d.next(Duration::from_millis(50)).await {
+        acked += 1;
+    }
+    sent.truncate(acked);
+    sent
+}
+
+#[tokio::test]
+async fn module_input_backlog_survives_kill_9_in_priority_order_and_ttl() {
+    let mut hub = Hub::start("snf-module").await;
+    let dk = hub.create_device("dev").await;
+    let mk = hub.create_module("fleethub", "sink").await;
+    let (s, b) = hub
+        .api(
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            Some(json!({"properties": {"desired": {"routes": {
+                "high": {"route": "FROM /messages/* WHERE prio = 'high' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 0},
+                "low": {"route": "FROM /messages/* WHERE prio = 'low' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 5},
+                "short": {"route": "FROM /messages/* WHERE prio = 'short' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 0, "timeToLiveSecs": 1}
+            }}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let acked = publish_then_kill(
+        &mut hub,
+        "dev",
+        &dk,
+        &[("low", 400), ("short", 50), ("high", 150)],
+        560,
+    )
+    .await;
+    assert!(acked.len() >= 560);
+    let mut hub = hub.restart().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the short-lived ones expire meanwhile
+
+    let (_, queues) = hub.api(Method::GET, "/queues", None).await;
+    let depth = queues["items"][0]["depth"].as_u64().unwrap();
+    assert!(
+        depth as usize >= acked.iter().filter(|(_, p)| p != "short").count(),
+        "{queues}"
+    );
+
+    let mut sink = hub.device("fleethub/sink", &mk).await;
+    sink.subscribe_many(&["devices/fleethub/modules/sink/inputs/#"])
+        .await;
+    let mut got: Vec<(usize, String)> = Vec::new();
+    while let Some(p) = sink.next_publish(Duration::from_secs(3)).await {
+        let bag = p
+            .topic
+            .strip_prefix("devices/fleethub/modules/sink/inputs/in/")
+            .unwrap();
+        let m = fleethub_router::Message::from_bag(bag, bytes::Bytes::new()).unwrap();
+        got.push((
+            m.property("seq").unwrap().parse().unwrap(),
+            m.property("prio").unwrap().to_string(),
+        ));
+    }
+    let mut counts: HashMap<usize, usize> = HashMap::new();
+    for (seq, _) in &got {
+        *counts.entry(*seq).or_default() += 1;
+    }
+    for (seq, prio) in &acked {
+        if prio != "short" {
+            assert!(
+                counts.contains_key(seq),
+                "acknowledged message {seq} ({prio}) lost"
+            );
+        }
+    }
+    assert!(
+        got.iter().all(|(_, p)| p != "short"),
+        "nothing after its time to live"
+    );
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    assert!(
+        duplicates * 1000 <= got.len(),
+        "{duplicates} duplicates of {}",
+        got.len()
+    );
+    // Priority: every high message comes before the first low one.
+    let first_low = got.iter().position(|(_, p)| p == "low").unwrap();
+    let last_high = got.iter().rposition(|(_, p)| p == "high").unwrap_or(0);
+    assert!(last_high < first_low, "high priority drained first");
+    hub.terminate();
+    let _ = &mut hub;
+}
+
+#[tokio::test]
+async fn upstream_backlog_survives_kill_9_and_drains_when_upstream_returns() {
+    let port = free_port();
+    let dir = temp_dir("snf-upstream");
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!("[hub]\nid = \"edge\"\n[routes]\nup = \"FROM /messages/* INTO $upstream\"\n[upstream]\nenabled = true\naddress = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let mut hub = Hub::start_with(dir, &["--config", config.to_str().unwrap()]).await;
+    let dk = hub.create_device("dev").await;
+    let acked = publish_then_kill(&mut hub, "dev", &dk, &[("x", 2000)], 1500).await;
+    let hub = hub.restart().await;
+
+    // The upstream comes back, with a subscriber that counts what arrives.
+    start_bare_broker(port);
+    let mut o = MqttOptions::new("upstream-watcher", "127.0.0.1", port);
+    o.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    let (watcher, mut events) = AsyncClient::new(o, 100);
+    watcher
+        .subscribe("devices/edge/messages/events/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut counts: HashMap<usize, usize> = HashMap::new();
+    let mut total = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while counts.len() < acked.len() && tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            tokio::time::timeout(Duration::from_secs(5), events.poll()).await
+        {
+            let bag = p
+                .topic
+                .strip_prefix("devices/edge/messages/events/")
+                .unwrap();
+            let m = fleethub_router::Message::from_bag(bag, bytes::Bytes::new()).unwrap();
+            assert_eq!(m.system.connection_device_id.as_deref(), Some("dev"));
+            *counts
+                .entry(m.property("seq").unwrap().parse().unwrap())
+                .or_default() += 1;
+            total += 1;
+        }
+    }
+    for (seq, _) in &acked {
+        assert!(
+            counts.contains_key(seq),
+            "acknowledged message {seq} never reached the upstream ({} of {})",
+            counts.len(),
+            acked.len()
+        );
+    }
+    let duplicates = total - counts.len();
+    assert!(
+        duplicates * 1000 <= total,
+        "{duplicates} duplicates of {total}"
+    );
+    let (_, queues) = hub.api(Method::GET, "/queues", None).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut depth = queues["items"][0]["depth"].as_u64().unwrap_or(0);
+    while depth > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, q) = hub.api(Method::GET, "/queues", None).await;
+        depth = q["items"][0]["depth"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(depth, 0, "the queue drained");
+}
