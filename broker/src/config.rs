@@ -72,6 +72,7 @@ pub struct UpstreamSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreAndForwardSection {
+    pub cache_bytes: usize,
     pub max_bytes: u64,
     pub max_sink_bytes: u64,
     pub when_full: WhenFullSetting,

@@ -461,6 +461,9 @@ struct C2dDelivery {
     /// For one of the hub's modules: routed messages in flight from its input queues.
     inputs_inflight: HashMap<u16, fleethub_router::queue::EntryKey>,
     inputs_keys: std::collections::HashSet<fleethub_router::queue::EntryKey>,
+    /// Per input queue, the last key handed out: refills after an ack continue from there;
+    /// a wake (new entries committed) starts again from the head.
+    inputs_cursor: HashMap<String, fleethub_router::queue::EntryKey>,
 }
 
 const C2D_WINDOW: usize = 16;
@@ -513,6 +516,11 @@ impl Session {
         let far = Duration::from_secs(365 * 24 * 3600);
         let c2d_wake = self.c2d.wake.clone();
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
+        // Batches whose routed messages are being committed, oldest first, with the PUBACKs
+        // that wait for them. The connection keeps reading meanwhile (pipelining); acks go
+        // out when their batch is committed, so always in the order publishes came in.
+        let mut commits: std::collections::VecDeque<PendingCommit> =
+            std::collections::VecDeque::new();
         loop {
             if write_all(writer, &mut wbuf).await.is_err() {
                 return "write failed";
@@ -526,6 +534,7 @@ impl Session {
                     return reason;
                 }
             }
+            self.stage_acks(&mut commits, &mut wbuf);
             if write_all(writer, &mut wbuf).await.is_err() {
                 return "write failed";
             }
@@ -561,9 +570,79 @@ impl Session {
                     }
                 },
                 _ = c2d_wake.notified(), if self.c2d.active => self.c2d_fill(&mut wbuf),
+                done = next_commit(&mut commits), if !commits.is_empty() => {
+                    if let Some((result, batch)) = done {
+                        self.commit_done(result, batch, &mut wbuf);
+                    }
+                    // Later batches may be committed too: the writer answers in order.
+                    while let Some(front) = commits.front_mut() {
+                        match (&mut front.committed).now_or_never() {
+                            Some(result) => {
+                                if let Some(batch) = commits.pop_front() {
+                                    self.commit_done(result, batch, &mut wbuf);
+                                }
+                            }
+                            None => break,
+                        }
+                    }
+                },
                 _ = tokio::time::sleep_until(deadline) => return "keep-alive expired",
                 _ = kick.notified() => return "closed by the hub (taken over, disabled or deleted)",
                 _ = shutdown.changed() => return "hub shutting down",
+            }
+        }
+    }
+
+    /// Hands this batch's routed messages to the queue writer (not waiting) and parks its
+    /// PUBACKs behind the commit; with nothing to commit and nothing pending, acks go now.
+    fn stage_acks(
+        &mut self,
+        commits: &mut std::collections::VecDeque<PendingCommit>,
+        wbuf: &mut BytesMut,
+    ) {
+        let acks = std::mem::take(&mut self.deferred_acks);
+        if self.queued.is_empty() {
+            if commits.is_empty() {
+                write_acks(&acks, wbuf);
+            } else if let Some(last) = commits.back_mut() {
+                last.acks.extend(acks);
+            }
+            return;
+        }
+        let entries = std::mem::take(&mut self.queued);
+        let committed = fleethub_router::queue::Queue::append(
+            &*self.hub.queues,
+            entries.clone(),
+            crate::c2d::now_ms(),
+        );
+        commits.push_back(PendingCommit {
+            committed,
+            acks,
+            entries,
+        });
+    }
+
+    /// A batch's routed messages are stored (or were refused): release its PUBACKs.
+    fn commit_done(
+        &mut self,
+        result: Result<(), fleethub_router::queue::QueueError>,
+        batch: PendingCommit,
+        wbuf: &mut BytesMut,
+    ) {
+        match result {
+            Ok(()) => {
+                self.hub.wake_sinks(&batch.entries);
+                write_acks(&batch.acks, wbuf);
+            }
+            Err(e) => {
+                // Not stored, so not acknowledged: the device sends them again.
+                self.hub
+                    .metrics
+                    .queue_refused
+                    .inc_by(batch.entries.len() as u64);
+                if !matches!(e, fleethub_router::queue::QueueError::Full) {
+                    warn!(error = %e, "could not queue routed messages");
+                }
             }
         }
     }
@@ -607,33 +686,6 @@ impl Session {
             }
         };
         self.send_to_router(to_router).await?;
-        if !self.queued.is_empty() {
-            let entries = std::mem::take(&mut self.queued);
-            let committed = fleethub_router::queue::Queue::append(
-                &*self.hub.queues,
-                entries.clone(),
-                crate::c2d::now_ms(),
-            )
-            .await;
-            match committed {
-                Ok(()) => self.hub.wake_sinks(&entries),
-                Err(e) => {
-                    // Not stored, so not acknowledged: the device sends them again.
-                    self.hub.metrics.queue_refused.inc_by(entries.len() as u64);
-                    if !matches!(e, fleethub_router::queue::QueueError::Full) {
-                        warn!(error = %e, "could not queue routed messages");
-                    }
-                    self.deferred_acks.clear();
-                }
-            }
-        }
-        for pkid in self.deferred_acks.drain(..) {
-            let ack = PubAck {
-                pkid,
-                reason: PubAckReason::Success,
-            };
-            let _ = V4.write(Packet::PubAck(ack, None), wbuf);
-        }
         result.map(|()| any)
     }
 
@@ -868,6 +920,8 @@ impl Session {
             return;
         };
         if key.module.is_some() {
+            // Woken: new entries, possibly of a higher priority than the cursors.
+            self.c2d.inputs_cursor.clear();
             return self.inputs_fill(wbuf);
         }
         if key.module.is_some() || !self.c2d.active {
@@ -950,10 +1004,10 @@ impl Session {
         let sinks: Vec<String> = self
             .hub
             .queues
-            .stats()
+            .sinks()
             .into_iter()
-            .filter(|s| s.depth > 0 && s.sink.starts_with(&prefix))
-            .map(|s| s.sink)
+            .filter(|(s, _)| s.starts_with(&prefix))
+            .map(|(s, _)| s)
             .collect();
         let now = crate::c2d::now_ms();
         for sink in sinks {
@@ -961,11 +1015,14 @@ impl Session {
             if room == 0 {
                 break;
             }
-            let peeked = match self
-                .hub
-                .queues
-                .peek(&sink, &self.c2d.inputs_keys, room, now)
-            {
+            let cursor = self.c2d.inputs_cursor.get(&sink).cloned();
+            let peeked = match self.hub.queues.peek_after(
+                &sink,
+                cursor.as_ref(),
+                &self.c2d.inputs_keys,
+                room,
+                now,
+            ) {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(sink, error = %e, "cannot read a module input queue");
@@ -982,6 +1039,9 @@ impl Session {
                 let p = publish_with(&topic, &entry.body, QoS::AtLeastOnce, pkid, false);
                 let _ = V4.write(Packet::Publish(p, None), wbuf);
                 self.c2d.inputs_keys.insert(entry.key.clone());
+                self.c2d
+                    .inputs_cursor
+                    .insert(sink.clone(), entry.key.clone());
                 self.c2d.inputs_inflight.insert(pkid, entry.key);
             }
         }
@@ -1185,6 +1245,34 @@ impl Session {
 enum Outcome {
     Unscheduled,
     Close,
+}
+
+/// A read batch waiting for its routed messages to be committed.
+struct PendingCommit {
+    committed: fleethub_router::queue::AppendFuture,
+    acks: Vec<u16>,
+    entries: Vec<fleethub_router::queue::NewEntry>,
+}
+
+/// Waits for the oldest pending commit and takes it off the queue.
+async fn next_commit(
+    commits: &mut std::collections::VecDeque<PendingCommit>,
+) -> Option<(
+    Result<(), fleethub_router::queue::QueueError>,
+    PendingCommit,
+)> {
+    let result = (&mut commits.front_mut()?.committed).await;
+    commits.pop_front().map(|batch| (result, batch))
+}
+
+fn write_acks(acks: &[u16], wbuf: &mut BytesMut) {
+    for pkid in acks {
+        let ack = PubAck {
+            pkid: *pkid,
+            reason: PubAckReason::Success,
+        };
+        let _ = V4.write(Packet::PubAck(ack, None), wbuf);
+    }
 }
 
 /// `FutureExt::now_or_never` without the futures crate: polls once.

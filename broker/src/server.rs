@@ -146,6 +146,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let limits = fleethub_router::queue::Limits {
         max_bytes: config.store_and_forward.max_bytes,
         max_sink_bytes: config.store_and_forward.max_sink_bytes,
+        cache_bytes: config.store_and_forward.cache_bytes,
         when_full: match config.store_and_forward.when_full {
             crate::config::WhenFullSetting::DropOldest => {
                 fleethub_router::queue::WhenFull::DropOldest

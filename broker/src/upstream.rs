@@ -185,6 +185,8 @@ impl Bridge {
         let mut unassigned: VecDeque<EntryKey> = VecDeque::new();
         let mut by_pkid: HashMap<u16, EntryKey> = HashMap::new();
         let mut in_flight: HashSet<EntryKey> = HashSet::new();
+        // The last key handed out; refills after an ack continue from it, wakes start over.
+        let mut cursor: Option<EntryKey> = None;
         let mut poll_tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
@@ -206,12 +208,18 @@ impl Bridge {
                             self.queue.remove(vec![key]);
                             self.metrics.sink_messages.with_label_values(&[SINK, "delivered"]).inc();
                         }
-                        self.fill(&client, &mut unassigned, &mut in_flight);
+                        self.fill(&client, &mut unassigned, &mut in_flight, &mut cursor);
                     }
                     _ => {}
                 },
-                _ = self.wake.notified() => self.fill(&client, &mut unassigned, &mut in_flight),
-                _ = poll_tick.tick() => self.fill(&client, &mut unassigned, &mut in_flight),
+                _ = self.wake.notified() => {
+                    cursor = None;
+                    self.fill(&client, &mut unassigned, &mut in_flight, &mut cursor);
+                }
+                _ = poll_tick.tick() => {
+                    cursor = None;
+                    self.fill(&client, &mut unassigned, &mut in_flight, &mut cursor);
+                }
             }
         }
     }
@@ -221,12 +229,21 @@ impl Bridge {
         client: &AsyncClient,
         unassigned: &mut VecDeque<EntryKey>,
         in_flight: &mut HashSet<EntryKey>,
+        cursor: &mut Option<EntryKey>,
     ) {
+        // Refill on every acknowledgement, as the broker does: waiting for half the window to
+        // empty stalls against clients that batch their acknowledgements.
         if !self.connected.load(Ordering::Relaxed) || in_flight.len() >= WINDOW {
             return;
         }
         let room = WINDOW - in_flight.len();
-        let peeked = match self.queue.peek(SINK, in_flight, room, crate::c2d::now_ms()) {
+        let peeked = match self.queue.peek_after(
+            SINK,
+            cursor.as_ref(),
+            in_flight,
+            room,
+            crate::c2d::now_ms(),
+        ) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "cannot read the upstream queue");
@@ -259,6 +276,7 @@ impl Bridge {
                 break;
             }
             unassigned.push_back(entry.key.clone());
+            *cursor = Some(entry.key.clone());
             in_flight.insert(entry.key);
         }
     }

@@ -7,6 +7,7 @@
 
 mod bench;
 mod load;
+mod queuebench;
 mod roundtrip;
 mod targets;
 
@@ -34,6 +35,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Reported-property round trips on fleethub beside an echo round trip on bare rumqttd
     BenchTwin(bench::TwinBenchArgs),
+    /// Store-and-forward queue: durable ingest beside the disk's fsync limit, drain, memory
+    BenchQueue(queuebench::QueueBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::BenchTwin(args) => bench::run_twin(args),
+        Command::BenchQueue(args) => queuebench::run(args),
     }
 }

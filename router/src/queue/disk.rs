@@ -99,7 +99,12 @@ impl DiskQueue {
     pub fn open(path: &Path, limits: Limits) -> Result<DiskQueue, QueueError> {
         // redb asserts on some damaged files (a truncated one panics in its page manager):
         // at this boundary a panic is just another kind of damage.
-        let opened = std::panic::catch_unwind(|| Database::create(path)).unwrap_or_else(|p| {
+        let opened = std::panic::catch_unwind(|| {
+            redb::Builder::new()
+                .set_cache_size(limits.cache_bytes)
+                .create(path)
+        })
+        .unwrap_or_else(|p| {
             let why = p
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -114,7 +119,7 @@ impl DiskQueue {
                 Ok(()) => (db, None),
                 Err(e) => {
                     drop(db);
-                    set_aside(path, &e.to_string())?
+                    set_aside(path, &e.to_string(), limits.cache_bytes)?
                 }
             },
             // Another process (or a queue not yet closed) holds it: never a reason to discard.
@@ -124,7 +129,7 @@ impl DiskQueue {
                     path.display()
                 )));
             }
-            Err(e) => set_aside(path, &e.to_string())?,
+            Err(e) => set_aside(path, &e.to_string(), limits.cache_bytes)?,
         };
         let db = Arc::new(db);
         let mut counters = Counters::default();
@@ -186,7 +191,11 @@ impl Drop for DiskQueue {
 }
 
 /// Moves a damaged store aside and starts a new one, so the hub always starts.
-fn set_aside(path: &Path, reason: &str) -> Result<(Database, Option<PathBuf>), QueueError> {
+fn set_aside(
+    path: &Path,
+    reason: &str,
+    cache_bytes: usize,
+) -> Result<(Database, Option<PathBuf>), QueueError> {
     let aside = path.with_extension(format!("corrupt-{}", std::process::id()));
     std::fs::rename(path, &aside).map_err(err)?;
     eprintln!(
@@ -194,7 +203,10 @@ fn set_aside(path: &Path, reason: &str) -> Result<(Database, Option<PathBuf>), Q
         path.display(),
         aside.display()
     );
-    let db = Database::create(path).map_err(err)?;
+    let db = redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(err)?;
     check(&db)?;
     Ok((db, Some(aside)))
 }
@@ -433,26 +445,26 @@ impl Queue for DiskQueue {
         })
     }
 
-    fn peek(
+    fn peek_after(
         &self,
         sink: &str,
+        after: Option<&EntryKey>,
         skip: &HashSet<EntryKey>,
         limit: usize,
         now_ms: u64,
     ) -> Result<Peeked, QueueError> {
-        // Snapshot the pending removals before reading: a key whose removal commits later
-        // is then either still listed here or already gone from the store.
-        let removing = self
-            .removing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        // Pending removals, held for the scan (the writer takes this lock only briefly after
+        // a commit): a key listed here is never handed out again.
+        let removing = self.removing.lock().unwrap_or_else(|e| e.into_inner());
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(QUEUE).map_err(err)?;
         let mut out = Peeked::default();
         let mut expired = Vec::new();
+        let (p0, s0) = after
+            .map(|k| (k.priority, k.seq.saturating_add(1)))
+            .unwrap_or((0, 0));
         for row in table
-            .range((sink, 0u8, 0u64)..=(sink, u8::MAX, u64::MAX))
+            .range((sink, p0, s0)..=(sink, u8::MAX, u64::MAX))
             .map_err(err)?
         {
             if out.entries.len() >= limit {
@@ -491,6 +503,15 @@ impl Queue for DiskQueue {
             .unwrap_or_else(|e| e.into_inner())
             .extend(keys.iter().cloned());
         self.send(Job::Remove(keys));
+    }
+
+    fn sinks(&self) -> Vec<(String, u64)> {
+        let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        c.sinks
+            .values()
+            .filter(|s| s.depth > 0)
+            .map(|s| (s.sink.clone(), s.depth))
+            .collect()
     }
 
     fn stats(&self) -> Vec<SinkStats> {

@@ -116,9 +116,10 @@ impl Queue for MemoryQueue {
         Box::pin(async move { result })
     }
 
-    fn peek(
+    fn peek_after(
         &self,
         sink: &str,
+        after: Option<&EntryKey>,
         skip: &HashSet<EntryKey>,
         limit: usize,
         now_ms: u64,
@@ -126,13 +127,19 @@ impl Queue for MemoryQueue {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Peeked::default();
         let mut expired = Vec::new();
-        for (k, e) in st.entries.range(
-            EntryKey {
+        let start = match after {
+            Some(k) => EntryKey {
+                sink: sink.to_string(),
+                priority: k.priority,
+                seq: k.seq.saturating_add(1),
+            },
+            None => EntryKey {
                 sink: sink.to_string(),
                 priority: 0,
                 seq: 0,
-            }..,
-        ) {
+            },
+        };
+        for (k, e) in st.entries.range(start..) {
             if k.sink != sink || out.entries.len() >= limit {
                 break;
             }
@@ -157,6 +164,15 @@ impl Queue for MemoryQueue {
         for k in keys {
             st.take(&k);
         }
+    }
+
+    fn sinks(&self) -> Vec<(String, u64)> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.stats
+            .values()
+            .filter(|s| s.depth > 0)
+            .map(|s| (s.sink.clone(), s.depth))
+            .collect()
     }
 
     fn stats(&self) -> Vec<SinkStats> {

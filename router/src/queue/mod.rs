@@ -79,6 +79,9 @@ pub struct Limits {
     pub max_bytes: u64,
     pub max_sink_bytes: u64,
     pub when_full: WhenFull,
+    /// Page cache of the disk queue's store: what it may hold in memory however deep the
+    /// queues get.
+    pub cache_bytes: usize,
 }
 
 impl Default for Limits {
@@ -87,6 +90,7 @@ impl Default for Limits {
             max_bytes: 0,
             max_sink_bytes: 0,
             when_full: WhenFull::DropOldest,
+            cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -132,9 +136,24 @@ pub trait Queue: Send + Sync {
         skip: &HashSet<EntryKey>,
         limit: usize,
         now_ms: u64,
+    ) -> Result<Peeked, QueueError> {
+        self.peek_after(sink, None, skip, limit, now_ms)
+    }
+    /// As [`Queue::peek`], starting after `after` (a reader's cursor: what it handed out
+    /// last). Readers start again from `None` when new entries arrived, so a new
+    /// high-priority entry is not passed over.
+    fn peek_after(
+        &self,
+        sink: &str,
+        after: Option<&EntryKey>,
+        skip: &HashSet<EntryKey>,
+        limit: usize,
+        now_ms: u64,
     ) -> Result<Peeked, QueueError>;
     /// Removes delivered entries.
     fn remove(&self, keys: Vec<EntryKey>);
-    /// Sinks with entries or counters.
+    /// Sinks with entries or counters (with the oldest entry's age: reads the store).
     fn stats(&self) -> Vec<SinkStats>;
+    /// Sinks that have entries and how many, from counters only: cheap enough per delivery.
+    fn sinks(&self) -> Vec<(String, u64)>;
 }

@@ -63,6 +63,38 @@ async fn in_flight_is_skipped_and_live_high_priority_jumps_the_backlog(q: &dyn Q
     assert_eq!(bodies(&next), ["live", "old2"]);
 }
 
+async fn cursor_continues_and_restart_finds_new_high_priority(q: &dyn Queue) {
+    for i in 0..6 {
+        q.append(vec![entry("s", 5, 60_000, &format!("b{i}"))], 1)
+            .await
+            .unwrap();
+    }
+    let none = HashSet::new();
+    let first = q.peek_after("s", None, &none, 2, 2).unwrap();
+    assert_eq!(bodies(&first), ["b0", "b1"]);
+    let cursor = first.entries.last().unwrap().key.clone();
+    let next = q.peek_after("s", Some(&cursor), &none, 2, 2).unwrap();
+    assert_eq!(
+        bodies(&next),
+        ["b2", "b3"],
+        "continues after the cursor, nothing skipped or repeated"
+    );
+    q.append(vec![entry("s", 0, 60_000, "urgent")], 3)
+        .await
+        .unwrap();
+    let cursor = next.entries.last().unwrap().key.clone();
+    assert_eq!(
+        bodies(&q.peek_after("s", Some(&cursor), &none, 1, 3).unwrap()),
+        ["b4"],
+        "behind the cursor: not seen"
+    );
+    assert_eq!(
+        bodies(&q.peek_after("s", None, &none, 1, 3).unwrap()),
+        ["urgent"],
+        "a restart from the head finds it"
+    );
+}
+
 async fn removal_and_stats(q: &dyn Queue) {
     q.append(
         vec![entry("s", 0, 60_000, "a"), entry("s", 0, 60_000, "b")],
@@ -177,6 +209,7 @@ fn limits_for_quota(when_full: WhenFull) -> Limits {
         max_bytes: 4 * entry_size("n=h1", b"h1"),
         max_sink_bytes: 0,
         when_full,
+        cache_bytes: 1 << 20,
     }
 }
 
@@ -230,6 +263,10 @@ for_each_queue!(
     Limits::default()
 );
 for_each_queue!(removal_and_stats, Limits::default());
+for_each_queue!(
+    cursor_continues_and_restart_finds_new_high_priority,
+    Limits::default()
+);
 for_each_queue!(
     removed_entries_are_never_handed_out_again,
     Limits::default()
