@@ -96,6 +96,21 @@ async fn module_input_backlog_survives_kill_9_in_priority_order_and_ttl() {
 
     let (_, queues) = hub.api(Method::GET, "/queues", None).await;
     let depth = queues["items"][0]["depth"].as_u64().unwrap();
+    // The operator's view through the CLI says the same.
+    let (ok, out, err) = crate::harness::cli(
+        &hub,
+        &[
+            "--output",
+            "json",
+            "queue",
+            "show",
+            "/modules/sink/inputs/in",
+        ],
+    );
+    assert!(ok, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["depth"].as_u64(), Some(depth));
+    assert!(shown["oldestAgeSeconds"].as_f64().unwrap() >= 1.0);
     assert!(
         depth as usize >= acked.iter().filter(|(_, p)| p != "short").count(),
         "{queues}"
