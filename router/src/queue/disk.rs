@@ -139,13 +139,7 @@ impl DiskQueue {
             for row in table.iter().map_err(err)? {
                 let (k, v) = row.map_err(err)?;
                 let (sink, _, seq) = k.value();
-                let bag_len = v
-                    .value()
-                    .get(16..20)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                    .unwrap_or(0);
-                let entry_bytes =
-                    entry_size_raw(bag_len, v.value().len().saturating_sub(20 + bag_len));
+                let entry_bytes = stored_size(v.value());
                 counters.total += entry_bytes;
                 counters.next_seq = counters.next_seq.max(seq);
                 let s = counters.stat(sink);
@@ -211,6 +205,15 @@ fn set_aside(
     Ok((db, Some(aside)))
 }
 
+/// What a stored value counts against the quota (as [`entry_size`] of its bag and body).
+fn stored_size(v: &[u8]) -> u64 {
+    let bag_len = v
+        .get(16..20)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .unwrap_or(0);
+    entry_size_raw(bag_len, v.len().saturating_sub(20 + bag_len))
+}
+
 fn entry_size_raw(bag_len: usize, body_len: usize) -> u64 {
     (bag_len + body_len + 32) as u64
 }
@@ -246,12 +249,7 @@ fn victim(
                 .ok()?;
             if let Some(Ok((k, v))) = range.next() {
                 let (sk, pr, seq) = k.value();
-                let bag_len = v
-                    .value()
-                    .get(16..20)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                    .unwrap_or(0);
-                let size = entry_size_raw(bag_len, v.value().len().saturating_sub(20 + bag_len));
+                let size = stored_size(v.value());
                 if best.as_ref().is_none_or(|(b, _)| seq < b.seq) {
                     best = Some((
                         EntryKey {
@@ -359,11 +357,7 @@ fn remove(
         .map_err(err)?;
     if let Some(v) = removed {
         let v = v.value();
-        let bag_len = v
-            .get(16..20)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .unwrap_or(0);
-        let size = entry_size_raw(bag_len, v.len().saturating_sub(20 + bag_len));
+        let size = stored_size(v);
         c.total = c.total.saturating_sub(size);
         let s = c.stat(&k.sink);
         s.depth = s.depth.saturating_sub(1);
