@@ -227,3 +227,146 @@ async fn upstream_backlog_survives_kill_9_and_drains_when_upstream_returns() {
     }
     assert_eq!(depth, 0, "the queue drained");
 }
+
+/// A hub with one route to an (offline) module input and the given quota settings.
+async fn quota_hub(name: &str, when_full: &str) -> (Hub, String) {
+    let dir = temp_dir(name);
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[routes]\nsink = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/sink/inputs/in\\\")\"\n[store_and_forward]\nmax_bytes = 20000\nwhen_full = \"{when_full}\"\n"
+        ),
+    )
+    .unwrap();
+    let hub = Hub::start_with(dir, &["--config", config.to_str().unwrap()]).await;
+    let key = hub.create_device("dev").await;
+    (hub, key)
+}
+
+#[tokio::test]
+async fn refuse_policy_withholds_pubacks_when_the_quota_is_full() {
+    let (hub, key) = quota_hub("snf-refuse", "refuse").await;
+    let mut d = hub.device("dev", &key).await;
+    // ~100 bytes each: the 20,000-byte quota holds fewer than 200 of them.
+    for i in 0..300 {
+        d.client
+            .publish(
+                format!("devices/dev/messages/events/seq={i}"),
+                QoS::AtLeastOnce,
+                false,
+                vec![b'x'; 64],
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while let Some(Seen::PubAck(_)) = d.next(Duration::from_secs(2)).await {
+        acked += 1;
+    }
+    assert!(
+        acked > 50 && acked < 300,
+        "{acked} acknowledged: the quota stopped the rest"
+    );
+    assert!(hub.metric("fleethub_queue_refused_total").await >= 1.0);
+    let (_, queues) = hub.api(Method::GET, "/queues", None).await;
+    assert!(
+        queues["items"][0]["bytes"].as_u64().unwrap() <= 20000,
+        "{queues}"
+    );
+    assert_eq!(
+        queues["items"][0]["dropped"]["quota"], 0,
+        "refuse never drops"
+    );
+}
+
+#[tokio::test]
+async fn drop_oldest_policy_keeps_the_quota_and_counts_the_drops() {
+    let (hub, key) = quota_hub("snf-drop", "drop_oldest").await;
+    let mut d = hub.device("dev", &key).await;
+    for i in 0..300 {
+        d.client
+            .publish(
+                format!("devices/dev/messages/events/seq={i}"),
+                QoS::AtLeastOnce,
+                false,
+                vec![b'x'; 64],
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while let Some(Seen::PubAck(_)) = d.next(Duration::from_secs(2)).await {
+        acked += 1;
+    }
+    assert_eq!(acked, 300, "drop_oldest keeps acknowledging");
+    let (_, queues) = hub.api(Method::GET, "/queues", None).await;
+    let q = &queues["items"][0];
+    assert!(q["bytes"].as_u64().unwrap() <= 20000, "{queues}");
+    let dropped = q["dropped"]["quota"].as_u64().unwrap();
+    assert_eq!(
+        dropped + q["depth"].as_u64().unwrap(),
+        300,
+        "every message is either queued or a counted drop"
+    );
+    assert!(
+        hub.metric(
+            "fleethub_queue_dropped_total{reason=\"quota\",sink=\"/modules/sink/inputs/in\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_truncated_queue_store_does_not_stop_the_hub() {
+    let (mut hub, key) = quota_hub("snf-truncated", "drop_oldest").await;
+    let d = hub.device("dev", &key).await;
+    for i in 0..200 {
+        d.client
+            .publish(
+                format!("devices/dev/messages/events/seq={i}"),
+                QoS::AtLeastOnce,
+                false,
+                vec![b'x'; 32],
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(d);
+    hub.kill9();
+    let path = hub.data_dir().join("queues.redb");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let hub = hub.restart().await;
+    let (s, queues) = hub.api(Method::GET, "/queues", None).await;
+    assert_eq!(s, 200);
+    // Either redb repaired the file, or it was set aside (and the operator is told).
+    let recovered = queues["recoveredFrom"].as_str();
+    if let Some(aside) = recovered {
+        assert!(std::path::Path::new(aside).exists(), "{queues}");
+    }
+    // And it keeps working.
+    let d = hub.device("dev", &key).await;
+    d.client
+        .publish(
+            "devices/dev/messages/events/after=1",
+            QoS::AtLeastOnce,
+            false,
+            "x",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, queues) = hub.api(Method::GET, "/queues", None).await;
+    assert!(
+        queues["items"][0]["depth"].as_u64().unwrap() >= 1,
+        "{queues}"
+    );
+}
