@@ -125,51 +125,28 @@ impl HubLink {
         };
         let publish = publish_with(topic, payload, QoS::AtLeastOnce, pkid, retain);
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = tx.send(Packet::Publish(publish, None));
-        futures_ready(sent).map(|_| ())
+        match tx.send(Packet::Publish(publish, None)).now_or_never() {
+            Some(sent) => sent.map(|_| ()).map_err(CoreError::from),
+            None => Err(CoreError::Link("router channel not ready".into())),
+        }
     }
 }
 
-impl HubLink {
-    /// Publishes several messages at QoS 1 with one wake-up of the router.
-    pub fn publish_batch(&self, batch: Vec<(String, bytes::Bytes)>) -> Result<(), CoreError> {
-        let mut packets: Vec<Packet> = batch
-            .into_iter()
-            .map(|(topic, payload)| {
-                let pkid = match self
-                    .next_pkid
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                {
-                    0 => 1,
-                    n => n,
-                };
-                Packet::Publish(
-                    publish_with(&topic, &payload, QoS::AtLeastOnce, pkid, false),
-                    None,
-                )
-            })
-            .collect();
-        let Some(last) = packets.pop() else {
-            return Ok(());
-        };
-        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        tx.buffer().extend(packets);
-        futures_ready(tx.send(last)).map(|_| ())
+/// `FutureExt::now_or_never` without the futures crate: polls once. `LinkTx::send` is
+/// `async` in name only and always completes on the first poll.
+pub(crate) trait NowOrNever: std::future::Future + Sized {
+    fn now_or_never(self) -> Option<Self::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut fut = std::pin::pin!(self);
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 }
 
-/// `LinkTx::send` is `async` in name only; complete it with one poll.
-fn futures_ready<T>(
-    fut: impl std::future::Future<Output = Result<T, LinkError>>,
-) -> Result<T, CoreError> {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut fut = std::pin::pin!(fut);
-    match fut.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(r) => r.map_err(CoreError::from),
-        std::task::Poll::Pending => Err(CoreError::Link("router channel not ready".into())),
-    }
-}
+impl<F: std::future::Future> NowOrNever for F {}
 
 /// Builds a publish with the given QoS and packet id. rumqttd keeps those fields private;
 /// its MQTT-independent serialisation is the public way in.

@@ -31,7 +31,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::core::{disconnect_packet, publish_ids, publish_with};
+use crate::core::{disconnect_packet, publish_ids, publish_with, NowOrNever};
 use crate::hub::{LiveConnection, SharedHub};
 use crate::identity::IdentityKey;
 use crate::registry::Status;
@@ -790,7 +790,7 @@ impl Session {
                         };
                         // The hub acknowledges telemetry itself, in order, once routed; the
                         // router only carries it to service subscribers (monitor-events).
-                        self.ack_locally(&publish, wbuf);
+                        self.ack_locally();
                         if self
                             .hub
                             .event_subscribers
@@ -811,13 +811,13 @@ impl Session {
                                 .twin_response(key, 200, query, None, body.as_bytes());
                             self.hub.metrics.twin_reads.with_label_values(&["ok"]).inc();
                         }
-                        self.ack_locally(&publish, wbuf);
+                        self.ack_locally();
                     }
                     Inbound::TwinReportedPatch { query } => {
                         if let Principal::Identity(key) = &self.principal {
                             self.reported_patch(key.clone(), query, &publish.payload);
                         }
-                        self.ack_locally(&publish, wbuf);
+                        self.ack_locally();
                     }
                     Inbound::MethodResponse { status, query } => {
                         if let Principal::Identity(key) = &self.principal {
@@ -836,7 +836,7 @@ impl Session {
                                 debug!(identity = %key, rid, "method reply for no waiting call");
                             }
                         }
-                        self.ack_locally(&publish, wbuf);
+                        self.ack_locally();
                     }
                     Inbound::Denied => {
                         self.deny("publish", topic);
@@ -1050,7 +1050,7 @@ impl Session {
     /// PUBACK a QoS 1 publish the hub handled itself. Acknowledgements wait until the end of
     /// the read batch, after its routed messages are committed to their queues, and go out
     /// in the order the publishes came in.
-    fn ack_locally(&mut self, _publish: &rumqttd::protocol::Publish, _wbuf: &mut BytesMut) {
+    fn ack_locally(&mut self) {
         if let Some((1, pkid)) = self.current {
             self.deferred_acks.push(pkid);
         }
@@ -1274,21 +1274,6 @@ fn write_acks(acks: &[u16], wbuf: &mut BytesMut) {
         let _ = V4.write(Packet::PubAck(ack, None), wbuf);
     }
 }
-
-/// `FutureExt::now_or_never` without the futures crate: polls once.
-trait NowOrNever: std::future::Future + Sized {
-    fn now_or_never(self) -> Option<Self::Output> {
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        let mut fut = std::pin::pin!(self);
-        match fut.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(v) => Some(v),
-            std::task::Poll::Pending => None,
-        }
-    }
-}
-
-impl<F: std::future::Future> NowOrNever for F {}
 
 #[cfg(test)]
 mod tests {
