@@ -209,7 +209,7 @@ impl Hub {
         let mut entries = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             let sink = match &d.sink {
-                Sink::ModuleInput { .. } if d.counters.input_topic.is_none() => {
+                Sink::ModuleInput { .. } if !d.counters.valid_module => {
                     d.counters.dropped.inc();
                     continue;
                 }

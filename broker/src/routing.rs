@@ -21,9 +21,9 @@ pub const EDGE_HUB: &str = "$edgeHub";
 pub struct RouteCounters {
     /// The sink's queue name: `$upstream` or `/modules/{m}/inputs/{i}`.
     pub sink_name: String,
-    /// The internal topic of a module-input sink (`None` for `$upstream`, or a module name
-    /// that is not a valid id).
-    pub input_topic: Option<String>,
+    /// False for a module-input sink whose module name is not a valid module id: nothing can
+    /// ever connect as it, so its messages are dropped (counted) rather than queued.
+    pub valid_module: bool,
     pub matched: prometheus::IntCounter,
     pub undefined: prometheus::IntCounter,
     pub forwarded: prometheus::IntCounter,
@@ -39,7 +39,6 @@ struct Installed {
 pub struct Routing {
     installed: RwLock<Arc<Installed>>,
     metrics: Arc<crate::metrics::Metrics>,
-    hub_id: crate::identity::DeviceId,
     config_routes: Vec<RouteSpec>,
     config_ttl: u64,
     detect_json: bool,
@@ -64,7 +63,6 @@ impl Routing {
         detect_json: bool,
         edge_hub: &Map<String, Value>,
         metrics: Arc<crate::metrics::Metrics>,
-        hub_id: crate::identity::DeviceId,
     ) -> Result<Routing, Vec<RouteError>> {
         let routing = Routing {
             installed: RwLock::new(Arc::new(Installed {
@@ -72,7 +70,6 @@ impl Routing {
                 counters: Vec::new(),
             })),
             metrics,
-            hub_id,
             config_routes,
             config_ttl,
             detect_json,
@@ -114,18 +111,15 @@ impl Routing {
             .iter()
             .map(|r| {
                 let sink = r.route.sink.to_string();
-                let input_topic = match &r.route.sink {
+                let valid_module = match &r.route.sink {
                     Sink::ModuleInput { module, .. } => {
-                        crate::identity::ModuleId::new(module).ok().map(|m| {
-                            let key = crate::identity::IdentityKey::module(self.hub_id.clone(), m);
-                            crate::topics::internal_topic(&key, crate::topics::Delivery::Own)
-                        })
+                        crate::identity::ModuleId::new(module).is_ok()
                     }
-                    Sink::Upstream => None,
+                    Sink::Upstream => true,
                 };
                 Arc::new(RouteCounters {
                     sink_name: sink.clone(),
-                    input_topic,
+                    valid_module,
                     matched: m.route_matched.with_label_values(&[&r.spec.name]),
                     undefined: m.route_condition_errors.with_label_values(&[&r.spec.name]),
                     forwarded: m.sink_messages.with_label_values(&[&sink, "forwarded"]),
@@ -355,8 +349,7 @@ mod tests {
             origin: "config".into(),
         }];
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let hub = crate::identity::DeviceId::new("hub").unwrap();
-        let routing = Routing::new(config, 7200, false, &Map::new(), metrics, hub).unwrap();
+        let routing = Routing::new(config, 7200, false, &Map::new(), metrics).unwrap();
         assert_eq!(routing.table().routes[0].spec.origin, "config");
         let table = routing
             .build(&obj(

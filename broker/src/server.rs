@@ -132,7 +132,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.routing.detect_json_bodies,
         &edge_desired,
         metrics.clone(),
-        config.hub_id.clone(),
     )
     .map_err(|errors| {
         ServerError::Routes(
