@@ -768,39 +768,42 @@ impl Session {
                             key.clone()
                         };
                         let bag = message.to_bag();
+                        // The bag must fit the envelope that carries it to service subscribers.
+                        if bag.len() > envelope::MAX_SUFFIX {
+                            self.protocol_error("bad_property_bag");
+                            return Err("property bag too long");
+                        }
                         let origin = self
                             .hub
                             .origin(&sender, message.system.output_name.as_deref());
                         let entries = self.hub.dispatch(&message, Some(&bag), &origin, false);
                         self.queued.extend(entries);
-                        let Some(payload) = envelope::pack(&bag, &message.body) else {
-                            self.protocol_error("bad_property_bag");
-                            return Err("property bag too long");
-                        };
                         self.hub.metrics.telemetry_messages.inc();
                         self.hub
                             .metrics
                             .telemetry_bytes
                             .inc_by(message.body.len() as u64);
                         self.hub.registry.touch(key);
-                        let topic = if forwarded {
-                            topics::telemetry_topic(&sender)
-                        } else {
-                            self.telemetry_topic.clone()
-                        };
                         // The hub acknowledges telemetry itself, in order, once routed; the
-                        // router only carries it to service subscribers (monitor-events).
+                        // router only carries it to service subscribers (monitor-events), so
+                        // the envelope and topic are built only while there are some.
                         self.ack_locally();
-                        if self
+                        let subscribers = self
                             .hub
                             .event_subscribers
-                            .load(std::sync::atomic::Ordering::Relaxed)
-                            > 0
-                        {
-                            publish.topic = topic.into();
-                            publish.payload = payload;
-                            publish.retain = false;
-                            to_router.push(Packet::Publish(publish, None));
+                            .load(std::sync::atomic::Ordering::Relaxed);
+                        if subscribers > 0 {
+                            if let Some(payload) = envelope::pack(&bag, &message.body) {
+                                publish.topic = if forwarded {
+                                    topics::telemetry_topic(&sender)
+                                } else {
+                                    self.telemetry_topic.clone()
+                                }
+                                .into();
+                                publish.payload = payload;
+                                publish.retain = false;
+                                to_router.push(Packet::Publish(publish, None));
+                            }
                         }
                     }
                     Inbound::TwinGet { query } => {
