@@ -7,7 +7,7 @@
 //! writer. Counters (depth, bytes per sink) live in memory and are rebuilt by one scan at
 //! open; message data never does, so memory stays flat however deep a queue gets.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -28,24 +28,6 @@ enum Job {
     },
     Remove(Vec<EntryKey>),
     Expire(Vec<EntryKey>),
-}
-
-#[derive(Default, Clone)]
-struct Counters {
-    sinks: HashMap<String, SinkStats>,
-    total: u64,
-    next_seq: u64,
-}
-
-impl Counters {
-    fn stat(&mut self, sink: &str) -> &mut SinkStats {
-        self.sinks
-            .entry(sink.to_string())
-            .or_insert_with(|| SinkStats {
-                sink: sink.to_string(),
-                ..Default::default()
-            })
-    }
 }
 
 pub struct DiskQueue {
@@ -376,13 +358,7 @@ fn append(
     now_ms: u64,
     limits: &Limits,
 ) -> Result<(), QueueError> {
-    let over = |c: &Counters, sink: Option<&str>, add: u64| match sink {
-        None => limits.max_bytes > 0 && c.total + add > limits.max_bytes,
-        Some(s) => {
-            limits.max_sink_bytes > 0
-                && c.sinks.get(s).map(|x| x.bytes).unwrap_or(0) + add > limits.max_sink_bytes
-        }
-    };
+    let over = |c: &Counters, sink: Option<&str>, add: u64| c.over(limits, sink, add);
     if limits.when_full == WhenFull::Refuse {
         let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
         let sink_over = entries
@@ -500,12 +476,10 @@ impl Queue for DiskQueue {
     }
 
     fn sinks(&self) -> Vec<(String, u64)> {
-        let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        c.sinks
-            .values()
-            .filter(|s| s.depth > 0)
-            .map(|s| (s.sink.clone(), s.depth))
-            .collect()
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nonempty()
     }
 
     fn stats(&self) -> Vec<SinkStats> {

@@ -1,7 +1,7 @@
 //! The in-memory queue: the same semantics as the disk queue without durability (tests, and
 //! a reference for the disk implementation).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use super::*;
@@ -9,9 +9,7 @@ use super::*;
 #[derive(Default)]
 struct State {
     entries: BTreeMap<EntryKey, Entry>,
-    stats: HashMap<String, SinkStats>,
-    total: u64,
-    next_seq: u64,
+    c: Counters,
 }
 
 pub struct MemoryQueue {
@@ -29,19 +27,10 @@ impl MemoryQueue {
 }
 
 impl State {
-    fn stat(&mut self, sink: &str) -> &mut SinkStats {
-        self.stats
-            .entry(sink.to_string())
-            .or_insert_with(|| SinkStats {
-                sink: sink.to_string(),
-                ..Default::default()
-            })
-    }
-
     fn take(&mut self, key: &EntryKey) -> Option<Entry> {
         let e = self.entries.remove(key)?;
-        self.total -= e.size();
-        let s = self.stat(&key.sink);
+        self.c.total -= e.size();
+        let s = self.c.stat(&key.sink);
         s.depth -= 1;
         s.bytes -= e.size();
         Some(e)
@@ -62,14 +51,8 @@ impl Queue for MemoryQueue {
         let result = (|| {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
-            let over = |st: &State, sink: Option<&str>, add: u64| match sink {
-                None => self.limits.max_bytes > 0 && st.total + add > self.limits.max_bytes,
-                Some(s) => {
-                    self.limits.max_sink_bytes > 0
-                        && st.stats.get(s).map(|x| x.bytes).unwrap_or(0) + add
-                            > self.limits.max_sink_bytes
-                }
-            };
+            let over =
+                |st: &State, sink: Option<&str>, add: u64| st.c.over(&self.limits, sink, add);
             if self.limits.when_full == WhenFull::Refuse {
                 let sink_over = entries
                     .iter()
@@ -85,18 +68,18 @@ impl Queue for MemoryQueue {
                         break;
                     };
                     st.take(&v);
-                    st.stat(&v.sink).dropped_quota += 1;
+                    st.c.stat(&v.sink).dropped_quota += 1;
                 }
                 while over(&st, None, size) {
                     let Some(v) = st.victim(None) else { break };
                     st.take(&v);
-                    st.stat(&v.sink).dropped_quota += 1;
+                    st.c.stat(&v.sink).dropped_quota += 1;
                 }
-                st.next_seq += 1;
+                st.c.next_seq += 1;
                 let key = EntryKey {
                     sink: e.sink.clone(),
                     priority: e.priority,
-                    seq: st.next_seq,
+                    seq: st.c.next_seq,
                 };
                 let entry = Entry {
                     key: key.clone(),
@@ -105,8 +88,8 @@ impl Queue for MemoryQueue {
                     bag: e.bag,
                     body: e.body,
                 };
-                st.total += size;
-                let s = st.stat(&e.sink);
+                st.c.total += size;
+                let s = st.c.stat(&e.sink);
                 s.depth += 1;
                 s.bytes += size;
                 st.entries.insert(key, entry);
@@ -154,7 +137,7 @@ impl Queue for MemoryQueue {
         }
         out.expired = expired.len() as u64;
         if out.expired > 0 {
-            st.stat(sink).dropped_expired += out.expired;
+            st.c.stat(sink).dropped_expired += out.expired;
         }
         Ok(out)
     }
@@ -167,30 +150,29 @@ impl Queue for MemoryQueue {
     }
 
     fn sinks(&self) -> Vec<(String, u64)> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.stats
-            .values()
-            .filter(|s| s.depth > 0)
-            .map(|s| (s.sink.clone(), s.depth))
-            .collect()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .c
+            .nonempty()
     }
 
     fn stats(&self) -> Vec<SinkStats> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<SinkStats> = st
-            .stats
-            .values()
-            .map(|s| {
-                let mut s = s.clone();
-                s.oldest_ms = st
-                    .entries
-                    .iter()
-                    .filter(|(k, _)| k.sink == s.sink)
-                    .map(|(_, e)| e.enqueued_ms)
-                    .min();
-                s
-            })
-            .collect();
+        let mut v: Vec<SinkStats> =
+            st.c.sinks
+                .values()
+                .map(|s| {
+                    let mut s = s.clone();
+                    s.oldest_ms = st
+                        .entries
+                        .iter()
+                        .filter(|(k, _)| k.sink == s.sink)
+                        .map(|(_, e)| e.enqueued_ms)
+                        .min();
+                    s
+                })
+                .collect();
         v.sort_by(|a, b| a.sink.cmp(&b.sink));
         v
     }

@@ -15,7 +15,7 @@ mod memory;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -156,4 +156,43 @@ pub trait Queue: Send + Sync {
     fn stats(&self) -> Vec<SinkStats>;
     /// Sinks that have entries and how many, from counters only: cheap enough per delivery.
     fn sinks(&self) -> Vec<(String, u64)>;
+}
+
+/// The counters both implementations keep: per-sink stats, total bytes, the last sequence.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Counters {
+    pub(crate) sinks: HashMap<String, SinkStats>,
+    pub(crate) total: u64,
+    pub(crate) next_seq: u64,
+}
+
+impl Counters {
+    pub(crate) fn stat(&mut self, sink: &str) -> &mut SinkStats {
+        self.sinks
+            .entry(sink.to_string())
+            .or_insert_with(|| SinkStats {
+                sink: sink.to_string(),
+                ..Default::default()
+            })
+    }
+
+    /// Whether adding `add` bytes breaks the total limit (`sink` None) or that sink's limit.
+    pub(crate) fn over(&self, limits: &Limits, sink: Option<&str>, add: u64) -> bool {
+        match sink {
+            None => limits.max_bytes > 0 && self.total + add > limits.max_bytes,
+            Some(s) => {
+                limits.max_sink_bytes > 0
+                    && self.sinks.get(s).map(|x| x.bytes).unwrap_or(0) + add > limits.max_sink_bytes
+            }
+        }
+    }
+
+    /// Sinks with entries, and how many.
+    pub(crate) fn nonempty(&self) -> Vec<(String, u64)> {
+        self.sinks
+            .values()
+            .filter(|s| s.depth > 0)
+            .map(|s| (s.sink.clone(), s.depth))
+            .collect()
+    }
 }
