@@ -244,11 +244,10 @@ async fn quota_hub(name: &str, when_full: &str) -> (Hub, String) {
     (hub, key)
 }
 
-#[tokio::test]
-async fn refuse_policy_withholds_pubacks_when_the_quota_is_full() {
-    let (hub, key) = quota_hub("snf-refuse", "refuse").await;
-    let mut d = hub.device("dev", &key).await;
-    // ~100 bytes each: the 20,000-byte quota holds fewer than 200 of them.
+/// Publishes 300 QoS 1 messages of ~100 bytes (64-byte bodies) from `dev`; returns how many
+/// the hub acknowledged.
+async fn publish_300_and_count_acks(hub: &Hub, key: &str) -> usize {
+    let mut d = hub.device("dev", key).await;
     for i in 0..300 {
         d.client
             .publish(
@@ -264,6 +263,14 @@ async fn refuse_policy_withholds_pubacks_when_the_quota_is_full() {
     while let Some(Seen::PubAck(_)) = d.next(Duration::from_secs(2)).await {
         acked += 1;
     }
+    acked
+}
+
+#[tokio::test]
+async fn refuse_policy_withholds_pubacks_when_the_quota_is_full() {
+    let (hub, key) = quota_hub("snf-refuse", "refuse").await;
+    // ~100 bytes each: the 20,000-byte quota holds fewer than 200 of them.
+    let acked = publish_300_and_count_acks(&hub, &key).await;
     assert!(
         acked > 50 && acked < 300,
         "{acked} acknowledged: the quota stopped the rest"
@@ -283,22 +290,7 @@ async fn refuse_policy_withholds_pubacks_when_the_quota_is_full() {
 #[tokio::test]
 async fn drop_oldest_policy_keeps_the_quota_and_counts_the_drops() {
     let (hub, key) = quota_hub("snf-drop", "drop_oldest").await;
-    let mut d = hub.device("dev", &key).await;
-    for i in 0..300 {
-        d.client
-            .publish(
-                format!("devices/dev/messages/events/seq={i}"),
-                QoS::AtLeastOnce,
-                false,
-                vec![b'x'; 64],
-            )
-            .await
-            .unwrap();
-    }
-    let mut acked = 0;
-    while let Some(Seen::PubAck(_)) = d.next(Duration::from_secs(2)).await {
-        acked += 1;
-    }
+    let acked = publish_300_and_count_acks(&hub, &key).await;
     assert_eq!(acked, 300, "drop_oldest keeps acknowledging");
     let (_, queues) = hub.api(Method::GET, "/queues", None).await;
     let q = &queues["items"][0];
