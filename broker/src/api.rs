@@ -180,6 +180,7 @@ async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
 
 async fn hub_info(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
     Json(json!({
+        "id": hub.config.hub_id.as_str(),
         "hostname": hub.config.hostname,
         "version": env!("CARGO_PKG_VERSION"),
         "endpoints": hub.endpoints.get(),

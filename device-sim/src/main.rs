@@ -1,14 +1,19 @@
 //! `device-sim`: simulated fleets over MQTT.
 //!
-//! Verbs: `bench` runs the same telemetry load (same clients, payloads, QoS and counts)
+//! Verbs: `run` plays a fleet from a scenario file against a running hub; `bench` runs the same telemetry load (same clients, payloads, QoS and counts)
 //! against a bare embedded rumqttd and against fleethub, in one run, side by side;
 //! `bench-twin` measures reported-property round trips the same way. These are the
 //! harnesses BENCHMARKS.md quotes.
 
 mod bench;
+mod device;
 mod load;
+mod outage;
 mod queuebench;
 mod roundtrip;
+mod run;
+mod scenario;
+mod stats;
 mod targets;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +36,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// A simulated fleet against a running hub, from a scenario file
+    Run(run::RunArgs),
     /// Same load against bare rumqttd and fleethub, side by side
     Bench(bench::BenchArgs),
     /// Reported-property round trips on fleethub beside an echo round trip on bare rumqttd
@@ -42,6 +49,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchTwin(args) => bench::run_twin(args),
         Command::BenchQueue(args) => queuebench::run(args),

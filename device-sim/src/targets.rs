@@ -79,6 +79,30 @@ pub struct Sizing {
 
 /// A bare rumqttd: one v4 listener, no auth, dynamic filters.
 pub fn rumqttd(devices: usize, sizing: Sizing) -> Result<Target> {
+    let addr = spawn_bare_rumqttd(devices + 16, sizing)?;
+    Ok(Target {
+        name: "rumqttd",
+        addr,
+        devices: (0..devices)
+            .map(|i| ClientSpec {
+                id: format!("dev{i}"),
+                credentials: None,
+                topic: format!("bench/dev{i}/events"),
+            })
+            .collect(),
+        subscriber: ClientSpec {
+            id: "bench-sub".into(),
+            credentials: None,
+            topic: "bench/#".into(),
+        },
+        _stop: None,
+        data_dir: None,
+    })
+}
+
+/// Starts a bare rumqttd (no auth, dynamic filters) on its own thread, on an ephemeral port
+/// of 127.0.0.1, and returns its address once it listens.
+pub fn spawn_bare_rumqttd(max_connections: usize, sizing: Sizing) -> Result<SocketAddr> {
     let addr = free_port()?;
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
@@ -98,7 +122,7 @@ pub fn rumqttd(devices: usize, sizing: Sizing) -> Result<Target> {
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: devices + 16,
+            max_connections,
             max_outgoing_packet_count: 200,
             max_segment_size: sizing.segment_bytes,
             max_segment_count: sizing.segment_count,
@@ -116,24 +140,7 @@ pub fn rumqttd(devices: usize, sizing: Sizing) -> Result<Target> {
             let _ = broker.start();
         })?;
     wait_for_port(addr)?;
-    Ok(Target {
-        name: "rumqttd",
-        addr,
-        devices: (0..devices)
-            .map(|i| ClientSpec {
-                id: format!("dev{i}"),
-                credentials: None,
-                topic: format!("bench/dev{i}/events"),
-            })
-            .collect(),
-        subscriber: ClientSpec {
-            id: "bench-sub".into(),
-            credentials: None,
-            topic: "bench/#".into(),
-        },
-        _stop: None,
-        data_dir: None,
-    })
+    Ok(addr)
 }
 
 fn wait_for_port(addr: SocketAddr) -> Result<()> {

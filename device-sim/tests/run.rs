@@ -1,0 +1,308 @@
+//! `device-sim run` against a real hub (the fleethub library's `run`, serving on ephemeral
+//! ports in a temp data directory), checked through the run's JSON summary and the hub's API.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A hub in this test process, stopped and its data removed on drop.
+struct Hub {
+    dir: PathBuf,
+    api: String,
+    token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hub {
+    fn start(config_toml: &str) -> Hub {
+        let dir = std::env::temp_dir().join(format!(
+            "device-sim-run-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("hub.toml");
+        std::fs::write(&config_path, config_toml).unwrap();
+        let overrides = fleethub::config::Overrides {
+            data_dir: Some(dir.join("data")),
+            mqtt: Some("127.0.0.1:0".into()),
+            mqtts: Some("off".into()),
+            api: Some("127.0.0.1:0".into()),
+        };
+        let config = fleethub::Config::load(Some(&config_path), &overrides).expect("config");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(fleethub::run(config, async {
+                let _ = rx.await;
+            }))
+            .expect("hub ran");
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let endpoints: Value = loop {
+            if let Some(v) = std::fs::read_to_string(dir.join("data/endpoints.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "hub did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let token = std::fs::read_to_string(dir.join("data/admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Hub {
+            api: format!("http://{}", endpoints["api"].as_str().unwrap()),
+            dir,
+            token,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let client = reqwest::blocking::Client::new();
+        let mut req = client
+            .request(method, format!("{}{path}", self.api))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().expect("API call");
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn scenario(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("scenario.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn device_sim(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_device-sim"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start device-sim")
+}
+
+fn summary(child: std::process::Child) -> Value {
+    let out = child.wait_with_output().expect("device-sim finished");
+    assert!(
+        out.status.success(),
+        "device-sim failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "summary is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Waits until the hub reports `id` connected.
+fn wait_connected(hub: &Hub, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, v) = hub.call(reqwest::Method::GET, &format!("/devices/{id}"), None);
+        if status == 200 && v["connectionState"] == "Connected" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} never connected: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A pipeline scenario: devices' even readings go to `filter`, which forwards them to `sink`;
+/// device modules send too (and are kept out of the pipeline by the route). Mid-run the test
+/// invokes a method and sends a C2D message, and the scenario pushes a desired property.
+#[test]
+fn a_pipeline_scenario_counts_what_the_routes_deliver() {
+    let hub = Hub::start("");
+    let path = scenario(
+        &hub.dir,
+        r#"
+name = "pipeline"
+[fleet]
+devices = 4
+modules_per_device = 1
+id_prefix = "t-"
+connect_rate = 100
+c2d = true
+[telemetry]
+rate = "20/s"
+duration = "3s"
+qos = 1
+[telemetry.body]
+seq = { "$counter" = {} }
+temp = { "$drift" = { start = 20.0, step = 1.0, min = 0.0, max = 40.0 } }
+[desired]
+apply_delay = "100ms"
+[[desired.push]]
+at = "1s"
+properties = { mode = "eco" }
+[[hub_modules]]
+id = "filter"
+forward_to = "out"
+[[hub_modules]]
+id = "sink"
+[routes]
+even = 'FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId) AND $body.seq % 2 = 0 INTO BrokeredEndpoint("/modules/filter/inputs/in")'
+chain = 'FROM /messages/modules/filter/outputs/out INTO BrokeredEndpoint("/modules/sink/inputs/in")'
+"#,
+    );
+    let data_dir = hub.data_dir();
+    let child = device_sim(&[
+        "run",
+        "--scenario",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    wait_connected(&hub, "t-2");
+    let (status, answer) = hub.call(
+        reqwest::Method::POST,
+        "/devices/t-2/methods",
+        Some(
+            json!({ "methodName": "ping", "payload": { "n": 7 }, "responseTimeoutInSeconds": 10 }),
+        ),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(answer["payload"]["request"]["n"], 7, "{answer}");
+    assert_eq!(answer["payload"]["method"], "ping", "{answer}");
+    let (status, v) = hub.call(
+        reqwest::Method::POST,
+        "/devices/t-1/messages",
+        Some(json!({ "body": "hello" })),
+    );
+    assert!(status < 300, "{status} {v}");
+
+    let s = summary(child);
+    // 8 senders (4 devices, 4 device modules) x 20/s x 3 s = 60 each.
+    assert_eq!(s["identities"], 10, "{s}");
+    assert_eq!(s["connected"], 10, "{s}");
+    assert_eq!(s["sent"], 480, "{s}");
+    // Telemetry and filter's forwards, all acknowledged.
+    assert_eq!(s["acked"], 600, "{s}");
+    assert_eq!(s["received_by"]["monitor"], 480, "{s}");
+    // Devices' even readings: 4 x 30; each reaches filter and, forwarded, sink.
+    assert_eq!(s["forwarded"], 120, "{s}");
+    assert_eq!(s["received_by"]["inputs"], 240, "{s}");
+    assert_eq!(s["received_by"]["c2d"], 1, "{s}");
+    assert_eq!(s["methods_answered"], 1, "{s}");
+    assert_eq!(s["errors"], 0, "{s}");
+    assert_eq!(s["desired"]["received"], 4, "{s}");
+    assert_eq!(s["desired"]["reported_success"], 4, "{s}");
+    assert!(s["p99_ms"].as_f64().unwrap() >= s["p50_ms"].as_f64().unwrap());
+    // Monitor and both inputs measure each arrival.
+    assert_eq!(s["latency_samples"], 720, "{s}");
+    // The devices really reported: the hub's twin carries their status for the pushed version.
+    let (_, twin) = hub.call(reqwest::Method::GET, "/twins/t-3", None);
+    let reported = &twin["properties"]["reported"];
+    assert_eq!(reported["lastDesiredStatus"]["code"], 200, "{twin}");
+    assert_eq!(
+        reported["lastDesiredVersion"], twin["properties"]["desired"]["$version"],
+        "{twin}"
+    );
+}
+
+/// The outage scenario in small: every message goes upstream, the link is cut for 2 s, and
+/// every message the hub acknowledged arrives upstream afterwards.
+#[test]
+fn an_upstream_outage_loses_nothing_the_hub_acknowledged() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let hub = Hub::start(&format!(
+        "[routes]\nall = \"FROM /messages/* INTO $upstream\"\n[upstream]\nenabled = true\naddress = \"{upstream}\"\n"
+    ));
+    let path = scenario(
+        &hub.dir,
+        r#"
+name = "outage"
+[fleet]
+devices = 5
+id_prefix = "o-"
+twin = false
+[telemetry]
+rate = "20/s"
+duration = "5s"
+[upstream]
+listen = "127.0.0.1:18830"
+[[upstream.outage]]
+at = "1s"
+for = "2s"
+"#,
+    );
+    let data_dir = hub.data_dir();
+    let upstream_arg = upstream.to_string();
+    let child = device_sim(&[
+        "run",
+        "--scenario",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--upstream-listen",
+        &upstream_arg,
+        "--output",
+        "json",
+    ]);
+    let s = summary(child);
+    assert_eq!(s["sent"], 500, "{s}");
+    assert_eq!(s["acked"], 500, "{s}");
+    assert_eq!(s["upstream"]["received"], 500, "{s}");
+    assert_eq!(s["upstream"]["missing"], 0, "{s}");
+    // During the outage messages waited: the slowest took at least most of the outage.
+    assert!(s["max_ms"].as_f64().unwrap() > 1000.0, "{s}");
+}
+
+#[test]
+fn a_bad_scenario_is_refused_with_the_field_named() {
+    let dir = std::env::temp_dir().join(format!("device-sim-bad-{:x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = scenario(
+        &dir,
+        "[telemetry.body]\nt = { \"$drfit\" = { start = 1 } }\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_device-sim"))
+        .args(["run", "--scenario", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("telemetry.body.t.$drfit: unknown generator"),
+        "{err}"
+    );
+}
