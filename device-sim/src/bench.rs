@@ -7,7 +7,7 @@ use rumqttc::QoS;
 use serde_json::json;
 
 use crate::load::{self, LoadResult, LoadSpec};
-use crate::targets;
+use crate::targets::{self, Target};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -20,20 +20,25 @@ pub struct BenchArgs {
     /// Payload size in bytes
     #[arg(long, default_value_t = 200)]
     payload: usize,
-    /// MQTT QoS of publishes and the subscription (0 or 1)
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
-    qos: u8,
-    /// Which brokers to run
-    #[arg(long, value_enum, default_value_t = Which::Both)]
+    /// MQTT QoS of publishes and the subscription; a list runs each in turn ("0,1")
+    #[arg(long, value_delimiter = ',', default_value = "1",
+          value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: Vec<u8>,
+    /// Idle connections each broker holds during the run; their broker-side memory is
+    /// measured (RSS after they connect minus before, per connection)
+    #[arg(long, default_value_t = 0)]
+    hold: usize,
+    /// Which brokers to run: all (fleethub, rumqttd, and mosquitto when installed) or one
+    #[arg(long, value_enum, default_value_t = Which::All)]
     target: Which,
     /// fleethub routes each message through a `$body` condition into a module input, which
-    /// is the subscriber (bodies are JSON for both brokers)
+    /// is the subscriber (bodies are JSON for every broker)
     #[arg(long)]
     routed: bool,
-    /// Router log segment size in MiB (both brokers)
+    /// Router log segment size in MiB (fleethub and rumqttd)
     #[arg(long, default_value_t = 32)]
     segment_mib: usize,
-    /// Router log segments kept per filter (both brokers)
+    /// Router log segments kept per filter (fleethub and rumqttd)
     #[arg(long, default_value_t = 4)]
     segments: usize,
     /// Repeat each measurement and keep the best rate (reduces noise on a busy machine)
@@ -45,9 +50,10 @@ pub struct BenchArgs {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    Both,
+    All,
     Rumqttd,
     Fleethub,
+    Mosquitto,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -56,54 +62,131 @@ enum Output {
     Json,
 }
 
+/// A broker's memory with `held` idle connections.
+struct Memory {
+    target: &'static str,
+    held: u64,
+    connect_s: f64,
+    idle_bytes: u64,
+    held_bytes: u64,
+}
+
+impl Memory {
+    fn per_connection(&self) -> f64 {
+        self.held_bytes.saturating_sub(self.idle_bytes) as f64 / self.held.max(1) as f64
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "target": self.target,
+            "held": self.held,
+            "connect_s": self.connect_s,
+            "rss_idle_bytes": self.idle_bytes,
+            "rss_held_bytes": self.held_bytes,
+            "bytes_per_connection": self.per_connection(),
+        })
+    }
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
-    let spec = LoadSpec {
-        messages_per_device: args.messages,
-        payload_bytes: args.payload,
-        qos: if args.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        },
-        json: args.routed,
-    };
+    let specs: Vec<LoadSpec> = args
+        .qos
+        .iter()
+        .map(|&q| LoadSpec {
+            messages_per_device: args.messages,
+            payload_bytes: args.payload,
+            qos: if q == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+            json: args.routed,
+        })
+        .collect();
     let sizing = targets::Sizing {
         segment_bytes: args.segment_mib * 1024 * 1024,
         segment_count: args.segments,
     };
-    // The load generator has its own runtime; each broker runs on its own threads.
+    // The load generator's runtime; each broker is a process of its own.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("load")
         .build()?;
-    let mut results: Vec<LoadResult> = Vec::new();
-    let best = |a: Option<LoadResult>, b: LoadResult| match a {
-        Some(a) if a.rate() >= b.rate() => Some(a),
-        _ => Some(b),
-    };
-    if args.target != Which::Fleethub {
-        let target = targets::rumqttd(args.devices, sizing)?;
-        let mut r = None;
-        for _ in 0..args.rounds.max(1) {
-            r = best(r, rt.block_on(load::run(&target, &spec))?);
-        }
-        results.extend(r);
+    let mut results: Vec<(u8, LoadResult)> = Vec::new();
+    let mut memory: Vec<Memory> = Vec::new();
+    let wanted = |w: Which| args.target == Which::All || args.target == w;
+    let mut brokers: Vec<Box<dyn Fn() -> Result<Option<Target>>>> = Vec::new();
+    if wanted(Which::Rumqttd) {
+        brokers.push(Box::new(|| {
+            targets::rumqttd(args.devices, args.hold, sizing).map(Some)
+        }));
     }
-    if args.target != Which::Rumqttd {
-        let target = targets::fleethub_with(args.devices, sizing, args.routed)?;
-        let mut r = None;
-        for _ in 0..args.rounds.max(1) {
-            r = best(r, rt.block_on(load::run(&target, &spec))?);
-        }
-        results.extend(r);
+    if wanted(Which::Mosquitto) {
+        brokers.push(Box::new(|| targets::mosquitto(args.devices, args.hold)));
     }
-    let ratio = match (
-        results.iter().find(|r| r.target == "fleethub"),
-        results.iter().find(|r| r.target == "rumqttd"),
-    ) {
-        (Some(f), Some(b)) => Some(f.rate() / b.rate()),
-        _ => None,
+    if wanted(Which::Fleethub) {
+        brokers.push(Box::new(|| {
+            targets::fleethub_with(args.devices, args.hold, sizing, args.routed).map(Some)
+        }));
+    }
+    for start in brokers {
+        let Some(target) = start()? else {
+            if args.target == Which::Mosquitto {
+                anyhow::bail!("mosquitto is not installed (apt-get install mosquitto)");
+            }
+            eprintln!("mosquitto is not installed: skipping it");
+            continue;
+        };
+        let held = if args.hold > 0 {
+            let idle = target.rss_bytes().unwrap_or(0);
+            let started = std::time::Instant::now();
+            let held = rt.block_on(load::hold(&target))?;
+            let connect_s = started.elapsed().as_secs_f64();
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            memory.push(Memory {
+                target: target.name,
+                held: held.count(),
+                connect_s,
+                idle_bytes: idle,
+                held_bytes: target.rss_bytes().unwrap_or(0),
+            });
+            eprintln!(
+                "{}: holding {} connections (connected in {connect_s:.1} s, {} handshakes retried)",
+                target.name,
+                held.count(),
+                held.retries()
+            );
+            Some(held)
+        } else {
+            None
+        };
+        for (q, spec) in args.qos.iter().zip(&specs) {
+            let best = (0..args.rounds.max(1))
+                .map(|_| rt.block_on(load::run(&target, spec)))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .max_by(|a, b| a.rate().total_cmp(&b.rate()));
+            results.extend(best.map(|r| (*q, r)));
+        }
+        if let Some(held) = held {
+            rt.block_on(held.release());
+        }
+    }
+    let rate = |name: &str, q: u8| {
+        results
+            .iter()
+            .find(|(rq, r)| r.target == name && *rq == q)
+            .map(|(_, r)| r.rate())
     };
+    let ratios: Vec<(u8, Option<f64>, Option<f64>)> = args
+        .qos
+        .iter()
+        .map(|&q| {
+            let f = rate("fleethub", q);
+            let ratio = |base: &str| Some(f? / rate(base, q)?);
+            (q, ratio("rumqttd"), ratio("mosquitto"))
+        })
+        .collect();
     match args.output {
         Output::Json => {
             let v = json!({
@@ -112,18 +195,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "payload_bytes": args.payload,
                 "qos": args.qos,
                 "routed": args.routed,
-                "results": results.iter().map(|r| r.json()).collect::<Vec<_>>(),
-                "ratio_fleethub_to_rumqttd": ratio,
+                "hold": args.hold,
+                "results": results.iter().map(|(q, r)| {
+                    let mut j = r.json();
+                    j["qos"] = json!(q);
+                    j
+                }).collect::<Vec<_>>(),
+                "memory": memory.iter().map(Memory::json).collect::<Vec<_>>(),
+                "ratios": ratios.iter().map(|(q, r, m)| json!({
+                    "qos": q,
+                    "fleethub_to_rumqttd": r,
+                    "fleethub_to_mosquitto": m,
+                })).collect::<Vec<_>>(),
+                "ratio_fleethub_to_rumqttd": ratios.first().and_then(|r| r.1),
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Text => {
             println!(
-                "{} devices x {} messages, {} B payload, QoS {}{}",
+                "{} devices x {} messages, {} B payload{}{}",
                 args.devices,
                 args.messages,
                 args.payload,
-                args.qos,
+                if args.hold > 0 {
+                    format!(", {} idle connections held", args.hold)
+                } else {
+                    String::new()
+                },
                 if args.routed {
                     format!(", fleethub routed by: {}", targets::BENCH_ROUTE)
                 } else {
@@ -131,13 +229,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             );
             println!(
-                "{:<10} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
-                "target", "sent", "received", "elapsed_s", "msg/s", "p50_ms", "p99_ms"
+                "{:<10} {:>3} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
+                "target", "qos", "sent", "received", "elapsed_s", "msg/s", "p50_ms", "p99_ms"
             );
-            for r in &results {
+            for (q, r) in &results {
                 println!(
-                    "{:<10} {:>10} {:>10} {:>10.2} {:>12.0} {:>8.2} {:>8.2}",
+                    "{:<10} {:>3} {:>10} {:>10} {:>10.2} {:>12.0} {:>8.2} {:>8.2}",
                     r.target,
+                    q,
                     r.sent,
                     r.received,
                     r.elapsed.as_secs_f64(),
@@ -146,8 +245,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     r.p99_ms
                 );
             }
-            if let Some(ratio) = ratio {
-                println!("fleethub / rumqttd throughput: {ratio:.2}");
+            for (q, r, m) in &ratios {
+                if let Some(r) = r {
+                    println!("QoS {q}: fleethub / rumqttd throughput: {r:.2}");
+                }
+                if let Some(m) = m {
+                    println!("QoS {q}: fleethub / mosquitto throughput: {m:.2}");
+                }
+            }
+            if !memory.is_empty() {
+                println!(
+                    "{:<10} {:>8} {:>10} {:>12} {:>12} {:>14}",
+                    "target", "held", "connect_s", "rss_idle_MiB", "rss_held_MiB", "KiB/connection"
+                );
+                for m in &memory {
+                    println!(
+                        "{:<10} {:>8} {:>10.1} {:>12.1} {:>12.1} {:>14.1}",
+                        m.target,
+                        m.held,
+                        m.connect_s,
+                        m.idle_bytes as f64 / 1048576.0,
+                        m.held_bytes as f64 / 1048576.0,
+                        m.per_connection() / 1024.0
+                    );
+                }
             }
         }
     }
@@ -178,7 +299,7 @@ pub fn run_twin(args: TwinBenchArgs) -> Result<()> {
         .enable_all()
         .thread_name("load")
         .build()?;
-    let baseline = targets::rumqttd(args.devices, sizing)?;
+    let baseline = targets::rumqttd(args.devices, 0, sizing)?;
     let b = rt.block_on(crate::roundtrip::run(&baseline, args.patches, args.payload))?;
     let hub = targets::fleethub(args.devices, sizing)?;
     let f = rt.block_on(crate::roundtrip::run(&hub, args.patches, args.payload))?;

@@ -278,6 +278,9 @@ impl State<'_> {
             }
             Role::Device => {}
         }
+        if filters.is_empty() {
+            return;
+        }
         let subscribe = filters
             .into_iter()
             .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));

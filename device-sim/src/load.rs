@@ -212,3 +212,71 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         p99_ms: pct(0.99),
     })
 }
+
+/// Idle connections a broker holds while it is measured.
+pub struct Held {
+    clients: Vec<(AsyncClient, tokio::task::JoinHandle<()>)>,
+    retries: u64,
+}
+
+impl Held {
+    pub fn count(&self) -> u64 {
+        self.clients.len() as u64
+    }
+
+    /// Handshakes that had to be retried.
+    pub fn retries(&self) -> u64 {
+        self.retries
+    }
+
+    /// Disconnects them all.
+    pub async fn release(self) {
+        for (client, poller) in self.clients {
+            let _ = client.try_disconnect();
+            poller.abort();
+        }
+    }
+}
+
+/// Connects every one of `target.held`, at most 200 handshakes at a time, each kept alive by
+/// its own task. Fails if any is refused.
+pub async fn hold(target: &Target) -> Result<Held> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(200));
+    let mut connecting = tokio::task::JoinSet::new();
+    for i in 0..target.held.len() {
+        let options = target.held_options(i);
+        let permit = permits.clone().acquire_owned().await?;
+        let name = target.name;
+        connecting.spawn(async move {
+            let (client, mut events) = AsyncClient::new(options, 10);
+            // A broker busy accepting thousands may time a handshake out; the next poll
+            // tries again, as a device would.
+            let mut failures = 0;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(30), events.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        failures += 1;
+                        if failures >= 5 {
+                            bail!("{name}: held connection {i} failed {failures} times: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 * failures)).await;
+                    }
+                    Err(_) => bail!("{name}: held connection {i}: no CONNACK"),
+                }
+            }
+            drop(permit);
+            let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+            Ok((client, poller, failures))
+        });
+    }
+    let mut clients = Vec::with_capacity(target.held.len());
+    let mut retries = 0;
+    while let Some(r) = connecting.join_next().await {
+        let (client, poller, failures) = r??;
+        retries += failures;
+        clients.push((client, poller));
+    }
+    Ok(Held { clients, retries })
+}

@@ -44,6 +44,9 @@ enum Command {
     BenchTwin(bench::TwinBenchArgs),
     /// Store-and-forward queue: durable ingest beside the disk's fsync limit, drain, memory
     BenchQueue(queuebench::QueueBenchArgs),
+    /// A benchmark's broker process (started by `bench`, not by hand)
+    #[command(hide = true)]
+    ServeBroker(targets::ServeBrokerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::BenchTwin(args) => bench::run_twin(args),
         Command::BenchQueue(args) => queuebench::run(args),
+        Command::ServeBroker(args) => targets::serve_broker(args),
     }
 }

@@ -604,22 +604,29 @@ async fn register(
     let total = wanted.len();
     progress(format!("registering {total} identities"));
     let permits = Arc::new(Semaphore::new(16));
-    let mut set = JoinSet::new();
-    for (n, (device, module, role)) in wanted.into_iter().enumerate() {
-        let (api, permits) = (api.clone(), permits.clone());
-        set.spawn(async move {
-            let _permit = permits.acquire_owned().await?;
-            let id = api.ensure(&device, module.as_deref()).await?;
-            Ok::<_, anyhow::Error>((n, id, role))
-        });
-    }
     let mut out = Vec::with_capacity(total);
     let mut last = Instant::now();
-    while let Some(r) = set.join_next().await {
-        out.push(r??);
-        if last.elapsed() > Duration::from_secs(1) {
-            last = Instant::now();
-            progress(format!("  registered {}/{total}", out.len()));
+    // Devices first: a module can only be created under a device that exists.
+    let (devices, modules): (Vec<_>, Vec<_>) = wanted
+        .into_iter()
+        .enumerate()
+        .partition(|(_, (_, module, _))| module.is_none());
+    for phase in [devices, modules] {
+        let mut set = JoinSet::new();
+        for (n, (device, module, role)) in phase {
+            let (api, permits) = (api.clone(), permits.clone());
+            set.spawn(async move {
+                let _permit = permits.acquire_owned().await?;
+                let id = api.ensure(&device, module.as_deref()).await?;
+                Ok::<_, anyhow::Error>((n, id, role))
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            out.push(r??);
+            if last.elapsed() > Duration::from_secs(1) {
+                last = Instant::now();
+                progress(format!("  registered {}/{total}", out.len()));
+            }
         }
     }
     out.sort_by_key(|(n, _, _)| *n);

@@ -1,13 +1,20 @@
-//! The brokers a benchmark runs against, each started in this process on its own threads:
-//! fleethub (its library `run`, on its own runtime) and a bare rumqttd with the same router
-//! sizing. Each target says how its clients connect and which topics they use.
+//! The brokers a benchmark runs against, each in a process of its own, so its memory can be
+//! read off `/proc` and it competes for the two cores the way a deployed broker would:
+//!
+//! - fleethub and a bare rumqttd are this binary run again (`device-sim serve-broker`), so
+//!   both have the same allocator and the same router sizing;
+//! - mosquitto is Debian's `mosquitto`, when it is installed.
+//!
+//! Each target says how its clients connect and which topics they use.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
 use rumqttc::MqttOptions;
 use serde_json::json;
 
@@ -24,9 +31,11 @@ pub struct Target {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub devices: Vec<ClientSpec>,
+    /// Idle clients that only hold a connection (the memory-per-connection measurement).
+    pub held: Vec<ClientSpec>,
     pub subscriber: ClientSpec,
-    _stop: Option<tokio::sync::oneshot::Sender<()>>,
-    data_dir: Option<PathBuf>,
+    child: Option<Child>,
+    dir: PathBuf,
 }
 
 impl Target {
@@ -35,21 +44,39 @@ impl Target {
         (options(self.addr, &c.id, &c.credentials), c.topic.clone())
     }
 
+    pub fn held_options(&self, i: usize) -> MqttOptions {
+        let c = &self.held[i];
+        options(self.addr, &c.id, &c.credentials)
+    }
+
     pub fn subscriber_options(&self) -> (MqttOptions, String) {
         let c = &self.subscriber;
         (options(self.addr, &c.id, &c.credentials), c.topic.clone())
+    }
+
+    /// The broker process's resident memory, in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
     }
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(stop) = self._stop.take() {
-            let _ = stop.send(());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        if let Some(dir) = &self.data_dir {
-            std::thread::sleep(Duration::from_millis(200));
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -69,6 +96,16 @@ fn free_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+fn temp_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "device-sim-{name}-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 /// Router log sizing, the same for both targets so neither gets bigger buffers. rumqttd's
 /// logs are rings: a subscriber further behind than this loses messages, in either broker.
 #[derive(Debug, Clone, Copy)]
@@ -77,31 +114,213 @@ pub struct Sizing {
     pub segment_count: usize,
 }
 
-/// A bare rumqttd: one v4 listener, no auth, dynamic filters.
-pub fn rumqttd(devices: usize, sizing: Sizing) -> Result<Target> {
-    let addr = spawn_bare_rumqttd(devices + 16, sizing)?;
-    Ok(Target {
-        name: "rumqttd",
-        addr,
-        devices: (0..devices)
-            .map(|i| ClientSpec {
-                id: format!("dev{i}"),
-                credentials: None,
-                topic: format!("bench/dev{i}/events"),
-            })
-            .collect(),
-        subscriber: ClientSpec {
-            id: "bench-sub".into(),
+/// Plain clients (no credentials) on `bench/…` topics: rumqttd and mosquitto.
+fn plain_clients(devices: usize, hold: usize) -> (Vec<ClientSpec>, Vec<ClientSpec>, ClientSpec) {
+    let devices = (0..devices)
+        .map(|i| ClientSpec {
+            id: format!("dev{i}"),
             credentials: None,
-            topic: "bench/#".into(),
-        },
-        _stop: None,
-        data_dir: None,
-    })
+            topic: format!("bench/dev{i}/events"),
+        })
+        .collect();
+    let held = (0..hold)
+        .map(|i| ClientSpec {
+            id: format!("hold{i}"),
+            credentials: None,
+            topic: String::new(),
+        })
+        .collect();
+    let subscriber = ClientSpec {
+        id: "bench-sub".into(),
+        credentials: None,
+        topic: "bench/#".into(),
+    };
+    (devices, held, subscriber)
 }
 
-/// Starts a bare rumqttd (no auth, dynamic filters) on its own thread, on an ephemeral port
-/// of 127.0.0.1, and returns its address once it listens.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BrokerKind {
+    Rumqttd,
+    Fleethub,
+}
+
+/// `device-sim serve-broker`: what a benchmark's broker process runs.
+#[derive(Args, Debug)]
+pub struct ServeBrokerArgs {
+    #[arg(long, value_enum)]
+    kind: BrokerKind,
+    /// Where to write `addr` (rumqttd) or the hub's data directory `data/` (fleethub)
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long)]
+    max_connections: usize,
+    #[arg(long)]
+    segment_bytes: usize,
+    #[arg(long)]
+    segment_count: usize,
+}
+
+/// Runs a benchmark broker until killed.
+pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
+    let sizing = Sizing {
+        segment_bytes: args.segment_bytes,
+        segment_count: args.segment_count,
+    };
+    match args.kind {
+        BrokerKind::Rumqttd => {
+            let addr = spawn_bare_rumqttd(args.max_connections, sizing)?;
+            let tmp = args.dir.join("addr.tmp");
+            std::fs::write(&tmp, addr.to_string())?;
+            std::fs::rename(tmp, args.dir.join("addr"))?;
+            loop {
+                std::thread::park();
+            }
+        }
+        BrokerKind::Fleethub => {
+            let overrides = fleethub::config::Overrides {
+                data_dir: Some(args.dir.join("data")),
+                mqtt: Some("127.0.0.1:0".into()),
+                mqtts: Some("off".into()),
+                api: Some("127.0.0.1:0".into()),
+            };
+            let mut config = fleethub::Config::load(None, &overrides)?;
+            config.router.max_segment_bytes = sizing.segment_bytes;
+            config.router.max_segment_count = sizing.segment_count;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(fleethub::run(config, std::future::pending::<()>()))?;
+            Ok(())
+        }
+    }
+}
+
+/// This binary again, as a benchmark broker; its log goes to `dir/broker.log`.
+fn spawn_broker(kind: &str, dir: &Path, max_connections: usize, sizing: Sizing) -> Result<Child> {
+    let log = std::fs::File::create(dir.join("broker.log"))?;
+    Command::new(std::env::current_exe()?)
+        .args(["serve-broker", "--kind", kind, "--dir"])
+        .arg(dir)
+        .args([
+            "--max-connections",
+            &max_connections.to_string(),
+            "--segment-bytes",
+            &sizing.segment_bytes.to_string(),
+            "--segment-count",
+            &sizing.segment_count.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting the broker process")
+}
+
+/// Waits for `path` to hold what `parse` accepts, while `child` lives.
+fn wait_for_file<T>(
+    child: &mut Child,
+    path: &Path,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = std::fs::read_to_string(path)
+            .ok()
+            .as_deref()
+            .and_then(&parse)
+        {
+            return Ok(v);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the broker process exited ({status}) before it was ready");
+        }
+        if Instant::now() > deadline {
+            bail!("the broker process did not write {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A bare rumqttd (one v4 listener, no auth, dynamic filters) in its own process.
+pub fn rumqttd(devices: usize, hold: usize, sizing: Sizing) -> Result<Target> {
+    let dir = temp_dir("rumqttd")?;
+    let mut child = spawn_broker("rumqttd", &dir, devices + hold + 16, sizing)?;
+    let addr = wait_for_file(&mut child, &dir.join("addr"), |t| t.trim().parse().ok());
+    let (devices, held, subscriber) = plain_clients(devices, hold);
+    let mut target = Target {
+        name: "rumqttd",
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        devices,
+        held,
+        subscriber,
+        child: Some(child),
+        dir,
+    };
+    target.addr = addr?;
+    Ok(target)
+}
+
+/// Debian's mosquitto in its own process, configured like the others (no auth, 100 messages
+/// in flight per client, no persistence, a queue deep enough that a slow subscriber is not
+/// dropped from under QoS 1). `None` when mosquitto is not installed.
+pub fn mosquitto(devices: usize, hold: usize) -> Result<Option<Target>> {
+    let Some(bin) = [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let dir = temp_dir("mosquitto")?;
+    let addr = free_port()?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 100\n\
+             max_queued_messages 10000000\npersistence false\nlog_dest stderr\nlog_type error\n",
+            addr.port()
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("broker.log"))?;
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting mosquitto")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "mosquitto exited ({status}): {}",
+                std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("mosquitto did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (devices, held, subscriber) = plain_clients(devices, hold);
+    Ok(Some(Target {
+        name: "mosquitto",
+        addr,
+        devices,
+        held,
+        subscriber,
+        child: Some(child),
+        dir,
+    }))
+}
+
+/// Starts a bare rumqttd (no auth, dynamic filters) on its own thread in this process, on an
+/// ephemeral port of 127.0.0.1, and returns its address once it listens.
 pub fn spawn_bare_rumqttd(max_connections: usize, sizing: Sizing) -> Result<SocketAddr> {
     let addr = free_port()?;
     let connections = rumqttd::ConnectionSettings {
@@ -139,11 +358,6 @@ pub fn spawn_bare_rumqttd(max_connections: usize, sizing: Sizing) -> Result<Sock
             let mut broker = rumqttd::Broker::new(config);
             let _ = broker.start();
         })?;
-    wait_for_port(addr)?;
-    Ok(addr)
-}
-
-fn wait_for_port(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
         if Instant::now() > deadline {
@@ -151,87 +365,71 @@ fn wait_for_port(addr: SocketAddr) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
+    Ok(addr)
 }
 
 /// fleethub with its embedded defaults on ephemeral ports, in a temp data directory, with
 /// `devices` registered through its API.
 pub fn fleethub(devices: usize, sizing: Sizing) -> Result<Target> {
-    fleethub_with(devices, sizing, false)
+    fleethub_with(devices, 0, sizing, false)
 }
 
 /// The route the routed benchmark installs: a `$body` condition into a module input.
 pub const BENCH_ROUTE: &str = "FROM /messages/* WHERE $body.temperature > 0 INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")";
 
-/// fleethub; with `routed`, devices send JSON telemetry that [`BENCH_ROUTE`] delivers to the
-/// hub's module `sink`, which is the subscriber.
-pub fn fleethub_with(devices: usize, sizing: Sizing, routed: bool) -> Result<Target> {
-    let data_dir = std::env::temp_dir().join(format!(
-        "device-sim-bench-{}-{:x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let overrides = fleethub::config::Overrides {
-        data_dir: Some(data_dir.clone()),
-        mqtt: Some("127.0.0.1:0".into()),
-        mqtts: Some("off".into()),
-        api: Some("127.0.0.1:0".into()),
+/// fleethub in its own process, with `devices` publishers and `hold` idle devices registered
+/// through its API; with `routed`, devices send JSON telemetry that [`BENCH_ROUTE`] delivers
+/// to the hub's module `sink`, which is the subscriber.
+pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) -> Result<Target> {
+    let dir = temp_dir("fleethub")?;
+    let mut child = spawn_broker("fleethub", &dir, devices + hold + 16, sizing)?;
+    let data_dir = dir.join("data");
+    let endpoints = wait_for_file(&mut child, &data_dir.join("endpoints.json"), |t| {
+        serde_json::from_str::<fleethub::hub::Endpoints>(t).ok()
+    });
+    // From here on the target owns the process, so an error below still ends it.
+    let mut target = Target {
+        name: "fleethub",
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        devices: Vec::new(),
+        held: Vec::new(),
+        subscriber: ClientSpec {
+            id: String::new(),
+            credentials: None,
+            topic: String::new(),
+        },
+        child: Some(child),
+        dir,
     };
-    let mut config = fleethub::Config::load(None, &overrides)?;
-    config.router.max_segment_bytes = sizing.segment_bytes;
-    config.router.max_segment_count = sizing.segment_count;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name("bench-fleethub".into())
-        .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("fleethub")
-                .build()
-            else {
-                return;
-            };
-            let _ = rt.block_on(fleethub::run(config, async {
-                let _ = stop_rx.await;
-            }));
-        })?;
-    let endpoints_path = data_dir.join("endpoints.json");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let endpoints: fleethub::hub::Endpoints = loop {
-        if let Some(e) = std::fs::read_to_string(&endpoints_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-        {
-            break e;
-        }
-        if Instant::now() > deadline {
-            bail!("fleethub did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let endpoints = endpoints?;
     let token = std::fs::read_to_string(data_dir.join("admin-token"))?
         .trim()
         .to_string();
-    let addr = endpoints
+    target.addr = endpoints
         .mqtt
         .context("fleethub has no plain MQTT listener")?;
     let api = format!("http://{}", endpoints.api);
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
-    let list = rt.block_on(async {
-        let http = reqwest::Client::new();
-        let mut list = Vec::with_capacity(devices);
-        let expiry = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-            + 24 * 3600;
-        for i in 0..devices {
-            let id = format!("dev{i}");
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 24 * 3600;
+    let http = reqwest::Client::new();
+    // Registers `id` and returns its MQTT credentials.
+    let register = |id: String| {
+        let (http, api, token) = (http.clone(), api.clone(), token.clone());
+        async move {
+            let (path, body) = match id.split_once('/') {
+                None => ("/devices".to_string(), json!({ "deviceId": id })),
+                Some((d, m)) => (format!("/devices/{d}/modules"), json!({ "moduleId": m })),
+            };
             let resp = http
-                .post(format!("{api}/devices"))
+                .post(format!("{api}{path}"))
                 .bearer_auth(&token)
-                .json(&json!({ "deviceId": id }))
+                .json(&body)
                 .send()
                 .await?;
             if !resp.status().is_success() {
@@ -252,31 +450,50 @@ pub fn fleethub_with(devices: usize, sizing: Sizing, routed: bool) -> Result<Tar
                 expiry,
             )?;
             let user = format!("localhost/{id}/?api-version=2021-04-12");
+            Ok::<_, anyhow::Error>((id, (user, sas)))
+        }
+    };
+    let (devices, held, sink) = rt.block_on(async {
+        let mut devices = Vec::with_capacity(devices);
+        for i in 0..devices.capacity() {
+            let (id, creds) = register(format!("dev{i}")).await?;
             let topic = if routed {
                 format!("devices/{id}/messages/events/$.ct=application%2Fjson&$.ce=utf-8")
             } else {
                 format!("devices/{id}/messages/events/")
             };
-            list.push(ClientSpec {
-                id: id.clone(),
-                credentials: Some((user, sas)),
+            devices.push(ClientSpec {
+                id,
+                credentials: Some(creds),
                 topic,
             });
         }
-        if !routed {
-            return Ok::<_, anyhow::Error>((list, None));
+        // Idle devices, registered 16 at a time.
+        let mut held = Vec::with_capacity(hold);
+        let mut pending = tokio::task::JoinSet::new();
+        for i in 0..hold {
+            if pending.len() >= 16 {
+                if let Some(r) = pending.join_next().await {
+                    held.push(r??);
+                }
+            }
+            pending.spawn(register(format!("hold{i}")));
         }
-        let resp = http
-            .post(format!("{api}/devices/fleethub/modules"))
-            .bearer_auth(&token)
-            .json(&json!({ "moduleId": "sink" }))
-            .send()
-            .await?;
-        let v: serde_json::Value = resp.json().await?;
-        let key = v["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .context("no module key")?
-            .to_string();
+        while let Some(r) = pending.join_next().await {
+            held.push(r??);
+        }
+        let held = held
+            .into_iter()
+            .map(|(id, creds)| ClientSpec {
+                id,
+                credentials: Some(creds),
+                topic: String::new(),
+            })
+            .collect::<Vec<_>>();
+        if !routed {
+            return Ok::<_, anyhow::Error>((devices, held, None));
+        }
+        let (id, creds) = register("fleethub/sink".to_string()).await?;
         let resp = http
             .patch(format!("{api}/twins/fleethub/modules/$edgeHub"))
             .bearer_auth(&token)
@@ -289,33 +506,19 @@ pub fn fleethub_with(devices: usize, sizing: Sizing, routed: bool) -> Result<Tar
                 resp.text().await.unwrap_or_default()
             );
         }
-        let identity = fleethub::identity::IdentityKey::parse("fleethub/sink")?;
-        let sas = fleethub::sas::generate(
-            &fleethub::sas::resource_for("localhost", &identity),
-            &key,
-            expiry,
-        )?;
         let sink = ClientSpec {
-            id: "fleethub/sink".into(),
-            credentials: Some((
-                "localhost/fleethub/sink/?api-version=2021-04-12".into(),
-                sas,
-            )),
+            id,
+            credentials: Some(creds),
             topic: "devices/fleethub/modules/sink/inputs/#".into(),
         };
-        Ok::<_, anyhow::Error>((list, Some(sink)))
+        Ok((devices, held, Some(sink)))
     })?;
-    let (list, sink) = list;
-    Ok(Target {
-        name: "fleethub",
-        addr,
-        devices: list,
-        subscriber: sink.unwrap_or(ClientSpec {
-            id: "bench-monitor".into(),
-            credentials: Some(("$service".into(), token)),
-            topic: "$fleethub/events/#".into(),
-        }),
-        _stop: Some(stop_tx),
-        data_dir: Some(data_dir),
-    })
+    target.devices = devices;
+    target.held = held;
+    target.subscriber = sink.unwrap_or(ClientSpec {
+        id: "bench-monitor".into(),
+        credentials: Some(("$service".into(), token)),
+        topic: "$fleethub/events/#".into(),
+    });
+    Ok(target)
 }

@@ -1,10 +1,11 @@
-//! `device-sim bench` end to end on a tiny load: both brokers start, every message sent is
-//! received, and the JSON summary carries the fields BENCHMARKS.md quotes.
+//! `device-sim bench` end to end on a tiny load: every broker starts in its own process,
+//! every message sent is received, idle connections are held and measured, and the JSON
+//! summary carries the fields BENCHMARKS.md quotes.
 
 use std::process::Command;
 
 #[test]
-fn bench_runs_both_targets_and_counts_every_message() {
+fn bench_runs_every_broker_and_counts_every_message() {
     let out = Command::new(env!("CARGO_BIN_EXE_device-sim"))
         .args([
             "bench",
@@ -12,6 +13,8 @@ fn bench_runs_both_targets_and_counts_every_message() {
             "3",
             "--messages",
             "200",
+            "--hold",
+            "50",
             "--segment-mib",
             "4",
             "--output",
@@ -25,13 +28,37 @@ fn bench_runs_both_targets_and_counts_every_message() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    // mosquitto takes part when it is installed (.ci/run installs it).
+    let mosquitto = std::path::Path::new("/usr/sbin/mosquitto").exists();
     let results = v["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2);
+    let names: Vec<&str> = results
+        .iter()
+        .filter_map(|r| r["target"].as_str())
+        .collect();
+    let mut expected = vec!["rumqttd", "fleethub"];
+    if mosquitto {
+        expected.insert(1, "mosquitto");
+    }
+    assert_eq!(names, expected);
     for r in results {
+        assert_eq!(r["qos"], 1, "{r}");
         assert_eq!(r["sent"], 600, "{r}");
         assert_eq!(r["received"], 600, "{r}");
         assert!(r["messages_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap());
     }
-    assert!(v["ratio_fleethub_to_rumqttd"].as_f64().unwrap() > 0.0);
+    let memory = v["memory"].as_array().unwrap();
+    assert_eq!(memory.len(), expected.len(), "{v}");
+    for m in memory {
+        assert_eq!(m["held"], 50, "{m}");
+        assert!(m["rss_held_bytes"].as_u64().unwrap() > 0, "{m}");
+        assert!(
+            m["rss_held_bytes"].as_u64() >= m["rss_idle_bytes"].as_u64(),
+            "{m}"
+        );
+    }
+    assert!(v["ratios"][0]["fleethub_to_rumqttd"].as_f64().unwrap() > 0.0);
+    if mosquitto {
+        assert!(v["ratios"][0]["fleethub_to_mosquitto"].as_f64().unwrap() > 0.0);
+    }
 }

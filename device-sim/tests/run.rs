@@ -126,15 +126,22 @@ fn summary(child: std::process::Child) -> Value {
     })
 }
 
-/// Waits until the hub reports `id` connected.
-fn wait_connected(hub: &Hub, id: &str) {
+/// Waits until the hub reports `id` connected; otherwise ends device-sim and shows its log.
+fn wait_connected(hub: &Hub, id: &str, sim: &mut std::process::Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (status, v) = hub.call(reqwest::Method::GET, &format!("/devices/{id}"), None);
         if status == 200 && v["connectionState"] == "Connected" {
             return;
         }
-        assert!(Instant::now() < deadline, "{id} never connected: {v}");
+        if Instant::now() > deadline || sim.try_wait().ok().flatten().is_some() {
+            let _ = sim.kill();
+            let mut log = String::new();
+            if let Some(mut e) = sim.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut log);
+            }
+            panic!("{id} never connected: {v}\ndevice-sim: {log}");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -178,7 +185,7 @@ chain = 'FROM /messages/modules/filter/outputs/out INTO BrokeredEndpoint("/modul
 "#,
     );
     let data_dir = hub.data_dir();
-    let child = device_sim(&[
+    let mut child = device_sim(&[
         "run",
         "--scenario",
         path.to_str().unwrap(),
@@ -187,7 +194,7 @@ chain = 'FROM /messages/modules/filter/outputs/out INTO BrokeredEndpoint("/modul
         "--output",
         "json",
     ]);
-    wait_connected(&hub, "t-2");
+    wait_connected(&hub, "t-2", &mut child);
     let (status, answer) = hub.call(
         reqwest::Method::POST,
         "/devices/t-2/methods",
