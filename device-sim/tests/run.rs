@@ -313,3 +313,59 @@ fn a_bad_scenario_is_refused_with_the_field_named() {
         "{err}"
     );
 }
+
+/// Without the API: identities from connection strings, the MQTT address given, no token.
+#[test]
+fn connection_strings_run_a_fleet_without_the_api() {
+    let hub = Hub::start("");
+    let mut lines = String::from("# two devices registered elsewhere\n");
+    for id in ["cs-a", "cs-b"] {
+        let (status, v) = hub.call(
+            reqwest::Method::POST,
+            "/devices",
+            Some(json!({ "deviceId": id })),
+        );
+        assert_eq!(status, 201, "{v}");
+        let key = v["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap();
+        lines.push_str(&format!(
+            "HostName=localhost;DeviceId={id};SharedAccessKey={key}\n"
+        ));
+    }
+    let strings = hub.dir.join("devices.txt");
+    std::fs::write(&strings, lines).unwrap();
+    let path = scenario(
+        &hub.dir,
+        "[fleet]\nmonitor = false\n[telemetry]\nrate = \"10/s\"\nduration = \"1s\"\n",
+    );
+    let endpoints: Value = serde_json::from_str(
+        &std::fs::read_to_string(hub.data_dir().join("endpoints.json")).unwrap(),
+    )
+    .unwrap();
+    let child = device_sim(&[
+        "run",
+        "--scenario",
+        path.to_str().unwrap(),
+        "--connection-strings",
+        strings.to_str().unwrap(),
+        "--mqtt",
+        endpoints["mqtt"].as_str().unwrap(),
+        // A data directory with no token in it: nothing may need the API.
+        "--data-dir",
+        hub.dir.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let s = summary(child);
+    assert_eq!(s["identities"], 2, "{s}");
+    assert_eq!(s["connected"], 2, "{s}");
+    assert_eq!(s["sent"], 20, "{s}");
+    assert_eq!(s["acked"], 20, "{s}");
+    assert_eq!(s["errors"], 0, "{s}");
+    // The hub saw them: both devices have been active.
+    for id in ["cs-a", "cs-b"] {
+        let (_, v) = hub.call(reqwest::Method::GET, &format!("/devices/{id}"), None);
+        assert!(v["lastActivityTime"].is_string(), "{v}");
+    }
+}
