@@ -488,6 +488,10 @@ impl Template {
                 if min > max || !(min..=max).contains(&start) {
                     bail!("{path}: need min <= start <= max");
                 }
+                // The walk draws from [-step, step]: that span must be a finite number.
+                if !(step >= 0.0 && (step * 2.0).is_finite()) {
+                    bail!("{path}.step: must be a finite number >= 0");
+                }
                 Template::Drift {
                     slot: next_slot(),
                     start,
@@ -501,6 +505,9 @@ impl Template {
                 let (min, max) = (num("min", None)?, num("max", None)?);
                 if min > max {
                     bail!("{path}: min is above max");
+                }
+                if !(max - min).is_finite() {
+                    bail!("{path}: max - min must be a finite number");
                 }
                 let integer = [arg.get("min"), arg.get("max")]
                     .iter()
@@ -667,10 +674,57 @@ mod tests {
         let e =
             plan("[telemetry.body]\nt = { \"$drift\" = { start = 1, stp = 2 } }\n").unwrap_err();
         assert!(format!("{e:#}").contains("unknown field `stp`"), "{e:#}");
+        let e = plan("[telemetry.body]\nt = { \"$drift\" = { start = 1.0, step = 1e308 } }\n")
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("$drift.step: must be a finite"),
+            "{e:#}"
+        );
         let e = plan("[telemetry]\nduration = \"forever\"\n").unwrap_err();
         assert!(format!("{e:#}").starts_with("telemetry.duration"), "{e:#}");
         let e = plan("[fleet]\ndevces = 3\n").unwrap_err();
         assert!(format!("{e:#}").contains("devces"), "{e:#}");
+    }
+
+    proptest::proptest! {
+        /// Rates, durations and whole scenario files come from users: any text gives a
+        /// scenario or an error, never a panic.
+        #[test]
+        fn parsers_never_panic(text in "\\PC{0,200}") {
+            let _ = parse_rate(&text);
+            let _ = parse_duration(&text);
+            let _ = plan(&text);
+        }
+
+        /// Generator tables with arbitrary numbers plan or are refused, and what plans renders.
+        #[test]
+        fn generators_with_any_numbers_render_or_are_refused(
+            start in proptest::prop_oneof![-1e6f64..1e6, proptest::num::f64::ANY],
+            step in proptest::prop_oneof![
+                0.0f64..10.0,
+                proptest::strategy::Just(f64::MAX),
+                proptest::strategy::Just(-1.0),
+                proptest::num::f64::ANY,
+            ],
+            min in -1e6f64..1e6,
+            max in -1e6f64..1e6,
+            kind in 0..4usize,
+        ) {
+            let arg = json!({ "start": start, "step": step, "min": min, "max": max });
+            let body = match kind {
+                0 => json!({ "v": { "$drift": arg } }),
+                1 => json!({ "v": { "$counter": { "start": start, "step": step } } }),
+                2 => json!({ "v": { "$random": { "min": min, "max": max } } }),
+                _ => json!({ "v": { "$choice": [start, step] } }),
+            };
+            if let Ok(t) = Template::compile(&body, "body") {
+                let mut state = t.state();
+                let mut rng = rand::thread_rng();
+                for _ in 0..3 {
+                    let _ = t.render("d", &mut state, &mut rng);
+                }
+            }
+        }
     }
 
     #[test]
