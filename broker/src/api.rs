@@ -14,6 +14,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+mod fleet;
+
 use crate::hub::{Hub, SharedHub};
 use crate::identity::{DeviceId, IdError, IdentityKey, ModuleId};
 use crate::registry::{AuthenticationInput, IdentityUpdate, RegistryError, Status};
@@ -133,6 +135,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/routes", get(list_routes))
         .route("/queues", get(list_queues))
         .route("/routes/check", axum::routing::post(check_route))
+        .merge(fleet::routes())
         .layer(middleware::from_fn_with_state(hub.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -258,11 +261,26 @@ async fn create_module(
     create(&hub, key, None, body.authentication, Default::default()).await
 }
 
+/// An identity as the API shows it: the registry view plus its device group's
+/// `Product/Group` path.
+fn identity_json(hub: &Hub, view: crate::registry::IdentityView) -> serde_json::Value {
+    let group = view
+        .identity
+        .device_group_id
+        .as_deref()
+        .and_then(|g| hub.fleet.path_of(g));
+    let mut v = json!(view);
+    if let Some(path) = group {
+        v["deviceGroup"] = json!(path);
+    }
+    v
+}
+
 fn show(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<serde_json::Value>> {
     let identity = hub.registry.get(key).ok_or_else(|| {
         ApiError::NotFound(format!("{} not found", crate::registry::describe(key)))
     })?;
-    Ok(Json(json!(hub.registry.view(&identity))))
+    Ok(Json(identity_json(hub, hub.registry.view(&identity))))
 }
 
 async fn get_device(
@@ -290,7 +308,10 @@ async fn list_devices(
         )));
     }
     let (items, next) = hub.registry.list_devices(limit, page.after.as_deref());
-    let items: Vec<_> = items.iter().map(|i| hub.registry.view(i)).collect();
+    let items: Vec<_> = items
+        .iter()
+        .map(|i| identity_json(&hub, hub.registry.view(i)))
+        .collect();
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
@@ -318,8 +339,13 @@ async fn update(
 ) -> ApiResult<Json<serde_json::Value>> {
     let disables = update.status == Some(Status::Disabled) || update.authentication.is_some();
     let k = key.clone();
-    let view = blocking(hub, move |h| {
-        h.registry.update(&k, update).map(|i| h.registry.view(&i))
+    let view = blocking(hub, move |h| -> ApiResult<serde_json::Value> {
+        // The group first: a bad path refuses the whole update.
+        if let Some(path) = &update.device_group {
+            h.fleet.assign(&h.registry, &k, path)?;
+        }
+        let i = h.registry.update(&k, update)?;
+        Ok(identity_json(h, h.registry.view(&i)))
     })
     .await??;
     if disables {

@@ -67,6 +67,12 @@ pub enum Command {
     /// Store-and-forward queues, one per sink
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Products: what kind of device (Azure Sphere); each has device groups
+    #[command(subcommand)]
+    Product(ProductCmd),
+    /// Device groups of a product, named "Product/Group"
+    #[command(subcommand)]
+    DeviceGroup(DeviceGroupCmd),
     /// Print a SAS token for a device or module (the MQTT password)
     SasToken {
         device: String,
@@ -95,6 +101,122 @@ pub enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProductCmd {
+    /// Create a product; it gets the five default device groups unless --no-default-groups
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        no_default_groups: bool,
+    },
+    List,
+    /// A product with its groups and how many devices each holds
+    Show {
+        name: String,
+    },
+    /// Change the description or the name (the id never changes)
+    Update {
+        name: String,
+        #[arg(long)]
+        new_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Delete a product and its groups (refused while devices are in them)
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Feed {
+    Retail,
+    RetailEval,
+}
+
+impl Feed {
+    fn api(self) -> &'static str {
+        match self {
+            Feed::Retail => "Retail",
+            Feed::RetailEval => "RetailEval",
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceGroupCmd {
+    /// Create a group: "Product/Group"
+    Create {
+        path: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Whether deployments update the group's applications [default: on]
+        #[arg(long, value_enum)]
+        application_updates: Option<OnOff>,
+        /// OS feed [default: retail]
+        #[arg(long, value_enum)]
+        os_feed: Option<Feed>,
+    },
+    /// Groups of one product, or of all
+    List {
+        #[arg(long)]
+        product: Option<String>,
+    },
+    /// A group, with its devices
+    Show { path: String },
+    Update {
+        path: String,
+        #[arg(long)]
+        new_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, value_enum)]
+        application_updates: Option<OnOff>,
+        #[arg(long, value_enum)]
+        os_feed: Option<Feed>,
+    },
+    /// Delete a group (refused while devices are in it)
+    Delete { path: String },
+}
+
+/// `Product/Group` → the API path of the group.
+fn group_path(path: &str) -> Result<String> {
+    let (product, group) = path
+        .split_once('/')
+        .with_context(|| format!("'{path}': name a group as \"Product/Group\""))?;
+    Ok(format!("/products/{}/groups/{}", enc(product), enc(group)))
+}
+
+fn groups_table(items: &[Value]) -> String {
+    let mut out = format!(
+        "{:<30} {:<30} {:>7} {:<12} {:>8}",
+        "PRODUCT", "GROUP", "APP_UPD", "OS_FEED", "DEVICES"
+    );
+    for g in items {
+        out += &format!(
+            "\n{:<30} {:<30} {:>7} {:<12} {:>8}",
+            g["product"].as_str().unwrap_or(""),
+            g["name"].as_str().unwrap_or(""),
+            if g["applicationUpdates"] == true {
+                "on"
+            } else {
+                "off"
+            },
+            g["osFeed"].as_str().unwrap_or(""),
+            g["devices"]
+        );
+    }
+    out
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -162,6 +284,9 @@ pub enum DeviceCmd {
         status: Option<String>,
         #[arg(long)]
         status_reason: Option<String>,
+        /// Move the device into this group: "Product/Group" (it leaves its old group)
+        #[arg(long)]
+        device_group: Option<String>,
         #[command(flatten)]
         keys: KeyArgs,
     },
@@ -417,6 +542,8 @@ impl Client {
             Command::Device(cmd) => self.device(cmd).await,
             Command::Module(cmd) => self.module(cmd).await,
             Command::Twin(cmd) => self.twin(cmd).await,
+            Command::Product(cmd) => self.product(cmd).await,
+            Command::DeviceGroup(cmd) => self.device_group(cmd).await,
             Command::Queue(cmd) => {
                 let v = self.get("/queues").await?;
                 let v = match cmd {
@@ -636,6 +763,9 @@ impl Client {
             if let Some(t) = v["lastActivityTime"].as_str() {
                 out += &format!("  lastActivityTime: {t}\n");
             }
+            if let Some(g) = v["deviceGroup"].as_str() {
+                out += &format!("  deviceGroup:      {g}\n");
+            }
             out += &format!(
                 "  primaryKey:       {}\n",
                 v["authentication"]["symmetricKey"]["primaryKey"]
@@ -653,6 +783,177 @@ impl Client {
             }
             out
         });
+    }
+
+    async fn product(&self, cmd: &ProductCmd) -> Result<()> {
+        let show = |v: &Value| {
+            let mut out = format!(
+                "Product {} ({})\n  description: {}\n",
+                v["name"].as_str().unwrap_or(""),
+                v["id"].as_str().unwrap_or(""),
+                v["description"].as_str().unwrap_or("")
+            );
+            out += &groups_table(v["groups"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            out
+        };
+        match cmd {
+            ProductCmd::Create {
+                name,
+                description,
+                no_default_groups,
+            } => {
+                let body = json!({
+                    "name": name,
+                    "description": description,
+                    "noDefaultGroups": no_default_groups,
+                });
+                let v = self
+                    .call(reqwest::Method::POST, "/products", Some(body))
+                    .await?;
+                self.print(&v, show);
+            }
+            ProductCmd::List => {
+                let v = self.get("/products").await?;
+                self.print(&v, |v| {
+                    let mut out =
+                        format!("{:<36} {:<30} {:>6}  DESCRIPTION", "ID", "NAME", "GROUPS");
+                    for p in v["items"].as_array().into_iter().flatten() {
+                        out += &format!(
+                            "\n{:<36} {:<30} {:>6}  {}",
+                            p["id"].as_str().unwrap_or(""),
+                            p["name"].as_str().unwrap_or(""),
+                            p["groups"].as_array().map(Vec::len).unwrap_or(0),
+                            p["description"].as_str().unwrap_or("")
+                        );
+                    }
+                    out
+                });
+            }
+            ProductCmd::Show { name } => {
+                let v = self.get(&format!("/products/{}", enc(name))).await?;
+                self.print(&v, show);
+            }
+            ProductCmd::Update {
+                name,
+                new_name,
+                description,
+            } => {
+                let mut body = json!({});
+                if let Some(n) = new_name {
+                    body["name"] = json!(n);
+                }
+                if let Some(d) = description {
+                    body["description"] = json!(d);
+                }
+                let v = self
+                    .call(
+                        reqwest::Method::PATCH,
+                        &format!("/products/{}", enc(name)),
+                        Some(body),
+                    )
+                    .await?;
+                self.print(&v, show);
+            }
+            ProductCmd::Delete { name } => {
+                self.call(
+                    reqwest::Method::DELETE,
+                    &format!("/products/{}", enc(name)),
+                    None,
+                )
+                .await?;
+                self.print(&json!({ "deleted": name }), |_| {
+                    format!("Deleted product {name}")
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn device_group(&self, cmd: &DeviceGroupCmd) -> Result<()> {
+        let show = |v: &Value| {
+            let mut out = groups_table(std::slice::from_ref(v));
+            if let Some(ids) = v["deviceIds"].as_array() {
+                for id in ids {
+                    out += &format!("\n  {}", id.as_str().unwrap_or(""));
+                }
+            }
+            out
+        };
+        let settings = |body: &mut Value, updates: &Option<OnOff>, feed: &Option<Feed>| {
+            if let Some(u) = updates {
+                body["applicationUpdates"] = json!(*u == OnOff::On);
+            }
+            if let Some(f) = feed {
+                body["osFeed"] = json!(f.api());
+            }
+        };
+        match cmd {
+            DeviceGroupCmd::Create {
+                path,
+                description,
+                application_updates,
+                os_feed,
+            } => {
+                let (product, group) = path
+                    .split_once('/')
+                    .with_context(|| format!("'{path}': name a group as \"Product/Group\""))?;
+                let mut body = json!({ "name": group });
+                if let Some(d) = description {
+                    body["description"] = json!(d);
+                }
+                settings(&mut body, application_updates, os_feed);
+                let v = self
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/products/{}/groups", enc(product)),
+                        Some(body),
+                    )
+                    .await?;
+                self.print(&v, show);
+            }
+            DeviceGroupCmd::List { product } => {
+                let path = match product {
+                    Some(p) => format!("/products/{}/groups", enc(p)),
+                    None => "/device-groups".to_string(),
+                };
+                let v = self.get(&path).await?;
+                self.print(&v, |v| {
+                    groups_table(v["items"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+                });
+            }
+            DeviceGroupCmd::Show { path } => {
+                let v = self.get(&group_path(path)?).await?;
+                self.print(&v, show);
+            }
+            DeviceGroupCmd::Update {
+                path,
+                new_name,
+                description,
+                application_updates,
+                os_feed,
+            } => {
+                let mut body = json!({});
+                if let Some(n) = new_name {
+                    body["name"] = json!(n);
+                }
+                if let Some(d) = description {
+                    body["description"] = json!(d);
+                }
+                settings(&mut body, application_updates, os_feed);
+                let v = self
+                    .call(reqwest::Method::PATCH, &group_path(path)?, Some(body))
+                    .await?;
+                self.print(&v, show);
+            }
+            DeviceGroupCmd::Delete { path } => {
+                self.call(reqwest::Method::DELETE, &group_path(path)?, None)
+                    .await?;
+                self.print(&json!({ "deleted": path }), |_| {
+                    format!("Deleted device group {path}")
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn device(&self, cmd: &DeviceCmd) -> Result<()> {
@@ -728,9 +1029,13 @@ impl Client {
                 id,
                 status,
                 status_reason,
+                device_group,
                 keys,
             } => {
                 let mut body = json!({});
+                if let Some(g) = device_group {
+                    body["deviceGroup"] = json!(g);
+                }
                 if let Some(s) = status {
                     body["status"] = json!(s);
                 }

@@ -38,6 +38,8 @@ pub struct LiveConnection {
 /// The durable stores the hub opens at start.
 pub struct Stores {
     pub registry: Registry,
+    /// Products and device groups.
+    pub fleet: crate::fleet::Fleet,
     pub twins: TwinStore,
     pub c2d: C2dStore,
 }
@@ -50,6 +52,7 @@ pub struct Hub {
     /// The `$upstream` bridge, when configured.
     pub upstream: Option<crate::upstream::Upstream>,
     pub registry: Registry,
+    pub fleet: crate::fleet::Fleet,
     pub twins: TwinStore,
     pub c2d: C2dStore,
     pub methods: Methods,
@@ -87,6 +90,7 @@ impl Hub {
             routing,
             upstream,
             registry: stores.registry,
+            fleet: stores.fleet,
             twins: stores.twins,
             c2d: stores.c2d,
             methods: Methods::default(),

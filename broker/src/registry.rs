@@ -94,6 +94,9 @@ pub struct Identity {
     pub last_activity_time: Option<String>,
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// The device group (GUID) a device is in; see `fleet`. Modules have none of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_group_id: Option<String>,
 }
 
 /// IoT Hub's device capabilities. An `iotEdge` device is a gateway: messages it forwards keep
@@ -122,6 +125,8 @@ pub struct IdentityUpdate {
     pub status_reason: Option<String>,
     pub authentication: Option<AuthenticationInput>,
     pub capabilities: Option<Capabilities>,
+    /// `Product/Group` (or a group id) to move a device into; applied by `fleet`.
+    pub device_group: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -285,6 +290,7 @@ impl Registry {
             created_time: now_rfc3339(),
             last_activity_time: None,
             capabilities,
+            device_group_id: None,
         };
         self.put(key, &identity)?;
         Ok(identity)
@@ -351,6 +357,23 @@ impl Registry {
             };
             next.authentication = auth_from(Some(merged))?;
         }
+        next.etag = new_tag();
+        self.put(key, &next)?;
+        Ok(next)
+    }
+
+    /// Puts a device in a group (the caller has checked the group exists).
+    pub fn set_device_group(
+        &self,
+        key: &IdentityKey,
+        group: Option<String>,
+    ) -> Result<Identity, RegistryError> {
+        let _writer = self.lock();
+        let current = self
+            .get(key)
+            .ok_or_else(|| RegistryError::NotFound(describe(key)))?;
+        let mut next = (*current).clone();
+        next.device_group_id = group;
         next.etag = new_tag();
         self.put(key, &next)?;
         Ok(next)

@@ -1,0 +1,246 @@
+//! `/products` and their `/groups`: the API over [`crate::fleet`].
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{blocking, ApiError, ApiResult};
+use crate::fleet::{DeviceGroup, FleetError, GroupUpdate, OsFeed, Product};
+use crate::hub::SharedHub;
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
+            FleetError::Exists(_) | FleetError::InUse(_) => ApiError::Conflict(e.to_string()),
+            FleetError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            FleetError::Store(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+pub fn routes() -> Router<SharedHub> {
+    Router::new()
+        .route("/products", get(list_products).post(create_product))
+        .route(
+            "/products/{product}",
+            get(get_product)
+                .patch(update_product)
+                .delete(delete_product),
+        )
+        .route(
+            "/products/{product}/groups",
+            get(list_groups).post(create_group),
+        )
+        .route(
+            "/products/{product}/groups/{group}",
+            get(get_group).patch(update_group).delete(delete_group),
+        )
+        .route("/device-groups", get(all_groups))
+}
+
+fn group_json(hub: &SharedHub, g: &DeviceGroup, devices: usize) -> Value {
+    let product = hub
+        .fleet
+        .product(&g.product_id)
+        .map(|p| p.name.to_string())
+        .unwrap_or_default();
+    let mut v = json!(g);
+    v["product"] = json!(product);
+    v["devices"] = json!(devices);
+    v
+}
+
+fn product_json(hub: &SharedHub, p: &Product) -> Value {
+    let counts = hub.fleet.device_counts(&hub.registry);
+    let groups: Vec<Value> = hub
+        .fleet
+        .groups_of(&p.id)
+        .iter()
+        .map(|g| group_json(hub, g, counts.get(&g.id).copied().unwrap_or(0)))
+        .collect();
+    let mut v = json!(p);
+    v["groups"] = json!(groups);
+    v
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateProduct {
+    name: String,
+    description: Option<String>,
+    /// Skip the five default groups.
+    #[serde(default)]
+    no_default_groups: bool,
+}
+
+async fn create_product(
+    State(hub): State<SharedHub>,
+    body: Result<Json<CreateProduct>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) = body?;
+    let (product, _) = blocking(&hub, move |h| {
+        h.fleet
+            .create_product(&body.name, body.description, !body.no_default_groups)
+    })
+    .await??;
+    Ok((StatusCode::CREATED, Json(product_json(&hub, &product))).into_response())
+}
+
+async fn list_products(State(hub): State<SharedHub>) -> Json<Value> {
+    let items: Vec<Value> = hub
+        .fleet
+        .products()
+        .iter()
+        .map(|p| product_json(&hub, p))
+        .collect();
+    Json(json!({ "items": items }))
+}
+
+fn require_product(hub: &SharedHub, product: &str) -> ApiResult<Product> {
+    hub.fleet
+        .product(product)
+        .ok_or_else(|| ApiError::NotFound(format!("product '{product}' not found")))
+}
+
+async fn get_product(
+    State(hub): State<SharedHub>,
+    Path(product): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let p = require_product(&hub, &product)?;
+    Ok(Json(product_json(&hub, &p)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UpdateProduct {
+    name: Option<String>,
+    description: Option<String>,
+}
+
+async fn update_product(
+    State(hub): State<SharedHub>,
+    Path(product): Path<String>,
+    body: Result<Json<UpdateProduct>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(body) = body?;
+    let p = blocking(&hub, move |h| {
+        h.fleet
+            .update_product(&product, body.name.as_deref(), body.description)
+    })
+    .await??;
+    Ok(Json(product_json(&hub, &p)))
+}
+
+async fn delete_product(
+    State(hub): State<SharedHub>,
+    Path(product): Path<String>,
+) -> ApiResult<StatusCode> {
+    blocking(&hub, move |h| h.fleet.delete_product(&product, &h.registry)).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_groups(
+    State(hub): State<SharedHub>,
+    Path(product): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let p = require_product(&hub, &product)?;
+    let counts = hub.fleet.device_counts(&hub.registry);
+    let items: Vec<Value> = hub
+        .fleet
+        .groups_of(&p.id)
+        .iter()
+        .map(|g| group_json(&hub, g, counts.get(&g.id).copied().unwrap_or(0)))
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn all_groups(State(hub): State<SharedHub>) -> Json<Value> {
+    let counts = hub.fleet.device_counts(&hub.registry);
+    let items: Vec<Value> = hub
+        .fleet
+        .products()
+        .iter()
+        .flat_map(|p| hub.fleet.groups_of(&p.id))
+        .map(|g| group_json(&hub, &g, counts.get(&g.id).copied().unwrap_or(0)))
+        .collect();
+    Json(json!({ "items": items }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateGroup {
+    name: String,
+    description: Option<String>,
+    application_updates: Option<bool>,
+    os_feed: Option<OsFeed>,
+}
+
+async fn create_group(
+    State(hub): State<SharedHub>,
+    Path(product): Path<String>,
+    body: Result<Json<CreateGroup>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) = body?;
+    let g = blocking(&hub, move |h| {
+        h.fleet.create_group(
+            &product,
+            &body.name,
+            body.description,
+            body.application_updates,
+            body.os_feed,
+        )
+    })
+    .await??;
+    Ok((StatusCode::CREATED, Json(group_json(&hub, &g, 0))).into_response())
+}
+
+async fn get_group(
+    State(hub): State<SharedHub>,
+    Path((product, group)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let g = hub.fleet.group(&product, &group)?;
+    let counts = hub.fleet.device_counts(&hub.registry);
+    let mut v = group_json(&hub, &g, counts.get(&g.id).copied().unwrap_or(0));
+    let mut devices: Vec<String> = hub
+        .registry
+        .identities()
+        .iter()
+        .filter(|i| i.module_id.is_none() && i.device_group_id.as_deref() == Some(&g.id))
+        .map(|i| i.device_id.clone())
+        .collect();
+    devices.sort();
+    v["deviceIds"] = json!(devices);
+    Ok(Json(v))
+}
+
+async fn update_group(
+    State(hub): State<SharedHub>,
+    Path((product, group)): Path<(String, String)>,
+    body: Result<Json<GroupUpdate>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(body) = body?;
+    let g = blocking(&hub, move |h| h.fleet.update_group(&product, &group, body)).await??;
+    let counts = hub.fleet.device_counts(&hub.registry);
+    Ok(Json(group_json(
+        &hub,
+        &g,
+        counts.get(&g.id).copied().unwrap_or(0),
+    )))
+}
+
+async fn delete_group(
+    State(hub): State<SharedHub>,
+    Path((product, group)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    blocking(&hub, move |h| {
+        h.fleet.delete_group(&product, &group, &h.registry)
+    })
+    .await??;
+    Ok(StatusCode::NO_CONTENT)
+}
