@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 mod fleet;
+mod images;
 
 use crate::hub::{Hub, SharedHub};
 use crate::identity::{DeviceId, IdError, IdentityKey, ModuleId};
@@ -136,6 +137,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/queues", get(list_queues))
         .route("/routes/check", axum::routing::post(check_route))
         .merge(fleet::routes())
+        .merge(images::routes())
         .layer(middleware::from_fn_with_state(hub.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))

@@ -73,6 +73,9 @@ pub enum Command {
     /// Device groups of a product, named "Product/Group"
     #[command(subcommand)]
     DeviceGroup(DeviceGroupCmd),
+    /// Image packages (applications, board configurations) that deployments hand out
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Print a SAS token for a device or module (the MQTT password)
     SasToken {
         device: String,
@@ -129,6 +132,34 @@ pub enum ProductCmd {
     /// Delete a product and its groups (refused while devices are in them)
     Delete {
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Upload an image; its id is the SHA-256 of its content. Adding the same content again
+    /// returns the existing image
+    Add {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// X.Y.Z
+        #[arg(long)]
+        version: String,
+        #[arg(long, value_parser = ["application", "board-config"])]
+        kind: String,
+    },
+    List,
+    /// An image by id, name:X.Y.Z or name:latest
+    Show {
+        reference: String,
+    },
+    /// Write an image's content to a file
+    Download {
+        reference: String,
+        /// Where to write it [default: NAME-VERSION.bin in the current directory]
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -543,6 +574,7 @@ impl Client {
             Command::Module(cmd) => self.module(cmd).await,
             Command::Twin(cmd) => self.twin(cmd).await,
             Command::Product(cmd) => self.product(cmd).await,
+            Command::Image(cmd) => self.image(cmd).await,
             Command::DeviceGroup(cmd) => self.device_group(cmd).await,
             Command::Queue(cmd) => {
                 let v = self.get("/queues").await?;
@@ -783,6 +815,112 @@ impl Client {
             }
             out
         });
+    }
+
+    async fn image(&self, cmd: &ImageCmd) -> Result<()> {
+        let row = |i: &Value| {
+            format!(
+                "{:<64} {:<24} {:<10} {:<12} {:>10}",
+                i["id"].as_str().unwrap_or(""),
+                i["name"].as_str().unwrap_or(""),
+                i["version"].as_str().unwrap_or(""),
+                i["kind"].as_str().unwrap_or(""),
+                i["size"]
+            )
+        };
+        let header = format!(
+            "{:<64} {:<24} {:<10} {:<12} {:>10}",
+            "ID", "NAME", "VERSION", "KIND", "BYTES"
+        );
+        match cmd {
+            ImageCmd::Add {
+                file,
+                name,
+                version,
+                kind,
+            } => {
+                let content =
+                    std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+                if self.output == Output::Text {
+                    eprintln!("uploading {} ({} bytes)…", file.display(), content.len());
+                }
+                let path = format!(
+                    "/images?name={}&version={}&kind={}",
+                    enc(name),
+                    enc(version),
+                    enc(kind)
+                );
+                let resp = self
+                    .http
+                    .post(format!("{}{path}", self.base))
+                    .bearer_auth(&self.token)
+                    .header("content-type", "application/octet-stream")
+                    .body(content)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+                let status = resp.status();
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                if !status.is_success() {
+                    bail!(
+                        "{} ({status})",
+                        v["message"].as_str().unwrap_or("upload refused")
+                    );
+                }
+                let existed = status == reqwest::StatusCode::OK;
+                self.print(&v, |v| {
+                    format!(
+                        "{} image {} ({} {})",
+                        if existed { "Existing" } else { "Added" },
+                        v["id"].as_str().unwrap_or(""),
+                        v["name"].as_str().unwrap_or(""),
+                        v["version"].as_str().unwrap_or("")
+                    )
+                });
+            }
+            ImageCmd::List => {
+                let v = self.get("/images").await?;
+                self.print(&v, |v| {
+                    let mut out = header.clone();
+                    for i in v["items"].as_array().into_iter().flatten() {
+                        out += &format!("\n{}", row(i));
+                    }
+                    out
+                });
+            }
+            ImageCmd::Show { reference } => {
+                let v = self.get(&format!("/images/{}", enc(reference))).await?;
+                self.print(&v, |v| format!("{header}\n{}", row(v)));
+            }
+            ImageCmd::Download { reference, out } => {
+                let v = self.get(&format!("/images/{}", enc(reference))).await?;
+                let resp = self
+                    .http
+                    .get(format!("{}/images/{}/content", self.base, enc(reference)))
+                    .bearer_auth(&self.token)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach the hub at {}", self.base))?;
+                if !resp.status().is_success() {
+                    bail!("download refused ({})", resp.status());
+                }
+                let bytes = resp.bytes().await?;
+                let path = out.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!(
+                        "{}-{}.bin",
+                        v["name"].as_str().unwrap_or("image"),
+                        v["version"].as_str().unwrap_or("0.0.0")
+                    ))
+                });
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let done = json!({ "id": v["id"], "path": path, "bytes": bytes.len() });
+                self.print(&done, |_| {
+                    format!("Wrote {} bytes to {}", bytes.len(), path.display())
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn product(&self, cmd: &ProductCmd) -> Result<()> {

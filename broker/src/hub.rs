@@ -40,6 +40,8 @@ pub struct Stores {
     pub registry: Registry,
     /// Products and device groups.
     pub fleet: crate::fleet::Fleet,
+    /// Image packages.
+    pub images: crate::images::Images,
     pub twins: TwinStore,
     pub c2d: C2dStore,
 }
@@ -53,6 +55,7 @@ pub struct Hub {
     pub upstream: Option<crate::upstream::Upstream>,
     pub registry: Registry,
     pub fleet: crate::fleet::Fleet,
+    pub images: crate::images::Images,
     pub twins: TwinStore,
     pub c2d: C2dStore,
     pub methods: Methods,
@@ -91,6 +94,7 @@ impl Hub {
             upstream,
             registry: stores.registry,
             fleet: stores.fleet,
+            images: stores.images,
             twins: stores.twins,
             c2d: stores.c2d,
             methods: Methods::default(),

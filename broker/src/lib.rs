@@ -25,6 +25,7 @@ pub mod core;
 pub mod fleet;
 pub mod hub;
 pub mod identity;
+pub mod images;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;

@@ -96,6 +96,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         registry: Registry::open(db.clone())?,
         fleet: crate::fleet::Fleet::open(db.clone())
             .map_err(|e| ServerError::Store(e.to_string()))?,
+        images: crate::images::Images::open(db.clone(), &data_dir.join("images"))
+            .map_err(|e| ServerError::Store(e.to_string()))?,
         twins: TwinStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
         c2d: C2dStore::open(db).map_err(|e| ServerError::Store(e.to_string()))?,
     };

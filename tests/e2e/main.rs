@@ -8,6 +8,7 @@ mod crash;
 mod fleet;
 mod garbage;
 mod harness;
+mod images;
 mod interop;
 mod methods;
 mod registry;
