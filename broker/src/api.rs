@@ -340,6 +340,7 @@ async fn update(
     update: IdentityUpdate,
 ) -> ApiResult<Json<serde_json::Value>> {
     let disables = update.status == Some(Status::Disabled) || update.authentication.is_some();
+    let moves = update.device_group.is_some();
     let k = key.clone();
     let view = blocking(hub, move |h| -> ApiResult<serde_json::Value> {
         // The group first: a bad path refuses the whole update.
@@ -350,6 +351,12 @@ async fn update(
         Ok(identity_json(h, h.registry.view(&i)))
     })
     .await??;
+    if moves {
+        // Its new group's deployment, and none of the old group's.
+        crate::deploy::reconcile(hub, vec![key.device.clone()])
+            .await
+            .map_err(ApiError::Internal)?;
+    }
     if disables {
         // A disabled identity, or one whose keys changed, must connect again.
         hub.kick(&key);

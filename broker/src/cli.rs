@@ -218,6 +218,22 @@ pub enum DeviceGroupCmd {
     },
     /// Delete a group (refused while devices are in it)
     Delete { path: String },
+    /// The group's deployments: the set of images its devices run
+    #[command(subcommand)]
+    Deployment(GroupDeploymentCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupDeploymentCmd {
+    /// Assign a set of images to a group, replacing its current deployment
+    Create {
+        path: String,
+        /// Image ids, name:X.Y.Z (pinned) or name:latest (follows new versions)
+        #[arg(long, num_args = 1.., required = true)]
+        images: Vec<String>,
+    },
+    /// The group's deployments, newest (the one in force) first
+    List { path: String },
 }
 
 /// `Product/Group` → the API path of the group.
@@ -1082,6 +1098,61 @@ impl Client {
                     .call(reqwest::Method::PATCH, &group_path(path)?, Some(body))
                     .await?;
                 self.print(&v, show);
+            }
+            DeviceGroupCmd::Deployment(cmd) => {
+                let row = |d: &Value| {
+                    let images: Vec<String> = d["resolved"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|i| {
+                            format!(
+                                "{}:{}",
+                                i["name"].as_str().unwrap_or(""),
+                                i["version"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "{:<36} {:<24} {:<7} {}",
+                        d["id"].as_str().unwrap_or(""),
+                        d["createdTime"].as_str().unwrap_or(""),
+                        if d["current"] == true { "current" } else { "" },
+                        images.join(", ")
+                    )
+                };
+                match cmd {
+                    GroupDeploymentCmd::Create { path, images } => {
+                        let v = self
+                            .call(
+                                reqwest::Method::POST,
+                                &format!("{}/deployments", group_path(path)?),
+                                Some(json!({ "images": images })),
+                            )
+                            .await?;
+                        self.print(&v, |v| {
+                            format!(
+                                "Deployed to {} ({} device twin(s) updated)\n{}",
+                                v["deviceGroup"].as_str().unwrap_or(""),
+                                v["devicesUpdated"],
+                                row(v)
+                            )
+                        });
+                    }
+                    GroupDeploymentCmd::List { path } => {
+                        let v = self
+                            .get(&format!("{}/deployments", group_path(path)?))
+                            .await?;
+                        self.print(&v, |v| {
+                            let mut out =
+                                format!("{:<36} {:<24} {:<7} IMAGES", "ID", "CREATED", "");
+                            for d in v["items"].as_array().into_iter().flatten() {
+                                out += &format!("\n{}", row(d));
+                            }
+                            out
+                        });
+                    }
+                }
             }
             DeviceGroupCmd::Delete { path } => {
                 self.call(reqwest::Method::DELETE, &group_path(path)?, None)

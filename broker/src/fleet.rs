@@ -222,7 +222,7 @@ pub struct Fleet {
     writer: Mutex<()>,
 }
 
-fn new_guid() -> String {
+pub fn new_guid() -> String {
     let b: [u8; 16] = rand::random();
     let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
     format!(

@@ -42,6 +42,8 @@ pub struct Stores {
     pub fleet: crate::fleet::Fleet,
     /// Image packages.
     pub images: crate::images::Images,
+    /// Group deployments and their history.
+    pub group_deployments: crate::deploy::GroupDeployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
 }
@@ -56,6 +58,7 @@ pub struct Hub {
     pub registry: Registry,
     pub fleet: crate::fleet::Fleet,
     pub images: crate::images::Images,
+    pub group_deployments: crate::deploy::GroupDeployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
     pub methods: Methods,
@@ -95,6 +98,7 @@ impl Hub {
             registry: stores.registry,
             fleet: stores.fleet,
             images: stores.images,
+            group_deployments: stores.group_deployments,
             twins: stores.twins,
             c2d: stores.c2d,
             methods: Methods::default(),

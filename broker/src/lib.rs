@@ -22,6 +22,7 @@ pub mod c2d;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod deploy;
 pub mod fleet;
 pub mod hub;
 pub mod identity;

@@ -98,6 +98,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| ServerError::Store(e.to_string()))?,
         images: crate::images::Images::open(db.clone(), &data_dir.join("images"))
             .map_err(|e| ServerError::Store(e.to_string()))?,
+        group_deployments: crate::deploy::GroupDeployments::open(db.clone())
+            .map_err(|e| ServerError::Store(e.to_string()))?,
         twins: TwinStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
         c2d: C2dStore::open(db).map_err(|e| ServerError::Store(e.to_string()))?,
     };
@@ -195,6 +197,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // rumqttd keeps nothing across restarts: put every identity's desired state back.
     for (key, twin) in hub.twins.all() {
         hub.publish_desired_state(&key, &twin);
+    }
+    // A deployment acknowledged just before a crash may not have reached every twin yet.
+    let devices = crate::deploy::all_devices(&hub);
+    match crate::deploy::reconcile(&hub, devices).await {
+        Ok(0) => {}
+        Ok(n) => info!(twins = n, "deployment state brought up to date at start"),
+        Err(e) => tracing::warn!(error = %e, "reconciling deployments at start"),
     }
 
     let mqtt = match config.mqtt {

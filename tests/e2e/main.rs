@@ -5,6 +5,7 @@ mod auth;
 mod authz;
 mod c2d;
 mod crash;
+mod deploy;
 mod fleet;
 mod garbage;
 mod harness;

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{blocking, ApiError, ApiResult};
+use crate::deploy::{DeployError, GroupDeployment};
 use crate::fleet::{DeviceGroup, FleetError, GroupUpdate, OsFeed, Product};
 use crate::hub::SharedHub;
 
@@ -22,6 +23,29 @@ impl From<FleetError> for ApiError {
             FleetError::Store(_) => ApiError::Internal(e.to_string()),
         }
     }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        match e {
+            DeployError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
+            DeployError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            DeployError::Store(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Brings these devices' twins to their deployment state before the API answers, so an
+/// operator who gets a 2xx can read the result in the twins.
+async fn reconcile(hub: &SharedHub, devices: Vec<crate::identity::DeviceId>) -> ApiResult<usize> {
+    crate::deploy::reconcile(hub, devices)
+        .await
+        .map_err(ApiError::Internal)
+}
+
+pub(super) async fn reconcile_group(hub: &SharedHub, group_id: &str) -> ApiResult<usize> {
+    let devices = crate::deploy::devices_in_group(hub, group_id);
+    reconcile(hub, devices).await
 }
 
 pub fn routes() -> Router<SharedHub> {
@@ -40,6 +64,10 @@ pub fn routes() -> Router<SharedHub> {
         .route(
             "/products/{product}/groups/{group}",
             get(get_group).patch(update_group).delete(delete_group),
+        )
+        .route(
+            "/products/{product}/groups/{group}/deployments",
+            get(list_deployments).post(create_deployment),
         )
         .route("/device-groups", get(all_groups))
 }
@@ -141,7 +169,17 @@ async fn delete_product(
     State(hub): State<SharedHub>,
     Path(product): Path<String>,
 ) -> ApiResult<StatusCode> {
+    let p = require_product(&hub, &product)?;
+    let groups: Vec<String> = hub
+        .fleet
+        .groups_of(&p.id)
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
     blocking(&hub, move |h| h.fleet.delete_product(&product, &h.registry)).await??;
+    for g in groups {
+        hub.group_deployments.forget_group(&g)?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -226,6 +264,8 @@ async fn update_group(
 ) -> ApiResult<Json<Value>> {
     let Json(body) = body?;
     let g = blocking(&hub, move |h| h.fleet.update_group(&product, &group, body)).await??;
+    // Application updates on or off changes what its devices should run.
+    reconcile_group(&hub, &g.id).await?;
     let counts = hub.fleet.device_counts(&hub.registry);
     Ok(Json(group_json(
         &hub,
@@ -238,9 +278,65 @@ async fn delete_group(
     State(hub): State<SharedHub>,
     Path((product, group)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    let g = hub.fleet.group(&product, &group)?;
     blocking(&hub, move |h| {
         h.fleet.delete_group(&product, &group, &h.registry)
     })
     .await??;
+    hub.group_deployments.forget_group(&g.id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn deployment_json(hub: &SharedHub, d: &GroupDeployment, current: bool) -> Value {
+    let resolved: Vec<Value> = d
+        .images
+        .iter()
+        .filter_map(|r| hub.images.resolve(r).ok())
+        .map(|i| json!({ "id": i.id, "name": i.name, "version": i.version, "kind": i.kind }))
+        .collect();
+    let mut v = json!(d);
+    v["deviceGroup"] = json!(hub.fleet.path_of(&d.group_id));
+    v["resolved"] = json!(resolved);
+    v["current"] = json!(current);
+    v
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateDeployment {
+    /// Image ids, `name:X.Y.Z` or `name:latest`.
+    images: Vec<String>,
+}
+
+async fn create_deployment(
+    State(hub): State<SharedHub>,
+    Path((product, group)): Path<(String, String)>,
+    body: Result<Json<CreateDeployment>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) = body?;
+    let g = hub.fleet.group(&product, &group)?;
+    let group_id = g.id.clone();
+    let d = blocking(&hub, move |h| {
+        h.group_deployments.create(h, &group_id, &body.images)
+    })
+    .await??;
+    let updated = reconcile_group(&hub, &g.id).await?;
+    let mut v = deployment_json(&hub, &d, true);
+    v["devicesUpdated"] = json!(updated);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn list_deployments(
+    State(hub): State<SharedHub>,
+    Path((product, group)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let g = hub.fleet.group(&product, &group)?;
+    let items: Vec<Value> = hub
+        .group_deployments
+        .history(&g.id)
+        .iter()
+        .enumerate()
+        .map(|(n, d)| deployment_json(&hub, d, n == 0))
+        .collect();
+    Ok(Json(json!({ "items": items })))
 }

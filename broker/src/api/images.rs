@@ -55,7 +55,13 @@ async fn add(
     let kind = ImageKind::parse(&q.kind.ok_or_else(|| missing("kind"))?)?;
     let added = blocking(&hub, move |h| h.images.add(&name, &version, kind, &body)).await??;
     Ok(match added {
-        Added::New(i) => (StatusCode::CREATED, Json(json!(i))).into_response(),
+        Added::New(i) => {
+            // Groups following `name:latest` now want this version.
+            for g in hub.group_deployments.groups_following(&i.name) {
+                super::fleet::reconcile_group(&hub, &g).await?;
+            }
+            (StatusCode::CREATED, Json(json!(i))).into_response()
+        }
         Added::Existing(i) => (StatusCode::OK, Json(json!(i))).into_response(),
     })
 }
