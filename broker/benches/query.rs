@@ -42,7 +42,13 @@ fn bench(c: &mut Criterion) {
     .unwrap();
     let expected = twins
         .iter()
-        .filter(|(k, t)| query.matches_with(&QueryView { key: k, twin: t }))
+        .filter(|(k, t)| {
+            query.matches_with(&QueryView {
+                key: k,
+                twin: t,
+                device_group: None,
+            })
+        })
         .count();
     assert!(expected > 10_000);
 
@@ -56,6 +62,7 @@ fn bench(c: &mut Criterion) {
                     query.matches_with(&QueryView {
                         key: black_box(k),
                         twin: t,
+                        device_group: None,
                     })
                 })
                 .count()

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+mod deployments;
 mod fleet;
 mod images;
 
@@ -138,6 +139,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/routes/check", axum::routing::post(check_route))
         .merge(fleet::routes())
         .merge(images::routes())
+        .merge(deployments::routes())
         .layer(middleware::from_fn_with_state(hub.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -234,12 +236,19 @@ async fn create(
     auth: Option<AuthenticationInput>,
     capabilities: crate::registry::Capabilities,
 ) -> ApiResult<Response> {
+    let device = key.device.clone();
     let view = blocking(hub, move |h| {
         h.registry
             .create_with(&key, status, auth, capabilities)
             .map(|i| h.registry.view(&i))
     })
     .await??;
+    if !hub.deployments.is_empty() {
+        // A new device may be targeted; a new module may be a deployment's target twin.
+        crate::deploy::targeted::reconcile(hub, vec![device])
+            .await
+            .map_err(ApiError::Internal)?;
+    }
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
@@ -352,8 +361,9 @@ async fn update(
     })
     .await??;
     if moves {
-        // Its new group's deployment, and none of the old group's.
-        crate::deploy::reconcile(hub, vec![key.device.clone()])
+        // Its new group's deployment, and none of the old group's; targeted deployments
+        // may select on the group too.
+        crate::deploy::devices_changed(hub, vec![key.device.clone()])
             .await
             .map_err(ApiError::Internal)?;
     }
@@ -573,6 +583,12 @@ async fn patch_twin(
     if applied.desired_patch.is_some() {
         hub.publish_desired(&key, &applied.twin, applied.desired_patch.as_ref());
     }
+    if section == "tags" || key.module.is_none() && !hub.deployments.is_empty() {
+        // Tags select deployments.
+        crate::deploy::targeted::reconcile(hub, vec![key.device.clone()])
+            .await
+            .map_err(ApiError::Internal)?;
+    }
     Ok(Json(crate::twin::view::api_json(
         &key,
         &applied.twin,
@@ -624,24 +640,39 @@ async fn query_twins(
                 continue;
             }
             let twin = hub.twins.get(&key);
+            let group = entry
+                .device_group_id
+                .as_deref()
+                .and_then(|g| hub.fleet.path_of(g));
             let view = crate::twin::view::QueryView {
                 key: &key,
                 twin: &twin,
+                device_group: group.as_deref(),
             };
             if !query.matches_with(&view) {
                 continue;
             }
             count += 1;
-            if query.projection == Projection::All {
-                items.push(crate::twin::view::api_json(
+            match &query.projection {
+                Projection::All => items.push(crate::twin::view::api_json(
                     &key,
                     &twin,
                     Some(&hub.registry.view(&entry)),
-                ));
+                )),
+                Projection::Fields(fields) => {
+                    use fleethub_router::condition::{Resolve, Segment};
+                    let mut row = serde_json::Map::new();
+                    for f in fields {
+                        let v = view.resolve(&[Segment::Key(f.clone())]);
+                        row.insert(f.clone(), v.unwrap_or(serde_json::Value::Null));
+                    }
+                    items.push(serde_json::Value::Object(row));
+                }
+                Projection::Count { .. } => {}
             }
         }
         match &query.projection {
-            Projection::All => Ok(Json(json!({ "items": items }))),
+            Projection::All | Projection::Fields(_) => Ok(Json(json!({ "items": items }))),
             Projection::Count { alias } => {
                 Ok(Json(json!({ "items": [ { alias.as_str(): count } ] })))
             }

@@ -76,6 +76,9 @@ pub enum Command {
     /// Image packages (applications, board configurations) that deployments hand out
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Targeted and layered deployments (IoT Edge deployment manifests), with rollouts
+    #[command(subcommand)]
+    Deployment(DeploymentCmd),
     /// Print a SAS token for a device or module (the MQTT password)
     SasToken {
         device: String,
@@ -161,6 +164,93 @@ pub enum ImageCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeploymentCmd {
+    /// Create a deployment from an IoT Edge / IoT Hub manifest, as `az iot edge deployment
+    /// create` takes it
+    Create {
+        id: String,
+        /// The manifest: {"content": {"modulesContent": …}} or {"content": {"deviceContent": …}}
+        #[arg(long)]
+        content: PathBuf,
+        /// The twin query WHERE condition over tags, reported properties, deviceId and
+        /// deviceGroup ("*" for every device)
+        #[arg(long)]
+        target_condition: String,
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
+        /// Labels as a JSON object
+        #[arg(long)]
+        labels: Option<String>,
+        /// Custom metrics file: {"queries": {"name": "SELECT deviceId FROM devices WHERE …"}}
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// Add properties.desired.<path> values on top of the winning base deployment
+        #[arg(long)]
+        layered: bool,
+        /// What a device that stops matching gets
+        #[arg(long, value_enum, default_value_t = Unmatch::Fallback)]
+        on_unmatch: Unmatch,
+        /// Phased rollout as JSON: {"phases": [1, 10, 100], "successThreshold": 95,
+        /// "failureThreshold": 5, "observeSecs": 60}
+        #[arg(long)]
+        rollout: Option<String>,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    /// Change target condition, priority, labels or metrics (content is immutable)
+    Update {
+        id: String,
+        #[arg(long)]
+        target_condition: Option<String>,
+        #[arg(long)]
+        priority: Option<u32>,
+        #[arg(long)]
+        labels: Option<String>,
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+    },
+    Delete {
+        id: String,
+    },
+    /// A metric's count and the devices behind it (targetedCount, appliedCount,
+    /// reportedSuccessfulCount, reportedFailedCount, or a custom metric)
+    ShowMetric {
+        id: String,
+        metric: String,
+    },
+    /// Hold a phased rollout at its current phase
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Stop a phased rollout; the current phase's devices go back to what they had
+    Abort {
+        id: String,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Unmatch {
+    Fallback,
+    Keep,
+    Remove,
+}
+
+fn read_json(path: &std::path::Path, what: &str) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{what} {} is not JSON", path.display()))
+}
+
+fn parse_json_arg(text: &str, what: &str) -> Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not JSON: {text}"))
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -591,6 +681,7 @@ impl Client {
             Command::Twin(cmd) => self.twin(cmd).await,
             Command::Product(cmd) => self.product(cmd).await,
             Command::Image(cmd) => self.image(cmd).await,
+            Command::Deployment(cmd) => self.deployment(cmd).await,
             Command::DeviceGroup(cmd) => self.device_group(cmd).await,
             Command::Queue(cmd) => {
                 let v = self.get("/queues").await?;
@@ -831,6 +922,169 @@ impl Client {
             }
             out
         });
+    }
+
+    async fn deployment(&self, cmd: &DeploymentCmd) -> Result<()> {
+        let show = |v: &Value| {
+            let m = &v["systemMetrics"];
+            let mut out = format!(
+                "Deployment {} (priority {}{})\n  targetCondition: {}\n  targeted {}  applied {}  reportedSuccess {}  reportedFailed {}",
+                v["id"].as_str().unwrap_or(""),
+                v["priority"],
+                if v["layered"] == true { ", layered" } else { "" },
+                v["targetCondition"].as_str().unwrap_or(""),
+                m["targetedCount"],
+                m["appliedCount"],
+                m["reportedSuccessfulCount"],
+                m["reportedFailedCount"]
+            );
+            if let Some(r) = v["rolloutState"].as_object() {
+                out += &format!(
+                    "\n  rollout: {} at phase {} ({} devices in scope){}",
+                    r["status"].as_str().unwrap_or(""),
+                    r["phase"].as_u64().unwrap_or(0) + 1,
+                    r["members"].as_array().map(Vec::len).unwrap_or(0),
+                    r["reason"]
+                        .as_str()
+                        .map(|s| format!(": {s}"))
+                        .unwrap_or_default()
+                );
+            }
+            for (k, c) in v["customMetrics"].as_object().into_iter().flatten() {
+                out += &format!("\n  {k}: {c}");
+            }
+            out
+        };
+        let path = |id: &str| format!("/deployments/{}", enc(id));
+        match cmd {
+            DeploymentCmd::Create {
+                id,
+                content,
+                target_condition,
+                priority,
+                labels,
+                metrics,
+                layered,
+                on_unmatch,
+                rollout,
+            } => {
+                let mut body = json!({
+                    "id": id,
+                    "content": read_json(content, "content")?,
+                    "targetCondition": target_condition,
+                    "priority": priority,
+                    "layered": layered,
+                    "onUnmatch": format!("{on_unmatch:?}").to_lowercase(),
+                });
+                if let Some(l) = labels {
+                    body["labels"] = parse_json_arg(l, "--labels")?;
+                }
+                if let Some(m) = metrics {
+                    body["metrics"] = read_json(m, "metrics")?;
+                }
+                if let Some(r) = rollout {
+                    body["rollout"] = parse_json_arg(r, "--rollout")?;
+                }
+                let v = self
+                    .call(reqwest::Method::POST, "/deployments", Some(body))
+                    .await?;
+                self.print(&v, show);
+            }
+            DeploymentCmd::List => {
+                let v = self.get("/deployments").await?;
+                self.print(&v, |v| {
+                    let mut out = format!(
+                        "{:<32} {:>8} {:<7} {:>8} {:>8} {:>8} {:>8}  TARGET",
+                        "ID", "PRIORITY", "LAYERED", "TARGETED", "APPLIED", "SUCCESS", "FAILED"
+                    );
+                    for d in v["items"].as_array().into_iter().flatten() {
+                        let m = &d["systemMetrics"];
+                        out += &format!(
+                            "\n{:<32} {:>8} {:<7} {:>8} {:>8} {:>8} {:>8}  {}",
+                            d["id"].as_str().unwrap_or(""),
+                            d["priority"],
+                            d["layered"],
+                            m["targetedCount"],
+                            m["appliedCount"],
+                            m["reportedSuccessfulCount"],
+                            m["reportedFailedCount"],
+                            d["targetCondition"].as_str().unwrap_or("")
+                        );
+                    }
+                    out
+                });
+            }
+            DeploymentCmd::Show { id } => {
+                let v = self.get(&path(id)).await?;
+                self.print(&v, show);
+            }
+            DeploymentCmd::Update {
+                id,
+                target_condition,
+                priority,
+                labels,
+                metrics,
+            } => {
+                let mut body = json!({});
+                if let Some(c) = target_condition {
+                    body["targetCondition"] = json!(c);
+                }
+                if let Some(p) = priority {
+                    body["priority"] = json!(p);
+                }
+                if let Some(l) = labels {
+                    body["labels"] = parse_json_arg(l, "--labels")?;
+                }
+                if let Some(m) = metrics {
+                    body["metrics"] = read_json(m, "metrics")?;
+                }
+                let v = self
+                    .call(reqwest::Method::PATCH, &path(id), Some(body))
+                    .await?;
+                self.print(&v, show);
+            }
+            DeploymentCmd::Delete { id } => {
+                self.call(reqwest::Method::DELETE, &path(id), None).await?;
+                self.print(&json!({ "deleted": id }), |_| {
+                    format!("Deleted deployment {id}")
+                });
+            }
+            DeploymentCmd::ShowMetric { id, metric } => {
+                let v = self
+                    .get(&format!("{}/metrics/{}", path(id), enc(metric)))
+                    .await?;
+                self.print(&v, |v| {
+                    let mut out = format!("{metric}: {}", v["count"]);
+                    for d in v["deviceIds"].as_array().into_iter().flatten() {
+                        out += &format!("\n  {}", d.as_str().unwrap_or(""));
+                    }
+                    out
+                });
+            }
+            DeploymentCmd::Pause { id }
+            | DeploymentCmd::Resume { id }
+            | DeploymentCmd::Abort { id } => {
+                let action = match cmd {
+                    DeploymentCmd::Pause { .. } => "pause",
+                    DeploymentCmd::Resume { .. } => "resume",
+                    _ => "abort",
+                };
+                let v = self
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("{}/{action}", path(id)),
+                        None,
+                    )
+                    .await?;
+                self.print(&v, |v| {
+                    format!(
+                        "Rollout of {id}: {}",
+                        v["rolloutState"]["status"].as_str().unwrap_or("")
+                    )
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn image(&self, cmd: &ImageCmd) -> Result<()> {

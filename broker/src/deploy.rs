@@ -13,6 +13,9 @@
 //! twin's, so versions move only when content changes. After a crash the hub reconciles every
 //! device at start, so an acknowledged deployment always reaches its devices.
 
+pub mod manifest;
+pub mod targeted;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -40,6 +43,8 @@ pub enum DeployError {
     },
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
     #[error("store: {0}")]
     Store(String),
 }
@@ -201,10 +206,7 @@ impl GroupDeployments {
             self.read().values().map(|d| d.group_id.clone()).collect();
         groups
             .into_iter()
-            .filter(|g| {
-                self.current(g)
-                    .is_some_and(|d| d.images.contains(&latest))
-            })
+            .filter(|g| self.current(g).is_some_and(|d| d.images.contains(&latest)))
             .collect()
     }
 }
@@ -258,23 +260,14 @@ pub async fn reconcile(hub: &Arc<Hub>, devices: Vec<DeviceId>) -> Result<usize, 
         if have == want.as_ref() {
             continue;
         }
-        // A merge patch: objects merge key by key, so the whole value is replaced by
-        // removing it first when present (null), then setting it, in one patch where
-        // possible: objects with the same fixed keys merge to exactly `want`.
+        // Replaced whole, so nothing of an earlier deployment's value lingers.
         let mut patch = Map::new();
         patch.insert(DESIRED_KEY.to_string(), want.unwrap_or(Value::Null));
         let hub = hub.clone();
         pending.spawn(async move {
             let applied = hub
                 .twins
-                .apply(
-                    key.clone(),
-                    crate::twin::TwinOp::Update {
-                        tags: None,
-                        desired: Some(patch),
-                        if_match: None,
-                    },
-                )
+                .apply(key.clone(), crate::twin::TwinOp::ReplaceDesired(patch))
                 .await
                 .map_err(|e| format!("{key}: {e}"))?;
             if applied.desired_patch.is_some() {
@@ -314,4 +307,35 @@ pub fn all_devices(hub: &Hub) -> Vec<DeviceId> {
         .filter(|i| i.module_id.is_none())
         .filter_map(|i| DeviceId::new(&i.device_id).ok())
         .collect()
+}
+
+/// Something about these devices changed (group, tags, reported properties, registration):
+/// brings both kinds of deployment state up to date for them.
+pub async fn devices_changed(hub: &Arc<Hub>, devices: Vec<DeviceId>) -> Result<usize, String> {
+    let a = reconcile(hub, devices.clone()).await?;
+    let b = targeted::reconcile(hub, devices).await?;
+    Ok(a + b)
+}
+
+/// Runs phased rollouts: every half second, advances or stops them from their devices'
+/// reports, and reconciles every device when a rollout's scope changed.
+pub fn spawn_rollouts(hub: Arc<Hub>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if hub.deployments.is_empty() {
+                continue;
+            }
+            let h = hub.clone();
+            let changed = tokio::task::spawn_blocking(move || h.deployments.tick(&h))
+                .await
+                .unwrap_or_default();
+            if !changed.is_empty() {
+                if let Err(e) = targeted::reconcile(&hub, all_devices(&hub)).await {
+                    tracing::warn!(error = %e, "reconciling after a rollout step");
+                }
+            }
+        }
+    });
 }

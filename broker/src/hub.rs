@@ -44,6 +44,8 @@ pub struct Stores {
     pub images: crate::images::Images,
     /// Group deployments and their history.
     pub group_deployments: crate::deploy::GroupDeployments,
+    /// Targeted and layered deployments.
+    pub deployments: crate::deploy::targeted::Deployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
 }
@@ -59,6 +61,7 @@ pub struct Hub {
     pub fleet: crate::fleet::Fleet,
     pub images: crate::images::Images,
     pub group_deployments: crate::deploy::GroupDeployments,
+    pub deployments: crate::deploy::targeted::Deployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
     pub methods: Methods,
@@ -99,6 +102,7 @@ impl Hub {
             fleet: stores.fleet,
             images: stores.images,
             group_deployments: stores.group_deployments,
+            deployments: stores.deployments,
             twins: stores.twins,
             c2d: stores.c2d,
             methods: Methods::default(),

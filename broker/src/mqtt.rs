@@ -904,6 +904,11 @@ impl Session {
                         .with_label_values(&["reported", "ok"])
                         .inc();
                     hub.twin_changed(&key, &patch, applied.twin.reported.version);
+                    if !hub.deployments.is_empty() {
+                        // Reported properties may select deployments.
+                        let _ = crate::deploy::targeted::reconcile(&hub, vec![key.device.clone()])
+                            .await;
+                    }
                 }
                 Err(e) => {
                     let body = serde_json::json!({ "message": e.to_string() }).to_string();

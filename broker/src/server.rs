@@ -100,6 +100,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| ServerError::Store(e.to_string()))?,
         group_deployments: crate::deploy::GroupDeployments::open(db.clone())
             .map_err(|e| ServerError::Store(e.to_string()))?,
+        deployments: crate::deploy::targeted::Deployments::open(db.clone())
+            .map_err(|e| ServerError::Store(e.to_string()))?,
         twins: TwinStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
         c2d: C2dStore::open(db).map_err(|e| ServerError::Store(e.to_string()))?,
     };
@@ -200,7 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     // A deployment acknowledged just before a crash may not have reached every twin yet.
     let devices = crate::deploy::all_devices(&hub);
-    match crate::deploy::reconcile(&hub, devices).await {
+    match crate::deploy::devices_changed(&hub, devices).await {
         Ok(0) => {}
         Ok(n) => info!(twins = n, "deployment state brought up to date at start"),
         Err(e) => tracing::warn!(error = %e, "reconciling deployments at start"),
@@ -230,6 +232,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         data_dir = %data_dir.display(),
         "fleethub listening"
     );
+
+    crate::deploy::spawn_rollouts(hub.clone());
 
     // Expired entries in queues nobody drains (sink offline) are removed as time passes.
     let sweeper_hub = hub.clone();

@@ -6,6 +6,7 @@ mod authz;
 mod c2d;
 mod crash;
 mod deploy;
+mod deployments;
 mod fleet;
 mod garbage;
 mod harness;

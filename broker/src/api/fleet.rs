@@ -30,6 +30,7 @@ impl From<DeployError> for ApiError {
         match e {
             DeployError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
             DeployError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            DeployError::Exists(_) => ApiError::Conflict(e.to_string()),
             DeployError::Store(_) => ApiError::Internal(e.to_string()),
         }
     }

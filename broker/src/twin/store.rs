@@ -39,6 +39,9 @@ pub enum TwinOp {
         desired: Option<Map<String, Value>>,
         if_match: Option<String>,
     },
+    /// A deployment's keys: each top-level desired key given is replaced whole (not
+    /// merged), `null` removes it. Devices receive the same map as their desired patch.
+    ReplaceDesired(Map<String, Value>),
     Delete,
 }
 
@@ -154,6 +157,17 @@ fn apply_op(
             twin.reported.apply(patch, now, false);
             twin.touch();
             Ok((Some(twin), None))
+        }
+        TwinOp::ReplaceDesired(keys) => {
+            for k in keys.keys() {
+                twin.desired.data.remove(k);
+                twin.desired.meta.remove(k);
+            }
+            twin.desired.apply(keys, now, true);
+            let mut p = keys.clone();
+            p.insert("$version".into(), serde_json::json!(twin.desired.version));
+            twin.touch();
+            Ok((Some(twin), Some(Value::Object(p))))
         }
         TwinOp::Update {
             tags,

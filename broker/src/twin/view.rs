@@ -43,6 +43,8 @@ pub fn device_json(twin: &Twin) -> Value {
 pub struct QueryView<'a> {
     pub key: &'a IdentityKey,
     pub twin: &'a Twin,
+    /// The device's group as `Product/Group`, queried as `deviceGroup`.
+    pub device_group: Option<&'a str>,
 }
 
 impl Resolve for QueryView<'_> {
@@ -55,6 +57,7 @@ impl Resolve for QueryView<'_> {
             "moduleId" if path.len() == 1 => self.key.module.as_ref().map(|m| json!(m.as_str())),
             "version" if path.len() == 1 => Some(json!(self.twin.version)),
             "etag" if path.len() == 1 => Some(json!(self.twin.etag)),
+            "deviceGroup" if path.len() == 1 => self.device_group.map(|g| json!(g)),
             "tags" => walk_map(&self.twin.tags, &path[1..]),
             "properties" => {
                 let Some(Segment::Key(section)) = path.get(1) else {

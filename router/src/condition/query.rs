@@ -1,4 +1,6 @@
-//! Twin queries: `SELECT * | SELECT COUNT() [AS n] FROM devices | devices.modules [WHERE …]`.
+//! Twin queries: `SELECT * | SELECT COUNT() [AS n] | SELECT field, … FROM devices |
+//! devices.modules [WHERE …]`. Field lists (`SELECT deviceId`) are what IoT Hub's
+//! deployment metric queries use.
 
 use serde_json::Value;
 
@@ -9,7 +11,11 @@ use super::{eval, JsonDoc, ParseError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Projection {
     All,
-    Count { alias: String },
+    Count {
+        alias: String,
+    },
+    /// Top-level fields such as `deviceId`, `moduleId`.
+    Fields(Vec<String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +50,19 @@ impl Query {
                 "numberOfDevices".to_string()
             };
             Projection::Count { alias }
+        } else if let Tok::Ident(first) = p.peek().tok.clone() {
+            p.next();
+            let mut fields = vec![first];
+            while p.peek().tok == Tok::Comma {
+                p.next();
+                match p.next().tok {
+                    Tok::Ident(f) => fields.push(f),
+                    _ => return Err(p.error("a field name after ','")),
+                }
+            }
+            Projection::Fields(fields)
         } else {
-            return Err(p.error("'*' or COUNT()"));
+            return Err(p.error("'*', COUNT() or field names"));
         };
         p.expect_keyword("FROM")?;
         p.expect_keyword("devices")?;

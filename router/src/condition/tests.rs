@@ -141,8 +141,15 @@ fn queries_parse_projection_collection_and_filter() {
     assert!(q.matches(&json!({})));
     let e = Query::parse("SELECT * FROM things").unwrap_err();
     assert_eq!((e.column, e.expected.as_str()), (15, "devices"));
-    let e = Query::parse("SELECT name FROM devices").unwrap_err();
-    assert_eq!(e.expected, "'*' or COUNT()");
+    let q = Query::parse("SELECT deviceId, moduleId FROM devices.modules").unwrap();
+    assert_eq!(
+        q.projection,
+        Projection::Fields(vec!["deviceId".into(), "moduleId".into()])
+    );
+    let e = Query::parse("SELECT 1 FROM devices").unwrap_err();
+    assert_eq!(e.expected, "'*', COUNT() or field names");
+    let e = Query::parse("SELECT deviceId, FROM devices").unwrap_err();
+    assert_eq!(e.column, 23);
     let e = Query::parse("SELECT * FROM devices WHERE").unwrap_err();
     assert_eq!(e.expected, "an expression");
 }
