@@ -400,7 +400,6 @@ async fn delete(hub: &SharedHub, key: IdentityKey) -> ApiResult<StatusCode> {
             .twins
             .apply(k.clone(), crate::twin::TwinOp::Delete)
             .await;
-        hub.clear_desired_state(k);
         if k.module.is_none() {
             let device = k.device.to_string();
             let _ = blocking(hub, move |h| h.c2d.purge(&device)).await;
@@ -731,7 +730,6 @@ async fn invoke(
         crate::topics::Delivery::MethodRequest,
         &suffix,
         call.payload.to_string().as_bytes(),
-        false,
     );
     match tokio::time::timeout(std::time::Duration::from_secs(timeout), reply).await {
         Ok(Ok(r)) => {

@@ -15,7 +15,7 @@ use crate::identity::IdentityKey;
 use crate::methods::Methods;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::topics::{self, envelope, Delivery};
+use crate::topics::Delivery;
 use crate::twin::{Twin, TwinStore};
 
 /// Addresses actually bound (port 0 resolved). Written to `data_dir/endpoints.json`.
@@ -33,7 +33,23 @@ pub struct LiveConnection {
     pub kick: Arc<Notify>,
     /// Woken when a C2D message is queued for this device.
     pub c2d: Arc<Notify>,
+    /// What the hub sends this identity alone (twin answers, desired patches, method
+    /// requests, its desired document), straight to its connection.
+    pub direct: tokio::sync::mpsc::Sender<Direct>,
 }
+
+/// A message for one identity's connection: `suffix` completes the client topic of
+/// `delivery` (`$iothub/twin/res/` + `200/?$rid=1`).
+#[derive(Debug)]
+pub struct Direct {
+    pub delivery: Delivery,
+    pub suffix: String,
+    pub body: bytes::Bytes,
+}
+
+/// Direct messages one connection may have waiting; beyond that they are dropped (and
+/// counted), as a QoS 0 subscriber that stopped reading would lose them.
+pub const DIRECT_BACKLOG: usize = 1024;
 
 /// The durable stores the hub opens at start.
 pub struct Stores {
@@ -128,23 +144,24 @@ impl Hub {
         }
     }
 
-    /// Publishes to one identity's delivery topic, with `suffix` completing the client topic.
-    pub fn deliver(
-        &self,
-        key: &IdentityKey,
-        delivery: Delivery,
-        suffix: &str,
-        body: &[u8],
-        retain: bool,
-    ) {
-        let Some(payload) = envelope::pack(suffix, body) else {
+    /// Sends to one identity's connection, with `suffix` completing the client topic.
+    ///
+    /// These never pass through the embedded router: they are for one connection only, and
+    /// a router subscription per identity costs a filter log per device and a scan of every
+    /// filter per new topic, which does not scale to a fleet. Not connected: nothing to do
+    /// (the desired document is sent when a connection subscribes to it).
+    pub fn deliver(&self, key: &IdentityKey, delivery: Delivery, suffix: &str, body: &[u8]) {
+        let Some(live) = self.live.get(key) else {
             return;
         };
-        if let Err(e) = self
-            .link
-            .publish(&topics::internal_topic(key, delivery), &payload, retain)
-        {
-            tracing::warn!(identity = %key, error = %e, "could not publish to the router");
+        let direct = Direct {
+            delivery,
+            suffix: suffix.to_string(),
+            body: bytes::Bytes::copy_from_slice(body),
+        };
+        if live.direct.try_send(direct).is_err() {
+            self.metrics.direct_dropped.inc();
+            tracing::warn!(identity = %key, "connection not reading: a direct message was dropped");
         }
     }
 
@@ -161,11 +178,12 @@ impl Hub {
         if let Some(v) = version {
             suffix.push_str(&format!("&$version={v}"));
         }
-        self.deliver(key, Delivery::TwinResponse, &suffix, body, false);
+        self.deliver(key, Delivery::TwinResponse, &suffix, body);
     }
 
-    /// Publishes a desired change: the patch on `$iothub/twin/PATCH/properties/desired/` and
-    /// the full document on the retained `$fleethub/twin/desired/` topic.
+    /// Sends a desired change: the patch on `$iothub/twin/PATCH/properties/desired/` and the
+    /// full document on `$fleethub/twin/desired/` (sent again to every connection that
+    /// subscribes to it, so it acts as a retained message).
     pub fn publish_desired(
         &self,
         key: &IdentityKey,
@@ -179,28 +197,17 @@ impl Hub {
                 Delivery::DesiredPatch,
                 &format!("?$version={version}"),
                 patch.to_string().as_bytes(),
-                false,
             );
             self.metrics.desired_pushes.inc();
         }
         self.publish_desired_state(key, twin);
     }
 
-    /// The retained full desired document of `key`.
+    /// The full desired document of `key`, to its connection.
     pub fn publish_desired_state(&self, key: &IdentityKey, twin: &Twin) {
         let body = twin.desired.with_version().to_string();
         let suffix = format!("?$version={}", twin.desired.version);
-        self.deliver(key, Delivery::DesiredState, &suffix, body.as_bytes(), true);
-    }
-
-    /// Removes the retained desired document of a deleted identity (an empty retained
-    /// payload clears it in the router).
-    pub fn clear_desired_state(&self, key: &IdentityKey) {
-        let _ = self.link.publish(
-            &topics::internal_topic(key, Delivery::DesiredState),
-            &[],
-            true,
-        );
+        self.deliver(key, Delivery::DesiredState, &suffix, body.as_bytes());
     }
 
     /// Routes a message: one queue entry per matching route, to be appended (durably)

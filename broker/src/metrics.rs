@@ -21,6 +21,8 @@ pub struct Metrics {
     pub twin_patches: IntCounterVec,
     /// Desired patches published to devices and modules.
     pub desired_pushes: IntCounter,
+    /// Direct messages dropped because a connection's backlog was full.
+    pub direct_dropped: IntCounter,
     /// Direct method calls by `result` (ok, offline, timeout, error).
     pub method_calls: IntCounterVec,
     /// C2D messages by `event` (queued, delivered, expired).
@@ -44,6 +46,8 @@ pub struct Metrics {
     queue_dropped_seen: std::sync::Mutex<std::collections::HashMap<(String, &'static str), u64>>,
     /// Resident set size, refreshed on every scrape.
     resident_memory: IntGauge,
+    cpu_seconds: prometheus::Counter,
+    cpu_seen: std::sync::Mutex<f64>,
 }
 
 impl Metrics {
@@ -99,6 +103,11 @@ impl Metrics {
                 "Twin patches by section and result",
             ),
             &["section", "result"],
+        )
+        .expect("valid metric");
+        let direct_dropped = IntCounter::new(
+            "fleethub_direct_dropped_total",
+            "Twin answers, desired patches and method requests dropped because the connection was not reading",
         )
         .expect("valid metric");
         let desired_pushes = IntCounter::new(
@@ -193,8 +202,14 @@ impl Metrics {
             "Resident memory of the hub process",
         )
         .expect("valid metric");
+        let cpu_seconds = prometheus::Counter::new(
+            "fleethub_process_cpu_seconds_total",
+            "CPU time the hub process has used (user and system), in seconds",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cpu_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections.clone()),
             Box::new(connection_attempts.clone()),
             Box::new(authorization_denials.clone()),
             Box::new(telemetry_messages.clone()),
@@ -203,6 +218,7 @@ impl Metrics {
             Box::new(twin_reads.clone()),
             Box::new(twin_patches.clone()),
             Box::new(desired_pushes.clone()),
+            Box::new(direct_dropped.clone()),
             Box::new(method_calls.clone()),
             Box::new(c2d_messages.clone()),
             Box::new(route_matched.clone()),
@@ -229,6 +245,7 @@ impl Metrics {
             twin_reads,
             twin_patches,
             desired_pushes,
+            direct_dropped,
             method_calls,
             c2d_messages,
             route_matched,
@@ -242,6 +259,8 @@ impl Metrics {
             queue_dropped,
             queue_dropped_seen: Default::default(),
             resident_memory,
+            cpu_seconds,
+            cpu_seen: std::sync::Mutex::new(0.0),
         }
     }
 
@@ -280,6 +299,12 @@ impl Metrics {
         if let Some(rss) = resident_bytes() {
             self.resident_memory.set(rss as i64);
         }
+        if let (Some(cpu), Ok(mut seen)) = (cpu_seconds(), self.cpu_seen.lock()) {
+            if cpu > *seen {
+                self.cpu_seconds.inc_by(cpu - *seen);
+                *seen = cpu;
+            }
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -291,6 +316,16 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// User plus system CPU time from /proc (Linux, 100 ticks a second); `None` elsewhere.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// RSS from /proc (Linux); `None` elsewhere.

@@ -262,6 +262,7 @@ pub async fn connection<S>(
     let conn_id = hub.next_conn_id();
     let kick = Arc::new(Notify::new());
     let c2d = Arc::new(Notify::new());
+    let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(crate::hub::DIRECT_BACKLOG);
     if let Principal::Identity(key) = &principal {
         // A second connection with the same id replaces the first, as in IoT Hub.
         let previous = hub.live.insert(
@@ -270,6 +271,7 @@ pub async fn connection<S>(
                 conn_id,
                 kick: kick.clone(),
                 c2d: c2d.clone(),
+                direct: direct_tx,
             },
         );
         if let Some(previous) = previous {
@@ -349,6 +351,7 @@ pub async fn connection<S>(
             rbuf,
             wbuf,
             link_rx,
+            direct_rx,
             kick,
             shutdown,
         )
@@ -506,6 +509,7 @@ impl Session {
         mut rbuf: BytesMut,
         mut wbuf: BytesMut,
         mut link_rx: LinkRx,
+        mut direct_rx: tokio::sync::mpsc::Receiver<crate::hub::Direct>,
         kick: Arc<Notify>,
         mut shutdown: watch::Receiver<bool>,
     ) -> &'static str
@@ -570,6 +574,13 @@ impl Session {
                     }
                 },
                 _ = c2d_wake.notified(), if self.c2d.active => self.c2d_fill(&mut wbuf),
+                Some(direct) = direct_rx.recv() => {
+                    self.on_direct(direct, &mut wbuf);
+                    // Take what else is waiting in one go.
+                    while let Ok(more) = direct_rx.try_recv() {
+                        self.on_direct(more, &mut wbuf);
+                    }
+                },
                 done = next_commit(&mut commits), if !commits.is_empty() => {
                     if let Some((result, batch)) = done {
                         self.commit_done(result, batch, &mut wbuf);
@@ -1064,6 +1075,25 @@ impl Session {
         }
     }
 
+    /// A message for this identity alone: written if one of its filters asks for it.
+    fn on_direct(&mut self, d: crate::hub::Direct, wbuf: &mut BytesMut) {
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        let topic = format!("{}{}", topics::client_prefix(key, d.delivery), d.suffix);
+        if !self
+            .filters
+            .iter()
+            .any(|f| topics::filter_matches(&f.client, &topic))
+        {
+            return;
+        }
+        let retain = d.delivery == Delivery::DesiredState;
+        let publish =
+            rumqttd::protocol::Publish::new(bytes::Bytes::from(topic.into_bytes()), d.body, retain);
+        let _ = V4.write(Packet::Publish(publish, None), wbuf);
+    }
+
     fn on_subscribe(
         &mut self,
         subscribe: Subscribe,
@@ -1072,8 +1102,25 @@ impl Session {
     ) {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
+        let mut send_state = false;
         for f in &subscribe.filters {
             match topics::map_filter(&self.principal, &f.path) {
+                Some(mapped) if matches!(self.principal, Principal::Identity(_)) => {
+                    // An identity's own topics are served by the front end, not the router.
+                    if let Principal::Identity(key) = &self.principal {
+                        send_state |=
+                            mapped.internal == topics::internal_topic(key, Delivery::DesiredState);
+                    }
+                    codes.push(Some(SubscribeReasonCode::Success(
+                        if f.qos == QoS::AtMostOnce {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        },
+                    )));
+                    self.filters.retain(|m| m.client != mapped.client);
+                    self.filters.push(mapped);
+                }
                 Some(mapped) => {
                     codes.push(None);
                     forward.push(Filter {
@@ -1113,6 +1160,23 @@ impl Session {
                 return_codes,
             };
             let _ = V4.write(Packet::SubAck(ack, None), wbuf);
+            self.update_c2d_active();
+            if send_state {
+                // The desired document acts as a retained message: it follows the SUBACK.
+                // Nothing is retained until something was set (version 0: never written).
+                if let Principal::Identity(key) = &self.principal {
+                    let twin = self.hub.twins.get(key);
+                    if twin.desired.version == 0 {
+                        return;
+                    }
+                    let d = crate::hub::Direct {
+                        delivery: Delivery::DesiredState,
+                        suffix: format!("?$version={}", twin.desired.version),
+                        body: twin.desired.with_version().to_string().into(),
+                    };
+                    self.on_direct(d, wbuf);
+                }
+            }
         } else {
             self.pending_subs.insert(subscribe.pkid, codes);
             let sub = Subscribe {
@@ -1146,11 +1210,12 @@ impl Session {
         to_router: &mut Vec<Packet>,
     ) {
         let mut internal = Vec::new();
+        let local = matches!(self.principal, Principal::Identity(_));
         for f in &unsubscribe.filters {
             if let Some(mapped) = topics::map_filter(&self.principal, f) {
                 self.filters.retain(|m| m.client != mapped.client);
                 // Leave the router filter while another client filter still needs it.
-                if !self.filters.iter().any(|m| m.internal == mapped.internal) {
+                if !local && !self.filters.iter().any(|m| m.internal == mapped.internal) {
                     internal.push(mapped.internal);
                 }
             }

@@ -196,10 +196,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics,
         queues,
     ));
-    // rumqttd keeps nothing across restarts: put every identity's desired state back.
-    for (key, twin) in hub.twins.all() {
-        hub.publish_desired_state(&key, &twin);
-    }
     // A deployment acknowledged just before a crash may not have reached every twin yet.
     let devices = crate::deploy::all_devices(&hub);
     match crate::deploy::devices_changed(&hub, devices).await {

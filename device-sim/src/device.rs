@@ -359,7 +359,7 @@ impl State<'_> {
             match (200..300).contains(&status) {
                 false => stats.errors.inc(),
                 true if failed => stats.reported_failed.inc(),
-                true => stats.reported_success.inc(),
+                true => stats.reported_ok(),
             }
             return;
         }

@@ -466,6 +466,23 @@ async fn run_plan(plan: Arc<Plan>, args: &RunArgs) -> Result<Value> {
             }
         });
     }
+    let deployment_result = Arc::new(std::sync::Mutex::new(None::<Value>));
+    for (at, id, body) in plan.deployments.clone() {
+        let (api, stats, result) = (api.clone(), stats.clone(), deployment_result.clone());
+        schedule.spawn(async move {
+            tokio::time::sleep_until((start + at).into()).await;
+            let Some(api) = api else { return };
+            let outcome = create_deployment(&api, &id, body, &stats).await;
+            let v = outcome.unwrap_or_else(|e| {
+                progress(format!("deployment {id}: {e:#}"));
+                stats.errors.inc();
+                json!({ "id": id, "error": format!("{e:#}") })
+            });
+            if let Ok(mut r) = result.lock() {
+                *r = Some(v);
+            }
+        });
+    }
     let outages_end = match (&plan.upstream, &upstream) {
         (Some((_, outages)), Some(sim)) => {
             for (at, lasts) in outages.clone() {
@@ -544,6 +561,7 @@ async fn run_plan(plan: Arc<Plan>, args: &RunArgs) -> Result<Value> {
 
     let (count, p50, p99, max) = stats.latency.summary();
     let (desired_count, desired_p50, _, desired_max) = stats.desired_latency.summary();
+    let (reported_count, reported_p50, _, reported_max) = stats.reported_latency.summary();
     let per_connection = match (memory_before, memory_connected) {
         (Some(b), Some(a)) if connected_after_ramp > 0 => {
             Some(a.saturating_sub(b) / connected_after_ramp)
@@ -579,6 +597,8 @@ async fn run_plan(plan: Arc<Plan>, args: &RunArgs) -> Result<Value> {
             "reported_failed": stats.reported_failed.get(),
             "after_push_p50_ms": if desired_count > 0 { json!(desired_p50) } else { Value::Null },
             "after_push_max_ms": if desired_count > 0 { json!(desired_max) } else { Value::Null },
+            "reported_after_push_p50_ms": if reported_count > 0 { json!(reported_p50) } else { Value::Null },
+            "reported_after_push_max_ms": if reported_count > 0 { json!(reported_max) } else { Value::Null },
         },
         "hub_memory": {
             "before_bytes": memory_before,
@@ -586,6 +606,9 @@ async fn run_plan(plan: Arc<Plan>, args: &RunArgs) -> Result<Value> {
             "per_connection_bytes": per_connection,
         },
     });
+    if let Some(d) = deployment_result.lock().ok().and_then(|r| r.clone()) {
+        summary["deployment"] = d;
+    }
     if upstream.is_some() {
         summary["upstream"] = json!({
             "received": stats.upstream_received.get(),
@@ -631,6 +654,81 @@ async fn register(
     }
     out.sort_by_key(|(n, _, _)| *n);
     Ok(out.into_iter().map(|(_, id, role)| (id, role)).collect())
+}
+
+/// A hub metric's value from its `/metrics`.
+async fn hub_metric(api: &Api, name: &str) -> Option<f64> {
+    let text = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Creates a targeted deployment (replacing one with the same id from an earlier run) and
+/// follows it through the hub's status until every targeted device has reported, or its
+/// rollout completed or stopped. Returns what it saw, with the hub's CPU and memory meanwhile.
+async fn create_deployment(api: &Api, id: &str, body: Value, stats: &Arc<Stats>) -> Result<Value> {
+    let path = format!("/deployments/{id}");
+    let _ = api.call(reqwest::Method::DELETE, &path, None).await?;
+    let cpu0 = hub_metric(api, "fleethub_process_cpu_seconds_total").await;
+    progress(format!("creating deployment {id}"));
+    let started = Instant::now();
+    if let Ok(mut s) = stats.push_started.lock() {
+        *s = Some(started);
+    }
+    let created = api
+        .ok(reqwest::Method::POST, "/deployments", Some(body))
+        .await?;
+    let created_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let targeted = created["systemMetrics"]["targetedCount"]
+        .as_u64()
+        .unwrap_or(0);
+    progress(format!(
+        "deployment {id}: {targeted} devices targeted, twins written in {created_ms:.0} ms"
+    ));
+    let mut peak_rss = 0u64;
+    let deadline = started + Duration::from_secs(300);
+    let (done_ms, last) = loop {
+        if let Some(rss) = api.hub_memory().await {
+            peak_rss = peak_rss.max(rss);
+        }
+        let v = api.ok(reqwest::Method::GET, &path, None).await?;
+        let m = &v["systemMetrics"];
+        let (ok, failed) = (
+            m["reportedSuccessfulCount"].as_u64().unwrap_or(0),
+            m["reportedFailedCount"].as_u64().unwrap_or(0),
+        );
+        let rollout = v["rolloutState"]["status"].as_str().unwrap_or("");
+        let all_reported = targeted > 0 && ok + failed >= targeted && rollout != "running";
+        if all_reported || rollout == "aborted" || Instant::now() > deadline {
+            break (started.elapsed().as_secs_f64() * 1000.0, v);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let cpu1 = hub_metric(api, "fleethub_process_cpu_seconds_total").await;
+    let wall = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "id": id,
+        "targeted": targeted,
+        "twins_written_ms": created_ms,
+        "all_reported_ms": done_ms,
+        "system_metrics": last["systemMetrics"],
+        "rollout": last["rolloutState"]["status"],
+        "rollout_reason": last["rolloutState"]["reason"],
+        "hub_cpu_percent": match (cpu0, cpu1) {
+            (Some(a), Some(b)) => json!((b - a) / wall * 100.0),
+            _ => Value::Null,
+        },
+        "hub_peak_rss_bytes": peak_rss,
+    }))
 }
 
 /// Patches every device's desired properties through the API, concurrently.

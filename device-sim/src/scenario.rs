@@ -36,6 +36,24 @@ pub struct Scenario {
     pub routes: BTreeMap<String, String>,
     /// device-sim plays the hub's upstream broker, behind a link it can cut.
     pub upstream: Option<UpstreamSim>,
+    /// Targeted deployments device-sim creates mid-run (and measures).
+    #[serde(default)]
+    pub deployment: Vec<DeploymentPush>,
+}
+
+/// A deployment as `POST /deployments` takes it, created at `at`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentPush {
+    pub at: String,
+    pub id: String,
+    pub target_condition: String,
+    #[serde(default)]
+    pub priority: u32,
+    /// `{ deviceContent = { … } }` or `{ modulesContent = { … } }`.
+    pub content: toml::Value,
+    /// `{ phases = [1, 10, 100], successThreshold = 95, failureThreshold = 5, observeSecs = 10 }`
+    pub rollout: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +255,8 @@ pub struct Plan {
     pub apply_delay: Duration,
     pub failure_percent: f64,
     pub pushes: Vec<(Duration, Value)>,
+    /// (when, deployment id, the `POST /deployments` body).
+    pub deployments: Vec<(Duration, String, Value)>,
     pub hub_modules: Vec<(String, Option<String>)>,
     pub routes: BTreeMap<String, String>,
     pub upstream: Option<(SocketAddr, Vec<(Duration, Duration)>)>,
@@ -286,6 +306,24 @@ impl Scenario {
             }
             pushes.push((at, props));
         }
+        let mut deployments = Vec::new();
+        for (i, d) in self.deployment.iter().enumerate() {
+            let at = parse_duration(&d.at).with_context(|| format!("deployment[{i}].at"))?;
+            let content = serde_json::to_value(&d.content)?;
+            if !content.is_object() {
+                bail!("deployment[{i}].content: must be a table");
+            }
+            let mut body = serde_json::json!({
+                "id": d.id,
+                "targetCondition": d.target_condition,
+                "priority": d.priority,
+                "content": { "content": content },
+            });
+            if let Some(r) = &d.rollout {
+                body["rollout"] = serde_json::to_value(r)?;
+            }
+            deployments.push((at, d.id.clone(), body));
+        }
         let hub_modules = self
             .hub_modules
             .into_iter()
@@ -331,6 +369,7 @@ impl Scenario {
             apply_delay,
             failure_percent: self.desired.failure_percent,
             pushes,
+            deployments,
             hub_modules,
             routes: self.routes,
             upstream,

@@ -100,6 +100,8 @@ pub struct Stats {
     pub latency: Latency,
     /// Desired push started → patch arrived at the device.
     pub desired_latency: Latency,
+    /// Desired push started → the hub acknowledged the device's success report.
+    pub reported_latency: Latency,
     /// When the latest desired push started.
     pub push_started: Mutex<Option<Instant>>,
 }
@@ -125,6 +127,7 @@ impl Stats {
             upstream_duplicates: Counter::default(),
             latency: Latency::new(),
             desired_latency: Latency::new(),
+            reported_latency: Latency::new(),
             push_started: Mutex::new(None),
         }
     }
@@ -147,6 +150,16 @@ impl Stats {
         let started = self.push_started.lock().ok().and_then(|s| *s);
         if let Some(started) = started {
             self.desired_latency
+                .record(started.elapsed().as_micros() as u64);
+        }
+    }
+
+    /// A success report was acknowledged.
+    pub fn reported_ok(&self) {
+        self.reported_success.inc();
+        let started = self.push_started.lock().ok().and_then(|s| *s);
+        if let Some(started) = started {
+            self.reported_latency
                 .record(started.elapsed().as_micros() as u64);
         }
     }
