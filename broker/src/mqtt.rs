@@ -278,24 +278,6 @@ pub async fn connection<S>(
             previous.kick.notify_one();
         }
     }
-    let (link_tx, link_rx) = match hub.core.link(format!("c{conn_id}")).await {
-        Ok(link) => link,
-        Err(e) => {
-            warn!(%peer, error = %e, "router refused a link");
-            hub.metrics
-                .connection_attempts
-                .with_label_values(&["server_unavailable"])
-                .inc();
-            let ack = ConnAck {
-                session_present: false,
-                code: ConnectReturnCode::ServiceUnavailable,
-            };
-            let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
-            let _ = write_all(&mut writer, &mut wbuf).await;
-            release(&hub, &principal, conn_id);
-            return;
-        }
-    };
     hub.metrics
         .connection_attempts
         .with_label_values(&["accepted"])
@@ -332,7 +314,8 @@ pub async fn connection<S>(
             Principal::Service => String::new(),
         },
         principal,
-        link_tx,
+        link_tx: None,
+        new_link_rx: None,
         filters: Vec::new(),
         pending_subs: HashMap::new(),
         c2d: C2dDelivery {
@@ -350,7 +333,6 @@ pub async fn connection<S>(
             &mut writer,
             rbuf,
             wbuf,
-            link_rx,
             direct_rx,
             kick,
             shutdown,
@@ -439,7 +421,12 @@ struct Session {
     principal: Principal,
     /// Internal topic of this identity's telemetry, computed once.
     telemetry_topic: String,
-    link_tx: LinkTx,
+    /// The connection's link into the embedded router, opened the first time something has
+    /// to go through it (telemetry while a service watches, a service's subscriptions): a
+    /// device that only publishes and gets its own messages never costs a router slot.
+    link_tx: Option<LinkTx>,
+    /// A link just opened, for `run` to start reading.
+    new_link_rx: Option<LinkRx>,
     /// Client filters in force, checked again on delivery.
     filters: Vec<MappedFilter>,
     /// SUBSCRIBEs waiting for the router's SUBACK: the codes of refused filters are known,
@@ -489,7 +476,9 @@ impl C2dDelivery {
 impl Drop for Session {
     fn drop(&mut self) {
         // `LinkTx::send` never awaits (it is synchronous inside), so one poll completes it.
-        let _ = self.link_tx.send(disconnect_packet()).now_or_never();
+        if let Some(tx) = &mut self.link_tx {
+            let _ = tx.send(disconnect_packet()).now_or_never();
+        }
         self.hub.metrics.connections.dec();
         if self.counted_subscriber {
             self.hub
@@ -508,7 +497,6 @@ impl Session {
         writer: &mut W,
         mut rbuf: BytesMut,
         mut wbuf: BytesMut,
-        mut link_rx: LinkRx,
         mut direct_rx: tokio::sync::mpsc::Receiver<crate::hub::Direct>,
         kick: Arc<Notify>,
         mut shutdown: watch::Receiver<bool>,
@@ -525,6 +513,7 @@ impl Session {
         // out when their batch is committed, so always in the order publishes came in.
         let mut commits: std::collections::VecDeque<PendingCommit> =
             std::collections::VecDeque::new();
+        let mut link_rx: Option<LinkRx> = None;
         loop {
             if write_all(writer, &mut wbuf).await.is_err() {
                 return "write failed";
@@ -542,12 +531,15 @@ impl Session {
             if write_all(writer, &mut wbuf).await.is_err() {
                 return "write failed";
             }
+            if let Some(rx) = self.new_link_rx.take() {
+                link_rx = Some(rx);
+            }
             tokio::select! {
                 read = reader.read_buf(&mut rbuf) => match read {
                     Ok(0) | Err(_) => return "socket closed",
                     Ok(_) => {}
                 },
-                notification = link_rx.next() => {
+                notification = next_notification(&mut link_rx) => {
                     let mut unscheduled = false;
                     let mut next = notification;
                     // Take everything the router has queued in one go.
@@ -561,7 +553,7 @@ impl Session {
                             Ok(None) => break,
                             Err(_) => return "router link closed",
                         }
-                        next = match link_rx.next().now_or_never() {
+                        next = match link_rx.as_mut().and_then(|rx| rx.next().now_or_never()) {
                             Some(n) => n,
                             None => break,
                         };
@@ -569,8 +561,10 @@ impl Session {
                     if write_all(writer, &mut wbuf).await.is_err() {
                         return "write failed";
                     }
-                    if unscheduled && link_rx.wake().await.is_err() {
-                        return "router link closed";
+                    if let (true, Some(rx)) = (unscheduled, link_rx.as_mut()) {
+                        if rx.wake().await.is_err() {
+                            return "router link closed";
+                        }
                     }
                 },
                 _ = c2d_wake.notified(), if self.c2d.active => self.c2d_fill(&mut wbuf),
@@ -722,12 +716,27 @@ impl Session {
         let Some(last) = packets.pop() else {
             return Ok(());
         };
+        if self.link_tx.is_none() {
+            let (tx, rx) = self
+                .hub
+                .core
+                .link(format!("c{}", self.conn_id))
+                .await
+                .map_err(|e| {
+                    warn!(error = %e, "router refused a link");
+                    "router refused a link"
+                })?;
+            self.link_tx = Some(tx);
+            self.new_link_rx = Some(rx);
+        }
+        let Some(link) = self.link_tx.as_mut() else {
+            return Err("router link closed");
+        };
         {
-            let mut buffer = self.link_tx.buffer();
+            let mut buffer = link.buffer();
             buffer.extend(packets);
         }
-        self.link_tx
-            .send(last)
+        link.send(last)
             .await
             .map(|_| ())
             .map_err(|_| "router link closed")
@@ -1269,7 +1278,9 @@ impl Session {
                                 pkid,
                                 reason: PubAckReason::Success,
                             };
-                            let _ = self.link_tx.send(P::PubAck(ack, None)).await;
+                            if let Some(tx) = &mut self.link_tx {
+                                let _ = tx.send(P::PubAck(ack, None)).await;
+                            }
                         }
                     }
                 }
@@ -1318,6 +1329,16 @@ impl Session {
 enum Outcome {
     Unscheduled,
     Close,
+}
+
+/// The next router notification, or never while the connection has no link.
+async fn next_notification(
+    rx: &mut Option<LinkRx>,
+) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    match rx {
+        Some(rx) => rx.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A read batch waiting for its routed messages to be committed.
