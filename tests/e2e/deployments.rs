@@ -313,7 +313,7 @@ async fn wait_for(hub: &Hub, id: &str, what: impl Fn(&Value) -> bool) -> Value {
 
 #[tokio::test]
 async fn status_metrics_and_phased_rollouts() {
-    let hub = Hub::start("deploy-rollout").await;
+    let mut hub = Hub::start("deploy-rollout").await;
     let mut reporters = Vec::new();
     for i in 0..10 {
         let id = format!("r{i}");
@@ -494,6 +494,21 @@ async fn status_metrics_and_phased_rollouts() {
     for t in tasks {
         t.abort();
     }
+
+    // Rollout state survives kill -9: the stopped one stays stopped, with its reason, and
+    // its devices stay rolled back.
+    hub.kill9();
+    let hub = hub.restart().await;
+    let (_, v4) = hub.api(Method::GET, "/deployments/app-v4", None).await;
+    assert_eq!(v4["rolloutState"]["status"], "aborted", "{v4}");
+    assert!(v4["rolloutState"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("reported failure"));
+    let (_, v2) = hub.api(Method::GET, "/deployments/app-v2", None).await;
+    assert_eq!(v2["rolloutState"]["status"], "completed");
+    assert_eq!(desired(&hub, "r9").await["app"]["version"], "1");
+    assert_eq!(desired(&hub, "r0").await["app"]["version"], "5");
 }
 
 #[tokio::test]
