@@ -275,11 +275,7 @@ async fn create_module(
 /// An identity as the API shows it: the registry view plus its device group's
 /// `Product/Group` path.
 fn identity_json(hub: &Hub, view: crate::registry::IdentityView) -> serde_json::Value {
-    let group = view
-        .identity
-        .device_group_id
-        .as_deref()
-        .and_then(|g| hub.fleet.path_of(g));
+    let group = hub.group_path(&view.identity);
     let mut v = json!(view);
     if let Some(path) = group {
         v["deviceGroup"] = json!(path);
@@ -639,10 +635,7 @@ async fn query_twins(
                 continue;
             }
             let twin = hub.twins.get(&key);
-            let group = entry
-                .device_group_id
-                .as_deref()
-                .and_then(|g| hub.fleet.path_of(g));
+            let group = hub.group_path(&entry);
             let view = crate::twin::view::QueryView {
                 key: &key,
                 twin: &twin,

@@ -658,6 +658,15 @@ impl Client {
         self.call(reqwest::Method::GET, path, None).await
     }
 
+    /// `DELETE path`, then `{"deleted": name}` or "Deleted {what} {name}".
+    async fn delete(&self, path: &str, what: &str, name: &str) -> Result<()> {
+        self.call(reqwest::Method::DELETE, path, None).await?;
+        self.print(&json!({ "deleted": name }), |_| {
+            format!("Deleted {what} {name}")
+        });
+        Ok(())
+    }
+
     fn print(&self, value: &Value, text: impl FnOnce(&Value) -> String) {
         match self.output {
             Output::Json => println!(
@@ -1043,12 +1052,7 @@ impl Client {
                     .await?;
                 self.print(&v, show);
             }
-            DeploymentCmd::Delete { id } => {
-                self.call(reqwest::Method::DELETE, &path(id), None).await?;
-                self.print(&json!({ "deleted": id }), |_| {
-                    format!("Deleted deployment {id}")
-                });
-            }
+            DeploymentCmd::Delete { id } => self.delete(&path(id), "deployment", id).await?,
             DeploymentCmd::ShowMetric { id, metric } => {
                 let v = self
                     .get(&format!("{}/metrics/{}", path(id), enc(metric)))
@@ -1263,15 +1267,8 @@ impl Client {
                 self.print(&v, show);
             }
             ProductCmd::Delete { name } => {
-                self.call(
-                    reqwest::Method::DELETE,
-                    &format!("/products/{}", enc(name)),
-                    None,
-                )
-                .await?;
-                self.print(&json!({ "deleted": name }), |_| {
-                    format!("Deleted product {name}")
-                });
+                self.delete(&format!("/products/{}", enc(name)), "product", name)
+                    .await?
             }
         }
         Ok(())
@@ -1409,11 +1406,8 @@ impl Client {
                 }
             }
             DeviceGroupCmd::Delete { path } => {
-                self.call(reqwest::Method::DELETE, &group_path(path)?, None)
-                    .await?;
-                self.print(&json!({ "deleted": path }), |_| {
-                    format!("Deleted device group {path}")
-                });
+                self.delete(&group_path(path)?, "device group", path)
+                    .await?
             }
         }
         Ok(())
@@ -1518,15 +1512,8 @@ impl Client {
                 self.print_identity("Updated", &v);
             }
             DeviceCmd::Delete { id } => {
-                self.call(
-                    reqwest::Method::DELETE,
-                    &format!("/devices/{}", enc(id)),
-                    None,
-                )
-                .await?;
-                self.print(&json!({ "deleted": id }), |_| {
-                    format!("Deleted device {id}")
-                });
+                self.delete(&format!("/devices/{}", enc(id)), "device", id)
+                    .await?
             }
         }
         Ok(())
@@ -1578,15 +1565,9 @@ impl Client {
                 });
             }
             ModuleCmd::Delete { device, module } => {
-                self.call(
-                    reqwest::Method::DELETE,
-                    &format!("/devices/{}/modules/{}", enc(device), enc(module)),
-                    None,
-                )
-                .await?;
-                self.print(&json!({ "deleted": format!("{device}/{module}") }), |_| {
-                    format!("Deleted module {device}/{module}")
-                });
+                let path = format!("/devices/{}/modules/{}", enc(device), enc(module));
+                self.delete(&path, "module", &format!("{device}/{module}"))
+                    .await?
             }
         }
         Ok(())

@@ -49,21 +49,7 @@ pub enum DeployError {
     Store(String),
 }
 
-macro_rules! store_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for DeployError {
-            fn from(e: $t) -> Self { DeployError::Store(e.to_string()) }
-        }
-    )*};
-}
-store_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    serde_json::Error
-);
+crate::storage::store_errors!(DeployError);
 
 impl From<ImageError> for DeployError {
     fn from(e: ImageError) -> Self {
@@ -247,8 +233,7 @@ pub fn group_state(hub: &Hub, device: &DeviceId) -> Option<Value> {
 /// Brings these devices' twins to their computed deployment state, writing (and pushing)
 /// only what differs. Returns how many twins changed.
 pub async fn reconcile(hub: &Arc<Hub>, devices: Vec<DeviceId>) -> Result<usize, String> {
-    let mut pending = tokio::task::JoinSet::new();
-    let mut changed = 0;
+    let mut writes = Vec::new();
     for device in devices {
         let key = IdentityKey::device(device.clone());
         if hub.registry.get(&key).is_none() {
@@ -256,13 +241,28 @@ pub async fn reconcile(hub: &Arc<Hub>, devices: Vec<DeviceId>) -> Result<usize, 
         }
         let want = group_state(hub, &device);
         let twin = hub.twins.get(&key);
-        let have = twin.desired.data.get(DESIRED_KEY);
-        if have == want.as_ref() {
+        if twin.desired.data.get(DESIRED_KEY) == want.as_ref() {
             continue;
         }
-        // Replaced whole, so nothing of an earlier deployment's value lingers.
         let mut patch = Map::new();
         patch.insert(DESIRED_KEY.to_string(), want.unwrap_or(Value::Null));
+        writes.push((key, patch));
+    }
+    write_desired(hub, writes).await
+}
+
+/// Writes deployment-owned desired properties, each top-level key replaced whole (so nothing
+/// of an earlier deployment's value lingers; `null` removes it), pushes each change to its
+/// identity, and rebuilds the route table when the hub's own `$edgeHub` twin changed. At most
+/// 512 writes are in flight: the twin store group-commits whatever is waiting. Returns how
+/// many twins were written.
+pub(crate) async fn write_desired(
+    hub: &Arc<Hub>,
+    writes: Vec<(IdentityKey, Map<String, Value>)>,
+) -> Result<usize, String> {
+    let written = writes.len();
+    let mut pending = tokio::task::JoinSet::new();
+    for (key, patch) in writes {
         let hub = hub.clone();
         pending.spawn(async move {
             let applied = hub
@@ -273,11 +273,26 @@ pub async fn reconcile(hub: &Arc<Hub>, devices: Vec<DeviceId>) -> Result<usize, 
             if applied.desired_patch.is_some() {
                 hub.publish_desired(&key, &applied.twin, applied.desired_patch.as_ref());
             }
+            let edge_hub = key.device == hub.config.hub_id
+                && key
+                    .module
+                    .as_ref()
+                    .is_some_and(|m| m.as_str() == crate::routing::EDGE_HUB);
+            if edge_hub {
+                match hub.routing.build(&applied.twin.desired.data) {
+                    Ok(table) => {
+                        hub.routing.swap(table);
+                        tracing::info!("route table replaced by a deployment's $edgeHub content");
+                    }
+                    Err(errors) => tracing::warn!(
+                        errors = ?errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                        "a deployment's $edgeHub content left an invalid route set; the table in force stays"
+                    ),
+                }
+            }
             Ok::<_, String>(())
         });
-        changed += 1;
-        // Bounded concurrency: the twin store group-commits whatever is in flight.
-        while pending.len() >= 256 {
+        while pending.len() >= 512 {
             if let Some(r) = pending.join_next().await {
                 r.map_err(|e| e.to_string())??;
             }
@@ -286,7 +301,7 @@ pub async fn reconcile(hub: &Arc<Hub>, devices: Vec<DeviceId>) -> Result<usize, 
     while let Some(r) = pending.join_next().await {
         r.map_err(|e| e.to_string())??;
     }
-    Ok(changed)
+    Ok(written)
 }
 
 /// Devices in a group.

@@ -46,21 +46,7 @@ pub enum FleetError {
     Store(String),
 }
 
-macro_rules! store_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for FleetError {
-            fn from(e: $t) -> Self { FleetError::Store(e.to_string()) }
-        }
-    )*};
-}
-store_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    serde_json::Error
-);
+crate::storage::store_errors!(FleetError);
 
 impl From<RegistryError> for FleetError {
     fn from(e: RegistryError) -> Self {

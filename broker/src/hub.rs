@@ -133,6 +133,11 @@ impl Hub {
         }
     }
 
+    /// The `Product/Group` an identity's device is in (what queries call `deviceGroup`).
+    pub fn group_path(&self, identity: &crate::registry::Identity) -> Option<String> {
+        self.fleet.path_of(identity.device_group_id.as_deref()?)
+    }
+
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }

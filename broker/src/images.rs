@@ -43,22 +43,7 @@ pub enum ImageError {
     Store(String),
 }
 
-macro_rules! store_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for ImageError {
-            fn from(e: $t) -> Self { ImageError::Store(e.to_string()) }
-        }
-    )*};
-}
-store_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    serde_json::Error,
-    std::io::Error
-);
+crate::storage::store_errors!(ImageError, std::io::Error);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -34,6 +34,7 @@ pub mod registry;
 pub mod routing;
 pub mod sas;
 pub mod server;
+mod storage;
 pub mod tls;
 pub mod topics;
 pub mod twin;

@@ -35,21 +35,7 @@ pub enum RegistryError {
     Store(String),
 }
 
-macro_rules! store_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for RegistryError {
-            fn from(e: $t) -> Self { RegistryError::Store(e.to_string()) }
-        }
-    )*};
-}
-store_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    serde_json::Error
-);
+crate::storage::store_errors!(RegistryError);
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -153,18 +153,8 @@ impl Api {
 
     /// The hub's resident memory from its metrics, in bytes.
     async fn hub_memory(&self) -> Option<u64> {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
+        hub_metric(self, "fleethub_process_resident_memory_bytes")
             .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("fleethub_process_resident_memory_bytes "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
             .map(|v| v as u64)
     }
 }

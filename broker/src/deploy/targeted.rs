@@ -709,11 +709,7 @@ fn twin_key(device: &DeviceId, target: &Target) -> Option<IdentityKey> {
 fn matches_device(hub: &Hub, c: &Compiled, device: &DeviceId) -> bool {
     let key = IdentityKey::device(device.clone());
     let twin = hub.twins.get(&key);
-    let group = hub
-        .registry
-        .get(&key)
-        .and_then(|i| i.device_group_id.clone())
-        .and_then(|g| hub.fleet.path_of(&g));
+    let group = hub.registry.get(&key).and_then(|i| hub.group_path(&i));
     let view = crate::twin::view::QueryView {
         key: &key,
         twin: &twin,
@@ -873,44 +869,7 @@ pub async fn reconcile(hub: &Arc<Hub>, devices: Vec<DeviceId>) -> Result<usize, 
             states.push((device.as_str().to_string(), state));
         }
     }
-    let written = writes.len();
-    let mut pending = tokio::task::JoinSet::new();
-    for (key, patch) in writes {
-        let hub = hub.clone();
-        pending.spawn(async move {
-            let applied = hub
-                .twins
-                .apply(key.clone(), crate::twin::TwinOp::ReplaceDesired(patch))
-                .await
-                .map_err(|e| format!("{key}: {e}"))?;
-            if applied.desired_patch.is_some() {
-                hub.publish_desired(&key, &applied.twin, applied.desired_patch.as_ref());
-            }
-            if key.device == hub.config.hub_id
-                && key.module.as_ref().is_some_and(|m| m.as_str() == crate::routing::EDGE_HUB)
-            {
-                match hub.routing.build(&applied.twin.desired.data) {
-                    Ok(table) => {
-                        hub.routing.swap(table);
-                        tracing::info!("route table replaced by a deployment's $edgeHub content");
-                    }
-                    Err(errors) => tracing::warn!(
-                        errors = ?errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
-                        "a deployment's $edgeHub content left an invalid route set; the table in force stays"
-                    ),
-                }
-            }
-            Ok::<_, String>(())
-        });
-        while pending.len() >= 512 {
-            if let Some(r) = pending.join_next().await {
-                r.map_err(|e| e.to_string())??;
-            }
-        }
-    }
-    while let Some(r) = pending.join_next().await {
-        r.map_err(|e| e.to_string())??;
-    }
+    let written = super::write_desired(hub, writes).await?;
     deployments.save_states(states).map_err(|e| e.to_string())?;
     Ok(written)
 }
@@ -948,10 +907,7 @@ pub fn status(hub: &Hub, c: &Compiled) -> Value {
                 continue;
             }
             let twin = hub.twins.get(&key);
-            let group = entry
-                .device_group_id
-                .as_deref()
-                .and_then(|g| hub.fleet.path_of(g));
+            let group = hub.group_path(&entry);
             let view = crate::twin::view::QueryView {
                 key: &key,
                 twin: &twin,
