@@ -83,55 +83,6 @@ impl Core {
     }
 }
 
-/// The hub's own link into the router, for what the hub publishes to devices: twin answers,
-/// desired patches, retained desired state, method requests.
-pub struct HubLink {
-    /// `LinkTx::send` is synchronous, so a std mutex is the right lock.
-    tx: std::sync::Mutex<LinkTx>,
-    next_pkid: std::sync::atomic::AtomicU16,
-}
-
-impl HubLink {
-    /// Opens the link and starts draining what the router sends back to it (acks).
-    pub async fn open(core: &Core) -> Result<HubLink, CoreError> {
-        let (tx, mut rx) = core.link("hub".into()).await?;
-        tokio::spawn(async move {
-            loop {
-                match rx.next().await {
-                    Ok(Some(rumqttd::Notification::Unschedule)) => {
-                        if rx.wake().await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        });
-        Ok(HubLink {
-            tx: std::sync::Mutex::new(tx),
-            next_pkid: std::sync::atomic::AtomicU16::new(1),
-        })
-    }
-
-    /// Publishes at QoS 1 (retained if asked).
-    pub fn publish(&self, topic: &str, payload: &[u8], retain: bool) -> Result<(), CoreError> {
-        let pkid = match self
-            .next_pkid
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        {
-            0 => 1,
-            n => n,
-        };
-        let publish = publish_with(topic, payload, QoS::AtLeastOnce, pkid, retain);
-        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        match tx.send(Packet::Publish(publish, None)).now_or_never() {
-            Some(sent) => sent.map(|_| ()).map_err(CoreError::from),
-            None => Err(CoreError::Link("router channel not ready".into())),
-        }
-    }
-}
-
 /// `FutureExt::now_or_never` without the futures crate: polls once. `LinkTx::send` is
 /// `async` in name only and always completes on the first poll.
 pub(crate) trait NowOrNever: std::future::Future + Sized {

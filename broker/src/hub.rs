@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use crate::c2d::C2dStore;
 use crate::config::Config;
-use crate::core::{Core, HubLink};
+use crate::core::Core;
 use crate::identity::IdentityKey;
 use crate::methods::Methods;
 use crate::metrics::Metrics;
@@ -83,8 +83,6 @@ pub struct Hub {
     pub methods: Methods,
     pub metrics: Arc<Metrics>,
     pub core: Core,
-    /// The hub's own link for what it publishes to devices.
-    pub link: HubLink,
     /// The operator's bearer token (API) and service-connection password (MQTT).
     pub admin_token: String,
     pub live: DashMap<IdentityKey, LiveConnection>,
@@ -102,7 +100,6 @@ impl Hub {
         config: Config,
         stores: Stores,
         core: Core,
-        link: HubLink,
         admin_token: String,
         routing: crate::routing::Routing,
         upstream: Option<crate::upstream::Upstream>,
@@ -124,7 +121,6 @@ impl Hub {
             methods: Methods::default(),
             metrics,
             core,
-            link,
             admin_token,
             live: DashMap::new(),
             event_subscribers: std::sync::atomic::AtomicUsize::new(0),

@@ -16,7 +16,7 @@ use tracing::info;
 
 use crate::c2d::C2dStore;
 use crate::config::Config;
-use crate::core::{Core, HubLink};
+use crate::core::Core;
 use crate::hub::{Endpoints, Hub, Stores};
 use crate::registry::{Registry, RegistryError};
 use crate::tls::{self, TlsError};
@@ -182,14 +182,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None
     };
     let core = Core::start(config.limits.max_connections, &config.router);
-    let link = HubLink::open(&core)
-        .await
-        .map_err(|e| ServerError::Store(e.to_string()))?;
     let hub = Arc::new(Hub::new(
         config.clone(),
         stores,
         core,
-        link,
         admin_token,
         routing,
         upstream,
