@@ -578,8 +578,8 @@ async fn patch_twin(
     if applied.desired_patch.is_some() {
         hub.publish_desired(&key, &applied.twin, applied.desired_patch.as_ref());
     }
-    if section == "tags" || key.module.is_none() && !hub.deployments.is_empty() {
-        // Tags select deployments.
+    if !hub.deployments.is_empty() {
+        // Tags select deployments, and a desired change may touch a key one owns.
         crate::deploy::targeted::reconcile(hub, vec![key.device.clone()])
             .await
             .map_err(ApiError::Internal)?;

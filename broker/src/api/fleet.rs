@@ -1,5 +1,7 @@
 //! `/products` and their `/groups`: the API over [`crate::fleet`].
 
+use std::collections::BTreeMap;
+
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -85,8 +87,7 @@ fn group_json(hub: &SharedHub, g: &DeviceGroup, devices: usize) -> Value {
     v
 }
 
-fn product_json(hub: &SharedHub, p: &Product) -> Value {
-    let counts = hub.fleet.device_counts(&hub.registry);
+fn product_json(hub: &SharedHub, p: &Product, counts: &BTreeMap<String, usize>) -> Value {
     let groups: Vec<Value> = hub
         .fleet
         .groups_of(&p.id)
@@ -118,15 +119,21 @@ async fn create_product(
             .create_product(&body.name, body.description, !body.no_default_groups)
     })
     .await??;
-    Ok((StatusCode::CREATED, Json(product_json(&hub, &product))).into_response())
+    let counts = hub.fleet.device_counts(&hub.registry);
+    Ok((
+        StatusCode::CREATED,
+        Json(product_json(&hub, &product, &counts)),
+    )
+        .into_response())
 }
 
 async fn list_products(State(hub): State<SharedHub>) -> Json<Value> {
+    let counts = hub.fleet.device_counts(&hub.registry);
     let items: Vec<Value> = hub
         .fleet
         .products()
         .iter()
-        .map(|p| product_json(&hub, p))
+        .map(|p| product_json(&hub, p, &counts))
         .collect();
     Json(json!({ "items": items }))
 }
@@ -142,7 +149,8 @@ async fn get_product(
     Path(product): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let p = require_product(&hub, &product)?;
-    Ok(Json(product_json(&hub, &p)))
+    let counts = hub.fleet.device_counts(&hub.registry);
+    Ok(Json(product_json(&hub, &p, &counts)))
 }
 
 #[derive(Deserialize)]
@@ -163,7 +171,8 @@ async fn update_product(
             .update_product(&product, body.name.as_deref(), body.description)
     })
     .await??;
-    Ok(Json(product_json(&hub, &p)))
+    let counts = hub.fleet.device_counts(&hub.registry);
+    Ok(Json(product_json(&hub, &p, &counts)))
 }
 
 async fn delete_product(

@@ -499,7 +499,7 @@ impl Deployments {
     fn targeted_in_order(&self, hub: &Hub, c: &Compiled) -> Vec<String> {
         let mut v: Vec<(u64, String)> = super::all_devices(hub)
             .into_iter()
-            .filter(|d| matches_device(hub, c, d))
+            .filter(|d| DeviceView::new(hub, d).matches(c))
             .map(|d| rollout_order(d.as_str()))
             .collect();
         v.sort();
@@ -706,16 +706,29 @@ fn twin_key(device: &DeviceId, target: &Target) -> Option<IdentityKey> {
     }
 }
 
-fn matches_device(hub: &Hub, c: &Compiled, device: &DeviceId) -> bool {
-    let key = IdentityKey::device(device.clone());
-    let twin = hub.twins.get(&key);
-    let group = hub.registry.get(&key).and_then(|i| hub.group_path(&i));
-    let view = crate::twin::view::QueryView {
-        key: &key,
-        twin: &twin,
-        device_group: group.as_deref(),
-    };
-    c.condition.matches(&view)
+/// What target conditions look at for one device, gathered once however many deployments
+/// are checked against it.
+struct DeviceView {
+    key: IdentityKey,
+    twin: Arc<crate::twin::Twin>,
+    group: Option<String>,
+}
+
+impl DeviceView {
+    fn new(hub: &Hub, device: &DeviceId) -> DeviceView {
+        let key = IdentityKey::device(device.clone());
+        let twin = hub.twins.get(&key);
+        let group = hub.registry.get(&key).and_then(|i| hub.group_path(&i));
+        DeviceView { key, twin, group }
+    }
+
+    fn matches(&self, c: &Compiled) -> bool {
+        c.condition.matches(&crate::twin::view::QueryView {
+            key: &self.key,
+            twin: &self.twin,
+            device_group: self.group.as_deref(),
+        })
+    }
 }
 
 /// Whether the device reported applying the deployment's content: `Some(true)` for code 200,
@@ -744,9 +757,10 @@ fn compute(
     prev: &DeviceState,
 ) -> (DeviceState, BTreeMap<Target, Map<String, Value>>) {
     let exists = |id: &str| all.iter().any(|c| c.d.id == id);
+    let view = DeviceView::new(hub, device);
     let matching: HashSet<&str> = all
         .iter()
-        .filter(|c| matches_device(hub, c, device))
+        .filter(|c| view.matches(c))
         .map(|c| c.d.id.as_str())
         .collect();
     let eligible = |c: &Compiled| matching.contains(c.d.id.as_str()) && c.in_scope(device.as_str());
@@ -881,7 +895,7 @@ pub fn status(hub: &Hub, c: &Compiled) -> Value {
     let mut success = Vec::new();
     let mut failed = Vec::new();
     for device in super::all_devices(hub) {
-        if matches_device(hub, c, &device) {
+        if DeviceView::new(hub, &device).matches(c) {
             targeted.push(device.as_str().to_string());
         }
         let s = hub.deployments.device_state(device.as_str());
@@ -895,15 +909,15 @@ pub fn status(hub: &Hub, c: &Compiled) -> Value {
         }
     }
     let mut custom = Map::new();
+    let targeted_set: HashSet<&str> = targeted.iter().map(String::as_str).collect();
     for (name, q) in &c.metrics {
         let mut ids = Vec::new();
-        let targeted_set: HashSet<&String> = targeted.iter().collect();
         for entry in hub.registry.identities() {
             let key = crate::registry::key_of(&entry);
             if key.module.is_some() != (q.from == Collection::Modules) {
                 continue;
             }
-            if !targeted_set.contains(&key.device.as_str().to_string()) {
+            if !targeted_set.contains(key.device.as_str()) {
                 continue;
             }
             let twin = hub.twins.get(&key);
