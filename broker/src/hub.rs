@@ -226,9 +226,13 @@ impl Hub {
         if deliveries.is_empty() {
             return Vec::new();
         }
+        let owned;
         let bag = match bag {
-            Some(b) => b.to_string(),
-            None => message.to_bag(),
+            Some(b) => b,
+            None => {
+                owned = message.to_bag();
+                &owned
+            }
         };
         let mut entries = Vec::with_capacity(deliveries.len());
         for d in deliveries {
@@ -249,7 +253,7 @@ impl Hub {
                 sink,
                 priority: d.priority,
                 ttl_ms: d.ttl_secs.saturating_mul(1000),
-                bag: bag.clone(),
+                bag: bag.to_string(),
                 body: message.body.clone(),
             });
         }
@@ -257,14 +261,13 @@ impl Hub {
     }
 
     /// Tells the sinks of freshly committed entries that there is work.
-    pub fn wake_sinks(&self, entries: &[fleethub_router::queue::NewEntry]) {
+    pub fn wake_sinks<'a>(&self, sinks: impl IntoIterator<Item = &'a str>) {
         let mut upstream = false;
         let mut modules: Vec<&str> = Vec::new();
-        for e in entries {
-            if e.sink == crate::upstream::SINK {
+        for sink in sinks {
+            if sink == crate::upstream::SINK {
                 upstream = true;
-            } else if let Some(m) = e
-                .sink
+            } else if let Some(m) = sink
                 .strip_prefix("/modules/")
                 .and_then(|r| r.split('/').next())
             {
@@ -322,14 +325,12 @@ impl Hub {
             return;
         }
         let hub = self.clone();
-        let committed = fleethub_router::queue::Queue::append(
-            &*self.queues,
-            entries.clone(),
-            crate::c2d::now_ms(),
-        );
+        let sinks: Vec<String> = entries.iter().map(|e| e.sink.clone()).collect();
+        let committed =
+            fleethub_router::queue::Queue::append(&*self.queues, entries, crate::c2d::now_ms());
         tokio::spawn(async move {
             match committed.await {
-                Ok(()) => hub.wake_sinks(&entries),
+                Ok(()) => hub.wake_sinks(sinks.iter().map(String::as_str)),
                 Err(e) => tracing::warn!(error = %e, "could not queue a twin change notification"),
             }
         });

@@ -454,11 +454,17 @@ struct C2dDelivery {
     /// Per input queue, the last key handed out: refills after an ack continue from there;
     /// a wake (new entries committed) starts again from the head.
     inputs_cursor: HashMap<String, fleethub_router::queue::EntryKey>,
+    /// Routed messages the module acknowledged in the read batch being handled: removed
+    /// from their queues and replaced in the window together, once per batch, not per ack.
+    inputs_acked: Vec<fleethub_router::queue::EntryKey>,
 }
 
 const C2D_WINDOW: usize = 16;
-/// Routed messages in flight to one module at once.
-const INPUT_WINDOW: usize = 100;
+/// Routed messages in flight to one module at once. A module reads for many publishers, and
+/// its connection task gets a turn like each of theirs: with a window of 100 it fell behind
+/// 20 publishing devices (a backlog of 100k entries in the routed benchmark), with 1000 it
+/// keeps up (p50 latency 386 ms -> 13 ms). Unacknowledged entries stay queued either way.
+const INPUT_WINDOW: usize = 1000;
 const C2D_PKID_BASE: u16 = 1000;
 
 impl C2dDelivery {
@@ -523,10 +529,13 @@ impl Session {
                 Ok(true) => deadline = Instant::now() + self.keep_alive.unwrap_or(far),
                 Ok(false) => {}
                 Err(reason) => {
+                    // Acks read before the bad packet still count: no redelivery for them.
+                    self.inputs_acked_flush(&mut wbuf);
                     let _ = write_all(writer, &mut wbuf).await;
                     return reason;
                 }
             }
+            self.inputs_acked_flush(&mut wbuf);
             self.stage_acks(&mut commits, &mut wbuf);
             if write_all(writer, &mut wbuf).await.is_err() {
                 return "write failed";
@@ -615,15 +624,21 @@ impl Session {
             return;
         }
         let entries = std::mem::take(&mut self.queued);
-        let committed = fleethub_router::queue::Queue::append(
-            &*self.hub.queues,
-            entries.clone(),
-            crate::c2d::now_ms(),
-        );
+        // What to wake once committed: the few distinct sinks, not a copy of the entries.
+        let mut sinks: Vec<String> = Vec::new();
+        for e in &entries {
+            if !sinks.contains(&e.sink) {
+                sinks.push(e.sink.clone());
+            }
+        }
+        let count = entries.len() as u64;
+        let committed =
+            fleethub_router::queue::Queue::append(&*self.hub.queues, entries, crate::c2d::now_ms());
         commits.push_back(PendingCommit {
             committed,
             acks,
-            entries,
+            sinks,
+            count,
         });
     }
 
@@ -636,15 +651,12 @@ impl Session {
     ) {
         match result {
             Ok(()) => {
-                self.hub.wake_sinks(&batch.entries);
+                self.hub.wake_sinks(batch.sinks.iter().map(String::as_str));
                 write_acks(&batch.acks, wbuf);
             }
             Err(e) => {
                 // Not stored, so not acknowledged: the device sends them again.
-                self.hub
-                    .metrics
-                    .queue_refused
-                    .inc_by(batch.entries.len() as u64);
+                self.hub.metrics.queue_refused.inc_by(batch.count);
                 if !matches!(e, fleethub_router::queue::QueueError::Full) {
                     warn!(error = %e, "could not queue routed messages");
                 }
@@ -983,15 +995,11 @@ impl Session {
     /// The device acknowledged a C2D message: it leaves the queue.
     fn c2d_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
         if let Some(key) = self.c2d.inputs_inflight.remove(&pkid) {
-            // A module took a routed message: it leaves its queue.
+            // A module took a routed message: it leaves its queue with the rest of the batch
+            // (`inputs_acked_flush`).
             self.c2d.inputs_keys.remove(&key);
-            self.hub
-                .metrics
-                .sink_messages
-                .with_label_values(&[&key.sink, "delivered"])
-                .inc();
-            fleethub_router::queue::Queue::remove(&*self.hub.queues, vec![key]);
-            return self.inputs_fill(wbuf);
+            self.c2d.inputs_acked.push(key);
+            return;
         }
         let Some(pos) = self.c2d.inflight.iter().position(|(p, _)| *p == pkid) else {
             return;
@@ -1013,6 +1021,25 @@ impl Session {
                 .inc();
         }
         self.c2d_fill(wbuf);
+    }
+
+    /// The routed messages acknowledged in this read batch leave their queues (one call),
+    /// are counted (one metric update per sink) and the window is refilled once.
+    fn inputs_acked_flush(&mut self, wbuf: &mut BytesMut) {
+        if self.c2d.inputs_acked.is_empty() {
+            return;
+        }
+        let mut acked = std::mem::take(&mut self.c2d.inputs_acked);
+        acked.sort_by(|a, b| a.sink.cmp(&b.sink));
+        for run in acked.chunk_by(|a, b| a.sink == b.sink) {
+            self.hub
+                .metrics
+                .sink_messages
+                .with_label_values(&[&run[0].sink, "delivered"])
+                .inc_by(run.len() as u64);
+        }
+        fleethub_router::queue::Queue::remove(&*self.hub.queues, acked);
+        self.inputs_fill(wbuf);
     }
 
     /// Delivers routed messages from this module's input queues (`/modules/{m}/inputs/*`),
@@ -1058,6 +1085,7 @@ impl Session {
                 }
             };
             let input = &sink[prefix.len()..];
+            let last = peeked.entries.last().map(|e| e.key.clone());
             for entry in peeked.entries {
                 let topic = format!(
                     "devices/{}/modules/{module}/inputs/{input}/{}",
@@ -1067,10 +1095,10 @@ impl Session {
                 let p = publish_with(&topic, &entry.body, QoS::AtLeastOnce, pkid, false);
                 let _ = V4.write(Packet::Publish(p, None), wbuf);
                 self.c2d.inputs_keys.insert(entry.key.clone());
-                self.c2d
-                    .inputs_cursor
-                    .insert(sink.clone(), entry.key.clone());
                 self.c2d.inputs_inflight.insert(pkid, entry.key);
+            }
+            if let Some(last) = last {
+                self.c2d.inputs_cursor.insert(sink, last);
             }
         }
     }
@@ -1345,7 +1373,9 @@ async fn next_notification(
 struct PendingCommit {
     committed: fleethub_router::queue::AppendFuture,
     acks: Vec<u16>,
-    entries: Vec<fleethub_router::queue::NewEntry>,
+    /// The distinct sinks the batch's entries went to, woken once they are committed.
+    sinks: Vec<String>,
+    count: u64,
 }
 
 /// Waits for the oldest pending commit and takes it off the queue.

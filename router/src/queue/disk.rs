@@ -1,15 +1,26 @@
-//! The durable queue: redb, one writer thread.
+//! The durable queue: a write-ahead log in front of redb.
 //!
-//! The writer takes every job waiting (appends from many connections, removals of delivered
-//! and expired entries), applies them in one write transaction and commits once: one fsync
-//! for the whole batch (group commit). An append's future resolves only after its commit, so
-//! what the hub acknowledges is on disk. Readers use read transactions and never wait for the
-//! writer. Counters (depth, bytes per sink) live in memory and are rebuilt by one scan at
-//! open; message data never does, so memory stays flat however deep a queue gets.
+//! Why two layers: a sink that keeps up takes each message milliseconds after it arrived, so
+//! most entries live far shorter than a B-tree insert and delete cost to make (redb's
+//! copy-on-write pages made that the whole gap between routed and bare-broker throughput).
+//! Appends therefore go to the [`log`] (one `write` and one `fdatasync` per group-committed
+//! batch) and are served from memory; entries that outstay the memory budget (a sink offline
+//! or slow) move to redb, where depth costs disk, not RAM. So memory stays bounded however
+//! deep the queues get, and a backlog drains from redb exactly as before.
+//!
+//! Invariants the code relies on:
+//! - every entry is in exactly one of: the log and memory (`hot`), or redb (`stored`);
+//! - sequence numbers only grow, and entries move to redb a whole log generation at a time,
+//!   oldest first, so every stored entry of a sink is older than its hot ones;
+//! - an append's future resolves only after the batch holding it was synced; a removal is
+//!   applied in memory at once (never handed out again) and logged with the next batch;
+//! - at open, the log is replayed into redb and deleted: restart is a plain redb queue.
 
-use std::collections::HashSet;
+mod log;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
@@ -19,6 +30,9 @@ use super::*;
 /// Key: (sink, priority, seq). Value: enqueued ms, expires ms, bag length (u32), bag, body.
 const QUEUE: TableDefinition<(&str, u8, u64), &[u8]> = TableDefinition::new("queue");
 const MAX_BATCH: usize = 4096;
+/// Sealed log generations kept before the oldest one's live entries move to redb: bounds the
+/// log's disk use to about this many segments plus the one being written.
+const MAX_SEALED: usize = 4;
 
 enum Job {
     Append {
@@ -26,25 +40,110 @@ enum Job {
         now_ms: u64,
         reply: oneshot::Sender<Result<(), QueueError>>,
     },
-    Remove(Vec<EntryKey>),
-    Expire(Vec<EntryKey>),
+    /// Removals are waiting in the shared state.
+    Wake,
+}
+
+/// An entry served from memory: synced to the log, not in redb.
+#[derive(Clone)]
+struct HotEntry {
+    enqueued_ms: u64,
+    expires_ms: u64,
+    bag: String,
+    body: Bytes,
+    generation: u64,
+}
+
+/// Why an entry leaves redb, which decides what is counted once it is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    Delivered,
+    Expired,
+    /// A quota drop, counted when it was chosen.
+    Counted,
+}
+
+/// What readers, removers and the writer share (one lock).
+#[derive(Default)]
+struct State {
+    counters: Counters,
+    /// Per sink, the entries served from memory, in delivery order (priority, seq).
+    hot: HashMap<String, BTreeMap<(u8, u64), HotEntry>>,
+    hot_bytes: u64,
+    /// Per log generation, how many of its entries are still hot.
+    live: BTreeMap<u64, u64>,
+    /// Per sink, how many entries are in redb.
+    stored: HashMap<String, u64>,
+    /// Removal records to write with the next batch.
+    log_removes: Vec<EntryKey>,
+    /// redb entries to delete with the next batch.
+    stored_removes: Vec<(EntryKey, Leaving)>,
+    /// Stored keys leaving redb whose delete is not committed yet: never handed out again.
+    removing: HashSet<EntryKey>,
+}
+
+impl State {
+    /// Takes a hot entry out of memory, with its counters.
+    fn take_hot(&mut self, key: &EntryKey) -> Option<HotEntry> {
+        let map = self.hot.get_mut(key.sink.as_str())?;
+        let e = map.remove(&(key.priority, key.seq))?;
+        if map.is_empty() {
+            self.hot.remove(key.sink.as_str());
+        }
+        let size = entry_size(&e.bag, &e.body);
+        self.hot_bytes = self.hot_bytes.saturating_sub(size);
+        if let Some(n) = self.live.get_mut(&e.generation) {
+            *n = n.saturating_sub(1);
+        }
+        self.uncount(&key.sink, size);
+        Some(e)
+    }
+
+    fn uncount(&mut self, sink: &str, size: u64) {
+        self.counters.total = self.counters.total.saturating_sub(size);
+        let s = self.counters.stat(sink);
+        s.depth = s.depth.saturating_sub(1);
+        s.bytes = s.bytes.saturating_sub(size);
+    }
+
+    fn stored_in(&self, sink: &str) -> u64 {
+        self.stored.get(sink).copied().unwrap_or(0)
+    }
+
+    /// Removes an entry wherever it is; true when the writer has to be woken for it.
+    fn remove(&mut self, key: EntryKey, leaving: Leaving) -> bool {
+        let idle = self.log_removes.is_empty() && self.stored_removes.is_empty();
+        if self.take_hot(&key).is_some() {
+            if leaving == Leaving::Expired {
+                self.counters.stat(&key.sink).dropped_expired += 1;
+            }
+            self.log_removes.push(key);
+        } else if self.stored_in(&key.sink) > 0 && !self.removing.contains(&key) {
+            self.removing.insert(key.clone());
+            self.stored_removes.push((key, leaving));
+        } else {
+            return false;
+        }
+        idle
+    }
 }
 
 pub struct DiskQueue {
     db: Arc<Database>,
+    state: Arc<Mutex<State>>,
     /// `None` once closing: dropping the sender ends the writer thread.
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Option<std::thread::JoinHandle<()>>,
-    /// Keys handed to `remove` whose removal is not committed yet: `peek` must not hand them
-    /// out again meanwhile (that would be a duplicate delivery).
-    removing: Arc<Mutex<HashSet<EntryKey>>>,
-    counters: Arc<Mutex<Counters>>,
     /// Set when the store could not be opened and was moved aside (shown to operators).
     pub recovered_from: Option<PathBuf>,
 }
 
 fn err(e: impl std::fmt::Display) -> QueueError {
     QueueError::Store(e.to_string())
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn encode(enqueued_ms: u64, expires_ms: u64, bag: &str, body: &[u8]) -> Vec<u8> {
@@ -74,47 +173,130 @@ fn decode(key: EntryKey, v: &[u8]) -> Option<Entry> {
     })
 }
 
-impl DiskQueue {
-    /// Opens (or creates) the queue store at `path`. A file that cannot be opened (torn or
-    /// truncated beyond what redb repairs) is moved aside and a new one started, so the hub
-    /// always starts; `recovered_from` says where the old file went.
-    pub fn open(path: &Path, limits: Limits) -> Result<DiskQueue, QueueError> {
-        // redb asserts on some damaged files (a truncated one panics in its page manager):
-        // at this boundary a panic is just another kind of damage.
-        let opened = std::panic::catch_unwind(|| {
-            redb::Builder::new()
-                .set_cache_size(limits.cache_bytes)
-                .create(path)
-        })
-        .unwrap_or_else(|p| {
-            let why = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic while opening".into());
-            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
-                why,
-            )))
-        });
-        let (db, recovered_from) = match opened {
-            Ok(db) => match check(&db) {
-                Ok(()) => (db, None),
-                Err(e) => {
-                    drop(db);
-                    set_aside(path, &e.to_string(), limits.cache_bytes)?
-                }
-            },
-            // Another process (or a queue not yet closed) holds it: never a reason to discard.
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(QueueError::Store(format!(
-                    "{} is already open",
-                    path.display()
-                )));
+/// Where the log of the store at `path` lives: a directory beside it.
+fn log_dir(path: &Path) -> PathBuf {
+    path.with_extension("log")
+}
+
+/// Opens redb, moving a damaged file aside.
+fn open_store(path: &Path, cache_bytes: usize) -> Result<(Database, Option<PathBuf>), QueueError> {
+    // redb asserts on some damaged files (a truncated one panics in its page manager):
+    // at this boundary a panic is just another kind of damage.
+    let opened = std::panic::catch_unwind(|| {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+    })
+    .unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic while opening".into());
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
+            why,
+        )))
+    });
+    match opened {
+        Ok(db) => match check(&db) {
+            Ok(()) => Ok((db, None)),
+            Err(e) => {
+                drop(db);
+                set_aside(path, &e.to_string(), cache_bytes)
             }
-            Err(e) => set_aside(path, &e.to_string(), limits.cache_bytes)?,
+        },
+        // Another process (or a queue not yet closed) holds it: never a reason to discard.
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(QueueError::Store(format!(
+            "{} is already open",
+            path.display()
+        ))),
+        Err(e) => set_aside(path, &e.to_string(), cache_bytes),
+    }
+}
+
+/// Moves every entry the log holds into redb, then deletes the log: after a crash or a clean
+/// stop alike, the queue starts with its entries in redb and an empty log. Returns the
+/// highest sequence number seen and the next generation number.
+fn replay(db: &Database, dir: &Path) -> Result<(u64, u64), QueueError> {
+    let generations = log::generations(dir)?;
+    let mut live: BTreeMap<u64, log::Record> = BTreeMap::new();
+    let (mut max_seq, mut next_gen) = (0u64, 1u64);
+    for (id, path) in &generations {
+        next_gen = next_gen.max(id + 1);
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!(
+                    "store-and-forward log {} could not be read ({e}); skipped",
+                    path.display()
+                );
+                continue;
+            }
         };
+        let (records, rest) = log::read(&bytes);
+        if rest > 0 {
+            // A torn tail holds no acknowledged entry: acks follow a whole batch's sync.
+            eprintln!(
+                "store-and-forward log {}: {rest} bytes at its end are not a whole record; ignored",
+                path.display()
+            );
+        }
+        for r in records {
+            match r {
+                log::Record::Append { ref key, .. } => {
+                    max_seq = max_seq.max(key.seq);
+                    live.insert(key.seq, r);
+                }
+                log::Record::Remove(key) => {
+                    live.remove(&key.seq);
+                }
+            }
+        }
+    }
+    if !live.is_empty() {
+        let tx = db.begin_write().map_err(err)?;
+        {
+            let mut table = tx.open_table(QUEUE).map_err(err)?;
+            for r in live.values() {
+                if let log::Record::Append {
+                    key,
+                    enqueued_ms,
+                    expires_ms,
+                    bag,
+                    body,
+                } = r
+                {
+                    let value = encode(*enqueued_ms, *expires_ms, bag, body);
+                    table
+                        .insert((key.sink.as_str(), key.priority, key.seq), value.as_slice())
+                        .map_err(err)?;
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+    }
+    for (_, path) in &generations {
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    if !generations.is_empty() {
+        log::sync_dir(dir)?;
+    }
+    Ok((max_seq, next_gen))
+}
+
+impl DiskQueue {
+    /// Opens (or creates) the queue store at `path` and its log beside it. A store file that
+    /// cannot be opened (torn or truncated beyond what redb repairs) is moved aside and a new
+    /// one started, so the hub always starts; `recovered_from` says where the old file went.
+    pub fn open(path: &Path, limits: Limits) -> Result<DiskQueue, QueueError> {
+        // Half the memory budget is redb's page cache, half the entries served from the log.
+        let cache = limits.cache_bytes / 2;
+        let (db, recovered_from) = open_store(path, cache)?;
+        let dir = log_dir(path);
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let (log_max_seq, next_gen) = replay(&db, &dir)?;
         let db = Arc::new(db);
-        let mut counters = Counters::default();
+        let mut st = State::default();
         {
             let tx = db.begin_read().map_err(err)?;
             let table = tx.open_table(QUEUE).map_err(err)?;
@@ -122,30 +304,49 @@ impl DiskQueue {
                 let (k, v) = row.map_err(err)?;
                 let (sink, _, seq) = k.value();
                 let entry_bytes = stored_size(v.value());
-                counters.total += entry_bytes;
-                counters.next_seq = counters.next_seq.max(seq);
-                let s = counters.stat(sink);
+                st.counters.total += entry_bytes;
+                st.counters.next_seq = st.counters.next_seq.max(seq);
+                let s = st.counters.stat(sink);
                 s.depth += 1;
                 s.bytes += entry_bytes;
+                *st.stored.entry(sink.to_string()).or_default() += 1;
             }
         }
-        let counters = Arc::new(Mutex::new(counters));
+        st.counters.next_seq = st.counters.next_seq.max(log_max_seq);
+        let active = log::Active::create(&dir, next_gen)?;
+        st.live.insert(active.id, 0);
+        let state = Arc::new(Mutex::new(st));
         let (tx, rx) = mpsc::channel();
-        let (wdb, wcounters) = (db.clone(), counters.clone());
-        let removing = Arc::new(Mutex::new(HashSet::new()));
-        let wremoving = removing.clone();
+        let hot_budget = cache as u64;
+        let writer = Writer {
+            db: db.clone(),
+            state: state.clone(),
+            limits,
+            dir,
+            sealed: VecDeque::new(),
+            active,
+            hot_budget,
+            segment_bytes: (hot_budget / 4).clamp(4 * 1024, 16 * 1024 * 1024),
+        };
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())
-            .spawn(move || writer(wdb, wcounters, rx, limits, wremoving))
+            .spawn(move || writer.run(rx))
             .map_err(err)?;
         Ok(DiskQueue {
             db,
+            state,
             jobs: Mutex::new(Some(tx)),
             writer: Some(handle),
-            removing,
-            counters,
             recovered_from,
         })
+    }
+
+    /// Entries in redb, and entries served from memory (tests check both layers are used).
+    #[cfg(test)]
+    pub(crate) fn layers(&self) -> (u64, u64) {
+        let st = lock(&self.state);
+        let hot = st.hot.values().map(|m| m.len() as u64).sum();
+        (st.stored.values().sum(), hot)
     }
 
     fn send(&self, job: Job) -> bool {
@@ -193,11 +394,7 @@ fn stored_size(v: &[u8]) -> u64 {
         .get(16..20)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .unwrap_or(0);
-    entry_size_raw(bag_len, v.len().saturating_sub(20 + bag_len))
-}
-
-fn entry_size_raw(bag_len: usize, body_len: usize) -> u64 {
-    (bag_len + body_len + 32) as u64
+    (bag_len + v.len().saturating_sub(20 + bag_len) + 32) as u64
 }
 
 /// Opens the table once so a damaged file shows up at open, not later.
@@ -213,189 +410,419 @@ fn check(db: &Database) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// The oldest entry of the lowest priority, in one sink or in all.
-fn victim(
-    table: &redb::Table<(&str, u8, u64), &[u8]>,
-    counters: &Counters,
-    sink: Option<&str>,
-) -> Option<(EntryKey, u64)> {
-    for p in (0..=9u8).rev() {
-        let mut best: Option<(EntryKey, u64)> = None;
-        for s in counters
-            .sinks
-            .values()
-            .filter(|s| s.depth > 0 && sink.is_none_or(|x| x == s.sink))
-        {
-            let mut range = table
-                .range((s.sink.as_str(), p, 0u64)..=(s.sink.as_str(), p, u64::MAX))
-                .ok()?;
-            if let Some(Ok((k, v))) = range.next() {
-                let (sk, pr, seq) = k.value();
-                let size = stored_size(v.value());
-                if best.as_ref().is_none_or(|(b, _)| seq < b.seq) {
-                    best = Some((
-                        EntryKey {
-                            sink: sk.to_string(),
-                            priority: pr,
-                            seq,
-                        },
-                        size,
-                    ));
-                }
-            }
-        }
-        if best.is_some() {
-            return best;
-        }
-    }
-    None
+/// The next entry to drop for the quota: the oldest of the lowest priority, in one sink or
+/// in all, wherever it is (redb, memory, or this batch).
+#[derive(Debug)]
+enum Victim {
+    Stored(EntryKey, u64),
+    Hot(EntryKey),
+    Staged(usize),
 }
 
-fn writer(
+/// The writer thread's own state: the log files and the limits.
+struct Writer {
     db: Arc<Database>,
-    shared: Arc<Mutex<Counters>>,
-    rx: mpsc::Receiver<Job>,
+    state: Arc<Mutex<State>>,
     limits: Limits,
-    removing: Arc<Mutex<HashSet<EntryKey>>>,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+    dir: PathBuf,
+    /// Sealed generations, oldest first.
+    sealed: VecDeque<u64>,
+    active: log::Active,
+    hot_budget: u64,
+    segment_bytes: u64,
+}
+
+/// Entries of the batch being written, with where each body sits in the log buffer: once
+/// synced they are served from memory with their bodies sliced out of that buffer, so a
+/// queued body holds no socket read buffer (of which it may be a small part) alive.
+type Staged = Vec<(EntryKey, HotEntry, std::ops::Range<usize>)>;
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.apply(batch);
+            if let Err(e) = self.maintain() {
+                eprintln!("store-and-forward log maintenance failed: {e}");
             }
         }
-        let mut c = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // Closing: log the last removals, so a clean stop delivers nothing twice.
+        self.apply(Vec::new());
+        let _ = self.active.write(&[], true);
+    }
+
+    /// One group commit: removals, then appends, one write and one sync.
+    fn apply(&mut self, batch: Vec<Job>) {
+        let mut buf = Vec::new();
+        let mut staged: Staged = Vec::new();
         let mut replies = Vec::new();
-        let removed: Vec<EntryKey> = batch
-            .iter()
-            .filter_map(|j| match j {
-                Job::Remove(keys) => Some(keys.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        let result = (|| -> Result<(), QueueError> {
-            let tx = db.begin_write().map_err(err)?;
-            {
-                let mut table = tx.open_table(QUEUE).map_err(err)?;
-                for job in batch {
-                    match job {
-                        Job::Remove(keys) | Job::Expire(keys) if keys.is_empty() => {}
-                        Job::Remove(keys) => {
-                            for k in keys {
-                                remove(&mut table, &mut c, &k, false)?;
-                            }
-                        }
-                        Job::Expire(keys) => {
-                            for k in keys {
-                                remove(&mut table, &mut c, &k, true)?;
-                            }
-                        }
-                        Job::Append {
-                            entries,
-                            now_ms,
-                            reply,
-                        } => match append(&mut table, &mut c, entries, now_ms, &limits) {
-                            // A store error mid-append aborts the whole batch: nothing half-written.
-                            Err(QueueError::Store(e)) => return Err(QueueError::Store(e)),
-                            outcome => replies.push((reply, outcome)),
-                        },
-                    }
+        let stored_removes = {
+            let mut st = lock(&self.state);
+            for job in batch {
+                if let Job::Append {
+                    entries,
+                    now_ms,
+                    reply,
+                } = job
+                {
+                    let outcome = self.append(&mut st, entries, now_ms, &mut buf, &mut staged);
+                    replies.push((reply, outcome));
                 }
             }
-            tx.commit().map_err(err)
-        })();
-        match result {
+            for k in st.log_removes.drain(..) {
+                log::encode_remove(&mut buf, &k);
+            }
+            std::mem::take(&mut st.stored_removes)
+        };
+        if !stored_removes.is_empty() {
+            self.delete_stored(stored_removes);
+        }
+        let buf = Bytes::from(buf);
+        match self.active.write(&buf, !staged.is_empty()) {
             Ok(()) => {
-                *shared.lock().unwrap_or_else(|e| e.into_inner()) = c;
-                let mut pending = removing.lock().unwrap_or_else(|e| e.into_inner());
-                for k in &removed {
-                    pending.remove(k);
+                let mut st = lock(&self.state);
+                let generation = self.active.id;
+                *st.live.entry(generation).or_default() += staged.len() as u64;
+                for (key, mut e, body) in staged {
+                    e.generation = generation;
+                    e.body = buf.slice(body);
+                    st.hot_bytes += entry_size(&e.bag, &e.body);
+                    st.hot
+                        .entry(key.sink)
+                        .or_default()
+                        .insert((key.priority, key.seq), e);
                 }
-                drop(pending);
+                drop(st);
                 for (reply, outcome) in replies {
                     let _ = reply.send(outcome);
                 }
             }
             Err(e) => {
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(e.clone()));
+                let mut st = lock(&self.state);
+                for (key, e, _) in &staged {
+                    st.uncount(&key.sink, entry_size(&e.bag, &e.body));
+                }
+                drop(st);
+                for (reply, outcome) in replies {
+                    let _ = reply.send(outcome.and(Err(e.clone())));
                 }
             }
         }
     }
-}
 
-fn remove(
-    table: &mut redb::Table<(&str, u8, u64), &[u8]>,
-    c: &mut Counters,
-    k: &EntryKey,
-    expired: bool,
-) -> Result<(), QueueError> {
-    let removed = table
-        .remove((k.sink.as_str(), k.priority, k.seq))
-        .map_err(err)?;
-    if let Some(v) = removed {
-        let v = v.value();
-        let size = stored_size(v);
-        c.total = c.total.saturating_sub(size);
-        let s = c.stat(&k.sink);
-        s.depth = s.depth.saturating_sub(1);
-        s.bytes = s.bytes.saturating_sub(size);
-        if expired {
-            s.dropped_expired += 1;
+    /// Stages one append: quota first, then the records in `buf`.
+    fn append(
+        &self,
+        st: &mut State,
+        entries: Vec<NewEntry>,
+        now_ms: u64,
+        buf: &mut Vec<u8>,
+        staged: &mut Staged,
+    ) -> Result<(), QueueError> {
+        let limits = &self.limits;
+        if limits.when_full == WhenFull::Refuse {
+            let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
+            let sink_over = entries.iter().any(|e| {
+                st.counters
+                    .over(limits, Some(&e.sink), entry_size(&e.bag, &e.body))
+            });
+            if st.counters.over(limits, None, incoming) || sink_over {
+                return Err(QueueError::Full);
+            }
         }
+        for e in entries {
+            let size = entry_size(&e.bag, &e.body);
+            for scope in [Some(e.sink.as_str()), None] {
+                while st.counters.over(limits, scope, size) {
+                    let Some(v) = self.victim(st, staged, scope) else {
+                        break;
+                    };
+                    self.drop_victim(st, staged, v, buf);
+                }
+            }
+            st.counters.next_seq += 1;
+            let key = EntryKey {
+                sink: e.sink,
+                priority: e.priority,
+                seq: st.counters.next_seq,
+            };
+            let expires_ms = now_ms.saturating_add(e.ttl_ms);
+            log::encode_append(buf, &key, now_ms, expires_ms, &e.bag, &e.body);
+            let body = buf.len() - e.body.len()..buf.len();
+            st.counters.total += size;
+            let s = st.counters.stat(&key.sink);
+            s.depth += 1;
+            s.bytes += size;
+            staged.push((
+                key,
+                HotEntry {
+                    enqueued_ms: now_ms,
+                    expires_ms,
+                    bag: e.bag,
+                    body: e.body,
+                    generation: 0,
+                },
+                body,
+            ));
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-fn append(
-    table: &mut redb::Table<(&str, u8, u64), &[u8]>,
-    c: &mut Counters,
-    entries: Vec<NewEntry>,
-    now_ms: u64,
-    limits: &Limits,
-) -> Result<(), QueueError> {
-    let over = |c: &Counters, sink: Option<&str>, add: u64| c.over(limits, sink, add);
-    if limits.when_full == WhenFull::Refuse {
-        let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
-        let sink_over = entries
-            .iter()
-            .any(|e| over(c, Some(&e.sink), entry_size(&e.bag, &e.body)));
-        if over(c, None, incoming) || sink_over {
-            return Err(QueueError::Full);
+    /// The oldest entry of the lowest priority (9 first), in one sink or in all.
+    fn victim(&self, st: &State, staged: &Staged, sink: Option<&str>) -> Option<Victim> {
+        let in_scope = |s: &str| sink.is_none_or(|x| x == s);
+        for p in (0..=9u8).rev() {
+            // (seq, victim): the smallest seq wins.
+            let mut best: Option<(u64, Victim)> = None;
+            let mut offer = |seq: u64, v: Victim| {
+                if best.as_ref().is_none_or(|(b, _)| seq < *b) {
+                    best = Some((seq, v));
+                }
+            };
+            for (s, n) in &st.stored {
+                if *n == 0 || !in_scope(s) {
+                    continue;
+                }
+                if let Some((key, size)) = self.first_stored(st, s, p) {
+                    offer(key.seq, Victim::Stored(key, size));
+                }
+            }
+            for (s, map) in &st.hot {
+                if !in_scope(s) {
+                    continue;
+                }
+                if let Some((&(_, seq), _)) = map.range((p, 0)..=(p, u64::MAX)).next() {
+                    let key = EntryKey {
+                        sink: s.clone(),
+                        priority: p,
+                        seq,
+                    };
+                    offer(seq, Victim::Hot(key));
+                }
+            }
+            if let Some(i) = staged
+                .iter()
+                .position(|(k, _, _)| k.priority == p && in_scope(&k.sink))
+            {
+                offer(staged[i].0.seq, Victim::Staged(i));
+            }
+            if let Some((_, v)) = best {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// The oldest stored entry of `sink` at priority `p` not already leaving.
+    fn first_stored(&self, st: &State, sink: &str, p: u8) -> Option<(EntryKey, u64)> {
+        let tx = self.db.begin_read().ok()?;
+        let table = tx.open_table(QUEUE).ok()?;
+        let range = table.range((sink, p, 0u64)..=(sink, p, u64::MAX)).ok()?;
+        for row in range {
+            let (k, v) = row.ok()?;
+            let (s, priority, seq) = k.value();
+            let key = EntryKey {
+                sink: s.to_string(),
+                priority,
+                seq,
+            };
+            if !st.removing.contains(&key) {
+                return Some((key, stored_size(v.value())));
+            }
+        }
+        None
+    }
+
+    fn drop_victim(&self, st: &mut State, staged: &mut Staged, v: Victim, buf: &mut Vec<u8>) {
+        let sink = match v {
+            Victim::Stored(key, size) => {
+                st.uncount(&key.sink, size);
+                let sink = key.sink.clone();
+                st.removing.insert(key.clone());
+                st.stored_removes.push((key, Leaving::Counted));
+                sink
+            }
+            Victim::Hot(key) => {
+                st.take_hot(&key);
+                let sink = key.sink.clone();
+                st.log_removes.push(key);
+                sink
+            }
+            Victim::Staged(i) => {
+                let (key, e, _) = staged.remove(i);
+                st.uncount(&key.sink, entry_size(&e.bag, &e.body));
+                // Its append record is already in the buffer: cancel it in the same batch.
+                log::encode_remove(buf, &key);
+                key.sink
+            }
+        };
+        st.counters.stat(&sink).dropped_quota += 1;
+    }
+
+    /// Deletes entries from redb in one transaction. Failed deletes are retried with the next
+    /// batch (their keys stay in `removing`, so they are not handed out meanwhile).
+    fn delete_stored(&self, removes: Vec<(EntryKey, Leaving)>) {
+        let result = (|| -> Result<Vec<Option<u64>>, QueueError> {
+            let tx = self.db.begin_write().map_err(err)?;
+            let mut sizes = Vec::with_capacity(removes.len());
+            {
+                let mut table = tx.open_table(QUEUE).map_err(err)?;
+                for (k, _) in &removes {
+                    let old = table
+                        .remove((k.sink.as_str(), k.priority, k.seq))
+                        .map_err(err)?;
+                    sizes.push(old.map(|v| stored_size(v.value())));
+                }
+            }
+            tx.commit().map_err(err)?;
+            Ok(sizes)
+        })();
+        let mut st = lock(&self.state);
+        match result {
+            Ok(sizes) => {
+                for ((k, leaving), size) in removes.into_iter().zip(sizes) {
+                    st.removing.remove(&k);
+                    let Some(size) = size else { continue };
+                    if let Some(n) = st.stored.get_mut(&k.sink) {
+                        *n = n.saturating_sub(1);
+                    }
+                    match leaving {
+                        Leaving::Counted => {}
+                        Leaving::Delivered => st.uncount(&k.sink, size),
+                        Leaving::Expired => {
+                            st.uncount(&k.sink, size);
+                            st.counters.stat(&k.sink).dropped_expired += 1;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("store-and-forward store: removals not committed ({e}); retrying");
+                st.stored_removes.extend(removes);
+            }
         }
     }
-    for e in entries {
-        let size = entry_size(&e.bag, &e.body);
-        while over(c, Some(&e.sink), size) {
-            let Some((v, _)) = victim(table, c, Some(&e.sink)) else {
-                break;
-            };
-            remove(table, c, &v, false)?;
-            c.stat(&v.sink).dropped_quota += 1;
+
+    /// Starts a new log generation when the current one is full, deletes generations whose
+    /// entries are all gone, and moves the oldest generation's live entries to redb when
+    /// memory or the log's length is over budget.
+    fn maintain(&mut self) -> Result<(), QueueError> {
+        if self.active.len >= self.segment_bytes {
+            self.rotate()?;
         }
-        while over(c, None, size) {
-            let Some((v, _)) = victim(table, c, None) else {
-                break;
-            };
-            remove(table, c, &v, false)?;
-            c.stat(&v.sink).dropped_quota += 1;
+        loop {
+            let mut deleted = false;
+            while let Some(&oldest) = self.sealed.front() {
+                let live = lock(&self.state).live.get(&oldest).copied().unwrap_or(0);
+                if live > 0 {
+                    break;
+                }
+                self.delete_generation(oldest)?;
+                deleted = true;
+            }
+            if deleted {
+                log::sync_dir(&self.dir)?;
+            }
+            let over_memory = lock(&self.state).hot_bytes > self.hot_budget;
+            if !over_memory && self.sealed.len() <= MAX_SEALED {
+                return Ok(());
+            }
+            if self.sealed.is_empty() {
+                if self.active.len == 0 {
+                    return Ok(());
+                }
+                self.rotate()?;
+            }
+            if let Some(&oldest) = self.sealed.front() {
+                self.spill(oldest)?;
+            }
         }
-        c.next_seq += 1;
-        let seq = c.next_seq;
-        let value = encode(now_ms, now_ms.saturating_add(e.ttl_ms), &e.bag, &e.body);
-        table
-            .insert((e.sink.as_str(), e.priority, seq), value.as_slice())
-            .map_err(err)?;
-        c.total += size;
-        let s = c.stat(&e.sink);
-        s.depth += 1;
-        s.bytes += size;
     }
-    Ok(())
+
+    fn rotate(&mut self) -> Result<(), QueueError> {
+        let next = log::Active::create(&self.dir, self.active.id + 1)?;
+        lock(&self.state).live.entry(next.id).or_default();
+        let old = std::mem::replace(&mut self.active, next);
+        self.sealed.push_back(old.id);
+        Ok(())
+    }
+
+    /// Deletes the oldest sealed generation (none of its entries is hot any more).
+    fn delete_generation(&mut self, id: u64) -> Result<(), QueueError> {
+        std::fs::remove_file(log::gen_path(&self.dir, id)).map_err(err)?;
+        self.sealed.pop_front();
+        lock(&self.state).live.remove(&id);
+        Ok(())
+    }
+
+    /// Moves the live entries of generation `id` (the oldest) into redb, then deletes it.
+    fn spill(&mut self, id: u64) -> Result<(), QueueError> {
+        let moving: Vec<(EntryKey, HotEntry)> = {
+            let st = lock(&self.state);
+            st.hot
+                .iter()
+                .flat_map(|(sink, map)| {
+                    map.iter()
+                        .filter(|(_, e)| e.generation == id)
+                        .map(|(&(priority, seq), e)| {
+                            let key = EntryKey {
+                                sink: sink.clone(),
+                                priority,
+                                seq,
+                            };
+                            (key, e.clone())
+                        })
+                })
+                .collect()
+        };
+        if !moving.is_empty() {
+            let tx = self.db.begin_write().map_err(err)?;
+            {
+                let mut table = tx.open_table(QUEUE).map_err(err)?;
+                for (k, e) in &moving {
+                    let value = encode(e.enqueued_ms, e.expires_ms, &e.bag, &e.body);
+                    table
+                        .insert((k.sink.as_str(), k.priority, k.seq), value.as_slice())
+                        .map_err(err)?;
+                }
+            }
+            tx.commit().map_err(err)?;
+            let mut st = lock(&self.state);
+            let mut vanished = Vec::new();
+            for (k, e) in moving {
+                let still = st
+                    .hot
+                    .get_mut(k.sink.as_str())
+                    .and_then(|m| m.remove(&(k.priority, k.seq)));
+                if still.is_some() {
+                    if st.hot.get(k.sink.as_str()).is_some_and(|m| m.is_empty()) {
+                        st.hot.remove(k.sink.as_str());
+                    }
+                    st.hot_bytes = st.hot_bytes.saturating_sub(entry_size(&e.bag, &e.body));
+                    *st.stored.entry(k.sink.clone()).or_default() += 1;
+                } else {
+                    // Removed while it was being copied: it must leave redb too. Its counters
+                    // were settled when it was removed.
+                    st.removing.insert(k.clone());
+                    *st.stored.entry(k.sink.clone()).or_default() += 1;
+                    vanished.push((k, Leaving::Counted));
+                }
+            }
+            st.live.insert(id, 0);
+            drop(st);
+            if !vanished.is_empty() {
+                self.delete_stored(vanished);
+            }
+        }
+        self.delete_generation(id)?;
+        log::sync_dir(&self.dir)
+    }
 }
 
 impl Queue for DiskQueue {
@@ -423,76 +850,146 @@ impl Queue for DiskQueue {
         limit: usize,
         now_ms: u64,
     ) -> Result<Peeked, QueueError> {
-        // Pending removals, held for the scan (the writer takes this lock only briefly after
-        // a commit): a key listed here is never handed out again.
-        let removing = self.removing.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = self.db.begin_read().map_err(err)?;
-        let table = tx.open_table(QUEUE).map_err(err)?;
-        let mut out = Peeked::default();
-        let mut expired = Vec::new();
-        let (p0, s0) = after
+        // The lock is held for the whole read, redb included: a removal or a move to redb
+        // cannot slip between the two halves.
+        let mut st = lock(&self.state);
+        let start = after
             .map(|k| (k.priority, k.seq.saturating_add(1)))
             .unwrap_or((0, 0));
-        for row in table
-            .range((sink, p0, s0)..=(sink, u8::MAX, u64::MAX))
-            .map_err(err)?
-        {
-            if out.entries.len() >= limit {
-                break;
-            }
-            let (k, v) = row.map_err(err)?;
-            let (s, priority, seq) = k.value();
-            let key = EntryKey {
-                sink: s.to_string(),
-                priority,
-                seq,
-            };
-            if skip.contains(&key) || removing.contains(&key) {
-                continue;
-            }
-            let Some(entry) = decode(key.clone(), v.value()) else {
-                expired.push(key);
-                continue;
-            };
-            if entry.expires_ms <= now_ms {
-                expired.push(key);
-            } else {
-                out.entries.push(entry);
+        let mut expired = Vec::new();
+        let mut hot = Vec::new();
+        if let Some(map) = st.hot.get(sink) {
+            for (&(priority, seq), e) in map.range(start..) {
+                if hot.len() >= limit {
+                    break;
+                }
+                let key = EntryKey {
+                    sink: sink.to_string(),
+                    priority,
+                    seq,
+                };
+                if skip.contains(&key) {
+                    continue;
+                }
+                if e.expires_ms <= now_ms {
+                    expired.push(key);
+                } else {
+                    hot.push(Entry {
+                        key,
+                        enqueued_ms: e.enqueued_ms,
+                        expires_ms: e.expires_ms,
+                        bag: e.bag.clone(),
+                        body: e.body.clone(),
+                    });
+                }
             }
         }
-        out.expired = expired.len() as u64;
-        if !expired.is_empty() {
-            self.send(Job::Expire(expired));
+        let mut stored = Vec::new();
+        if st.stored_in(sink) > 0 {
+            let tx = self.db.begin_read().map_err(err)?;
+            let table = tx.open_table(QUEUE).map_err(err)?;
+            for row in table
+                .range((sink, start.0, start.1)..=(sink, u8::MAX, u64::MAX))
+                .map_err(err)?
+            {
+                if stored.len() >= limit {
+                    break;
+                }
+                let (k, v) = row.map_err(err)?;
+                let (s, priority, seq) = k.value();
+                let key = EntryKey {
+                    sink: s.to_string(),
+                    priority,
+                    seq,
+                };
+                if skip.contains(&key) || st.removing.contains(&key) {
+                    continue;
+                }
+                match decode(key.clone(), v.value()) {
+                    Some(entry) if entry.expires_ms > now_ms => stored.push(entry),
+                    _ => expired.push(key),
+                }
+            }
+        }
+        // Both halves are in delivery order; merge them.
+        let mut out = Peeked {
+            entries: Vec::with_capacity(limit.min(hot.len() + stored.len())),
+            expired: expired.len() as u64,
+        };
+        let (mut hot, mut stored) = (hot.into_iter().peekable(), stored.into_iter().peekable());
+        while out.entries.len() < limit {
+            let next = match (hot.peek(), stored.peek()) {
+                // Just moved to redb and not yet out of memory (the move commits before it
+                // takes the lock): the same entry, once.
+                (Some(h), Some(s)) if s.key.seq == h.key.seq => {
+                    stored.next();
+                    continue;
+                }
+                (Some(h), Some(s)) if (s.key.priority, s.key.seq) < (h.key.priority, h.key.seq) => {
+                    stored.next()
+                }
+                (Some(_), _) => hot.next(),
+                (None, _) => stored.next(),
+            };
+            match next {
+                Some(e) => out.entries.push(e),
+                None => break,
+            }
+        }
+        let mut wake = false;
+        for k in expired {
+            wake |= st.remove(k, Leaving::Expired);
+        }
+        drop(st);
+        if wake {
+            self.send(Job::Wake);
         }
         Ok(out)
     }
 
     fn remove(&self, keys: Vec<EntryKey>) {
-        self.removing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(keys.iter().cloned());
-        self.send(Job::Remove(keys));
+        let mut st = lock(&self.state);
+        let mut wake = false;
+        for k in keys {
+            wake |= st.remove(k, Leaving::Delivered);
+        }
+        drop(st);
+        if wake {
+            self.send(Job::Wake);
+        }
     }
 
     fn sinks(&self) -> Vec<(String, u64)> {
-        self.counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .nonempty()
+        lock(&self.state).counters.nonempty()
     }
 
     fn stats(&self) -> Vec<SinkStats> {
-        let counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut out: Vec<SinkStats> = counters.sinks.into_values().collect();
-        if let Ok(tx) = self.db.begin_read() {
-            if let Ok(table) = tx.open_table(QUEUE) {
-                for s in &mut out {
-                    s.oldest_ms = (0..=9u8)
+        let (mut out, hot_oldest, stored_sinks) = {
+            let st = lock(&self.state);
+            let out: Vec<SinkStats> = st.counters.sinks.values().cloned().collect();
+            let hot_oldest: HashMap<String, u64> = st
+                .hot
+                .iter()
+                .filter_map(|(s, map)| {
+                    Some((s.clone(), map.values().map(|e| e.enqueued_ms).min()?))
+                })
+                .collect();
+            let stored: HashSet<String> = st
+                .stored
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(s, _)| s.clone())
+                .collect();
+            (out, hot_oldest, stored)
+        };
+        let tx = self.db.begin_read().ok();
+        let table = tx.as_ref().and_then(|tx| tx.open_table(QUEUE).ok());
+        for s in &mut out {
+            let stored_oldest = table
+                .as_ref()
+                .filter(|_| stored_sinks.contains(&s.sink))
+                .and_then(|table| {
+                    (0..=9u8)
                         .filter_map(|p| {
                             let mut r = table
                                 .range((s.sink.as_str(), p, 0u64)..=(s.sink.as_str(), p, u64::MAX))
@@ -500,9 +997,12 @@ impl Queue for DiskQueue {
                             let (_, v) = r.next()?.ok()?;
                             Some(u64::from_be_bytes(v.value().get(0..8)?.try_into().ok()?))
                         })
-                        .min();
-                }
-            }
+                        .min()
+                });
+            s.oldest_ms = [stored_oldest, hot_oldest.get(&s.sink).copied()]
+                .into_iter()
+                .flatten()
+                .min();
         }
         out.sort_by(|a, b| a.sink.cmp(&b.sink));
         out

@@ -325,6 +325,8 @@ async fn disk_store_that_cannot_be_opened_is_set_aside() {
                 .unwrap();
         }
     }
+    // Reopening moves what the log held into redb: the file to damage.
+    drop(DiskQueue::open(&path, Limits::default()).unwrap());
     // Cut the file in the middle.
     let len = std::fs::metadata(&path).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -339,4 +341,197 @@ async fn disk_store_that_cannot_be_opened_is_set_aside() {
         .unwrap();
     assert!(bodies(&q.peek("s", &HashSet::new(), 1000, 3).unwrap()).contains(&"after".to_string()));
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test]
+async fn disk_removals_survive_reopen() {
+    let path = temp_path("removals");
+    {
+        let q = DiskQueue::open(&path, Limits::default()).unwrap();
+        for i in 0..10 {
+            q.append(vec![entry("s", 0, 1_000_000, &format!("m{i}"))], 1)
+                .await
+                .unwrap();
+        }
+        let p = q.peek("s", &HashSet::new(), 4, 2).unwrap();
+        q.remove(p.entries.into_iter().map(|e| e.key).collect());
+    }
+    let q = DiskQueue::open(&path, Limits::default()).unwrap();
+    assert_eq!(
+        bodies(&q.peek("s", &HashSet::new(), 100, 2).unwrap()),
+        ["m4", "m5", "m6", "m7", "m8", "m9"],
+        "a clean stop logs the last removals: nothing delivered twice"
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test]
+async fn disk_log_with_a_torn_tail_keeps_every_whole_record() {
+    let path = temp_path("torn");
+    {
+        let q = DiskQueue::open(&path, Limits::default()).unwrap();
+        for i in 0..3 {
+            q.append(vec![entry("s", 0, 1_000_000, &format!("m{i}"))], 1)
+                .await
+                .unwrap();
+        }
+    }
+    let dir = path.with_extension("log");
+    let log = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .expect("a log file with the entries");
+    // A crash mid-write: the last record is cut short, then garbage follows it.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.truncate(bytes.len() - 5);
+    bytes.extend_from_slice(&[0xff; 11]);
+    std::fs::write(&log, bytes).unwrap();
+    let q = DiskQueue::open(&path, Limits::default()).expect("the hub must start");
+    assert_eq!(
+        bodies(&q.peek("s", &HashSet::new(), 100, 2).unwrap()),
+        ["m0", "m1"]
+    );
+    q.append(vec![entry("s", 0, 1_000_000, "after")], 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        bodies(&q.peek("s", &HashSet::new(), 100, 2).unwrap()),
+        ["m0", "m1", "after"]
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// A memory budget so small that nearly every batch moves entries from the log to redb.
+fn tiny_memory() -> Limits {
+    Limits {
+        cache_bytes: 2048,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test]
+async fn disk_backlog_moved_to_redb_keeps_priority_order_and_removals() {
+    let path = temp_path("spill");
+    let q = DiskQueue::open(&path, tiny_memory()).unwrap();
+    for i in 0..300 {
+        let p = (i % 3) as u8;
+        q.append(vec![entry("s", p, 1_000_000, &format!("p{p}-{i:03}"))], 1)
+            .await
+            .unwrap();
+    }
+    let (stored, hot) = q.layers();
+    assert!(
+        stored > 0 && hot > 0,
+        "both layers hold entries: {stored} stored, {hot} hot"
+    );
+    // Remove every other priority-0 entry, some from redb, some from memory.
+    let first = q.peek("s", &HashSet::new(), 100, 2).unwrap();
+    let gone: Vec<&Entry> = first.entries.iter().step_by(2).collect();
+    let gone_bodies: HashSet<String> = gone
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+        .collect();
+    q.remove(gone.iter().map(|e| e.key.clone()).collect());
+    settle(&q).await;
+    for i in 300..330 {
+        q.append(vec![entry("s", 0, 1_000_000, &format!("p0-{i:03}"))], 1)
+            .await
+            .unwrap();
+    }
+    let all = bodies(&q.peek("s", &HashSet::new(), 1000, 2).unwrap());
+    // Priority first, then arrival (the zero-padded number).
+    let mut expected: Vec<String> = (0..330)
+        .map(|i| format!("p{}-{i:03}", if i < 300 { i % 3 } else { 0 }))
+        .filter(|b| !gone_bodies.contains(b))
+        .collect();
+    expected.sort();
+    assert_eq!(all, expected);
+    let depth: u64 = q.stats().iter().map(|s| s.depth).sum();
+    assert_eq!(depth, expected.len() as u64);
+    drop(q);
+    let q = DiskQueue::open(&path, tiny_memory()).unwrap();
+    assert_eq!(
+        bodies(&q.peek("s", &HashSet::new(), 1000, 2).unwrap()),
+        expected
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append { sink: u8, priority: u8, count: u8 },
+    Deliver { sink: u8, count: u8 },
+    Reopen,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0u8..2, 0u8..3, 1u8..20).prop_map(|(sink, priority, count)| Op::Append { sink, priority, count }),
+        3 => (0u8..2, 1u8..40).prop_map(|(sink, count)| Op::Deliver { sink, count }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// The disk queue (memory budget tiny: entries move to redb, log files rotate and go)
+    /// hands out exactly what the in-memory model does, across reopens.
+    #[test]
+    fn disk_queue_behaves_like_the_memory_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let path = temp_path("model");
+        rt.block_on(async {
+            let model = MemoryQueue::new(Limits::default());
+            let mut disk = Some(DiskQueue::open(&path, tiny_memory()).unwrap());
+            let mut n = 0;
+            for op in ops {
+                let q = disk.as_ref().unwrap();
+                match op {
+                    Op::Append { sink, priority, count } => {
+                        let batch: Vec<NewEntry> = (0..count)
+                            .map(|_| {
+                                n += 1;
+                                entry(&format!("s{sink}"), priority, 1_000_000, &format!("m{n}"))
+                            })
+                            .collect();
+                        model.append(batch.clone(), 1).await.unwrap();
+                        q.append(batch, 1).await.unwrap();
+                    }
+                    Op::Deliver { sink, count } => {
+                        let sink = format!("s{sink}");
+                        let none = HashSet::new();
+                        let want = model.peek(&sink, &none, count as usize, 2).unwrap();
+                        let got = q.peek(&sink, &none, count as usize, 2).unwrap();
+                        assert_eq!(bodies(&got), bodies(&want));
+                        model.remove(want.entries.into_iter().map(|e| e.key).collect());
+                        q.remove(got.entries.into_iter().map(|e| e.key).collect());
+                    }
+                    Op::Reopen => {
+                        drop(disk.take());
+                        disk = Some(DiskQueue::open(&path, tiny_memory()).unwrap());
+                    }
+                }
+                let q = disk.as_ref().unwrap();
+                settle(q).await;
+                let depth = |q: &dyn Queue| {
+                    let mut d: Vec<(String, u64)> = q.stats().into_iter().map(|s| (s.sink, s.depth)).filter(|(_, d)| *d > 0).collect();
+                    d.sort();
+                    d
+                };
+                assert_eq!(depth(q), depth(&model));
+            }
+            let q = disk.as_ref().unwrap();
+            for sink in ["s0", "s1"] {
+                let none = HashSet::new();
+                assert_eq!(
+                    bodies(&q.peek(sink, &none, 10_000, 2).unwrap()),
+                    bodies(&model.peek(sink, &none, 10_000, 2).unwrap())
+                );
+            }
+        });
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }
