@@ -11,7 +11,8 @@
 //! - [`context`]: how a message looks to a condition (`$body`, system and application
 //!   properties), the body parsed at most once per message.
 //! - [`queue`]: store-and-forward: a queue per sink ordered by priority then arrival, with
-//!   time to live and a size quota; in memory or durable (redb, group commit).
+//!   time to live and a size quota; in memory or durable (a group-committed write-ahead
+//!   log in front of redb).
 //!
 //! Nothing here opens a socket: the broker crate feeds messages in and delivers them out.
 

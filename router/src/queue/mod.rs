@@ -8,7 +8,8 @@
 //! backlog drains is the next one handed out.
 //!
 //! Two implementations run through the same tests: [`MemoryQueue`] and the durable
-//! [`DiskQueue`] (redb, group-committed by one writer thread).
+//! [`DiskQueue`] (a group-committed write-ahead log served from memory, with redb holding
+//! backlogs that outgrow the memory budget).
 
 mod disk;
 mod memory;
@@ -79,8 +80,8 @@ pub struct Limits {
     pub max_bytes: u64,
     pub max_sink_bytes: u64,
     pub when_full: WhenFull,
-    /// Page cache of the disk queue's store: what it may hold in memory however deep the
-    /// queues get.
+    /// What the disk queue may hold in memory however deep the queues get: half for entries
+    /// served from memory, half for redb's page cache.
     pub cache_bytes: usize,
 }
 
