@@ -967,11 +967,16 @@ impl Queue for DiskQueue {
         let (mut out, hot_oldest, stored_sinks) = {
             let st = lock(&self.state);
             let out: Vec<SinkStats> = st.counters.sinks.values().cloned().collect();
+            // Within a priority entries are in arrival order: the first of each is enough.
             let hot_oldest: HashMap<String, u64> = st
                 .hot
                 .iter()
                 .filter_map(|(s, map)| {
-                    Some((s.clone(), map.values().map(|e| e.enqueued_ms).min()?))
+                    let oldest = (0..=9u8)
+                        .filter_map(|p| map.range((p, 0)..=(p, u64::MAX)).next())
+                        .map(|(_, e)| e.enqueued_ms)
+                        .min()?;
+                    Some((s.clone(), oldest))
                 })
                 .collect();
             let stored: HashSet<String> = st

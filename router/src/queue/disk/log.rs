@@ -218,16 +218,31 @@ impl Active {
         Ok(Active { id, file, len: 0 })
     }
 
-    /// Writes a batch; with `sync`, returns only once it is on disk.
+    /// Writes a batch; with `sync`, returns only once it is on disk. A batch that failed
+    /// (disk full mid-record, a failed sync) is cut off again: reading stops at the first bad
+    /// record, so anything appended after a partial one would be lost to replay.
     pub(super) fn write(&mut self, buf: &[u8], sync: bool) -> Result<(), QueueError> {
-        if !buf.is_empty() {
-            self.file.write_all(buf).map_err(err)?;
-            self.len += buf.len() as u64;
+        let written = (|| {
+            self.file.write_all(buf)?;
+            if sync {
+                self.file.sync_data()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        match written {
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(cut) = self.file.set_len(self.len) {
+                    return Err(err(format!(
+                        "{e}; and the log could not be cut back: {cut}"
+                    )));
+                }
+                Err(err(e))
+            }
         }
-        if sync {
-            self.file.sync_data().map_err(err)?;
-        }
-        Ok(())
     }
 }
 
