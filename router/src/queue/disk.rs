@@ -30,9 +30,12 @@ use super::*;
 /// Key: (sink, priority, seq). Value: enqueued ms, expires ms, bag length (u32), bag, body.
 const QUEUE: TableDefinition<(&str, u8, u64), &[u8]> = TableDefinition::new("queue");
 const MAX_BATCH: usize = 4096;
-/// Sealed log generations kept before the oldest one's live entries move to redb: bounds the
-/// log's disk use to about this many segments plus the one being written.
-const MAX_SEALED: usize = 4;
+/// Sealed log generations kept before the oldest one's live entries move to redb. With the
+/// one being written that is four generations of an eighth of `cache_bytes` each: half of it.
+/// This, not the entries' own sizes, is what bounds the memory of entries served from the log:
+/// their bodies are slices of the batch buffers written to these generations, and a buffer
+/// stays while one of its entries waits (say, for an offline sink among fast ones).
+const MAX_SEALED: usize = 3;
 
 enum Job {
     Append {
@@ -326,7 +329,7 @@ impl DiskQueue {
             sealed: VecDeque::new(),
             active,
             hot_budget,
-            segment_bytes: (hot_budget / 4).clamp(4 * 1024, 16 * 1024 * 1024),
+            segment_bytes: (hot_budget / (MAX_SEALED as u64 + 1)).clamp(4 * 1024, 16 * 1024 * 1024),
         };
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())
