@@ -65,23 +65,34 @@ async fn publish_then_kill(
     sent
 }
 
-#[tokio::test]
-async fn module_input_backlog_survives_kill_9_in_priority_order_and_ttl() {
-    let mut hub = Hub::start("snf-module").await;
+/// A hub with device `dev`, the hub's module `sink`, and `routes` set through the `$edgeHub`
+/// twin; returns the device's and the module's keys.
+async fn hub_routing_to_sink(name: &str, routes: serde_json::Value) -> (Hub, String, String) {
+    let hub = Hub::start(name).await;
     let dk = hub.create_device("dev").await;
     let mk = hub.create_module("fleethub", "sink").await;
     let (s, b) = hub
         .api(
             Method::PATCH,
             "/twins/fleethub/modules/$edgeHub",
-            Some(json!({"properties": {"desired": {"routes": {
-                "high": {"route": "FROM /messages/* WHERE prio = 'high' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 0},
-                "low": {"route": "FROM /messages/* WHERE prio = 'low' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 5},
-                "short": {"route": "FROM /messages/* WHERE prio = 'short' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 0, "timeToLiveSecs": 1}
-            }}}})),
+            Some(json!({"properties": {"desired": {"routes": routes}}})),
         )
         .await;
     assert_eq!(s, 200, "{b}");
+    (hub, dk, mk)
+}
+
+#[tokio::test]
+async fn module_input_backlog_survives_kill_9_in_priority_order_and_ttl() {
+    let (mut hub, dk, mk) = hub_routing_to_sink(
+        "snf-module",
+        json!({
+            "high": {"route": "FROM /messages/* WHERE prio = 'high' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 0},
+            "low": {"route": "FROM /messages/* WHERE prio = 'low' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 5},
+            "short": {"route": "FROM /messages/* WHERE prio = 'short' INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")", "priority": 0, "timeToLiveSecs": 1}
+        }),
+    )
+    .await;
     let acked = publish_then_kill(
         &mut hub,
         "dev",
@@ -175,19 +186,11 @@ fn seq_of(p: &rumqttc::Publish) -> usize {
 async fn a_consuming_module_across_kill_9_loses_nothing_and_gets_few_duplicates() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    let mut hub = Hub::start("snf-live").await;
-    let dk = hub.create_device("dev").await;
-    let mk = hub.create_module("fleethub", "sink").await;
-    let (s, b) = hub
-        .api(
-            Method::PATCH,
-            "/twins/fleethub/modules/$edgeHub",
-            Some(json!({"properties": {"desired": {"routes": {
-                "all": "FROM /messages/* INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")"
-            }}}})),
-        )
-        .await;
-    assert_eq!(s, 200, "{b}");
+    let (mut hub, dk, mk) = hub_routing_to_sink(
+        "snf-live",
+        json!({"all": "FROM /messages/* INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")"}),
+    )
+    .await;
     let mut sink = hub.device("fleethub/sink", &mk).await;
     sink.subscribe_many(&["devices/fleethub/modules/sink/inputs/#"])
         .await;

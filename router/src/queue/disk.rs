@@ -344,6 +344,19 @@ impl DiskQueue {
         })
     }
 
+    /// Removes `keys` under the lock held, then wakes the writer (without the lock) if it has
+    /// new work: removal records to log or redb deletes.
+    fn remove_under(&self, mut st: MutexGuard<'_, State>, keys: Vec<EntryKey>, leaving: Leaving) {
+        let mut wake = false;
+        for k in keys {
+            wake |= st.remove(k, leaving);
+        }
+        drop(st);
+        if wake {
+            self.send(Job::Wake);
+        }
+    }
+
     /// Entries in redb, and entries served from memory (tests check both layers are used).
     #[cfg(test)]
     pub(crate) fn layers(&self) -> (u64, u64) {
@@ -855,7 +868,7 @@ impl Queue for DiskQueue {
     ) -> Result<Peeked, QueueError> {
         // The lock is held for the whole read, redb included: a removal or a move to redb
         // cannot slip between the two halves.
-        let mut st = lock(&self.state);
+        let st = lock(&self.state);
         let start = after
             .map(|k| (k.priority, k.seq.saturating_add(1)))
             .unwrap_or((0, 0));
@@ -939,27 +952,12 @@ impl Queue for DiskQueue {
                 None => break,
             }
         }
-        let mut wake = false;
-        for k in expired {
-            wake |= st.remove(k, Leaving::Expired);
-        }
-        drop(st);
-        if wake {
-            self.send(Job::Wake);
-        }
+        self.remove_under(st, expired, Leaving::Expired);
         Ok(out)
     }
 
     fn remove(&self, keys: Vec<EntryKey>) {
-        let mut st = lock(&self.state);
-        let mut wake = false;
-        for k in keys {
-            wake |= st.remove(k, Leaving::Delivered);
-        }
-        drop(st);
-        if wake {
-            self.send(Job::Wake);
-        }
+        self.remove_under(lock(&self.state), keys, Leaving::Delivered);
     }
 
     fn sinks(&self) -> Vec<(String, u64)> {

@@ -21,6 +21,15 @@ fn bodies(p: &Peeked) -> Vec<String> {
         .collect()
 }
 
+/// Appends `m0`, `m1`, … one by one to sink `s` (priority 0, long-lived).
+async fn append_numbered(q: &dyn Queue, n: usize) {
+    for i in 0..n {
+        q.append(vec![entry("s", 0, 1_000_000, &format!("m{i}"))], 1)
+            .await
+            .unwrap();
+    }
+}
+
 /// Waits until every earlier job is applied (an empty append goes through the same path).
 async fn settle(q: &dyn Queue) {
     q.append(Vec::new(), 0).await.unwrap();
@@ -319,11 +328,7 @@ async fn disk_store_that_cannot_be_opened_is_set_aside() {
     let path = temp_path("truncated");
     {
         let q = DiskQueue::open(&path, Limits::default()).unwrap();
-        for i in 0..200 {
-            q.append(vec![entry("s", 0, 1_000_000, &format!("m{i}"))], 1)
-                .await
-                .unwrap();
-        }
+        append_numbered(&q, 200).await;
     }
     // Reopening moves what the log held into redb: the file to damage.
     drop(DiskQueue::open(&path, Limits::default()).unwrap());
@@ -348,11 +353,7 @@ async fn disk_removals_survive_reopen() {
     let path = temp_path("removals");
     {
         let q = DiskQueue::open(&path, Limits::default()).unwrap();
-        for i in 0..10 {
-            q.append(vec![entry("s", 0, 1_000_000, &format!("m{i}"))], 1)
-                .await
-                .unwrap();
-        }
+        append_numbered(&q, 10).await;
         let p = q.peek("s", &HashSet::new(), 4, 2).unwrap();
         q.remove(p.entries.into_iter().map(|e| e.key).collect());
     }
@@ -370,11 +371,7 @@ async fn disk_log_with_a_torn_tail_keeps_every_whole_record() {
     let path = temp_path("torn");
     {
         let q = DiskQueue::open(&path, Limits::default()).unwrap();
-        for i in 0..3 {
-            q.append(vec![entry("s", 0, 1_000_000, &format!("m{i}"))], 1)
-                .await
-                .unwrap();
-        }
+        append_numbered(&q, 3).await;
     }
     let dir = path.with_extension("log");
     let log = std::fs::read_dir(&dir)
