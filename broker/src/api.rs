@@ -630,25 +630,19 @@ async fn query_twins(
         let mut count = 0u64;
         let mut items = Vec::new();
         for entry in hub.registry.identities() {
-            let key = crate::registry::key_of(&entry);
-            if key.module.is_some() != want_modules {
+            if entry.module_id.is_some() != want_modules {
                 continue;
             }
-            let twin = hub.twins.get(&key);
-            let group = hub.group_path(&entry);
-            let view = crate::twin::view::QueryView {
-                key: &key,
-                twin: &twin,
-                device_group: group.as_deref(),
-            };
+            let subject = hub.subject(&entry);
+            let view = subject.view();
             if !query.matches_with(&view) {
                 continue;
             }
             count += 1;
             match &query.projection {
                 Projection::All => items.push(crate::twin::view::api_json(
-                    &key,
-                    &twin,
+                    &subject.key,
+                    &subject.twin,
                     Some(&hub.registry.view(&entry)),
                 )),
                 Projection::Fields(fields) => {

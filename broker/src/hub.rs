@@ -134,6 +134,29 @@ impl Hub {
         self.fleet.path_of(identity.device_group_id.as_deref()?)
     }
 
+    /// An identity as twin queries and target conditions see it.
+    pub fn subject(&self, identity: &crate::registry::Identity) -> crate::twin::view::Subject {
+        let key = crate::registry::key_of(identity);
+        crate::twin::view::Subject {
+            twin: self.twins.get(&key),
+            device_group: self.group_path(identity),
+            key,
+        }
+    }
+
+    /// A device as target conditions see it; one no longer registered has no group.
+    pub fn device_subject(&self, device: &crate::identity::DeviceId) -> crate::twin::view::Subject {
+        let key = IdentityKey::device(device.clone());
+        match self.registry.get(&key) {
+            Some(identity) => self.subject(&identity),
+            None => crate::twin::view::Subject {
+                twin: self.twins.get(&key),
+                device_group: None,
+                key,
+            },
+        }
+    }
+
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }

@@ -499,7 +499,7 @@ impl Deployments {
     fn targeted_in_order(&self, hub: &Hub, c: &Compiled) -> Vec<String> {
         let mut v: Vec<(u64, String)> = super::all_devices(hub)
             .into_iter()
-            .filter(|d| DeviceView::new(hub, d).matches(c))
+            .filter(|d| targets(c, &hub.device_subject(d)))
             .map(|d| rollout_order(d.as_str()))
             .collect();
         v.sort();
@@ -706,29 +706,9 @@ fn twin_key(device: &DeviceId, target: &Target) -> Option<IdentityKey> {
     }
 }
 
-/// What target conditions look at for one device, gathered once however many deployments
-/// are checked against it.
-struct DeviceView {
-    key: IdentityKey,
-    twin: Arc<crate::twin::Twin>,
-    group: Option<String>,
-}
-
-impl DeviceView {
-    fn new(hub: &Hub, device: &DeviceId) -> DeviceView {
-        let key = IdentityKey::device(device.clone());
-        let twin = hub.twins.get(&key);
-        let group = hub.registry.get(&key).and_then(|i| hub.group_path(&i));
-        DeviceView { key, twin, group }
-    }
-
-    fn matches(&self, c: &Compiled) -> bool {
-        c.condition.matches(&crate::twin::view::QueryView {
-            key: &self.key,
-            twin: &self.twin,
-            device_group: self.group.as_deref(),
-        })
-    }
+/// Whether the deployment's target condition matches a device.
+fn targets(c: &Compiled, device: &crate::twin::view::Subject) -> bool {
+    c.condition.matches(&device.view())
 }
 
 /// Whether the device reported applying the deployment's content: `Some(true)` for code 200,
@@ -757,10 +737,10 @@ fn compute(
     prev: &DeviceState,
 ) -> (DeviceState, BTreeMap<Target, Map<String, Value>>) {
     let exists = |id: &str| all.iter().any(|c| c.d.id == id);
-    let view = DeviceView::new(hub, device);
+    let subject = hub.device_subject(device);
     let matching: HashSet<&str> = all
         .iter()
-        .filter(|c| view.matches(c))
+        .filter(|c| targets(c, &subject))
         .map(|c| c.d.id.as_str())
         .collect();
     let eligible = |c: &Compiled| matching.contains(c.d.id.as_str()) && c.in_scope(device.as_str());
@@ -895,7 +875,7 @@ pub fn status(hub: &Hub, c: &Compiled) -> Value {
     let mut success = Vec::new();
     let mut failed = Vec::new();
     for device in super::all_devices(hub) {
-        if DeviceView::new(hub, &device).matches(c) {
+        if targets(c, &hub.device_subject(&device)) {
             targeted.push(device.as_str().to_string());
         }
         let s = hub.deployments.device_state(device.as_str());
@@ -920,14 +900,7 @@ pub fn status(hub: &Hub, c: &Compiled) -> Value {
             if !targeted_set.contains(key.device.as_str()) {
                 continue;
             }
-            let twin = hub.twins.get(&key);
-            let group = hub.group_path(&entry);
-            let view = crate::twin::view::QueryView {
-                key: &key,
-                twin: &twin,
-                device_group: group.as_deref(),
-            };
-            if q.matches_with(&view) {
+            if q.matches_with(&hub.subject(&entry).view()) {
                 ids.push(key.to_string());
             }
         }

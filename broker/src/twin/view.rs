@@ -39,6 +39,25 @@ pub fn device_json(twin: &Twin) -> Value {
     })
 }
 
+/// A twin with what queries read beside it (its identity and device group), gathered once
+/// however many conditions look at it: [`crate::hub::Hub::subject`] builds it.
+pub struct Subject {
+    pub key: IdentityKey,
+    pub twin: std::sync::Arc<Twin>,
+    /// The device's group as `Product/Group`.
+    pub device_group: Option<String>,
+}
+
+impl Subject {
+    pub fn view(&self) -> QueryView<'_> {
+        QueryView {
+            key: &self.key,
+            twin: &self.twin,
+            device_group: self.device_group.as_deref(),
+        }
+    }
+}
+
 /// Resolves query paths against a twin in place.
 pub struct QueryView<'a> {
     pub key: &'a IdentityKey,
