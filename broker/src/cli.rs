@@ -253,6 +253,17 @@ fn parse_json_arg(text: &str, what: &str) -> Result<Value> {
     serde_json::from_str(text).with_context(|| format!("{what} is not JSON: {text}"))
 }
 
+/// `base` plus the optional fields that were given: a flag not used leaves its field out, so
+/// the server keeps what it has.
+fn with_given<const N: usize>(mut base: Value, fields: [(&str, Option<Value>); N]) -> Value {
+    for (field, value) in fields {
+        if let Some(v) = value {
+            base[field] = v;
+        }
+    }
+    base
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
     On,
@@ -977,23 +988,39 @@ impl Client {
                 on_unmatch,
                 rollout,
             } => {
-                let mut body = json!({
-                    "id": id,
-                    "content": read_json(content, "content")?,
-                    "targetCondition": target_condition,
-                    "priority": priority,
-                    "layered": layered,
-                    "onUnmatch": format!("{on_unmatch:?}").to_lowercase(),
-                });
-                if let Some(l) = labels {
-                    body["labels"] = parse_json_arg(l, "--labels")?;
-                }
-                if let Some(m) = metrics {
-                    body["metrics"] = read_json(m, "metrics")?;
-                }
-                if let Some(r) = rollout {
-                    body["rollout"] = parse_json_arg(r, "--rollout")?;
-                }
+                let body = with_given(
+                    json!({
+                        "id": id,
+                        "content": read_json(content, "content")?,
+                        "targetCondition": target_condition,
+                        "priority": priority,
+                        "layered": layered,
+                        "onUnmatch": format!("{on_unmatch:?}").to_lowercase(),
+                    }),
+                    [
+                        (
+                            "labels",
+                            labels
+                                .as_deref()
+                                .map(|l| parse_json_arg(l, "--labels"))
+                                .transpose()?,
+                        ),
+                        (
+                            "metrics",
+                            metrics
+                                .as_deref()
+                                .map(|m| read_json(m, "metrics"))
+                                .transpose()?,
+                        ),
+                        (
+                            "rollout",
+                            rollout
+                                .as_deref()
+                                .map(|r| parse_json_arg(r, "--rollout"))
+                                .transpose()?,
+                        ),
+                    ],
+                );
                 let v = self
                     .call(reqwest::Method::POST, "/deployments", Some(body))
                     .await?;
@@ -1034,19 +1061,30 @@ impl Client {
                 labels,
                 metrics,
             } => {
-                let mut body = json!({});
-                if let Some(c) = target_condition {
-                    body["targetCondition"] = json!(c);
-                }
-                if let Some(p) = priority {
-                    body["priority"] = json!(p);
-                }
-                if let Some(l) = labels {
-                    body["labels"] = parse_json_arg(l, "--labels")?;
-                }
-                if let Some(m) = metrics {
-                    body["metrics"] = read_json(m, "metrics")?;
-                }
+                let body = with_given(
+                    json!({}),
+                    [
+                        (
+                            "targetCondition",
+                            target_condition.as_ref().map(|c| json!(c)),
+                        ),
+                        ("priority", priority.map(|p| json!(p))),
+                        (
+                            "labels",
+                            labels
+                                .as_deref()
+                                .map(|l| parse_json_arg(l, "--labels"))
+                                .transpose()?,
+                        ),
+                        (
+                            "metrics",
+                            metrics
+                                .as_deref()
+                                .map(|m| read_json(m, "metrics"))
+                                .transpose()?,
+                        ),
+                    ],
+                );
                 let v = self
                     .call(reqwest::Method::PATCH, &path(id), Some(body))
                     .await?;
@@ -1250,13 +1288,13 @@ impl Client {
                 new_name,
                 description,
             } => {
-                let mut body = json!({});
-                if let Some(n) = new_name {
-                    body["name"] = json!(n);
-                }
-                if let Some(d) = description {
-                    body["description"] = json!(d);
-                }
+                let body = with_given(
+                    json!({}),
+                    [
+                        ("name", new_name.as_ref().map(|n| json!(n))),
+                        ("description", description.as_ref().map(|d| json!(d))),
+                    ],
+                );
                 let v = self
                     .call(
                         reqwest::Method::PATCH,
@@ -1284,13 +1322,14 @@ impl Client {
             }
             out
         };
-        let settings = |body: &mut Value, updates: &Option<OnOff>, feed: &Option<Feed>| {
-            if let Some(u) = updates {
-                body["applicationUpdates"] = json!(*u == OnOff::On);
-            }
-            if let Some(f) = feed {
-                body["osFeed"] = json!(f.api());
-            }
+        let settings = |body: Value, updates: &Option<OnOff>, feed: &Option<Feed>| {
+            with_given(
+                body,
+                [
+                    ("applicationUpdates", updates.map(|u| json!(u == OnOff::On))),
+                    ("osFeed", feed.map(|f| json!(f.api()))),
+                ],
+            )
         };
         match cmd {
             DeviceGroupCmd::Create {
@@ -1302,11 +1341,11 @@ impl Client {
                 let (product, group) = path
                     .split_once('/')
                     .with_context(|| format!("'{path}': name a group as \"Product/Group\""))?;
-                let mut body = json!({ "name": group });
-                if let Some(d) = description {
-                    body["description"] = json!(d);
-                }
-                settings(&mut body, application_updates, os_feed);
+                let body = with_given(
+                    json!({ "name": group }),
+                    [("description", description.as_ref().map(|d| json!(d)))],
+                );
+                let body = settings(body, application_updates, os_feed);
                 let v = self
                     .call(
                         reqwest::Method::POST,
@@ -1337,14 +1376,14 @@ impl Client {
                 application_updates,
                 os_feed,
             } => {
-                let mut body = json!({});
-                if let Some(n) = new_name {
-                    body["name"] = json!(n);
-                }
-                if let Some(d) = description {
-                    body["description"] = json!(d);
-                }
-                settings(&mut body, application_updates, os_feed);
+                let body = with_given(
+                    json!({}),
+                    [
+                        ("name", new_name.as_ref().map(|n| json!(n))),
+                        ("description", description.as_ref().map(|d| json!(d))),
+                    ],
+                );
+                let body = settings(body, application_updates, os_feed);
                 let v = self
                     .call(reqwest::Method::PATCH, &group_path(path)?, Some(body))
                     .await?;
@@ -1421,16 +1460,14 @@ impl Client {
                 edge,
                 keys,
             } => {
-                let mut body = json!({ "deviceId": id });
-                if *edge {
-                    body["capabilities"] = json!({ "iotEdge": true });
-                }
-                if let Some(s) = status {
-                    body["status"] = json!(s);
-                }
-                if let Some(a) = keys_json(keys) {
-                    body["authentication"] = a;
-                }
+                let body = with_given(
+                    json!({ "deviceId": id }),
+                    [
+                        ("capabilities", edge.then(|| json!({ "iotEdge": true }))),
+                        ("status", status.as_ref().map(|s| json!(s))),
+                        ("authentication", keys_json(keys)),
+                    ],
+                );
                 let v = self
                     .call(reqwest::Method::POST, "/devices", Some(body))
                     .await?;
@@ -1489,19 +1526,15 @@ impl Client {
                 device_group,
                 keys,
             } => {
-                let mut body = json!({});
-                if let Some(g) = device_group {
-                    body["deviceGroup"] = json!(g);
-                }
-                if let Some(s) = status {
-                    body["status"] = json!(s);
-                }
-                if let Some(r) = status_reason {
-                    body["statusReason"] = json!(r);
-                }
-                if let Some(a) = keys_json(keys) {
-                    body["authentication"] = a;
-                }
+                let body = with_given(
+                    json!({}),
+                    [
+                        ("deviceGroup", device_group.as_ref().map(|g| json!(g))),
+                        ("status", status.as_ref().map(|s| json!(s))),
+                        ("statusReason", status_reason.as_ref().map(|r| json!(r))),
+                        ("authentication", keys_json(keys)),
+                    ],
+                );
                 let v = self
                     .call(
                         reqwest::Method::PATCH,
@@ -1526,10 +1559,10 @@ impl Client {
                 module,
                 keys,
             } => {
-                let mut body = json!({ "moduleId": module });
-                if let Some(a) = keys_json(keys) {
-                    body["authentication"] = a;
-                }
+                let body = with_given(
+                    json!({ "moduleId": module }),
+                    [("authentication", keys_json(keys))],
+                );
                 let v = self
                     .call(
                         reqwest::Method::POST,
@@ -1591,14 +1624,22 @@ impl Client {
                 tags,
                 etag,
             } => {
-                let mut body = json!({});
-                if let Some(d) = desired {
-                    let d: Value = serde_json::from_str(d).context("--desired is not JSON")?;
-                    body["properties"] = json!({ "desired": d });
-                }
-                if let Some(t) = tags {
-                    body["tags"] = serde_json::from_str(t).context("--tags is not JSON")?;
-                }
+                let desired = desired
+                    .as_deref()
+                    .map(|d| parse_json_arg(d, "--desired"))
+                    .transpose()?;
+                let body = with_given(
+                    json!({}),
+                    [
+                        ("properties", desired.map(|d| json!({ "desired": d }))),
+                        (
+                            "tags",
+                            tags.as_deref()
+                                .map(|t| parse_json_arg(t, "--tags"))
+                                .transpose()?,
+                        ),
+                    ],
+                );
                 if body.as_object().is_some_and(|o| o.is_empty()) {
                     bail!("nothing to update: give --desired and/or --tags");
                 }
