@@ -153,6 +153,28 @@ async fn a_product_gets_its_default_groups_and_names_are_checked() {
         out.contains("Coffee Maker Pro") && out.contains("Toaster"),
         "{out}"
     );
+
+    // A group update changes only what was given.
+    let (ok, out, err) = cli(
+        &hub,
+        &[
+            "device-group",
+            "update",
+            "Toaster/Field Test",
+            "--description",
+            "bench units",
+            "--application-updates",
+            "on",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let g: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(g["description"], "bench units");
+    assert_eq!(g["applicationUpdates"], true);
+    assert_eq!(g["osFeed"], "RetailEval", "not given: kept");
+    assert_eq!(g["name"], "Field Test", "not given: kept");
 }
 
 #[tokio::test]
