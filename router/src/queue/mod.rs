@@ -168,13 +168,19 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    /// The sink's counters, created on first use. Called per message: the name is copied
+    /// only when the sink is new.
     pub(crate) fn stat(&mut self, sink: &str) -> &mut SinkStats {
-        self.sinks
-            .entry(sink.to_string())
-            .or_insert_with(|| SinkStats {
+        if !self.sinks.contains_key(sink) {
+            let stats = SinkStats {
                 sink: sink.to_string(),
                 ..Default::default()
-            })
+            };
+            self.sinks.insert(sink.to_string(), stats);
+        }
+        self.sinks
+            .get_mut(sink)
+            .expect("the sink's counters were inserted just above")
     }
 
     /// Whether adding `add` bytes breaks the total limit (`sink` None) or that sink's limit.
