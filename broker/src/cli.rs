@@ -253,6 +253,16 @@ fn parse_json_arg(text: &str, what: &str) -> Result<Value> {
     serde_json::from_str(text).with_context(|| format!("{what} is not JSON: {text}"))
 }
 
+/// An optional flag holding JSON text, parsed when given.
+fn json_flag(text: &Option<String>, flag: &str) -> Result<Option<Value>> {
+    text.as_deref().map(|t| parse_json_arg(t, flag)).transpose()
+}
+
+/// An optional flag naming a JSON file, read when given.
+fn json_file(path: &Option<std::path::PathBuf>, what: &str) -> Result<Option<Value>> {
+    path.as_deref().map(|p| read_json(p, what)).transpose()
+}
+
 /// `base` plus the optional fields that were given: a flag not used leaves its field out, so
 /// the server keeps what it has.
 fn with_given<const N: usize>(mut base: Value, fields: [(&str, Option<Value>); N]) -> Value {
@@ -998,27 +1008,9 @@ impl Client {
                         "onUnmatch": format!("{on_unmatch:?}").to_lowercase(),
                     }),
                     [
-                        (
-                            "labels",
-                            labels
-                                .as_deref()
-                                .map(|l| parse_json_arg(l, "--labels"))
-                                .transpose()?,
-                        ),
-                        (
-                            "metrics",
-                            metrics
-                                .as_deref()
-                                .map(|m| read_json(m, "metrics"))
-                                .transpose()?,
-                        ),
-                        (
-                            "rollout",
-                            rollout
-                                .as_deref()
-                                .map(|r| parse_json_arg(r, "--rollout"))
-                                .transpose()?,
-                        ),
+                        ("labels", json_flag(labels, "--labels")?),
+                        ("metrics", json_file(metrics, "metrics")?),
+                        ("rollout", json_flag(rollout, "--rollout")?),
                     ],
                 );
                 let v = self
@@ -1069,20 +1061,8 @@ impl Client {
                             target_condition.as_ref().map(|c| json!(c)),
                         ),
                         ("priority", priority.map(|p| json!(p))),
-                        (
-                            "labels",
-                            labels
-                                .as_deref()
-                                .map(|l| parse_json_arg(l, "--labels"))
-                                .transpose()?,
-                        ),
-                        (
-                            "metrics",
-                            metrics
-                                .as_deref()
-                                .map(|m| read_json(m, "metrics"))
-                                .transpose()?,
-                        ),
+                        ("labels", json_flag(labels, "--labels")?),
+                        ("metrics", json_file(metrics, "metrics")?),
                     ],
                 );
                 let v = self
@@ -1624,20 +1604,12 @@ impl Client {
                 tags,
                 etag,
             } => {
-                let desired = desired
-                    .as_deref()
-                    .map(|d| parse_json_arg(d, "--desired"))
-                    .transpose()?;
+                let desired = json_flag(desired, "--desired")?;
                 let body = with_given(
                     json!({}),
                     [
                         ("properties", desired.map(|d| json!({ "desired": d }))),
-                        (
-                            "tags",
-                            tags.as_deref()
-                                .map(|t| parse_json_arg(t, "--tags"))
-                                .transpose()?,
-                        ),
+                        ("tags", json_flag(tags, "--tags")?),
                     ],
                 );
                 if body.as_object().is_some_and(|o| o.is_empty()) {
