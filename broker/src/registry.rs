@@ -312,37 +312,49 @@ impl Registry {
         key: &IdentityKey,
         update: IdentityUpdate,
     ) -> Result<Identity, RegistryError> {
+        self.modify(key, |next| {
+            if let Some(s) = update.status {
+                next.status = s;
+            }
+            if update.status_reason.is_some() {
+                next.status_reason = update.status_reason;
+            }
+            if let Some(c) = update.capabilities {
+                next.capabilities = c;
+            }
+            if let Some(auth) = update.authentication {
+                let keys = auth.symmetric_key.clone().unwrap_or_default();
+                let merged = AuthenticationInput {
+                    kind: auth.kind,
+                    symmetric_key: Some(SymmetricKeyInput {
+                        primary_key: Some(
+                            keys.primary_key
+                                .unwrap_or(next.authentication.symmetric_key.primary_key.clone()),
+                        ),
+                        secondary_key: Some(
+                            keys.secondary_key
+                                .unwrap_or(next.authentication.symmetric_key.secondary_key.clone()),
+                        ),
+                    }),
+                };
+                next.authentication = auth_from(Some(merged))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Read-modify-write of one record under the writer lock, with a new etag.
+    fn modify(
+        &self,
+        key: &IdentityKey,
+        change: impl FnOnce(&mut Identity) -> Result<(), RegistryError>,
+    ) -> Result<Identity, RegistryError> {
         let _writer = self.lock();
         let current = self
             .get(key)
             .ok_or_else(|| RegistryError::NotFound(describe(key)))?;
         let mut next = (*current).clone();
-        if let Some(s) = update.status {
-            next.status = s;
-        }
-        if update.status_reason.is_some() {
-            next.status_reason = update.status_reason;
-        }
-        if let Some(c) = update.capabilities {
-            next.capabilities = c;
-        }
-        if let Some(auth) = update.authentication {
-            let keys = auth.symmetric_key.clone().unwrap_or_default();
-            let merged = AuthenticationInput {
-                kind: auth.kind,
-                symmetric_key: Some(SymmetricKeyInput {
-                    primary_key: Some(
-                        keys.primary_key
-                            .unwrap_or(next.authentication.symmetric_key.primary_key.clone()),
-                    ),
-                    secondary_key: Some(
-                        keys.secondary_key
-                            .unwrap_or(next.authentication.symmetric_key.secondary_key.clone()),
-                    ),
-                }),
-            };
-            next.authentication = auth_from(Some(merged))?;
-        }
+        change(&mut next)?;
         next.etag = new_tag();
         self.put(key, &next)?;
         Ok(next)
@@ -354,15 +366,10 @@ impl Registry {
         key: &IdentityKey,
         group: Option<String>,
     ) -> Result<Identity, RegistryError> {
-        let _writer = self.lock();
-        let current = self
-            .get(key)
-            .ok_or_else(|| RegistryError::NotFound(describe(key)))?;
-        let mut next = (*current).clone();
-        next.device_group_id = group;
-        next.etag = new_tag();
-        self.put(key, &next)?;
-        Ok(next)
+        self.modify(key, |next| {
+            next.device_group_id = group;
+            Ok(())
+        })
     }
 
     /// Deletes an identity; deleting a device deletes its modules. Returns what was deleted.
