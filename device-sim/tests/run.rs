@@ -139,6 +139,22 @@ fn device_sim(args: &[&str]) -> std::process::Child {
         .expect("start device-sim")
 }
 
+/// `device-sim run` of `scenario` against the hub whose data directory is `data_dir` (its
+/// API address and admin token are read from there), with a JSON summary.
+fn run_scenario(scenario: &Path, data_dir: &Path, extra: &[&str]) -> std::process::Child {
+    let mut args = vec![
+        "run",
+        "--scenario",
+        scenario.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--output",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    device_sim(&args)
+}
+
 fn summary(child: std::process::Child) -> Value {
     let out = child.wait_with_output().expect("device-sim finished");
     assert!(
@@ -214,15 +230,7 @@ chain = 'FROM /messages/modules/filter/outputs/out INTO BrokeredEndpoint("/modul
 "#,
     );
     let data_dir = hub.data_dir();
-    let mut child = device_sim(&[
-        "run",
-        "--scenario",
-        path.to_str().unwrap(),
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--output",
-        "json",
-    ]);
+    let mut child = run_scenario(&path, &data_dir, &[]);
     wait_connected(&hub, "t-2", &mut child);
     let (status, answer) = hub.call(
         reqwest::Method::POST,
@@ -302,17 +310,7 @@ for = "2s"
     );
     let data_dir = hub.data_dir();
     let upstream_arg = upstream.to_string();
-    let child = device_sim(&[
-        "run",
-        "--scenario",
-        path.to_str().unwrap(),
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--upstream-listen",
-        &upstream_arg,
-        "--output",
-        "json",
-    ]);
+    let child = run_scenario(&path, &data_dir, &["--upstream-listen", &upstream_arg]);
     let s = summary(child);
     assert_eq!(s["sent"], 500, "{s}");
     assert_eq!(s["acked"], 500, "{s}");
@@ -410,15 +408,7 @@ fn devices_reconnect_when_the_hub_restarts() {
          [telemetry]\nrate = \"10/s\"\nduration = \"6s\"\n",
     );
     let data_dir = hub.data_dir();
-    let mut child = device_sim(&[
-        "run",
-        "--scenario",
-        path.to_str().unwrap(),
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--output",
-        "json",
-    ]);
+    let mut child = run_scenario(&path, &data_dir, &[]);
     wait_connected(&hub, "r-4", &mut child);
     std::thread::sleep(Duration::from_secs(2));
     let hub = hub.restart_after(Duration::from_secs(1));
