@@ -283,6 +283,18 @@ impl Hub {
         entries
     }
 
+    /// The distinct sinks of `entries`: what to wake once they are committed, kept instead of
+    /// a copy of the entries themselves.
+    pub fn sinks_of(entries: &[fleethub_router::queue::NewEntry]) -> Vec<String> {
+        let mut sinks: Vec<String> = Vec::new();
+        for e in entries {
+            if !sinks.contains(&e.sink) {
+                sinks.push(e.sink.clone());
+            }
+        }
+        sinks
+    }
+
     /// Tells the sinks of freshly committed entries that there is work.
     pub fn wake_sinks<'a>(&self, sinks: impl IntoIterator<Item = &'a str>) {
         let mut upstream = false;
@@ -348,7 +360,7 @@ impl Hub {
             return;
         }
         let hub = self.clone();
-        let sinks: Vec<String> = entries.iter().map(|e| e.sink.clone()).collect();
+        let sinks = Hub::sinks_of(&entries);
         let committed =
             fleethub_router::queue::Queue::append(&*self.queues, entries, crate::c2d::now_ms());
         tokio::spawn(async move {

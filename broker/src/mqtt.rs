@@ -624,13 +624,7 @@ impl Session {
             return;
         }
         let entries = std::mem::take(&mut self.queued);
-        // What to wake once committed: the few distinct sinks, not a copy of the entries.
-        let mut sinks: Vec<String> = Vec::new();
-        for e in &entries {
-            if !sinks.contains(&e.sink) {
-                sinks.push(e.sink.clone());
-            }
-        }
+        let sinks = crate::hub::Hub::sinks_of(&entries);
         let count = entries.len() as u64;
         let committed =
             fleethub_router::queue::Queue::append(&*self.hub.queues, entries, crate::c2d::now_ms());
