@@ -86,19 +86,25 @@ struct State {
 }
 
 impl State {
-    /// Takes a hot entry out of memory, with its counters.
-    fn take_hot(&mut self, key: &EntryKey) -> Option<HotEntry> {
+    /// Takes an entry out of memory (it leaves the queue, or moves to redb): the queue's
+    /// counters are the caller's business.
+    fn out_of_memory(&mut self, key: &EntryKey) -> Option<HotEntry> {
         let map = self.hot.get_mut(key.sink.as_str())?;
         let e = map.remove(&(key.priority, key.seq))?;
         if map.is_empty() {
             self.hot.remove(key.sink.as_str());
         }
-        let size = entry_size(&e.bag, &e.body);
-        self.hot_bytes = self.hot_bytes.saturating_sub(size);
+        self.hot_bytes = self.hot_bytes.saturating_sub(entry_size(&e.bag, &e.body));
         if let Some(n) = self.live.get_mut(&e.generation) {
             *n = n.saturating_sub(1);
         }
-        self.uncount(&key.sink, size);
+        Some(e)
+    }
+
+    /// Takes a hot entry out of the queue, with its counters.
+    fn take_hot(&mut self, key: &EntryKey) -> Option<HotEntry> {
+        let e = self.out_of_memory(key)?;
+        self.uncount(&key.sink, entry_size(&e.bag, &e.body));
         Some(e)
     }
 
@@ -174,6 +180,22 @@ fn decode(key: EntryKey, v: &[u8]) -> Option<Entry> {
         bag,
         body,
     })
+}
+
+/// Writes one entry into redb's table (replay and moves from memory).
+fn store(
+    table: &mut redb::Table<(&str, u8, u64), &[u8]>,
+    key: &EntryKey,
+    enqueued_ms: u64,
+    expires_ms: u64,
+    bag: &str,
+    body: &[u8],
+) -> Result<(), QueueError> {
+    let value = encode(enqueued_ms, expires_ms, bag, body);
+    table
+        .insert((key.sink.as_str(), key.priority, key.seq), value.as_slice())
+        .map_err(err)?;
+    Ok(())
 }
 
 /// Where the log of the store at `path` lives: a directory beside it.
@@ -269,10 +291,7 @@ fn replay(db: &Database, dir: &Path) -> Result<(u64, u64), QueueError> {
                     body,
                 } = r
                 {
-                    let value = encode(*enqueued_ms, *expires_ms, bag, body);
-                    table
-                        .insert((key.sink.as_str(), key.priority, key.seq), value.as_slice())
-                        .map_err(err)?;
+                    store(&mut table, key, *enqueued_ms, *expires_ms, bag, body)?;
                 }
             }
         }
@@ -802,35 +821,21 @@ impl Writer {
             {
                 let mut table = tx.open_table(QUEUE).map_err(err)?;
                 for (k, e) in &moving {
-                    let value = encode(e.enqueued_ms, e.expires_ms, &e.bag, &e.body);
-                    table
-                        .insert((k.sink.as_str(), k.priority, k.seq), value.as_slice())
-                        .map_err(err)?;
+                    store(&mut table, k, e.enqueued_ms, e.expires_ms, &e.bag, &e.body)?;
                 }
             }
             tx.commit().map_err(err)?;
             let mut st = lock(&self.state);
             let mut vanished = Vec::new();
-            for (k, e) in moving {
-                let still = st
-                    .hot
-                    .get_mut(k.sink.as_str())
-                    .and_then(|m| m.remove(&(k.priority, k.seq)));
-                if still.is_some() {
-                    if st.hot.get(k.sink.as_str()).is_some_and(|m| m.is_empty()) {
-                        st.hot.remove(k.sink.as_str());
-                    }
-                    st.hot_bytes = st.hot_bytes.saturating_sub(entry_size(&e.bag, &e.body));
-                    *st.stored.entry(k.sink.clone()).or_default() += 1;
-                } else {
+            for (k, _) in moving {
+                *st.stored.entry(k.sink.clone()).or_default() += 1;
+                if st.out_of_memory(&k).is_none() {
                     // Removed while it was being copied: it must leave redb too. Its counters
                     // were settled when it was removed.
                     st.removing.insert(k.clone());
-                    *st.stored.entry(k.sink.clone()).or_default() += 1;
                     vanished.push((k, Leaving::Counted));
                 }
             }
-            st.live.insert(id, 0);
             drop(st);
             if !vanished.is_empty() {
                 self.delete_stored(vanished);
