@@ -37,6 +37,9 @@ pub enum ApiError {
     PreconditionFailed(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    /// IoT Hub's 404103: a method for a device that is not connected or not listening.
+    #[error("{0}")]
+    DeviceNotOnline(String),
     #[error("route set refused: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     InvalidRoutes(Vec<fleethub_router::route::RouteError>),
     #[error("{0}")]
@@ -78,6 +81,10 @@ impl IntoResponse for ApiError {
             let body = json!({"error": "BadRequest", "message": self.to_string(), "errors": list});
             return (StatusCode::BAD_REQUEST, Json(body)).into_response();
         }
+        if let ApiError::DeviceNotOnline(_) = &self {
+            let body = json!({"error": "DeviceNotOnline", "errorCode": 404103, "message": self.to_string()});
+            return (StatusCode::NOT_FOUND, Json(body)).into_response();
+        }
         let (status, kind) = match &self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "Unauthorized"),
@@ -87,6 +94,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::PRECONDITION_FAILED, "PreconditionFailed")
             }
             ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            ApiError::DeviceNotOnline(_) => (StatusCode::NOT_FOUND, "DeviceNotOnline"),
             ApiError::InvalidRoutes(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         };
@@ -175,6 +183,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
+    hub.metrics.sessions.set(hub.sessions.len() as i64);
     hub.metrics.observe_queues(
         &fleethub_router::queue::Queue::stats(&*hub.queues),
         crate::c2d::now_ms(),
@@ -392,6 +401,9 @@ async fn delete(hub: &SharedHub, key: IdentityKey) -> ApiResult<StatusCode> {
     let gone = blocking(hub, move |h| h.registry.delete(&key)).await??;
     for k in &gone {
         hub.kick(k);
+        if let Err(e) = hub.sessions.remove(&k.to_string()).await {
+            tracing::warn!(identity = %k, error = %e, "could not remove a deleted identity's session");
+        }
         let _ = hub
             .twins
             .apply(k.clone(), crate::twin::TwinOp::Delete)
@@ -700,13 +712,19 @@ async fn invoke(
             "responseTimeoutInSeconds {timeout}: must be 1 to 300"
         )));
     }
-    if !hub.live.contains_key(&key) {
+    // As IoT Hub: a device that cannot take the call now gets an answer now, not a timeout.
+    if !hub.takes_methods(&key) {
         hub.metrics
             .method_calls
             .with_label_values(&["offline"])
             .inc();
-        return Err(ApiError::NotFound(format!(
-            "{} is not connected",
+        let why = if hub.live.contains_key(&key) {
+            "is connected but not subscribed to method requests"
+        } else {
+            "is not connected"
+        };
+        return Err(ApiError::DeviceNotOnline(format!(
+            "{} {why}",
             crate::registry::describe(&key)
         )));
     }

@@ -114,6 +114,9 @@ pub struct MqttSection {
     pub max_payload_bytes: usize,
     pub max_connections: usize,
     pub connect_timeout_secs: u64,
+    /// How long a persistent session (clean session 0) outlives its client's last
+    /// disconnect.
+    pub session_expiry_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -36,6 +36,9 @@ pub struct LiveConnection {
     /// What the hub sends this identity alone (twin answers, desired patches, method
     /// requests, its desired document), straight to its connection.
     pub direct: tokio::sync::mpsc::Sender<Direct>,
+    /// Set while the connection listens for method requests: a call to a connection that
+    /// does not is answered 404103 at once, as IoT Hub does.
+    pub methods: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A message for one identity's connection: `suffix` completes the client topic of
@@ -64,6 +67,8 @@ pub struct Stores {
     pub deployments: crate::deploy::targeted::Deployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
+    /// Persistent MQTT sessions.
+    pub sessions: crate::session::SessionStore,
 }
 
 pub struct Hub {
@@ -80,6 +85,7 @@ pub struct Hub {
     pub deployments: crate::deploy::targeted::Deployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
+    pub sessions: crate::session::SessionStore,
     pub methods: Methods,
     pub metrics: Arc<Metrics>,
     pub core: Core,
@@ -118,6 +124,7 @@ impl Hub {
             deployments: stores.deployments,
             twins: stores.twins,
             c2d: stores.c2d,
+            sessions: stores.sessions,
             methods: Methods::default(),
             metrics,
             core,
@@ -159,6 +166,13 @@ impl Hub {
 
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `key` is connected and listening for method requests.
+    pub fn takes_methods(&self, key: &IdentityKey) -> bool {
+        self.live
+            .get(key)
+            .is_some_and(|l| l.methods.load(Ordering::Relaxed))
     }
 
     /// Closes the live connection of `key`, if any.

@@ -6,7 +6,8 @@
 //! - [`topics`]: the one table mapping IoT Hub client topics to internal router topics.
 //! - [`core`]: the embedded rumqttd router behind a small start/link API.
 //! - [`sas`], [`identity`]: SAS tokens and validated device/module ids.
-//! - [`registry`]: the durable identity registry (redb).
+//! - [`registry`]: the durable identity registry (redb); [`session`]: persistent MQTT
+//!   sessions (clean session 0) that outlive connections and restarts.
 //! - [`twin`]: device and module twins (merge patches, metadata, group-committed store).
 //! - [`methods`]: direct method calls awaiting device replies; [`c2d`]: the durable
 //!   cloud-to-device queue.
@@ -34,6 +35,7 @@ pub mod registry;
 pub mod routing;
 pub mod sas;
 pub mod server;
+pub mod session;
 mod storage;
 pub mod tls;
 pub mod topics;

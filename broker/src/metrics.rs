@@ -23,6 +23,14 @@ pub struct Metrics {
     pub desired_pushes: IntCounter,
     /// Direct messages dropped because a connection's backlog was full.
     pub direct_dropped: IntCounter,
+    /// Connections closed because their SAS token expired.
+    pub token_expirations: IntCounter,
+    /// Persistent sessions resumed at CONNECT (session present).
+    pub sessions_resumed: IntCounter,
+    /// Persistent sessions removed after idling past `session_expiry_secs`.
+    pub sessions_expired: IntCounter,
+    /// Persistent sessions stored now, refreshed on every scrape.
+    pub sessions: IntGauge,
     /// Direct method calls by `result` (ok, offline, timeout, error).
     pub method_calls: IntCounterVec,
     /// C2D messages by `event` (queued, delivered, expired).
@@ -110,6 +118,23 @@ impl Metrics {
             "Twin answers, desired patches and method requests dropped because the connection was not reading",
         )
         .expect("valid metric");
+        let token_expirations = IntCounter::new(
+            "fleethub_token_expirations_total",
+            "Connections closed because their SAS token expired",
+        )
+        .expect("valid metric");
+        let sessions_resumed = IntCounter::new(
+            "fleethub_sessions_resumed_total",
+            "Persistent MQTT sessions resumed at CONNECT (session present)",
+        )
+        .expect("valid metric");
+        let sessions_expired = IntCounter::new(
+            "fleethub_sessions_expired_total",
+            "Persistent MQTT sessions removed after idling past the session expiry",
+        )
+        .expect("valid metric");
+        let sessions = IntGauge::new("fleethub_sessions", "Persistent MQTT sessions stored")
+            .expect("valid metric");
         let desired_pushes = IntCounter::new(
             "fleethub_desired_pushes_total",
             "Desired-property patches published to devices and modules",
@@ -219,6 +244,10 @@ impl Metrics {
             Box::new(twin_patches.clone()),
             Box::new(desired_pushes.clone()),
             Box::new(direct_dropped.clone()),
+            Box::new(token_expirations.clone()),
+            Box::new(sessions_resumed.clone()),
+            Box::new(sessions_expired.clone()),
+            Box::new(sessions.clone()),
             Box::new(method_calls.clone()),
             Box::new(c2d_messages.clone()),
             Box::new(route_matched.clone()),
@@ -246,6 +275,10 @@ impl Metrics {
             twin_patches,
             desired_pushes,
             direct_dropped,
+            token_expirations,
+            sessions_resumed,
+            sessions_expired,
+            sessions,
             method_calls,
             c2d_messages,
             route_matched,

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,17 +136,19 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Checks a CONNECT's credentials. Returns who connected and, for a SAS token, when it
+/// expires (seconds since the epoch): the connection is closed then, as IoT Hub does.
 fn authenticate(
     hub: &SharedHub,
     client_id: &str,
     login: Option<&rumqttd::protocol::Login>,
-) -> Result<Principal, Refusal> {
+) -> Result<(Principal, Option<u64>), Refusal> {
     let (username, password) = login
         .map(|l| (l.username.as_str(), l.password.as_str()))
         .unwrap_or(("", ""));
     if username == SERVICE_USERNAME {
         return if hub.is_admin_token(password) {
-            Ok(Principal::Service)
+            Ok((Principal::Service, None))
         } else {
             Err(Refusal::BadServicePassword)
         };
@@ -178,7 +181,7 @@ fn authenticate(
             crate::sas::SasError::BadSignature => token.verify(&resource, &keys.secondary_key, now),
             other => Err(other),
         })?;
-    Ok(Principal::Identity(key))
+    Ok((Principal::Identity(key), Some(token.expiry)))
 }
 
 async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
@@ -197,6 +200,11 @@ async fn read_connect<R: AsyncRead + Unpin>(
 ) -> Option<Packet> {
     let deadline = Instant::now() + timeout;
     loop {
+        // MQTT 3.1.1 §3.1.2.3: the reserved connect flag must be 0, or the connection closes.
+        if connect_flags(buf).is_some_and(|flags| flags & 1 != 0) {
+            debug!("CONNECT with the reserved flag set");
+            return None;
+        }
         match V4.read_mut(buf, 64 * 1024) {
             Ok(p) => return Some(p),
             Err(CodecError::InsufficientBytes(_)) => {}
@@ -210,6 +218,27 @@ async fn read_connect<R: AsyncRead + Unpin>(
             _ => return None,
         }
     }
+}
+
+/// The connect-flags byte of a CONNECT at the start of `buf`, once enough of it is there.
+fn connect_flags(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return None;
+        }
+    }
+    let name_len = u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]) as usize;
+    // Protocol name, then the level byte, then the flags.
+    buf.get(i + 2 + name_len + 1).copied()
 }
 
 /// Runs one client connection to its end.
@@ -240,7 +269,7 @@ pub async fn connection<S>(
         debug!(%peer, "first packet was not CONNECT");
         return;
     };
-    let principal = match authenticate(&hub, &connect.client_id, login.as_ref()) {
+    let (principal, token_expiry) = match authenticate(&hub, &connect.client_id, login.as_ref()) {
         Ok(p) => p,
         Err(refusal) => {
             hub.metrics
@@ -259,9 +288,24 @@ pub async fn connection<S>(
         }
     };
 
+    // Clean session 1 ends whatever session the client had; clean session 0 resumes it.
+    let session_key = match &principal {
+        Principal::Identity(key) => key.to_string(),
+        Principal::Service => crate::session::service_key(&connect.client_id),
+    };
+    let resumed = if connect.clean_session {
+        if let Err(e) = hub.sessions.remove(&session_key).await {
+            warn!(client_id = %connect.client_id, error = %e, "could not end a stored session");
+        }
+        None
+    } else {
+        hub.sessions.get(&session_key)
+    };
+
     let conn_id = hub.next_conn_id();
     let kick = Arc::new(Notify::new());
     let c2d = Arc::new(Notify::new());
+    let methods = Arc::new(AtomicBool::new(false));
     let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(crate::hub::DIRECT_BACKLOG);
     if let Principal::Identity(key) = &principal {
         // A second connection with the same id replaces the first, as in IoT Hub.
@@ -272,6 +316,7 @@ pub async fn connection<S>(
                 kick: kick.clone(),
                 c2d: c2d.clone(),
                 direct: direct_tx,
+                methods: methods.clone(),
             },
         );
         if let Some(previous) = previous {
@@ -283,13 +328,14 @@ pub async fn connection<S>(
         .with_label_values(&["accepted"])
         .inc();
     hub.metrics.connections.inc();
+    hub.sessions.connected(&session_key);
     if let Principal::Identity(key) = &principal {
         hub.registry.set_connected(key, true);
     }
-    info!(%peer, client_id = %connect.client_id, "connected");
+    info!(%peer, client_id = %connect.client_id, resumed = resumed.is_some(), "connected");
 
     let ack = ConnAck {
-        session_present: false,
+        session_present: resumed.is_some(),
         code: ConnectReturnCode::Success,
     };
     let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
@@ -318,6 +364,7 @@ pub async fn connection<S>(
         new_link_rx: None,
         filters: Vec::new(),
         pending_subs: HashMap::new(),
+        restoring: std::collections::HashSet::new(),
         c2d: C2dDelivery {
             wake: c2d,
             ..C2dDelivery::default()
@@ -326,7 +373,21 @@ pub async fn connection<S>(
             0 => None,
             k => Some(Duration::from_millis(k as u64 * 1500)),
         },
+        persistent: !connect.clean_session,
+        session_key,
+        methods,
+        held: None,
     };
+    if let Some(stored) = resumed {
+        if let Err(reason) = session.resume(stored.filters, &mut wbuf).await {
+            debug!(%peer, client_id = %connect.client_id, reason, "could not resume the session");
+            return;
+        }
+    }
+    let token_deadline = token_expiry.map(|se| {
+        let left = se.saturating_sub(unix_now());
+        Instant::now() + Duration::from_secs(left)
+    });
     let end = session
         .run(
             &mut reader,
@@ -335,6 +396,7 @@ pub async fn connection<S>(
             wbuf,
             direct_rx,
             kick,
+            token_deadline,
             shutdown,
         )
         .await;
@@ -434,6 +496,41 @@ struct Session {
     pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     keep_alive: Option<Duration>,
     c2d: C2dDelivery,
+    /// The store key of this client's session ([`crate::session`]).
+    session_key: String,
+    /// Clean session 0: subscriptions are stored and outlive the connection.
+    persistent: bool,
+    /// Router SUBSCRIBEs re-made for a resumed service session: their SUBACKs are not the
+    /// client's (it sent no SUBSCRIBE).
+    restoring: std::collections::HashSet<u16>,
+    /// Set while the identity has a filter on its method requests (shared with the API,
+    /// which answers 404 at once when nobody listens).
+    methods: Arc<AtomicBool>,
+    /// A session change being committed and what may go out to the client only after it
+    /// (the SUBACK and what follows it).
+    held: Option<HeldReply>,
+}
+
+/// A session write being committed.
+type HeldCommit = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), crate::session::SessionError>> + Send>,
+>;
+
+/// Packets that wait for a session write to be committed.
+struct HeldReply {
+    commit: HeldCommit,
+    out: BytesMut,
+}
+
+/// A router subscription for an internal topic.
+fn router_filter(internal: &str, qos: QoS) -> Filter {
+    Filter {
+        path: internal.to_string(),
+        qos,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+    }
 }
 
 /// C2D messages in flight to this device, delivered from the durable queue by the front end
@@ -486,6 +583,7 @@ impl Drop for Session {
             let _ = tx.send(disconnect_packet()).now_or_never();
         }
         self.hub.metrics.connections.dec();
+        self.hub.sessions.disconnected(&self.session_key);
         if self.counted_subscriber {
             self.hub
                 .event_subscribers
@@ -505,6 +603,7 @@ impl Session {
         mut wbuf: BytesMut,
         mut direct_rx: tokio::sync::mpsc::Receiver<crate::hub::Direct>,
         kick: Arc<Notify>,
+        token_deadline: Option<Instant>,
         mut shutdown: watch::Receiver<bool>,
     ) -> &'static str
     where
@@ -514,6 +613,7 @@ impl Session {
         let far = Duration::from_secs(365 * 24 * 3600);
         let c2d_wake = self.c2d.wake.clone();
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
+        let token_deadline = token_deadline.unwrap_or_else(|| Instant::now() + far);
         // Batches whose routed messages are being committed, oldest first, with the PUBACKs
         // that wait for them. The connection keeps reading meanwhile (pipelining); acks go
         // out when their batch is committed, so always in the order publishes came in.
@@ -601,6 +701,11 @@ impl Session {
                     }
                 },
                 _ = tokio::time::sleep_until(deadline) => return "keep-alive expired",
+                _ = tokio::time::sleep_until(token_deadline) => {
+                    // As IoT Hub: the SDKs renew by reconnecting before this.
+                    self.hub.metrics.token_expirations.inc();
+                    return "SAS token expired";
+                }
                 _ = kick.notified() => return "closed by the hub (taken over, disabled or deleted)",
                 _ = shutdown.changed() => return "hub shutting down",
             }
@@ -676,6 +781,12 @@ impl Session {
                 self.protocol_error("qos2");
                 break Err("QoS 2 publish");
             }
+            // MQTT 3.1.1 §3.8.1, §3.10.1: SUBSCRIBE and UNSUBSCRIBE carry flags 0010; any
+            // other value is malformed and closes the connection.
+            if matches!(rbuf[0] >> 4, 8 | 10) && rbuf[0] & 0x0f != 0b0010 {
+                self.protocol_error("malformed");
+                break Err("bad SUBSCRIBE/UNSUBSCRIBE flags");
+            }
             // QoS and packet id of a PUBLISH, read from its header: rumqttd keeps them private.
             self.current = peek_publish_ids(rbuf);
             let packet = match V4.read_mut(rbuf, max_payload + 64 * 1024) {
@@ -694,6 +805,15 @@ impl Session {
             any = true;
             if let Err(reason) = self.on_packet(packet, wbuf, &mut to_router) {
                 break Err(reason);
+            }
+            // A subscription change is acknowledged only once the session holding it is
+            // stored; later packets wait behind it so replies keep their order.
+            if let Some(held) = self.held.take() {
+                if let Err(e) = held.commit.await {
+                    warn!(principal = ?self.principal, error = %e, "could not store the session");
+                    break Err("session store failed");
+                }
+                wbuf.extend_from_slice(&held.out);
             }
         };
         self.send_to_router(to_router).await?;
@@ -760,6 +880,11 @@ impl Session {
                     self.protocol_error("malformed");
                     return Err("topic not UTF-8");
                 };
+                // MQTT 3.1.1 §3.3.2.1: a topic name never holds wildcards.
+                if topic.contains(['+', '#']) {
+                    self.protocol_error("malformed");
+                    return Err("wildcard in a PUBLISH topic");
+                }
                 let max = self.hub.config.limits.max_payload_bytes;
                 if publish.payload.len() > max {
                     self.protocol_error("payload_too_large");
@@ -1135,6 +1260,12 @@ impl Session {
         let mut forward = Vec::new();
         let mut send_state = false;
         for f in &subscribe.filters {
+            let granted = if f.qos == QoS::AtMostOnce {
+                QoS::AtMostOnce
+            } else {
+                // IoT Hub has no QoS 2; grant at most 1.
+                QoS::AtLeastOnce
+            };
             match topics::map_filter(&self.principal, &f.path) {
                 Some(mapped) if matches!(self.principal, Principal::Identity(_)) => {
                     // An identity's own topics are served by the front end, not the router.
@@ -1142,30 +1273,13 @@ impl Session {
                         send_state |=
                             mapped.internal == topics::internal_topic(key, Delivery::DesiredState);
                     }
-                    codes.push(Some(SubscribeReasonCode::Success(
-                        if f.qos == QoS::AtMostOnce {
-                            QoS::AtMostOnce
-                        } else {
-                            QoS::AtLeastOnce
-                        },
-                    )));
+                    codes.push(Some(SubscribeReasonCode::Success(granted)));
                     self.filters.retain(|m| m.client != mapped.client);
                     self.filters.push(mapped);
                 }
                 Some(mapped) => {
                     codes.push(None);
-                    forward.push(Filter {
-                        path: mapped.internal.clone(),
-                        // IoT Hub has no QoS 2; grant at most 1.
-                        qos: if f.qos == QoS::AtMostOnce {
-                            QoS::AtMostOnce
-                        } else {
-                            QoS::AtLeastOnce
-                        },
-                        nolocal: false,
-                        preserve_retain: false,
-                        retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
-                    });
+                    forward.push(router_filter(&mapped.internal, granted));
                     self.filters.retain(|m| m.client != mapped.client);
                     self.filters.push(mapped);
                 }
@@ -1175,12 +1289,9 @@ impl Session {
                 }
             }
         }
-        if self.principal == Principal::Service && !forward.is_empty() && !self.counted_subscriber {
-            self.counted_subscriber = true;
-            self.hub
-                .event_subscribers
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.filters_changed();
+        let commit = self.store_session();
+        let mut out = BytesMut::new();
         if forward.is_empty() {
             let return_codes = codes
                 .into_iter()
@@ -1190,23 +1301,10 @@ impl Session {
                 pkid: subscribe.pkid,
                 return_codes,
             };
-            let _ = V4.write(Packet::SubAck(ack, None), wbuf);
-            self.update_c2d_active();
+            let _ = V4.write(Packet::SubAck(ack, None), &mut out);
             if send_state {
                 // The desired document acts as a retained message: it follows the SUBACK.
-                // Nothing is retained until something was set (version 0: never written).
-                if let Principal::Identity(key) = &self.principal {
-                    let twin = self.hub.twins.get(key);
-                    if twin.desired.version == 0 {
-                        return;
-                    }
-                    let d = crate::hub::Direct {
-                        delivery: Delivery::DesiredState,
-                        suffix: format!("?$version={}", twin.desired.version),
-                        body: twin.desired.with_version().to_string().into(),
-                    };
-                    self.on_direct(d, wbuf);
-                }
+                self.send_desired_state(&mut out);
             }
         } else {
             self.pending_subs.insert(subscribe.pkid, codes);
@@ -1216,6 +1314,123 @@ impl Session {
             };
             to_router.push(Packet::Subscribe(sub, None));
         }
+        self.hold_or_write(commit, out, wbuf);
+    }
+
+    /// What follows a change of this connection's filters: C2D / inputs delivery on or off,
+    /// the API's view of whether methods can be taken, the telemetry subscriber count.
+    fn filters_changed(&mut self) {
+        self.update_c2d_active();
+        if let Principal::Identity(key) = &self.principal {
+            let internal = topics::internal_topic(key, Delivery::MethodRequest);
+            let listening = self.filters.iter().any(|f| f.internal == internal);
+            self.methods.store(listening, Ordering::Relaxed);
+        }
+        if self.principal == Principal::Service
+            && !self.filters.is_empty()
+            && !self.counted_subscriber
+        {
+            self.counted_subscriber = true;
+            self.hub
+                .event_subscribers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// For a persistent session whose filters differ from the stored ones: the write that
+    /// stores them (to be committed before the client's SUBACK / UNSUBACK).
+    fn store_session(&self) -> Option<HeldCommit> {
+        if !self.persistent {
+            return None;
+        }
+        let filters: Vec<String> = self.filters.iter().map(|f| f.client.clone()).collect();
+        let stored = self.hub.sessions.get(&self.session_key);
+        if stored.is_some_and(|s| s.filters == filters) {
+            return None;
+        }
+        Some(Box::pin(self.hub.sessions.put(&self.session_key, filters)))
+    }
+
+    fn hold_or_write(&mut self, commit: Option<HeldCommit>, out: BytesMut, wbuf: &mut BytesMut) {
+        match commit {
+            Some(commit) => self.held = Some(HeldReply { commit, out }),
+            None => wbuf.extend_from_slice(&out),
+        }
+    }
+
+    /// The desired document on `$fleethub/twin/desired/` (fleethub's retained form).
+    /// Nothing until something was set.
+    fn send_desired_state(&mut self, out: &mut BytesMut) {
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        let twin = self.hub.twins.get(key);
+        if twin.desired.version <= 1 && twin.desired.data.is_empty() {
+            return;
+        }
+        let d = crate::hub::Direct {
+            delivery: Delivery::DesiredState,
+            suffix: format!("?$version={}", twin.desired.version),
+            body: twin.desired.with_version().to_string().into(),
+        };
+        self.on_direct(d, out);
+    }
+
+    /// Resumes a stored session (CONNACK session-present 1 is already written): its filters
+    /// are in force again without a SUBSCRIBE; queued C2D and module inputs flow; a device
+    /// listening for desired patches gets one that brings whatever copy it holds up to its
+    /// twin (changes made while it was away, removals as `null`).
+    async fn resume(
+        &mut self,
+        filters: Vec<String>,
+        wbuf: &mut BytesMut,
+    ) -> Result<(), &'static str> {
+        let mut forward = Vec::new();
+        for client in &filters {
+            let Some(mapped) = topics::map_filter(&self.principal, client) else {
+                continue;
+            };
+            if self.principal == Principal::Service
+                && !forward.iter().any(|f: &Filter| f.path == mapped.internal)
+            {
+                forward.push(router_filter(&mapped.internal, QoS::AtLeastOnce));
+            }
+            self.filters.retain(|m| m.client != mapped.client);
+            self.filters.push(mapped);
+        }
+        self.filters_changed();
+        self.hub.metrics.sessions_resumed.inc();
+        if let Principal::Identity(key) = &self.principal {
+            let key = key.clone();
+            let patch_topic = topics::internal_topic(&key, Delivery::DesiredPatch);
+            if self.filters.iter().any(|f| f.internal == patch_topic) {
+                let twin = self.hub.twins.get(&key);
+                if twin.desired.version > 1 || !twin.desired.data.is_empty() {
+                    let d = crate::hub::Direct {
+                        delivery: Delivery::DesiredPatch,
+                        suffix: format!("?$version={}", twin.desired.version),
+                        body: twin.desired.resume_patch().to_string().into(),
+                    };
+                    self.on_direct(d, wbuf);
+                }
+            }
+            let state_topic = topics::internal_topic(&key, Delivery::DesiredState);
+            if self.filters.iter().any(|f| f.internal == state_topic) {
+                self.send_desired_state(wbuf);
+            }
+        }
+        if !forward.is_empty() {
+            // Packet ids the client cannot have in flight yet: it sent nothing so far.
+            let pkid = 1;
+            self.restoring.insert(pkid);
+            let sub = Subscribe {
+                pkid,
+                filters: forward,
+            };
+            self.send_to_router(vec![Packet::Subscribe(sub, None)])
+                .await?;
+        }
+        Ok(())
     }
 
     /// C2D flows while a device has a filter on its devicebound topic.
@@ -1251,13 +1466,15 @@ impl Session {
                 }
             }
         }
-        self.update_c2d_active();
+        self.filters_changed();
+        let commit = self.store_session();
+        let mut out = BytesMut::new();
         if internal.is_empty() {
             let ack = UnsubAck {
                 pkid: unsubscribe.pkid,
                 reasons: vec![],
             };
-            let _ = V4.write(Packet::UnsubAck(ack, None), wbuf);
+            let _ = V4.write(Packet::UnsubAck(ack, None), &mut out);
         } else {
             let unsub = Unsubscribe {
                 pkid: unsubscribe.pkid,
@@ -1265,6 +1482,7 @@ impl Session {
             };
             to_router.push(Packet::Unsubscribe(unsub, None));
         }
+        self.hold_or_write(commit, out, wbuf);
     }
 
     async fn on_notification(&mut self, n: Notification, wbuf: &mut BytesMut) -> Option<Outcome> {
@@ -1311,6 +1529,7 @@ impl Session {
             Notification::DeviceAck(ack) => {
                 let packet: P = ack.into();
                 match packet {
+                    P::SubAck(suback, _) if self.restoring.remove(&suback.pkid) => {}
                     P::SubAck(suback, _) => {
                         let return_codes = match self.pending_subs.remove(&suback.pkid) {
                             Some(codes) => {
@@ -1330,8 +1549,6 @@ impl Session {
                             return_codes,
                         };
                         let _ = V4.write(P::SubAck(ack, None), wbuf);
-                        // C2D starts after the SUBACK that enables it.
-                        self.update_c2d_active();
                     }
                     // Telemetry was acknowledged by the front end already.
                     P::PingResp(_) | P::ConnAck(..) | P::PubAck(..) => {}

@@ -103,7 +103,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         deployments: crate::deploy::targeted::Deployments::open(db.clone())
             .map_err(|e| ServerError::Store(e.to_string()))?,
         twins: TwinStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
-        c2d: C2dStore::open(db).map_err(|e| ServerError::Store(e.to_string()))?,
+        c2d: C2dStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
+        sessions: crate::session::SessionStore::open(db)
+            .map_err(|e| ServerError::Store(e.to_string()))?,
     };
 
     let tls_config = match config.mqtts {
@@ -244,6 +246,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
             })
             .await;
+        }
+    });
+
+    // Persistent sessions of clients gone longer than the session expiry are forgotten.
+    let session_hub = hub.clone();
+    tokio::spawn(async move {
+        let expiry = session_hub.config.limits.session_expiry_secs;
+        let max_idle_ms = expiry.saturating_mul(1000);
+        // Checked twice per expiry period, at most once a minute.
+        let every = Duration::from_secs((expiry / 2).clamp(1, 60));
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let expired = session_hub.sessions.expire(max_idle_ms);
+            if expired > 0 {
+                session_hub.metrics.sessions_expired.inc_by(expired as u64);
+                info!(sessions = expired, "idle persistent sessions expired");
+            }
         }
     });
 

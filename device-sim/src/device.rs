@@ -379,8 +379,9 @@ impl State<'_> {
     /// Applies desired `version` (after the plan's delay) and reports the outcome the way
     /// IoT Edge agents do: `lastDesiredVersion` and `lastDesiredStatus.code` (200 or 500).
     async fn apply_desired(&mut self, version: u64) {
-        // Version 0 is a twin nobody has set desired properties on: nothing to apply.
-        if version == 0 || self.applied_version.is_some_and(|v| v >= version) {
+        // Version 1 (0 on hubs that start twins there) is a twin nobody has set desired
+        // properties on: nothing to apply.
+        if version <= 1 || self.applied_version.is_some_and(|v| v >= version) {
             return;
         }
         self.applied_version = Some(version);

@@ -56,7 +56,8 @@ async fn acknowledged_twin_and_c2d_writes_survive_kill_9() {
             "reported k{i}"
         );
     }
-    assert_eq!(twin["properties"]["reported"]["$version"], 20);
+    // Version 1 for the new twin, then one per acknowledged patch.
+    assert_eq!(twin["properties"]["reported"]["$version"], 21);
     assert_eq!(twin["properties"]["desired"]["target"], 21);
     assert_eq!(twin["tags"]["site"], "a");
 

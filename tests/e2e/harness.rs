@@ -318,11 +318,15 @@ pub struct Client {
 impl Client {
     /// Connects; `Err(code)` when the hub refuses the CONNECT.
     pub async fn connect(options: MqttOptions) -> Result<Client, ConnectReturnCode> {
+        Self::connect_session(options).await.map(|(c, _)| c)
+    }
+
+    /// Connects and also returns the CONNACK's session-present flag.
+    pub async fn connect_session(
+        options: MqttOptions,
+    ) -> Result<(Client, bool), ConnectReturnCode> {
         let (client, mut events) = AsyncClient::new(options, 1000);
-        match first_connack(&mut events).await {
-            Ok(()) => {}
-            Err(code) => return Err(code),
-        }
+        let session_present = first_connack(&mut events).await?;
         let (tx, seen) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
@@ -344,12 +348,15 @@ impl Client {
                 }
             }
         });
-        Ok(Client {
-            client,
-            seen,
-            early: Default::default(),
-            task,
-        })
+        Ok((
+            Client {
+                client,
+                seen,
+                early: Default::default(),
+                task,
+            },
+            session_present,
+        ))
     }
 
     async fn recv_until(&mut self, deadline: tokio::time::Instant) -> Option<Seen> {
@@ -427,13 +434,13 @@ impl Drop for Client {
     }
 }
 
-async fn first_connack(events: &mut EventLoop) -> Result<(), ConnectReturnCode> {
+async fn first_connack(events: &mut EventLoop) -> Result<bool, ConnectReturnCode> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(deadline, events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                 return if ack.code == ConnectReturnCode::Success {
-                    Ok(())
+                    Ok(ack.session_present)
                 } else {
                     Err(ack.code)
                 };
@@ -543,5 +550,71 @@ pub fn start_bare_broker(port: u16) {
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "bare broker did not start");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP proxy in front of a hub listener, to cut connections while the hub runs and to
+/// keep clients out for a while ("away"), as a network would.
+pub struct Proxy {
+    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on `listen` and forwards each connection to `target`.
+    pub async fn start(listen: &str, target: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .expect("proxy binds");
+        let target = Arc::new(std::sync::Mutex::new(target));
+        let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let (t, b, o) = (target.clone(), blocked.clone(), open.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if b.load(Ordering::Relaxed) {
+                    continue; // dropped: refused while "away"
+                }
+                let to = *t.lock().unwrap();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                o.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy {
+            target,
+            blocked,
+            open,
+            accept,
+        }
+    }
+
+    /// Where new connections go from now on (a restarted hub's new port).
+    pub fn retarget(&self, target: std::net::SocketAddr) {
+        *self.target.lock().unwrap() = target;
+    }
+
+    /// Drops every open connection at once.
+    pub fn cut(&self) {
+        for task in self.open.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// While blocked, new connections are closed at once.
+    pub fn block(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
     }
 }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{temp_dir, Hub};
 
-fn python() -> Option<String> {
+pub(crate) fn python() -> Option<String> {
     match std::env::var("FLEETHUB_PYTHON") {
         Ok(p) => Some(p),
         Err(_) if std::env::var_os("CI").is_some() => {
@@ -29,14 +29,19 @@ fn python() -> Option<String> {
     }
 }
 
-/// A hub whose TLS listener is on `{random loopback}:8883`, that address being its hostname.
-async fn sdk_hub(name: &str) -> (Hub, String) {
-    let ip = format!(
+/// A random 127.x.y.z address: the SDK always dials port 8883, so each test needs its own.
+pub(crate) fn random_loopback() -> String {
+    format!(
         "127.{}.{}.{}",
         1 + rand::random::<u8>() % 250,
         rand::random::<u8>(),
         1 + rand::random::<u8>() % 250
-    );
+    )
+}
+
+/// A hub whose TLS listener is on `{random loopback}:8883`, that address being its hostname.
+async fn sdk_hub(name: &str) -> (Hub, String) {
+    let ip = random_loopback();
     let dir = temp_dir(name);
     let config = dir.join("hub.toml");
     std::fs::write(&config, format!("[hub]\nhostname = \"{ip}\"\n")).unwrap();
@@ -49,7 +54,7 @@ async fn sdk_hub(name: &str) -> (Hub, String) {
     (hub, ip)
 }
 
-fn script(name: &str) -> String {
+pub(crate) fn script(name: &str) -> String {
     format!("{}/../tests/interop/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -94,7 +99,7 @@ async fn azure_iot_python_sdk_sends_telemetry_over_tls() {
 }
 
 /// Runs the CLI against `hub` without blocking this (single-threaded) test runtime.
-async fn cli_async(hub: &Hub, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn cli_async(hub: &Hub, args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleethub"))
         .arg("--data-dir")
         .arg(hub.data_dir())
@@ -163,7 +168,7 @@ async fn device_plane(kind: &str) {
     let ready = read_json(&mut lines).await;
     assert_eq!(ready["ready"], kind, "{ready}");
     assert_eq!(ready["twin"]["desired"]["initial"], true, "{ready}");
-    assert_eq!(ready["twin"]["desired"]["$version"], 1);
+    assert_eq!(ready["twin"]["desired"]["$version"], 2);
 
     let mut twin_args = vec!["twin", "update", "sdk-dev"];
     twin_args.extend(&identity_args);
@@ -212,7 +217,7 @@ async fn device_plane(kind: &str) {
     };
     let desired = find("desired");
     assert_eq!(desired["desired"]["setpoint"], 22);
-    assert_eq!(desired["desired"]["$version"], 2);
+    assert_eq!(desired["desired"]["$version"], 3);
     assert_eq!(find("method")["payload"], json!({"delay": 1}));
     if kind == "device" {
         let c2d = find("c2d");

@@ -21,7 +21,8 @@ async fn get_and_reported_patches_over_mqtt() {
     assert_eq!(r.topic, "$iothub/twin/res/200/?$rid=1");
     assert_eq!(
         json_of(&r),
-        json!({"desired": {"$version": 0}, "reported": {"$version": 0}})
+        json!({"desired": {"$version": 1}, "reported": {"$version": 1}}),
+        "a new twin's sections start at version 1, as IoT Hub's"
     );
 
     let r = d
@@ -31,7 +32,7 @@ async fn get_and_reported_patches_over_mqtt() {
             RES,
         )
         .await;
-    assert_eq!(r.topic, "$iothub/twin/res/204/?$rid=2&$version=1");
+    assert_eq!(r.topic, "$iothub/twin/res/204/?$rid=2&$version=2");
     let r = d
         .request(
             "$iothub/twin/PATCH/properties/reported/?$rid=3",
@@ -39,17 +40,17 @@ async fn get_and_reported_patches_over_mqtt() {
             RES,
         )
         .await;
-    assert_eq!(r.topic, "$iothub/twin/res/204/?$rid=3&$version=2");
+    assert_eq!(r.topic, "$iothub/twin/res/204/?$rid=3&$version=3");
     // A patch that changes nothing still succeeds.
     let r = d
         .request("$iothub/twin/PATCH/properties/reported/?$rid=4", b"{}", RES)
         .await;
-    assert_eq!(r.topic, "$iothub/twin/res/204/?$rid=4&$version=3");
+    assert_eq!(r.topic, "$iothub/twin/res/204/?$rid=4&$version=4");
 
     let r = d.request("$iothub/twin/GET/?$rid=5", b"", RES).await;
     assert_eq!(
         json_of(&r)["reported"],
-        json!({"fw": 2, "net": {"rssi": -60}, "$version": 3})
+        json!({"fw": 2, "net": {"rssi": -60}, "$version": 4})
     );
 
     let (s, twin) = hub.api(Method::GET, "/twins/dev1", None).await;
@@ -109,7 +110,7 @@ async fn bad_reported_patches_get_400_and_change_nothing() {
     let r = d.request("$iothub/twin/GET/?$rid=9", b"", RES).await;
     assert_eq!(
         json_of(&r)["reported"],
-        json!({"ok": 1, "$version": 1}),
+        json!({"ok": 1, "$version": 2}),
         "unchanged by the bad patches"
     );
 }
@@ -137,10 +138,10 @@ async fn desired_updates_push_patches_and_retained_state_survives_restart() {
         )
         .await
         .expect("desired patch");
-    assert_eq!(p.topic, "$iothub/twin/PATCH/properties/desired/?$version=1");
+    assert_eq!(p.topic, "$iothub/twin/PATCH/properties/desired/?$version=2");
     assert_eq!(
         json_of(&p),
-        json!({"interval": 30, "mode": {"eco": true}, "$version": 1})
+        json!({"interval": 30, "mode": {"eco": true}, "$version": 2})
     );
 
     let (ok, _, err) = cli(
@@ -163,7 +164,7 @@ async fn desired_updates_push_patches_and_retained_state_survives_restart() {
         .expect("second patch");
     assert_eq!(
         json_of(&p),
-        json!({"mode": null, "interval": 60, "$version": 2})
+        json!({"mode": null, "interval": 60, "$version": 3})
     );
 
     // A device subscribing later gets the whole current document at once.
@@ -173,8 +174,8 @@ async fn desired_updates_push_patches_and_retained_state_survives_restart() {
         .next_publish_on("$fleethub/twin/desired/", Duration::from_secs(5))
         .await
         .expect("retained state");
-    assert_eq!(p.topic, "$fleethub/twin/desired/?$version=2");
-    assert_eq!(json_of(&p), json!({"interval": 60, "$version": 2}));
+    assert_eq!(p.topic, "$fleethub/twin/desired/?$version=3");
+    assert_eq!(json_of(&p), json!({"interval": 60, "$version": 3}));
     drop((d, late));
 
     let mut hub = hub;
@@ -186,7 +187,7 @@ async fn desired_updates_push_patches_and_retained_state_survives_restart() {
         .next_publish_on("$fleethub/twin/desired/", Duration::from_secs(5))
         .await
         .expect("retained after restart");
-    assert_eq!(json_of(&p), json!({"interval": 60, "$version": 2}));
+    assert_eq!(json_of(&p), json!({"interval": 60, "$version": 3}));
 }
 
 #[tokio::test]

@@ -40,7 +40,8 @@ pub enum TwinOp {
         if_match: Option<String>,
     },
     /// A deployment's keys: each top-level desired key given is replaced whole (not
-    /// merged), `null` removes it. Devices receive the same map as their desired patch.
+    /// merged), `null` removes it. Devices receive the change as a merge patch (with `null`
+    /// for every key that went).
     ReplaceDesired(Map<String, Value>),
     Delete,
 }
@@ -49,8 +50,9 @@ pub enum TwinOp {
 #[derive(Debug, Clone)]
 pub struct Applied {
     pub twin: Arc<Twin>,
-    /// The desired patch as devices receive it (`{...patch, "$version": v}`), when desired
-    /// properties were patched.
+    /// The desired patch as devices receive it: the RFC 7386 patch from the previous desired
+    /// document to the new one (`null` for removed keys) with `"$version": v`, when desired
+    /// properties were written.
     pub desired_patch: Option<Value>,
 }
 
@@ -86,7 +88,11 @@ impl TwinStore {
                 let Ok(key) = IdentityKey::parse(k.value()) else {
                     continue;
                 };
-                let twin: Twin = serde_json::from_slice(v.value()).map_err(store_err)?;
+                let mut twin: Twin = serde_json::from_slice(v.value()).map_err(store_err)?;
+                // Written before sections started at version 1 (as IoT Hub's do).
+                for section in [&mut twin.desired, &mut twin.reported] {
+                    section.version = section.version.max(1);
+                }
                 cache.insert(key, Arc::new(twin));
             }
         }
@@ -159,12 +165,7 @@ fn apply_op(
             Ok((Some(twin), None))
         }
         TwinOp::ReplaceDesired(keys) => {
-            for k in keys.keys() {
-                twin.desired.data.remove(k);
-                twin.desired.meta.remove(k);
-            }
-            twin.desired.apply(keys, now, true);
-            let mut p = keys.clone();
+            let mut p = twin.desired.replace_keys(keys, now);
             p.insert("$version".into(), serde_json::json!(twin.desired.version));
             twin.touch();
             Ok((Some(twin), Some(Value::Object(p))))
@@ -187,8 +188,8 @@ fn apply_op(
             }
             let mut pushed = None;
             if let Some(patch) = desired {
-                twin.desired.apply(patch, now, true);
-                let mut p = patch.clone();
+                // Devices get the change itself, with a null for every removed key.
+                let mut p = twin.desired.apply(patch, now, true);
                 p.insert("$version".into(), serde_json::json!(twin.desired.version));
                 pushed = Some(Value::Object(p));
             }

@@ -1,0 +1,337 @@
+//! Persistent MQTT 3.1.1 sessions (clean session 0), kept across reconnects, hub restarts
+//! and `kill -9`.
+//!
+//! The Azure IoT SDKs connect with clean session 0 and never subscribe again after an
+//! automatic reconnect: IoT Hub keeps their subscriptions. So must fleethub, or every SDK
+//! device goes deaf at its first reconnect. A session here is just the client's filters as it
+//! wrote them (mapped again through the topic table on resume, so the table stays the one
+//! place that knows internal topics). Unacknowledged QoS 1 deliveries need no copy here: C2D
+//! messages and module inputs stay in their durable queues until the client's PUBACK, and a
+//! resumed session delivers them again.
+//!
+//! Invariants:
+//! - a SUBSCRIBE is acknowledged only after the session that includes it is committed
+//!   (writes are group-committed by one writer thread, one fsync per batch);
+//! - sessions are keyed by client id: an identity's key (`d`, `d/m`) or, for service
+//!   connections, `~service/{client id}` (`~` is not a valid id character);
+//! - a session whose client stayed away longer than `[mqtt] session_expiry_secs` is removed
+//!   by [`SessionStore::expire`]; its identity's deletion removes it at once.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const MAX_BATCH: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("session store: {0}")]
+    Store(String),
+}
+
+crate::storage::store_errors!(SessionError);
+
+/// What is kept of one persistent session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSession {
+    /// The client's filters as it subscribed them, in subscription order.
+    pub filters: Vec<String>,
+    /// When the client last disconnected (ms since the epoch); 0 while it is connected or
+    /// when the hub stopped without a clean disconnect. Idle time counts from here.
+    #[serde(default)]
+    pub last_seen_ms: u64,
+}
+
+/// The store key of a service connection's session.
+pub fn service_key(client_id: &str) -> String {
+    format!("~service/{client_id}")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum Op {
+    Put(StoredSession),
+    Remove,
+}
+
+struct Job {
+    key: String,
+    op: Op,
+    reply: Option<oneshot::Sender<Result<(), SessionError>>>,
+}
+
+/// Sessions in memory (read at CONNECT without touching disk), written through one
+/// group-committing writer thread.
+pub struct SessionStore {
+    cache: Arc<DashMap<String, StoredSession>>,
+    /// Client ids with a connection open now, so expiry never removes a live session.
+    connected: DashMap<String, u32>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl SessionStore {
+    /// Loads every session and starts the writer thread. A session found without a
+    /// disconnect time (the hub was killed while it was connected) counts as seen now.
+    pub fn open(db: Arc<Database>) -> Result<SessionStore, SessionError> {
+        {
+            let tx = db.begin_write()?;
+            tx.open_table(SESSIONS)?;
+            tx.commit()?;
+        }
+        let cache = Arc::new(DashMap::new());
+        {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(SESSIONS)?;
+            let now = now_ms();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let mut session: StoredSession = serde_json::from_slice(v.value())?;
+                if session.last_seen_ms == 0 {
+                    session.last_seen_ms = now;
+                }
+                cache.insert(k.value().to_string(), session);
+            }
+        }
+        let (jobs, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("session-writer".into())
+            .spawn(move || writer(db, rx))
+            .map_err(|e| SessionError::Store(e.to_string()))?;
+        Ok(SessionStore {
+            cache,
+            connected: DashMap::new(),
+            jobs,
+        })
+    }
+
+    /// The stored session of `key`, if there is one.
+    pub fn get(&self, key: &str) -> Option<StoredSession> {
+        self.cache.get(key).map(|s| s.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Stores `filters` as the session of `key`; resolves once committed.
+    pub fn put(
+        &self,
+        key: &str,
+        filters: Vec<String>,
+    ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send + 'static {
+        let session = StoredSession {
+            filters,
+            last_seen_ms: 0,
+        };
+        self.cache.insert(key.to_string(), session.clone());
+        self.submit(key, Op::Put(session))
+    }
+
+    /// Removes the session of `key` (clean session 1, identity deleted, expired); resolves
+    /// once committed. Nothing is written when there was none.
+    pub fn remove(
+        &self,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send + 'static {
+        let existed = self.cache.remove(key).is_some();
+        let pending = existed.then(|| self.submit(key, Op::Remove));
+        async move {
+            match pending {
+                Some(p) => p.await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// A connection of `key` opened.
+    pub fn connected(&self, key: &str) {
+        *self.connected.entry(key.to_string()).or_insert(0) += 1;
+    }
+
+    /// A connection of `key` closed: its session (if any) starts idling now. The time is
+    /// written in the background; losing it in a crash only makes the session live longer.
+    pub fn disconnected(&self, key: &str) {
+        if let dashmap::Entry::Occupied(mut e) = self.connected.entry(key.to_string()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        let updated = self.cache.get_mut(key).map(|mut s| {
+            s.last_seen_ms = now_ms();
+            s.clone()
+        });
+        if let Some(session) = updated {
+            let _ = self.jobs.send(Job {
+                key: key.to_string(),
+                op: Op::Put(session),
+                reply: None,
+            });
+        }
+    }
+
+    /// Removes sessions idle for longer than `max_idle_ms`; returns how many went.
+    pub fn expire(&self, max_idle_ms: u64) -> usize {
+        let now = now_ms();
+        let stale: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|s| {
+                !self.connected.contains_key(s.key())
+                    && s.last_seen_ms != 0
+                    && now.saturating_sub(s.last_seen_ms) > max_idle_ms
+            })
+            .map(|s| s.key().clone())
+            .collect();
+        for key in &stale {
+            drop(self.remove(key));
+        }
+        stale.len()
+    }
+
+    fn submit(
+        &self,
+        key: &str,
+        op: Op,
+    ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let queued = self.jobs.send(Job {
+            key: key.to_string(),
+            op,
+            reply: Some(reply),
+        });
+        async move {
+            queued.map_err(|_| SessionError::Store("session writer stopped".into()))?;
+            rx.await
+                .map_err(|_| SessionError::Store("session writer stopped".into()))?
+        }
+    }
+}
+
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // Within a batch the last write of a key wins, as it would one after another.
+        let mut last: HashMap<&str, &Op> = HashMap::new();
+        for job in &batch {
+            last.insert(job.key.as_str(), &job.op);
+        }
+        let result = (|| -> Result<(), SessionError> {
+            let tx = db.begin_write()?;
+            {
+                let mut table = tx.open_table(SESSIONS)?;
+                for (key, op) in &last {
+                    match op {
+                        Op::Put(session) => {
+                            let bytes = serde_json::to_vec(session)?;
+                            table.insert(*key, bytes.as_slice())?;
+                        }
+                        Op::Remove => {
+                            table.remove(*key)?;
+                        }
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        for job in batch {
+            if let Some(reply) = job.reply {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opens the test store, waiting for a previous store's writer thread to let go.
+    fn db(dir: &std::path::Path) -> Arc<Database> {
+        for _ in 0..200 {
+            match Database::create(dir.join("s.redb")) {
+                Ok(db) => return Arc::new(db),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("store still open");
+    }
+
+    fn temp() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "fleethub-session-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn sessions_survive_reopen_and_removal_sticks() {
+        let dir = temp();
+        {
+            let store = SessionStore::open(db(&dir)).unwrap();
+            store
+                .put("d1", vec!["$iothub/methods/POST/#".into()])
+                .await
+                .unwrap();
+            store.put("d2", vec!["a".into()]).await.unwrap();
+            store.remove("d2").await.unwrap();
+            store.remove("never").await.unwrap();
+        }
+        let store = SessionStore::open(db(&dir)).unwrap();
+        let s = store.get("d1").unwrap();
+        assert_eq!(s.filters, vec!["$iothub/methods/POST/#".to_string()]);
+        assert!(
+            s.last_seen_ms > 0,
+            "a session without a disconnect counts as seen at load"
+        );
+        assert!(store.get("d2").is_none());
+        assert_eq!(store.len(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn only_idle_disconnected_sessions_expire() {
+        let dir = temp();
+        let store = SessionStore::open(db(&dir)).unwrap();
+        store.put("idle", vec!["x".into()]).await.unwrap();
+        store.put("live", vec!["x".into()]).await.unwrap();
+        store.connected("idle");
+        store.disconnected("idle");
+        store.connected("live");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(store.expire(10), 1);
+        assert!(store.get("idle").is_none());
+        assert!(store.get("live").is_some());
+        assert_eq!(store.expire(60_000), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
