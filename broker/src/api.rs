@@ -828,7 +828,7 @@ async fn send_c2d(
         .with_label_values(&["queued"])
         .inc();
     if let Some(live) = hub.live.get(&key) {
-        live.c2d.notify_one();
+        live.mailbox.wake_c2d();
     }
     let expires = std::time::UNIX_EPOCH + std::time::Duration::from_millis(queued.expires_at_ms);
     Ok((

@@ -1,7 +1,7 @@
 //! State shared by the MQTT front end and the management API.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -30,15 +30,8 @@ pub struct Endpoints {
 /// second connection with the same id can take over, as IoT Hub does.
 pub struct LiveConnection {
     pub conn_id: u64,
-    pub kick: Arc<Notify>,
-    /// Woken when a C2D message is queued for this device.
-    pub c2d: Arc<Notify>,
-    /// What the hub sends this identity alone (twin answers, desired patches, method
-    /// requests, its desired document), straight to its connection.
-    pub direct: tokio::sync::mpsc::Sender<Direct>,
-    /// Set while the connection listens for method requests: a call to a connection that
-    /// does not is answered 404103 at once, as IoT Hub does.
-    pub methods: Arc<std::sync::atomic::AtomicBool>,
+    /// Everything the hub tells this connection.
+    pub mailbox: Arc<Mailbox>,
 }
 
 /// A message for one identity's connection: `suffix` completes the client topic of
@@ -53,6 +46,71 @@ pub struct Direct {
 /// Direct messages one connection may have waiting; beyond that they are dropped (and
 /// counted), as a QoS 0 subscriber that stopped reading would lose them.
 pub const DIRECT_BACKLOG: usize = 1024;
+
+/// What the hub tells one connection: messages for this identity alone (twin answers,
+/// desired patches, method requests, its desired document), that C2D or module-input entries
+/// were queued, that it must close (taken over, disabled, deleted); and what the connection
+/// tells the hub (whether it listens for method requests).
+///
+/// One allocation and one wake-up per connection, and a locked queue rather than an mpsc
+/// channel: a fleet is mostly idle connections, and a tokio channel allocates its first block
+/// of slots (about 2 KiB here) up front while an empty `VecDeque` allocates nothing.
+#[derive(Default)]
+pub struct Mailbox {
+    items: std::sync::Mutex<std::collections::VecDeque<Direct>>,
+    ready: Notify,
+    kicked: AtomicBool,
+    c2d: AtomicBool,
+    /// Set while the connection listens for method requests: a call to a connection that
+    /// does not is answered 404103 at once, as IoT Hub does.
+    pub methods: AtomicBool,
+}
+
+impl Mailbox {
+    /// Queues `d`; `false` (dropped) when the backlog is full.
+    pub fn push(&self, d: Direct) -> bool {
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        if items.len() >= DIRECT_BACKLOG {
+            return false;
+        }
+        items.push_back(d);
+        drop(items);
+        // A permit is kept if the connection is not waiting right now.
+        self.ready.notify_one();
+        true
+    }
+
+    /// Asks the connection to close.
+    pub fn kick(&self) {
+        self.kicked.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    /// Tells the connection that C2D messages or module inputs were queued for it.
+    pub fn wake_c2d(&self) {
+        self.c2d.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    pub fn kicked(&self) -> bool {
+        self.kicked.load(Ordering::Acquire)
+    }
+
+    /// Whether a C2D wake came since the last call.
+    pub fn take_c2d(&self) -> bool {
+        self.c2d.swap(false, Ordering::AcqRel)
+    }
+
+    /// Every message waiting, oldest first.
+    pub fn take(&self) -> std::collections::VecDeque<Direct> {
+        std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Completes once something happened since the last wait.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+}
 
 /// The durable stores the hub opens at start.
 pub struct Stores {
@@ -172,13 +230,13 @@ impl Hub {
     pub fn takes_methods(&self, key: &IdentityKey) -> bool {
         self.live
             .get(key)
-            .is_some_and(|l| l.methods.load(Ordering::Relaxed))
+            .is_some_and(|l| l.mailbox.methods.load(Ordering::Relaxed))
     }
 
     /// Closes the live connection of `key`, if any.
     pub fn kick(&self, key: &IdentityKey) {
         if let Some(live) = self.live.get(key) {
-            live.kick.notify_one();
+            live.mailbox.kick();
         }
     }
 
@@ -197,7 +255,7 @@ impl Hub {
             suffix: suffix.to_string(),
             body: bytes::Bytes::copy_from_slice(body),
         };
-        if live.direct.try_send(direct).is_err() {
+        if !live.mailbox.push(direct) {
             self.metrics.direct_dropped.inc();
             tracing::warn!(identity = %key, "connection not reading: a direct message was dropped");
         }
@@ -336,7 +394,7 @@ impl Hub {
                     .live
                     .get(&IdentityKey::module(self.config.hub_id.clone(), m))
                 {
-                    live.c2d.notify_one();
+                    live.mailbox.wake_c2d();
                 }
             }
         }

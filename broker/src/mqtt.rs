@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +28,7 @@ use rumqttd::protocol::{
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -213,9 +213,61 @@ async fn read_connect<R: AsyncRead + Unpin>(
                 return None;
             }
         }
+        make_room(buf);
         match tokio::time::timeout_at(deadline, reader.read_buf(buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return None,
+        }
+    }
+}
+
+/// First capacity of a connection's read buffer: a CONNECT with a SAS token fits.
+const READ_BUF_START: usize = 512;
+/// Capacity of an idle connection's read buffer once it is open: enough for a PINGREQ or a
+/// SUBSCRIBE; it grows again as soon as more arrives.
+const READ_BUF_IDLE: usize = 128;
+/// A drained read buffer larger than this is given back (a burst is over).
+const READ_BUF_KEEP: usize = 64 * 1024;
+
+/// Keeps room to read into for the handshake (which reads little).
+fn make_room(rbuf: &mut BytesMut) {
+    if rbuf.capacity() - rbuf.len() < 64 {
+        rbuf.reserve(READ_BUF_START);
+    }
+}
+
+/// How much a connection reads at once: small while it is quiet (most of a fleet), doubling
+/// while reads fill the buffer (a busy publisher reads up to 64 KiB at a time), halving as
+/// reads come back small. `BytesMut::reserve` alone cannot do this: it reclaims the space
+/// of consumed packets before it grows, so a buffer that starts small stays small.
+struct ReadSize {
+    want: usize,
+}
+
+impl ReadSize {
+    fn new() -> ReadSize {
+        ReadSize {
+            want: READ_BUF_IDLE,
+        }
+    }
+
+    /// Gives `rbuf` room for the next read; returns how much room it has.
+    fn prepare(&self, rbuf: &mut BytesMut) -> usize {
+        if rbuf.is_empty() && rbuf.capacity() > 2 * self.want {
+            // Traffic calmed down: give the large buffer back.
+            *rbuf = BytesMut::with_capacity(self.want);
+        } else if rbuf.capacity() - rbuf.len() < self.want / 2 {
+            rbuf.reserve(self.want);
+        }
+        rbuf.capacity() - rbuf.len()
+    }
+
+    /// A read of `n` bytes into `room`.
+    fn read(&mut self, n: usize, room: usize) {
+        if n == room {
+            self.want = (self.want * 2).min(READ_BUF_KEEP);
+        } else if n < self.want / 8 {
+            self.want = (self.want / 2).max(READ_BUF_IDLE);
         }
     }
 }
@@ -251,15 +303,62 @@ pub async fn connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(4096);
-    let mut wbuf = BytesMut::with_capacity(4096);
+    // The handshake runs in a boxed future: its state (the CONNECT, credentials, the session
+    // being resumed) is freed before the connection settles into its long wait.
+    let Some(mut open) = Box::pin(open(&mut reader, &mut writer, peer, hub)).await else {
+        let _ = writer.shutdown().await;
+        return;
+    };
+    // `open` stays whole (its parts are taken, not moved out by a pattern) so the task keeps
+    // one copy of it across the long wait.
+    let Err(end) = open
+        .session
+        .run(
+            &mut reader,
+            &mut writer,
+            std::mem::take(&mut open.rbuf),
+            std::mem::take(&mut open.wbuf),
+            open.token_deadline,
+            shutdown,
+        )
+        .await;
+    debug!(%peer, principal = ?open.session.principal, reason = end, "connection closed");
+    let _ = writer.shutdown().await;
+    // Dropping the session releases the router link, the gauge and the live entry.
+    drop(open);
+}
+
+/// An accepted connection, ready to run.
+struct Open {
+    session: Session,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    token_deadline: Option<Instant>,
+}
+
+/// Reads and checks the CONNECT, answers it, and resumes a stored session; `None` when the
+/// connection is refused or fails on the way (the CONNACK, if any, is written).
+async fn open<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    peer: SocketAddr,
+    hub: SharedHub,
+) -> Option<Open>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Small to start: most of a fleet is idle connections. The read buffer grows while
+    // reads fill it (`ReadSize`); the write buffer as packets are written.
+    let mut rbuf = BytesMut::with_capacity(READ_BUF_START);
+    let mut wbuf = BytesMut::new();
     let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
-    let Some(packet) = read_connect(&mut reader, &mut rbuf, timeout).await else {
+    let Some(packet) = read_connect(reader, &mut rbuf, timeout).await else {
         hub.metrics
             .connection_attempts
             .with_label_values(&["bad_request"])
             .inc();
-        return;
+        return None;
     };
     let Packet::Connect(connect, _, _will, _, login) = packet else {
         hub.metrics
@@ -267,7 +366,7 @@ pub async fn connection<S>(
             .with_label_values(&["bad_request"])
             .inc();
         debug!(%peer, "first packet was not CONNECT");
-        return;
+        return None;
     };
     let (principal, token_expiry) = match authenticate(&hub, &connect.client_id, login.as_ref()) {
         Ok(p) => p,
@@ -282,9 +381,8 @@ pub async fn connection<S>(
                 code: ConnectReturnCode::NotAuthorized,
             };
             let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
-            let _ = write_all(&mut writer, &mut wbuf).await;
-            let _ = writer.shutdown().await;
-            return;
+            let _ = write_all(writer, &mut wbuf).await;
+            return None;
         }
     };
 
@@ -303,24 +401,18 @@ pub async fn connection<S>(
     };
 
     let conn_id = hub.next_conn_id();
-    let kick = Arc::new(Notify::new());
-    let c2d = Arc::new(Notify::new());
-    let methods = Arc::new(AtomicBool::new(false));
-    let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(crate::hub::DIRECT_BACKLOG);
+    let mailbox = Arc::new(crate::hub::Mailbox::default());
     if let Principal::Identity(key) = &principal {
         // A second connection with the same id replaces the first, as in IoT Hub.
         let previous = hub.live.insert(
             key.clone(),
             LiveConnection {
                 conn_id,
-                kick: kick.clone(),
-                c2d: c2d.clone(),
-                direct: direct_tx,
-                methods: methods.clone(),
+                mailbox: mailbox.clone(),
             },
         );
         if let Some(previous) = previous {
-            previous.kick.notify_one();
+            previous.mailbox.kick();
         }
     }
     hub.metrics
@@ -354,7 +446,7 @@ pub async fn connection<S>(
         deferred_acks: Vec::new(),
         current: None,
         counted_subscriber: false,
-        client_topics: topics::ClientTopics::new(&principal),
+        client_topics: None,
         telemetry_topic: match &principal {
             Principal::Identity(key) => topics::telemetry_topic(key),
             Principal::Service => String::new(),
@@ -363,47 +455,38 @@ pub async fn connection<S>(
         link_tx: None,
         new_link_rx: None,
         filters: Vec::new(),
-        pending_subs: HashMap::new(),
-        restoring: std::collections::HashSet::new(),
-        c2d: C2dDelivery {
-            wake: c2d,
-            ..C2dDelivery::default()
-        },
+        pending_subs: Vec::new(),
+        restoring: Vec::new(),
+        c2d: C2dDelivery::default(),
+        mailbox,
         keep_alive: match connect.keep_alive {
             0 => None,
             k => Some(Duration::from_millis(k as u64 * 1500)),
         },
         persistent: !connect.clean_session,
         session_key,
-        methods,
         held: None,
     };
     if let Some(stored) = resumed {
         if let Err(reason) = session.resume(stored.filters, &mut wbuf).await {
             debug!(%peer, client_id = %connect.client_id, reason, "could not resume the session");
-            return;
+            return None;
         }
     }
     let token_deadline = token_expiry.map(|se| {
         let left = se.saturating_sub(unix_now());
         Instant::now() + Duration::from_secs(left)
     });
-    let end = session
-        .run(
-            &mut reader,
-            &mut writer,
-            rbuf,
-            wbuf,
-            direct_rx,
-            kick,
-            token_deadline,
-            shutdown,
-        )
-        .await;
-    debug!(%peer, client_id = %connect.client_id, reason = end, "connection closed");
-    let _ = writer.shutdown().await;
-    // Dropping the session releases the router link, the gauge and the live entry.
-    drop(session);
+    if rbuf.is_empty() {
+        // Handshake done: most connections go quiet now.
+        rbuf = BytesMut::with_capacity(READ_BUF_IDLE);
+    }
+    Some(Open {
+        session,
+        rbuf,
+        wbuf,
+        token_deadline,
+    })
 }
 
 /// (QoS, packet id) of the PUBLISH at the start of `buf`, from its fixed header; `None` for
@@ -477,7 +560,9 @@ struct Session {
     /// (QoS, packet id) of the PUBLISH being handled.
     current: Option<(u8, u16)>,
     /// This connection's rows of the topic table, computed once.
-    client_topics: topics::ClientTopics,
+    /// Built at the first router delivery: identities get theirs straight from the hub, so
+    /// most connections never need it.
+    client_topics: Option<topics::ClientTopics>,
     /// A service connection counted in `Hub::event_subscribers`.
     counted_subscriber: bool,
     principal: Principal,
@@ -488,12 +573,12 @@ struct Session {
     /// device that only publishes and gets its own messages never costs a router slot.
     link_tx: Option<LinkTx>,
     /// A link just opened, for `run` to start reading.
-    new_link_rx: Option<LinkRx>,
+    new_link_rx: Option<Box<LinkRx>>,
     /// Client filters in force, checked again on delivery.
     filters: Vec<MappedFilter>,
     /// SUBSCRIBEs waiting for the router's SUBACK: the codes of refused filters are known,
     /// `None` marks a filter forwarded to the router.
-    pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    pending_subs: Vec<(u16, Vec<Option<SubscribeReasonCode>>)>,
     keep_alive: Option<Duration>,
     c2d: C2dDelivery,
     /// The store key of this client's session ([`crate::session`]).
@@ -502,10 +587,10 @@ struct Session {
     persistent: bool,
     /// Router SUBSCRIBEs re-made for a resumed service session: their SUBACKs are not the
     /// client's (it sent no SUBSCRIBE).
-    restoring: std::collections::HashSet<u16>,
-    /// Set while the identity has a filter on its method requests (shared with the API,
-    /// which answers 404 at once when nobody listens).
-    methods: Arc<AtomicBool>,
+    restoring: Vec<u16>,
+    /// What the hub tells this connection, and whether it listens for method requests
+    /// (the API answers 404103 at once when it does not).
+    mailbox: Arc<crate::hub::Mailbox>,
     /// A session change being committed and what may go out to the client only after it
     /// (the SUBACK and what follows it).
     held: Option<HeldReply>,
@@ -538,22 +623,27 @@ fn router_filter(internal: &str, qos: QoS) -> Filter {
 /// the device's PUBACK can be matched to the message it completes.
 #[derive(Default)]
 struct C2dDelivery {
-    wake: Arc<Notify>,
     /// Subscribed to `devices/{d}/messages/devicebound/#`.
     active: bool,
     inflight: std::collections::VecDeque<(u16, u64)>,
     /// Highest sequence handed out on this connection.
     last_seq: u64,
     next_pkid: u16,
-    /// For one of the hub's modules: routed messages in flight from its input queues.
-    inputs_inflight: HashMap<u16, fleethub_router::queue::EntryKey>,
-    inputs_keys: std::collections::HashSet<fleethub_router::queue::EntryKey>,
+    /// For one of the hub's modules, created at its first delivery (devices never need it).
+    inputs: Option<Box<InputsDelivery>>,
+}
+
+/// Routed messages in flight to one of the hub's modules from its input queues.
+#[derive(Default)]
+struct InputsDelivery {
+    inflight: HashMap<u16, fleethub_router::queue::EntryKey>,
+    keys: std::collections::HashSet<fleethub_router::queue::EntryKey>,
     /// Per input queue, the last key handed out: refills after an ack continue from there;
     /// a wake (new entries committed) starts again from the head.
-    inputs_cursor: HashMap<String, fleethub_router::queue::EntryKey>,
+    cursor: HashMap<String, fleethub_router::queue::EntryKey>,
     /// Routed messages the module acknowledged in the read batch being handled: removed
     /// from their queues and replaced in the window together, once per batch, not per ack.
-    inputs_acked: Vec<fleethub_router::queue::EntryKey>,
+    acked: Vec<fleethub_router::queue::EntryKey>,
 }
 
 const C2D_WINDOW: usize = 16;
@@ -594,97 +684,85 @@ impl Drop for Session {
 }
 
 impl Session {
-    #[allow(clippy::too_many_arguments)]
     async fn run<R, W>(
         &mut self,
         reader: &mut R,
         writer: &mut W,
         mut rbuf: BytesMut,
         mut wbuf: BytesMut,
-        mut direct_rx: tokio::sync::mpsc::Receiver<crate::hub::Direct>,
-        kick: Arc<Notify>,
         token_deadline: Option<Instant>,
         mut shutdown: watch::Receiver<bool>,
-    ) -> &'static str
+    ) -> Result<std::convert::Infallible, &'static str>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let far = Duration::from_secs(365 * 24 * 3600);
-        let c2d_wake = self.c2d.wake.clone();
-        let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
-        let token_deadline = token_deadline.unwrap_or_else(|| Instant::now() + far);
+        let mailbox = self.mailbox.clone();
+        let mut deadline = Instant::now() + self.keep_alive.unwrap_or(FAR);
+        let token_deadline = token_deadline.unwrap_or_else(|| Instant::now() + FAR);
         // Batches whose routed messages are being committed, oldest first, with the PUBACKs
         // that wait for them. The connection keeps reading meanwhile (pipelining); acks go
         // out when their batch is committed, so always in the order publishes came in.
         let mut commits: std::collections::VecDeque<PendingCommit> =
             std::collections::VecDeque::new();
         let mut link_rx: Option<LinkRx> = None;
+        let mut read_size = ReadSize::new();
         loop {
-            if write_all(writer, &mut wbuf).await.is_err() {
-                return "write failed";
-            }
-            // Packets may already be buffered (read together with CONNECT).
-            match self.drain_input(&mut rbuf, &mut wbuf).await {
-                Ok(true) => deadline = Instant::now() + self.keep_alive.unwrap_or(far),
-                Ok(false) => {}
-                Err(reason) => {
-                    // Acks read before the bad packet still count: no redelivery for them.
-                    self.inputs_acked_flush(&mut wbuf);
-                    let _ = write_all(writer, &mut wbuf).await;
-                    return reason;
-                }
-            }
-            self.inputs_acked_flush(&mut wbuf);
-            self.stage_acks(&mut commits, &mut wbuf);
-            if write_all(writer, &mut wbuf).await.is_err() {
-                return "write failed";
-            }
-            if let Some(rx) = self.new_link_rx.take() {
-                link_rx = Some(rx);
-            }
-            tokio::select! {
+            // What each wake-up brought: decode, route, acknowledge, write. Its rarely needed
+            // parts (router hand-off and notifications) are boxed where they are awaited, so
+            // an idle connection's task stays small; this part runs inline because boxing it
+            // per wake-up cost a fifth of the routed throughput.
+            self.work(
+                writer,
+                &mut rbuf,
+                &mut wbuf,
+                &mut commits,
+                &mut link_rx,
+                &mut deadline,
+            )
+            .await?;
+            let room = read_size.prepare(&mut rbuf);
+            let woke = tokio::select! {
                 read = reader.read_buf(&mut rbuf) => match read {
-                    Ok(0) | Err(_) => return "socket closed",
-                    Ok(_) => {}
-                },
-                notification = next_notification(&mut link_rx) => {
-                    let mut unscheduled = false;
-                    let mut next = notification;
-                    // Take everything the router has queued in one go.
-                    loop {
-                        match next {
-                            Ok(Some(n)) => match self.on_notification(n, &mut wbuf).await {
-                                Some(Outcome::Unscheduled) => unscheduled = true,
-                                Some(Outcome::Close) => return "closed by router",
-                                None => {}
-                            },
-                            Ok(None) => break,
-                            Err(_) => return "router link closed",
-                        }
-                        next = match link_rx.as_mut().and_then(|rx| rx.next().now_or_never()) {
-                            Some(n) => n,
-                            None => break,
-                        };
-                    }
-                    if write_all(writer, &mut wbuf).await.is_err() {
-                        return "write failed";
-                    }
-                    if let (true, Some(rx)) = (unscheduled, link_rx.as_mut()) {
-                        if rx.wake().await.is_err() {
-                            return "router link closed";
-                        }
+                    Ok(0) | Err(_) => return Err("socket closed"),
+                    Ok(n) => {
+                        read_size.read(n, room);
+                        Wake::Read
                     }
                 },
-                _ = c2d_wake.notified(), if self.c2d.active => self.c2d_fill(&mut wbuf),
-                Some(direct) = direct_rx.recv() => {
-                    self.on_direct(direct, &mut wbuf);
-                    // Take what else is waiting in one go.
-                    while let Ok(more) = direct_rx.try_recv() {
-                        self.on_direct(more, &mut wbuf);
+                notification = next_notification(&mut link_rx) => Wake::Router(notification),
+                _ = mailbox.ready() => Wake::Mailbox,
+                done = next_commit(&mut commits), if !commits.is_empty() => Wake::Committed(done),
+                _ = tokio::time::sleep_until(deadline.min(token_deadline)) => {
+                    if Instant::now() < token_deadline {
+                        return Err("keep-alive expired");
                     }
-                },
-                done = next_commit(&mut commits), if !commits.is_empty() => {
+                    // As IoT Hub: the SDKs renew by reconnecting before this.
+                    self.hub.metrics.token_expirations.inc();
+                    return Err("SAS token expired");
+                }
+                _ = shutdown.changed() => return Err("hub shutting down"),
+            };
+            match woke {
+                // Read into `rbuf`: decoded by `work` at the top of the loop.
+                Wake::Read => {}
+                Wake::Router(first) => {
+                    Box::pin(self.router_notifications(*first, writer, &mut wbuf, &mut link_rx))
+                        .await?
+                }
+                Wake::Mailbox => {
+                    if mailbox.kicked() {
+                        return Err("closed by the hub (taken over, disabled or deleted)");
+                    }
+                    // Everything waiting, in one go.
+                    for d in mailbox.take() {
+                        self.on_direct(d, &mut wbuf);
+                    }
+                    if mailbox.take_c2d() {
+                        self.c2d_fill(&mut wbuf);
+                    }
+                }
+                Wake::Committed(done) => {
                     if let Some((result, batch)) = done {
                         self.commit_done(result, batch, &mut wbuf);
                     }
@@ -699,17 +777,73 @@ impl Session {
                             None => break,
                         }
                     }
-                },
-                _ = tokio::time::sleep_until(deadline) => return "keep-alive expired",
-                _ = tokio::time::sleep_until(token_deadline) => {
-                    // As IoT Hub: the SDKs renew by reconnecting before this.
-                    self.hub.metrics.token_expirations.inc();
-                    return "SAS token expired";
                 }
-                _ = kick.notified() => return "closed by the hub (taken over, disabled or deleted)",
-                _ = shutdown.changed() => return "hub shutting down",
             }
         }
+    }
+
+    /// One wake-up's work: write what is pending, decode and handle every complete packet
+    /// read, stage their acknowledgements behind the routed messages' commit, write again.
+    async fn work<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+        commits: &mut std::collections::VecDeque<PendingCommit>,
+        link_rx: &mut Option<LinkRx>,
+        deadline: &mut Instant,
+    ) -> Result<(), &'static str> {
+        write_all(writer, wbuf).await.map_err(|_| "write failed")?;
+        // Packets may already be buffered (read together with CONNECT).
+        match self.drain_input(rbuf, wbuf).await {
+            Ok(true) => *deadline = Instant::now() + self.keep_alive.unwrap_or(FAR),
+            Ok(false) => {}
+            Err(reason) => {
+                // Acks read before the bad packet still count: no redelivery for them.
+                self.inputs_acked_flush(wbuf);
+                let _ = write_all(writer, wbuf).await;
+                return Err(reason);
+            }
+        }
+        self.inputs_acked_flush(wbuf);
+        self.stage_acks(commits, wbuf);
+        write_all(writer, wbuf).await.map_err(|_| "write failed")?;
+        if let Some(rx) = self.new_link_rx.take() {
+            *link_rx = Some(*rx);
+        }
+        Ok(())
+    }
+
+    /// Handles `first` and everything else the router has queued for this link, in one go.
+    async fn router_notifications<W: AsyncWrite + Unpin>(
+        &mut self,
+        first: Result<Option<Notification>, rumqttd::local::LinkError>,
+        writer: &mut W,
+        wbuf: &mut BytesMut,
+        link_rx: &mut Option<LinkRx>,
+    ) -> Result<(), &'static str> {
+        let mut unscheduled = false;
+        let mut next = first;
+        loop {
+            match next {
+                Ok(Some(n)) => match self.on_notification(n, wbuf).await {
+                    Some(Outcome::Unscheduled) => unscheduled = true,
+                    Some(Outcome::Close) => return Err("closed by router"),
+                    None => {}
+                },
+                Ok(None) => break,
+                Err(_) => return Err("router link closed"),
+            }
+            next = match link_rx.as_mut().and_then(|rx| rx.next().now_or_never()) {
+                Some(n) => n,
+                None => break,
+            };
+        }
+        write_all(writer, wbuf).await.map_err(|_| "write failed")?;
+        if let (true, Some(rx)) = (unscheduled, link_rx.as_mut()) {
+            rx.wake().await.map_err(|_| "router link closed")?;
+        }
+        Ok(())
     }
 
     /// Hands this batch's routed messages to the queue writer (not waiting) and parks its
@@ -816,7 +950,11 @@ impl Session {
                 wbuf.extend_from_slice(&held.out);
             }
         };
-        self.send_to_router(to_router).await?;
+        if !to_router.is_empty() {
+            // Boxed: the router hand-off is most of this future's size and only connections
+            // that use the router (service clients, telemetry while someone watches) need it.
+            Box::pin(self.send_to_router(to_router)).await?;
+        }
         result.map(|()| any)
     }
 
@@ -853,7 +991,7 @@ impl Session {
                     "router refused a link"
                 })?;
             self.link_tx = Some(tx);
-            self.new_link_rx = Some(rx);
+            self.new_link_rx = Some(Box::new(rx));
         }
         let Some(link) = self.link_tx.as_mut() else {
             return Err("router link closed");
@@ -1080,7 +1218,9 @@ impl Session {
         };
         if key.module.is_some() {
             // Woken: new entries, possibly of a higher priority than the cursors.
-            self.c2d.inputs_cursor.clear();
+            if let Some(inputs) = self.c2d.inputs.as_mut() {
+                inputs.cursor.clear();
+            }
             return self.inputs_fill(wbuf);
         }
         if key.module.is_some() || !self.c2d.active {
@@ -1113,12 +1253,14 @@ impl Session {
 
     /// The device acknowledged a C2D message: it leaves the queue.
     fn c2d_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
-        if let Some(key) = self.c2d.inputs_inflight.remove(&pkid) {
-            // A module took a routed message: it leaves its queue with the rest of the batch
-            // (`inputs_acked_flush`).
-            self.c2d.inputs_keys.remove(&key);
-            self.c2d.inputs_acked.push(key);
-            return;
+        if let Some(inputs) = self.c2d.inputs.as_mut() {
+            if let Some(key) = inputs.inflight.remove(&pkid) {
+                // A module took a routed message: it leaves its queue with the rest of the
+                // batch (`inputs_acked_flush`).
+                inputs.keys.remove(&key);
+                inputs.acked.push(key);
+                return;
+            }
         }
         let Some(pos) = self.c2d.inflight.iter().position(|(p, _)| *p == pkid) else {
             return;
@@ -1145,10 +1287,13 @@ impl Session {
     /// The routed messages acknowledged in this read batch leave their queues (one call),
     /// are counted (one metric update per sink) and the window is refilled once.
     fn inputs_acked_flush(&mut self, wbuf: &mut BytesMut) {
-        if self.c2d.inputs_acked.is_empty() {
+        let Some(inputs) = self.c2d.inputs.as_mut() else {
+            return;
+        };
+        if inputs.acked.is_empty() {
             return;
         }
-        let mut acked = std::mem::take(&mut self.c2d.inputs_acked);
+        let mut acked = std::mem::take(&mut inputs.acked);
         acked.sort_by(|a, b| a.sink.cmp(&b.sink));
         for run in acked.chunk_by(|a, b| a.sink == b.sink) {
             self.hub
@@ -1184,25 +1329,25 @@ impl Session {
             .map(|(s, _)| s)
             .collect();
         let now = crate::c2d::now_ms();
+        let mut inputs = self.c2d.inputs.take().unwrap_or_default();
         for sink in sinks {
-            let room = INPUT_WINDOW.saturating_sub(self.c2d.inputs_inflight.len());
+            let room = INPUT_WINDOW.saturating_sub(inputs.inflight.len());
             if room == 0 {
                 break;
             }
-            let cursor = self.c2d.inputs_cursor.get(&sink).cloned();
-            let peeked = match self.hub.queues.peek_after(
-                &sink,
-                cursor.as_ref(),
-                &self.c2d.inputs_keys,
-                room,
-                now,
-            ) {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(sink, error = %e, "cannot read a module input queue");
-                    continue;
-                }
-            };
+            let cursor = inputs.cursor.get(&sink).cloned();
+            let peeked =
+                match self
+                    .hub
+                    .queues
+                    .peek_after(&sink, cursor.as_ref(), &inputs.keys, room, now)
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(sink, error = %e, "cannot read a module input queue");
+                        continue;
+                    }
+                };
             let input = &sink[prefix.len()..];
             let last = peeked.entries.last().map(|e| e.key.clone());
             for entry in peeked.entries {
@@ -1213,13 +1358,14 @@ impl Session {
                 let pkid = self.c2d.pkid();
                 let p = publish_with(&topic, &entry.body, QoS::AtLeastOnce, pkid, false);
                 let _ = V4.write(Packet::Publish(p, None), wbuf);
-                self.c2d.inputs_keys.insert(entry.key.clone());
-                self.c2d.inputs_inflight.insert(pkid, entry.key);
+                inputs.keys.insert(entry.key.clone());
+                inputs.inflight.insert(pkid, entry.key);
             }
             if let Some(last) = last {
-                self.c2d.inputs_cursor.insert(sink, last);
+                inputs.cursor.insert(sink, last);
             }
         }
+        self.c2d.inputs = Some(inputs);
     }
 
     /// PUBACK a QoS 1 publish the hub handled itself. Acknowledgements wait until the end of
@@ -1307,7 +1453,8 @@ impl Session {
                 self.send_desired_state(&mut out);
             }
         } else {
-            self.pending_subs.insert(subscribe.pkid, codes);
+            self.pending_subs.retain(|(p, _)| *p != subscribe.pkid);
+            self.pending_subs.push((subscribe.pkid, codes));
             let sub = Subscribe {
                 pkid: subscribe.pkid,
                 filters: forward,
@@ -1324,7 +1471,7 @@ impl Session {
         if let Principal::Identity(key) = &self.principal {
             let internal = topics::internal_topic(key, Delivery::MethodRequest);
             let listening = self.filters.iter().any(|f| f.internal == internal);
-            self.methods.store(listening, Ordering::Relaxed);
+            self.mailbox.methods.store(listening, Ordering::Relaxed);
         }
         if self.principal == Principal::Service
             && !self.filters.is_empty()
@@ -1422,7 +1569,7 @@ impl Session {
         if !forward.is_empty() {
             // Packet ids the client cannot have in flight yet: it sent nothing so far.
             let pkid = 1;
-            self.restoring.insert(pkid);
+            self.restoring.push(pkid);
             let sub = Subscribe {
                 pkid,
                 filters: forward,
@@ -1444,7 +1591,7 @@ impl Session {
         let own = topics::internal_topic(key, Delivery::Own);
         let active = self.filters.iter().any(|f| f.internal == own);
         if active && !self.c2d.active {
-            self.c2d.wake.notify_one();
+            self.mailbox.wake_c2d();
         }
         self.c2d.active = active;
     }
@@ -1494,7 +1641,9 @@ impl Session {
                     .ok()
                     .zip(envelope::unpack(&publish.payload))
                     .and_then(|(topic, (suffix, body))| {
+                        let principal = &self.principal;
                         self.client_topics
+                            .get_or_insert_with(|| topics::ClientTopics::new(principal))
                             .to_client(topic, suffix)
                             .map(|t| (t, body))
                     })
@@ -1529,9 +1678,16 @@ impl Session {
             Notification::DeviceAck(ack) => {
                 let packet: P = ack.into();
                 match packet {
-                    P::SubAck(suback, _) if self.restoring.remove(&suback.pkid) => {}
+                    P::SubAck(suback, _) if self.restoring.contains(&suback.pkid) => {
+                        self.restoring.retain(|p| *p != suback.pkid);
+                    }
                     P::SubAck(suback, _) => {
-                        let return_codes = match self.pending_subs.remove(&suback.pkid) {
+                        let pending = self
+                            .pending_subs
+                            .iter()
+                            .position(|(p, _)| *p == suback.pkid)
+                            .map(|i| self.pending_subs.swap_remove(i).1);
+                        let return_codes = match pending {
                             Some(codes) => {
                                 let mut router = suback.return_codes.into_iter();
                                 codes
@@ -1570,12 +1726,32 @@ enum Outcome {
     Close,
 }
 
-/// The next router notification, or never while the connection has no link.
+/// What ended a connection's wait.
+enum Wake {
+    Read,
+    /// Boxed: a notification is about 800 bytes, and every connection's task would carry room
+    /// for one while only service connections and watched publishers get any.
+    Router(Box<Result<Option<Notification>, rumqttd::local::LinkError>>),
+    Mailbox,
+    Committed(
+        Option<(
+            Result<(), fleethub_router::queue::QueueError>,
+            PendingCommit,
+        )>,
+    ),
+}
+
+/// A deadline that never comes (no keep-alive, a token without expiry).
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The next router notification, or never while the connection has no link. The link's
+/// own future (about 300 bytes) is boxed so connections without a link, most of a fleet,
+/// do not carry room for it.
 async fn next_notification(
     rx: &mut Option<LinkRx>,
-) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+) -> Box<Result<Option<Notification>, rumqttd::local::LinkError>> {
     match rx {
-        Some(rx) => rx.next().await,
+        Some(rx) => Box::new(Box::pin(rx.next()).await),
         None => std::future::pending().await,
     }
 }

@@ -49,6 +49,8 @@ pub enum ServerError {
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
 pub const STORE_FILE: &str = "fleethub.redb";
+/// redb's page cache for the main store.
+const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 pub const QUEUES_FILE: &str = "queues.redb";
 
 /// Reads the admin token, creating it (mode 0600) on first start.
@@ -88,8 +90,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })?;
     let admin_token = ensure_admin_token(&data_dir)?;
     let store_path = data_dir.join(STORE_FILE);
+    // Every store keeps what it serves in memory (registry, twins, sessions), so redb's own
+    // page cache only has to hold what writes touch: its 1 GiB default grew with every commit
+    // (about 1 KiB per connected device once each stores a session).
     let db = Arc::new(
-        redb::Database::create(&store_path)
+        redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&store_path)
             .map_err(|e| ServerError::Store(format!("{}: {e}", store_path.display())))?,
     );
     let stores = Stores {

@@ -47,6 +47,10 @@ pub struct StoredSession {
     /// when the hub stopped without a clean disconnect. Idle time counts from here.
     #[serde(default)]
     pub last_seen_ms: u64,
+    /// Connections of this client open now (not stored): expiry never removes a live
+    /// session.
+    #[serde(skip)]
+    pub connected: u32,
 }
 
 /// The store key of a service connection's session.
@@ -76,8 +80,6 @@ struct Job {
 /// group-committing writer thread.
 pub struct SessionStore {
     cache: Arc<DashMap<String, StoredSession>>,
-    /// Client ids with a connection open now, so expiry never removes a live session.
-    connected: DashMap<String, u32>,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -109,11 +111,7 @@ impl SessionStore {
             .name("session-writer".into())
             .spawn(move || writer(db, rx))
             .map_err(|e| SessionError::Store(e.to_string()))?;
-        Ok(SessionStore {
-            cache,
-            connected: DashMap::new(),
-            jobs,
-        })
+        Ok(SessionStore { cache, jobs })
     }
 
     /// The stored session of `key`, if there is one.
@@ -135,9 +133,12 @@ impl SessionStore {
         key: &str,
         filters: Vec<String>,
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send + 'static {
+        // Only a connected client changes its subscriptions.
+        let connected = self.cache.get(key).map_or(1, |s| s.connected.max(1));
         let session = StoredSession {
             filters,
             last_seen_ms: 0,
+            connected,
         };
         self.cache.insert(key.to_string(), session.clone());
         self.submit(key, Op::Put(session))
@@ -159,23 +160,23 @@ impl SessionStore {
         }
     }
 
-    /// A connection of `key` opened.
+    /// A connection of `key` opened (counted only where a session exists: nothing else
+    /// expires).
     pub fn connected(&self, key: &str) {
-        *self.connected.entry(key.to_string()).or_insert(0) += 1;
+        if let Some(mut s) = self.cache.get_mut(key) {
+            s.connected += 1;
+        }
     }
 
     /// A connection of `key` closed: its session (if any) starts idling now. The time is
     /// written in the background; losing it in a crash only makes the session live longer.
     pub fn disconnected(&self, key: &str) {
-        if let dashmap::Entry::Occupied(mut e) = self.connected.entry(key.to_string()) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-        let updated = self.cache.get_mut(key).map(|mut s| {
-            s.last_seen_ms = now_ms();
-            s.clone()
+        let updated = self.cache.get_mut(key).and_then(|mut s| {
+            s.connected = s.connected.saturating_sub(1);
+            (s.connected == 0).then(|| {
+                s.last_seen_ms = now_ms();
+                s.clone()
+            })
         });
         if let Some(session) = updated {
             let _ = self.jobs.send(Job {
@@ -193,7 +194,7 @@ impl SessionStore {
             .cache
             .iter()
             .filter(|s| {
-                !self.connected.contains_key(s.key())
+                s.connected == 0
                     && s.last_seen_ms != 0
                     && now.saturating_sub(s.last_seen_ms) > max_idle_ms
             })
@@ -322,11 +323,13 @@ mod tests {
     async fn only_idle_disconnected_sessions_expire() {
         let dir = temp();
         let store = SessionStore::open(db(&dir)).unwrap();
+        // As a connection does: subscribe (stored while connected), then go.
         store.put("idle", vec!["x".into()]).await.unwrap();
-        store.put("live", vec!["x".into()]).await.unwrap();
-        store.connected("idle");
         store.disconnected("idle");
+        store.put("live", vec!["x".into()]).await.unwrap();
+        // A second connection of the same client while the first is open.
         store.connected("live");
+        store.disconnected("live");
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert_eq!(store.expire(10), 1);
         assert!(store.get("idle").is_none());

@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// measured (RSS after they connect minus before, per connection)
     #[arg(long, default_value_t = 0)]
     hold: usize,
+    /// Held clients connect with clean session 0 and subscribe like an SDK device (four
+    /// topic families), so each broker keeps a persistent session per client
+    #[arg(long)]
+    sessions: bool,
     /// Which brokers to run: all (fleethub, rumqttd, and mosquitto when installed) or one
     #[arg(long, value_enum, default_value_t = Which::All)]
     target: Which,
@@ -68,12 +72,22 @@ struct Memory {
     held: u64,
     connect_s: f64,
     idle_bytes: u64,
+    /// RSS with the first half of the clients connected.
+    half_bytes: u64,
     held_bytes: u64,
 }
 
 impl Memory {
     fn per_connection(&self) -> f64 {
         self.held_bytes.saturating_sub(self.idle_bytes) as f64 / self.held.max(1) as f64
+    }
+
+    /// What the second half of the connections added, per connection: free of whatever the
+    /// broker allocated at start or while the clients were registered (which moves the
+    /// idle baseline by tens of MiB between runs).
+    fn marginal(&self) -> f64 {
+        let second = self.held - self.held / 2;
+        self.held_bytes.saturating_sub(self.half_bytes) as f64 / second.max(1) as f64
     }
 
     fn json(&self) -> serde_json::Value {
@@ -83,7 +97,9 @@ impl Memory {
             "connect_s": self.connect_s,
             "rss_idle_bytes": self.idle_bytes,
             "rss_held_bytes": self.held_bytes,
+            "rss_half_bytes": self.half_bytes,
             "bytes_per_connection": self.per_connection(),
+            "marginal_bytes_per_connection": self.marginal(),
         })
     }
 }
@@ -138,16 +154,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
             continue;
         };
         let held = if args.hold > 0 {
+            let settle = std::time::Duration::from_secs(2);
             let idle = target.rss_bytes().unwrap_or(0);
+            let half = args.hold / 2;
             let started = std::time::Instant::now();
-            let held = rt.block_on(load::hold(&target))?;
-            let connect_s = started.elapsed().as_secs_f64();
-            std::thread::sleep(std::time::Duration::from_secs(2));
+            let mut held = rt.block_on(load::hold(&target, args.sessions, 0..half))?;
+            let mut connect_s = started.elapsed().as_secs_f64();
+            std::thread::sleep(settle);
+            let half_bytes = target.rss_bytes().unwrap_or(0);
+            let started = std::time::Instant::now();
+            held.extend(rt.block_on(load::hold(&target, args.sessions, half..args.hold))?);
+            connect_s += started.elapsed().as_secs_f64();
+            std::thread::sleep(settle);
             memory.push(Memory {
                 target: target.name,
                 held: held.count(),
                 connect_s,
                 idle_bytes: idle,
+                half_bytes,
                 held_bytes: target.rss_bytes().unwrap_or(0),
             });
             eprintln!(
@@ -196,6 +220,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "qos": args.qos,
                 "routed": args.routed,
                 "hold": args.hold,
+                "sessions": args.sessions,
                 "results": results.iter().map(|(q, r)| {
                     let mut j = r.json();
                     j["qos"] = json!(q);
@@ -255,18 +280,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             if !memory.is_empty() {
                 println!(
-                    "{:<10} {:>8} {:>10} {:>12} {:>12} {:>14}",
-                    "target", "held", "connect_s", "rss_idle_MiB", "rss_held_MiB", "KiB/connection"
+                    "{:<10} {:>8} {:>10} {:>12} {:>12} {:>14} {:>16}",
+                    "target",
+                    "held",
+                    "connect_s",
+                    "rss_idle_MiB",
+                    "rss_held_MiB",
+                    "KiB/connection",
+                    "marginal_KiB/conn"
                 );
                 for m in &memory {
                     println!(
-                        "{:<10} {:>8} {:>10.1} {:>12.1} {:>12.1} {:>14.1}",
+                        "{:<10} {:>8} {:>10.1} {:>12.1} {:>12.1} {:>14.1} {:>16.1}",
                         m.target,
                         m.held,
                         m.connect_s,
                         m.idle_bytes as f64 / 1048576.0,
                         m.held_bytes as f64 / 1048576.0,
-                        m.per_connection() / 1024.0
+                        m.per_connection() / 1024.0,
+                        m.marginal() / 1024.0
                     );
                 }
             }

@@ -229,6 +229,12 @@ impl Held {
         self.retries
     }
 
+    /// Takes `other`'s connections into this set.
+    pub fn extend(&mut self, other: Held) {
+        self.clients.extend(other.clients);
+        self.retries += other.retries;
+    }
+
     /// Disconnects them all.
     pub async fn release(self) {
         for (client, poller) in self.clients {
@@ -240,11 +246,21 @@ impl Held {
 
 /// Connects every one of `target.held`, at most 200 handshakes at a time, each kept alive by
 /// its own task. Fails if any is refused.
-pub async fn hold(target: &Target) -> Result<Held> {
+/// Connects the target's idle clients. With `sessions`, each connects as the Azure IoT SDKs
+/// do (clean session 0) and subscribes to an SDK device's four topic families (C2D, twin
+/// responses, desired patches, methods; plain-topic equivalents on brokers that refuse `$`
+/// filters), so the broker holds a persistent session per client.
+pub async fn hold(target: &Target, sessions: bool, which: std::ops::Range<usize>) -> Result<Held> {
     let permits = Arc::new(tokio::sync::Semaphore::new(200));
     let mut connecting = tokio::task::JoinSet::new();
-    for i in 0..target.held.len() {
-        let options = target.held_options(i);
+    for i in which {
+        let mut options = target.held_options(i);
+        let filters = if sessions {
+            options.set_clean_session(false);
+            target.held_filters(i)
+        } else {
+            Vec::new()
+        };
         let permit = permits.clone().acquire_owned().await?;
         let name = target.name;
         connecting.spawn(async move {
@@ -266,12 +282,26 @@ pub async fn hold(target: &Target) -> Result<Held> {
                     Err(_) => bail!("{name}: held connection {i}: no CONNACK"),
                 }
             }
+            if !filters.is_empty() {
+                let filters = filters
+                    .into_iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                client.subscribe_many(filters).await?;
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(30), events.poll()).await {
+                        Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => bail!("{name}: held connection {i} subscribing: {e}"),
+                        Err(_) => bail!("{name}: held connection {i}: no SUBACK"),
+                    }
+                }
+            }
             drop(permit);
             let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
             Ok((client, poller, failures))
         });
     }
-    let mut clients = Vec::with_capacity(target.held.len());
+    let mut clients = Vec::new();
     let mut retries = 0;
     while let Some(r) = connecting.join_next().await {
         let (client, poller, failures) = r??;

@@ -14,6 +14,7 @@ mod roundtrip;
 mod run;
 mod scenario;
 mod stats;
+mod storm;
 mod targets;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,9 @@ enum Command {
     BenchTwin(bench::TwinBenchArgs),
     /// Store-and-forward queue: durable ingest beside the disk's fsync limit, drain, memory
     BenchQueue(queuebench::QueueBenchArgs),
+    /// Reconnect storm: N SDK-style devices (clean session 0) across a hub kill -9 and
+    /// restart: time until all have their sessions back, then until a desired push reaches all
+    BenchSessions(storm::SessionBenchArgs),
     /// A benchmark's broker process (started by `bench`, not by hand)
     #[command(hide = true)]
     ServeBroker(targets::ServeBrokerArgs),
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::BenchTwin(args) => bench::run_twin(args),
         Command::BenchQueue(args) => queuebench::run(args),
+        Command::BenchSessions(args) => storm::run(args),
         Command::ServeBroker(args) => targets::serve_broker(args),
     }
 }

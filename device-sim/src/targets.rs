@@ -49,9 +49,62 @@ impl Target {
         options(self.addr, &c.id, &c.credentials)
     }
 
+    /// An SDK device's subscriptions for held client `i`: IoT Hub topics on fleethub, the
+    /// same four families on plain topics elsewhere (rumqttd refuses `$` filters).
+    pub fn held_filters(&self, i: usize) -> Vec<String> {
+        let id = &self.held[i].id;
+        if self.name == "fleethub" {
+            vec![
+                format!("devices/{id}/messages/devicebound/#"),
+                "$iothub/twin/res/#".into(),
+                "$iothub/twin/PATCH/properties/desired/#".into(),
+                "$iothub/methods/POST/#".into(),
+            ]
+        } else {
+            vec![
+                format!("devices/{id}/messages/devicebound/#"),
+                format!("iothub/{id}/twin/res/#"),
+                format!("iothub/{id}/twin/PATCH/properties/desired/#"),
+                format!("iothub/{id}/methods/POST/#"),
+            ]
+        }
+    }
+
     pub fn subscriber_options(&self) -> (MqttOptions, String) {
         let c = &self.subscriber;
         (options(self.addr, &c.id, &c.credentials), c.topic.clone())
+    }
+
+    /// `kill -9` of a fleethub target, then the same hub (data directory, MQTT address)
+    /// started again; returns once it is listening, with its API's address.
+    pub fn crash_and_restart(
+        &mut self,
+        max_connections: usize,
+        sizing: Sizing,
+    ) -> Result<SocketAddr> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let endpoints = self.dir.join("data").join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let mut child = spawn_broker_at(
+            "fleethub",
+            &self.dir,
+            max_connections,
+            sizing,
+            &self.addr.to_string(),
+        )?;
+        let found = wait_for_file(&mut child, &endpoints, |t| {
+            serde_json::from_str::<fleethub::hub::Endpoints>(t).ok()
+        });
+        self.child = Some(child);
+        Ok(found?.api)
+    }
+
+    /// The data directory of a fleethub target.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
     }
 
     /// The broker process's resident memory, in bytes.
@@ -158,6 +211,9 @@ pub struct ServeBrokerArgs {
     segment_bytes: usize,
     #[arg(long)]
     segment_count: usize,
+    /// fleethub's MQTT listener (a restarted hub comes back where its clients expect it)
+    #[arg(long, default_value = "127.0.0.1:0")]
+    mqtt: String,
 }
 
 /// Runs a benchmark broker until killed.
@@ -179,7 +235,7 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
         BrokerKind::Fleethub => {
             let overrides = fleethub::config::Overrides {
                 data_dir: Some(args.dir.join("data")),
-                mqtt: Some("127.0.0.1:0".into()),
+                mqtt: Some(args.mqtt.clone()),
                 mqtts: Some("off".into()),
                 api: Some("127.0.0.1:0".into()),
             };
@@ -197,9 +253,22 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
 
 /// This binary again, as a benchmark broker; its log goes to `dir/broker.log`.
 fn spawn_broker(kind: &str, dir: &Path, max_connections: usize, sizing: Sizing) -> Result<Child> {
-    let log = std::fs::File::create(dir.join("broker.log"))?;
+    spawn_broker_at(kind, dir, max_connections, sizing, "127.0.0.1:0")
+}
+
+fn spawn_broker_at(
+    kind: &str,
+    dir: &Path,
+    max_connections: usize,
+    sizing: Sizing,
+    mqtt: &str,
+) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("broker.log"))?;
     Command::new(std::env::current_exe()?)
-        .args(["serve-broker", "--kind", kind, "--dir"])
+        .args(["serve-broker", "--kind", kind, "--mqtt", mqtt, "--dir"])
         .arg(dir)
         .args([
             "--max-connections",
