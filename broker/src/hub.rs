@@ -155,6 +155,11 @@ pub struct Hub {
     pub event_subscribers: std::sync::atomic::AtomicUsize,
     /// Set once the listeners are bound.
     pub endpoints: std::sync::OnceLock<Endpoints>,
+    /// The hub is shutting down: connections close. A flag and a wake-up rather than a
+    /// watch channel per connection (a `changed()` future is twice a `notified()` one, in
+    /// every connection's task).
+    stopping: AtomicBool,
+    stop: Notify,
     next_conn: AtomicU64,
 }
 
@@ -190,6 +195,8 @@ impl Hub {
             live: DashMap::new(),
             event_subscribers: std::sync::atomic::AtomicUsize::new(0),
             endpoints: std::sync::OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -220,6 +227,28 @@ impl Hub {
                 key,
             },
         }
+    }
+
+    /// Tells every connection to close.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Completes once [`Hub::stop`] was called (registered before the flag is read, so a
+    /// stop at any moment is seen).
+    pub async fn stopping(&self) {
+        let notified = self.stop.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_stopping() {
+            return;
+        }
+        notified.await
     }
 
     pub fn next_conn_id(&self) -> u64 {

@@ -49,8 +49,8 @@ pub async fn serve_tcp(listener: TcpListener, hub: SharedHub, mut shutdown: watc
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (hub, shutdown) = (hub.clone(), shutdown.clone());
-                    tokio::spawn(async move { connection(stream, peer, hub, shutdown).await });
+                    let hub = hub.clone();
+                    tokio::spawn(async move { connection(stream, peer, hub).await });
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -75,11 +75,11 @@ pub async fn serve_tls(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (hub, shutdown, acceptor) = (hub.clone(), shutdown.clone(), acceptor.clone());
+                    let (hub, acceptor) = (hub.clone(), acceptor.clone());
                     tokio::spawn(async move {
                         let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => connection(tls, peer, hub, shutdown).await,
+                            Ok(Ok(tls)) => connection(tls, peer, hub).await,
                             Ok(Err(e)) => {
                                 hub.metrics.connection_attempts.with_label_values(&["tls_error"]).inc();
                                 debug!(%peer, error = %e, "TLS handshake failed");
@@ -294,12 +294,8 @@ fn connect_flags(buf: &[u8]) -> Option<u8> {
 }
 
 /// Runs one client connection to its end.
-pub async fn connection<S>(
-    stream: S,
-    peer: SocketAddr,
-    hub: SharedHub,
-    shutdown: watch::Receiver<bool>,
-) where
+pub async fn connection<S>(stream: S, peer: SocketAddr, hub: SharedHub)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -316,10 +312,9 @@ pub async fn connection<S>(
         .run(
             &mut reader,
             &mut writer,
-            std::mem::take(&mut open.rbuf),
-            std::mem::take(&mut open.wbuf),
+            &mut open.rbuf,
+            &mut open.wbuf,
             open.token_deadline,
-            shutdown,
         )
         .await;
     debug!(%peer, principal = ?open.session.principal, reason = end, "connection closed");
@@ -397,7 +392,20 @@ where
         }
         None
     } else {
-        hub.sessions.get(&session_key)
+        match hub.sessions.get(&session_key) {
+            Ok(found) => found,
+            Err(e) => {
+                // Refuse rather than pretend there was no session: the client retries.
+                warn!(client_id = %connect.client_id, error = %e, "could not read a stored session");
+                let ack = ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::ServiceUnavailable,
+                };
+                let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
+                let _ = write_all(writer, &mut wbuf).await;
+                return None;
+            }
+        }
     };
 
     let conn_id = hub.next_conn_id();
@@ -455,8 +463,7 @@ where
         link_tx: None,
         new_link_rx: None,
         filters: Vec::new(),
-        pending_subs: Vec::new(),
-        restoring: Vec::new(),
+        router_subs: None,
         c2d: C2dDelivery::default(),
         mailbox,
         keep_alive: match connect.keep_alive {
@@ -464,6 +471,7 @@ where
             k => Some(Duration::from_millis(k as u64 * 1500)),
         },
         persistent: !connect.clean_session,
+        stored_filters: resumed.as_ref().map(|s| filters_digest(&s.filters)),
         session_key,
         held: None,
     };
@@ -562,7 +570,7 @@ struct Session {
     /// This connection's rows of the topic table, computed once.
     /// Built at the first router delivery: identities get theirs straight from the hub, so
     /// most connections never need it.
-    client_topics: Option<topics::ClientTopics>,
+    client_topics: Option<Box<topics::ClientTopics>>,
     /// A service connection counted in `Hub::event_subscribers`.
     counted_subscriber: bool,
     principal: Principal,
@@ -576,30 +584,48 @@ struct Session {
     new_link_rx: Option<Box<LinkRx>>,
     /// Client filters in force, checked again on delivery.
     filters: Vec<MappedFilter>,
-    /// SUBSCRIBEs waiting for the router's SUBACK: the codes of refused filters are known,
-    /// `None` marks a filter forwarded to the router.
-    pending_subs: Vec<(u16, Vec<Option<SubscribeReasonCode>>)>,
+    /// Router subscriptions in flight (service connections only).
+    router_subs: Option<Box<RouterSubs>>,
     keep_alive: Option<Duration>,
     c2d: C2dDelivery,
     /// The store key of this client's session ([`crate::session`]).
     session_key: String,
     /// Clean session 0: subscriptions are stored and outlive the connection.
     persistent: bool,
-    /// Router SUBSCRIBEs re-made for a resumed service session: their SUBACKs are not the
-    /// client's (it sent no SUBSCRIBE).
-    restoring: Vec<u16>,
+    /// A digest of the filters last stored for this session (none stored yet: `None`), so
+    /// a SUBSCRIBE that changes nothing writes nothing.
+    stored_filters: Option<u64>,
     /// What the hub tells this connection, and whether it listens for method requests
     /// (the API answers 404103 at once when it does not).
     mailbox: Arc<crate::hub::Mailbox>,
     /// A session change being committed and what may go out to the client only after it
     /// (the SUBACK and what follows it).
-    held: Option<HeldReply>,
+    held: Option<Box<HeldReply>>,
+}
+
+/// A digest of a session's filter list, to tell whether it changed.
+fn filters_digest(filters: &[String]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    filters.hash(&mut h);
+    h.finish()
 }
 
 /// A session write being committed.
 type HeldCommit = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<(), crate::session::SessionError>> + Send>,
 >;
+
+/// SUBSCRIBEs handed to the embedded router (service connections), waiting for its SUBACK.
+#[derive(Default)]
+struct RouterSubs {
+    /// Per packet id, the codes of refused filters are known; `None` marks a filter
+    /// forwarded to the router.
+    pending: Vec<(u16, Vec<Option<SubscribeReasonCode>>)>,
+    /// Subscriptions re-made for a resumed session: their SUBACKs are not the client's (it
+    /// sent no SUBSCRIBE).
+    restoring: Vec<u16>,
+}
 
 /// Packets that wait for a session write to be committed.
 struct HeldReply {
@@ -688,16 +714,16 @@ impl Session {
         &mut self,
         reader: &mut R,
         writer: &mut W,
-        mut rbuf: BytesMut,
-        mut wbuf: BytesMut,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
         token_deadline: Option<Instant>,
-        mut shutdown: watch::Receiver<bool>,
     ) -> Result<std::convert::Infallible, &'static str>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mailbox = self.mailbox.clone();
+        let hub = self.hub.clone();
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(FAR);
         let token_deadline = token_deadline.unwrap_or_else(|| Instant::now() + FAR);
         // Batches whose routed messages are being committed, oldest first, with the PUBACKs
@@ -708,22 +734,25 @@ impl Session {
         let mut link_rx: Option<LinkRx> = None;
         let mut read_size = ReadSize::new();
         loop {
+            if hub.is_stopping() {
+                return Err("hub shutting down");
+            }
             // What each wake-up brought: decode, route, acknowledge, write. Its rarely needed
             // parts (router hand-off and notifications) are boxed where they are awaited, so
             // an idle connection's task stays small; this part runs inline because boxing it
             // per wake-up cost a fifth of the routed throughput.
             self.work(
                 writer,
-                &mut rbuf,
-                &mut wbuf,
+                rbuf,
+                wbuf,
                 &mut commits,
                 &mut link_rx,
                 &mut deadline,
             )
             .await?;
-            let room = read_size.prepare(&mut rbuf);
+            let room = read_size.prepare(rbuf);
             let woke = tokio::select! {
-                read = reader.read_buf(&mut rbuf) => match read {
+                read = reader.read_buf(rbuf) => match read {
                     Ok(0) | Err(_) => return Err("socket closed"),
                     Ok(n) => {
                         read_size.read(n, room);
@@ -741,14 +770,13 @@ impl Session {
                     self.hub.metrics.token_expirations.inc();
                     return Err("SAS token expired");
                 }
-                _ = shutdown.changed() => return Err("hub shutting down"),
+                _ = hub.stopping() => return Err("hub shutting down"),
             };
             match woke {
                 // Read into `rbuf`: decoded by `work` at the top of the loop.
                 Wake::Read => {}
                 Wake::Router(first) => {
-                    Box::pin(self.router_notifications(*first, writer, &mut wbuf, &mut link_rx))
-                        .await?
+                    Box::pin(self.router_notifications(*first, writer, wbuf, &mut link_rx)).await?
                 }
                 Wake::Mailbox => {
                     if mailbox.kicked() {
@@ -756,22 +784,22 @@ impl Session {
                     }
                     // Everything waiting, in one go.
                     for d in mailbox.take() {
-                        self.on_direct(d, &mut wbuf);
+                        self.on_direct(d, wbuf);
                     }
                     if mailbox.take_c2d() {
-                        self.c2d_fill(&mut wbuf);
+                        self.c2d_fill(wbuf);
                     }
                 }
                 Wake::Committed(done) => {
                     if let Some((result, batch)) = done {
-                        self.commit_done(result, batch, &mut wbuf);
+                        self.commit_done(result, batch, wbuf);
                     }
                     // Later batches may be committed too: the writer answers in order.
                     while let Some(front) = commits.front_mut() {
                         match (&mut front.committed).now_or_never() {
                             Some(result) => {
                                 if let Some(batch) = commits.pop_front() {
-                                    self.commit_done(result, batch, &mut wbuf);
+                                    self.commit_done(result, batch, wbuf);
                                 }
                             }
                             None => break,
@@ -1453,8 +1481,9 @@ impl Session {
                 self.send_desired_state(&mut out);
             }
         } else {
-            self.pending_subs.retain(|(p, _)| *p != subscribe.pkid);
-            self.pending_subs.push((subscribe.pkid, codes));
+            let subs = self.router_subs.get_or_insert_with(Default::default);
+            subs.pending.retain(|(p, _)| *p != subscribe.pkid);
+            subs.pending.push((subscribe.pkid, codes));
             let sub = Subscribe {
                 pkid: subscribe.pkid,
                 filters: forward,
@@ -1486,21 +1515,22 @@ impl Session {
 
     /// For a persistent session whose filters differ from the stored ones: the write that
     /// stores them (to be committed before the client's SUBACK / UNSUBACK).
-    fn store_session(&self) -> Option<HeldCommit> {
+    fn store_session(&mut self) -> Option<HeldCommit> {
         if !self.persistent {
             return None;
         }
         let filters: Vec<String> = self.filters.iter().map(|f| f.client.clone()).collect();
-        let stored = self.hub.sessions.get(&self.session_key);
-        if stored.is_some_and(|s| s.filters == filters) {
+        if self.stored_filters == Some(filters_digest(&filters)) {
+            // A client subscribing again to what it has (rumqttc after a reconnect).
             return None;
         }
+        self.stored_filters = Some(filters_digest(&filters));
         Some(Box::pin(self.hub.sessions.put(&self.session_key, filters)))
     }
 
     fn hold_or_write(&mut self, commit: Option<HeldCommit>, out: BytesMut, wbuf: &mut BytesMut) {
         match commit {
-            Some(commit) => self.held = Some(HeldReply { commit, out }),
+            Some(commit) => self.held = Some(Box::new(HeldReply { commit, out })),
             None => wbuf.extend_from_slice(&out),
         }
     }
@@ -1569,7 +1599,10 @@ impl Session {
         if !forward.is_empty() {
             // Packet ids the client cannot have in flight yet: it sent nothing so far.
             let pkid = 1;
-            self.restoring.push(pkid);
+            self.router_subs
+                .get_or_insert_with(Default::default)
+                .restoring
+                .push(pkid);
             let sub = Subscribe {
                 pkid,
                 filters: forward,
@@ -1643,7 +1676,7 @@ impl Session {
                     .and_then(|(topic, (suffix, body))| {
                         let principal = &self.principal;
                         self.client_topics
-                            .get_or_insert_with(|| topics::ClientTopics::new(principal))
+                            .get_or_insert_with(|| Box::new(topics::ClientTopics::new(principal)))
                             .to_client(topic, suffix)
                             .map(|t| (t, body))
                     })
@@ -1678,15 +1711,23 @@ impl Session {
             Notification::DeviceAck(ack) => {
                 let packet: P = ack.into();
                 match packet {
-                    P::SubAck(suback, _) if self.restoring.contains(&suback.pkid) => {
-                        self.restoring.retain(|p| *p != suback.pkid);
+                    P::SubAck(suback, _)
+                        if self
+                            .router_subs
+                            .as_ref()
+                            .is_some_and(|r| r.restoring.contains(&suback.pkid)) =>
+                    {
+                        if let Some(r) = self.router_subs.as_mut() {
+                            r.restoring.retain(|p| *p != suback.pkid);
+                        }
                     }
                     P::SubAck(suback, _) => {
-                        let pending = self
-                            .pending_subs
-                            .iter()
-                            .position(|(p, _)| *p == suback.pkid)
-                            .map(|i| self.pending_subs.swap_remove(i).1);
+                        let pending = self.router_subs.as_mut().and_then(|r| {
+                            r.pending
+                                .iter()
+                                .position(|(p, _)| *p == suback.pkid)
+                                .map(|i| r.pending.swap_remove(i).1)
+                        });
                         let return_codes = match pending {
                             Some(codes) => {
                                 let mut router = suback.return_codes.into_iter();

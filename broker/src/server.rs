@@ -305,6 +305,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
+    hub.stop();
     // Give connections a moment to close and store their last activity.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}

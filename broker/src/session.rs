@@ -12,12 +12,13 @@
 //! Invariants:
 //! - a SUBSCRIBE is acknowledged only after the session that includes it is committed
 //!   (writes are group-committed by one writer thread, one fsync per batch);
+//! - the filters live on disk only; memory holds an index of which sessions exist with
+//!   their idle time, so connected devices do not keep a second copy of their subscriptions;
 //! - sessions are keyed by client id: an identity's key (`d`, `d/m`) or, for service
 //!   connections, `~service/{client id}` (`~` is not a valid id character);
 //! - a session whose client stayed away longer than `[mqtt] session_expiry_secs` is removed
 //!   by [`SessionStore::expire`]; its identity's deletion removes it at once.
 
-use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,10 +48,16 @@ pub struct StoredSession {
     /// when the hub stopped without a clean disconnect. Idle time counts from here.
     #[serde(default)]
     pub last_seen_ms: u64,
-    /// Connections of this client open now (not stored): expiry never removes a live
-    /// session.
-    #[serde(skip)]
-    pub connected: u32,
+}
+
+/// What the hub keeps in memory per stored session: just enough for expiry. The filters
+/// stay on disk and are read at CONNECT (a few microseconds), so a fleet of connected devices
+/// does not hold a second copy of every subscription.
+#[derive(Debug, Clone, Copy, Default)]
+struct Presence {
+    last_seen_ms: u64,
+    /// Connections of this client open now: expiry never removes a live session.
+    connected: u32,
 }
 
 /// The store key of a service connection's session.
@@ -66,8 +73,10 @@ fn now_ms() -> u64 {
 }
 
 enum Op {
-    Put(StoredSession),
+    Put(Vec<String>),
     Remove,
+    /// The client went: its idle time starts at this time.
+    Touch(u64),
 }
 
 struct Job {
@@ -76,72 +85,88 @@ struct Job {
     reply: Option<oneshot::Sender<Result<(), SessionError>>>,
 }
 
-/// Sessions in memory (read at CONNECT without touching disk), written through one
-/// group-committing writer thread.
+/// Sessions on disk, with an in-memory index of which exist (so a CONNECT without one never
+/// touches the disk), written through one group-committing writer thread.
 pub struct SessionStore {
-    cache: Arc<DashMap<String, StoredSession>>,
+    db: Arc<Database>,
+    index: DashMap<String, Presence>,
     jobs: mpsc::Sender<Job>,
 }
 
 impl SessionStore {
-    /// Loads every session and starts the writer thread. A session found without a
-    /// disconnect time (the hub was killed while it was connected) counts as seen now.
+    /// Loads the index and starts the writer thread. A session found without a disconnect
+    /// time (the hub was killed while it was connected) counts as seen now.
     pub fn open(db: Arc<Database>) -> Result<SessionStore, SessionError> {
         {
             let tx = db.begin_write()?;
             tx.open_table(SESSIONS)?;
             tx.commit()?;
         }
-        let cache = Arc::new(DashMap::new());
+        let index = DashMap::new();
         {
             let tx = db.begin_read()?;
             let table = tx.open_table(SESSIONS)?;
             let now = now_ms();
             for row in table.iter()? {
                 let (k, v) = row?;
-                let mut session: StoredSession = serde_json::from_slice(v.value())?;
-                if session.last_seen_ms == 0 {
-                    session.last_seen_ms = now;
-                }
-                cache.insert(k.value().to_string(), session);
+                let session: StoredSession = serde_json::from_slice(v.value())?;
+                let last_seen_ms = match session.last_seen_ms {
+                    0 => now,
+                    t => t,
+                };
+                index.insert(
+                    k.value().to_string(),
+                    Presence {
+                        last_seen_ms,
+                        connected: 0,
+                    },
+                );
             }
         }
         let (jobs, rx) = mpsc::channel();
+        let writer_db = db.clone();
         std::thread::Builder::new()
             .name("session-writer".into())
-            .spawn(move || writer(db, rx))
+            .spawn(move || writer(writer_db, rx))
             .map_err(|e| SessionError::Store(e.to_string()))?;
-        Ok(SessionStore { cache, jobs })
+        Ok(SessionStore { db, index, jobs })
     }
 
     /// The stored session of `key`, if there is one.
-    pub fn get(&self, key: &str) -> Option<StoredSession> {
-        self.cache.get(key).map(|s| s.clone())
+    pub fn get(&self, key: &str) -> Result<Option<StoredSession>, SessionError> {
+        if !self.index.contains_key(key) {
+            return Ok(None);
+        }
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SESSIONS)?;
+        let found = table.get(key)?;
+        Ok(match found {
+            Some(v) => Some(serde_json::from_slice(v.value())?),
+            None => None,
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.cache.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cache.is_empty()
+        self.index.is_empty()
     }
 
-    /// Stores `filters` as the session of `key`; resolves once committed.
+    /// Stores `filters` as the session of `key` (whose client is connected); resolves once
+    /// committed.
     pub fn put(
         &self,
         key: &str,
         filters: Vec<String>,
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send + 'static {
         // Only a connected client changes its subscriptions.
-        let connected = self.cache.get(key).map_or(1, |s| s.connected.max(1));
-        let session = StoredSession {
-            filters,
-            last_seen_ms: 0,
-            connected,
-        };
-        self.cache.insert(key.to_string(), session.clone());
-        self.submit(key, Op::Put(session))
+        let mut presence = self.index.entry(key.to_string()).or_default();
+        presence.connected = presence.connected.max(1);
+        presence.last_seen_ms = 0;
+        drop(presence);
+        self.submit(key, Op::Put(filters))
     }
 
     /// Removes the session of `key` (clean session 1, identity deleted, expired); resolves
@@ -150,7 +175,7 @@ impl SessionStore {
         &self,
         key: &str,
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send + 'static {
-        let existed = self.cache.remove(key).is_some();
+        let existed = self.index.remove(key).is_some();
         let pending = existed.then(|| self.submit(key, Op::Remove));
         async move {
             match pending {
@@ -163,25 +188,25 @@ impl SessionStore {
     /// A connection of `key` opened (counted only where a session exists: nothing else
     /// expires).
     pub fn connected(&self, key: &str) {
-        if let Some(mut s) = self.cache.get_mut(key) {
-            s.connected += 1;
+        if let Some(mut p) = self.index.get_mut(key) {
+            p.connected += 1;
         }
     }
 
     /// A connection of `key` closed: its session (if any) starts idling now. The time is
     /// written in the background; losing it in a crash only makes the session live longer.
     pub fn disconnected(&self, key: &str) {
-        let updated = self.cache.get_mut(key).and_then(|mut s| {
-            s.connected = s.connected.saturating_sub(1);
-            (s.connected == 0).then(|| {
-                s.last_seen_ms = now_ms();
-                s.clone()
+        let idle_since = self.index.get_mut(key).and_then(|mut p| {
+            p.connected = p.connected.saturating_sub(1);
+            (p.connected == 0).then(|| {
+                p.last_seen_ms = now_ms();
+                p.last_seen_ms
             })
         });
-        if let Some(session) = updated {
+        if let Some(t) = idle_since {
             let _ = self.jobs.send(Job {
                 key: key.to_string(),
-                op: Op::Put(session),
+                op: Op::Touch(t),
                 reply: None,
             });
         }
@@ -191,14 +216,14 @@ impl SessionStore {
     pub fn expire(&self, max_idle_ms: u64) -> usize {
         let now = now_ms();
         let stale: Vec<String> = self
-            .cache
+            .index
             .iter()
-            .filter(|s| {
-                s.connected == 0
-                    && s.last_seen_ms != 0
-                    && now.saturating_sub(s.last_seen_ms) > max_idle_ms
+            .filter(|p| {
+                p.connected == 0
+                    && p.last_seen_ms != 0
+                    && now.saturating_sub(p.last_seen_ms) > max_idle_ms
             })
-            .map(|s| s.key().clone())
+            .map(|p| p.key().clone())
             .collect();
         for key in &stale {
             drop(self.remove(key));
@@ -234,23 +259,31 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        // Within a batch the last write of a key wins, as it would one after another.
-        let mut last: HashMap<&str, &Op> = HashMap::new();
-        for job in &batch {
-            last.insert(job.key.as_str(), &job.op);
-        }
         let result = (|| -> Result<(), SessionError> {
             let tx = db.begin_write()?;
             {
                 let mut table = tx.open_table(SESSIONS)?;
-                for (key, op) in &last {
-                    match op {
-                        Op::Put(session) => {
-                            let bytes = serde_json::to_vec(session)?;
-                            table.insert(*key, bytes.as_slice())?;
+                // In order: later operations on a key see the earlier ones of the batch.
+                for job in &batch {
+                    let key = job.key.as_str();
+                    match &job.op {
+                        Op::Put(filters) => {
+                            let session = StoredSession {
+                                filters: filters.clone(),
+                                last_seen_ms: 0,
+                            };
+                            table.insert(key, serde_json::to_vec(&session)?.as_slice())?;
                         }
                         Op::Remove => {
-                            table.remove(*key)?;
+                            table.remove(key)?;
+                        }
+                        Op::Touch(t) => {
+                            let found = table.get(key)?.map(|v| v.value().to_vec());
+                            if let Some(bytes) = found {
+                                let mut session: StoredSession = serde_json::from_slice(&bytes)?;
+                                session.last_seen_ms = *t;
+                                table.insert(key, serde_json::to_vec(&session)?.as_slice())?;
+                            }
                         }
                     }
                 }
@@ -308,13 +341,11 @@ mod tests {
             store.remove("never").await.unwrap();
         }
         let store = SessionStore::open(db(&dir)).unwrap();
-        let s = store.get("d1").unwrap();
+        let s = store.get("d1").unwrap().unwrap();
         assert_eq!(s.filters, vec!["$iothub/methods/POST/#".to_string()]);
-        assert!(
-            s.last_seen_ms > 0,
-            "a session without a disconnect counts as seen at load"
-        );
-        assert!(store.get("d2").is_none());
+        // A session without a disconnect counts as seen at load: not expired at once.
+        assert_eq!(store.expire(60_000), 0);
+        assert!(store.get("d2").unwrap().is_none());
         assert_eq!(store.len(), 1);
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -332,8 +363,8 @@ mod tests {
         store.disconnected("live");
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert_eq!(store.expire(10), 1);
-        assert!(store.get("idle").is_none());
-        assert!(store.get("live").is_some());
+        assert!(store.get("idle").unwrap().is_none());
+        assert!(store.get("live").unwrap().is_some());
         assert_eq!(store.expire(60_000), 0);
         let _ = std::fs::remove_dir_all(dir);
     }

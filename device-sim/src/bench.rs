@@ -75,6 +75,8 @@ struct Memory {
     /// RSS with the first half of the clients connected.
     half_bytes: u64,
     held_bytes: u64,
+    /// Live heap bytes at the same three moments (fleethub only).
+    heap: Option<(i64, i64, i64)>,
 }
 
 impl Memory {
@@ -90,6 +92,21 @@ impl Memory {
         self.held_bytes.saturating_sub(self.half_bytes) as f64 / second.max(1) as f64
     }
 
+    /// Live heap bytes the second half added, per connection.
+    fn heap_marginal(&self) -> Option<f64> {
+        let (_, half, held) = self.heap?;
+        let second = self.held - self.held / 2;
+        Some((held - half) as f64 / second.max(1) as f64)
+    }
+
+    /// Live heap bytes all the held connections added, per connection: the allocator's
+    /// page keeping and reuse, which move RSS by about a KiB per connection between runs, do
+    /// not enter it.
+    fn heap_per_connection(&self) -> Option<f64> {
+        let (idle, _, held) = self.heap?;
+        Some((held - idle) as f64 / self.held.max(1) as f64)
+    }
+
     fn json(&self) -> serde_json::Value {
         json!({
             "target": self.target,
@@ -100,6 +117,8 @@ impl Memory {
             "rss_half_bytes": self.half_bytes,
             "bytes_per_connection": self.per_connection(),
             "marginal_bytes_per_connection": self.marginal(),
+            "heap_marginal_bytes_per_connection": self.heap_marginal(),
+            "heap_bytes_per_connection": self.heap_per_connection(),
         })
     }
 }
@@ -155,13 +174,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         let held = if args.hold > 0 {
             let settle = std::time::Duration::from_secs(2);
+            // What the clients' registration left behind is freed first.
+            std::thread::sleep(settle);
             let idle = target.rss_bytes().unwrap_or(0);
+            let heap_idle = target.heap_bytes();
             let half = args.hold / 2;
             let started = std::time::Instant::now();
             let mut held = rt.block_on(load::hold(&target, args.sessions, 0..half))?;
             let mut connect_s = started.elapsed().as_secs_f64();
             std::thread::sleep(settle);
             let half_bytes = target.rss_bytes().unwrap_or(0);
+            let heap_half = target.heap_bytes();
             let started = std::time::Instant::now();
             held.extend(rt.block_on(load::hold(&target, args.sessions, half..args.hold))?);
             connect_s += started.elapsed().as_secs_f64();
@@ -173,6 +196,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 idle_bytes: idle,
                 half_bytes,
                 held_bytes: target.rss_bytes().unwrap_or(0),
+                heap: match (heap_idle, heap_half, target.heap_bytes()) {
+                    (Some(a), Some(b), Some(c)) => Some((a, b, c)),
+                    _ => None,
+                },
             });
             eprintln!(
                 "{}: holding {} connections (connected in {connect_s:.1} s, {} handshakes retried)",
@@ -280,25 +307,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             if !memory.is_empty() {
                 println!(
-                    "{:<10} {:>8} {:>10} {:>12} {:>12} {:>14} {:>16}",
+                    "{:<10} {:>8} {:>10} {:>12} {:>12} {:>14} {:>17} {:>11} {:>16}",
                     "target",
                     "held",
                     "connect_s",
                     "rss_idle_MiB",
                     "rss_held_MiB",
                     "KiB/connection",
-                    "marginal_KiB/conn"
+                    "marginal_KiB/conn",
+                    "heap_B/conn",
+                    "heap_marginal_B"
                 );
                 for m in &memory {
                     println!(
-                        "{:<10} {:>8} {:>10.1} {:>12.1} {:>12.1} {:>14.1} {:>16.1}",
+                        "{:<10} {:>8} {:>10.1} {:>12.1} {:>12.1} {:>14.1} {:>17.1} {:>11} {:>16}",
                         m.target,
                         m.held,
                         m.connect_s,
                         m.idle_bytes as f64 / 1048576.0,
                         m.held_bytes as f64 / 1048576.0,
                         m.per_connection() / 1024.0,
-                        m.marginal() / 1024.0
+                        m.marginal() / 1024.0,
+                        m.heap_per_connection()
+                            .map(|b| format!("{b:.0}"))
+                            .unwrap_or_else(|| "-".into()),
+                        m.heap_marginal()
+                            .map(|b| format!("{b:.0}"))
+                            .unwrap_or_else(|| "-".into())
                     );
                 }
             }

@@ -20,9 +20,59 @@ mod targets;
 use clap::{Parser, Subcommand};
 
 /// The same allocator as the `fleethub` binary, so the in-process hub runs as it does there
-/// (both brokers and the load generator share it).
+/// (both brokers and the load generator share it), wrapped to count live heap bytes when a
+/// benchmark broker asks for it ([`heap::enable`]).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: heap::Counting = heap::Counting;
+
+/// Live heap bytes of this process, for the memory benchmarks: RSS moves by about a KiB per
+/// connection from run to run (freed memory reused, pages kept by the allocator), the heap's
+/// live bytes do not. Off unless enabled at start, so the throughput runs pay one relaxed load.
+pub mod heap {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static LIVE: AtomicI64 = AtomicI64::new(0);
+
+    pub struct Counting;
+
+    /// Starts counting; only allocations made from here on are counted, so call it first.
+    pub fn enable() {
+        ON.store(true, Ordering::Relaxed);
+    }
+
+    /// Bytes allocated and not freed since [`enable`].
+    pub fn live() -> i64 {
+        LIVE.load(Ordering::Relaxed)
+    }
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if ON.load(Ordering::Relaxed) {
+                LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            }
+            // SAFETY: forwarded unchanged to the real allocator.
+            unsafe { mimalloc::MiMalloc.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if ON.load(Ordering::Relaxed) {
+                LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+            }
+            // SAFETY: `ptr` came from `alloc` of the same allocator with this layout.
+            unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            if ON.load(Ordering::Relaxed) {
+                LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+            }
+            // SAFETY: as for `dealloc`; the real allocator does the move.
+            unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(

