@@ -155,11 +155,12 @@ pub struct Hub {
     pub event_subscribers: std::sync::atomic::AtomicUsize,
     /// Set once the listeners are bound.
     pub endpoints: std::sync::OnceLock<Endpoints>,
-    /// The hub is shutting down: connections close. A flag and a wake-up rather than a
-    /// watch channel per connection (a `changed()` future is twice a `notified()` one, in
-    /// every connection's task).
+    /// Mailboxes of service connections (identities' are in `live`), so a stop reaches them.
+    pub services: DashMap<u64, Arc<Mailbox>>,
+    /// The hub is shutting down: every connection is kicked through its mailbox, and one
+    /// that opens meanwhile sees this flag. Nothing per connection waits on a shared signal:
+    /// registering a waiter on one takes a lock every connection would share.
     stopping: AtomicBool,
-    stop: Notify,
     next_conn: AtomicU64,
 }
 
@@ -195,8 +196,8 @@ impl Hub {
             live: DashMap::new(),
             event_subscribers: std::sync::atomic::AtomicUsize::new(0),
             endpoints: std::sync::OnceLock::new(),
+            services: DashMap::new(),
             stopping: AtomicBool::new(false),
-            stop: Notify::new(),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -232,23 +233,16 @@ impl Hub {
     /// Tells every connection to close.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.stop.notify_waiters();
+        for live in self.live.iter() {
+            live.mailbox.kick();
+        }
+        for service in self.services.iter() {
+            service.kick();
+        }
     }
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Completes once [`Hub::stop`] was called (registered before the flag is read, so a
-    /// stop at any moment is seen).
-    pub async fn stopping(&self) {
-        let notified = self.stop.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.is_stopping() {
-            return;
-        }
-        notified.await
     }
 
     pub fn next_conn_id(&self) -> u64 {

@@ -317,7 +317,7 @@ where
             open.token_deadline,
         )
         .await;
-    debug!(%peer, principal = ?open.session.principal, reason = end, "connection closed");
+    debug!(principal = ?open.session.principal, reason = end, "connection closed");
     let _ = writer.shutdown().await;
     // Dropping the session releases the router link, the gauge and the live entry.
     drop(open);
@@ -422,6 +422,8 @@ where
         if let Some(previous) = previous {
             previous.mailbox.kick();
         }
+    } else {
+        hub.services.insert(conn_id, mailbox.clone());
     }
     hub.metrics
         .connection_attempts
@@ -539,6 +541,9 @@ fn forwarded_sender(message: &Message) -> Option<IdentityKey> {
 
 /// Forgets a connection in the live table, if it is still the current one for its id.
 fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
+    if *principal == Principal::Service {
+        hub.services.remove(&conn_id);
+    }
     if let Principal::Identity(key) = principal {
         let ours = hub
             .live
@@ -731,8 +736,13 @@ impl Session {
         // out when their batch is committed, so always in the order publishes came in.
         let mut commits: std::collections::VecDeque<PendingCommit> =
             std::collections::VecDeque::new();
-        let mut link_rx: Option<LinkRx> = None;
+        let mut link_rx: Option<Box<LinkRx>> = None;
         let mut read_size = ReadSize::new();
+        // Made once per connection, not once per wake-up: registering a timer takes a lock
+        // shared with other connections. It is moved only when it fires early (the
+        // keep-alive deadline moves with every read).
+        let timer = tokio::time::sleep_until(deadline.min(token_deadline));
+        tokio::pin!(timer);
         loop {
             if hub.is_stopping() {
                 return Err("hub shutting down");
@@ -762,25 +772,32 @@ impl Session {
                 notification = next_notification(&mut link_rx) => Wake::Router(notification),
                 _ = mailbox.ready() => Wake::Mailbox,
                 done = next_commit(&mut commits), if !commits.is_empty() => Wake::Committed(done),
-                _ = tokio::time::sleep_until(deadline.min(token_deadline)) => {
-                    if Instant::now() < token_deadline {
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= token_deadline {
+                        // As IoT Hub: the SDKs renew by reconnecting before this.
+                        self.hub.metrics.token_expirations.inc();
+                        return Err("SAS token expired");
+                    }
+                    if now >= deadline {
                         return Err("keep-alive expired");
                     }
-                    // As IoT Hub: the SDKs renew by reconnecting before this.
-                    self.hub.metrics.token_expirations.inc();
-                    return Err("SAS token expired");
+                    Wake::Timer
                 }
-                _ = hub.stopping() => return Err("hub shutting down"),
             };
             match woke {
                 // Read into `rbuf`: decoded by `work` at the top of the loop.
                 Wake::Read => {}
+                // Fired for a keep-alive deadline that has moved since.
+                Wake::Timer => timer.as_mut().reset(deadline.min(token_deadline)),
                 Wake::Router(first) => {
                     Box::pin(self.router_notifications(*first, writer, wbuf, &mut link_rx)).await?
                 }
                 Wake::Mailbox => {
                     if mailbox.kicked() {
-                        return Err("closed by the hub (taken over, disabled or deleted)");
+                        return Err(
+                            "closed by the hub (taken over, disabled, deleted or stopping)",
+                        );
                     }
                     // Everything waiting, in one go.
                     for d in mailbox.take() {
@@ -818,7 +835,7 @@ impl Session {
         rbuf: &mut BytesMut,
         wbuf: &mut BytesMut,
         commits: &mut std::collections::VecDeque<PendingCommit>,
-        link_rx: &mut Option<LinkRx>,
+        link_rx: &mut Option<Box<LinkRx>>,
         deadline: &mut Instant,
     ) -> Result<(), &'static str> {
         write_all(writer, wbuf).await.map_err(|_| "write failed")?;
@@ -837,7 +854,7 @@ impl Session {
         self.stage_acks(commits, wbuf);
         write_all(writer, wbuf).await.map_err(|_| "write failed")?;
         if let Some(rx) = self.new_link_rx.take() {
-            *link_rx = Some(*rx);
+            *link_rx = Some(rx);
         }
         Ok(())
     }
@@ -848,7 +865,7 @@ impl Session {
         first: Result<Option<Notification>, rumqttd::local::LinkError>,
         writer: &mut W,
         wbuf: &mut BytesMut,
-        link_rx: &mut Option<LinkRx>,
+        link_rx: &mut Option<Box<LinkRx>>,
     ) -> Result<(), &'static str> {
         let mut unscheduled = false;
         let mut next = first;
@@ -1770,6 +1787,7 @@ enum Outcome {
 /// What ended a connection's wait.
 enum Wake {
     Read,
+    Timer,
     /// Boxed: a notification is about 800 bytes, and every connection's task would carry room
     /// for one while only service connections and watched publishers get any.
     Router(Box<Result<Option<Notification>, rumqttd::local::LinkError>>),
@@ -1789,7 +1807,7 @@ const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 /// own future (about 300 bytes) is boxed so connections without a link, most of a fleet,
 /// do not carry room for it.
 async fn next_notification(
-    rx: &mut Option<LinkRx>,
+    rx: &mut Option<Box<LinkRx>>,
 ) -> Box<Result<Option<Notification>, rumqttd::local::LinkError>> {
     match rx {
         Some(rx) => Box::new(Box::pin(rx.next()).await),

@@ -94,6 +94,7 @@ impl Target {
             max_connections,
             sizing,
             &self.addr.to_string(),
+            false,
         )?;
         let found = wait_for_file(&mut child, &endpoints, |t| {
             serde_json::from_str::<fleethub::hub::Endpoints>(t).ok()
@@ -223,6 +224,9 @@ pub struct ServeBrokerArgs {
     /// fleethub's MQTT listener (a restarted hub comes back where its clients expect it)
     #[arg(long, default_value = "127.0.0.1:0")]
     mqtt: String,
+    /// Count the live heap (memory runs only: it costs an atomic add per allocation)
+    #[arg(long)]
+    count_heap: bool,
 }
 
 /// Runs a benchmark broker until killed.
@@ -242,16 +246,18 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
             }
         }
         BrokerKind::Fleethub => {
-            // Live heap bytes, for `bench --hold` (see `crate::heap`).
-            crate::heap::enable();
-            let heap_file = args.dir.join("heap");
-            std::thread::spawn(move || loop {
-                let tmp = heap_file.with_extension("tmp");
-                if std::fs::write(&tmp, crate::heap::live().to_string()).is_ok() {
-                    let _ = std::fs::rename(&tmp, &heap_file);
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            });
+            if args.count_heap {
+                // Live heap bytes, for `bench --hold` (see `crate::heap`).
+                crate::heap::enable();
+                let heap_file = args.dir.join("heap");
+                std::thread::spawn(move || loop {
+                    let tmp = heap_file.with_extension("tmp");
+                    if std::fs::write(&tmp, crate::heap::live().to_string()).is_ok() {
+                        let _ = std::fs::rename(&tmp, &heap_file);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                });
+            }
             let overrides = fleethub::config::Overrides {
                 data_dir: Some(args.dir.join("data")),
                 mqtt: Some(args.mqtt.clone()),
@@ -272,7 +278,7 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
 
 /// This binary again, as a benchmark broker; its log goes to `dir/broker.log`.
 fn spawn_broker(kind: &str, dir: &Path, max_connections: usize, sizing: Sizing) -> Result<Child> {
-    spawn_broker_at(kind, dir, max_connections, sizing, "127.0.0.1:0")
+    spawn_broker_at(kind, dir, max_connections, sizing, "127.0.0.1:0", false)
 }
 
 fn spawn_broker_at(
@@ -281,6 +287,7 @@ fn spawn_broker_at(
     max_connections: usize,
     sizing: Sizing,
     mqtt: &str,
+    count_heap: bool,
 ) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -289,6 +296,7 @@ fn spawn_broker_at(
     Command::new(std::env::current_exe()?)
         .args(["serve-broker", "--kind", kind, "--mqtt", mqtt, "--dir"])
         .arg(dir)
+        .args(count_heap.then_some("--count-heap"))
         .args([
             "--max-connections",
             &max_connections.to_string(),
@@ -470,7 +478,15 @@ pub const BENCH_ROUTE: &str = "FROM /messages/* WHERE $body.temperature > 0 INTO
 /// to the hub's module `sink`, which is the subscriber.
 pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) -> Result<Target> {
     let dir = temp_dir("fleethub")?;
-    let mut child = spawn_broker("fleethub", &dir, devices + hold + 16, sizing)?;
+    // The live heap is counted for memory runs (`--hold`) only.
+    let mut child = spawn_broker_at(
+        "fleethub",
+        &dir,
+        devices + hold + 16,
+        sizing,
+        "127.0.0.1:0",
+        hold > 0,
+    )?;
     let data_dir = dir.join("data");
     let endpoints = wait_for_file(&mut child, &data_dir.join("endpoints.json"), |t| {
         serde_json::from_str::<fleethub::hub::Endpoints>(t).ok()
