@@ -1,0 +1,199 @@
+//! What the hub delivers to one identity from its durable queues (C2D for a device, routed
+//! messages for a module's inputs) within an inflight window, and the direct messages of its
+//! mailbox, written only if one of its filters asks for them.
+
+use super::*;
+
+impl Session {
+    /// Sends queued C2D messages while the window has room.
+    pub(super) fn c2d_fill(&mut self, wbuf: &mut BytesMut) {
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        if key.module.is_some() {
+            // Woken: new entries, possibly of a higher priority than the cursors.
+            if let Some(inputs) = self.c2d.inputs.as_mut() {
+                inputs.cursor.clear();
+            }
+            return self.inputs_fill(wbuf);
+        }
+        if key.module.is_some() || !self.c2d.active {
+            return;
+        }
+        let room = C2D_WINDOW.saturating_sub(self.c2d.inflight.len());
+        if room == 0 {
+            return;
+        }
+        let device = key.device.as_str();
+        match self.hub.c2d.pending(device, self.c2d.last_seq, room) {
+            Ok((messages, expired)) => {
+                self.hub
+                    .metrics
+                    .c2d_messages
+                    .with_label_values(&["expired"])
+                    .inc_by(expired);
+                for m in messages {
+                    let topic = format!("devices/{device}/messages/devicebound/{}", m.bag(device));
+                    let pkid = self.c2d.pkid();
+                    let p = publish_with(&topic, &m.body_bytes(), QoS::AtLeastOnce, pkid, false);
+                    let _ = V4.write(Packet::Publish(p, None), wbuf);
+                    self.c2d.inflight.push_back((pkid, m.seq));
+                    self.c2d.last_seq = m.seq;
+                }
+            }
+            Err(e) => warn!(identity = %key, error = %e, "cannot read the C2D queue"),
+        }
+    }
+
+    /// The device acknowledged a C2D message: it leaves the queue.
+    pub(super) fn c2d_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
+        if let Some(inputs) = self.c2d.inputs.as_mut() {
+            if let Some(key) = inputs.inflight.remove(&pkid) {
+                // A module took a routed message: it leaves its queue with the rest of the
+                // batch (`inputs_acked_flush`).
+                inputs.keys.remove(&key);
+                inputs.acked.push(key);
+                return;
+            }
+        }
+        let Some(pos) = self.c2d.inflight.iter().position(|(p, _)| *p == pkid) else {
+            return;
+        };
+        let Some((_, seq)) = self.c2d.inflight.remove(pos) else {
+            return;
+        };
+        if let Principal::Identity(key) = &self.principal {
+            let (hub, device) = (self.hub.clone(), key.device.to_string());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = hub.c2d.remove_many(&device, &[seq]) {
+                    warn!(device, error = %e, "cannot remove a delivered C2D message");
+                }
+            });
+            self.hub
+                .metrics
+                .c2d_messages
+                .with_label_values(&["delivered"])
+                .inc();
+        }
+        self.c2d_fill(wbuf);
+    }
+
+    /// The routed messages acknowledged in this read batch leave their queues (one call),
+    /// are counted (one metric update per sink) and the window is refilled once.
+    pub(super) fn inputs_acked_flush(&mut self, wbuf: &mut BytesMut) {
+        let Some(inputs) = self.c2d.inputs.as_mut() else {
+            return;
+        };
+        if inputs.acked.is_empty() {
+            return;
+        }
+        let mut acked = std::mem::take(&mut inputs.acked);
+        acked.sort_by(|a, b| a.sink.cmp(&b.sink));
+        for run in acked.chunk_by(|a, b| a.sink == b.sink) {
+            self.hub
+                .metrics
+                .sink_messages
+                .with_label_values(&[&run[0].sink, "delivered"])
+                .inc_by(run.len() as u64);
+        }
+        fleethub_router::queue::Queue::remove(&*self.hub.queues, acked);
+        self.inputs_fill(wbuf);
+    }
+
+    /// Delivers routed messages from this module's input queues (`/modules/{m}/inputs/*`),
+    /// highest priority first, while the window has room.
+    pub(super) fn inputs_fill(&mut self, wbuf: &mut BytesMut) {
+        use fleethub_router::queue::Queue;
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        let Some(module) = &key.module else {
+            return;
+        };
+        if !self.c2d.active {
+            return;
+        }
+        let prefix = format!("/modules/{module}/inputs/");
+        let sinks: Vec<String> = self
+            .hub
+            .queues
+            .sinks()
+            .into_iter()
+            .filter(|(s, _)| s.starts_with(&prefix))
+            .map(|(s, _)| s)
+            .collect();
+        let now = crate::c2d::now_ms();
+        let mut inputs = self.c2d.inputs.take().unwrap_or_default();
+        for sink in sinks {
+            let room = INPUT_WINDOW.saturating_sub(inputs.inflight.len());
+            if room == 0 {
+                break;
+            }
+            let cursor = inputs.cursor.get(&sink).cloned();
+            let peeked =
+                match self
+                    .hub
+                    .queues
+                    .peek_after(&sink, cursor.as_ref(), &inputs.keys, room, now)
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(sink, error = %e, "cannot read a module input queue");
+                        continue;
+                    }
+                };
+            let input = &sink[prefix.len()..];
+            let last = peeked.entries.last().map(|e| e.key.clone());
+            for entry in peeked.entries {
+                let topic = format!(
+                    "devices/{}/modules/{module}/inputs/{input}/{}",
+                    key.device, entry.bag
+                );
+                let pkid = self.c2d.pkid();
+                let p = publish_with(&topic, &entry.body, QoS::AtLeastOnce, pkid, false);
+                let _ = V4.write(Packet::Publish(p, None), wbuf);
+                inputs.keys.insert(entry.key.clone());
+                inputs.inflight.insert(pkid, entry.key);
+            }
+            if let Some(last) = last {
+                inputs.cursor.insert(sink, last);
+            }
+        }
+        self.c2d.inputs = Some(inputs);
+    }
+
+    /// A message for this identity alone: written if one of its filters asks for it.
+    pub(super) fn on_direct(&mut self, d: crate::hub::Direct, wbuf: &mut BytesMut) {
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        let topic = format!("{}{}", topics::client_prefix(key, d.delivery), d.suffix);
+        if !self
+            .filters
+            .iter()
+            .any(|f| topics::filter_matches(&f.client, &topic))
+        {
+            return;
+        }
+        let retain = d.delivery == Delivery::DesiredState;
+        let publish =
+            rumqttd::protocol::Publish::new(bytes::Bytes::from(topic.into_bytes()), d.body, retain);
+        let _ = V4.write(Packet::Publish(publish, None), wbuf);
+    }
+
+    /// C2D flows while a device has a filter on its devicebound topic.
+    pub(super) fn update_c2d_active(&mut self) {
+        let Principal::Identity(key) = &self.principal else {
+            return;
+        };
+        if key.module.is_some() && key.device != self.hub.config.hub_id {
+            return;
+        }
+        let own = topics::internal_topic(key, Delivery::Own);
+        let active = self.filters.iter().any(|f| f.internal == own);
+        if active && !self.c2d.active {
+            self.mailbox.wake_c2d();
+        }
+        self.c2d.active = active;
+    }
+}
