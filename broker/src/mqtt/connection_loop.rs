@@ -67,9 +67,6 @@ impl Session {
         let timer = tokio::time::sleep_until(deadline.min(token_deadline));
         tokio::pin!(timer);
         loop {
-            if hub.is_stopping() {
-                return Err("hub shutting down");
-            }
             // What each wake-up brought: decode, route, acknowledge, write. Its rarely needed
             // parts (router hand-off and notifications) are boxed where they are awaited, so
             // an idle connection's task stays small; this part runs inline because boxing it
@@ -83,6 +80,10 @@ impl Session {
                 &mut deadline,
             )
             .await?;
+            // After the work, so what was read is handled and acknowledged first.
+            if hub.is_stopping() {
+                return Err("hub shutting down");
+            }
             let room = read_size.prepare(rbuf);
             let woke = tokio::select! {
                 read = reader.read_buf(rbuf) => match read {
