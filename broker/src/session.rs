@@ -251,14 +251,7 @@ impl SessionStore {
 }
 
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = crate::storage::next_batch(&rx, MAX_BATCH) {
         let result = (|| -> Result<(), SessionError> {
             let tx = db.begin_write()?;
             {

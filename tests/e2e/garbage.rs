@@ -6,30 +6,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::Hub;
+use crate::harness::{connect_body, packet, Hub};
 
 /// A v3.1.1 CONNECT for `client_id` with username and password.
 fn connect_packet(client_id: &str, user: &str, pass: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
-    for s in [client_id, user, pass] {
-        body.extend((s.len() as u16).to_be_bytes());
-        body.extend(s.as_bytes());
-    }
-    let mut p = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        p.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    p.extend(body);
-    p
+    packet(0x10, &connect_body(0b1100_0010, client_id, user, pass))
 }
 
 #[tokio::test]

@@ -269,6 +269,19 @@ impl Hub {
             .unwrap()
     }
 
+    /// The desired document of the twin at `path` (`/twins/d[/modules/m]`), without
+    /// `$metadata` and `$version`: what a device that applied every patch should hold.
+    pub async fn desired_document(&self, path: &str) -> serde_json::Map<String, Value> {
+        let (_, t) = self.api(Method::GET, path, None).await;
+        let mut d = t["properties"]["desired"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        d.remove("$metadata");
+        d.remove("$version");
+        d
+    }
+
     /// The value of one metric line (`name{labels}`), 0 when absent.
     pub async fn metric(&self, line_prefix: &str) -> f64 {
         self.metrics()
@@ -493,6 +506,36 @@ impl Client {
             }
         }
     }
+}
+
+/// An MQTT packet: fixed-header byte `first`, the remaining length, `body` (raw tests).
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        p.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    p.extend(body);
+    p
+}
+
+/// The variable header and payload of a v3.1.1 CONNECT with connect flags `flags`,
+/// keep-alive 30 s, client id, username and password.
+pub fn connect_body(flags: u8, client_id: &str, user: &str, pass: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 30];
+    for s in [client_id, user, pass] {
+        body.extend((s.len() as u16).to_be_bytes());
+        body.extend(s.as_bytes());
+    }
+    body
 }
 
 /// Parses a JSON payload.

@@ -41,17 +41,24 @@ pub(crate) fn random_loopback() -> String {
 
 /// A hub whose TLS listener is on `{random loopback}:8883`, that address being its hostname.
 async fn sdk_hub(name: &str) -> (Hub, String) {
+    hub_named_by_loopback(name, true).await
+}
+
+/// A hub whose hostname is a random loopback address; with `on_8883` its TLS listener is on
+/// that address's port 8883 (where the SDK dials), else on a free port for a proxy to sit in
+/// front of.
+pub(crate) async fn hub_named_by_loopback(name: &str, on_8883: bool) -> (Hub, String) {
     let ip = random_loopback();
     let dir = temp_dir(name);
     let config = dir.join("hub.toml");
     std::fs::write(&config, format!("[hub]\nhostname = \"{ip}\"\n")).unwrap();
+    let config = config.to_str().unwrap().to_string();
     let mqtts = format!("{ip}:8883");
-    let hub = Hub::start_with(
-        dir,
-        &["--config", config.to_str().unwrap(), "--mqtts", &mqtts],
-    )
-    .await;
-    (hub, ip)
+    let mut args = vec!["--config", config.as_str()];
+    if on_8883 {
+        args.extend(["--mqtts", mqtts.as_str()]);
+    }
+    (Hub::start_with(dir, &args).await, ip)
 }
 
 pub(crate) fn script(name: &str) -> String {

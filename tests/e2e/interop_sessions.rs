@@ -12,8 +12,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::harness::{temp_dir, Hub, Proxy};
-use crate::interop::{python, random_loopback, script};
+use crate::harness::{Hub, Proxy};
+use crate::interop::{hub_named_by_loopback, python, script};
 
 /// The SDK script's output, with the events not yet asked for kept in order.
 struct Sdk {
@@ -93,15 +93,6 @@ impl Sdk {
     }
 }
 
-/// The twin's desired document without `$metadata` / `$version`.
-async fn twin_desired(hub: &Hub, path: &str) -> Value {
-    let (_, t) = hub.api(Method::GET, path, None).await;
-    let mut d = t["properties"]["desired"].as_object().unwrap().clone();
-    d.remove("$metadata");
-    d.remove("$version");
-    Value::Object(d)
-}
-
 async fn patch(hub: &Hub, path: &str, desired: Value) {
     let (s, b) = hub
         .api(
@@ -115,7 +106,7 @@ async fn patch(hub: &Hub, path: &str, desired: Value) {
 
 /// Waits until the device's document equals its twin's desired document.
 async fn converges(sdk: &mut Sdk, hub: &Hub, twin_path: &str, how: &str) {
-    let want = twin_desired(hub, twin_path).await;
+    let want = Value::Object(hub.desired_document(twin_path).await);
     let got = sdk
         .wait_for(&format!("{how}: desired doc {want}"), |e| {
             e.get("doc") == Some(&want)
@@ -135,12 +126,7 @@ async fn method(hub: &Hub, method_path: &str, name: &str) -> (u16, Value) {
 
 async fn sdk_survives(kind: &str) {
     let Some(python) = python() else { return };
-    let ip = random_loopback();
-    let dir = temp_dir(&format!("interop-sessions-{kind}"));
-    let config = dir.join("hub.toml");
-    std::fs::write(&config, format!("[hub]\nhostname = \"{ip}\"\n")).unwrap();
-    let config = config.to_str().unwrap().to_string();
-    let mut hub = Hub::start_with(dir, &["--config", &config]).await;
+    let (mut hub, ip) = hub_named_by_loopback(&format!("interop-sessions-{kind}"), false).await;
     // The SDK dials {hostname}:8883: the proxy there stands for the network.
     let proxy = Proxy::start(&format!("{ip}:8883"), hub.endpoints.mqtts.unwrap()).await;
 
@@ -168,7 +154,10 @@ async fn sdk_survives(kind: &str) {
     let ca = hub.data_dir().join("tls/ca.pem");
     let mut sdk = Sdk::spawn(&python, kind, &cs, &ca, None).await;
     let ready = sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
-    assert_eq!(ready["doc"], twin_desired(&hub, twin_path).await);
+    assert_eq!(
+        ready["doc"],
+        Value::Object(hub.desired_document(twin_path).await)
+    );
 
     for (round, how) in ["sigterm", "kill9", "cut"].into_iter().enumerate() {
         // The client is kept away while things happen, then let back in.
@@ -258,16 +247,7 @@ async fn azure_iot_python_sdk_module_keeps_receiving_across_restarts_and_cuts() 
 #[tokio::test]
 async fn azure_iot_python_sdk_renews_short_tokens_without_loss() {
     let Some(python) = python() else { return };
-    let ip = random_loopback();
-    let dir = temp_dir("interop-renewal");
-    let config = dir.join("hub.toml");
-    std::fs::write(&config, format!("[hub]\nhostname = \"{ip}\"\n")).unwrap();
-    let mqtts = format!("{ip}:8883");
-    let hub = Hub::start_with(
-        dir,
-        &["--config", config.to_str().unwrap(), "--mqtts", &mqtts],
-    )
-    .await;
+    let (hub, ip) = hub_named_by_loopback("interop-renewal", true).await;
     let key = hub.create_device("sdk-dev").await;
     let cs = format!("HostName={ip};DeviceId=sdk-dev;SharedAccessKey={key}");
     let mut monitor = hub.monitor().await;
@@ -355,11 +335,7 @@ async fn tag(hub: &Hub, tags: Value) {
 #[tokio::test]
 async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     let Some(python) = python() else { return };
-    let ip = random_loopback();
-    let dir = temp_dir("interop-retarget");
-    let config = dir.join("hub.toml");
-    std::fs::write(&config, format!("[hub]\nhostname = \"{ip}\"\n")).unwrap();
-    let hub = Hub::start_with(dir, &["--config", config.to_str().unwrap()]).await;
+    let (hub, ip) = hub_named_by_loopback("interop-retarget", false).await;
     let proxy = Proxy::start(&format!("{ip}:8883"), hub.endpoints.mqtts.unwrap()).await;
     let key = hub.create_device("sdk-dev").await;
     tag(&hub, json!({"env": "prod"})).await;
@@ -393,7 +369,7 @@ async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     .await;
     converges(&mut sdk, &hub, twin, "priority").await;
     assert_eq!(
-        twin_desired(&hub, twin).await["cws"],
+        Value::Object(hub.desired_document(twin).await)["cws"],
         json!({"temperature": 40})
     );
 
@@ -408,7 +384,9 @@ async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     let (s, _) = hub.api(Method::DELETE, "/deployments/layer", None).await;
     assert_eq!(s, 204);
     converges(&mut sdk, &hub, twin, "layer removed").await;
-    assert!(twin_desired(&hub, twin).await["cws"].get("mode").is_none());
+    assert!(Value::Object(hub.desired_document(twin).await)["cws"]
+        .get("mode")
+        .is_none());
 
     // onUnmatch remove: leaving takes its content away, nothing lower takes over.
     deploy(&hub, json!({"id": "remover", "targetCondition": "tags.ring = 'test'", "priority": 30,
@@ -417,7 +395,9 @@ async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     converges(&mut sdk, &hub, twin, "remover applied").await;
     tag(&hub, json!({"ring": null})).await;
     converges(&mut sdk, &hub, twin, "remover unmatched").await;
-    assert!(twin_desired(&hub, twin).await.get("extra").is_none());
+    assert!(Value::Object(hub.desired_document(twin).await)
+        .get("extra")
+        .is_none());
 
     // Fallback: a canary deployment applies, and on leaving the next best comes back.
     deploy(&hub, json!({"id": "canary", "targetCondition": "tags.ring = 'canary'", "priority": 40,
@@ -441,7 +421,7 @@ async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     )
     .await;
     assert_eq!(
-        twin_desired(&hub, twin).await["cws"],
+        Value::Object(hub.desired_document(twin).await)["cws"],
         json!({"temperature": 60})
     );
     proxy.block(false);

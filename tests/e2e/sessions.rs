@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{json_of, temp_dir, unix_now, Client, Hub};
+use crate::harness::{connect_body, json_of, packet, temp_dir, unix_now, Client, Hub};
 
 const DESIRED: &str = "$iothub/twin/PATCH/properties/desired/";
 const C2D: &str = "devices/dev1/messages/devicebound/";
@@ -82,16 +82,6 @@ async fn patch_desired(hub: &Hub, desired: Value) {
     assert_eq!(s, 200, "{b}");
 }
 
-async fn twin_desired(hub: &Hub, device: &str) -> Map<String, Value> {
-    let (_, t) = hub
-        .api(Method::GET, &format!("/twins/{device}"), None)
-        .await;
-    let mut d = t["properties"]["desired"].as_object().unwrap().clone();
-    d.remove("$metadata");
-    d.remove("$version");
-    d
-}
-
 /// Every publish that arrives until none has for `quiet`.
 async fn drain(client: &mut Client, quiet: Duration) -> Vec<rumqttc::Publish> {
     let mut all = Vec::new();
@@ -135,7 +125,7 @@ async fn clean_session_0_survives_reconnects_and_restarts() {
     assert!(codes
         .iter()
         .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))));
-    let mut doc = twin_desired(&hub, "dev1").await;
+    let mut doc = hub.desired_document("/twins/dev1").await;
 
     for (round, how) in ["reconnect", "sigterm", "kill9"].into_iter().enumerate() {
         drop(d);
@@ -179,7 +169,7 @@ async fn clean_session_0_survives_reconnects_and_restarts() {
         );
         assert_eq!(
             doc,
-            twin_desired(&hub, "dev1").await,
+            hub.desired_document("/twins/dev1").await,
             "{how}: device equals its twin"
         );
         assert!(doc["cws"].get("pressure").is_none(), "{how}: {doc:?}");
@@ -199,7 +189,7 @@ async fn clean_session_0_survives_reconnects_and_restarts() {
     patch_desired(&hub, json!({"keep": null})).await;
     let got = drain(&mut d, Duration::from_millis(700)).await;
     assert_eq!(apply_patches(&got, &mut doc), 1);
-    assert_eq!(doc, twin_desired(&hub, "dev1").await);
+    assert_eq!(doc, hub.desired_document("/twins/dev1").await);
     assert!(!doc.contains_key("keep"));
     assert!(hub.metric("fleethub_sessions_resumed_total").await >= 1.0);
 }
@@ -372,34 +362,6 @@ async fn methods_nobody_listens_for_fail_fast() {
     d.subscribe_many(&["$iothub/methods/POST/#"]).await;
     let (s, b) = method_round_trip(&hub, &mut d, "m").await;
     assert_eq!(s, 200, "{b}");
-}
-
-/// An MQTT 3.1.1 fixed header / CONNECT for raw tests.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        p.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    p.extend(body);
-    p
-}
-
-fn connect_body(flags: u8, client_id: &str, user: &str, pass: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 30];
-    for s in [client_id, user, pass] {
-        body.extend((s.len() as u16).to_be_bytes());
-        body.extend(s.as_bytes());
-    }
-    body
 }
 
 /// Reads until the hub closes the socket; returns what it sent first, or panics if it

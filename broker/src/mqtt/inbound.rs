@@ -12,17 +12,7 @@ pub(super) fn peek_publish_ids(buf: &[u8]) -> Option<(u8, u16)> {
         return None;
     }
     let qos = (first >> 1) & 0b11;
-    let mut i = 1;
-    loop {
-        let b = *buf.get(i)?;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            return None;
-        }
-    }
+    let i = variable_header_at(buf)?;
     if qos == 0 {
         return Some((0, 0));
     }

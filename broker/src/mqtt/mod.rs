@@ -203,6 +203,20 @@ async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> std:
     Ok(())
 }
 
+/// Answers a CONNECT with a refusal `code` (the caller then closes the connection).
+async fn refuse<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    wbuf: &mut BytesMut,
+    code: ConnectReturnCode,
+) {
+    let ack = ConnAck {
+        session_present: false,
+        code,
+    };
+    let _ = V4.write(Packet::ConnAck(ack, None), wbuf);
+    let _ = write_all(writer, wbuf).await;
+}
+
 /// Reads the first packet; must be CONNECT within the connect timeout.
 async fn read_connect<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -283,22 +297,29 @@ impl ReadSize {
     }
 }
 
-/// The connect-flags byte of a CONNECT at the start of `buf`, once enough of it is there.
-fn connect_flags(buf: &[u8]) -> Option<u8> {
-    if buf.first()? >> 4 != 1 {
-        return None;
-    }
+/// Where the variable header of the packet at the start of `buf` begins: after the type byte
+/// and the remaining length (1 to 4 bytes); `None` while the header is incomplete or malformed.
+pub(super) fn variable_header_at(buf: &[u8]) -> Option<usize> {
+    buf.first()?;
     let mut i = 1;
     loop {
         let b = *buf.get(i)?;
         i += 1;
         if b & 0x80 == 0 {
-            break;
+            return Some(i);
         }
         if i > 4 {
             return None;
         }
     }
+}
+
+/// The connect-flags byte of a CONNECT at the start of `buf`, once enough of it is there.
+fn connect_flags(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let i = variable_header_at(buf)?;
     let name_len = u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]) as usize;
     // Protocol name, then the level byte, then the flags.
     buf.get(i + 2 + name_len + 1).copied()
@@ -382,12 +403,7 @@ where
                 .with_label_values(&[refusal.metric_label()])
                 .inc();
             info!(%peer, client_id = %connect.client_id, reason = %refusal, "connection refused");
-            let ack = ConnAck {
-                session_present: false,
-                code: ConnectReturnCode::NotAuthorized,
-            };
-            let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
-            let _ = write_all(writer, &mut wbuf).await;
+            refuse(writer, &mut wbuf, ConnectReturnCode::NotAuthorized).await;
             return None;
         }
     };
@@ -408,12 +424,7 @@ where
             Err(e) => {
                 // Refuse rather than pretend there was no session: the client retries.
                 warn!(client_id = %connect.client_id, error = %e, "could not read a stored session");
-                let ack = ConnAck {
-                    session_present: false,
-                    code: ConnectReturnCode::ServiceUnavailable,
-                };
-                let _ = V4.write(Packet::ConnAck(ack, None), &mut wbuf);
-                let _ = write_all(writer, &mut wbuf).await;
+                refuse(writer, &mut wbuf, ConnectReturnCode::ServiceUnavailable).await;
                 return None;
             }
         }

@@ -200,14 +200,7 @@ fn apply_op(
 }
 
 fn writer(db: Arc<Database>, cache: Arc<DashMap<IdentityKey, Arc<Twin>>>, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = crate::storage::next_batch(&rx, MAX_BATCH) {
         let now = crate::registry::now_rfc3339();
         // Twins as they stand inside this batch (`None`: deleted).
         let mut staged: HashMap<IdentityKey, Option<Arc<Twin>>> = HashMap::new();
