@@ -43,6 +43,27 @@ pub struct Direct {
     pub body: bytes::Bytes,
 }
 
+impl Direct {
+    /// A desired patch on `$iothub/twin/PATCH/properties/desired/?$version={v}`, at the
+    /// version of `desired`.
+    pub fn desired_patch(desired: &crate::twin::doc::Section, patch: &serde_json::Value) -> Direct {
+        Direct {
+            delivery: Delivery::DesiredPatch,
+            suffix: format!("?$version={}", desired.version),
+            body: patch.to_string().into(),
+        }
+    }
+
+    /// The whole desired document on `$fleethub/twin/desired/?$version={v}`.
+    pub fn desired_state(desired: &crate::twin::doc::Section) -> Direct {
+        Direct {
+            delivery: Delivery::DesiredState,
+            suffix: format!("?$version={}", desired.version),
+            body: desired.with_version().to_string().into(),
+        }
+    }
+}
+
 /// Direct messages one connection may have waiting; beyond that they are dropped (and
 /// counted), as a QoS 0 subscriber that stopped reading would lose them.
 pub const DIRECT_BACKLOG: usize = 1024;
@@ -270,13 +291,21 @@ impl Hub {
     /// filter per new topic, which does not scale to a fleet. Not connected: nothing to do
     /// (the desired document is sent when a connection subscribes to it).
     pub fn deliver(&self, key: &IdentityKey, delivery: Delivery, suffix: &str, body: &[u8]) {
-        let Some(live) = self.live.get(key) else {
+        if !self.live.contains_key(key) {
             return;
-        };
+        }
         let direct = Direct {
             delivery,
             suffix: suffix.to_string(),
             body: bytes::Bytes::copy_from_slice(body),
+        };
+        self.send(key, direct);
+    }
+
+    /// Queues `direct` in the mailbox of `key`'s connection, if it is connected.
+    pub fn send(&self, key: &IdentityKey, direct: Direct) {
+        let Some(live) = self.live.get(key) else {
+            return;
         };
         if !live.mailbox.push(direct) {
             self.metrics.direct_dropped.inc();
@@ -309,24 +338,11 @@ impl Hub {
         twin: &Twin,
         patch: Option<&serde_json::Value>,
     ) {
-        let version = twin.desired.version;
         if let Some(patch) = patch {
-            self.deliver(
-                key,
-                Delivery::DesiredPatch,
-                &format!("?$version={version}"),
-                patch.to_string().as_bytes(),
-            );
+            self.send(key, Direct::desired_patch(&twin.desired, patch));
             self.metrics.desired_pushes.inc();
         }
-        self.publish_desired_state(key, twin);
-    }
-
-    /// The full desired document of `key`, to its connection.
-    pub fn publish_desired_state(&self, key: &IdentityKey, twin: &Twin) {
-        let body = twin.desired.with_version().to_string();
-        let suffix = format!("?$version={}", twin.desired.version);
-        self.deliver(key, Delivery::DesiredState, &suffix, body.as_bytes());
+        self.send(key, Direct::desired_state(&twin.desired));
     }
 
     /// Routes a message: one queue entry per matching route, to be appended (durably)

@@ -147,15 +147,10 @@ impl Session {
             return;
         };
         let twin = self.hub.twins.get(key);
-        if twin.desired.version <= 1 && twin.desired.data.is_empty() {
+        if twin.desired.untouched() {
             return;
         }
-        let d = crate::hub::Direct {
-            delivery: Delivery::DesiredState,
-            suffix: format!("?$version={}", twin.desired.version),
-            body: twin.desired.with_version().to_string().into(),
-        };
-        self.on_direct(d, out);
+        self.on_direct(crate::hub::Direct::desired_state(&twin.desired), out);
     }
 
     /// Resumes a stored session (CONNACK session-present 1 is already written): its filters
@@ -187,12 +182,9 @@ impl Session {
             let patch_topic = topics::internal_topic(&key, Delivery::DesiredPatch);
             if self.filters.iter().any(|f| f.internal == patch_topic) {
                 let twin = self.hub.twins.get(&key);
-                if twin.desired.version > 1 || !twin.desired.data.is_empty() {
-                    let d = crate::hub::Direct {
-                        delivery: Delivery::DesiredPatch,
-                        suffix: format!("?$version={}", twin.desired.version),
-                        body: twin.desired.resume_patch().to_string().into(),
-                    };
+                if !twin.desired.untouched() {
+                    let patch = twin.desired.resume_patch();
+                    let d = crate::hub::Direct::desired_patch(&twin.desired, &patch);
                     self.on_direct(d, wbuf);
                 }
             }

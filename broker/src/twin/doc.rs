@@ -253,6 +253,11 @@ impl Section {
         Value::Object(patch)
     }
 
+    /// Nothing was ever written to it (a new twin's section, at version 1).
+    pub fn untouched(&self) -> bool {
+        self.version <= 1 && self.data.is_empty()
+    }
+
     /// `{...data, "$version": v}`: what devices see.
     pub fn with_version(&self) -> Value {
         let mut m = self.data.clone();
