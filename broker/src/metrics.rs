@@ -21,6 +21,8 @@ pub struct Metrics {
     pub twin_patches: IntCounterVec,
     /// Desired patches published to devices and modules.
     pub desired_pushes: IntCounter,
+    /// Deployment twin writes refused because they would leave an invalid route set.
+    pub deployment_writes_refused: IntCounter,
     /// Direct messages dropped because a connection's backlog was full.
     pub direct_dropped: IntCounter,
     /// Connections closed because their SAS token expired.
@@ -135,6 +137,11 @@ impl Metrics {
         .expect("valid metric");
         let sessions = IntGauge::new("fleethub_sessions", "Persistent MQTT sessions stored")
             .expect("valid metric");
+        let deployment_writes_refused = IntCounter::new(
+            "fleethub_deployment_writes_refused_total",
+            "Deployment twin writes refused because they would leave the hub's route set invalid",
+        )
+        .expect("valid metric");
         let desired_pushes = IntCounter::new(
             "fleethub_desired_pushes_total",
             "Desired-property patches published to devices and modules",
@@ -243,6 +250,7 @@ impl Metrics {
             Box::new(twin_reads.clone()),
             Box::new(twin_patches.clone()),
             Box::new(desired_pushes.clone()),
+            Box::new(deployment_writes_refused.clone()),
             Box::new(direct_dropped.clone()),
             Box::new(token_expirations.clone()),
             Box::new(sessions_resumed.clone()),
@@ -274,6 +282,7 @@ impl Metrics {
             twin_reads,
             twin_patches,
             desired_pushes,
+            deployment_writes_refused,
             direct_dropped,
             token_expirations,
             sessions_resumed,

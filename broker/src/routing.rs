@@ -37,6 +37,8 @@ struct Installed {
 }
 
 pub struct Routing {
+    /// The hub's own `$edgeHub` module twin: its desired properties are routes.
+    route_twin: crate::identity::IdentityKey,
     installed: RwLock<Arc<Installed>>,
     metrics: Arc<crate::metrics::Metrics>,
     config_routes: Vec<RouteSpec>,
@@ -58,6 +60,7 @@ pub struct Delivery {
 impl Routing {
     /// Builds the table from config routes and the `$edgeHub` desired properties.
     pub fn new(
+        route_twin: crate::identity::IdentityKey,
         config_routes: Vec<RouteSpec>,
         config_ttl: u64,
         detect_json: bool,
@@ -65,6 +68,7 @@ impl Routing {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Routing, Vec<RouteError>> {
         let routing = Routing {
+            route_twin,
             installed: RwLock::new(Arc::new(Installed {
                 table: Arc::new(RouteTable::default()),
                 counters: Vec::new(),
@@ -78,6 +82,16 @@ impl Routing {
         let table = routing.build(edge_hub)?;
         routing.swap(table);
         Ok(routing)
+    }
+
+    /// The twin whose desired properties are the routes: the one rule "`$edgeHub` desired =
+    /// routes" lives here, and every twin writer asks it.
+    pub fn route_twin(&self) -> &crate::identity::IdentityKey {
+        &self.route_twin
+    }
+
+    pub fn is_route_twin(&self, key: &crate::identity::IdentityKey) -> bool {
+        *key == self.route_twin
     }
 
     fn installed(&self) -> Arc<Installed> {
@@ -349,7 +363,15 @@ mod tests {
             origin: "config".into(),
         }];
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let routing = Routing::new(config, 7200, false, &Map::new(), metrics).unwrap();
+        let routing = Routing::new(
+            crate::identity::IdentityKey::device(crate::identity::DeviceId::new("hub").unwrap()),
+            config,
+            7200,
+            false,
+            &Map::new(),
+            metrics,
+        )
+        .unwrap();
         assert_eq!(routing.table().routes[0].spec.origin, "config");
         let table = routing
             .build(&obj(

@@ -17,7 +17,7 @@ use tracing::info;
 use crate::c2d::C2dStore;
 use crate::config::Config;
 use crate::core::Core;
-use crate::hub::{Endpoints, Hub, Stores};
+use crate::hub::{Endpoints, Hub, SharedHub, Stores};
 use crate::registry::{Registry, RegistryError};
 use crate::tls::{self, TlsError};
 use crate::twin::TwinStore;
@@ -99,15 +99,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .create(&store_path)
             .map_err(|e| ServerError::Store(format!("{}: {e}", store_path.display())))?,
     );
+    let deploy = Arc::new(
+        crate::deploy::Engine::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
+    );
     let stores = Stores {
         registry: Registry::open(db.clone())?,
         fleet: crate::fleet::Fleet::open(db.clone())
             .map_err(|e| ServerError::Store(e.to_string()))?,
         images: crate::images::Images::open(db.clone(), &data_dir.join("images"))
-            .map_err(|e| ServerError::Store(e.to_string()))?,
-        group_deployments: crate::deploy::GroupDeployments::open(db.clone())
-            .map_err(|e| ServerError::Store(e.to_string()))?,
-        deployments: crate::deploy::targeted::Deployments::open(db.clone())
             .map_err(|e| ServerError::Store(e.to_string()))?,
         twins: TwinStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
         c2d: C2dStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
@@ -144,6 +143,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let edge_desired = stores.twins.get(&edge_key).desired.data.clone();
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let routing = crate::routing::Routing::new(
+        edge_key.clone(),
         config.routes.clone(),
         config.routing.time_to_live_secs,
         config.routing.detect_json_bodies,
@@ -201,9 +201,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics,
         queues,
     ));
+    hub.observe(Arc::new(crate::deploy::Observer(deploy.clone())));
     // A deployment acknowledged just before a crash may not have reached every twin yet.
     let devices = crate::deploy::all_devices(&hub);
-    match crate::deploy::devices_changed(&hub, devices).await {
+    match hub
+        .devices_changed(devices, crate::hub::Change::Start)
+        .await
+    {
         Ok(0) => {}
         Ok(n) => info!(twins = n, "deployment state brought up to date at start"),
         Err(e) => tracing::warn!(error = %e, "reconciling deployments at start"),
@@ -234,53 +238,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "fleethub listening"
     );
 
-    crate::deploy::spawn_rollouts(hub.clone());
-
-    // Expired entries in queues nobody drains (sink offline) are removed as time passes.
-    let sweeper_hub = hub.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            tick.tick().await;
-            let hub = sweeper_hub.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                use fleethub_router::queue::Queue;
-                let none = std::collections::HashSet::new();
-                for s in hub.queues.stats() {
-                    if s.depth > 0 {
-                        let _ = hub.queues.peek(&s.sink, &none, 512, crate::c2d::now_ms());
-                    }
-                }
-            })
-            .await;
-        }
-    });
-
-    // Persistent sessions of clients gone longer than the session expiry are forgotten.
-    let session_hub = hub.clone();
-    tokio::spawn(async move {
-        let expiry = session_hub.config.limits.session_expiry_secs;
-        let max_idle_ms = expiry.saturating_mul(1000);
-        // Checked twice per expiry period, at most once a minute.
-        let every = Duration::from_secs((expiry / 2).clamp(1, 60));
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let expired = session_hub.sessions.expire(max_idle_ms);
-            if expired > 0 {
-                session_hub.metrics.sessions_expired.inc_by(expired as u64);
-                info!(sessions = expired, "idle persistent sessions expired");
-            }
-        }
-    });
-
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // Background work: stops with the server, and shutdown waits for it.
+    tasks.spawn(crate::deploy::run_rollouts(
+        hub.clone(),
+        deploy.clone(),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(sweep_expired(hub.clone(), stop_rx.clone()));
+    tasks.spawn(expire_sessions(hub.clone(), stop_rx.clone()));
+    // Every connection task holds a clone of `open_tx`; once all are dropped, every
+    // connection has finished (mini-redis's shutdown pattern).
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     if let Some(listener) = mqtt {
         tasks.spawn(crate::mqtt::serve_tcp(
             listener,
             hub.clone(),
             stop_rx.clone(),
+            open_tx.clone(),
         ));
     }
     if let (Some(listener), Some(tls)) = (mqtts, tls_config) {
@@ -290,10 +266,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             acceptor,
             hub.clone(),
             stop_rx.clone(),
+            open_tx.clone(),
         ));
     }
     let mut api_stop = stop_rx.clone();
-    let app = crate::api::router(hub.clone());
+    let app = crate::api::router(hub.clone(), deploy.clone());
     tasks.spawn(async move {
         let _ = axum::serve(api, app)
             .with_graceful_shutdown(async move {
@@ -306,17 +283,65 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     info!("shutting down");
     let _ = stop_tx.send(true);
     hub.stop();
-    // Give connections a moment to close and store their last activity.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    drop(open_tx);
+    // Give connections a moment to close and store their last activity, and background
+    // tasks to finish what they were doing.
+    let finished = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}
-        while hub.metrics.connections.get() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _ = open_rx.recv().await;
     })
     .await;
+    if finished.is_err() {
+        tracing::warn!("some connections or background tasks did not finish within 5 s");
+    }
+    if let Some(upstream) = &hub.upstream {
+        upstream.stop().await;
+    }
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     info!("stopped");
     Ok(())
+}
+
+/// Removes expired entries from queues nobody drains (sink offline) as time passes.
+async fn sweep_expired(hub: SharedHub, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let hub = hub.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            use fleethub_router::queue::Queue;
+            let none = std::collections::HashSet::new();
+            for s in hub.queues.stats() {
+                if s.depth > 0 {
+                    let _ = hub.queues.peek(&s.sink, &none, 512, crate::c2d::now_ms());
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Forgets persistent sessions of clients gone longer than the session expiry.
+async fn expire_sessions(hub: SharedHub, mut stop: watch::Receiver<bool>) {
+    let expiry = hub.config.limits.session_expiry_secs;
+    let max_idle_ms = expiry.saturating_mul(1000);
+    // Checked twice per expiry period, at most once a minute.
+    let every = Duration::from_secs((expiry / 2).clamp(1, 60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let expired = hub.sessions.expire(max_idle_ms);
+        if expired > 0 {
+            hub.metrics.sessions_expired.inc_by(expired as u64);
+            info!(sessions = expired, "idle persistent sessions expired");
+        }
+    }
 }
 
 fn write_endpoints(data_dir: &Path, endpoints: &Endpoints) -> Result<(), ServerError> {

@@ -38,6 +38,8 @@ pub enum UpstreamError {
 pub struct Upstream {
     connected: Arc<AtomicBool>,
     wake: Arc<Notify>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 struct Bridge {
@@ -70,8 +72,14 @@ impl Upstream {
             connected: connected.clone(),
             wake: wake.clone(),
         };
-        tokio::spawn(bridge.run());
-        Ok(Upstream { connected, wake })
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(bridge.run(stopped));
+        Ok(Upstream {
+            connected,
+            wake,
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        })
     }
 
     /// Something was queued for upstream.
@@ -81,6 +89,16 @@ impl Upstream {
 
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Ends the bridge and waits for it. Entries in flight stay queued (they are removed
+    /// only on the upstream's PUBACK) and are sent again after the next start.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 
@@ -160,10 +178,14 @@ fn options(cfg: &UpstreamSection, hub_id: &str) -> Result<MqttOptions, UpstreamE
 }
 
 impl Bridge {
-    async fn run(self) {
+    async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.session().await {
+            let session = tokio::select! {
+                r = self.session() => r,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            match session {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     if self.connected.swap(false, Ordering::Relaxed) {
@@ -173,9 +195,14 @@ impl Bridge {
             }
             self.connected.store(false, Ordering::Relaxed);
             self.metrics.upstream_connected.set(0);
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+        self.connected.store(false, Ordering::Relaxed);
+        self.metrics.upstream_connected.set(0);
     }
 
     /// One connection: publish from the queue until the connection fails.

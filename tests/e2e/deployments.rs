@@ -531,3 +531,68 @@ async fn edge_hub_content_reconfigures_the_hubs_routes() {
         .collect();
     assert!(names.contains(&"toSink"), "{routes}");
 }
+
+/// The `$edgeHub` route rule is one rule for every writer: a deployment whose content would
+/// leave an invalid route set is refused with the same answer the twin API gives for the same
+/// change, and neither the route table nor the twin moves.
+#[tokio::test]
+async fn an_invalid_route_set_in_a_deployment_is_refused_like_one_from_the_api() {
+    let hub = Hub::start("deploy-bad-routes").await;
+    hub.create_module("fleethub", "sink").await;
+    let good = "FROM /messages/* INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")";
+    let (s, b) = hub
+        .api(
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            Some(json!({ "properties": { "desired": { "routes": { "good": good } } } })),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let before_twin = desired(&hub, "fleethub/modules/$edgeHub").await;
+    let (_, before_routes) = hub.api(Method::GET, "/routes", None).await;
+
+    let bad_routes =
+        json!({ "good": good, "bad": "FROM /messages/* WHERE $body.t > INTO $upstream" });
+    let (api_status, from_api) = hub
+        .api(
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            Some(json!({ "properties": { "desired": { "routes": bad_routes } } })),
+        )
+        .await;
+    let (deploy_status, from_deployment) = hub
+        .api(
+            Method::POST,
+            "/deployments",
+            Some(json!({
+                "id": "bad-routes", "targetCondition": "deviceId = 'fleethub'",
+                "content": { "content": { "modulesContent": { "$edgeHub": {
+                    "properties.desired.routes": bad_routes
+                } } } },
+            })),
+        )
+        .await;
+    assert_eq!(api_status, 400, "{from_api}");
+    assert_eq!(deploy_status, 400, "{from_deployment}");
+    assert_eq!(from_deployment["error"], from_api["error"]);
+    assert_eq!(from_deployment["message"], from_api["message"]);
+    assert_eq!(
+        from_deployment["errors"], from_api["errors"],
+        "the same list of errors"
+    );
+    let errors = from_deployment["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{from_deployment}");
+    assert_eq!(errors[0]["name"], "bad");
+    assert_eq!(errors[0]["source"], "$edgeHub");
+    assert!(errors[0]["column"].as_u64().is_some(), "{from_deployment}");
+
+    // Nothing moved: no deployment, the same twin, the same routes.
+    let (s, _) = hub.api(Method::GET, "/deployments/bad-routes", None).await;
+    assert_eq!(s, 404);
+    assert_eq!(
+        desired(&hub, "fleethub/modules/$edgeHub").await,
+        before_twin
+    );
+    let (_, after_routes) = hub.api(Method::GET, "/routes", None).await;
+    assert_eq!(after_routes["routes"], before_routes["routes"]);
+}

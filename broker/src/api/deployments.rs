@@ -8,11 +8,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{blocking, ApiError, ApiResult};
-use crate::deploy::targeted::{self, Compiled, DeploymentSpec, DeploymentUpdate};
-use crate::hub::SharedHub;
+use std::sync::Arc;
 
-pub fn routes() -> Router<SharedHub> {
+use super::{blocking, ApiError, ApiResult, ApiState};
+use crate::deploy::targeted::{self, Compiled, DeploymentSpec, DeploymentUpdate};
+
+pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/deployments", get(list).post(create))
         .route("/deployments/{id}", get(show).patch(update).delete(delete))
@@ -42,62 +43,62 @@ fn json_of(c: &Compiled, status: Option<Value>) -> Value {
     v
 }
 
-async fn reconcile_all(hub: &SharedHub) -> ApiResult<usize> {
-    let devices = crate::deploy::all_devices(hub);
-    targeted::reconcile(hub, devices)
-        .await
-        .map_err(ApiError::Internal)
+async fn reconcile_all(s: &ApiState) -> ApiResult<usize> {
+    let devices = crate::deploy::all_devices(&s.hub);
+    Ok(s.deploy.reconcile_targeted(&s.hub, devices).await?)
 }
 
 async fn create(
-    State(hub): State<SharedHub>,
+    State(s): State<ApiState>,
     body: Result<Json<DeploymentSpec>, JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(spec) = body?;
-    let c = blocking(&hub, move |h| h.deployments.create(h, spec)).await??;
+    let d = s.deploy.clone();
+    let c = blocking(&s.hub, move |h| targeted::create(h, &d.targeted, spec)).await??;
     let id = c.d.id.clone();
-    let written = reconcile_all(&hub).await?;
-    let mut v = with_status(&hub, &id).await?;
+    let written = reconcile_all(&s).await?;
+    let mut v = with_status(&s, &id).await?;
     v["twinsWritten"] = json!(written);
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 /// The deployment as it stands, with its metrics.
-async fn with_status(hub: &SharedHub, id: &str) -> ApiResult<Value> {
-    let c = require(hub, id)?;
-    let h = hub.clone();
-    blocking(hub, move |_| {
-        let status = targeted::status(&h, &c);
+async fn with_status(s: &ApiState, id: &str) -> ApiResult<Value> {
+    let c = require(s, id)?;
+    let d = s.deploy.clone();
+    blocking(&s.hub, move |h| {
+        let status = targeted::status(h, &d.targeted, &c);
         json_of(&c, Some(status))
     })
     .await
 }
 
-fn require(hub: &SharedHub, id: &str) -> ApiResult<std::sync::Arc<Compiled>> {
-    hub.deployments
+fn require(s: &ApiState, id: &str) -> ApiResult<Arc<Compiled>> {
+    s.deploy
+        .targeted
         .get(id)
         .ok_or_else(|| ApiError::NotFound(format!("deployment '{id}' not found")))
 }
 
-async fn list(State(hub): State<SharedHub>) -> ApiResult<Json<Value>> {
-    let h = hub.clone();
-    let items = blocking(&hub, move |_| {
-        h.deployments
+async fn list(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
+    let d = s.deploy.clone();
+    let items = blocking(&s.hub, move |h| {
+        d.targeted
             .all()
             .iter()
-            .map(|c| json_of(c, Some(targeted::status(&h, c))))
+            .map(|c| json_of(c, Some(targeted::status(h, &d.targeted, c))))
             .collect::<Vec<_>>()
     })
     .await?;
     Ok(Json(json!({ "items": items })))
 }
 
-async fn show(State(hub): State<SharedHub>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(with_status(&hub, &id).await?))
+async fn show(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(with_status(&s, &id).await?))
 }
 
 async fn update(
-    State(hub): State<SharedHub>,
+    State(s): State<ApiState>,
     Path(id): Path<String>,
     body: Result<Json<DeploymentUpdate>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
@@ -107,27 +108,28 @@ async fn update(
         fleethub_router::condition::Condition::parse(c)
             .map_err(|e| ApiError::BadRequest(format!("invalid targetCondition: {e}")))?;
     }
-    let id2 = id.clone();
-    blocking(&hub, move |h| h.deployments.update(&id2, u)).await??;
-    reconcile_all(&hub).await?;
-    Ok(Json(with_status(&hub, &id).await?))
+    let (id2, d) = (id.clone(), s.deploy.clone());
+    blocking(&s.hub, move |_| d.targeted.update(&id2, u)).await??;
+    reconcile_all(&s).await?;
+    Ok(Json(with_status(&s, &id).await?))
 }
 
-async fn delete(State(hub): State<SharedHub>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    blocking(&hub, move |h| h.deployments.delete(&id)).await??;
-    reconcile_all(&hub).await?;
+async fn delete(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let d = s.deploy.clone();
+    blocking(&s.hub, move |_| d.targeted.delete(&id)).await??;
+    reconcile_all(&s).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `targetedCount`, `appliedCount`, `reportedSuccessfulCount`, `reportedFailedCount`, or a
 /// custom metric's name: the count and the devices behind it.
 async fn show_metric(
-    State(hub): State<SharedHub>,
+    State(s): State<ApiState>,
     Path((id, metric)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let c = require(&hub, &id)?;
-    let h = hub.clone();
-    let status = blocking(&hub, move |_| targeted::status(&h, &c)).await?;
+    let c = require(&s, &id)?;
+    let d = s.deploy.clone();
+    let status = blocking(&s.hub, move |h| targeted::status(h, &d.targeted, &c)).await?;
     let found = status
         .get(&metric)
         .filter(|_| metric != "custom")
@@ -149,7 +151,7 @@ async fn show_metric(
 
 /// `pause`, `resume` or `abort` a phased rollout.
 async fn control(
-    State(hub): State<SharedHub>,
+    State(s): State<ApiState>,
     Path((id, action)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     if !matches!(action.as_str(), "pause" | "resume" | "abort") {
@@ -157,9 +159,9 @@ async fn control(
             "'{action}': a deployment's actions are pause, resume and abort"
         )));
     }
-    let id2 = id.clone();
-    blocking(&hub, move |h| h.deployments.control(&id2, &action)).await??;
-    reconcile_all(&hub).await?;
-    let c = require(&hub, &id)?;
+    let (id2, d) = (id.clone(), s.deploy.clone());
+    blocking(&s.hub, move |_| d.targeted.control(&id2, &action)).await??;
+    reconcile_all(&s).await?;
+    let c = require(&s, &id)?;
     Ok(Json(json_of(&c, None)))
 }

@@ -11,8 +11,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{blocking, ApiError, ApiResult};
-use crate::deploy::{DeployError, GroupDeployment};
+use super::{blocking, ApiError, ApiResult, ApiState};
+use crate::deploy::group::GroupDeployment;
+use crate::deploy::DeployError;
 use crate::fleet::{DeviceGroup, FleetError, GroupUpdate, OsFeed, Product};
 use crate::hub::SharedHub;
 
@@ -33,25 +34,20 @@ impl From<DeployError> for ApiError {
             DeployError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
             DeployError::NotFound(_) => ApiError::NotFound(e.to_string()),
             DeployError::Exists(_) => ApiError::Conflict(e.to_string()),
-            DeployError::Store(_) => ApiError::Internal(e.to_string()),
+            DeployError::InvalidRoutes(errors) => ApiError::InvalidRoutes(errors),
+            DeployError::Store(_) | DeployError::Twin(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
 
-/// Brings these devices' twins to their deployment state before the API answers, so an
+/// Brings a group's devices to their deployment state before the API answers, so an
 /// operator who gets a 2xx can read the result in the twins.
-async fn reconcile(hub: &SharedHub, devices: Vec<crate::identity::DeviceId>) -> ApiResult<usize> {
-    crate::deploy::reconcile(hub, devices)
-        .await
-        .map_err(ApiError::Internal)
+pub(super) async fn reconcile_group(s: &ApiState, group_id: &str) -> ApiResult<usize> {
+    let devices = crate::deploy::devices_in_group(&s.hub, group_id);
+    Ok(s.deploy.reconcile_groups(&s.hub, devices).await?)
 }
 
-pub(super) async fn reconcile_group(hub: &SharedHub, group_id: &str) -> ApiResult<usize> {
-    let devices = crate::deploy::devices_in_group(hub, group_id);
-    reconcile(hub, devices).await
-}
-
-pub fn routes() -> Router<SharedHub> {
+pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/products", get(list_products).post(create_product))
         .route(
@@ -176,9 +172,10 @@ async fn update_product(
 }
 
 async fn delete_product(
-    State(hub): State<SharedHub>,
+    State(st): State<ApiState>,
     Path(product): Path<String>,
 ) -> ApiResult<StatusCode> {
+    let hub = st.hub.clone();
     let p = require_product(&hub, &product)?;
     let groups: Vec<String> = hub
         .fleet
@@ -188,7 +185,7 @@ async fn delete_product(
         .collect();
     blocking(&hub, move |h| h.fleet.delete_product(&product, &h.registry)).await??;
     for g in groups {
-        hub.group_deployments.forget_group(&g)?;
+        st.deploy.groups.forget_group(&g)?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -268,14 +265,15 @@ async fn get_group(
 }
 
 async fn update_group(
-    State(hub): State<SharedHub>,
+    State(st): State<ApiState>,
     Path((product, group)): Path<(String, String)>,
     body: Result<Json<GroupUpdate>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
+    let hub = st.hub.clone();
     let Json(body) = body?;
     let g = blocking(&hub, move |h| h.fleet.update_group(&product, &group, body)).await??;
     // Application updates on or off changes what its devices should run.
-    reconcile_group(&hub, &g.id).await?;
+    reconcile_group(&st, &g.id).await?;
     let counts = hub.fleet.device_counts(&hub.registry);
     Ok(Json(group_json(
         &hub,
@@ -285,15 +283,16 @@ async fn update_group(
 }
 
 async fn delete_group(
-    State(hub): State<SharedHub>,
+    State(st): State<ApiState>,
     Path((product, group)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    let hub = st.hub.clone();
     let g = hub.fleet.group(&product, &group)?;
     blocking(&hub, move |h| {
         h.fleet.delete_group(&product, &group, &h.registry)
     })
     .await??;
-    hub.group_deployments.forget_group(&g.id)?;
+    st.deploy.groups.forget_group(&g.id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -319,30 +318,34 @@ struct CreateDeployment {
 }
 
 async fn create_deployment(
-    State(hub): State<SharedHub>,
+    State(st): State<ApiState>,
     Path((product, group)): Path<(String, String)>,
     body: Result<Json<CreateDeployment>, JsonRejection>,
 ) -> ApiResult<Response> {
+    let hub = st.hub.clone();
     let Json(body) = body?;
     let g = hub.fleet.group(&product, &group)?;
     let group_id = g.id.clone();
+    let deploy = st.deploy.clone();
     let d = blocking(&hub, move |h| {
-        h.group_deployments.create(h, &group_id, &body.images)
+        deploy.groups.create(&h.images, &group_id, &body.images)
     })
     .await??;
-    let updated = reconcile_group(&hub, &g.id).await?;
+    let updated = reconcile_group(&st, &g.id).await?;
     let mut v = deployment_json(&hub, &d, true);
     v["devicesUpdated"] = json!(updated);
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 async fn list_deployments(
-    State(hub): State<SharedHub>,
+    State(st): State<ApiState>,
     Path((product, group)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    let hub = st.hub.clone();
     let g = hub.fleet.group(&product, &group)?;
-    let items: Vec<Value> = hub
-        .group_deployments
+    let items: Vec<Value> = st
+        .deploy
+        .groups
         .history(&g.id)
         .iter()
         .enumerate()

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{blocking, ApiError, ApiResult};
+use super::{blocking, ApiError, ApiResult, ApiState};
 use crate::hub::SharedHub;
 use crate::images::{Added, ImageError, ImageKind, MAX_IMAGE_BYTES};
 
@@ -24,7 +24,7 @@ impl From<ImageError> for ApiError {
     }
 }
 
-pub fn routes() -> Router<SharedHub> {
+pub fn routes() -> Router<ApiState> {
     Router::new()
         .route(
             "/images",
@@ -45,10 +45,11 @@ struct AddQuery {
 
 /// The body is the image itself; name, version and kind are query parameters.
 async fn add(
-    State(hub): State<SharedHub>,
+    State(st): State<ApiState>,
     Query(q): Query<AddQuery>,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let hub = st.hub.clone();
     let missing = |f: &str| ApiError::BadRequest(format!("missing query parameter '{f}'"));
     let name = q.name.ok_or_else(|| missing("name"))?;
     let version = q.version.ok_or_else(|| missing("version"))?;
@@ -57,8 +58,8 @@ async fn add(
     Ok(match added {
         Added::New(i) => {
             // Groups following `name:latest` now want this version.
-            for g in hub.group_deployments.groups_following(&i.name) {
-                super::fleet::reconcile_group(&hub, &g).await?;
+            for g in st.deploy.groups.groups_following(&i.name) {
+                super::fleet::reconcile_group(&st, &g).await?;
             }
             (StatusCode::CREATED, Json(json!(i))).into_response()
         }

@@ -302,7 +302,8 @@ impl Session {
     /// Validates a reported patch and queues it; the answer (204 with the new version, or 400
     /// with the reason) is published once the patch is committed.
     pub(super) fn reported_patch(&self, key: IdentityKey, query: &str, body: &[u8]) {
-        use crate::twin::{doc, TwinOp};
+        use crate::hub::TwinWrite;
+        use crate::twin::doc;
         let parsed = serde_json::from_slice::<serde_json::Value>(body)
             .map_err(|e| doc::PatchError::NotJson(e.to_string()))
             .and_then(|v| doc::validate("properties.reported", v));
@@ -320,33 +321,16 @@ impl Session {
                 return;
             }
         };
-        let committed = self
-            .hub
-            .twins
-            .submit(key.clone(), TwinOp::Reported(patch.clone()));
+        let committed = self.hub.write_twin(key.clone(), TwinWrite::Reported(patch));
         let (hub, query) = (self.hub.clone(), query.to_string());
         tokio::spawn(async move {
             match committed.await {
                 Ok(applied) => {
                     hub.twin_response(&key, 204, &query, Some(applied.twin.reported.version), b"");
-                    hub.metrics
-                        .twin_patches
-                        .with_label_values(&["reported", "ok"])
-                        .inc();
-                    hub.twin_changed(&key, &patch, applied.twin.reported.version);
-                    if !hub.deployments.is_empty() {
-                        // Reported properties may select deployments.
-                        let _ = crate::deploy::targeted::reconcile(&hub, vec![key.device.clone()])
-                            .await;
-                    }
                 }
                 Err(e) => {
                     let body = serde_json::json!({ "message": e.to_string() }).to_string();
                     hub.twin_response(&key, 500, &query, None, body.as_bytes());
-                    hub.metrics
-                        .twin_patches
-                        .with_label_values(&["reported", "error"])
-                        .inc();
                 }
             }
         });

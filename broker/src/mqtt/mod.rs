@@ -54,14 +54,24 @@ use subscriptions::filters_digest;
 pub const SERVICE_USERNAME: &str = "$service";
 
 /// Accepts plain TCP connections until `shutdown` flips.
-pub async fn serve_tcp(listener: TcpListener, hub: SharedHub, mut shutdown: watch::Receiver<bool>) {
+///
+/// Every connection task holds a clone of `open`, so the server knows when the last one ended.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    hub: SharedHub,
+    mut shutdown: watch::Receiver<bool>,
+    open: tokio::sync::mpsc::Sender<()>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let hub = hub.clone();
-                    tokio::spawn(async move { connection(stream, peer, hub).await });
+                    let (hub, open) = (hub.clone(), open.clone());
+                    tokio::spawn(async move {
+                        connection(stream, peer, hub).await;
+                        drop(open);
+                    });
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -80,14 +90,16 @@ pub async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     hub: SharedHub,
     mut shutdown: watch::Receiver<bool>,
+    open: tokio::sync::mpsc::Sender<()>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (hub, acceptor) = (hub.clone(), acceptor.clone());
+                    let (hub, acceptor, open) = (hub.clone(), acceptor.clone(), open.clone());
                     tokio::spawn(async move {
+                        let _open = open;
                         let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                             Ok(Ok(tls)) => connection(tls, peer, hub).await,

@@ -1,4 +1,17 @@
 //! State shared by the MQTT front end and the management API.
+//!
+//! - [`mailbox`]: what the hub tells one connection;
+//! - [`twin_write`]: the one path of a twin write and everything that follows it;
+//! - [`changes`]: the interface through which what sits above the hub (deployments) hears
+//!   of device changes.
+
+mod changes;
+mod mailbox;
+mod twin_write;
+
+pub use changes::{Change, ChangeError, ChangeFuture, ChangeObserver};
+pub use mailbox::{Direct, Mailbox, DIRECT_BACKLOG};
+pub use twin_write::{TwinWrite, TwinWriteError};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -6,7 +19,6 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use crate::c2d::C2dStore;
 use crate::config::Config;
@@ -16,7 +28,7 @@ use crate::methods::Methods;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::topics::Delivery;
-use crate::twin::{Twin, TwinStore};
+use crate::twin::TwinStore;
 
 /// Addresses actually bound (port 0 resolved). Written to `data_dir/endpoints.json`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -34,105 +46,6 @@ pub struct LiveConnection {
     pub mailbox: Arc<Mailbox>,
 }
 
-/// A message for one identity's connection: `suffix` completes the client topic of
-/// `delivery` (`$iothub/twin/res/` + `200/?$rid=1`).
-#[derive(Debug)]
-pub struct Direct {
-    pub delivery: Delivery,
-    pub suffix: String,
-    pub body: bytes::Bytes,
-}
-
-impl Direct {
-    /// A desired patch on `$iothub/twin/PATCH/properties/desired/?$version={v}`, at the
-    /// version of `desired`.
-    pub fn desired_patch(desired: &crate::twin::doc::Section, patch: &serde_json::Value) -> Direct {
-        Direct {
-            delivery: Delivery::DesiredPatch,
-            suffix: format!("?$version={}", desired.version),
-            body: patch.to_string().into(),
-        }
-    }
-
-    /// The whole desired document on `$fleethub/twin/desired/?$version={v}`.
-    pub fn desired_state(desired: &crate::twin::doc::Section) -> Direct {
-        Direct {
-            delivery: Delivery::DesiredState,
-            suffix: format!("?$version={}", desired.version),
-            body: desired.with_version().to_string().into(),
-        }
-    }
-}
-
-/// Direct messages one connection may have waiting; beyond that they are dropped (and
-/// counted), as a QoS 0 subscriber that stopped reading would lose them.
-pub const DIRECT_BACKLOG: usize = 1024;
-
-/// What the hub tells one connection: messages for this identity alone (twin answers,
-/// desired patches, method requests, its desired document), that C2D or module-input entries
-/// were queued, that it must close (taken over, disabled, deleted); and what the connection
-/// tells the hub (whether it listens for method requests).
-///
-/// One allocation and one wake-up per connection, and a locked queue rather than an mpsc
-/// channel: a fleet is mostly idle connections, and a tokio channel allocates its first block
-/// of slots (about 2 KiB here) up front while an empty `VecDeque` allocates nothing.
-#[derive(Default)]
-pub struct Mailbox {
-    items: std::sync::Mutex<std::collections::VecDeque<Direct>>,
-    ready: Notify,
-    kicked: AtomicBool,
-    c2d: AtomicBool,
-    /// Set while the connection listens for method requests: a call to a connection that
-    /// does not is answered 404103 at once, as IoT Hub does.
-    pub methods: AtomicBool,
-}
-
-impl Mailbox {
-    /// Queues `d`; `false` (dropped) when the backlog is full.
-    pub fn push(&self, d: Direct) -> bool {
-        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        if items.len() >= DIRECT_BACKLOG {
-            return false;
-        }
-        items.push_back(d);
-        drop(items);
-        // A permit is kept if the connection is not waiting right now.
-        self.ready.notify_one();
-        true
-    }
-
-    /// Asks the connection to close.
-    pub fn kick(&self) {
-        self.kicked.store(true, Ordering::Release);
-        self.ready.notify_one();
-    }
-
-    /// Tells the connection that C2D messages or module inputs were queued for it.
-    pub fn wake_c2d(&self) {
-        self.c2d.store(true, Ordering::Release);
-        self.ready.notify_one();
-    }
-
-    pub fn kicked(&self) -> bool {
-        self.kicked.load(Ordering::Acquire)
-    }
-
-    /// Whether a C2D wake came since the last call.
-    pub fn take_c2d(&self) -> bool {
-        self.c2d.swap(false, Ordering::AcqRel)
-    }
-
-    /// Every message waiting, oldest first.
-    pub fn take(&self) -> std::collections::VecDeque<Direct> {
-        std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Completes once something happened since the last wait.
-    pub async fn ready(&self) {
-        self.ready.notified().await
-    }
-}
-
 /// The durable stores the hub opens at start.
 pub struct Stores {
     pub registry: Registry,
@@ -140,10 +53,6 @@ pub struct Stores {
     pub fleet: crate::fleet::Fleet,
     /// Image packages.
     pub images: crate::images::Images,
-    /// Group deployments and their history.
-    pub group_deployments: crate::deploy::GroupDeployments,
-    /// Targeted and layered deployments.
-    pub deployments: crate::deploy::targeted::Deployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
     /// Persistent MQTT sessions.
@@ -160,8 +69,6 @@ pub struct Hub {
     pub registry: Registry,
     pub fleet: crate::fleet::Fleet,
     pub images: crate::images::Images,
-    pub group_deployments: crate::deploy::GroupDeployments,
-    pub deployments: crate::deploy::targeted::Deployments,
     pub twins: TwinStore,
     pub c2d: C2dStore,
     pub sessions: crate::session::SessionStore,
@@ -183,6 +90,8 @@ pub struct Hub {
     /// registering a waiter on one takes a lock every connection would share.
     stopping: AtomicBool,
     next_conn: AtomicU64,
+    /// Hears of device changes (the deployment engine), installed once at start.
+    observer: std::sync::OnceLock<Arc<dyn ChangeObserver>>,
 }
 
 impl Hub {
@@ -205,8 +114,6 @@ impl Hub {
             registry: stores.registry,
             fleet: stores.fleet,
             images: stores.images,
-            group_deployments: stores.group_deployments,
-            deployments: stores.deployments,
             twins: stores.twins,
             c2d: stores.c2d,
             sessions: stores.sessions,
@@ -220,6 +127,7 @@ impl Hub {
             services: DashMap::new(),
             stopping: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
+            observer: std::sync::OnceLock::new(),
         }
     }
 
@@ -327,22 +235,6 @@ impl Hub {
             suffix.push_str(&format!("&$version={v}"));
         }
         self.deliver(key, Delivery::TwinResponse, &suffix, body);
-    }
-
-    /// Sends a desired change: the patch on `$iothub/twin/PATCH/properties/desired/` and the
-    /// full document on `$fleethub/twin/desired/` (sent again to every connection that
-    /// subscribes to it, so it acts as a retained message).
-    pub fn publish_desired(
-        &self,
-        key: &IdentityKey,
-        twin: &Twin,
-        patch: Option<&serde_json::Value>,
-    ) {
-        if let Some(patch) = patch {
-            self.send(key, Direct::desired_patch(&twin.desired, patch));
-            self.metrics.desired_pushes.inc();
-        }
-        self.send(key, Direct::desired_state(&twin.desired));
     }
 
     /// Routes a message: one queue entry per matching route, to be appended (durably)

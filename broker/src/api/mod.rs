@@ -1,0 +1,227 @@
+//! The management HTTP API: identities now, twins, routes and deployments as they land.
+//!
+//! Every route but `/metrics` and `/health` needs `Authorization: Bearer {admin token}`.
+//! Errors are JSON `{"error": "...", "message": "..."}` with a precise message (field name,
+//! id rule broken), never a bare status.
+
+use axum::extract::rejection::JsonRejection;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+mod deployments;
+mod fleet;
+mod identities;
+mod images;
+mod messages;
+mod methods;
+mod routes;
+mod twins;
+
+use crate::hub::{Hub, SharedHub};
+use crate::identity::{DeviceId, IdError, IdentityKey, ModuleId};
+use crate::registry::RegistryError;
+
+/// An API failure, rendered as JSON with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
+    GatewayTimeout(String),
+    /// IoT Hub's 404103: a method for a device that is not connected or not listening.
+    #[error("{0}")]
+    DeviceNotOnline(String),
+    #[error("route set refused: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    InvalidRoutes(Vec<fleethub_router::route::RouteError>),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::InvalidId(_) | RegistryError::Invalid { .. } => {
+                ApiError::BadRequest(e.to_string())
+            }
+            RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
+            RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            RegistryError::Store(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<IdError> for ApiError {
+    fn from(e: IdError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::BadRequest(format!("request body: {}", e.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::InvalidRoutes(errors) = &self {
+            let list: Vec<serde_json::Value> = errors
+                .iter()
+                .map(|e| json!({"name": e.name, "source": e.origin, "message": e.message, "column": e.column}))
+                .collect();
+            let body = json!({"error": "BadRequest", "message": self.to_string(), "errors": list});
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
+        if let ApiError::DeviceNotOnline(_) = &self {
+            let body = json!({"error": "DeviceNotOnline", "errorCode": 404103, "message": self.to_string()});
+            return (StatusCode::NOT_FOUND, Json(body)).into_response();
+        }
+        let (status, kind) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            ApiError::PreconditionFailed(_) => {
+                (StatusCode::PRECONDITION_FAILED, "PreconditionFailed")
+            }
+            ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            ApiError::DeviceNotOnline(_) => (StatusCode::NOT_FOUND, "DeviceNotOnline"),
+            ApiError::InvalidRoutes(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
+        };
+        (
+            status,
+            Json(json!({"error": kind, "message": self.to_string()})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+/// What every handler can reach: the hub and the deployment engine. Handlers take the part
+/// they need (`State<SharedHub>`, `State<Arc<Engine>>`).
+#[derive(Clone)]
+pub struct ApiState {
+    pub hub: SharedHub,
+    pub deploy: Arc<crate::deploy::Engine>,
+}
+
+impl FromRef<ApiState> for SharedHub {
+    fn from_ref(state: &ApiState) -> SharedHub {
+        state.hub.clone()
+    }
+}
+
+impl FromRef<ApiState> for Arc<crate::deploy::Engine> {
+    fn from_ref(state: &ApiState) -> Arc<crate::deploy::Engine> {
+        state.deploy.clone()
+    }
+}
+
+/// The API, one resource per file, each with its own `routes()`.
+pub fn router(hub: SharedHub, deploy: Arc<crate::deploy::Engine>) -> Router {
+    let state = ApiState { hub, deploy };
+    let authed = Router::new()
+        .route("/hub", get(hub_info))
+        .merge(identities::routes())
+        .merge(twins::routes())
+        .merge(methods::routes())
+        .merge(messages::routes())
+        .merge(routes::routes())
+        .merge(fleet::routes())
+        .merge(images::routes())
+        .merge(deployments::routes())
+        .layer(middleware::from_fn_with_state(
+            state.hub.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok" }))
+        .merge(authed)
+        .fallback(|| async { ApiError::NotFound("no such API route".into()) })
+        .with_state(state)
+}
+
+async fn require_token(State(hub): State<SharedHub>, request: Request, next: Next) -> Response {
+    let ok = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| hub.is_admin_token(t.trim()));
+    if ok {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// Runs registry work (fsynced redb commits) off the async workers.
+async fn blocking<T: Send + 'static>(
+    hub: &SharedHub,
+    f: impl FnOnce(&Hub) -> T + Send + 'static,
+) -> ApiResult<T> {
+    let hub = hub.clone();
+    tokio::task::spawn_blocking(move || f(&hub))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
+    hub.metrics.sessions.set(hub.sessions.len() as i64);
+    hub.metrics.observe_queues(
+        &fleethub_router::queue::Queue::stats(&*hub.queues),
+        crate::c2d::now_ms(),
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        hub.metrics.render(),
+    )
+}
+
+async fn hub_info(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
+    Json(json!({
+        "id": hub.config.hub_id.as_str(),
+        "hostname": hub.config.hostname,
+        "version": env!("CARGO_PKG_VERSION"),
+        "endpoints": hub.endpoints.get(),
+        "devices": hub.registry.device_count(),
+        "connections": hub.metrics.connections.get(),
+    }))
+}
+
+fn device_key(device: &str) -> ApiResult<IdentityKey> {
+    Ok(IdentityKey::device(DeviceId::new(device)?))
+}
+
+fn module_key(device: &str, module: &str) -> ApiResult<IdentityKey> {
+    Ok(IdentityKey::module(
+        DeviceId::new(device)?,
+        ModuleId::new(module)?,
+    ))
+}
+
+fn registered(
+    hub: &SharedHub,
+    key: &IdentityKey,
+) -> ApiResult<std::sync::Arc<crate::registry::Identity>> {
+    hub.registry
+        .get(key)
+        .ok_or_else(|| ApiError::NotFound(format!("{} not found", crate::registry::describe(key))))
+}

@@ -1,0 +1,69 @@
+//! How the hub tells what sits above it that devices changed.
+//!
+//! The deployment engine keeps state derived from devices (which deployment applies, what a
+//! group's devices should run). It must hear about every change that can move that state:
+//! a registration, a move to another group, a twin write, a start after downtime. The hub
+//! defines this interface and the engine implements it, so the hub, the API's identity and
+//! twin handlers and the MQTT front end name nothing of `deploy`: the import graph points
+//! one way.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::Hub;
+use crate::identity::DeviceId;
+
+/// What happened to the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A device, or a module of it, was registered.
+    Registered,
+    /// The device moved to another device group.
+    Moved,
+    /// Tags, desired or reported properties of the device or one of its modules were written.
+    Twin,
+    /// The hub started: anything may have changed while it was down (or a crash cut a
+    /// reconcile short).
+    Start,
+}
+
+/// An observer's failure, carried without the hub knowing its type.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ChangeError(pub Box<dyn std::error::Error + Send + Sync>);
+
+pub type ChangeFuture = Pin<Box<dyn Future<Output = Result<usize, ChangeError>> + Send>>;
+
+/// Something that keeps state derived from devices and must hear of their changes.
+pub trait ChangeObserver: Send + Sync {
+    /// Brings derived state up to date for `devices`; returns how many twins it wrote.
+    fn devices_changed(
+        &self,
+        hub: Arc<Hub>,
+        devices: Vec<DeviceId>,
+        change: Change,
+    ) -> ChangeFuture;
+}
+
+impl Hub {
+    /// Installs the observer (once, at start, before any connection or request).
+    pub fn observe(&self, observer: Arc<dyn ChangeObserver>) {
+        if self.observer.set(observer).is_err() {
+            tracing::warn!("a second change observer was ignored");
+        }
+    }
+
+    /// Tells the observer that `devices` changed; the future answers how many twins it
+    /// wrote. It owns what it needs, so it can be awaited or spawned.
+    pub fn devices_changed(
+        self: &Arc<Self>,
+        devices: Vec<DeviceId>,
+        change: Change,
+    ) -> ChangeFuture {
+        match self.observer.get() {
+            Some(o) => o.devices_changed(self.clone(), devices, change),
+            None => Box::pin(async { Ok(0) }),
+        }
+    }
+}
