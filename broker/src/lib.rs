@@ -36,11 +36,11 @@ pub mod routing;
 pub mod sas;
 pub mod server;
 pub mod session;
+pub mod sinks;
 mod storage;
 pub mod tls;
 pub mod topics;
 pub mod twin;
-pub mod upstream;
 
 pub use config::Config;
 pub use server::run;

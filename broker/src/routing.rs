@@ -19,11 +19,12 @@ pub const EDGE_HUB: &str = "$edgeHub";
 /// Metric handles of one route, resolved once when its table is installed so the per-message
 /// path does no label lookups.
 pub struct RouteCounters {
+    /// The sink, typed once here. `None` for a module-input sink whose module name is not a
+    /// valid module id: nothing can ever connect as it, so its messages are dropped
+    /// (counted) rather than queued.
+    pub sink: Option<crate::sinks::SinkId>,
     /// The sink's queue name: `$upstream` or `/modules/{m}/inputs/{i}`.
-    pub sink_name: String,
-    /// False for a module-input sink whose module name is not a valid module id: nothing can
-    /// ever connect as it, so its messages are dropped (counted) rather than queued.
-    pub valid_module: bool,
+    pub queue: String,
     pub matched: prometheus::IntCounter,
     pub undefined: prometheus::IntCounter,
     pub forwarded: prometheus::IntCounter,
@@ -125,15 +126,9 @@ impl Routing {
             .iter()
             .map(|r| {
                 let sink = r.route.sink.to_string();
-                let valid_module = match &r.route.sink {
-                    Sink::ModuleInput { module, .. } => {
-                        crate::identity::ModuleId::new(module).is_ok()
-                    }
-                    Sink::Upstream => true,
-                };
                 Arc::new(RouteCounters {
-                    sink_name: sink.clone(),
-                    valid_module,
+                    sink: crate::sinks::SinkId::from_route(&r.route.sink).ok(),
+                    queue: sink.clone(),
                     matched: m.route_matched.with_label_values(&[&r.spec.name]),
                     undefined: m.route_condition_errors.with_label_values(&[&r.spec.name]),
                     forwarded: m.sink_messages.with_label_values(&[&sink, "forwarded"]),

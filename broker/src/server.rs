@@ -177,19 +177,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(aside) = &queues.recovered_from {
         tracing::error!(moved_to = %aside.display(), "the store-and-forward store was damaged; started with empty queues");
     }
-    let upstream = if config.upstream.enabled {
-        Some(
-            crate::upstream::Upstream::start(
-                &config.upstream,
-                config.hub_id.as_str(),
-                queues.clone(),
-                metrics.clone(),
-            )
-            .map_err(|e| ServerError::Store(e.to_string()))?,
-        )
-    } else {
-        None
-    };
+    let sinks = crate::sinks::Sinks::start(&crate::sinks::Context {
+        config: &config,
+        queues: queues.clone(),
+        metrics: metrics.clone(),
+    })
+    .map_err(|e| ServerError::Store(e.to_string()))?;
     let core = Core::start(config.limits.max_connections, &config.router);
     let hub = Arc::new(Hub::new(
         config.clone(),
@@ -197,7 +190,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         core,
         admin_token,
         routing,
-        upstream,
+        sinks,
         metrics,
         queues,
     ));
@@ -294,9 +287,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if finished.is_err() {
         tracing::warn!("some connections or background tasks did not finish within 5 s");
     }
-    if let Some(upstream) = &hub.upstream {
-        upstream.stop().await;
-    }
+    hub.sinks.stop().await;
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     info!("stopped");
     Ok(())

@@ -17,6 +17,7 @@ mod methods;
 mod registry;
 mod routes;
 mod sessions;
+mod sinks;
 mod store_forward;
 mod telemetry;
 mod twin;

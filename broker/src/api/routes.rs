@@ -22,9 +22,10 @@ pub fn routes() -> Router<ApiState> {
 
 async fn list_routes(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
     let mut v = crate::routing::table_json(&hub.routing.table());
+    let upstream = hub.sinks.health(crate::sinks::SinkKind::Upstream);
     v["upstream"] = json!({
-        "enabled": hub.upstream.is_some(),
-        "connected": hub.upstream.as_ref().is_some_and(|u| u.is_connected()),
+        "enabled": upstream.as_ref().is_some_and(|h| h.enabled),
+        "connected": upstream.and_then(|h| h.connected).unwrap_or(false),
     });
     Json(v)
 }

@@ -55,6 +55,7 @@ pub struct Mailbox {
     ready: Notify,
     kicked: AtomicBool,
     c2d: AtomicBool,
+    inputs: AtomicBool,
     /// Set while the connection listens for method requests: a call to a connection that
     /// does not is answered 404103 at once, as IoT Hub does.
     pub methods: AtomicBool,
@@ -80,9 +81,15 @@ impl Mailbox {
         self.ready.notify_one();
     }
 
-    /// Tells the connection that C2D messages or module inputs were queued for it.
+    /// Tells the connection that C2D messages were queued for it.
     pub fn wake_c2d(&self) {
         self.c2d.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    /// Tells a module's connection that routed messages were queued for its inputs.
+    pub fn wake_inputs(&self) {
+        self.inputs.store(true, Ordering::Release);
         self.ready.notify_one();
     }
 
@@ -93,6 +100,11 @@ impl Mailbox {
     /// Whether a C2D wake came since the last call.
     pub fn take_c2d(&self) -> bool {
         self.c2d.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether a module-input wake came since the last call.
+    pub fn take_inputs(&self) -> bool {
+        self.inputs.swap(false, Ordering::AcqRel)
     }
 
     /// Every message waiting, oldest first.

@@ -59,13 +59,27 @@ pub struct Stores {
     pub sessions: crate::session::SessionStore,
 }
 
+/// Queue entries made by routing, and the distinct sinks they go to (woken once the entries
+/// are committed).
+#[derive(Default)]
+pub struct Routed {
+    pub entries: Vec<fleethub_router::queue::NewEntry>,
+    pub sinks: Vec<crate::sinks::SinkId>,
+}
+
+impl Routed {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 pub struct Hub {
     pub config: Config,
     /// Store-and-forward: one durable queue per sink.
     pub queues: Arc<fleethub_router::queue::DiskQueue>,
     pub routing: crate::routing::Routing,
-    /// The `$upstream` bridge, when configured.
-    pub upstream: Option<crate::upstream::Upstream>,
+    /// Where routed messages go after their queue: one driver per kind of sink.
+    pub sinks: crate::sinks::Sinks,
     pub registry: Registry,
     pub fleet: crate::fleet::Fleet,
     pub images: crate::images::Images,
@@ -102,7 +116,7 @@ impl Hub {
         core: Core,
         admin_token: String,
         routing: crate::routing::Routing,
-        upstream: Option<crate::upstream::Upstream>,
+        sinks: crate::sinks::Sinks,
         metrics: Arc<Metrics>,
         queues: Arc<fleethub_router::queue::DiskQueue>,
     ) -> Hub {
@@ -110,7 +124,7 @@ impl Hub {
             config,
             queues,
             routing,
-            upstream,
+            sinks,
             registry: stores.registry,
             fleet: stores.fleet,
             images: stores.images,
@@ -237,20 +251,20 @@ impl Hub {
         self.deliver(key, Delivery::TwinResponse, &suffix, body);
     }
 
-    /// Routes a message: one queue entry per matching route, to be appended (durably)
-    /// before the publish is acknowledged. `bag` is the message's property bag if the caller
-    /// has it already.
+    /// Routes a message: one queue entry per matching route, added to `out`, to be
+    /// appended (durably) before the publish is acknowledged. `bag` is the message's
+    /// property bag if the caller has it already.
     pub fn dispatch(
         &self,
         message: &fleethub_router::Message,
         bag: Option<&str>,
         origin: &fleethub_router::route::Origin<'_>,
         twin_change: bool,
-    ) -> Vec<fleethub_router::queue::NewEntry> {
-        use fleethub_router::route::Sink;
+        out: &mut Routed,
+    ) {
         let deliveries = self.routing.route(message, origin, twin_change);
         if deliveries.is_empty() {
-            return Vec::new();
+            return;
         }
         let owned;
         let bag = match bag {
@@ -260,73 +274,21 @@ impl Hub {
                 &owned
             }
         };
-        let mut entries = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            let sink = match &d.sink {
-                Sink::ModuleInput { .. } if !d.counters.valid_module => {
-                    d.counters.dropped.inc();
-                    continue;
-                }
-                Sink::ModuleInput { .. } => d.counters.sink_name.clone(),
-                Sink::Upstream if self.upstream.is_none() => {
-                    d.counters.dropped.inc();
-                    continue;
-                }
-                Sink::Upstream => crate::upstream::SINK.to_string(),
+            let Some(sink) = d.counters.sink.as_ref().filter(|s| self.sinks.accepts(s)) else {
+                d.counters.dropped.inc();
+                continue;
             };
             d.counters.forwarded.inc();
-            entries.push(fleethub_router::queue::NewEntry {
-                sink,
+            out.entries.push(fleethub_router::queue::NewEntry {
+                sink: d.counters.queue.clone(),
                 priority: d.priority,
                 ttl_ms: d.ttl_secs.saturating_mul(1000),
                 bag: bag.to_string(),
                 body: message.body.clone(),
             });
-        }
-        entries
-    }
-
-    /// The distinct sinks of `entries`: what to wake once they are committed, kept instead of
-    /// a copy of the entries themselves.
-    pub fn sinks_of(entries: &[fleethub_router::queue::NewEntry]) -> Vec<String> {
-        let mut sinks: Vec<String> = Vec::new();
-        for e in entries {
-            if !sinks.contains(&e.sink) {
-                sinks.push(e.sink.clone());
-            }
-        }
-        sinks
-    }
-
-    /// Tells the sinks of freshly committed entries that there is work.
-    pub fn wake_sinks<'a>(&self, sinks: impl IntoIterator<Item = &'a str>) {
-        let mut upstream = false;
-        let mut modules: Vec<&str> = Vec::new();
-        for sink in sinks {
-            if sink == crate::upstream::SINK {
-                upstream = true;
-            } else if let Some(m) = sink
-                .strip_prefix("/modules/")
-                .and_then(|r| r.split('/').next())
-            {
-                if !modules.contains(&m) {
-                    modules.push(m);
-                }
-            }
-        }
-        if upstream {
-            if let Some(u) = &self.upstream {
-                u.wake();
-            }
-        }
-        for m in modules {
-            if let Ok(m) = crate::identity::ModuleId::new(m) {
-                if let Some(live) = self
-                    .live
-                    .get(&IdentityKey::module(self.config.hub_id.clone(), m))
-                {
-                    live.mailbox.wake_c2d();
-                }
+            if !out.sinks.contains(sink) {
+                out.sinks.push(sink.clone());
             }
         }
     }
@@ -358,17 +320,18 @@ impl Hub {
             output: None,
             twin_change: true,
         };
-        let entries = self.dispatch(&message, None, &origin, true);
-        if entries.is_empty() {
+        let mut routed = Routed::default();
+        self.dispatch(&message, None, &origin, true, &mut routed);
+        if routed.entries.is_empty() {
             return;
         }
         let hub = self.clone();
-        let sinks = Hub::sinks_of(&entries);
+        let Routed { entries, sinks } = routed;
         let committed =
             fleethub_router::queue::Queue::append(&*self.queues, entries, crate::c2d::now_ms());
         tokio::spawn(async move {
             match committed.await {
-                Ok(()) => hub.wake_sinks(sinks.iter().map(String::as_str)),
+                Ok(()) => hub.sinks.wake(&hub, &sinks),
                 Err(e) => tracing::warn!(error = %e, "could not queue a twin change notification"),
             }
         });

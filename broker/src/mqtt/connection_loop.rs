@@ -130,6 +130,13 @@ impl Session {
                     if mailbox.take_c2d() {
                         self.c2d_fill(wbuf);
                     }
+                    if mailbox.take_inputs() {
+                        // New entries, possibly of a higher priority than the cursors.
+                        if let Some(inputs) = self.inputs.as_mut() {
+                            inputs.reader.rewind();
+                        }
+                        self.inputs_fill(wbuf);
+                    }
                 }
                 Wake::Committed(done) => {
                     if let Some((result, batch)) = done {
@@ -231,8 +238,7 @@ impl Session {
             }
             return;
         }
-        let entries = std::mem::take(&mut self.queued);
-        let sinks = crate::hub::Hub::sinks_of(&entries);
+        let crate::hub::Routed { entries, sinks } = std::mem::take(&mut self.queued);
         let count = entries.len() as u64;
         let committed =
             fleethub_router::queue::Queue::append(&*self.hub.queues, entries, crate::c2d::now_ms());
@@ -253,7 +259,7 @@ impl Session {
     ) {
         match result {
             Ok(()) => {
-                self.hub.wake_sinks(batch.sinks.iter().map(String::as_str));
+                self.hub.sinks.wake(&self.hub, &batch.sinks);
                 write_acks(&batch.acks, wbuf);
             }
             Err(e) => {

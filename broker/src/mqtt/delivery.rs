@@ -10,13 +10,6 @@ impl Session {
         let Principal::Identity(key) = &self.principal else {
             return;
         };
-        if key.module.is_some() {
-            // Woken: new entries, possibly of a higher priority than the cursors.
-            if let Some(inputs) = self.c2d.inputs.as_mut() {
-                inputs.cursor.clear();
-            }
-            return self.inputs_fill(wbuf);
-        }
         if key.module.is_some() || !self.c2d.active {
             return;
         }
@@ -34,7 +27,7 @@ impl Session {
                     .inc_by(expired);
                 for m in messages {
                     let topic = format!("devices/{device}/messages/devicebound/{}", m.bag(device));
-                    let pkid = self.c2d.pkid();
+                    let pkid = self.queue_pkids.next();
                     let p = publish_with(&topic, &m.body_bytes(), QoS::AtLeastOnce, pkid, false);
                     let _ = V4.write(Packet::Publish(p, None), wbuf);
                     self.c2d.inflight.push_back((pkid, m.seq));
@@ -45,14 +38,12 @@ impl Session {
         }
     }
 
-    /// The device acknowledged a C2D message: it leaves the queue.
-    pub(super) fn c2d_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
-        if let Some(inputs) = self.c2d.inputs.as_mut() {
-            if let Some(key) = inputs.inflight.remove(&pkid) {
-                // A module took a routed message: it leaves its queue with the rest of the
-                // batch (`inputs_acked_flush`).
-                inputs.keys.remove(&key);
-                inputs.acked.push(key);
+    /// The client acknowledged something delivered from a durable queue: a module input
+    /// (it leaves its queue with the rest of the read batch, in `inputs_acked_flush`) or a
+    /// C2D message (it leaves the C2D queue now).
+    pub(super) fn queue_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
+        if let Some(inputs) = self.inputs.as_mut() {
+            if inputs.acked(pkid) {
                 return;
             }
         }
@@ -81,29 +72,17 @@ impl Session {
     /// The routed messages acknowledged in this read batch leave their queues (one call),
     /// are counted (one metric update per sink) and the window is refilled once.
     pub(super) fn inputs_acked_flush(&mut self, wbuf: &mut BytesMut) {
-        let Some(inputs) = self.c2d.inputs.as_mut() else {
+        let Some(inputs) = self.inputs.as_mut() else {
             return;
         };
-        if inputs.acked.is_empty() {
-            return;
+        if inputs.reader.flush(&*self.hub.queues, &self.hub.metrics) > 0 {
+            self.inputs_fill(wbuf);
         }
-        let mut acked = std::mem::take(&mut inputs.acked);
-        acked.sort_by(|a, b| a.sink.cmp(&b.sink));
-        for run in acked.chunk_by(|a, b| a.sink == b.sink) {
-            self.hub
-                .metrics
-                .sink_messages
-                .with_label_values(&[&run[0].sink, "delivered"])
-                .inc_by(run.len() as u64);
-        }
-        fleethub_router::queue::Queue::remove(&*self.hub.queues, acked);
-        self.inputs_fill(wbuf);
     }
 
     /// Delivers routed messages from this module's input queues (`/modules/{m}/inputs/*`),
     /// highest priority first, while the window has room.
     pub(super) fn inputs_fill(&mut self, wbuf: &mut BytesMut) {
-        use fleethub_router::queue::Queue;
         let Principal::Identity(key) = &self.principal else {
             return;
         };
@@ -113,53 +92,34 @@ impl Session {
         if !self.c2d.active {
             return;
         }
-        let prefix = format!("/modules/{module}/inputs/");
-        let sinks: Vec<String> = self
-            .hub
-            .queues
-            .sinks()
-            .into_iter()
-            .filter(|(s, _)| s.starts_with(&prefix))
-            .map(|(s, _)| s)
-            .collect();
+        let inputs = self.inputs.get_or_insert_with(|| {
+            Box::new(crate::sinks::module_input::InputDelivery::new(
+                module.clone(),
+            ))
+        });
         let now = crate::c2d::now_ms();
-        let mut inputs = self.c2d.inputs.take().unwrap_or_default();
-        for sink in sinks {
-            let room = INPUT_WINDOW.saturating_sub(inputs.inflight.len());
-            if room == 0 {
+        for (queue, input) in inputs.queues(&self.hub) {
+            if inputs.reader.room() == 0 {
                 break;
             }
-            let cursor = inputs.cursor.get(&sink).cloned();
-            let peeked =
-                match self
-                    .hub
-                    .queues
-                    .peek_after(&sink, cursor.as_ref(), &inputs.keys, room, now)
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        warn!(sink, error = %e, "cannot read a module input queue");
-                        continue;
-                    }
-                };
-            let input = &sink[prefix.len()..];
-            let last = peeked.entries.last().map(|e| e.key.clone());
-            for entry in peeked.entries {
+            let entries = match inputs.reader.read(&*self.hub.queues, &queue, now) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    warn!(sink = queue, error = %e, "cannot read a module input queue");
+                    continue;
+                }
+            };
+            for entry in entries {
                 let topic = format!(
                     "devices/{}/modules/{module}/inputs/{input}/{}",
                     key.device, entry.bag
                 );
-                let pkid = self.c2d.pkid();
+                let pkid = self.queue_pkids.next();
                 let p = publish_with(&topic, &entry.body, QoS::AtLeastOnce, pkid, false);
                 let _ = V4.write(Packet::Publish(p, None), wbuf);
-                inputs.keys.insert(entry.key.clone());
-                inputs.inflight.insert(pkid, entry.key);
-            }
-            if let Some(last) = last {
-                inputs.cursor.insert(sink, last);
+                inputs.sent(pkid, entry.key);
             }
         }
-        self.c2d.inputs = Some(inputs);
     }
 
     /// A message for this identity alone: written if one of its filters asks for it.
@@ -192,7 +152,11 @@ impl Session {
         let own = topics::internal_topic(key, Delivery::Own);
         let active = self.filters.iter().any(|f| f.internal == own);
         if active && !self.c2d.active {
-            self.mailbox.wake_c2d();
+            if key.module.is_some() {
+                self.mailbox.wake_inputs();
+            } else {
+                self.mailbox.wake_c2d();
+            }
         }
         self.c2d.active = active;
     }

@@ -206,8 +206,8 @@ impl Session {
                         let origin = self
                             .hub
                             .origin(&sender, message.system.output_name.as_deref());
-                        let entries = self.hub.dispatch(&message, Some(&bag), &origin, false);
-                        self.queued.extend(entries);
+                        self.hub
+                            .dispatch(&message, Some(&bag), &origin, false, &mut self.queued);
                         self.hub.metrics.telemetry_messages.inc();
                         self.hub
                             .metrics
@@ -281,7 +281,9 @@ impl Session {
             Packet::Unsubscribe(unsubscribe, _) => {
                 self.on_unsubscribe(unsubscribe, wbuf, to_router)
             }
-            Packet::PubAck(ack, _) if ack.pkid >= C2D_PKID_BASE => self.c2d_acked(ack.pkid, wbuf),
+            Packet::PubAck(ack, _) if ack.pkid >= QUEUE_PKID_BASE => {
+                self.queue_acked(ack.pkid, wbuf)
+            }
             Packet::PubAck(ack, _) => to_router.push(Packet::PubAck(ack, None)),
             Packet::PingReq(_) => {
                 let _ = V4.write(Packet::PingResp(PingResp), wbuf);

@@ -13,7 +13,6 @@
 //! when first needed. Packets are decoded with rumqttd's own codec, so the QoS and packet id it
 //! keeps private travel untouched.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -486,7 +485,7 @@ where
         hub: hub.clone(),
         conn_id,
         gateway,
-        queued: Vec::new(),
+        queued: crate::hub::Routed::default(),
         deferred_acks: Vec::new(),
         current: None,
         counted_subscriber: false,
@@ -501,6 +500,8 @@ where
         filters: Vec::new(),
         router_subs: None,
         c2d: C2dDelivery::default(),
+        inputs: None,
+        queue_pkids: QueuePkids::default(),
         mailbox,
         keep_alive: match connect.keep_alive {
             0 => None,
@@ -561,7 +562,7 @@ struct Session {
     /// An `iotEdge` identity: its messages may carry the original sender's ids.
     gateway: bool,
     /// Queue entries of routed messages read in this batch, appended as one unit.
-    queued: Vec<fleethub_router::queue::NewEntry>,
+    queued: crate::hub::Routed,
     /// PUBACKs of this batch, written once its queue entries are committed.
     deferred_acks: Vec<u16>,
     /// (QoS, packet id) of the PUBLISH being handled.
@@ -587,6 +588,10 @@ struct Session {
     router_subs: Option<Box<RouterSubs>>,
     keep_alive: Option<Duration>,
     c2d: C2dDelivery,
+    /// For one of the hub's modules, routed messages in flight from its input queues,
+    /// created at its first delivery (devices never need it).
+    inputs: Option<Box<crate::sinks::module_input::InputDelivery>>,
+    queue_pkids: QueuePkids,
     /// The store key of this client's session ([`crate::session`]).
     session_key: String,
     /// Clean session 0: subscriptions are stored and outlive the connection.
@@ -625,8 +630,7 @@ struct HeldReply {
 }
 
 /// C2D messages in flight to this device, delivered from the durable queue by the front end
-/// itself with packet ids from a range the router never uses (it cycles within 1..=100), so
-/// the device's PUBACK can be matched to the message it completes.
+/// itself.
 #[derive(Default)]
 struct C2dDelivery {
     /// Subscribed to `devices/{d}/messages/devicebound/#`.
@@ -634,39 +638,31 @@ struct C2dDelivery {
     inflight: std::collections::VecDeque<(u16, u64)>,
     /// Highest sequence handed out on this connection.
     last_seq: u64,
-    next_pkid: u16,
-    /// For one of the hub's modules, created at its first delivery (devices never need it).
-    inputs: Option<Box<InputsDelivery>>,
-}
-
-/// Routed messages in flight to one of the hub's modules from its input queues.
-#[derive(Default)]
-struct InputsDelivery {
-    inflight: HashMap<u16, fleethub_router::queue::EntryKey>,
-    keys: std::collections::HashSet<fleethub_router::queue::EntryKey>,
-    /// Per input queue, the last key handed out: refills after an ack continue from there;
-    /// a wake (new entries committed) starts again from the head.
-    cursor: HashMap<String, fleethub_router::queue::EntryKey>,
-    /// Routed messages the module acknowledged in the read batch being handled: removed
-    /// from their queues and replaced in the window together, once per batch, not per ack.
-    acked: Vec<fleethub_router::queue::EntryKey>,
 }
 
 const C2D_WINDOW: usize = 16;
-/// Routed messages in flight to one module at once. A module reads for many publishers, and
-/// its connection task gets a turn like each of theirs: with a window of 100 it fell behind
-/// 20 publishing devices (a backlog of 100k entries in the routed benchmark), with 1000 it
-/// keeps up (p50 latency 386 ms -> 13 ms). Unacknowledged entries stay queued either way.
-const INPUT_WINDOW: usize = 1000;
-const C2D_PKID_BASE: u16 = 1000;
 
-impl C2dDelivery {
-    fn pkid(&mut self) -> u16 {
-        if self.next_pkid < C2D_PKID_BASE {
-            self.next_pkid = C2D_PKID_BASE;
+/// Packet ids for what the front end delivers from durable queues (C2D, module inputs), from
+/// a range the embedded router never uses (it cycles within 1..=100), so the client's PUBACK
+/// can be matched to the entry it completes.
+#[derive(Default)]
+struct QueuePkids {
+    next: u16,
+}
+
+const QUEUE_PKID_BASE: u16 = 1000;
+
+impl QueuePkids {
+    fn next(&mut self) -> u16 {
+        if self.next < QUEUE_PKID_BASE {
+            self.next = QUEUE_PKID_BASE;
         }
-        let p = self.next_pkid;
-        self.next_pkid = if p == u16::MAX { C2D_PKID_BASE } else { p + 1 };
+        let p = self.next;
+        self.next = if p == u16::MAX {
+            QUEUE_PKID_BASE
+        } else {
+            p + 1
+        };
         p
     }
 }
@@ -718,6 +714,6 @@ struct PendingCommit {
     committed: fleethub_router::queue::AppendFuture,
     acks: Vec<u16>,
     /// The distinct sinks the batch's entries went to, woken once they are committed.
-    sinks: Vec<String>,
+    sinks: Vec<crate::sinks::SinkId>,
     count: u64,
 }

@@ -1,108 +1,31 @@
-//! The `$upstream` bridge: drains the durable `$upstream` queue into the configured upstream
-//! broker (rumqttc).
-//!
-//! Entries are published at QoS 1 in queue order (priority, then arrival) and removed from
-//! the queue only when the upstream's PUBACK for them arrives. Each connection attempt uses a
-//! fresh client, so rumqttc never replays on its own: after a drop, whatever was not
-//! acknowledged is read again from the queue and re-sent (at least once; the few duplicates
-//! are the in-flight window at the moment of the drop).
+//! The bridge task: one upstream connection at a time, publishing from the `$upstream` queue.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleethub_router::queue::{DiskQueue, EntryKey, Queue};
+use fleethub_router::queue::{DiskQueue, EntryKey};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, Transport};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use super::{UpstreamError, SINK, WINDOW};
 use crate::config::UpstreamSection;
 use crate::metrics::Metrics;
+use crate::sinks::QueueReader;
 
-/// The queue every `INTO $upstream` route feeds.
-pub const SINK: &str = "$upstream";
-/// Publishes in flight to the upstream at once.
-const WINDOW: usize = 100;
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("upstream address '{0}' is not host:port")]
-    Address(String),
-    #[error("upstream CA file {path}: {message}")]
-    Ca { path: String, message: String },
-    #[error("upstream SAS token: {0}")]
-    Sas(String),
+pub(super) struct Bridge {
+    pub(super) options: MqttOptions,
+    pub(super) template: String,
+    pub(super) hub_id: String,
+    pub(super) queue: Arc<DiskQueue>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) connected: Arc<AtomicBool>,
+    pub(super) wake: Arc<Notify>,
 }
 
-pub struct Upstream {
-    connected: Arc<AtomicBool>,
-    wake: Arc<Notify>,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-struct Bridge {
-    options: MqttOptions,
-    template: String,
-    hub_id: String,
-    queue: Arc<DiskQueue>,
-    metrics: Arc<Metrics>,
-    connected: Arc<AtomicBool>,
-    wake: Arc<Notify>,
-}
-
-impl Upstream {
-    /// Starts the bridge task.
-    pub fn start(
-        cfg: &UpstreamSection,
-        hub_id: &str,
-        queue: Arc<DiskQueue>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Upstream, UpstreamError> {
-        let options = options(cfg, hub_id)?;
-        let connected = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(Notify::new());
-        let bridge = Bridge {
-            options,
-            template: cfg.topic.clone(),
-            hub_id: hub_id.to_string(),
-            queue,
-            metrics,
-            connected: connected.clone(),
-            wake: wake.clone(),
-        };
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(bridge.run(stopped));
-        Ok(Upstream {
-            connected,
-            wake,
-            stop,
-            task: std::sync::Mutex::new(Some(task)),
-        })
-    }
-
-    /// Something was queued for upstream.
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    /// Ends the bridge and waits for it. Entries in flight stay queued (they are removed
-    /// only on the upstream's PUBACK) and are sent again after the next start.
-    pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-    }
-}
-
-fn options(cfg: &UpstreamSection, hub_id: &str) -> Result<MqttOptions, UpstreamError> {
+pub(super) fn options(cfg: &UpstreamSection, hub_id: &str) -> Result<MqttOptions, UpstreamError> {
     let (host, port) = cfg
         .address
         .rsplit_once(':')
@@ -178,7 +101,7 @@ fn options(cfg: &UpstreamSection, hub_id: &str) -> Result<MqttOptions, UpstreamE
 }
 
 impl Bridge {
-    async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub(super) async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let session = tokio::select! {
@@ -211,9 +134,8 @@ impl Bridge {
         // Keys in publish order until rumqttc tells their packet ids, then by packet id.
         let mut unassigned: VecDeque<EntryKey> = VecDeque::new();
         let mut by_pkid: HashMap<u16, EntryKey> = HashMap::new();
-        let mut in_flight: HashSet<EntryKey> = HashSet::new();
-        // The last key handed out; refills after an ack continue from it, wakes start over.
-        let mut cursor: Option<EntryKey> = None;
+        // A fresh window per connection: what was in flight on the last one is read again.
+        let mut reader = QueueReader::new(WINDOW);
         let mut poll_tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
@@ -231,21 +153,20 @@ impl Bridge {
                     }
                     Event::Incoming(Packet::PubAck(ack)) => {
                         if let Some(key) = by_pkid.remove(&ack.pkid) {
-                            in_flight.remove(&key);
-                            self.queue.remove(vec![key]);
-                            self.metrics.sink_messages.with_label_values(&[SINK, "delivered"]).inc();
+                            reader.acked(key);
+                            reader.flush(&*self.queue, &self.metrics);
                         }
-                        self.fill(&client, &mut unassigned, &mut in_flight, &mut cursor);
+                        self.fill(&client, &mut unassigned, &mut reader);
                     }
                     _ => {}
                 },
                 _ = self.wake.notified() => {
-                    cursor = None;
-                    self.fill(&client, &mut unassigned, &mut in_flight, &mut cursor);
+                    reader.rewind();
+                    self.fill(&client, &mut unassigned, &mut reader);
                 }
                 _ = poll_tick.tick() => {
-                    cursor = None;
-                    self.fill(&client, &mut unassigned, &mut in_flight, &mut cursor);
+                    reader.rewind();
+                    self.fill(&client, &mut unassigned, &mut reader);
                 }
             }
         }
@@ -255,29 +176,22 @@ impl Bridge {
         &self,
         client: &AsyncClient,
         unassigned: &mut VecDeque<EntryKey>,
-        in_flight: &mut HashSet<EntryKey>,
-        cursor: &mut Option<EntryKey>,
+        reader: &mut QueueReader,
     ) {
         // Refill on every acknowledgement, as the broker does: waiting for half the window to
         // empty stalls against clients that batch their acknowledgements.
-        if !self.connected.load(Ordering::Relaxed) || in_flight.len() >= WINDOW {
+        if !self.connected.load(Ordering::Relaxed) {
             return;
         }
-        let room = WINDOW - in_flight.len();
-        let peeked = match self.queue.peek_after(
-            SINK,
-            cursor.as_ref(),
-            in_flight,
-            room,
-            crate::c2d::now_ms(),
-        ) {
-            Ok(p) => p,
+        let entries = match reader.read(&*self.queue, SINK, crate::c2d::now_ms()) {
+            Ok(entries) => entries,
             Err(e) => {
                 warn!(error = %e, "cannot read the upstream queue");
                 return;
             }
         };
-        for entry in peeked.entries {
+        let mut entries = entries.into_iter();
+        while let Some(entry) = entries.next() {
             let bag = fleethub_router::Message::from_bag(&entry.bag, bytes::Bytes::new())
                 .unwrap_or_default();
             let device = bag
@@ -300,11 +214,11 @@ impl Bridge {
                 .try_publish(topic, QoS::AtLeastOnce, false, entry.body.to_vec())
                 .is_err()
             {
+                // The client's queue is full: these go back, to be read again.
+                reader.release(std::iter::once(entry.key).chain(entries.map(|e| e.key)));
                 break;
             }
-            unassigned.push_back(entry.key.clone());
-            *cursor = Some(entry.key.clone());
-            in_flight.insert(entry.key);
+            unassigned.push_back(entry.key);
         }
     }
 }

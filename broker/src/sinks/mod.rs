@@ -1,0 +1,170 @@
+//! Sinks: where routed messages go after their durable queue.
+//!
+//! A route names a sink (`BrokeredEndpoint("/modules/m/inputs/i")`, `$upstream`); the
+//! router turns it into a [`SinkId`] once, when the route table is installed, and from then on
+//! the id travels as a type (its queue name is derived from it, never parsed back). Each kind
+//! of sink has a driver ([`SinkDriver`]): it says whether it takes entries now, delivers from
+//! its queue within a window when woken (through a [`QueueReader`], which knows what is in
+//! flight and removes what was acknowledged), reports its health and stops with the hub.
+//!
+//! Adding a kind: a folder here with its driver, a variant of [`SinkId`], and one line in
+//! [`Sinks::start`].
+
+pub mod module_input;
+mod reader;
+#[cfg(test)]
+mod tests;
+pub mod upstream;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+use fleethub_router::route::Sink;
+
+use crate::hub::Hub;
+use crate::identity::{IdError, ModuleId};
+
+pub use reader::QueueReader;
+
+/// A sink, as routes name it and queues store it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SinkId {
+    /// An input of one of the hub's own modules.
+    ModuleInput { module: ModuleId, input: String },
+    /// The `$upstream` bridge.
+    Upstream,
+}
+
+/// The kinds of sink, one per driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    ModuleInput,
+    Upstream,
+}
+
+impl SinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::ModuleInput => "module_input",
+            SinkKind::Upstream => "upstream",
+        }
+    }
+}
+
+impl SinkId {
+    /// The sink a route names. A module name that is not a valid module id can never
+    /// connect, so such a route's messages are dropped (counted), not queued.
+    pub fn from_route(sink: &Sink) -> Result<SinkId, IdError> {
+        Ok(match sink {
+            Sink::Upstream => SinkId::Upstream,
+            Sink::ModuleInput { module, input } => SinkId::ModuleInput {
+                module: ModuleId::new(module)?,
+                input: input.clone(),
+            },
+        })
+    }
+
+    pub fn kind(&self) -> SinkKind {
+        match self {
+            SinkId::ModuleInput { .. } => SinkKind::ModuleInput,
+            SinkId::Upstream => SinkKind::Upstream,
+        }
+    }
+}
+
+/// The queue name: `/modules/{m}/inputs/{i}` or `$upstream`, as IoT Edge names them.
+impl fmt::Display for SinkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SinkId::ModuleInput { module, input } => write!(f, "/modules/{module}/inputs/{input}"),
+            SinkId::Upstream => f.write_str(upstream::SINK),
+        }
+    }
+}
+
+/// How a sink kind is doing, for `/routes` and `/queues`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Health {
+    pub kind: &'static str,
+    /// Whether it takes entries at all (an unconfigured upstream does not).
+    pub enabled: bool,
+    /// For sinks that keep a connection: whether it is up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+}
+
+pub type StopFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// One kind of sink.
+pub trait SinkDriver: Send + Sync {
+    fn kind(&self) -> SinkKind;
+    /// Whether entries for `sink` are taken now; when not, a route's messages to it are
+    /// dropped and counted rather than queued for nobody.
+    fn accepts(&self, sink: &SinkId) -> bool;
+    /// Entries were committed to `sink`'s queue: deliver them (or tell whoever does).
+    fn wake(&self, hub: &Hub, sink: &SinkId);
+    fn health(&self) -> Health;
+    /// Ends delivery and waits for it; what was in flight stays queued.
+    fn stop(&self) -> StopFuture<'_>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("upstream: {0}")]
+    Upstream(#[from] upstream::UpstreamError),
+}
+
+/// What drivers start from.
+pub struct Context<'a> {
+    pub config: &'a crate::config::Config,
+    pub queues: std::sync::Arc<fleethub_router::queue::DiskQueue>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// Every sink driver of the hub.
+pub struct Sinks {
+    drivers: Vec<Box<dyn SinkDriver>>,
+}
+
+impl Sinks {
+    /// Starts every kind of sink: the one place a kind is registered.
+    pub fn start(ctx: &Context) -> Result<Sinks, SinkError> {
+        let drivers: Vec<Box<dyn SinkDriver>> = vec![
+            Box::new(module_input::ModuleInputs),
+            Box::new(upstream::Upstream::start(ctx)?),
+        ];
+        Ok(Sinks { drivers })
+    }
+
+    fn driver(&self, kind: SinkKind) -> Option<&dyn SinkDriver> {
+        self.drivers
+            .iter()
+            .find(|d| d.kind() == kind)
+            .map(|d| d.as_ref())
+    }
+
+    pub fn accepts(&self, sink: &SinkId) -> bool {
+        self.driver(sink.kind()).is_some_and(|d| d.accepts(sink))
+    }
+
+    /// Tells the drivers of freshly committed entries that there is work.
+    pub fn wake<'a>(&self, hub: &Hub, sinks: impl IntoIterator<Item = &'a SinkId>) {
+        for sink in sinks {
+            if let Some(d) = self.driver(sink.kind()) {
+                d.wake(hub, sink);
+            }
+        }
+    }
+
+    pub fn health(&self, kind: SinkKind) -> Option<Health> {
+        self.driver(kind).map(|d| d.health())
+    }
+
+    /// Stops every driver and waits for each.
+    pub async fn stop(&self) {
+        for d in &self.drivers {
+            d.stop().await;
+        }
+    }
+}
