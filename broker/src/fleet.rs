@@ -593,7 +593,7 @@ fn devices_in(registry: &Registry, groups: &[&str]) -> Vec<String> {
                 .as_deref()
                 .is_some_and(|g| groups.contains(&g))
         })
-        .map(|i| i.device_id.clone())
+        .map(|i| i.device_id.to_string())
         .collect();
     v.sort();
     v

@@ -12,7 +12,7 @@ use dashmap::DashMap;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{DeviceId, IdError, IdentityKey, ModuleId};
+use crate::identity::{DeviceId, IdError, IdentityKey};
 use crate::sas;
 
 /// Key: `deviceId` or `deviceId/moduleId` (`/` never appears in an id). Value: JSON record.
@@ -64,9 +64,9 @@ pub struct Authentication {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Identity {
-    pub device_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub module_id: Option<String>,
+    pub device_id: crate::identity::DeviceId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_id: Option<crate::identity::ModuleId>,
     /// Random per creation: a device deleted and re-created is a different identity.
     pub generation_id: String,
     /// Changes on every update.
@@ -266,8 +266,8 @@ impl Registry {
             return Err(RegistryError::NotFound(format!("device '{}'", key.device)));
         }
         let identity = Identity {
-            device_id: key.device.to_string(),
-            module_id: key.module.as_ref().map(|m| m.to_string()),
+            device_id: key.device.clone(),
+            module_id: key.module.clone(),
             generation_id: new_tag(),
             etag: new_tag(),
             status: status.unwrap_or(Status::Enabled),
@@ -411,7 +411,7 @@ impl Registry {
             .map(|e| e.value().clone())
             .collect();
         all.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-        let next = (all.len() > limit).then(|| all[limit - 1].device_id.clone());
+        let next = (all.len() > limit).then(|| all[limit - 1].device_id.to_string());
         all.truncate(limit);
         (all, next)
     }
@@ -469,14 +469,9 @@ impl Registry {
 }
 
 pub fn key_of(identity: &Identity) -> IdentityKey {
-    // Records are only written from validated keys, so these cannot fail; fall back to a
-    // device key rather than panic if the store was edited by hand.
-    let device = DeviceId::new(&identity.device_id);
-    let module = identity.module_id.as_deref().map(ModuleId::new);
-    match (device, module) {
-        (Ok(d), Some(Ok(m))) => IdentityKey::module(d, m),
-        (Ok(d), _) => IdentityKey::device(d),
-        (Err(_), _) => IdentityKey::device(DeviceId::new("invalid").expect("literal id is valid")),
+    IdentityKey {
+        device: identity.device_id.clone(),
+        module: identity.module_id.clone(),
     }
 }
 
@@ -580,7 +575,7 @@ mod tests {
             ["d0", "d1"]
         );
         let (page, next) = reg.list_devices(2, next.as_deref());
-        assert_eq!(page[0].device_id, "d2");
+        assert_eq!(page[0].device_id.as_str(), "d2");
         let (page, next) = reg.list_devices(2, next.as_deref());
         assert_eq!((page.len(), next), (1, None));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -257,7 +257,7 @@ async fn get_group(
         .identities()
         .iter()
         .filter(|i| i.module_id.is_none() && i.device_group_id.as_deref() == Some(&g.id))
-        .map(|i| i.device_id.clone())
+        .map(|i| i.device_id.to_string())
         .collect();
     devices.sort();
     v["deviceIds"] = json!(devices);

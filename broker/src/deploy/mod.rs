@@ -192,7 +192,7 @@ pub fn devices_in_group(hub: &Hub, group_id: &str) -> Vec<DeviceId> {
         .identities()
         .iter()
         .filter(|i| i.module_id.is_none() && i.device_group_id.as_deref() == Some(group_id))
-        .filter_map(|i| DeviceId::new(&i.device_id).ok())
+        .map(|i| i.device_id.clone())
         .collect()
 }
 
@@ -202,7 +202,7 @@ pub fn all_devices(hub: &Hub) -> Vec<DeviceId> {
         .identities()
         .iter()
         .filter(|i| i.module_id.is_none())
-        .filter_map(|i| DeviceId::new(&i.device_id).ok())
+        .map(|i| i.device_id.clone())
         .collect()
 }
 
