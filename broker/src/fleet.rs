@@ -14,16 +14,17 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::Database;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::IdentityKey;
 use crate::registry::{now_rfc3339, Identity, Registry, RegistryError};
+use crate::storage::JsonTable;
 
 /// Key: product id (GUID). Value: JSON [`Product`].
-const PRODUCTS: TableDefinition<&str, &[u8]> = TableDefinition::new("products");
+const PRODUCTS: JsonTable<Product> = JsonTable::new("products");
 /// Key: group id (GUID). Value: JSON [`DeviceGroup`].
-const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_groups");
+const GROUPS: JsonTable<DeviceGroup> = JsonTable::new("device_groups");
 
 /// Longest product or group name, as in Azure Sphere.
 pub const MAX_NAME: usize = 50;
@@ -223,28 +224,10 @@ pub fn new_guid() -> String {
 
 impl Fleet {
     pub fn open(db: Arc<Database>) -> Result<Fleet, FleetError> {
-        {
-            let tx = db.begin_write()?;
-            tx.open_table(PRODUCTS)?;
-            tx.open_table(GROUPS)?;
-            tx.commit()?;
-        }
-        let mut state = State::default();
-        {
-            let tx = db.begin_read()?;
-            for row in tx.open_table(PRODUCTS)?.iter()? {
-                let (k, v) = row?;
-                state
-                    .products
-                    .insert(k.value().to_string(), serde_json::from_slice(v.value())?);
-            }
-            for row in tx.open_table(GROUPS)?.iter()? {
-                let (k, v) = row?;
-                state
-                    .groups
-                    .insert(k.value().to_string(), serde_json::from_slice(v.value())?);
-            }
-        }
+        let state = State {
+            products: PRODUCTS.load::<FleetError>(&db)?.into_iter().collect(),
+            groups: GROUPS.load::<FleetError>(&db)?.into_iter().collect(),
+        };
         Ok(Fleet {
             db,
             state: RwLock::new(state),
@@ -270,21 +253,17 @@ impl Fleet {
         delete_groups: &[&str],
     ) -> Result<(), FleetError> {
         let tx = self.db.begin_write()?;
-        {
-            let mut p = tx.open_table(PRODUCTS)?;
-            for product in products {
-                p.insert(product.id.as_str(), serde_json::to_vec(product)?.as_slice())?;
-            }
-            for id in delete_products {
-                p.remove(*id)?;
-            }
-            let mut g = tx.open_table(GROUPS)?;
-            for group in groups {
-                g.insert(group.id.as_str(), serde_json::to_vec(group)?.as_slice())?;
-            }
-            for id in delete_groups {
-                g.remove(*id)?;
-            }
+        for product in products {
+            PRODUCTS.put::<FleetError>(&tx, &product.id, product)?;
+        }
+        for id in delete_products {
+            PRODUCTS.remove::<FleetError>(&tx, id)?;
+        }
+        for group in groups {
+            GROUPS.put::<FleetError>(&tx, &group.id, *group)?;
+        }
+        for id in delete_groups {
+            GROUPS.remove::<FleetError>(&tx, id)?;
         }
         tx.commit()?;
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());

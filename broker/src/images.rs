@@ -16,14 +16,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::Database;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::registry::now_rfc3339;
+use crate::storage::JsonTable;
 
 /// Key: image id (hex SHA-256). Value: JSON [`Image`].
-const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+const IMAGES: JsonTable<Image> = JsonTable::new("images");
 
 /// Largest image accepted, in bytes.
 pub const MAX_IMAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -159,19 +160,7 @@ pub struct Images {
 impl Images {
     pub fn open(db: Arc<Database>, dir: &Path) -> Result<Images, ImageError> {
         std::fs::create_dir_all(dir)?;
-        {
-            let tx = db.begin_write()?;
-            tx.open_table(IMAGES)?;
-            tx.commit()?;
-        }
-        let mut by_id = BTreeMap::new();
-        {
-            let tx = db.begin_read()?;
-            for row in tx.open_table(IMAGES)?.iter()? {
-                let (k, v) = row?;
-                by_id.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
-            }
-        }
+        let by_id: BTreeMap<String, Image> = IMAGES.load::<ImageError>(&db)?.into_iter().collect();
         Ok(Images {
             db,
             dir: dir.to_path_buf(),
@@ -241,8 +230,7 @@ impl Images {
             created_time: now_rfc3339(),
         };
         let tx = self.db.begin_write()?;
-        tx.open_table(IMAGES)?
-            .insert(id.as_str(), serde_json::to_vec(&image)?.as_slice())?;
+        IMAGES.put::<ImageError>(&tx, &id, &image)?;
         tx.commit()?;
         self.by_id
             .write()

@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::Database;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{DeviceId, IdError, IdentityKey};
 use crate::sas;
+use crate::storage::JsonTable;
 
 /// Key: `deviceId` or `deviceId/moduleId` (`/` never appears in an id). Value: JSON record.
-const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
+/// Key: `device` or `device/module`. Value: JSON [`Identity`].
+const IDENTITIES: JsonTable<Identity> = JsonTable::new("identities");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -198,20 +200,8 @@ impl Registry {
     /// Loads every identity of the store into the cache.
     pub fn open(db: Arc<Database>) -> Result<Registry, RegistryError> {
         let cache = DashMap::new();
-        {
-            let tx = db.begin_write()?;
-            tx.open_table(IDENTITIES)?;
-            tx.commit()?;
-        }
-        {
-            let tx = db.begin_read()?;
-            let table = tx.open_table(IDENTITIES)?;
-            for row in table.iter()? {
-                let (k, v) = row?;
-                let identity: Identity = serde_json::from_slice(v.value())?;
-                let key = IdentityKey::parse(k.value())?;
-                cache.insert(key, Arc::new(identity));
-            }
+        for (k, identity) in IDENTITIES.load::<RegistryError>(&db)? {
+            cache.insert(IdentityKey::parse(&k)?, Arc::new(identity));
         }
         Ok(Registry {
             db,
@@ -228,10 +218,8 @@ impl Registry {
     }
 
     fn put(&self, key: &IdentityKey, identity: &Identity) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec(identity)?;
         let tx = self.db.begin_write()?;
-        tx.open_table(IDENTITIES)?
-            .insert(key.to_string().as_str(), bytes.as_slice())?;
+        IDENTITIES.put::<RegistryError>(&tx, &key.to_string(), identity)?;
         tx.commit()?;
         self.cache.insert(key.clone(), Arc::new(identity.clone()));
         Ok(())
@@ -383,11 +371,8 @@ impl Registry {
             gone.extend(self.modules_of(&key.device).into_iter().map(|i| key_of(&i)));
         }
         let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(IDENTITIES)?;
-            for k in &gone {
-                table.remove(k.to_string().as_str())?;
-            }
+        for k in &gone {
+            IDENTITIES.remove::<RegistryError>(&tx, &k.to_string())?;
         }
         tx.commit()?;
         for k in &gone {

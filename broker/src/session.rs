@@ -23,12 +23,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::storage::JsonTable;
 use dashmap::DashMap;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const SESSIONS: JsonTable<StoredSession> = JsonTable::new("sessions");
 const MAX_BATCH: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,31 +98,20 @@ impl SessionStore {
     /// Loads the index and starts the writer thread. A session found without a disconnect
     /// time (the hub was killed while it was connected) counts as seen now.
     pub fn open(db: Arc<Database>) -> Result<SessionStore, SessionError> {
-        {
-            let tx = db.begin_write()?;
-            tx.open_table(SESSIONS)?;
-            tx.commit()?;
-        }
         let index = DashMap::new();
-        {
-            let tx = db.begin_read()?;
-            let table = tx.open_table(SESSIONS)?;
-            let now = now_ms();
-            for row in table.iter()? {
-                let (k, v) = row?;
-                let session: StoredSession = serde_json::from_slice(v.value())?;
-                let last_seen_ms = match session.last_seen_ms {
-                    0 => now,
-                    t => t,
-                };
-                index.insert(
-                    k.value().to_string(),
-                    Presence {
-                        last_seen_ms,
-                        connected: 0,
-                    },
-                );
-            }
+        let now = now_ms();
+        for (key, session) in SESSIONS.load::<SessionError>(&db)? {
+            let last_seen_ms = match session.last_seen_ms {
+                0 => now,
+                t => t,
+            };
+            index.insert(
+                key,
+                Presence {
+                    last_seen_ms,
+                    connected: 0,
+                },
+            );
         }
         let (jobs, rx) = mpsc::channel();
         let writer_db = db.clone();
@@ -137,13 +127,7 @@ impl SessionStore {
         if !self.index.contains_key(key) {
             return Ok(None);
         }
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(SESSIONS)?;
-        let found = table.get(key)?;
-        Ok(match found {
-            Some(v) => Some(serde_json::from_slice(v.value())?),
-            None => None,
-        })
+        SESSIONS.get::<SessionError>(&self.db, key)
     }
 
     pub fn len(&self) -> usize {
@@ -255,7 +239,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
         let result = (|| -> Result<(), SessionError> {
             let tx = db.begin_write()?;
             {
-                let mut table = tx.open_table(SESSIONS)?;
+                let mut table = tx.open_table(SESSIONS.raw())?;
                 // In order: later operations on a key see the earlier ones of the batch.
                 for job in &batch {
                     let key = job.key.as_str();

@@ -4,15 +4,16 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::Database;
 use serde::{Deserialize, Serialize};
 
 use super::super::DeployError;
 use crate::images::Images;
 use crate::registry::now_rfc3339;
+use crate::storage::JsonTable;
 
 /// Key: deployment id (GUID). Value: JSON [`GroupDeployment`].
-const GROUP_DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("group_deployments");
+const GROUP_DEPLOYMENTS: JsonTable<GroupDeployment> = JsonTable::new("group_deployments");
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -35,19 +36,10 @@ pub struct GroupDeployments {
 
 impl GroupDeployments {
     pub fn open(db: Arc<Database>) -> Result<GroupDeployments, DeployError> {
-        {
-            let tx = db.begin_write()?;
-            tx.open_table(GROUP_DEPLOYMENTS)?;
-            tx.commit()?;
-        }
-        let mut by_id = BTreeMap::new();
-        {
-            let tx = db.begin_read()?;
-            for row in tx.open_table(GROUP_DEPLOYMENTS)?.iter()? {
-                let (k, v) = row?;
-                by_id.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
-            }
-        }
+        let by_id: BTreeMap<String, GroupDeployment> = GROUP_DEPLOYMENTS
+            .load::<DeployError>(&db)?
+            .into_iter()
+            .collect();
         Ok(GroupDeployments {
             db,
             by_id: RwLock::new(by_id),
@@ -109,8 +101,7 @@ impl GroupDeployments {
             sequence,
         };
         let tx = self.db.begin_write()?;
-        tx.open_table(GROUP_DEPLOYMENTS)?
-            .insert(d.id.as_str(), serde_json::to_vec(&d)?.as_slice())?;
+        GROUP_DEPLOYMENTS.put::<DeployError>(&tx, &d.id, &d)?;
         tx.commit()?;
         self.by_id
             .write()
@@ -124,11 +115,8 @@ impl GroupDeployments {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let ids: Vec<String> = self.history(group_id).into_iter().map(|d| d.id).collect();
         let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(GROUP_DEPLOYMENTS)?;
-            for id in &ids {
-                t.remove(id.as_str())?;
-            }
+        for id in &ids {
+            GROUP_DEPLOYMENTS.remove::<DeployError>(&tx, id)?;
         }
         tx.commit()?;
         let mut map = self.by_id.write().unwrap_or_else(|e| e.into_inner());

@@ -4,17 +4,18 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::storage::JsonTable;
 use dashmap::DashMap;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::Database;
 
 use super::super::DeployError;
 use super::spec::{
     Compiled, Deployment, DeploymentUpdate, DeviceState, RolloutState, RolloutStatus,
 };
 
-const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+const DEPLOYMENTS: JsonTable<Deployment> = JsonTable::new("deployments");
 /// Key: device id. Value: JSON [`DeviceState`].
-const DEVICE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("deployment_devices");
+const DEVICE_STATE: JsonTable<DeviceState> = JsonTable::new("deployment_devices");
 
 pub fn now_ms() -> u64 {
     crate::c2d::now_ms()
@@ -32,26 +33,12 @@ pub struct Deployments {
 
 impl Deployments {
     pub fn open(db: Arc<Database>) -> Result<Deployments, DeployError> {
-        {
-            let tx = db.begin_write()?;
-            tx.open_table(DEPLOYMENTS)?;
-            tx.open_table(DEVICE_STATE)?;
-            tx.commit()?;
-        }
         let mut by_id = BTreeMap::new();
-        let devices = DashMap::new();
-        {
-            let tx = db.begin_read()?;
-            for row in tx.open_table(DEPLOYMENTS)?.iter()? {
-                let (k, v) = row?;
-                let d: Deployment = serde_json::from_slice(v.value())?;
-                by_id.insert(k.value().to_string(), Arc::new(Compiled::new(d)?));
-            }
-            for row in tx.open_table(DEVICE_STATE)?.iter()? {
-                let (k, v) = row?;
-                devices.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
-            }
+        for (id, d) in DEPLOYMENTS.load::<DeployError>(&db)? {
+            by_id.insert(id, Arc::new(Compiled::new(d)?));
         }
+        let devices: DashMap<String, DeviceState> =
+            DEVICE_STATE.load::<DeployError>(&db)?.into_iter().collect();
         Ok(Deployments {
             db,
             by_id: RwLock::new(by_id),
@@ -89,8 +76,7 @@ impl Deployments {
     pub(super) fn put(&self, d: Deployment) -> Result<Arc<Compiled>, DeployError> {
         let c = Arc::new(Compiled::new(d)?);
         let tx = self.db.begin_write()?;
-        tx.open_table(DEPLOYMENTS)?
-            .insert(c.d.id.as_str(), serde_json::to_vec(&c.d)?.as_slice())?;
+        DEPLOYMENTS.put::<DeployError>(&tx, &c.d.id, &c.d)?;
         tx.commit()?;
         self.by_id
             .write()
@@ -164,7 +150,7 @@ impl Deployments {
             return Err(DeployError::NotFound(format!("deployment '{id}'")));
         }
         let tx = self.db.begin_write()?;
-        tx.open_table(DEPLOYMENTS)?.remove(id)?;
+        DEPLOYMENTS.remove::<DeployError>(&tx, id)?;
         tx.commit()?;
         self.by_id
             .write()
@@ -182,14 +168,11 @@ impl Deployments {
             return Ok(());
         }
         let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(DEVICE_STATE)?;
-            for (d, s) in &states {
-                if *s == DeviceState::default() {
-                    t.remove(d.as_str())?;
-                } else {
-                    t.insert(d.as_str(), serde_json::to_vec(s)?.as_slice())?;
-                }
+        for (d, s) in &states {
+            if *s == DeviceState::default() {
+                DEVICE_STATE.remove::<DeployError>(&tx, d)?;
+            } else {
+                DEVICE_STATE.put::<DeployError>(&tx, d, s)?;
             }
         }
         tx.commit()?;
