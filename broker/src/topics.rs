@@ -2,28 +2,27 @@
 //!
 //! Devices and modules speak IoT Hub topics (`devices/{d}/...`, `$iothub/...`). Those are
 //! per connection: two devices both subscribe to `$iothub/twin/res/#` and must never see each
-//! other's answers. rumqttd knows nothing of that and refuses `$` filters, so every client
-//! topic is translated to an internal topic under the identity's own prefix before it reaches
-//! the embedded router, and back on the way out.
+//! other's answers. So what an identity subscribes to is never a router subscription: its
+//! filter is checked against the table below and names a [`Delivery`] kind, and the hub
+//! writes those deliveries to that one connection (its mailbox and durable queues).
 //!
-//! Internal topics are a *bounded* set, one per identity and kind: rumqttd caches every
-//! distinct topic it has seen and scans all filters for each new one, so the variable part of
-//! a client topic (property bag, `$rid`, status) travels in the payload [`envelope`] instead.
+//! | client filter (prefix)                     | delivery kind    | who     |
+//! |--------------------------------------------|------------------|---------|
+//! | `devices/{d}/messages/devicebound/…`       | `Own` (C2D)      | device  |
+//! | `devices/{d}/modules/{m}/inputs/…`         | `Own` (inputs)   | module  |
+//! | `$iothub/twin/res/…`                       | `TwinResponse`   | both    |
+//! | `$iothub/twin/PATCH/properties/desired/…`  | `DesiredPatch`   | both    |
+//! | `$iothub/methods/POST/…`                   | `MethodRequest`  | both    |
+//! | `$fleethub/twin/desired/…` (retained)      | `DesiredState`   | both    |
+//! | `$fleethub/events/{d}/{m or ~}/{bag}`      | router `fh/ev/{d}/{m or ~}` | service |
 //!
-//! | client topic (filter prefix)               | internal topic            | who     |
-//! |--------------------------------------------|---------------------------|---------|
-//! | `devices/{d}/messages/devicebound/…`       | `fh/dev/{d}/c2d`          | device  |
-//! | `devices/{d}/modules/{m}/inputs/…`         | `fh/mod/{d}/{m}/inputs`   | module  |
-//! | `$iothub/twin/res/…`                       | `{prefix}twin/res`        | both    |
-//! | `$iothub/twin/PATCH/properties/desired/…`  | `{prefix}twin/desired`    | both    |
-//! | `$iothub/methods/POST/…`                   | `{prefix}methods`         | both    |
-//! | `$fleethub/twin/desired/…` (retained)      | `{prefix}twin/state`      | both    |
-//! | `$fleethub/events/{d}/{m or ~}/{bag}`      | `fh/ev/{d}/{m or ~}`      | service |
-//!
-//! Telemetry published on `devices/{d}/messages/events/{bag}` (or the module form) goes to
-//! `fh/ev/{d}/{m or ~}` with the bag rewritten by the hub (connection ids, enqueued time).
-//! Ids are percent-encoded inside internal topics so `+`, `#` and `%` in an id never act as
-//! wildcards. Anything not in this table is refused.
+//! Only telemetry passes through the embedded router, for service connections
+//! (`monitor-events`): published on `devices/{d}/messages/events/{bag}` (or the module form)
+//! it goes to `fh/ev/{d}/{m or ~}` with the bag rewritten by the hub (connection ids,
+//! enqueued time) and carried in the payload [`envelope`], so the router sees a bounded set
+//! of topics (it caches each and scans every filter per new one). Ids are percent-encoded
+//! there so `+`, `#` and `%` in an id never act as wildcards. Anything not in this table is
+//! refused.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
@@ -39,7 +38,7 @@ pub const NO_MODULE: &str = "~";
 pub const EVENTS_PREFIX: &str = "fh/ev/";
 /// Client-facing prefix of telemetry for service connections (`monitor-events`).
 pub const SERVICE_EVENTS_PREFIX: &str = "$fleethub/events/";
-/// Every internal topic starts here; the router keeps one catch-all filter on it.
+/// Every router topic starts here; the router keeps one catch-all filter on it.
 pub const INTERNAL_ROOT_FILTER: &str = "fh/#";
 
 /// Who is on the other end of a connection, as established by authentication.
@@ -90,18 +89,6 @@ pub fn encode_id(id: &str) -> String {
     utf8_percent_encode(id, ID_ESCAPE).to_string()
 }
 
-/// `fh/dev/{d}/` or `fh/mod/{d}/{m}/`: the root of everything private to one identity.
-pub fn identity_prefix(identity: &IdentityKey) -> String {
-    match &identity.module {
-        None => format!("fh/dev/{}/", encode_id(identity.device.as_str())),
-        Some(m) => format!(
-            "fh/mod/{}/{}/",
-            encode_id(identity.device.as_str()),
-            encode_id(m.as_str())
-        ),
-    }
-}
-
 /// The client topic prefix of a delivery kind for `identity`.
 pub fn client_prefix(identity: &IdentityKey, delivery: Delivery) -> String {
     match (delivery, &identity.module) {
@@ -114,20 +101,7 @@ pub fn client_prefix(identity: &IdentityKey, delivery: Delivery) -> String {
     }
 }
 
-/// The internal topic a delivery kind for `identity` is published on.
-pub fn internal_topic(identity: &IdentityKey, delivery: Delivery) -> String {
-    let kind = match (delivery, &identity.module) {
-        (Delivery::Own, None) => "c2d",
-        (Delivery::Own, Some(_)) => "inputs",
-        (Delivery::TwinResponse, _) => "twin/res",
-        (Delivery::DesiredPatch, _) => "twin/desired",
-        (Delivery::MethodRequest, _) => "methods",
-        (Delivery::DesiredState, _) => "twin/state",
-    };
-    format!("{}{kind}", identity_prefix(identity))
-}
-
-/// The internal topic telemetry from `identity` is published on.
+/// The router topic telemetry from `identity` is published on.
 pub fn telemetry_topic(identity: &IdentityKey) -> String {
     let module = identity
         .module
@@ -209,8 +183,31 @@ pub struct MappedFilter {
     /// The filter as the client wrote it (normalised), checked again on every delivery so a
     /// narrow filter only gets what it asked for.
     pub client: String,
-    /// The filter subscribed in the embedded router.
-    pub internal: String,
+    pub target: Target,
+}
+
+/// What a filter subscribes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An identity's own deliveries of one kind, written by the hub to its connection.
+    Delivery(Delivery),
+    /// Telemetry for a service connection: this filter in the embedded router.
+    Router(String),
+}
+
+impl MappedFilter {
+    /// Whether the filter asks for deliveries of `kind`.
+    pub fn delivers(&self, kind: Delivery) -> bool {
+        self.target == Target::Delivery(kind)
+    }
+
+    /// The embedded router's filter, for service connections.
+    pub fn router_filter(&self) -> Option<&str> {
+        match &self.target {
+            Target::Router(f) => Some(f),
+            Target::Delivery(_) => None,
+        }
+    }
 }
 
 /// Maps a client SUBSCRIBE filter, or `None` when it is not the client's to subscribe to.
@@ -229,7 +226,7 @@ pub fn map_filter(principal: &Principal, filter: &str) -> Option<MappedFilter> {
             }
             Some(MappedFilter {
                 client: filter.to_string(),
-                internal: format!("{EVENTS_PREFIX}{}", levels.join("/")),
+                target: Target::Router(format!("{EVENTS_PREFIX}{}", levels.join("/"))),
             })
         }
         Principal::Identity(identity) => {
@@ -240,55 +237,19 @@ pub fn map_filter(principal: &Principal, filter: &str) -> Option<MappedFilter> {
                     .starts_with(client_prefix(identity, delivery).as_str())
                     .then(|| MappedFilter {
                         client: filter.to_string(),
-                        internal: internal_topic(identity, delivery),
+                        target: Target::Delivery(delivery),
                     })
             })
         }
     }
 }
 
-/// Builds the client topic for a delivery on internal `topic` whose envelope carried
-/// `suffix`; `None` when the topic is not this principal's.
-pub fn to_client_topic(principal: &Principal, topic: &str, suffix: &str) -> Option<String> {
-    ClientTopics::new(principal).to_client(topic, suffix)
-}
-
-/// One connection's rows of the table, computed once so deliveries do no formatting.
-pub struct ClientTopics {
-    service: bool,
-    /// (internal topic, client prefix) per delivery kind.
-    rows: Vec<(String, String)>,
-}
-
-impl ClientTopics {
-    pub fn new(principal: &Principal) -> ClientTopics {
-        match principal {
-            Principal::Service => ClientTopics {
-                service: true,
-                rows: Vec::new(),
-            },
-            Principal::Identity(identity) => ClientTopics {
-                service: false,
-                rows: DELIVERIES
-                    .into_iter()
-                    .map(|d| (internal_topic(identity, d), client_prefix(identity, d)))
-                    .collect(),
-            },
-        }
-    }
-
-    /// The client topic for a delivery on internal `topic` with envelope `suffix`.
-    pub fn to_client(&self, topic: &str, suffix: &str) -> Option<String> {
-        if self.service {
-            return topic
-                .strip_prefix(EVENTS_PREFIX)
-                .map(|ids| format!("{SERVICE_EVENTS_PREFIX}{ids}/{suffix}"));
-        }
-        self.rows
-            .iter()
-            .find(|(internal, _)| internal == topic)
-            .map(|(_, client)| format!("{client}{suffix}"))
-    }
+/// The client topic of telemetry on router `topic` whose envelope carried the property bag
+/// `suffix`: `$fleethub/events/{d}/{m or ~}/{bag}`; `None` for anything else.
+pub fn service_client_topic(topic: &str, suffix: &str) -> Option<String> {
+    topic
+        .strip_prefix(EVENTS_PREFIX)
+        .map(|ids| format!("{SERVICE_EVENTS_PREFIX}{ids}/{suffix}"))
 }
 
 /// MQTT topic filter matching (`+` one level, `#` the rest, including the parent level).
@@ -341,83 +302,87 @@ mod tests {
         Principal::Identity(IdentityKey::parse(d).unwrap())
     }
 
-    /// Every row of the table: the filter maps to the internal topic, and a delivery on that
-    /// topic maps back to the client topic.
+    /// Every row of the table: the filter maps to its delivery kind (or router filter), and
+    /// the client topic that kind is delivered on matches the filter.
     #[test]
-    fn each_pattern_round_trips() {
+    fn each_pattern_maps_and_matches_what_it_delivers() {
+        use Delivery::*;
         let cases = [
             (
                 dev("d1"),
                 "devices/d1/messages/devicebound/#",
-                "fh/dev/d1/c2d",
-                "a=1",
+                Own,
                 "devices/d1/messages/devicebound/a=1",
             ),
             (
                 dev("d1/m1"),
                 "devices/d1/modules/m1/inputs/#",
-                "fh/mod/d1/m1/inputs",
-                "in1/x=1",
+                Own,
                 "devices/d1/modules/m1/inputs/in1/x=1",
             ),
             (
                 dev("d1"),
                 "$iothub/twin/res/#",
-                "fh/dev/d1/twin/res",
-                "200/?$rid=1",
+                TwinResponse,
                 "$iothub/twin/res/200/?$rid=1",
             ),
             (
                 dev("d1/m1"),
                 "$iothub/twin/res/#",
-                "fh/mod/d1/m1/twin/res",
-                "204/?$rid=2&$version=3",
+                TwinResponse,
                 "$iothub/twin/res/204/?$rid=2&$version=3",
             ),
             (
                 dev("d1"),
                 "$iothub/twin/PATCH/properties/desired/#",
-                "fh/dev/d1/twin/desired",
-                "?$version=4",
+                DesiredPatch,
                 "$iothub/twin/PATCH/properties/desired/?$version=4",
             ),
             (
                 dev("d1"),
                 "$iothub/methods/POST/#",
-                "fh/dev/d1/methods",
-                "reboot/?$rid=9",
+                MethodRequest,
                 "$iothub/methods/POST/reboot/?$rid=9",
             ),
             (
-                Principal::Service,
-                "$fleethub/events/#",
-                "fh/ev/#",
-                "a=1",
-                "$fleethub/events/d1/~/a=1",
+                dev("d1"),
+                "$fleethub/twin/desired/#",
+                DesiredState,
+                "$fleethub/twin/desired/?$version=4",
             ),
         ];
-        for (principal, filter, internal, suffix, client_topic) in cases {
+        for (principal, filter, kind, client_topic) in cases {
             let mapped = map_filter(&principal, filter).unwrap_or_else(|| panic!("{filter}"));
-            assert_eq!(mapped.internal, internal, "{filter}");
-            let delivered_on = if internal == "fh/ev/#" {
-                "fh/ev/d1/~"
-            } else {
-                internal
+            assert_eq!(mapped.target, Target::Delivery(kind), "{filter}");
+            let Principal::Identity(key) = &principal else {
+                unreachable!()
             };
-            assert_eq!(
-                to_client_topic(&principal, delivered_on, suffix).as_deref(),
-                Some(client_topic)
+            assert!(
+                client_topic.starts_with(&client_prefix(key, kind)),
+                "{client_topic}"
             );
             assert!(
                 filter_matches(&mapped.client, client_topic),
                 "{filter} vs {client_topic}"
             );
         }
+        // Telemetry for a service connection goes through the router and back.
+        let mapped = map_filter(&Principal::Service, "$fleethub/events/#").unwrap();
+        assert_eq!(mapped.router_filter(), Some("fh/ev/#"));
+        let topic = service_client_topic("fh/ev/d1/~", "a=1").unwrap();
+        assert_eq!(topic, "$fleethub/events/d1/~/a=1");
+        assert!(filter_matches(&mapped.client, &topic));
     }
 
     #[test]
     fn service_filters_keep_device_and_module_levels() {
-        let m = |f| map_filter(&Principal::Service, f).unwrap().internal;
+        let m = |f| {
+            map_filter(&Principal::Service, f)
+                .unwrap()
+                .router_filter()
+                .unwrap()
+                .to_string()
+        };
         assert_eq!(m("$fleethub/events/d1/#"), "fh/ev/d1/#");
         assert_eq!(m("$fleethub/events/d1/~/#"), "fh/ev/d1/~");
         assert_eq!(m("$fleethub/events/+/+/a=1"), "fh/ev/+/+");
@@ -447,23 +412,9 @@ mod tests {
     }
 
     #[test]
-    fn another_identitys_internal_topics_never_map_back() {
-        assert_eq!(
-            to_client_topic(&dev("d1"), "fh/dev/d2/twin/res", "200/"),
-            None
-        );
-        assert_eq!(
-            to_client_topic(&dev("d1"), "fh/mod/d1/m1/twin/res", "200/"),
-            None
-        );
-        assert_eq!(
-            to_client_topic(&dev("d1/m1"), "fh/dev/d1/twin/res", "200/"),
-            None
-        );
-        assert_eq!(
-            to_client_topic(&Principal::Service, "fh/dev/d1/c2d", "x"),
-            None
-        );
+    fn only_telemetry_maps_back_from_the_router() {
+        assert_eq!(service_client_topic("fh/dev/d1/c2d", "x"), None);
+        assert_eq!(service_client_topic("other", "x"), None);
     }
 
     #[test]
@@ -527,7 +478,6 @@ mod tests {
     #[test]
     fn wildcard_characters_in_ids_are_escaped() {
         let k = IdentityKey::parse("a+b#c%d").unwrap();
-        assert_eq!(identity_prefix(&k), "fh/dev/a%2Bb%23c%25d/");
         assert_eq!(telemetry_topic(&k), "fh/ev/a%2Bb%23c%25d/~");
         let p = Principal::Identity(k);
         assert_eq!(
@@ -537,8 +487,8 @@ mod tests {
         assert_eq!(
             map_filter(&p, "devices/a%2Bb%23c%25d/messages/devicebound/#")
                 .unwrap()
-                .internal,
-            "fh/dev/a%2Bb%23c%25d/c2d"
+                .target,
+            Target::Delivery(Delivery::Own)
         );
     }
 

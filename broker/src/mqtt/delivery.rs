@@ -149,8 +149,7 @@ impl Session {
         if key.module.is_some() && key.device != self.hub.config.hub_id {
             return;
         }
-        let own = topics::internal_topic(key, Delivery::Own);
-        let active = self.filters.iter().any(|f| f.internal == own);
+        let active = self.filters.iter().any(|f| f.delivers(Delivery::Own));
         if active && !self.c2d.active {
             if key.module.is_some() {
                 self.mailbox.wake_inputs();

@@ -489,7 +489,6 @@ where
         deferred_acks: Vec::new(),
         current: None,
         counted_subscriber: false,
-        client_topics: None,
         telemetry_topic: match &principal {
             Principal::Identity(key) => topics::telemetry_topic(key),
             Principal::Service => String::new(),
@@ -567,10 +566,6 @@ struct Session {
     deferred_acks: Vec<u16>,
     /// (QoS, packet id) of the PUBLISH being handled.
     current: Option<(u8, u16)>,
-    /// This connection's rows of the topic table, computed once.
-    /// Built at the first router delivery: identities get theirs straight from the hub, so
-    /// most connections never need it.
-    client_topics: Option<Box<topics::ClientTopics>>,
     /// A service connection counted in `Hub::event_subscribers`.
     counted_subscriber: bool,
     principal: Principal,

@@ -41,19 +41,18 @@ impl Session {
                 QoS::AtLeastOnce
             };
             match topics::map_filter(&self.principal, &f.path) {
-                Some(mapped) if matches!(self.principal, Principal::Identity(_)) => {
-                    // An identity's own topics are served by the front end, not the router.
-                    if let Principal::Identity(key) = &self.principal {
-                        send_state |=
-                            mapped.internal == topics::internal_topic(key, Delivery::DesiredState);
-                    }
-                    codes.push(Some(SubscribeReasonCode::Success(granted)));
-                    self.filters.retain(|m| m.client != mapped.client);
-                    self.filters.push(mapped);
-                }
                 Some(mapped) => {
-                    codes.push(None);
-                    forward.push(router_filter(&mapped.internal, granted));
+                    match mapped.router_filter() {
+                        Some(path) => {
+                            codes.push(None);
+                            forward.push(router_filter(path, granted));
+                        }
+                        None => {
+                            // An identity's own deliveries are written by the front end.
+                            send_state |= mapped.delivers(Delivery::DesiredState);
+                            codes.push(Some(SubscribeReasonCode::Success(granted)));
+                        }
+                    }
                     self.filters.retain(|m| m.client != mapped.client);
                     self.filters.push(mapped);
                 }
@@ -97,9 +96,11 @@ impl Session {
     /// the API's view of whether methods can be taken, the telemetry subscriber count.
     pub(super) fn filters_changed(&mut self) {
         self.update_c2d_active();
-        if let Principal::Identity(key) = &self.principal {
-            let internal = topics::internal_topic(key, Delivery::MethodRequest);
-            let listening = self.filters.iter().any(|f| f.internal == internal);
+        if let Principal::Identity(_) = &self.principal {
+            let listening = self
+                .filters
+                .iter()
+                .any(|f| f.delivers(Delivery::MethodRequest));
             self.mailbox.methods.store(listening, Ordering::Relaxed);
         }
         if self.principal == Principal::Service
@@ -167,10 +168,10 @@ impl Session {
             let Some(mapped) = topics::map_filter(&self.principal, client) else {
                 continue;
             };
-            if self.principal == Principal::Service
-                && !forward.iter().any(|f: &Filter| f.path == mapped.internal)
-            {
-                forward.push(router_filter(&mapped.internal, QoS::AtLeastOnce));
+            if let Some(path) = mapped.router_filter() {
+                if !forward.iter().any(|f: &Filter| f.path == path) {
+                    forward.push(router_filter(path, QoS::AtLeastOnce));
+                }
             }
             self.filters.retain(|m| m.client != mapped.client);
             self.filters.push(mapped);
@@ -179,8 +180,11 @@ impl Session {
         self.hub.metrics.sessions_resumed.inc();
         if let Principal::Identity(key) = &self.principal {
             let key = key.clone();
-            let patch_topic = topics::internal_topic(&key, Delivery::DesiredPatch);
-            if self.filters.iter().any(|f| f.internal == patch_topic) {
+            if self
+                .filters
+                .iter()
+                .any(|f| f.delivers(Delivery::DesiredPatch))
+            {
                 let twin = self.hub.twins.get(&key);
                 if !twin.desired.untouched() {
                     let patch = twin.desired.resume_patch();
@@ -188,8 +192,11 @@ impl Session {
                     self.on_direct(d, wbuf);
                 }
             }
-            let state_topic = topics::internal_topic(&key, Delivery::DesiredState);
-            if self.filters.iter().any(|f| f.internal == state_topic) {
+            if self
+                .filters
+                .iter()
+                .any(|f| f.delivers(Delivery::DesiredState))
+            {
                 self.send_desired_state(wbuf);
             }
         }
@@ -217,13 +224,14 @@ impl Session {
         to_router: &mut Vec<Packet>,
     ) {
         let mut internal = Vec::new();
-        let local = matches!(self.principal, Principal::Identity(_));
         for f in &unsubscribe.filters {
             if let Some(mapped) = topics::map_filter(&self.principal, f) {
                 self.filters.retain(|m| m.client != mapped.client);
                 // Leave the router filter while another client filter still needs it.
-                if !local && !self.filters.iter().any(|m| m.internal == mapped.internal) {
-                    internal.push(mapped.internal);
+                if let Some(path) = mapped.router_filter() {
+                    if !self.filters.iter().any(|m| m.router_filter() == Some(path)) {
+                        internal.push(path.to_string());
+                    }
                 }
             }
         }
@@ -259,11 +267,7 @@ impl Session {
                     .ok()
                     .zip(envelope::unpack(&publish.payload))
                     .and_then(|(topic, (suffix, body))| {
-                        let principal = &self.principal;
-                        self.client_topics
-                            .get_or_insert_with(|| Box::new(topics::ClientTopics::new(principal)))
-                            .to_client(topic, suffix)
-                            .map(|t| (t, body))
+                        topics::service_client_topic(topic, suffix).map(|t| (t, body))
                     })
                     .filter(|(t, _)| {
                         self.filters
