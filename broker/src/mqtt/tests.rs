@@ -1,6 +1,7 @@
 //! The front end's pure parts: header peeking, CONNECT flags, read sizing, and rumqttd's
 //! codec on arbitrary bytes.
 
+use super::handshake::connect_flags;
 use super::inbound::peek_publish_ids;
 use super::*;
 use proptest::prelude::*;
