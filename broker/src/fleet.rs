@@ -188,12 +188,16 @@ pub const DEFAULT_GROUPS: [(&str, &str, bool, OsFeed); 5] = [
 ];
 
 /// Changes to a group; `None` keeps the field.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub application_updates: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub os_feed: Option<OsFeed>,
 }
 

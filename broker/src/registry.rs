@@ -96,39 +96,57 @@ pub struct Capabilities {
     pub iot_edge: bool,
 }
 
-/// What the API returns: the record plus runtime connection state.
-#[derive(Debug, Clone, Serialize)]
+/// What the API returns: the record plus runtime connection state and, for a device in a
+/// group, the group's `Product/Group` path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IdentityView {
     #[serde(flatten)]
     pub identity: Identity,
-    pub connection_state: &'static str,
-}
-
-/// Fields an update may change.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct IdentityUpdate {
-    pub status: Option<Status>,
-    pub status_reason: Option<String>,
-    pub authentication: Option<AuthenticationInput>,
-    pub capabilities: Option<Capabilities>,
-    /// `Product/Group` (or a group id) to move a device into; applied by `fleet`.
+    pub connection_state: ConnectionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_group: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+/// IoT Hub's `connectionState`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionState {
+    Connected,
+    Disconnected,
+}
+
+/// Fields an update may change.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<AuthenticationInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// `Product/Group` (or a group id) to move a device into; applied by `fleet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_group: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthenticationInput {
-    #[serde(rename = "type", default)]
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyInput>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SymmetricKeyInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary_key: Option<String>,
 }
 
@@ -288,10 +306,11 @@ impl Registry {
         IdentityView {
             identity,
             connection_state: if connected {
-                "Connected"
+                ConnectionState::Connected
             } else {
-                "Disconnected"
+                ConnectionState::Disconnected
             },
+            device_group: None,
         }
     }
 

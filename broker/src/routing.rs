@@ -289,24 +289,6 @@ pub fn edge_hub_routes(
 }
 
 /// The JSON the API and CLI show for the table in force.
-pub fn table_json(table: &RouteTable) -> Value {
-    let routes: Vec<Value> = table
-        .routes
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "name": r.spec.name,
-                "route": r.spec.text,
-                "priority": r.spec.priority,
-                "timeToLiveSecs": r.spec.ttl_secs.unwrap_or(table.default_ttl_secs),
-                "source": r.spec.origin,
-                "sink": r.route.sink.to_string(),
-            })
-        })
-        .collect();
-    serde_json::json!({ "routes": routes, "defaultTimeToLiveSecs": table.default_ttl_secs })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

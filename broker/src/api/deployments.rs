@@ -6,12 +6,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
 
 use std::sync::Arc;
 
+use super::wire::{DeploymentView, Items, MetricView, SystemMetrics};
 use super::{blocking, ApiError, ApiResult, ApiState};
-use crate::deploy::targeted::{self, Compiled, DeploymentSpec, DeploymentUpdate};
+use crate::deploy::targeted::{self, Compiled, DeploymentSpec, DeploymentStatus, DeploymentUpdate};
 
 pub fn routes() -> Router<ApiState> {
     Router::new()
@@ -21,26 +21,19 @@ pub fn routes() -> Router<ApiState> {
         .route("/deployments/{id}/{action}", post(control))
 }
 
-fn json_of(c: &Compiled, status: Option<Value>) -> Value {
-    let mut v = json!(c.d);
-    if let Some(s) = status {
-        v["systemMetrics"] = json!({
-            "targetedCount": s["targetedCount"]["count"],
-            "appliedCount": s["appliedCount"]["count"],
-            "reportedSuccessfulCount": s["reportedSuccessfulCount"]["count"],
-            "reportedFailedCount": s["reportedFailedCount"]["count"],
-        });
-        let custom: serde_json::Map<String, Value> = s["custom"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v["count"].clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v["customMetrics"] = json!(custom);
+fn view_of(c: &Compiled, status: Option<DeploymentStatus>) -> DeploymentView {
+    let len = |v: &Vec<String>| v.len() as u64;
+    DeploymentView {
+        deployment: c.d.clone(),
+        system_metrics: status.as_ref().map(|s| SystemMetrics {
+            targeted_count: len(&s.targeted),
+            applied_count: len(&s.applied),
+            reported_successful_count: len(&s.reported_successful),
+            reported_failed_count: len(&s.reported_failed),
+        }),
+        custom_metrics: status.map(|s| s.custom.iter().map(|(k, v)| (k.clone(), len(v))).collect()),
+        twins_written: None,
     }
-    v
 }
 
 async fn reconcile_all(s: &ApiState) -> ApiResult<usize> {
@@ -58,17 +51,17 @@ async fn create(
     let id = c.d.id.clone();
     let written = reconcile_all(&s).await?;
     let mut v = with_status(&s, &id).await?;
-    v["twinsWritten"] = json!(written);
+    v.twins_written = Some(written);
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 /// The deployment as it stands, with its metrics.
-async fn with_status(s: &ApiState, id: &str) -> ApiResult<Value> {
+async fn with_status(s: &ApiState, id: &str) -> ApiResult<DeploymentView> {
     let c = require(s, id)?;
     let d = s.deploy.clone();
     blocking(&s.hub, move |h| {
         let status = targeted::status(h, &d.targeted, &c);
-        json_of(&c, Some(status))
+        view_of(&c, Some(status))
     })
     .await
 }
@@ -80,20 +73,23 @@ fn require(s: &ApiState, id: &str) -> ApiResult<Arc<Compiled>> {
         .ok_or_else(|| ApiError::NotFound(format!("deployment '{id}' not found")))
 }
 
-async fn list(State(s): State<ApiState>) -> ApiResult<Json<Value>> {
+async fn list(State(s): State<ApiState>) -> ApiResult<Json<Items<DeploymentView>>> {
     let d = s.deploy.clone();
     let items = blocking(&s.hub, move |h| {
         d.targeted
             .all()
             .iter()
-            .map(|c| json_of(c, Some(targeted::status(h, &d.targeted, c))))
+            .map(|c| view_of(c, Some(targeted::status(h, &d.targeted, c))))
             .collect::<Vec<_>>()
     })
     .await?;
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(Items { items }))
 }
 
-async fn show(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn show(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeploymentView>> {
     Ok(Json(with_status(&s, &id).await?))
 }
 
@@ -101,7 +97,7 @@ async fn update(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     body: Result<Json<DeploymentUpdate>, JsonRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeploymentView>> {
     let Json(u) = body?;
     if let Some(c) = &u.target_condition {
         // Checked before anything changes, with the column of the error.
@@ -126,34 +122,36 @@ async fn delete(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<
 async fn show_metric(
     State(s): State<ApiState>,
     Path((id, metric)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<MetricView>> {
     let c = require(&s, &id)?;
     let d = s.deploy.clone();
-    let status = blocking(&s.hub, move |h| targeted::status(h, &d.targeted, &c)).await?;
-    let found = status
-        .get(&metric)
-        .filter(|_| metric != "custom")
-        .or_else(|| status["custom"].get(&metric))
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "metric '{metric}' of deployment '{id}' (system metrics: targetedCount, \
+    let mut status = blocking(&s.hub, move |h| targeted::status(h, &d.targeted, &c)).await?;
+    let found = match metric.as_str() {
+        "targetedCount" => Some(status.targeted),
+        "appliedCount" => Some(status.applied),
+        "reportedSuccessfulCount" => Some(status.reported_successful),
+        "reportedFailedCount" => Some(status.reported_failed),
+        custom => status.custom.remove(custom),
+    }
+    .ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "metric '{metric}' of deployment '{id}' (system metrics: targetedCount, \
                  appliedCount, reportedSuccessfulCount, reportedFailedCount)"
-            ))
-        })?;
-    Ok(Json(json!({
-        "deployment": id,
-        "metric": metric,
-        "count": found["count"],
-        "deviceIds": found["deviceIds"],
-    })))
+        ))
+    })?;
+    Ok(Json(MetricView {
+        deployment: id,
+        metric,
+        count: found.len() as u64,
+        device_ids: found,
+    }))
 }
 
 /// `pause`, `resume` or `abort` a phased rollout.
 async fn control(
     State(s): State<ApiState>,
     Path((id, action)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeploymentView>> {
     if !matches!(action.as_str(), "pause" | "resume" | "abort") {
         return Err(ApiError::NotFound(format!(
             "'{action}': a deployment's actions are pause, resume and abort"
@@ -163,5 +161,5 @@ async fn control(
     blocking(&s.hub, move |_| d.targeted.control(&id2, &action)).await??;
     reconcile_all(&s).await?;
     let c = require(&s, &id)?;
-    Ok(Json(json_of(&c, None)))
+    Ok(Json(view_of(&c, None)))
 }

@@ -8,13 +8,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
 
+use super::wire::{
+    CreateGroup, CreateGroupDeployment, CreateProduct, GroupDeployment, GroupDeploymentView,
+    GroupView, Items, ProductView, ResolvedImage, UpdateProduct,
+};
 use super::{blocking, ApiError, ApiResult, ApiState};
-use crate::deploy::group::GroupDeployment;
 use crate::deploy::DeployError;
-use crate::fleet::{DeviceGroup, FleetError, GroupUpdate, OsFeed, Product};
+use crate::fleet::{DeviceGroup, FleetError, GroupUpdate, Product};
 use crate::hub::SharedHub;
 
 impl From<FleetError> for ApiError {
@@ -71,38 +72,31 @@ pub fn routes() -> Router<ApiState> {
         .route("/device-groups", get(all_groups))
 }
 
-fn group_json(hub: &SharedHub, g: &DeviceGroup, devices: usize) -> Value {
+fn group_view(hub: &SharedHub, g: &DeviceGroup, devices: usize) -> GroupView {
     let product = hub
         .fleet
         .product(&g.product_id)
         .map(|p| p.name.to_string())
         .unwrap_or_default();
-    let mut v = json!(g);
-    v["product"] = json!(product);
-    v["devices"] = json!(devices);
-    v
+    GroupView {
+        group: g.clone(),
+        product,
+        devices,
+        device_ids: None,
+    }
 }
 
-fn product_json(hub: &SharedHub, p: &Product, counts: &BTreeMap<String, usize>) -> Value {
-    let groups: Vec<Value> = hub
+fn product_view(hub: &SharedHub, p: &Product, counts: &BTreeMap<String, usize>) -> ProductView {
+    let groups = hub
         .fleet
         .groups_of(&p.id)
         .iter()
-        .map(|g| group_json(hub, g, counts.get(&g.id).copied().unwrap_or(0)))
+        .map(|g| group_view(hub, g, counts.get(&g.id).copied().unwrap_or(0)))
         .collect();
-    let mut v = json!(p);
-    v["groups"] = json!(groups);
-    v
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateProduct {
-    name: String,
-    description: Option<String>,
-    /// Skip the five default groups.
-    #[serde(default)]
-    no_default_groups: bool,
+    ProductView {
+        product: p.clone(),
+        groups,
+    }
 }
 
 async fn create_product(
@@ -118,20 +112,20 @@ async fn create_product(
     let counts = hub.fleet.device_counts(&hub.registry);
     Ok((
         StatusCode::CREATED,
-        Json(product_json(&hub, &product, &counts)),
+        Json(product_view(&hub, &product, &counts)),
     )
         .into_response())
 }
 
-async fn list_products(State(hub): State<SharedHub>) -> Json<Value> {
+async fn list_products(State(hub): State<SharedHub>) -> Json<Items<ProductView>> {
     let counts = hub.fleet.device_counts(&hub.registry);
-    let items: Vec<Value> = hub
+    let items = hub
         .fleet
         .products()
         .iter()
-        .map(|p| product_json(&hub, p, &counts))
+        .map(|p| product_view(&hub, p, &counts))
         .collect();
-    Json(json!({ "items": items }))
+    Json(Items { items })
 }
 
 fn require_product(hub: &SharedHub, product: &str) -> ApiResult<Product> {
@@ -143,24 +137,17 @@ fn require_product(hub: &SharedHub, product: &str) -> ApiResult<Product> {
 async fn get_product(
     State(hub): State<SharedHub>,
     Path(product): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProductView>> {
     let p = require_product(&hub, &product)?;
     let counts = hub.fleet.device_counts(&hub.registry);
-    Ok(Json(product_json(&hub, &p, &counts)))
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct UpdateProduct {
-    name: Option<String>,
-    description: Option<String>,
+    Ok(Json(product_view(&hub, &p, &counts)))
 }
 
 async fn update_product(
     State(hub): State<SharedHub>,
     Path(product): Path<String>,
     body: Result<Json<UpdateProduct>, JsonRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProductView>> {
     let Json(body) = body?;
     let p = blocking(&hub, move |h| {
         h.fleet
@@ -168,7 +155,7 @@ async fn update_product(
     })
     .await??;
     let counts = hub.fleet.device_counts(&hub.registry);
-    Ok(Json(product_json(&hub, &p, &counts)))
+    Ok(Json(product_view(&hub, &p, &counts)))
 }
 
 async fn delete_product(
@@ -193,37 +180,28 @@ async fn delete_product(
 async fn list_groups(
     State(hub): State<SharedHub>,
     Path(product): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Items<GroupView>>> {
     let p = require_product(&hub, &product)?;
     let counts = hub.fleet.device_counts(&hub.registry);
-    let items: Vec<Value> = hub
+    let items = hub
         .fleet
         .groups_of(&p.id)
         .iter()
-        .map(|g| group_json(&hub, g, counts.get(&g.id).copied().unwrap_or(0)))
+        .map(|g| group_view(&hub, g, counts.get(&g.id).copied().unwrap_or(0)))
         .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(Items { items }))
 }
 
-async fn all_groups(State(hub): State<SharedHub>) -> Json<Value> {
+async fn all_groups(State(hub): State<SharedHub>) -> Json<Items<GroupView>> {
     let counts = hub.fleet.device_counts(&hub.registry);
-    let items: Vec<Value> = hub
+    let items = hub
         .fleet
         .products()
         .iter()
         .flat_map(|p| hub.fleet.groups_of(&p.id))
-        .map(|g| group_json(&hub, &g, counts.get(&g.id).copied().unwrap_or(0)))
+        .map(|g| group_view(&hub, &g, counts.get(&g.id).copied().unwrap_or(0)))
         .collect();
-    Json(json!({ "items": items }))
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateGroup {
-    name: String,
-    description: Option<String>,
-    application_updates: Option<bool>,
-    os_feed: Option<OsFeed>,
+    Json(Items { items })
 }
 
 async fn create_group(
@@ -242,16 +220,16 @@ async fn create_group(
         )
     })
     .await??;
-    Ok((StatusCode::CREATED, Json(group_json(&hub, &g, 0))).into_response())
+    Ok((StatusCode::CREATED, Json(group_view(&hub, &g, 0))).into_response())
 }
 
 async fn get_group(
     State(hub): State<SharedHub>,
     Path((product, group)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GroupView>> {
     let g = hub.fleet.group(&product, &group)?;
     let counts = hub.fleet.device_counts(&hub.registry);
-    let mut v = group_json(&hub, &g, counts.get(&g.id).copied().unwrap_or(0));
+    let mut v = group_view(&hub, &g, counts.get(&g.id).copied().unwrap_or(0));
     let mut devices: Vec<String> = hub
         .registry
         .identities()
@@ -260,7 +238,7 @@ async fn get_group(
         .map(|i| i.device_id.to_string())
         .collect();
     devices.sort();
-    v["deviceIds"] = json!(devices);
+    v.device_ids = Some(devices);
     Ok(Json(v))
 }
 
@@ -268,14 +246,14 @@ async fn update_group(
     State(st): State<ApiState>,
     Path((product, group)): Path<(String, String)>,
     body: Result<Json<GroupUpdate>, JsonRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GroupView>> {
     let hub = st.hub.clone();
     let Json(body) = body?;
     let g = blocking(&hub, move |h| h.fleet.update_group(&product, &group, body)).await??;
     // Application updates on or off changes what its devices should run.
     reconcile_group(&st, &g.id).await?;
     let counts = hub.fleet.device_counts(&hub.registry);
-    Ok(Json(group_json(
+    Ok(Json(group_view(
         &hub,
         &g,
         counts.get(&g.id).copied().unwrap_or(0),
@@ -296,31 +274,31 @@ async fn delete_group(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn deployment_json(hub: &SharedHub, d: &GroupDeployment, current: bool) -> Value {
-    let resolved: Vec<Value> = d
+fn deployment_view(hub: &SharedHub, d: &GroupDeployment, current: bool) -> GroupDeploymentView {
+    let resolved = d
         .images
         .iter()
         .filter_map(|r| hub.images.resolve(r).ok())
-        .map(|i| json!({ "id": i.id, "name": i.name, "version": i.version, "kind": i.kind }))
+        .map(|i| ResolvedImage {
+            id: i.id,
+            name: i.name,
+            version: i.version,
+            kind: i.kind,
+        })
         .collect();
-    let mut v = json!(d);
-    v["deviceGroup"] = json!(hub.fleet.path_of(&d.group_id));
-    v["resolved"] = json!(resolved);
-    v["current"] = json!(current);
-    v
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateDeployment {
-    /// Image ids, `name:X.Y.Z` or `name:latest`.
-    images: Vec<String>,
+    GroupDeploymentView {
+        deployment: d.clone(),
+        device_group: hub.fleet.path_of(&d.group_id),
+        resolved,
+        current,
+        devices_updated: None,
+    }
 }
 
 async fn create_deployment(
     State(st): State<ApiState>,
     Path((product, group)): Path<(String, String)>,
-    body: Result<Json<CreateDeployment>, JsonRejection>,
+    body: Result<Json<CreateGroupDeployment>, JsonRejection>,
 ) -> ApiResult<Response> {
     let hub = st.hub.clone();
     let Json(body) = body?;
@@ -332,24 +310,24 @@ async fn create_deployment(
     })
     .await??;
     let updated = reconcile_group(&st, &g.id).await?;
-    let mut v = deployment_json(&hub, &d, true);
-    v["devicesUpdated"] = json!(updated);
+    let mut v = deployment_view(&hub, &d, true);
+    v.devices_updated = Some(updated);
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 async fn list_deployments(
     State(st): State<ApiState>,
     Path((product, group)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Items<GroupDeploymentView>>> {
     let hub = st.hub.clone();
     let g = hub.fleet.group(&product, &group)?;
-    let items: Vec<Value> = st
+    let items = st
         .deploy
         .groups
         .history(&g.id)
         .iter()
         .enumerate()
-        .map(|(n, d)| deployment_json(&hub, d, n == 0))
+        .map(|(n, d)| deployment_view(&hub, d, n == 0))
         .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(Items { items }))
 }

@@ -6,11 +6,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::json;
 
+use super::wire::{CreateDevice, CreateModule, IdentityView, Page, PageQuery};
 use super::{blocking, device_key, module_key, ApiError, ApiResult, ApiState};
-use crate::hub::{Change, Hub, SharedHub};
+use crate::hub::{Change, SharedHub};
 use crate::identity::IdentityKey;
 use crate::registry::{AuthenticationInput, IdentityUpdate, Status};
 
@@ -29,28 +28,6 @@ pub fn routes() -> Router<ApiState> {
             "/devices/{device}/modules/{module}",
             get(get_module).patch(update_module).delete(delete_module),
         )
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateDevice {
-    device_id: String,
-    status: Option<Status>,
-    authentication: Option<AuthenticationInput>,
-    capabilities: Option<crate::registry::Capabilities>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateModule {
-    module_id: String,
-    authentication: Option<AuthenticationInput>,
-}
-
-#[derive(Deserialize)]
-struct Page {
-    limit: Option<usize>,
-    after: Option<String>,
 }
 
 async fn create(
@@ -93,42 +70,31 @@ async fn create_module(
     create(&hub, key, None, body.authentication, Default::default()).await
 }
 
-/// An identity as the API shows it: the registry view plus its device group's
-/// `Product/Group` path.
-fn identity_json(hub: &Hub, view: crate::registry::IdentityView) -> serde_json::Value {
-    let group = hub.group_path(&view.identity);
-    let mut v = json!(view);
-    if let Some(path) = group {
-        v["deviceGroup"] = json!(path);
-    }
-    v
-}
-
-fn show(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<serde_json::Value>> {
+fn show(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<IdentityView>> {
     let identity = hub.registry.get(key).ok_or_else(|| {
         ApiError::NotFound(format!("{} not found", crate::registry::describe(key)))
     })?;
-    Ok(Json(identity_json(hub, hub.registry.view(&identity))))
+    Ok(Json(hub.identity_view(&identity)))
 }
 
 async fn get_device(
     State(hub): State<SharedHub>,
     Path(device): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<IdentityView>> {
     show(&hub, &device_key(&device)?)
 }
 
 async fn get_module(
     State(hub): State<SharedHub>,
     Path((device, module)): Path<(String, String)>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<IdentityView>> {
     show(&hub, &module_key(&device, &module)?)
 }
 
 async fn list_devices(
     State(hub): State<SharedHub>,
-    Query(page): Query<Page>,
-) -> ApiResult<Json<serde_json::Value>> {
+    Query(page): Query<PageQuery>,
+) -> ApiResult<Json<Page<IdentityView>>> {
     let limit = page.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -136,45 +102,42 @@ async fn list_devices(
         )));
     }
     let (items, next) = hub.registry.list_devices(limit, page.after.as_deref());
-    let items: Vec<_> = items
-        .iter()
-        .map(|i| identity_json(&hub, hub.registry.view(i)))
-        .collect();
-    Ok(Json(json!({ "items": items, "next": next })))
+    let items = items.iter().map(|i| hub.identity_view(i)).collect();
+    Ok(Json(Page { items, next }))
 }
 
 async fn list_modules(
     State(hub): State<SharedHub>,
     Path(device): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Page<IdentityView>>> {
     let key = device_key(&device)?;
     if hub.registry.get(&key).is_none() {
         return Err(ApiError::NotFound(format!("device '{device}' not found")));
     }
-    let items: Vec<_> = hub
+    let items = hub
         .registry
         .modules_of(&key.device)
         .iter()
         .map(|i| hub.registry.view(i))
         .collect();
-    Ok(Json(json!({ "items": items, "next": null })))
+    Ok(Json(Page { items, next: None }))
 }
 
 async fn update(
     hub: &SharedHub,
     key: IdentityKey,
     update: IdentityUpdate,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<IdentityView>> {
     let disables = update.status == Some(Status::Disabled) || update.authentication.is_some();
     let moves = update.device_group.is_some();
     let k = key.clone();
-    let view = blocking(hub, move |h| -> ApiResult<serde_json::Value> {
+    let view = blocking(hub, move |h| -> ApiResult<IdentityView> {
         // The group first: a bad path refuses the whole update.
         if let Some(path) = &update.device_group {
             h.fleet.assign(&h.registry, &k, path)?;
         }
         let i = h.registry.update(&k, update)?;
-        Ok(identity_json(h, h.registry.view(&i)))
+        Ok(h.identity_view(&i))
     })
     .await??;
     if moves {
@@ -188,14 +151,14 @@ async fn update(
         // A disabled identity, or one whose keys changed, must connect again.
         hub.kick(&key);
     }
-    Ok(Json(json!(view)))
+    Ok(Json(view))
 }
 
 async fn update_device(
     State(hub): State<SharedHub>,
     Path(device): Path<String>,
     body: Result<Json<IdentityUpdate>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<IdentityView>> {
     let Json(body) = body?;
     update(&hub, device_key(&device)?, body).await
 }
@@ -204,7 +167,7 @@ async fn update_module(
     State(hub): State<SharedHub>,
     Path((device, module)): Path<(String, String)>,
     body: Result<Json<IdentityUpdate>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<IdentityView>> {
     let Json(body) = body?;
     update(&hub, module_key(&device, &module)?, body).await
 }

@@ -6,9 +6,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
 
+use super::wire::{AddImage, Image, Items};
 use super::{blocking, ApiError, ApiResult, ApiState};
 use crate::hub::SharedHub;
 use crate::images::{Added, ImageError, ImageKind, MAX_IMAGE_BYTES};
@@ -36,17 +35,10 @@ pub fn routes() -> Router<ApiState> {
         .route("/images/{reference}/content", get(download))
 }
 
-#[derive(Deserialize)]
-struct AddQuery {
-    name: Option<String>,
-    version: Option<String>,
-    kind: Option<String>,
-}
-
 /// The body is the image itself; name, version and kind are query parameters.
 async fn add(
     State(st): State<ApiState>,
-    Query(q): Query<AddQuery>,
+    Query(q): Query<AddImage>,
     body: Bytes,
 ) -> ApiResult<Response> {
     let hub = st.hub.clone();
@@ -61,21 +53,23 @@ async fn add(
             for g in st.deploy.groups.groups_following(&i.name) {
                 super::fleet::reconcile_group(&st, &g).await?;
             }
-            (StatusCode::CREATED, Json(json!(i))).into_response()
+            (StatusCode::CREATED, Json(i)).into_response()
         }
-        Added::Existing(i) => (StatusCode::OK, Json(json!(i))).into_response(),
+        Added::Existing(i) => (StatusCode::OK, Json(i)).into_response(),
     })
 }
 
-async fn list(State(hub): State<SharedHub>) -> Json<Value> {
-    Json(json!({ "items": hub.images.list() }))
+async fn list(State(hub): State<SharedHub>) -> Json<Items<Image>> {
+    Json(Items {
+        items: hub.images.list(),
+    })
 }
 
 async fn show(
     State(hub): State<SharedHub>,
     Path(reference): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(hub.images.resolve(&reference)?)))
+) -> ApiResult<Json<Image>> {
+    Ok(Json(hub.images.resolve(&reference)?))
 }
 
 async fn download(

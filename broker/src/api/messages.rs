@@ -6,9 +6,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::json;
 
+use super::wire::{C2dMessage, C2dQueued};
 use super::{blocking, device_key, registered, ApiError, ApiResult, ApiState};
 use crate::hub::SharedHub;
 
@@ -16,22 +15,10 @@ pub fn routes() -> Router<ApiState> {
     Router::new().route("/devices/{device}/messages", post(send_c2d))
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct C2dBody {
-    /// A string is sent as its UTF-8 bytes; any other JSON value as its JSON text.
-    body: serde_json::Value,
-    #[serde(default)]
-    properties: serde_json::Map<String, serde_json::Value>,
-    message_id: Option<String>,
-    /// Time to live; default one hour, at most two days (IoT Hub's maximum).
-    ttl_seconds: Option<u64>,
-}
-
 async fn send_c2d(
     State(hub): State<SharedHub>,
     Path(device): Path<String>,
-    body: Result<Json<C2dBody>, JsonRejection>,
+    body: Result<Json<C2dMessage>, JsonRejection>,
 ) -> ApiResult<Response> {
     let key = device_key(&device)?;
     registered(&hub, &key)?;
@@ -74,11 +61,11 @@ async fn send_c2d(
     let expires = std::time::UNIX_EPOCH + std::time::Duration::from_millis(queued.expires_at_ms);
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "messageId": queued.message_id,
-            "enqueuedTime": queued.enqueued_time,
-            "expiryTimeUtc": humantime::format_rfc3339_millis(expires).to_string(),
-        })),
+        Json(C2dQueued {
+            message_id: queued.message_id,
+            enqueued_time: queued.enqueued_time,
+            expiry_time_utc: humantime::format_rfc3339_millis(expires).to_string(),
+        }),
     )
         .into_response())
 }

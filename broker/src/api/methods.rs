@@ -4,9 +4,8 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::json;
 
+use super::wire::{MethodCall, MethodResult};
 use super::{device_key, module_key, registered, ApiError, ApiResult, ApiState};
 use crate::hub::SharedHub;
 use crate::identity::IdentityKey;
@@ -20,21 +19,11 @@ pub fn routes() -> Router<ApiState> {
         )
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct MethodCall {
-    method_name: String,
-    #[serde(default)]
-    payload: serde_json::Value,
-    response_timeout_in_seconds: Option<u64>,
-    connect_timeout_in_seconds: Option<u64>,
-}
-
 async fn invoke(
     hub: &SharedHub,
     key: IdentityKey,
     body: Result<Json<MethodCall>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<MethodResult>> {
     registered(hub, &key)?;
     let Json(call) = body?;
     let _ = call.connect_timeout_in_seconds;
@@ -77,7 +66,10 @@ async fn invoke(
     match tokio::time::timeout(std::time::Duration::from_secs(timeout), reply).await {
         Ok(Ok(r)) => {
             hub.metrics.method_calls.with_label_values(&["ok"]).inc();
-            Ok(Json(json!({ "status": r.status, "payload": r.payload })))
+            Ok(Json(MethodResult {
+                status: r.status,
+                payload: r.payload,
+            }))
         }
         _ => {
             hub.methods.forget(&key, &rid);
@@ -98,7 +90,7 @@ async fn device_method(
     State(hub): State<SharedHub>,
     Path(device): Path<String>,
     body: Result<Json<MethodCall>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<MethodResult>> {
     invoke(&hub, device_key(&device)?, body).await
 }
 
@@ -106,6 +98,6 @@ async fn module_method(
     State(hub): State<SharedHub>,
     Path((device, module)): Path<(String, String)>,
     body: Result<Json<MethodCall>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<MethodResult>> {
     invoke(&hub, module_key(&device, &module)?, body).await
 }

@@ -13,8 +13,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
 
+pub mod client;
 mod deployments;
 mod fleet;
 mod identities;
@@ -23,6 +23,7 @@ mod messages;
 mod methods;
 mod routes;
 mod twins;
+pub mod wire;
 
 use crate::hub::{Hub, SharedHub};
 use crate::identity::{DeviceId, IdError, IdentityKey, ModuleId};
@@ -79,18 +80,6 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::InvalidRoutes(errors) = &self {
-            let list: Vec<serde_json::Value> = errors
-                .iter()
-                .map(|e| json!({"name": e.name, "source": e.origin, "message": e.message, "column": e.column}))
-                .collect();
-            let body = json!({"error": "BadRequest", "message": self.to_string(), "errors": list});
-            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
-        }
-        if let ApiError::DeviceNotOnline(_) = &self {
-            let body = json!({"error": "DeviceNotOnline", "errorCode": 404103, "message": self.to_string()});
-            return (StatusCode::NOT_FOUND, Json(body)).into_response();
-        }
         let (status, kind) = match &self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "Unauthorized"),
@@ -104,11 +93,25 @@ impl IntoResponse for ApiError {
             ApiError::InvalidRoutes(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         };
-        (
-            status,
-            Json(json!({"error": kind, "message": self.to_string()})),
-        )
-            .into_response()
+        let errors = match &self {
+            ApiError::InvalidRoutes(errors) => errors
+                .iter()
+                .map(|e| wire::RouteErrorView {
+                    name: e.name.clone(),
+                    source: e.origin.clone(),
+                    message: e.message.clone(),
+                    column: e.column,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let body = wire::ErrorBody {
+            error: kind.to_string(),
+            message: self.to_string(),
+            errors,
+            error_code: matches!(self, ApiError::DeviceNotOnline(_)).then_some(404103),
+        };
+        (status, Json(body)).into_response()
     }
 }
 
@@ -195,15 +198,15 @@ async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
     )
 }
 
-async fn hub_info(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
-    Json(json!({
-        "id": hub.config.hub_id.as_str(),
-        "hostname": hub.config.hostname,
-        "version": env!("CARGO_PKG_VERSION"),
-        "endpoints": hub.endpoints.get(),
-        "devices": hub.registry.device_count(),
-        "connections": hub.metrics.connections.get(),
-    }))
+async fn hub_info(State(hub): State<SharedHub>) -> Json<wire::HubInfo> {
+    Json(wire::HubInfo {
+        id: hub.config.hub_id.to_string(),
+        hostname: hub.config.hostname.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        endpoints: hub.endpoints.get().cloned(),
+        devices: hub.registry.device_count(),
+        connections: hub.metrics.connections.get(),
+    })
 }
 
 fn device_key(device: &str) -> ApiResult<IdentityKey> {

@@ -7,9 +7,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::json;
 
+use super::wire::{
+    Dropped, QueueLimits, QueueList, QueueView, RouteCheck, RouteCheckResult, RouteTableView,
+    RouteView, UpstreamView,
+};
 use super::{ApiResult, ApiState};
 use crate::hub::SharedHub;
 
@@ -20,65 +22,90 @@ pub fn routes() -> Router<ApiState> {
         .route("/queues", get(list_queues))
 }
 
-async fn list_routes(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
-    let mut v = crate::routing::table_json(&hub.routing.table());
+async fn list_routes(State(hub): State<SharedHub>) -> Json<RouteTableView> {
+    let table = hub.routing.table();
+    let routes = table
+        .routes
+        .iter()
+        .map(|r| RouteView {
+            name: r.spec.name.clone(),
+            route: r.spec.text.clone(),
+            priority: r.spec.priority,
+            time_to_live_secs: r.spec.ttl_secs.unwrap_or(table.default_ttl_secs),
+            source: r.spec.origin.clone(),
+            sink: r.route.sink.to_string(),
+        })
+        .collect();
     let upstream = hub.sinks.health(crate::sinks::SinkKind::Upstream);
-    v["upstream"] = json!({
-        "enabled": upstream.as_ref().is_some_and(|h| h.enabled),
-        "connected": upstream.and_then(|h| h.connected).unwrap_or(false),
-    });
-    Json(v)
+    Json(RouteTableView {
+        routes,
+        default_time_to_live_secs: table.default_ttl_secs,
+        upstream: UpstreamView {
+            enabled: upstream.as_ref().is_some_and(|h| h.enabled),
+            connected: upstream.and_then(|h| h.connected).unwrap_or(false),
+        },
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckBody {
-    route: String,
-}
-
-async fn check_route(body: Result<Json<CheckBody>, JsonRejection>) -> ApiResult<Response> {
+async fn check_route(body: Result<Json<RouteCheck>, JsonRejection>) -> ApiResult<Response> {
     let Json(body) = body?;
     match fleethub_router::route::Route::parse(&body.route) {
-        Ok(r) => Ok(Json(json!({
-            "valid": true,
-            "source": format!("{:?}", r.source),
-            "condition": r.condition.as_ref().map(|c| c.source().to_string()),
-            "sink": r.sink.to_string(),
-        }))
+        Ok(r) => Ok(Json(RouteCheckResult {
+            valid: true,
+            source: Some(format!("{:?}", r.source)),
+            condition: r.condition.as_ref().map(|c| c.source().to_string()),
+            sink: Some(r.sink.to_string()),
+            error: None,
+            message: None,
+            column: None,
+        })
         .into_response()),
         Err(e) => Ok((
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": "BadRequest", "valid": false, "message": e.to_string(), "column": e.column})),
+            Json(RouteCheckResult {
+                valid: false,
+                source: None,
+                condition: None,
+                sink: None,
+                error: Some("BadRequest".into()),
+                message: Some(e.to_string()),
+                column: Some(e.column),
+            }),
         )
             .into_response()),
     }
 }
 
-async fn list_queues(State(hub): State<SharedHub>) -> Json<serde_json::Value> {
+async fn list_queues(State(hub): State<SharedHub>) -> Json<QueueList> {
     let now = crate::c2d::now_ms();
     let stats = fleethub_router::queue::Queue::stats(&*hub.queues);
     hub.metrics.observe_queues(&stats, now);
-    let items: Vec<serde_json::Value> = stats
+    let items = stats
         .iter()
-        .map(|s| {
-            json!({
-                "sink": s.sink,
-                "depth": s.depth,
-                "bytes": s.bytes,
-                "oldestAgeSeconds": s.oldest_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
-                "dropped": { "expired": s.dropped_expired, "quota": s.dropped_quota },
-            })
+        .map(|s| QueueView {
+            sink: s.sink.clone(),
+            depth: s.depth,
+            bytes: s.bytes,
+            oldest_age_seconds: s.oldest_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
+            dropped: Dropped {
+                expired: s.dropped_expired,
+                quota: s.dropped_quota,
+            },
         })
         .collect();
     let cfg = &hub.config.store_and_forward;
-    Json(json!({
-        "items": items,
-        "limits": {
-            "maxBytes": cfg.max_bytes,
-            "maxSinkBytes": cfg.max_sink_bytes,
-            "whenFull": format!("{:?}", cfg.when_full),
+    Json(QueueList {
+        items,
+        limits: QueueLimits {
+            max_bytes: cfg.max_bytes,
+            max_sink_bytes: cfg.max_sink_bytes,
+            when_full: format!("{:?}", cfg.when_full),
         },
-        "refused": hub.metrics.queue_refused.get(),
-        "recoveredFrom": hub.queues.recovered_from.as_ref().map(|p| p.display().to_string()),
-    }))
+        refused: hub.metrics.queue_refused.get(),
+        recovered_from: hub
+            .queues
+            .recovered_from
+            .as_ref()
+            .map(|p| p.display().to_string()),
+    })
 }

@@ -5,12 +5,13 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::json;
 
+use super::wire::{IdentityView, Items, TwinPatch, TwinProperties, TwinQuery, TwinView};
 use super::{blocking, device_key, module_key, registered, ApiError, ApiResult, ApiState};
 use crate::hub::{SharedHub, TwinWrite, TwinWriteError};
 use crate::identity::IdentityKey;
+use crate::twin::Twin;
 
 pub fn routes() -> Router<ApiState> {
     Router::new()
@@ -25,11 +26,29 @@ pub fn routes() -> Router<ApiState> {
         )
 }
 
-fn twin_json(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<serde_json::Value>> {
+/// A twin as the API shows it; with its identity's status and connection when given.
+fn twin_view(key: &IdentityKey, twin: &Twin, identity: Option<&IdentityView>) -> TwinView {
+    TwinView {
+        device_id: key.device.clone(),
+        module_id: key.module.clone(),
+        etag: twin.etag.clone(),
+        version: twin.version,
+        tags: twin.tags.clone(),
+        properties: TwinProperties {
+            desired: twin.desired.full(),
+            reported: twin.reported.full(),
+        },
+        status: identity.map(|i| i.identity.status),
+        connection_state: identity.map(|i| i.connection_state),
+        last_activity_time: identity.and_then(|i| i.identity.last_activity_time.clone()),
+    }
+}
+
+fn show(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<TwinView>> {
     let identity = registered(hub, key)?;
     let twin = hub.twins.get(key);
     hub.metrics.twin_reads.with_label_values(&["ok"]).inc();
-    Ok(Json(crate::twin::view::api_json(
+    Ok(Json(twin_view(
         key,
         &twin,
         Some(&hub.registry.view(&identity)),
@@ -39,37 +58,15 @@ fn twin_json(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<serde_json::V
 async fn get_device_twin(
     State(hub): State<SharedHub>,
     Path(device): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    twin_json(&hub, &device_key(&device)?)
+) -> ApiResult<Json<TwinView>> {
+    show(&hub, &device_key(&device)?)
 }
 
 async fn get_module_twin(
     State(hub): State<SharedHub>,
     Path((device, module)): Path<(String, String)>,
-) -> ApiResult<Json<serde_json::Value>> {
-    twin_json(&hub, &module_key(&device, &module)?)
-}
-
-/// `{"tags": {...}, "properties": {"desired": {...}}}`; reported properties are the device's.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TwinPatch {
-    tags: Option<serde_json::Value>,
-    properties: Option<TwinPatchProperties>,
-    // Read-only fields a client may echo back from a GET; ignored.
-    #[serde(rename = "deviceId")]
-    _device_id: Option<serde_json::Value>,
-    #[serde(rename = "moduleId")]
-    _module_id: Option<serde_json::Value>,
-    #[serde(rename = "etag")]
-    _etag: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TwinPatchProperties {
-    desired: Option<serde_json::Value>,
-    reported: Option<serde_json::Value>,
+) -> ApiResult<Json<TwinView>> {
+    show(&hub, &module_key(&device, &module)?)
 }
 
 async fn patch_twin(
@@ -77,7 +74,7 @@ async fn patch_twin(
     key: IdentityKey,
     headers: &axum::http::HeaderMap,
     body: Result<Json<TwinPatch>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<TwinView>> {
     use crate::twin::{doc, TwinError};
     let identity = registered(hub, &key)?;
     let Json(body) = body?;
@@ -117,7 +114,7 @@ async fn patch_twin(
             }
             TwinWriteError::Twin(e) => ApiError::Internal(e.to_string()),
         })?;
-    Ok(Json(crate::twin::view::api_json(
+    Ok(Json(twin_view(
         &key,
         &applied.twin,
         Some(&hub.registry.view(&identity)),
@@ -129,7 +126,7 @@ async fn patch_device_twin(
     Path(device): Path<String>,
     headers: axum::http::HeaderMap,
     body: Result<Json<TwinPatch>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<TwinView>> {
     patch_twin(&hub, device_key(&device)?, &headers, body).await
 }
 
@@ -138,20 +135,14 @@ async fn patch_module_twin(
     Path((device, module)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
     body: Result<Json<TwinPatch>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<TwinView>> {
     patch_twin(&hub, module_key(&device, &module)?, &headers, body).await
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QueryBody {
-    query: String,
 }
 
 async fn query_twins(
     State(hub): State<SharedHub>,
-    body: Result<Json<QueryBody>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+    body: Result<Json<TwinQuery>, JsonRejection>,
+) -> ApiResult<Json<Items<serde_json::Value>>> {
     use fleethub_router::condition::query::{Collection, Projection, Query};
     let Json(body) = body?;
     let query =
@@ -173,11 +164,11 @@ async fn query_twins(
             }
             count += 1;
             match &query.projection {
-                Projection::All => items.push(crate::twin::view::api_json(
+                Projection::All => items.push(json!(twin_view(
                     &subject.key,
                     &subject.twin,
                     Some(&hub.registry.view(&entry)),
-                )),
+                ))),
                 Projection::Fields(fields) => {
                     use fleethub_router::condition::{Resolve, Segment};
                     let mut row = serde_json::Map::new();
@@ -191,10 +182,10 @@ async fn query_twins(
             }
         }
         match &query.projection {
-            Projection::All | Projection::Fields(_) => Ok(Json(json!({ "items": items }))),
-            Projection::Count { alias } => {
-                Ok(Json(json!({ "items": [ { alias.as_str(): count } ] })))
-            }
+            Projection::All | Projection::Fields(_) => Ok(Json(Items { items })),
+            Projection::Count { alias } => Ok(Json(Items {
+                items: vec![json!({ alias.as_str(): count })],
+            })),
         }
     })
     .await?

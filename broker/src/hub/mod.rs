@@ -150,6 +150,16 @@ impl Hub {
         self.fleet.path_of(identity.device_group_id.as_deref()?)
     }
 
+    /// An identity as the API shows it: with its connection state and its device group.
+    pub fn identity_view(
+        &self,
+        identity: &crate::registry::Identity,
+    ) -> crate::registry::IdentityView {
+        let mut view = self.registry.view(identity);
+        view.device_group = self.group_path(identity);
+        view
+    }
+
     /// An identity as twin queries and target conditions see it.
     pub fn subject(&self, identity: &crate::registry::Identity) -> crate::twin::view::Subject {
         let key = crate::registry::key_of(identity);

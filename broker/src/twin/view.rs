@@ -6,30 +6,6 @@ use fleethub_router::condition::{walk, Resolve, Segment};
 
 use super::doc::Twin;
 use crate::identity::IdentityKey;
-use crate::registry::IdentityView;
-
-/// The API's twin document (IoT Hub's shape).
-pub fn api_json(key: &IdentityKey, twin: &Twin, identity: Option<&IdentityView>) -> Value {
-    let mut v = json!({
-        "deviceId": key.device.as_str(),
-        "etag": twin.etag,
-        "version": twin.version,
-        "tags": twin.tags,
-        "properties": {
-            "desired": twin.desired.full(),
-            "reported": twin.reported.full(),
-        },
-    });
-    if let Some(m) = &key.module {
-        v["moduleId"] = json!(m.as_str());
-    }
-    if let Some(i) = identity {
-        v["status"] = json!(i.identity.status);
-        v["connectionState"] = json!(i.connection_state);
-        v["lastActivityTime"] = json!(i.identity.last_activity_time);
-    }
-    v
-}
 
 /// What a device's `$iothub/twin/GET` returns.
 pub fn device_json(twin: &Twin) -> Value {

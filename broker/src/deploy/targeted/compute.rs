@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use fleethub_router::condition::query::Collection;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::super::manifest::{self, Target};
 use super::super::DeployError;
@@ -189,28 +189,36 @@ pub async fn reconcile(
     Ok(written)
 }
 
+/// Which devices a deployment targets, applies to, and which reported success or failure;
+/// and, per custom metric, the identities its query matches among the targeted devices.
+/// Every list is sorted.
+#[derive(Debug, Clone, Default)]
+pub struct DeploymentStatus {
+    pub targeted: Vec<String>,
+    pub applied: Vec<String>,
+    pub reported_successful: Vec<String>,
+    pub reported_failed: Vec<String>,
+    pub custom: BTreeMap<String, Vec<String>>,
+}
+
 /// Per-deployment figures: system metrics and custom metrics, each with its devices.
-pub fn status(hub: &Hub, deployments: &Deployments, c: &Compiled) -> Value {
-    let mut targeted = Vec::new();
-    let mut applied = Vec::new();
-    let mut success = Vec::new();
-    let mut failed = Vec::new();
+pub fn status(hub: &Hub, deployments: &Deployments, c: &Compiled) -> DeploymentStatus {
+    let mut st = DeploymentStatus::default();
     for device in super::super::all_devices(hub) {
         if targets(c, &hub.device_subject(&device)) {
-            targeted.push(device.as_str().to_string());
+            st.targeted.push(device.as_str().to_string());
         }
         let s = deployments.device_state(device.as_str());
         if s.base.as_deref() == Some(&c.d.id) || s.layered.contains(&c.d.id) {
-            applied.push(device.as_str().to_string());
+            st.applied.push(device.as_str().to_string());
             match reported(hub, c, device.as_str()) {
-                Some(true) => success.push(device.as_str().to_string()),
-                Some(false) => failed.push(device.as_str().to_string()),
+                Some(true) => st.reported_successful.push(device.as_str().to_string()),
+                Some(false) => st.reported_failed.push(device.as_str().to_string()),
                 None => {}
             }
         }
     }
-    let mut custom = Map::new();
-    let targeted_set: HashSet<&str> = targeted.iter().map(String::as_str).collect();
+    let targeted_set: HashSet<&str> = st.targeted.iter().map(String::as_str).collect();
     for (name, q) in &c.metrics {
         let mut ids = Vec::new();
         for entry in hub.registry.identities() {
@@ -226,20 +234,15 @@ pub fn status(hub: &Hub, deployments: &Deployments, c: &Compiled) -> Value {
             }
         }
         ids.sort();
-        custom.insert(
-            name.clone(),
-            json!({ "count": ids.len(), "deviceIds": ids }),
-        );
+        st.custom.insert(name.clone(), ids);
     }
-    for ids in [&mut targeted, &mut applied, &mut success, &mut failed] {
+    for ids in [
+        &mut st.targeted,
+        &mut st.applied,
+        &mut st.reported_successful,
+        &mut st.reported_failed,
+    ] {
         ids.sort();
     }
-    let metric = |ids: &Vec<String>| json!({ "count": ids.len(), "deviceIds": ids });
-    json!({
-        "targetedCount": metric(&targeted),
-        "appliedCount": metric(&applied),
-        "reportedSuccessfulCount": metric(&success),
-        "reportedFailedCount": metric(&failed),
-        "custom": custom,
-    })
+    st
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use serde_json::Map;
 
-pub use compute::{reconcile, status};
+pub use compute::{reconcile, status, DeploymentStatus};
 pub use spec::{
     Compiled, Deployment, DeploymentSpec, DeploymentUpdate, DeviceState, MetricsSpec, OnUnmatch,
     Rollout, RolloutState, RolloutStatus, MAX_METRICS,

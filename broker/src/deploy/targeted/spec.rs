@@ -242,14 +242,19 @@ pub struct DeviceState {
 }
 
 /// Fields a deployment may change after creation (content never does).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeploymentUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_condition: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsSpec>,
     /// Present only to be refused with a clear message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<Value>,
 }
 
@@ -261,7 +266,7 @@ pub struct MetricsSpec {
 }
 
 /// A new deployment as the API takes it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeploymentSpec {
     pub id: String,
@@ -277,6 +282,7 @@ pub struct DeploymentSpec {
     pub layered: bool,
     #[serde(default)]
     pub on_unmatch: OnUnmatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
 }
 

@@ -1,0 +1,440 @@
+//! The API's contract: every request and response body.
+//!
+//! The handlers deserialize requests and serialize responses with these types, and
+//! [`super::client::ApiClient`] (used by the CLI, device-sim and the end-to-end tests) does
+//! the opposite with the same types, so the two sides cannot drift apart. Field names are
+//! IoT Hub's (camelCase). Twin content and deployment content stay JSON values: they are the
+//! user's data.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::identity::{DeviceId, ModuleId};
+
+pub use crate::deploy::group::GroupDeployment;
+pub use crate::deploy::targeted::{Deployment, DeploymentSpec, DeploymentUpdate, MetricsSpec};
+pub use crate::fleet::{DeviceGroup, GroupUpdate, OsFeed, Product};
+pub use crate::hub::Endpoints;
+pub use crate::images::{Image, ImageKind};
+pub use crate::registry::{
+    AuthenticationInput, Capabilities, ConnectionState, IdentityUpdate, IdentityView, Status,
+    SymmetricKeyInput,
+};
+
+/// An error answer: `{"error": kind, "message": ...}`, with every route error for a refused
+/// route set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<RouteErrorView>,
+    /// IoT Hub's numeric code where it has one (404103: device not online).
+    #[serde(rename = "errorCode", default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteErrorView {
+    pub name: String,
+    /// Where the route came from: `config` or `$edgeHub`.
+    pub source: String,
+    pub message: String,
+    pub column: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------
+// The hub
+
+/// `GET /hub`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HubInfo {
+    pub id: String,
+    pub hostname: String,
+    pub version: String,
+    pub endpoints: Option<Endpoints>,
+    pub devices: usize,
+    pub connections: i64,
+}
+
+// ---------------------------------------------------------------------------------------
+// Identities
+
+/// `POST /devices`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateDevice {
+    pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<AuthenticationInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+}
+
+/// `POST /devices/{d}/modules`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateModule {
+    pub module_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<AuthenticationInput>,
+}
+
+/// `?limit=&after=` of a listing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PageQuery {
+    pub limit: Option<usize>,
+    pub after: Option<String>,
+}
+
+/// A page of a listing; `next` is the `after` of the following page.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// `{"items": [...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Items<T> {
+    pub items: Vec<T>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Twins
+
+/// `PATCH /twins/...`: tags and desired properties (reported ones are the device's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwinPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<TwinPatchProperties>,
+    /// Read-only fields a client may echo back from a GET; ignored.
+    #[serde(rename = "deviceId", default, skip_serializing)]
+    pub _device_id: Option<Value>,
+    #[serde(rename = "moduleId", default, skip_serializing)]
+    pub _module_id: Option<Value>,
+    #[serde(rename = "etag", default, skip_serializing)]
+    pub _etag: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwinPatchProperties {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<Value>,
+    /// Present only to be refused with a clear message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Value>,
+}
+
+/// A twin as the API shows it (IoT Hub's shape).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TwinView {
+    pub device_id: DeviceId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_id: Option<ModuleId>,
+    pub etag: String,
+    pub version: u64,
+    pub tags: Map<String, Value>,
+    pub properties: TwinProperties,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_state: Option<ConnectionState>,
+    #[serde(default)]
+    pub last_activity_time: Option<String>,
+}
+
+/// Both sections with their `$version` and `$metadata`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TwinProperties {
+    pub desired: Value,
+    pub reported: Value,
+}
+
+/// `POST /twins/query`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwinQuery {
+    pub query: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Direct methods and cloud-to-device messages
+
+/// `POST /devices/{d}[/modules/{m}]/methods`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MethodCall {
+    pub method_name: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout_in_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_in_seconds: Option<u64>,
+}
+
+/// The device's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodResult {
+    pub status: i64,
+    pub payload: Value,
+}
+
+/// `POST /devices/{d}/messages`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct C2dMessage {
+    /// A string is sent as its UTF-8 bytes; any other JSON value as its JSON text.
+    pub body: Value,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Time to live; default one hour, at most two days (IoT Hub's maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A queued C2D message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dQueued {
+    pub message_id: String,
+    pub enqueued_time: String,
+    pub expiry_time_utc: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Routes and queues
+
+/// `GET /routes`: the table in force.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTableView {
+    pub routes: Vec<RouteView>,
+    pub default_time_to_live_secs: u64,
+    pub upstream: UpstreamView,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteView {
+    pub name: String,
+    pub route: String,
+    pub priority: u8,
+    pub time_to_live_secs: u64,
+    /// `config` or `$edgeHub`.
+    pub source: String,
+    pub sink: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamView {
+    pub enabled: bool,
+    pub connected: bool,
+}
+
+/// `POST /routes/check`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCheck {
+    pub route: String,
+}
+
+/// The verdict: a valid route's parts, or the error and its column (HTTP 400).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteCheckResult {
+    pub valid: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+}
+
+/// `GET /queues`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueList {
+    pub items: Vec<QueueView>,
+    pub limits: QueueLimits,
+    /// Messages refused (not acknowledged) because the store was full.
+    pub refused: u64,
+    /// Where a damaged store was moved aside at start, if it was.
+    pub recovered_from: Option<String>,
+}
+
+/// One sink's queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueView {
+    pub sink: String,
+    pub depth: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+    pub dropped: Dropped,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dropped {
+    pub expired: u64,
+    pub quota: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueLimits {
+    pub max_bytes: u64,
+    pub max_sink_bytes: u64,
+    pub when_full: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Products, device groups, group deployments, images
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateProduct {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Skip the five default groups.
+    #[serde(default)]
+    pub no_default_groups: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateProduct {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A product with its groups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProductView {
+    #[serde(flatten)]
+    pub product: Product,
+    pub groups: Vec<GroupView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateGroup {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_updates: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_feed: Option<OsFeed>,
+}
+
+/// A device group with its product's name and how many devices it has (and, for one group,
+/// which).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupView {
+    #[serde(flatten)]
+    pub group: DeviceGroup,
+    pub product: String,
+    pub devices: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_ids: Option<Vec<String>>,
+}
+
+/// `POST .../groups/{g}/deployments`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateGroupDeployment {
+    /// Image ids, `name:X.Y.Z` or `name:latest`.
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupDeploymentView {
+    #[serde(flatten)]
+    pub deployment: GroupDeployment,
+    /// `Product/Group`.
+    pub device_group: Option<String>,
+    /// The images the references resolve to now.
+    pub resolved: Vec<ResolvedImage>,
+    /// Whether it is the group's deployment in force.
+    pub current: bool,
+    /// Devices whose twins changed (creation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices_updated: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolvedImage {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub kind: ImageKind,
+}
+
+/// `POST /images?name=&version=&kind=` (the body is the image).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AddImage {
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub kind: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Targeted deployments
+
+/// A deployment with its figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentView {
+    #[serde(flatten)]
+    pub deployment: Deployment,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_metrics: Option<SystemMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_metrics: Option<BTreeMap<String, u64>>,
+    /// Twins written by the request (creation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twins_written: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemMetrics {
+    pub targeted_count: u64,
+    pub applied_count: u64,
+    pub reported_successful_count: u64,
+    pub reported_failed_count: u64,
+}
+
+/// One metric of a deployment and the devices behind it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricView {
+    pub deployment: String,
+    pub metric: String,
+    pub count: u64,
+    pub device_ids: Vec<String>,
+}
