@@ -149,18 +149,10 @@ pub fn run(args: SessionBenchArgs) -> Result<()> {
         "id": "storm", "targetCondition": "*", "priority": 1,
         "content": { "deviceContent": { "properties.desired.stormId": 1 } },
     });
-    let status = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!("http://{api}/deployments"))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-            .await
-            .map(|r| r.status())
-    })?;
-    if !status.is_success() {
-        bail!("creating the deployment: {status}");
-    }
+    let spec: fleethub::api::wire::DeploymentSpec = serde_json::from_value(body)?;
+    let client = fleethub::api::client::ApiClient::new(&format!("http://{api}"), &token);
+    rt.block_on(client.create_deployment(&spec))
+        .context("creating the deployment")?;
     let reached = wait_until(
         "the push reached every device",
         Duration::from_secs(120),

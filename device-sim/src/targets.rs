@@ -521,32 +521,30 @@ pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) 
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs()
         + 24 * 3600;
-    let http = reqwest::Client::new();
+    let client = fleethub::api::client::ApiClient::new(&api, &token);
     // Registers `id` and returns its MQTT credentials.
     let register = |id: String| {
-        let (http, api, token) = (http.clone(), api.clone(), token.clone());
+        let client = client.clone();
         async move {
-            let (path, body) = match id.split_once('/') {
-                None => ("/devices".to_string(), json!({ "deviceId": id })),
-                Some((d, m)) => (format!("/devices/{d}/modules"), json!({ "moduleId": m })),
-            };
-            let resp = http
-                .post(format!("{api}{path}"))
-                .bearer_auth(&token)
-                .json(&body)
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                bail!(
-                    "registering {id}: {}",
-                    resp.text().await.unwrap_or_default()
-                );
+            use fleethub::api::wire::{CreateDevice, CreateModule};
+            let view = match id.split_once('/') {
+                None => {
+                    let body = CreateDevice {
+                        device_id: id.clone(),
+                        ..Default::default()
+                    };
+                    client.create_device(&body).await
+                }
+                Some((d, m)) => {
+                    let body = CreateModule {
+                        module_id: m.to_string(),
+                        ..Default::default()
+                    };
+                    client.create_module(d, &body).await
+                }
             }
-            let v: serde_json::Value = resp.json().await?;
-            let key = v["authentication"]["symmetricKey"]["primaryKey"]
-                .as_str()
-                .context("no key")?
-                .to_string();
+            .with_context(|| format!("registering {id}"))?;
+            let key = view.identity.authentication.symmetric_key.primary_key;
             let identity = fleethub::identity::IdentityKey::parse(&id)?;
             let sas = fleethub::sas::generate(
                 &fleethub::sas::resource_for("localhost", &identity),
@@ -598,18 +596,18 @@ pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) 
             return Ok::<_, anyhow::Error>((devices, held, None));
         }
         let (id, creds) = register("fleethub/sink".to_string()).await?;
-        let resp = http
-            .patch(format!("{api}/twins/fleethub/modules/$edgeHub"))
-            .bearer_auth(&token)
-            .json(&json!({ "properties": { "desired": { "routes": { "bench": BENCH_ROUTE } } } }))
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            bail!(
-                "installing the route: {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
+        let patch = fleethub::api::wire::TwinPatch {
+            properties: Some(fleethub::api::wire::TwinPatchProperties {
+                desired: Some(json!({ "routes": { "bench": BENCH_ROUTE } })),
+                reported: None,
+            }),
+            ..Default::default()
+        };
+        let edge_hub = fleethub::identity::IdentityKey::parse("fleethub/$edgeHub")?;
+        client
+            .patch_twin(&edge_hub, &patch, None)
+            .await
+            .context("installing the route")?;
         let sink = ClientSpec {
             id,
             credentials: Some(creds),

@@ -7,13 +7,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleethub::api::client::ApiClient;
+use fleethub::api::wire::{CreateDevice, CreateModule};
 use fleethub::hub::Endpoints;
 use fleethub::identity::IdentityKey;
 use reqwest::Method;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
@@ -37,7 +39,8 @@ pub struct Hub {
     pub token: String,
     pub hostname: String,
     extra_args: Vec<String>,
-    http: reqwest::Client,
+    /// The typed API client the CLI uses too.
+    pub client: ApiClient,
 }
 
 impl Hub {
@@ -94,6 +97,7 @@ impl Hub {
             .expect("admin token")
             .trim()
             .to_string();
+        let client = ApiClient::new(&format!("http://{}", endpoints.api), &token);
         let mut hub = Hub {
             child: Some(child),
             dir,
@@ -101,10 +105,9 @@ impl Hub {
             token,
             hostname: String::new(),
             extra_args,
-            http: reqwest::Client::new(),
+            client,
         };
-        let (_, info) = hub.api(Method::GET, "/hub", None).await;
-        hub.hostname = info["hostname"].as_str().unwrap_or("localhost").to_string();
+        hub.hostname = hub.client.hub().await.expect("GET /hub").hostname;
         hub
     }
 
@@ -143,46 +146,46 @@ impl Hub {
         format!("http://{}{}", self.endpoints.api, path)
     }
 
-    /// Calls the API with the admin token; returns status and JSON body (Null when empty).
+    /// Calls the API with the admin token as it is on the wire (for tests of the exact JSON
+    /// and of bad input); returns status and JSON body (Null when empty).
     pub async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, self.api_url(path))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("API reachable");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        let (status, value) = self
+            .client
+            .raw(method, path, body.as_ref())
+            .await
+            .expect("API reachable");
+        let value = match value {
+            Value::String(_) => Value::Null,
+            v => v,
+        };
+        (status.as_u16(), value)
     }
 
     /// Registers a device and returns its primary key.
     pub async fn create_device(&self, id: &str) -> String {
-        let (status, body) = self
-            .api(Method::POST, "/devices", Some(json!({ "deviceId": id })))
-            .await;
-        assert_eq!(status, 201, "{body}");
-        body["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let body = CreateDevice {
+            device_id: id.to_string(),
+            ..Default::default()
+        };
+        let view = self
+            .client
+            .create_device(&body)
+            .await
+            .expect("device created");
+        view.identity.authentication.symmetric_key.primary_key
     }
 
     pub async fn create_module(&self, device: &str, module: &str) -> String {
-        let (status, body) = self
-            .api(
-                Method::POST,
-                &format!("/devices/{device}/modules"),
-                Some(json!({ "moduleId": module })),
-            )
-            .await;
-        assert_eq!(status, 201, "{body}");
-        body["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let body = CreateModule {
+            module_id: module.to_string(),
+            ..Default::default()
+        };
+        let view = self
+            .client
+            .create_module(device, &body)
+            .await
+            .expect("module created");
+        view.identity.authentication.symmetric_key.primary_key
     }
 
     /// A SAS token for `identity` (`d` or `d/m`) valid for an hour.
@@ -259,21 +262,18 @@ impl Hub {
     }
 
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(self.api_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.client.metrics().await.expect("GET /metrics")
     }
 
     /// The desired document of the twin at `path` (`/twins/d[/modules/m]`), without
     /// `$metadata` and `$version`: what a device that applied every patch should hold.
     pub async fn desired_document(&self, path: &str) -> serde_json::Map<String, Value> {
-        let (_, t) = self.api(Method::GET, path, None).await;
-        let mut d = t["properties"]["desired"]
+        let identity = path.trim_start_matches("/twins/").replace("/modules/", "/");
+        let key = IdentityKey::parse(&identity).expect("a twin path");
+        let twin = self.client.twin(&key).await.expect("GET twin");
+        let mut d = twin
+            .properties
+            .desired
             .as_object()
             .cloned()
             .unwrap_or_default();

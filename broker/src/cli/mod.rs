@@ -1,0 +1,263 @@
+//! The `fleethub` command line: `serve` runs the hub; every other verb is a client of the
+//! management API through [`crate::api::client::ApiClient`] (and `monitor-events` of the
+//! MQTT service connection).
+//!
+//! One file per verb group, each owning its clap command enum and its `run`:
+//! [`identity`] (devices, modules, SAS tokens), [`twin`], [`message`] (direct methods and
+//! C2D), [`route`] (routes and queues), [`fleet`] (products, device groups and their
+//! deployments), [`image`], [`deployment`] (targeted deployments), [`monitor`].
+
+mod deployment;
+mod fleet;
+mod identity;
+mod image;
+mod message;
+mod monitor;
+mod route;
+mod twin;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::api::client::ApiClient;
+use crate::config::{Config, Overrides};
+use crate::hub::Endpoints;
+use crate::server::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE};
+
+pub use monitor::describe_event;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleethub",
+    version,
+    about = "Self-hosted IoT hub: MQTT broker, device registry, twins, routes and fleet deployments"
+)]
+pub struct Cli {
+    /// Management API base URL [default: from DATA_DIR/endpoints.json of a running hub, else http://127.0.0.1:8080]
+    #[arg(long, env = "FLEETHUB_URL", global = true)]
+    pub url: Option<String>,
+    /// Admin bearer token [default: the admin-token file in the data directory]
+    #[arg(long, env = "FLEETHUB_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory (serve: where the hub keeps its state; client verbs: where to find the token)
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Output format
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the hub (the default with no subcommand)
+    Serve(ServeArgs),
+    /// Devices in the identity registry
+    #[command(subcommand)]
+    Device(identity::DeviceCmd),
+    /// Modules (deviceId/moduleId identities)
+    #[command(subcommand)]
+    Module(identity::ModuleCmd),
+    /// Device and module twins
+    #[command(subcommand)]
+    Twin(twin::TwinCmd),
+    /// Direct methods
+    #[command(subcommand)]
+    Method(message::MethodCmd),
+    /// Cloud-to-device messages
+    #[command(subcommand)]
+    C2d(message::C2dCmd),
+    /// Routes: the table in force, and checking an expression
+    #[command(subcommand)]
+    Route(route::RouteCmd),
+    /// Store-and-forward queues, one per sink
+    #[command(subcommand)]
+    Queue(route::QueueCmd),
+    /// Products: what kind of device (Azure Sphere); each has device groups
+    #[command(subcommand)]
+    Product(fleet::ProductCmd),
+    /// Device groups of a product, named "Product/Group"
+    #[command(subcommand)]
+    DeviceGroup(fleet::DeviceGroupCmd),
+    /// Image packages (applications, board configurations) that deployments hand out
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+    /// Targeted and layered deployments (IoT Edge deployment manifests), with rollouts
+    #[command(subcommand)]
+    Deployment(deployment::DeploymentCmd),
+    /// Print a SAS token for a device or module (the MQTT password)
+    SasToken(identity::SasTokenArgs),
+    /// Print telemetry as it arrives (like `az iot hub monitor-events`)
+    MonitorEvents(monitor::MonitorArgs),
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); the embedded defaults fill what it leaves out
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Plain MQTT listen address, or "off"
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// MQTT over TLS listen address, or "off"
+    #[arg(long)]
+    pub mqtts: Option<String>,
+    /// HTTP API and /metrics listen address
+    #[arg(long)]
+    pub api: Option<String>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match &cli.command {
+        None => runtime.block_on(serve(&cli.data_dir, ServeArgs::default())),
+        Some(Command::Serve(args)) => runtime.block_on(serve(&cli.data_dir, args.clone())),
+        Some(command) => {
+            let ctx = Ctx::new(&cli)?;
+            runtime.block_on(run(command, &ctx))
+        }
+    }
+}
+
+async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .init();
+    let overrides = Overrides {
+        data_dir: data_dir.clone(),
+        mqtt: args.mqtt,
+        mqtts: args.mqtts,
+        api: args.api,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    crate::server::run(config, crate::server::signal()).await?;
+    Ok(())
+}
+
+/// Hands a client verb to its group.
+async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("serve is handled before a client is built"),
+        Command::Device(cmd) => cmd.run(ctx).await,
+        Command::Module(cmd) => cmd.run(ctx).await,
+        Command::Twin(cmd) => cmd.run(ctx).await,
+        Command::Method(cmd) => cmd.run(ctx).await,
+        Command::C2d(cmd) => cmd.run(ctx).await,
+        Command::Route(cmd) => cmd.run(ctx).await,
+        Command::Queue(cmd) => cmd.run(ctx).await,
+        Command::Product(cmd) => cmd.run(ctx).await,
+        Command::DeviceGroup(cmd) => cmd.run(ctx).await,
+        Command::Image(cmd) => cmd.run(ctx).await,
+        Command::Deployment(cmd) => cmd.run(ctx).await,
+        Command::SasToken(args) => args.run(ctx).await,
+        Command::MonitorEvents(args) => args.run(ctx).await,
+    }
+}
+
+/// What every client verb works with: the API client, the admin token (the monitor's MQTT
+/// password) and the output format.
+pub struct Ctx {
+    pub api: ApiClient,
+    pub token: String,
+    pub output: Output,
+}
+
+impl Ctx {
+    fn new(cli: &Cli) -> Result<Ctx> {
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./fleethub-data"));
+        let token = match &cli.token {
+            Some(t) => t.clone(),
+            None => {
+                let path = data_dir.join(ADMIN_TOKEN_FILE);
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "no --token given and cannot read {} (set FLEETHUB_TOKEN or --data-dir)",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let base = match &cli.url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => match read_endpoints(&data_dir) {
+                Some(e) => format!("http://{}", e.api),
+                None => "http://127.0.0.1:8080".to_string(),
+            },
+        };
+        Ok(Ctx {
+            api: ApiClient::new(&base, &token),
+            token,
+            output: cli.output,
+        })
+    }
+
+    /// Prints `value` as JSON, or `text` of it.
+    pub fn print<T: Serialize>(&self, value: &T, text: impl FnOnce(&T) -> String) {
+        match self.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            ),
+            Output::Text => println!("{}", text(value)),
+        }
+    }
+
+    /// `{"deleted": name}` or "Deleted {what} {name}".
+    pub fn deleted(&self, what: &str, name: &str) {
+        self.print(&serde_json::json!({ "deleted": name }), |_| {
+            format!("Deleted {what} {name}")
+        });
+    }
+
+    /// Progress for an operator watching a long command (never in JSON output).
+    pub fn progress(&self, line: &str) {
+        if self.output == Output::Text {
+            eprintln!("{line}");
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration> {
+    humantime::parse_duration(s)
+        .with_context(|| format!("'{s}' is not a duration (try 30s, 1h, 7d)"))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{what} {} is not valid: ", path.display()))
+}
+
+fn parse_json_arg<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON for it: {text}"))
+}
+
+fn read_endpoints(data_dir: &Path) -> Option<Endpoints> {
+    let text = std::fs::read_to_string(data_dir.join(ENDPOINTS_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
