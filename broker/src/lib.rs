@@ -21,6 +21,7 @@
 pub mod api;
 pub mod c2d;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod core;
 pub mod deploy;

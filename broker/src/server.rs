@@ -196,11 +196,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
     hub.observe(Arc::new(crate::deploy::Observer(deploy.clone())));
     // A deployment acknowledged just before a crash may not have reached every twin yet.
-    let devices = crate::deploy::all_devices(&hub);
-    match hub
-        .devices_changed(devices, crate::hub::Change::Start)
-        .await
-    {
+    match hub.changed(crate::hub::Change::Start).await {
         Ok(0) => {}
         Ok(n) => info!(twins = n, "deployment state brought up to date at start"),
         Err(e) => tracing::warn!(error = %e, "reconciling deployments at start"),
@@ -263,7 +259,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ));
     }
     let mut api_stop = stop_rx.clone();
-    let app = crate::api::router(hub.clone(), deploy.clone());
+    let app = crate::api::router(
+        hub.clone(),
+        crate::deploy::http::routes(hub.clone(), deploy.clone()),
+    );
     tasks.spawn(async move {
         let _ = axum::serve(api, app)
             .with_graceful_shutdown(async move {

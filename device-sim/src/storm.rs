@@ -149,8 +149,8 @@ pub fn run(args: SessionBenchArgs) -> Result<()> {
         "id": "storm", "targetCondition": "*", "priority": 1,
         "content": { "deviceContent": { "properties.desired.stormId": 1 } },
     });
-    let spec: fleethub::api::wire::DeploymentSpec = serde_json::from_value(body)?;
-    let client = fleethub::api::client::ApiClient::new(&format!("http://{api}"), &token);
+    let spec: fleethub::deploy::wire::DeploymentSpec = serde_json::from_value(body)?;
+    let client = fleethub::client::ApiClient::new(&format!("http://{api}"), &token);
     rt.block_on(client.create_deployment(&spec))
         .context("creating the deployment")?;
     let reached = wait_until(

@@ -521,7 +521,7 @@ pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) 
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs()
         + 24 * 3600;
-    let client = fleethub::api::client::ApiClient::new(&api, &token);
+    let client = fleethub::client::ApiClient::new(&api, &token);
     // Registers `id` and returns its MQTT credentials.
     let register = |id: String| {
         let client = client.clone();

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleethub::api::client::ApiClient;
 use fleethub::api::wire::{CreateDevice, CreateModule};
+use fleethub::client::ApiClient;
 use fleethub::hub::Endpoints;
 use fleethub::identity::IdentityKey;
 use reqwest::Method;

@@ -9,14 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use super::wire::{
-    CreateGroup, CreateGroupDeployment, CreateProduct, GroupDeployment, GroupDeploymentView,
-    GroupView, Items, ProductView, ResolvedImage, UpdateProduct,
-};
+use super::wire::{CreateGroup, CreateProduct, GroupView, Items, ProductView, UpdateProduct};
 use super::{blocking, ApiError, ApiResult, ApiState};
-use crate::deploy::DeployError;
 use crate::fleet::{DeviceGroup, FleetError, GroupUpdate, Product};
-use crate::hub::SharedHub;
+use crate::hub::{Change, SharedHub};
 
 impl From<FleetError> for ApiError {
     fn from(e: FleetError) -> Self {
@@ -27,25 +23,6 @@ impl From<FleetError> for ApiError {
             FleetError::Store(_) => ApiError::Internal(e.to_string()),
         }
     }
-}
-
-impl From<DeployError> for ApiError {
-    fn from(e: DeployError) -> Self {
-        match e {
-            DeployError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
-            DeployError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            DeployError::Exists(_) => ApiError::Conflict(e.to_string()),
-            DeployError::InvalidRoutes(errors) => ApiError::InvalidRoutes(errors),
-            DeployError::Store(_) | DeployError::Twin(_) => ApiError::Internal(e.to_string()),
-        }
-    }
-}
-
-/// Brings a group's devices to their deployment state before the API answers, so an
-/// operator who gets a 2xx can read the result in the twins.
-pub(super) async fn reconcile_group(s: &ApiState, group_id: &str) -> ApiResult<usize> {
-    let devices = crate::deploy::devices_in_group(&s.hub, group_id);
-    Ok(s.deploy.reconcile_groups(&s.hub, devices).await?)
 }
 
 pub fn routes() -> Router<ApiState> {
@@ -64,10 +41,6 @@ pub fn routes() -> Router<ApiState> {
         .route(
             "/products/{product}/groups/{group}",
             get(get_group).patch(update_group).delete(delete_group),
-        )
-        .route(
-            "/products/{product}/groups/{group}/deployments",
-            get(list_deployments).post(create_deployment),
         )
         .route("/device-groups", get(all_groups))
 }
@@ -159,10 +132,9 @@ async fn update_product(
 }
 
 async fn delete_product(
-    State(st): State<ApiState>,
+    State(hub): State<SharedHub>,
     Path(product): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let hub = st.hub.clone();
     let p = require_product(&hub, &product)?;
     let groups: Vec<String> = hub
         .fleet
@@ -171,8 +143,8 @@ async fn delete_product(
         .map(|g| g.id)
         .collect();
     blocking(&hub, move |h| h.fleet.delete_product(&product, &h.registry)).await??;
-    for g in groups {
-        st.deploy.groups.forget_group(&g)?;
+    for group_id in groups {
+        group_deleted(&hub, group_id).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -243,15 +215,19 @@ async fn get_group(
 }
 
 async fn update_group(
-    State(st): State<ApiState>,
+    State(hub): State<SharedHub>,
     Path((product, group)): Path<(String, String)>,
     body: Result<Json<GroupUpdate>, JsonRejection>,
 ) -> ApiResult<Json<GroupView>> {
-    let hub = st.hub.clone();
     let Json(body) = body?;
     let g = blocking(&hub, move |h| h.fleet.update_group(&product, &group, body)).await??;
-    // Application updates on or off changes what its devices should run.
-    reconcile_group(&st, &g.id).await?;
+    // Application updates on or off changes what its devices should run; the API answers
+    // once their twins say so.
+    hub.changed(Change::GroupChanged {
+        group_id: g.id.clone(),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
     let counts = hub.fleet.device_counts(&hub.registry);
     Ok(Json(group_view(
         &hub,
@@ -261,73 +237,22 @@ async fn update_group(
 }
 
 async fn delete_group(
-    State(st): State<ApiState>,
+    State(hub): State<SharedHub>,
     Path((product, group)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let hub = st.hub.clone();
     let g = hub.fleet.group(&product, &group)?;
     blocking(&hub, move |h| {
         h.fleet.delete_group(&product, &group, &h.registry)
     })
     .await??;
-    st.deploy.groups.forget_group(&g.id)?;
+    group_deleted(&hub, g.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn deployment_view(hub: &SharedHub, d: &GroupDeployment, current: bool) -> GroupDeploymentView {
-    let resolved = d
-        .images
-        .iter()
-        .filter_map(|r| hub.images.resolve(r).ok())
-        .map(|i| ResolvedImage {
-            id: i.id,
-            name: i.name,
-            version: i.version,
-            kind: i.kind,
-        })
-        .collect();
-    GroupDeploymentView {
-        deployment: d.clone(),
-        device_group: hub.fleet.path_of(&d.group_id),
-        resolved,
-        current,
-        devices_updated: None,
-    }
-}
-
-async fn create_deployment(
-    State(st): State<ApiState>,
-    Path((product, group)): Path<(String, String)>,
-    body: Result<Json<CreateGroupDeployment>, JsonRejection>,
-) -> ApiResult<Response> {
-    let hub = st.hub.clone();
-    let Json(body) = body?;
-    let g = hub.fleet.group(&product, &group)?;
-    let group_id = g.id.clone();
-    let deploy = st.deploy.clone();
-    let d = blocking(&hub, move |h| {
-        deploy.groups.create(&h.images, &group_id, &body.images)
-    })
-    .await??;
-    let updated = reconcile_group(&st, &g.id).await?;
-    let mut v = deployment_view(&hub, &d, true);
-    v.devices_updated = Some(updated);
-    Ok((StatusCode::CREATED, Json(v)).into_response())
-}
-
-async fn list_deployments(
-    State(st): State<ApiState>,
-    Path((product, group)): Path<(String, String)>,
-) -> ApiResult<Json<Items<GroupDeploymentView>>> {
-    let hub = st.hub.clone();
-    let g = hub.fleet.group(&product, &group)?;
-    let items = st
-        .deploy
-        .groups
-        .history(&g.id)
-        .iter()
-        .enumerate()
-        .map(|(n, d)| deployment_view(&hub, d, n == 0))
-        .collect();
-    Ok(Json(Items { items }))
+/// What was deployed to a deleted group is forgotten with it.
+async fn group_deleted(hub: &SharedHub, group_id: String) -> ApiResult<()> {
+    hub.changed(Change::GroupDeleted { group_id })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(())
 }

@@ -44,7 +44,7 @@ async fn create(
             .map(|i| h.registry.view(&i))
     })
     .await??;
-    hub.devices_changed(vec![device], Change::Registered)
+    hub.changed(Change::Registered(device))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -143,7 +143,7 @@ async fn update(
     if moves {
         // Its new group's deployment, and none of the old group's; targeted deployments
         // may select on the group too.
-        hub.devices_changed(vec![key.device.clone()], Change::Moved)
+        hub.changed(Change::Moved(key.device.clone()))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
     }

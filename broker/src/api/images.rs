@@ -9,7 +9,7 @@ use axum::{Json, Router};
 
 use super::wire::{AddImage, Image, Items};
 use super::{blocking, ApiError, ApiResult, ApiState};
-use crate::hub::SharedHub;
+use crate::hub::{Change, SharedHub};
 use crate::images::{Added, ImageError, ImageKind, MAX_IMAGE_BYTES};
 
 impl From<ImageError> for ApiError {
@@ -37,11 +37,10 @@ pub fn routes() -> Router<ApiState> {
 
 /// The body is the image itself; name, version and kind are query parameters.
 async fn add(
-    State(st): State<ApiState>,
+    State(hub): State<SharedHub>,
     Query(q): Query<AddImage>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let hub = st.hub.clone();
     let missing = |f: &str| ApiError::BadRequest(format!("missing query parameter '{f}'"));
     let name = q.name.ok_or_else(|| missing("name"))?;
     let version = q.version.ok_or_else(|| missing("version"))?;
@@ -50,9 +49,11 @@ async fn add(
     Ok(match added {
         Added::New(i) => {
             // Groups following `name:latest` now want this version.
-            for g in st.deploy.groups.groups_following(&i.name) {
-                super::fleet::reconcile_group(&st, &g).await?;
-            }
+            hub.changed(Change::ImageAdded {
+                name: i.name.clone(),
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
             (StatusCode::CREATED, Json(i)).into_response()
         }
         Added::Existing(i) => (StatusCode::OK, Json(i)).into_response(),

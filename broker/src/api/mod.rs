@@ -5,17 +5,13 @@
 //! id rule broken), never a bare status.
 
 use axum::extract::rejection::JsonRejection;
-use std::sync::Arc;
-
-use axum::extract::{FromRef, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-pub mod client;
-mod deployments;
 mod fleet;
 mod identities;
 mod images;
@@ -115,30 +111,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
-/// What every handler can reach: the hub and the deployment engine. Handlers take the part
-/// they need (`State<SharedHub>`, `State<Arc<Engine>>`).
-#[derive(Clone)]
-pub struct ApiState {
-    pub hub: SharedHub,
-    pub deploy: Arc<crate::deploy::Engine>,
-}
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
+/// What every handler works with.
+pub type ApiState = SharedHub;
 
-impl FromRef<ApiState> for SharedHub {
-    fn from_ref(state: &ApiState) -> SharedHub {
-        state.hub.clone()
-    }
-}
-
-impl FromRef<ApiState> for Arc<crate::deploy::Engine> {
-    fn from_ref(state: &ApiState) -> Arc<crate::deploy::Engine> {
-        state.deploy.clone()
-    }
-}
-
-/// The API, one resource per file, each with its own `routes()`.
-pub fn router(hub: SharedHub, deploy: Arc<crate::deploy::Engine>) -> Router {
-    let state = ApiState { hub, deploy };
+/// The API, one resource per file, each with its own `routes()`; `mounted` are resources
+/// that live with the module they drive (the deployments), behind the same token check.
+pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
+    let state = hub;
     let authed = Router::new()
         .route("/hub", get(hub_info))
         .merge(identities::routes())
@@ -148,11 +128,8 @@ pub fn router(hub: SharedHub, deploy: Arc<crate::deploy::Engine>) -> Router {
         .merge(routes::routes())
         .merge(fleet::routes())
         .merge(images::routes())
-        .merge(deployments::routes())
-        .layer(middleware::from_fn_with_state(
-            state.hub.clone(),
-            require_token,
-        ));
+        .merge(mounted)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
@@ -176,7 +153,7 @@ async fn require_token(State(hub): State<SharedHub>, request: Request, next: Nex
 }
 
 /// Runs registry work (fsynced redb commits) off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     hub: &SharedHub,
     f: impl FnOnce(&Hub) -> T + Send + 'static,
 ) -> ApiResult<T> {

@@ -6,15 +6,11 @@
 //! IoT Hub's (camelCase). Twin content and deployment content stay JSON values: they are the
 //! user's data.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::identity::{DeviceId, ModuleId};
 
-pub use crate::deploy::group::GroupDeployment;
-pub use crate::deploy::targeted::{Deployment, DeploymentSpec, DeploymentUpdate, MetricsSpec};
 pub use crate::fleet::{DeviceGroup, GroupUpdate, OsFeed, Product};
 pub use crate::hub::Endpoints;
 pub use crate::images::{Image, ImageKind};
@@ -307,7 +303,7 @@ pub struct QueueLimits {
 }
 
 // ---------------------------------------------------------------------------------------
-// Products, device groups, group deployments, images
+// Products, device groups, images
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -362,79 +358,10 @@ pub struct GroupView {
     pub device_ids: Option<Vec<String>>,
 }
 
-/// `POST .../groups/{g}/deployments`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateGroupDeployment {
-    /// Image ids, `name:X.Y.Z` or `name:latest`.
-    pub images: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GroupDeploymentView {
-    #[serde(flatten)]
-    pub deployment: GroupDeployment,
-    /// `Product/Group`.
-    pub device_group: Option<String>,
-    /// The images the references resolve to now.
-    pub resolved: Vec<ResolvedImage>,
-    /// Whether it is the group's deployment in force.
-    pub current: bool,
-    /// Devices whose twins changed (creation only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub devices_updated: Option<usize>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResolvedImage {
-    pub id: String,
-    pub name: String,
-    pub version: String,
-    pub kind: ImageKind,
-}
-
 /// `POST /images?name=&version=&kind=` (the body is the image).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AddImage {
     pub name: Option<String>,
     pub version: Option<String>,
     pub kind: Option<String>,
-}
-
-// ---------------------------------------------------------------------------------------
-// Targeted deployments
-
-/// A deployment with its figures.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeploymentView {
-    #[serde(flatten)]
-    pub deployment: Deployment,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system_metrics: Option<SystemMetrics>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub custom_metrics: Option<BTreeMap<String, u64>>,
-    /// Twins written by the request (creation only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub twins_written: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SystemMetrics {
-    pub targeted_count: u64,
-    pub applied_count: u64,
-    pub reported_successful_count: u64,
-    pub reported_failed_count: u64,
-}
-
-/// One metric of a deployment and the devices behind it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MetricView {
-    pub deployment: String,
-    pub metric: String,
-    pub count: u64,
-    pub device_ids: Vec<String>,
 }

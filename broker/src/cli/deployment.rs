@@ -8,8 +8,10 @@ use clap::{Subcommand, ValueEnum};
 use serde_json::Value;
 
 use super::{parse_json_arg, read_json, Ctx};
-use crate::api::wire::{DeploymentSpec, DeploymentUpdate, DeploymentView, MetricsSpec};
-use crate::deploy::targeted::{OnUnmatch, Rollout, RolloutStatus};
+use crate::deploy::wire::{
+    DeploymentSpec, DeploymentUpdate, DeploymentView, MetricsSpec, OnUnmatch, Rollout,
+    RolloutStatus, SystemMetrics,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum DeploymentCmd {
@@ -109,9 +111,7 @@ fn status_str(s: RolloutStatus) -> &'static str {
 
 fn show(v: &DeploymentView) -> String {
     let d = &v.deployment;
-    let count = |f: fn(&crate::api::wire::SystemMetrics) -> u64| {
-        v.system_metrics.as_ref().map(f).unwrap_or(0)
-    };
+    let count = |f: fn(&SystemMetrics) -> u64| v.system_metrics.as_ref().map(f).unwrap_or(0);
     let mut out = format!(
         "Deployment {} (priority {}{})\n  targetCondition: {}\n  targeted {}  applied {}  reportedSuccess {}  reportedFailed {}",
         d.id,
@@ -187,7 +187,7 @@ impl DeploymentCmd {
                     );
                     for v in &l.items {
                         let d = &v.deployment;
-                        let m = v.system_metrics.unwrap_or(crate::api::wire::SystemMetrics {
+                        let m = v.system_metrics.unwrap_or(SystemMetrics {
                             targeted_count: 0,
                             applied_count: 0,
                             reported_successful_count: 0,

@@ -6,9 +6,9 @@ use clap::{Subcommand, ValueEnum};
 
 use super::Ctx;
 use crate::api::wire::{
-    CreateGroup, CreateGroupDeployment, CreateProduct, GroupDeploymentView, GroupUpdate, GroupView,
-    OsFeed, ProductView, UpdateProduct,
+    CreateGroup, CreateProduct, GroupUpdate, GroupView, OsFeed, ProductView, UpdateProduct,
 };
+use crate::deploy::wire::{CreateGroupDeployment, GroupDeploymentView};
 
 #[derive(Subcommand, Debug)]
 pub enum ProductCmd {

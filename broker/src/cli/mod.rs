@@ -1,5 +1,5 @@
 //! The `fleethub` command line: `serve` runs the hub; every other verb is a client of the
-//! management API through [`crate::api::client::ApiClient`] (and `monitor-events` of the
+//! management API through [`crate::client::ApiClient`] (and `monitor-events` of the
 //! MQTT service connection).
 //!
 //! One file per verb group, each owning its clap command enum and its `run`:
@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::api::client::ApiClient;
+use crate::client::ApiClient;
 use crate::config::{Config, Overrides};
 use crate::hub::Endpoints;
 use crate::server::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE};

@@ -5,7 +5,9 @@
 //!   written to the desired `groupDeployment` property of the group's devices;
 //! - [`targeted`]: **targeted and layered deployments** (IoT Hub configurations, IoT Edge
 //!   deployments at scale) with phased rollouts and the `onUnmatch` policy;
-//! - [`manifest`]: the deployment content format both read.
+//! - [`manifest`]: the deployment content format both read;
+//! - [`http`] and [`wire`]: their API resources and bodies, mounted into the API by the
+//!   server.
 //!
 //! Each kind has a store that knows no hub and an engine part above it. The [`Engine`]
 //! holds both stores and hears of device changes through the hub's [`ChangeObserver`]
@@ -15,8 +17,10 @@
 //! acknowledged deployment always reaches its devices.
 
 pub mod group;
+pub mod http;
 pub mod manifest;
 pub mod targeted;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -93,28 +97,48 @@ impl Engine {
         targeted::reconcile(hub, &self.targeted, devices).await
     }
 
-    async fn changed(
-        &self,
-        hub: Arc<Hub>,
-        devices: Vec<DeviceId>,
-        change: Change,
-    ) -> Result<usize, DeployError> {
+    async fn changed(&self, hub: Arc<Hub>, change: Change) -> Result<usize, DeployError> {
         match change {
-            // A new identity has no group yet; a group change or a start may move both.
-            Change::Moved | Change::Start => {
-                let a = self.reconcile_groups(&hub, devices.clone()).await?;
-                let b = self.reconcile_targeted(&hub, devices).await?;
-                Ok(a + b)
-            }
-            // A new device may be targeted, a new module may be a deployment's target twin;
-            // tags and reported properties select deployments.
-            Change::Registered | Change::Twin => {
+            // A group change or a start may move both kinds.
+            Change::Moved(device) => self.reconcile_all_kinds(&hub, vec![device]).await,
+            Change::Start => self.reconcile_all_kinds(&hub, all_devices(&hub)).await,
+            // A new identity has no group yet: a new device may be targeted, a new module may
+            // be a deployment's target twin; tags and reported properties select deployments.
+            Change::Registered(device) | Change::Twin(device) => {
                 if self.targeted.is_empty() {
                     return Ok(0);
                 }
-                self.reconcile_targeted(&hub, devices).await
+                self.reconcile_targeted(&hub, vec![device]).await
+            }
+            // Application updates on or off changes what the group's devices should run.
+            Change::GroupChanged { group_id } => {
+                let devices = devices_in_group(&hub, &group_id);
+                self.reconcile_groups(&hub, devices).await
+            }
+            Change::GroupDeleted { group_id } => {
+                self.groups.forget_group(&group_id)?;
+                Ok(0)
+            }
+            // Groups following `name:latest` now want the new version.
+            Change::ImageAdded { name } => {
+                let mut written = 0;
+                for group_id in self.groups.groups_following(&name) {
+                    let devices = devices_in_group(&hub, &group_id);
+                    written += self.reconcile_groups(&hub, devices).await?;
+                }
+                Ok(written)
             }
         }
+    }
+
+    async fn reconcile_all_kinds(
+        &self,
+        hub: &Arc<Hub>,
+        devices: Vec<DeviceId>,
+    ) -> Result<usize, DeployError> {
+        let a = self.reconcile_groups(hub, devices.clone()).await?;
+        let b = self.reconcile_targeted(hub, devices).await?;
+        Ok(a + b)
     }
 }
 
@@ -122,16 +146,11 @@ impl Engine {
 pub struct Observer(pub Arc<Engine>);
 
 impl ChangeObserver for Observer {
-    fn devices_changed(
-        &self,
-        hub: Arc<Hub>,
-        devices: Vec<DeviceId>,
-        change: Change,
-    ) -> ChangeFuture {
+    fn changed(&self, hub: Arc<Hub>, change: Change) -> ChangeFuture {
         let engine = self.0.clone();
         Box::pin(async move {
             engine
-                .changed(hub, devices, change)
+                .changed(hub, change)
                 .await
                 .map_err(|e| ChangeError(Box::new(e)))
         })

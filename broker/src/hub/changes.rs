@@ -1,11 +1,11 @@
-//! How the hub tells what sits above it that devices changed.
+//! How the hub tells what sits above it that something changed.
 //!
-//! The deployment engine keeps state derived from devices (which deployment applies, what a
-//! group's devices should run). It must hear about every change that can move that state:
-//! a registration, a move to another group, a twin write, a start after downtime. The hub
-//! defines this interface and the engine implements it, so the hub, the API's identity and
-//! twin handlers and the MQTT front end name nothing of `deploy`: the import graph points
-//! one way.
+//! The deployment engine keeps state derived from devices, groups and images (which
+//! deployment applies, what a group's devices should run). It must hear about every change
+//! that can move that state: a registration, a move to another group, a twin write, a
+//! group's settings or deletion, a new image version, a start after downtime. The hub defines
+//! this interface and the engine implements it, so the hub, the API and the MQTT front end
+//! name nothing of `deploy`: the import graph points one way.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,15 +14,22 @@ use std::sync::Arc;
 use super::Hub;
 use crate::identity::DeviceId;
 
-/// What happened to the devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A device, or a module of it, was registered.
-    Registered,
+    Registered(DeviceId),
     /// The device moved to another device group.
-    Moved,
+    Moved(DeviceId),
     /// Tags, desired or reported properties of the device or one of its modules were written.
-    Twin,
+    Twin(DeviceId),
+    /// A device group's settings changed (application updates, OS feed): its devices may run
+    /// something else now.
+    GroupChanged { group_id: String },
+    /// A device group was deleted (its devices had left it).
+    GroupDeleted { group_id: String },
+    /// A new version of the image `name` was added.
+    ImageAdded { name: String },
     /// The hub started: anything may have changed while it was down (or a crash cut a
     /// reconcile short).
     Start,
@@ -35,15 +42,10 @@ pub struct ChangeError(pub Box<dyn std::error::Error + Send + Sync>);
 
 pub type ChangeFuture = Pin<Box<dyn Future<Output = Result<usize, ChangeError>> + Send>>;
 
-/// Something that keeps state derived from devices and must hear of their changes.
+/// Something that keeps derived state and must hear of changes.
 pub trait ChangeObserver: Send + Sync {
-    /// Brings derived state up to date for `devices`; returns how many twins it wrote.
-    fn devices_changed(
-        &self,
-        hub: Arc<Hub>,
-        devices: Vec<DeviceId>,
-        change: Change,
-    ) -> ChangeFuture;
+    /// Brings derived state up to date after `change`; returns how many twins it wrote.
+    fn changed(&self, hub: Arc<Hub>, change: Change) -> ChangeFuture;
 }
 
 impl Hub {
@@ -54,15 +56,11 @@ impl Hub {
         }
     }
 
-    /// Tells the observer that `devices` changed; the future answers how many twins it
-    /// wrote. It owns what it needs, so it can be awaited or spawned.
-    pub fn devices_changed(
-        self: &Arc<Self>,
-        devices: Vec<DeviceId>,
-        change: Change,
-    ) -> ChangeFuture {
+    /// Tells the observer what changed; the future answers how many twins it wrote. It owns
+    /// what it needs, so it can be awaited or spawned.
+    pub fn changed(self: &Arc<Self>, change: Change) -> ChangeFuture {
         match self.observer.get() {
-            Some(o) => o.devices_changed(self.clone(), devices, change),
+            Some(o) => o.changed(self.clone(), change),
             None => Box::pin(async { Ok(0) }),
         }
     }

@@ -194,7 +194,7 @@ impl Hub {
                 hub.twin_changed(&key, patch, applied.twin.reported.version);
             }
             if notify {
-                let change = hub.devices_changed(vec![key.device.clone()], Change::Twin);
+                let change = hub.changed(Change::Twin(key.device.clone()));
                 if reported.is_some() {
                     let device = key.clone();
                     tokio::spawn(async move {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fleethub::api::client::{ApiClient, ClientError};
 use fleethub::api::wire::{
-    CreateDevice, CreateModule, DeploymentSpec, IdentityView, TwinPatch, TwinPatchProperties,
+    CreateDevice, CreateModule, IdentityView, TwinPatch, TwinPatchProperties,
 };
+use fleethub::client::{ApiClient, ClientError};
+use fleethub::deploy::wire::DeploymentSpec;
 use fleethub::identity::IdentityKey;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;

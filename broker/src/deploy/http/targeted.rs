@@ -9,11 +9,15 @@ use axum::{Json, Router};
 
 use std::sync::Arc;
 
-use super::wire::{DeploymentView, Items, MetricView, SystemMetrics};
-use super::{blocking, ApiError, ApiResult, ApiState};
-use crate::deploy::targeted::{self, Compiled, DeploymentSpec, DeploymentStatus, DeploymentUpdate};
+use super::super::targeted::{self, Compiled, DeploymentStatus};
+use super::super::wire::{
+    DeploymentSpec, DeploymentUpdate, DeploymentView, MetricView, SystemMetrics,
+};
+use super::DeployState;
+use crate::api::wire::Items;
+use crate::api::{blocking, ApiError, ApiResult};
 
-pub fn routes() -> Router<ApiState> {
+pub fn routes() -> Router<DeployState> {
     Router::new()
         .route("/deployments", get(list).post(create))
         .route("/deployments/{id}", get(show).patch(update).delete(delete))
@@ -36,17 +40,17 @@ fn view_of(c: &Compiled, status: Option<DeploymentStatus>) -> DeploymentView {
     }
 }
 
-async fn reconcile_all(s: &ApiState) -> ApiResult<usize> {
+async fn reconcile_all(s: &DeployState) -> ApiResult<usize> {
     let devices = crate::deploy::all_devices(&s.hub);
-    Ok(s.deploy.reconcile_targeted(&s.hub, devices).await?)
+    Ok(s.engine.reconcile_targeted(&s.hub, devices).await?)
 }
 
 async fn create(
-    State(s): State<ApiState>,
+    State(s): State<DeployState>,
     body: Result<Json<DeploymentSpec>, JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(spec) = body?;
-    let d = s.deploy.clone();
+    let d = s.engine.clone();
     let c = blocking(&s.hub, move |h| targeted::create(h, &d.targeted, spec)).await??;
     let id = c.d.id.clone();
     let written = reconcile_all(&s).await?;
@@ -56,9 +60,9 @@ async fn create(
 }
 
 /// The deployment as it stands, with its metrics.
-async fn with_status(s: &ApiState, id: &str) -> ApiResult<DeploymentView> {
+async fn with_status(s: &DeployState, id: &str) -> ApiResult<DeploymentView> {
     let c = require(s, id)?;
-    let d = s.deploy.clone();
+    let d = s.engine.clone();
     blocking(&s.hub, move |h| {
         let status = targeted::status(h, &d.targeted, &c);
         view_of(&c, Some(status))
@@ -66,15 +70,15 @@ async fn with_status(s: &ApiState, id: &str) -> ApiResult<DeploymentView> {
     .await
 }
 
-fn require(s: &ApiState, id: &str) -> ApiResult<Arc<Compiled>> {
-    s.deploy
+fn require(s: &DeployState, id: &str) -> ApiResult<Arc<Compiled>> {
+    s.engine
         .targeted
         .get(id)
         .ok_or_else(|| ApiError::NotFound(format!("deployment '{id}' not found")))
 }
 
-async fn list(State(s): State<ApiState>) -> ApiResult<Json<Items<DeploymentView>>> {
-    let d = s.deploy.clone();
+async fn list(State(s): State<DeployState>) -> ApiResult<Json<Items<DeploymentView>>> {
+    let d = s.engine.clone();
     let items = blocking(&s.hub, move |h| {
         d.targeted
             .all()
@@ -87,14 +91,14 @@ async fn list(State(s): State<ApiState>) -> ApiResult<Json<Items<DeploymentView>
 }
 
 async fn show(
-    State(s): State<ApiState>,
+    State(s): State<DeployState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DeploymentView>> {
     Ok(Json(with_status(&s, &id).await?))
 }
 
 async fn update(
-    State(s): State<ApiState>,
+    State(s): State<DeployState>,
     Path(id): Path<String>,
     body: Result<Json<DeploymentUpdate>, JsonRejection>,
 ) -> ApiResult<Json<DeploymentView>> {
@@ -104,14 +108,14 @@ async fn update(
         fleethub_router::condition::Condition::parse(c)
             .map_err(|e| ApiError::BadRequest(format!("invalid targetCondition: {e}")))?;
     }
-    let (id2, d) = (id.clone(), s.deploy.clone());
+    let (id2, d) = (id.clone(), s.engine.clone());
     blocking(&s.hub, move |_| d.targeted.update(&id2, u)).await??;
     reconcile_all(&s).await?;
     Ok(Json(with_status(&s, &id).await?))
 }
 
-async fn delete(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let d = s.deploy.clone();
+async fn delete(State(s): State<DeployState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let d = s.engine.clone();
     blocking(&s.hub, move |_| d.targeted.delete(&id)).await??;
     reconcile_all(&s).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -120,11 +124,11 @@ async fn delete(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<
 /// `targetedCount`, `appliedCount`, `reportedSuccessfulCount`, `reportedFailedCount`, or a
 /// custom metric's name: the count and the devices behind it.
 async fn show_metric(
-    State(s): State<ApiState>,
+    State(s): State<DeployState>,
     Path((id, metric)): Path<(String, String)>,
 ) -> ApiResult<Json<MetricView>> {
     let c = require(&s, &id)?;
-    let d = s.deploy.clone();
+    let d = s.engine.clone();
     let mut status = blocking(&s.hub, move |h| targeted::status(h, &d.targeted, &c)).await?;
     let found = match metric.as_str() {
         "targetedCount" => Some(status.targeted),
@@ -149,7 +153,7 @@ async fn show_metric(
 
 /// `pause`, `resume` or `abort` a phased rollout.
 async fn control(
-    State(s): State<ApiState>,
+    State(s): State<DeployState>,
     Path((id, action)): Path<(String, String)>,
 ) -> ApiResult<Json<DeploymentView>> {
     if !matches!(action.as_str(), "pause" | "resume" | "abort") {
@@ -157,7 +161,7 @@ async fn control(
             "'{action}': a deployment's actions are pause, resume and abort"
         )));
     }
-    let (id2, d) = (id.clone(), s.deploy.clone());
+    let (id2, d) = (id.clone(), s.engine.clone());
     blocking(&s.hub, move |_| d.targeted.control(&id2, &action)).await??;
     reconcile_all(&s).await?;
     let c = require(&s, &id)?;

@@ -1,5 +1,5 @@
-//! A typed client of the management API, written against the same [`super::wire`] types the
-//! handlers use. The CLI, device-sim and the end-to-end tests talk to the hub through it, so
+//! A typed client of the management API, written against the same body types the handlers
+//! use ([`crate::api::wire`], [`crate::deploy::wire`]). The CLI, device-sim and the end-to-end tests talk to the hub through it, so
 //! a change of the contract breaks their build instead of their parsing.
 
 use std::time::Duration;
@@ -9,7 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::wire::*;
+use crate::api::wire::*;
+use crate::deploy::wire::*;
 use crate::identity::IdentityKey;
 
 /// Why a call failed.
