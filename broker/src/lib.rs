@@ -1,22 +1,28 @@
 //! fleethub: a self-hosted IoT hub in one binary.
 //!
 //! Map of modules, from the wire inwards:
-//! - [`mqtt`]: the MQTT front end devices connect to (plain and TLS): CONNECT
-//!   authentication, per-connection authorization, topic translation.
-//! - [`topics`]: the one table mapping IoT Hub client topics to internal router topics.
+//! - [`mqtt`]: the MQTT front end devices connect to (plain and TLS): the CONNECT handshake
+//!   and session resume, the connection loop, one handler per kind of PUBLISH,
+//!   subscriptions, delivery.
+//! - [`topics`]: the one table mapping IoT Hub client topics to delivery kinds.
 //! - [`core`]: the embedded rumqttd router behind a small start/link API.
 //! - [`sas`], [`identity`]: SAS tokens and validated device/module ids.
 //! - [`registry`]: the durable identity registry (redb); [`session`]: persistent MQTT
 //!   sessions (clean session 0) that outlive connections and restarts.
+//! - [`hub`]: state shared by the front end and the API, the one twin-write path, and the
+//!   change interface deployments hear through.
 //! - [`twin`]: device and module twins (merge patches, metadata, group-committed store).
 //! - [`methods`]: direct method calls awaiting device replies; [`c2d`]: the durable
 //!   cloud-to-device queue.
-//! - [`routing`]: the route table in force (config and `$edgeHub` twin) and dispatch;
-//!   [`upstream`]: the `$upstream` bridge.
-//! - [`api`]: the management HTTP API and `/metrics`; [`metrics`]: what it exports.
+//! - [`routing`]: the route table in force (config and `$edgeHub` twin) and its one rule;
+//!   [`sinks`]: where routed messages go (module inputs, `$upstream`), one driver per kind.
+//! - [`fleet`], [`images`]: products, device groups, image packages; [`deploy`]: group and
+//!   targeted deployments, their engine and their API resources.
+//! - [`api`]: the management HTTP API (one file per resource, `wire` for every body) and
+//!   `/metrics`; [`client`]: the typed client of it; [`metrics`]: what is exported.
 //! - [`server`]: startup and shutdown (`run(config, shutdown)`); [`config`]: settings;
-//!   [`tls`]: certificates; [`hub`]: state shared by the front end and the API.
-//! - [`cli`]: the `fleethub` command line.
+//!   [`tls`]: certificates; `storage`: one way to keep JSON rows in redb.
+//! - [`cli`]: the `fleethub` command line, one file per verb group.
 
 pub mod api;
 pub mod c2d;
@@ -38,7 +44,7 @@ pub mod sas;
 pub mod server;
 pub mod session;
 pub mod sinks;
-mod storage;
+pub(crate) mod storage;
 pub mod tls;
 pub mod topics;
 pub mod twin;

@@ -36,7 +36,7 @@ async fn list_routes(State(hub): State<SharedHub>) -> Json<RouteTableView> {
             sink: r.route.sink.to_string(),
         })
         .collect();
-    let upstream = hub.sinks.health(crate::sinks::SinkKind::Upstream);
+    let upstream = hub.sinks.health(crate::sinks::upstream::KIND);
     Json(RouteTableView {
         routes,
         default_time_to_live_secs: table.default_ttl_secs,

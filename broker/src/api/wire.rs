@@ -1,7 +1,7 @@
 //! The API's contract: every request and response body.
 //!
 //! The handlers deserialize requests and serialize responses with these types, and
-//! [`super::client::ApiClient`] (used by the CLI, device-sim and the end-to-end tests) does
+//! [`crate::client::ApiClient`] (used by the CLI, device-sim and the end-to-end tests) does
 //! the opposite with the same types, so the two sides cannot drift apart. Field names are
 //! IoT Hub's (camelCase). Twin content and deployment content stay JSON values: they are the
 //! user's data.

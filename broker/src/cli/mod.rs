@@ -3,9 +3,9 @@
 //! MQTT service connection).
 //!
 //! One file per verb group, each owning its clap command enum and its `run`:
-//! [`identity`] (devices, modules, SAS tokens), [`twin`], [`message`] (direct methods and
-//! C2D), [`route`] (routes and queues), [`fleet`] (products, device groups and their
-//! deployments), [`image`], [`deployment`] (targeted deployments), [`monitor`].
+//! `identity` (devices, modules, SAS tokens), `twin`, `message` (direct methods and
+//! C2D), `route` (routes and queues), `fleet` (products, device groups and their
+//! deployments), `image`, `deployment` (targeted deployments), `monitor`.
 
 mod deployment;
 mod fleet;

@@ -1,8 +1,8 @@
 //! State shared by the MQTT front end and the management API.
 //!
-//! - [`mailbox`]: what the hub tells one connection;
-//! - [`twin_write`]: the one path of a twin write and everything that follows it;
-//! - [`changes`]: the interface through which what sits above the hub (deployments) hears
+//! - `mailbox`: what the hub tells one connection;
+//! - `twin_write`: the one path of a twin write and everything that follows it;
+//! - `changes`: the interface through which what sits above the hub (deployments) hears
 //!   of device changes.
 
 mod changes;

@@ -1,8 +1,8 @@
 //! The deployment resources of the management API, kept with the engine they drive and
 //! mounted into the API by the server: the API names nothing of `deploy`.
 //!
-//! - [`targeted`]: `/deployments` (targeted and layered deployments, metrics, rollouts);
-//! - [`group`]: `/products/{p}/groups/{g}/deployments` (group deployments).
+//! - `targeted`: `/deployments` (targeted and layered deployments, metrics, rollouts);
+//! - `group`: `/products/{p}/groups/{g}/deployments` (group deployments).
 
 mod group;
 mod targeted;

@@ -16,8 +16,8 @@
 //! changes.
 
 //!
-//! Files: [`spec`] (what a deployment is), [`store`] (where deployments and device states are
-//! kept; knows no hub), [`rollout`] (phases), [`compute`] (what a device should carry, and
+//! Files: `spec` (what a deployment is), `store` (where deployments and device states are
+//! kept; knows no hub), `rollout` (phases), `compute` (what a device should carry, and
 //! the reconcile that writes it).
 
 mod compute;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use fleethub_router::queue::EntryKey;
 
-use super::{Health, QueueReader, SinkDriver, SinkId, SinkKind, StopFuture};
+use super::{Health, QueueReader, SinkDriver, SinkId, StopFuture};
 use crate::hub::Hub;
 use crate::identity::{IdentityKey, ModuleId};
 
@@ -24,8 +24,12 @@ pub const INPUT_WINDOW: usize = 1000;
 pub struct ModuleInputs;
 
 impl SinkDriver for ModuleInputs {
-    fn kind(&self) -> SinkKind {
-        SinkKind::ModuleInput
+    fn kind(&self) -> &'static str {
+        "module_input"
+    }
+
+    fn owns(&self, sink: &SinkId) -> bool {
+        matches!(sink, SinkId::ModuleInput { .. })
     }
 
     fn accepts(&self, _sink: &SinkId) -> bool {
@@ -44,7 +48,7 @@ impl SinkDriver for ModuleInputs {
 
     fn health(&self) -> Health {
         Health {
-            kind: SinkKind::ModuleInput.as_str(),
+            kind: "module_input",
             enabled: true,
             connected: None,
         }

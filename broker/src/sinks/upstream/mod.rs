@@ -17,11 +17,13 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use super::{Context, Health, SinkDriver, SinkId, SinkKind, StopFuture};
+use super::{Context, Health, SinkDriver, SinkId, StopFuture};
 use crate::hub::Hub;
 
 /// The queue every `INTO $upstream` route feeds.
 pub const SINK: &str = "$upstream";
+/// The driver's name in health reports.
+pub const KIND: &str = "upstream";
 /// Publishes in flight to the upstream at once.
 const WINDOW: usize = 100;
 
@@ -80,8 +82,12 @@ impl Upstream {
 }
 
 impl SinkDriver for Upstream {
-    fn kind(&self) -> SinkKind {
-        SinkKind::Upstream
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn owns(&self, sink: &SinkId) -> bool {
+        *sink == SinkId::Upstream
     }
 
     fn accepts(&self, _sink: &SinkId) -> bool {
@@ -96,7 +102,7 @@ impl SinkDriver for Upstream {
 
     fn health(&self) -> Health {
         Health {
-            kind: SinkKind::Upstream.as_str(),
+            kind: KIND,
             enabled: self.running.is_some(),
             connected: Some(
                 self.running
