@@ -10,7 +10,8 @@
 //! - [`registry`]: the durable identity registry (redb); [`session`]: persistent MQTT
 //!   sessions (clean session 0) that outlive connections and restarts.
 //! - [`hub`]: state shared by the front end and the API, the one twin-write path, and the
-//!   change interface deployments hear through.
+//!   change interface deployments hear through; [`connections`]: identities' live
+//!   connections and their mailboxes.
 //! - [`twin`]: device and module twins (merge patches, metadata, group-committed store).
 //! - [`methods`]: direct method calls awaiting device replies; [`c2d`]: the durable
 //!   cloud-to-device queue.
@@ -29,6 +30,7 @@ pub mod c2d;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod core;
 pub mod deploy;
 pub mod fleet;

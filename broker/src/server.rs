@@ -177,10 +177,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(aside) = &queues.recovered_from {
         tracing::error!(moved_to = %aside.display(), "the store-and-forward store was damaged; started with empty queues");
     }
+    let live = crate::connections::Live::default();
     let sinks = crate::sinks::Sinks::start(&crate::sinks::Context {
         config: &config,
         queues: queues.clone(),
         metrics: metrics.clone(),
+        live: live.clone(),
     })
     .map_err(|e| ServerError::Store(e.to_string()))?;
     let core = Core::start(config.limits.max_connections, &config.router);
@@ -193,6 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         sinks,
         metrics,
         queues,
+        live,
     ));
     hub.observe(Arc::new(crate::deploy::Observer(deploy.clone())));
     // A deployment acknowledged just before a crash may not have reached every twin yet.

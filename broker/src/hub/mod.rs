@@ -1,16 +1,14 @@
 //! State shared by the MQTT front end and the management API.
 //!
-//! - `mailbox`: what the hub tells one connection;
 //! - `twin_write`: the one path of a twin write and everything that follows it;
 //! - `changes`: the interface through which what sits above the hub (deployments) hears
 //!   of device changes.
 
 mod changes;
-mod mailbox;
 mod twin_write;
 
+pub use crate::connections::{Direct, LiveConnection, Mailbox, DIRECT_BACKLOG};
 pub use changes::{Change, ChangeError, ChangeFuture, ChangeObserver};
-pub use mailbox::{Direct, Mailbox, DIRECT_BACKLOG};
 pub use twin_write::{TwinWrite, TwinWriteError};
 
 use std::net::SocketAddr;
@@ -36,14 +34,6 @@ pub struct Endpoints {
     pub mqtt: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
     pub api: SocketAddr,
-}
-
-/// A live device or module connection, so the API can close it (delete, disable) and a
-/// second connection with the same id can take over, as IoT Hub does.
-pub struct LiveConnection {
-    pub conn_id: u64,
-    /// Everything the hub tells this connection.
-    pub mailbox: Arc<Mailbox>,
 }
 
 /// The durable stores the hub opens at start.
@@ -91,7 +81,8 @@ pub struct Hub {
     pub core: Core,
     /// The operator's bearer token (API) and service-connection password (MQTT).
     pub admin_token: String,
-    pub live: DashMap<IdentityKey, LiveConnection>,
+    /// Shared with the sink drivers that wake a connection (module inputs).
+    pub live: crate::connections::Live,
     /// Service connections subscribed to telemetry; while there are none, telemetry is not
     /// published into the router at all.
     pub event_subscribers: std::sync::atomic::AtomicUsize,
@@ -119,6 +110,7 @@ impl Hub {
         sinks: crate::sinks::Sinks,
         metrics: Arc<Metrics>,
         queues: Arc<fleethub_router::queue::DiskQueue>,
+        live: crate::connections::Live,
     ) -> Hub {
         Hub {
             config,
@@ -135,7 +127,7 @@ impl Hub {
             metrics,
             core,
             admin_token,
-            live: DashMap::new(),
+            live,
             event_subscribers: std::sync::atomic::AtomicUsize::new(0),
             endpoints: std::sync::OnceLock::new(),
             services: DashMap::new(),
@@ -341,7 +333,7 @@ impl Hub {
             fleethub_router::queue::Queue::append(&*self.queues, entries, crate::c2d::now_ms());
         tokio::spawn(async move {
             match committed.await {
-                Ok(()) => hub.sinks.wake(&hub, &sinks),
+                Ok(()) => hub.sinks.wake(&sinks),
                 Err(e) => tracing::warn!(error = %e, "could not queue a twin change notification"),
             }
         });

@@ -259,7 +259,7 @@ impl Session {
     ) {
         match result {
             Ok(()) => {
-                self.hub.sinks.wake(&self.hub, &batch.sinks);
+                self.hub.sinks.wake(&batch.sinks);
                 write_acks(&batch.acks, wbuf);
             }
             Err(e) => {

@@ -98,7 +98,7 @@ impl Session {
             ))
         });
         let now = crate::c2d::now_ms();
-        for (queue, input) in inputs.queues(&self.hub) {
+        for (queue, input) in inputs.queues(&self.hub.queues) {
             if inputs.reader.room() == 0 {
                 break;
             }

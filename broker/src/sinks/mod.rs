@@ -24,7 +24,6 @@ use std::pin::Pin;
 
 use fleethub_router::route::Sink;
 
-use crate::hub::Hub;
 use crate::identity::{IdError, ModuleId};
 
 pub use reader::QueueReader;
@@ -85,7 +84,7 @@ pub trait SinkDriver: Send + Sync {
     /// dropped and counted rather than queued for nobody.
     fn accepts(&self, sink: &SinkId) -> bool;
     /// Entries were committed to `sink`'s queue: deliver them (or tell whoever does).
-    fn wake(&self, hub: &Hub, sink: &SinkId);
+    fn wake(&self, sink: &SinkId);
     fn health(&self) -> Health;
     /// Ends delivery and waits for it; what was in flight stays queued.
     fn stop(&self) -> StopFuture<'_>;
@@ -102,6 +101,8 @@ pub struct Context<'a> {
     pub config: &'a crate::config::Config,
     pub queues: std::sync::Arc<fleethub_router::queue::DiskQueue>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Identities' live connections (module inputs wake their module's).
+    pub live: crate::connections::Live,
 }
 
 /// Every sink driver of the hub.
@@ -113,7 +114,7 @@ impl Sinks {
     /// Starts every kind of sink: the one place a kind is registered.
     pub fn start(ctx: &Context) -> Result<Sinks, SinkError> {
         let drivers: Vec<Box<dyn SinkDriver>> = vec![
-            Box::new(module_input::ModuleInputs),
+            Box::new(module_input::ModuleInputs::new(ctx)),
             Box::new(upstream::Upstream::start(ctx)?),
         ];
         Ok(Sinks { drivers })
@@ -131,10 +132,10 @@ impl Sinks {
     }
 
     /// Tells the drivers of freshly committed entries that there is work.
-    pub fn wake<'a>(&self, hub: &Hub, sinks: impl IntoIterator<Item = &'a SinkId>) {
+    pub fn wake<'a>(&self, sinks: impl IntoIterator<Item = &'a SinkId>) {
         for sink in sinks {
             if let Some(d) = self.driver(sink) {
-                d.wake(hub, sink);
+                d.wake(sink);
             }
         }
     }

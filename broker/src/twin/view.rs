@@ -16,7 +16,7 @@ pub fn device_json(twin: &Twin) -> Value {
 }
 
 /// A twin with what queries read beside it (its identity and device group), gathered once
-/// however many conditions look at it: [`crate::hub::Hub::subject`] builds it.
+/// however many conditions look at it: the hub's `subject` builds it.
 pub struct Subject {
     pub key: IdentityKey,
     pub twin: std::sync::Arc<Twin>,

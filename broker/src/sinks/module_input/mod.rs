@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use fleethub_router::queue::EntryKey;
 
 use super::{Health, QueueReader, SinkDriver, SinkId, StopFuture};
-use crate::hub::Hub;
 use crate::identity::{IdentityKey, ModuleId};
 
 /// Routed messages in flight to one module at once. A module reads for many publishers, and
@@ -21,7 +20,19 @@ use crate::identity::{IdentityKey, ModuleId};
 pub const INPUT_WINDOW: usize = 1000;
 
 /// The module-input driver.
-pub struct ModuleInputs;
+pub struct ModuleInputs {
+    hub_id: crate::identity::DeviceId,
+    live: crate::connections::Live,
+}
+
+impl ModuleInputs {
+    pub fn new(ctx: &super::Context) -> ModuleInputs {
+        ModuleInputs {
+            hub_id: ctx.config.hub_id.clone(),
+            live: ctx.live.clone(),
+        }
+    }
+}
 
 impl SinkDriver for ModuleInputs {
     fn kind(&self) -> &'static str {
@@ -37,10 +48,10 @@ impl SinkDriver for ModuleInputs {
         true
     }
 
-    fn wake(&self, hub: &Hub, sink: &SinkId) {
+    fn wake(&self, sink: &SinkId) {
         if let SinkId::ModuleInput { module, .. } = sink {
-            let key = IdentityKey::module(hub.config.hub_id.clone(), module.clone());
-            if let Some(live) = hub.live.get(&key) {
+            let key = IdentityKey::module(self.hub_id.clone(), module.clone());
+            if let Some(live) = self.live.get(&key) {
                 live.mailbox.wake_inputs();
             }
         }
@@ -94,9 +105,9 @@ impl InputDelivery {
     }
 
     /// The module's input queues that have entries.
-    pub fn queues(&self, hub: &Hub) -> Vec<(String, String)> {
+    pub fn queues(&self, queues: &fleethub_router::queue::DiskQueue) -> Vec<(String, String)> {
         let prefix = format!("/modules/{}/inputs/", self.module);
-        fleethub_router::queue::Queue::sinks(&*hub.queues)
+        fleethub_router::queue::Queue::sinks(queues)
             .into_iter()
             .filter_map(|(s, _)| {
                 let input = s.strip_prefix(&prefix)?.to_string();

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::{Context, Health, SinkDriver, SinkId, StopFuture};
-use crate::hub::Hub;
 
 /// The queue every `INTO $upstream` route feeds.
 pub const SINK: &str = "$upstream";
@@ -94,7 +93,7 @@ impl SinkDriver for Upstream {
         self.running.is_some()
     }
 
-    fn wake(&self, _hub: &Hub, _sink: &SinkId) {
+    fn wake(&self, _sink: &SinkId) {
         if let Some(r) = &self.running {
             r.wake.notify_one();
         }

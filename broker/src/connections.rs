@@ -1,7 +1,13 @@
-//! A connection's mailbox: what the hub tells one connection, and the messages meant for it
-//! alone.
+//! The live connections of identities and what the hub tells each: its mailbox, and the
+//! messages meant for it alone. Its own module so that what delivers to a connection (the
+//! hub, sink drivers) and the connection itself share it without importing each other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::identity::IdentityKey;
 
 use tokio::sync::Notify;
 
@@ -117,3 +123,14 @@ impl Mailbox {
         self.ready.notified().await
     }
 }
+
+/// A live device or module connection, so the API can close it (delete, disable) and a
+/// second connection with the same id can take over, as IoT Hub does.
+pub struct LiveConnection {
+    pub conn_id: u64,
+    /// Everything the hub tells this connection.
+    pub mailbox: Arc<Mailbox>,
+}
+
+/// Every identity's live connection, by identity (at most one each).
+pub type Live = Arc<DashMap<IdentityKey, LiveConnection>>;
