@@ -70,9 +70,12 @@ async fn group_deployments_reach_devices_follow_latest_and_move_with_them() {
     upload(&hub, "board", "2.0.0", "board-config", "board two").await;
     let k1 = hub.create_device("c1").await;
     let k2 = hub.create_device("c2").await;
-    for (d, g) in [("c1", "Coffee/Field Test"), ("c2", "Coffee/Development")] {
-        let (ok, _, err) = cli(&hub, &["device", "update", d, "--device-group", g]);
-        assert!(ok, "{err}");
+    for line in [
+        "device update c1 --device-group 'Coffee/Field Test'",
+        "device update c2 --device-group Coffee/Development",
+    ] {
+        let (ok, _, err) = hub.fleethub(line);
+        assert!(ok, "{line}: {err}");
     }
     let mut c1 = hub.device("c1", &k1).await;
     let mut c2 = hub.device("c2", &k2).await;

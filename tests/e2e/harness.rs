@@ -467,6 +467,39 @@ async fn first_connack(events: &mut EventLoop) -> Result<bool, ConnectReturnCode
 }
 
 /// Runs the `fleethub` CLI against a hub; returns (success, stdout, stderr).
+/// Words of a command line as a shell splits it: spaces separate, single or double quotes
+/// keep spaces inside one word.
+pub fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quote: Option<char> = None;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.get_or_insert_with(String::new).push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                word.get_or_insert_with(String::new);
+            }
+            (None, c) if c.is_whitespace() => words.extend(word.take()),
+            (None, c) => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
+impl Hub {
+    /// Runs one `fleethub` CLI command against this hub, written as in the README:
+    /// `hub.fleethub("device update c1 --device-group 'Coffee/Field Test'")`. Returns whether
+    /// it succeeded, its stdout and its stderr.
+    pub fn fleethub(&self, line: &str) -> (bool, String, String) {
+        let words = shell_words(line);
+        let args: Vec<&str> = words.iter().map(String::as_str).collect();
+        cli(self, &args)
+    }
+}
+
 pub fn cli(hub: &Hub, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fleethub"))
         .arg("--data-dir")
