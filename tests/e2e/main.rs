@@ -16,6 +16,7 @@ mod methods;
 mod registry;
 mod routes;
 mod sessions;
+mod shutdown;
 mod sinks;
 mod store_forward;
 mod targeted_deployments;
