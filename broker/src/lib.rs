@@ -32,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod core;
+pub mod data_dir;
 pub mod deploy;
 pub mod fleet;
 pub mod hub;

@@ -83,11 +83,18 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
 /// Runs the hub until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::Io {
-        what: "creating the data directory",
+    let narrowed = crate::data_dir::secure(&data_dir).map_err(|source| ServerError::Io {
+        what: "creating the data directory (owner-only)",
         path: data_dir.clone(),
         source,
     })?;
+    if !narrowed.paths.is_empty() {
+        tracing::warn!(
+            count = narrowed.paths.len(),
+            paths = ?narrowed.paths.iter().take(10).collect::<Vec<_>>(),
+            "the data directory was readable by other users; narrowed to the hub's user only"
+        );
+    }
     let admin_token = ensure_admin_token(&data_dir)?;
     let store_path = data_dir.join(STORE_FILE);
     // Every store keeps what it serves in memory (registry, twins, sessions), so redb's own

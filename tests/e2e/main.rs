@@ -8,6 +8,7 @@ mod crash;
 mod fleet;
 mod garbage;
 mod group_deployments;
+mod hardening;
 mod harness;
 mod images;
 mod interop;

@@ -19,7 +19,7 @@ pub mod query;
 use serde_json::Value;
 
 pub use eval::Resolve;
-pub use parser::{ArithOp, CmpOp, Expr, Func, Segment};
+pub use parser::{ArithOp, CmpOp, Expr, Func, Segment, MAX_DEPTH};
 
 /// Where a condition stopped making sense, and what would have.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

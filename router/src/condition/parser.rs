@@ -132,13 +132,26 @@ pub enum Expr {
 pub struct Parser {
     tokens: Vec<Spanned>,
     pos: usize,
+    /// How deep the tree being built is on the current path: every nesting (parentheses,
+    /// lists, calls, NOT, unary minus) and every operator of a chain adds one. Evaluating and
+    /// dropping a tree recurse through it, so outside input must not make it deeper than
+    /// [`MAX_DEPTH`].
+    depth: usize,
 }
+
+/// The deepest expression tree accepted: far beyond any real condition, far below what
+/// would exhaust a thread's stack while parsing, evaluating or dropping it.
+pub const MAX_DEPTH: usize = 128;
 
 const KEYWORDS: [&str; 8] = ["AND", "OR", "NOT", "IN", "NIN", "TRUE", "FALSE", "NULL"];
 
 impl Parser {
     pub fn new(tokens: Vec<Spanned>) -> Parser {
-        Parser { tokens, pos: 0 }
+        Parser {
+            tokens,
+            pos: 0,
+            depth: 0,
+        }
     }
 
     pub(crate) fn peek(&self) -> &Spanned {
@@ -193,29 +206,53 @@ impl Parser {
         }
     }
 
+    /// One level deeper, refused past [`MAX_DEPTH`].
+    fn deeper(&mut self) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            let t = self.peek();
+            return Err(ParseError::new(
+                t.column,
+                &format!("an expression nested at most {MAX_DEPTH} levels deep"),
+                "deeper nesting",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn expression(&mut self) -> Result<Expr, ParseError> {
         self.or()
     }
 
     fn or(&mut self) -> Result<Expr, ParseError> {
+        let base = self.depth;
         let mut left = self.and()?;
         while self.keyword("OR") {
+            self.deeper()?;
             left = Expr::Or(Box::new(left), Box::new(self.and()?));
         }
+        self.depth = base;
         Ok(left)
     }
 
     fn and(&mut self) -> Result<Expr, ParseError> {
+        let base = self.depth;
         let mut left = self.not()?;
         while self.keyword("AND") {
+            self.deeper()?;
             left = Expr::And(Box::new(left), Box::new(self.not()?));
         }
+        self.depth = base;
         Ok(left)
     }
 
     fn not(&mut self) -> Result<Expr, ParseError> {
         if self.keyword("NOT") {
-            return Ok(Expr::Not(Box::new(self.not()?)));
+            let base = self.depth;
+            self.deeper()?;
+            let e = Expr::Not(Box::new(self.not()?));
+            self.depth = base;
+            return Ok(e);
         }
         self.comparison()
     }
@@ -233,7 +270,10 @@ impl Parser {
         };
         if let Some(op) = op {
             self.next();
+            let base = self.depth;
+            self.deeper()?;
             let right = self.additive()?;
+            self.depth = base;
             return Ok(Expr::Cmp(op, Box::new(left), Box::new(right)));
         }
         for (kw, negated) in [("IN", false), ("NIN", true)] {
@@ -251,45 +291,60 @@ impl Parser {
     }
 
     fn additive(&mut self) -> Result<Expr, ParseError> {
+        let base = self.depth;
         let mut left = self.multiplicative()?;
         loop {
             let op = match self.peek().tok {
                 Tok::Plus => ArithOp::Add,
                 Tok::Minus => ArithOp::Sub,
-                _ => return Ok(left),
+                _ => break,
             };
             self.next();
+            self.deeper()?;
             left = Expr::Arith(op, Box::new(left), Box::new(self.multiplicative()?));
         }
+        self.depth = base;
+        Ok(left)
     }
 
     fn multiplicative(&mut self) -> Result<Expr, ParseError> {
+        let base = self.depth;
         let mut left = self.unary()?;
         loop {
             let op = match self.peek().tok {
                 Tok::Star => ArithOp::Mul,
                 Tok::Slash => ArithOp::Div,
                 Tok::Percent => ArithOp::Rem,
-                _ => return Ok(left),
+                _ => break,
             };
             self.next();
+            self.deeper()?;
             left = Expr::Arith(op, Box::new(left), Box::new(self.unary()?));
         }
+        self.depth = base;
+        Ok(left)
     }
 
     fn unary(&mut self) -> Result<Expr, ParseError> {
         if self.peek().tok == Tok::Minus {
             self.next();
-            return Ok(Expr::Neg(Box::new(self.unary()?)));
+            let base = self.depth;
+            self.deeper()?;
+            let e = Expr::Neg(Box::new(self.unary()?));
+            self.depth = base;
+            return Ok(e);
         }
         self.primary()
     }
 
-    /// Comma-separated expressions up to `close` (consumed).
+    /// Comma-separated expressions up to `close` (consumed), one level deeper.
     fn items(&mut self, close: Tok) -> Result<Vec<Expr>, ParseError> {
+        let base = self.depth;
+        self.deeper()?;
         let mut items = Vec::new();
         if self.peek().tok == close {
             self.next();
+            self.depth = base;
             return Ok(items);
         }
         loop {
@@ -300,6 +355,7 @@ impl Parser {
             }
             if self.peek().tok == close {
                 self.next();
+                self.depth = base;
                 return Ok(items);
             }
             return Err(self.error(&format!("',' or {}", close.describe())));
@@ -322,8 +378,11 @@ impl Parser {
             }
             Tok::LParen => {
                 self.next();
+                let base = self.depth;
+                self.deeper()?;
                 let e = self.expression()?;
                 self.expect(Tok::RParen)?;
+                self.depth = base;
                 Ok(e)
             }
             Tok::LBracket => {

@@ -192,3 +192,46 @@ proptest! {
         prop_assert_eq!(c.matches(&JsonDoc(&doc)), a >= b);
     }
 }
+
+/// Shapes that nest: parentheses, NOT, unary minus, operator chains, lists, function calls.
+fn nested(kind: &str, depth: usize) -> String {
+    match kind {
+        "parens" => format!("{}a = 1{}", "(".repeat(depth), ")".repeat(depth)),
+        "not" => format!("{}a = 1", "NOT ".repeat(depth)),
+        "minus" => format!("{}1 = a", "-".repeat(depth)),
+        "and" => vec!["a = 1"; depth + 1].join(" AND "),
+        "plus" => format!("{} = 3", vec!["a"; depth + 1].join(" + ")),
+        "list" => format!("a IN {}1{}", "[".repeat(depth), "]".repeat(depth)),
+        "call" => format!("{}1{} = 1", "ABS(".repeat(depth), ")".repeat(depth)),
+        _ => unreachable!(),
+    }
+}
+
+const SHAPES: [&str; 7] = ["parens", "not", "minus", "and", "plus", "list", "call"];
+
+#[test]
+fn nesting_up_to_the_limit_parses_and_evaluates() {
+    for kind in SHAPES {
+        // Each shape adds about one level per repetition, plus the comparison's own.
+        let src = nested(kind, MAX_DEPTH / 2);
+        let c = Condition::parse(&src).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let _ = c.matches(&JsonDoc(&twin()));
+    }
+}
+
+#[test]
+fn nesting_past_the_limit_is_refused_with_the_limit_named() {
+    for kind in SHAPES {
+        for depth in [MAX_DEPTH + 1, 2_000, 100_000] {
+            let src = nested(kind, depth);
+            let e = Condition::parse(&src).expect_err(kind);
+            assert!(
+                e.to_string().contains(&format!("at most {MAX_DEPTH} levels")),
+                "{kind} x{depth}: {e}"
+            );
+            // The same through the query and route languages.
+            let q = format!("SELECT * FROM devices WHERE {src}");
+            assert!(query::Query::parse(&q).is_err(), "{kind} x{depth}");
+        }
+    }
+}

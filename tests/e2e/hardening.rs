@@ -1,0 +1,129 @@
+//! Hardening against what an attacker or an unlucky operator does: file modes of the data
+//! directory, deep conditions through every API that parses one, routes to a sink that
+//! cannot deliver.
+
+use std::os::unix::fs::PermissionsExt;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::harness::{temp_dir, Hub};
+
+/// Every file and directory under `dir` with a mode wider than owner-only.
+fn readable_by_others(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    let mut out = Vec::new();
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        out.push((dir.to_path_buf(), mode));
+    }
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(readable_by_others(&path));
+        } else {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                out.push((path, mode));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_data_directory_is_readable_by_the_hub_user_only() {
+    // A data directory left world-readable by an earlier version or a permissive umask.
+    let dir = temp_dir("modes");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(data.join("notes.txt"), "x").unwrap();
+    std::fs::set_permissions(data.join("notes.txt"), std::fs::Permissions::from_mode(0o644))
+        .unwrap();
+    // The test process's umask (022) is the hub's: without its own, files would be 0644.
+    let hub = Hub::start_with(dir, &[]).await;
+    let key = hub.create_device("d1").await;
+    hub.create_module("d1", "m1").await;
+    let mut d = hub.device("d1", &key).await;
+    d.client
+        .publish("devices/d1/messages/events/", rumqttc::QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    let (s, _) = hub
+        .api(Method::POST, "/images?name=app&version=1.0.0&kind=application", None)
+        .await;
+    assert!(s == 201 || s == 400, "{s}");
+    for f in ["fleethub.redb", "queues.redb", "admin-token", "endpoints.json", "tls"] {
+        assert!(data.join(f).exists(), "{f} exists");
+    }
+    let open = readable_by_others(&data);
+    assert!(open.is_empty(), "readable by others: {open:?}");
+}
+
+/// A condition nested far too deep, through every API that parses one, then JSON nested far
+/// too deep in a twin patch (API and MQTT): each a clear 400, and the hub stays up.
+#[tokio::test]
+async fn deep_nesting_gets_a_400_naming_the_limit_never_a_crash() {
+    let hub = Hub::start("deep").await;
+    let key = hub.create_device("d1").await;
+    let deep = format!("{}tags.x = 1{}", "(".repeat(2000), ")".repeat(2000));
+    let limit = format!("at most {} levels", fleethub_router::condition::MAX_DEPTH);
+    let calls = [
+        (
+            Method::POST,
+            "/twins/query",
+            json!({ "query": format!("SELECT * FROM devices WHERE {deep}") }),
+        ),
+        (
+            Method::POST,
+            "/routes/check",
+            json!({ "route": format!("FROM /messages/* WHERE {deep} INTO $upstream") }),
+        ),
+        (
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            json!({ "properties": { "desired": { "routes": {
+                "r": format!("FROM /messages/* WHERE {deep} INTO BrokeredEndpoint(\"/modules/m/inputs/i\")")
+            } } } }),
+        ),
+        (
+            Method::POST,
+            "/deployments",
+            json!({ "id": "deep", "targetCondition": deep, "content": { "content": { "deviceContent": { "properties.desired.x": 1 } } } }),
+        ),
+    ];
+    for (method, path, body) in calls {
+        let (s, b) = hub.api(method, path, Some(body)).await;
+        assert_eq!(s, 400, "{path}: {b}");
+        assert!(b["message"].as_str().unwrap_or("").contains(&limit), "{path}: {b}");
+    }
+
+    // JSON nested 500 deep: refused by the JSON reader with where it stopped.
+    let mut deep_json = json!(1);
+    for _ in 0..500 {
+        deep_json = json!({ "a": deep_json });
+    }
+    let (s, b) = hub
+        .api(
+            Method::PATCH,
+            "/twins/d1",
+            Some(json!({ "properties": { "desired": deep_json } })),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["message"].as_str().unwrap_or("").contains("recursion limit"), "{b}");
+    let mut d = hub.device("d1", &key).await;
+    d.subscribe_many(&["$iothub/twin/res/#"]).await;
+    let res = d
+        .request(
+            "$iothub/twin/PATCH/properties/reported/?$rid=7",
+            deep_json.to_string().as_bytes(),
+            "$iothub/twin/res/",
+        )
+        .await;
+    assert!(res.topic.starts_with("$iothub/twin/res/400/"), "{}", res.topic);
+
+    // Still serving.
+    let (s, _) = hub.api(Method::GET, "/hub", None).await;
+    assert_eq!(s, 200);
+}
