@@ -21,6 +21,8 @@ pub struct Metrics {
     pub twin_patches: IntCounterVec,
     /// Desired patches published to devices and modules.
     pub desired_pushes: IntCounter,
+    /// Routes in force whose sink cannot deliver (their messages are dropped and counted).
+    pub routes_undeliverable: IntGauge,
     /// Deployment twin writes refused because they would leave an invalid route set.
     pub deployment_writes_refused: IntCounter,
     /// Direct messages dropped because a connection's backlog was full.
@@ -137,6 +139,11 @@ impl Metrics {
         .expect("valid metric");
         let sessions = IntGauge::new("fleethub_sessions", "Persistent MQTT sessions stored")
             .expect("valid metric");
+        let routes_undeliverable = IntGauge::new(
+            "fleethub_routes_undeliverable",
+            "Routes in force whose sink cannot deliver ($upstream not enabled, no such module id); their messages are dropped and counted",
+        )
+        .expect("valid metric");
         let deployment_writes_refused = IntCounter::new(
             "fleethub_deployment_writes_refused_total",
             "Deployment twin writes refused because they would leave the hub's route set invalid",
@@ -251,6 +258,7 @@ impl Metrics {
             Box::new(twin_patches.clone()),
             Box::new(desired_pushes.clone()),
             Box::new(deployment_writes_refused.clone()),
+            Box::new(routes_undeliverable.clone()),
             Box::new(direct_dropped.clone()),
             Box::new(token_expirations.clone()),
             Box::new(sessions_resumed.clone()),
@@ -283,6 +291,7 @@ impl Metrics {
             twin_patches,
             desired_pushes,
             deployment_writes_refused,
+            routes_undeliverable,
             direct_dropped,
             token_expirations,
             sessions_resumed,

@@ -25,6 +25,9 @@ pub struct RouteCounters {
     pub sink: Option<crate::sinks::SinkId>,
     /// The sink's queue name: `$upstream` or `/modules/{m}/inputs/{i}`.
     pub queue: String,
+    /// Why nothing can be delivered to the sink (its messages are dropped and counted):
+    /// `$upstream` with the bridge not enabled, a module name that is no module id.
+    pub undeliverable: Option<String>,
     pub matched: prometheus::IntCounter,
     pub undefined: prometheus::IntCounter,
     pub forwarded: prometheus::IntCounter,
@@ -38,6 +41,8 @@ struct Installed {
 }
 
 pub struct Routing {
+    /// Which sinks can take messages, to flag routes that send to one that cannot.
+    sinks: Arc<crate::sinks::Sinks>,
     /// The hub's own `$edgeHub` module twin: its desired properties are routes.
     route_twin: crate::identity::IdentityKey,
     installed: RwLock<Arc<Installed>>,
@@ -62,6 +67,7 @@ impl Routing {
     /// Builds the table from config routes and the `$edgeHub` desired properties.
     pub fn new(
         route_twin: crate::identity::IdentityKey,
+        sinks: Arc<crate::sinks::Sinks>,
         config_routes: Vec<RouteSpec>,
         config_ttl: u64,
         detect_json: bool,
@@ -69,6 +75,7 @@ impl Routing {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Routing, Vec<RouteError>> {
         let routing = Routing {
+            sinks,
             route_twin,
             installed: RwLock::new(Arc::new(Installed {
                 table: Arc::new(RouteTable::default()),
@@ -106,6 +113,17 @@ impl Routing {
         self.installed().table.clone()
     }
 
+    /// The table in force, with why each route's sink cannot deliver (if it cannot).
+    pub fn table_with_notes(&self) -> (Arc<RouteTable>, Vec<Option<String>>) {
+        let installed = self.installed();
+        let notes = installed
+            .counters
+            .iter()
+            .map(|c| c.undeliverable.clone())
+            .collect();
+        (installed.table.clone(), notes)
+    }
+
     /// Builds (without installing) the table for these `$edgeHub` desired properties.
     pub fn build(&self, edge_hub: &Map<String, Value>) -> Result<RouteTable, Vec<RouteError>> {
         let (twin_routes, twin_ttl) = edge_hub_routes(edge_hub)?;
@@ -121,14 +139,29 @@ impl Routing {
 
     pub fn swap(&self, table: RouteTable) {
         let m = &self.metrics;
-        let counters = table
+        let counters: Vec<Arc<RouteCounters>> = table
             .routes
             .iter()
             .map(|r| {
                 let sink = r.route.sink.to_string();
+                let id = crate::sinks::SinkId::from_route(&r.route.sink);
+                let undeliverable = match &id {
+                    Ok(id) => self.sinks.refusal(id),
+                    Err(e) => Some(format!("{e}: no module can connect as it")),
+                };
+                if let Some(why) = &undeliverable {
+                    tracing::warn!(
+                        route = %r.spec.name,
+                        source = %r.spec.origin,
+                        sink = %sink,
+                        why,
+                        "a route sends to a sink that cannot deliver; its messages are dropped and counted (fleethub_sink_messages_total{{result=\"dropped\"}})"
+                    );
+                }
                 Arc::new(RouteCounters {
-                    sink: crate::sinks::SinkId::from_route(&r.route.sink).ok(),
+                    sink: id.ok(),
                     queue: sink.clone(),
+                    undeliverable,
                     matched: m.route_matched.with_label_values(&[&r.spec.name]),
                     undefined: m.route_condition_errors.with_label_values(&[&r.spec.name]),
                     forwarded: m.sink_messages.with_label_values(&[&sink, "forwarded"]),
@@ -136,6 +169,11 @@ impl Routing {
                 })
             })
             .collect();
+        let undeliverable = counters
+            .iter()
+            .filter(|c| c.undeliverable.is_some())
+            .count();
+        m.routes_undeliverable.set(undeliverable as i64);
         let installed = Arc::new(Installed {
             table: Arc::new(table),
             counters,
@@ -342,6 +380,7 @@ mod tests {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let routing = Routing::new(
             crate::identity::IdentityKey::device(crate::identity::DeviceId::new("hub").unwrap()),
+            Arc::new(crate::sinks::Sinks::none()),
             config,
             7200,
             false,

@@ -149,23 +149,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let edge_desired = stores.twins.get(&edge_key).desired.data.clone();
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let routing = crate::routing::Routing::new(
-        edge_key.clone(),
-        config.routes.clone(),
-        config.routing.time_to_live_secs,
-        config.routing.detect_json_bodies,
-        &edge_desired,
-        metrics.clone(),
-    )
-    .map_err(|errors| {
-        ServerError::Routes(
-            errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
     let limits = fleethub_router::queue::Limits {
         max_bytes: config.store_and_forward.max_bytes,
         max_sink_bytes: config.store_and_forward.max_sink_bytes,
@@ -185,13 +168,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::error!(moved_to = %aside.display(), "the store-and-forward store was damaged; started with empty queues");
     }
     let live = crate::connections::Live::default();
-    let sinks = crate::sinks::Sinks::start(&crate::sinks::Context {
-        config: &config,
-        queues: queues.clone(),
-        metrics: metrics.clone(),
-        live: live.clone(),
-    })
-    .map_err(|e| ServerError::Store(e.to_string()))?;
+    let sinks = Arc::new(
+        crate::sinks::Sinks::start(&crate::sinks::Context {
+            config: &config,
+            queues: queues.clone(),
+            metrics: metrics.clone(),
+            live: live.clone(),
+        })
+        .map_err(|e| ServerError::Store(e.to_string()))?,
+    );
+    let routing = crate::routing::Routing::new(
+        edge_key.clone(),
+        sinks.clone(),
+        config.routes.clone(),
+        config.routing.time_to_live_secs,
+        config.routing.detect_json_bodies,
+        &edge_desired,
+        metrics.clone(),
+    )
+    .map_err(|errors| {
+        ServerError::Routes(
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
     let core = Core::start(config.limits.max_connections, &config.router);
     let hub = Arc::new(Hub::new(
         config.clone(),

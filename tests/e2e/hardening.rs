@@ -38,22 +38,40 @@ async fn the_data_directory_is_readable_by_the_hub_user_only() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(data.join("notes.txt"), "x").unwrap();
-    std::fs::set_permissions(data.join("notes.txt"), std::fs::Permissions::from_mode(0o644))
-        .unwrap();
+    std::fs::set_permissions(
+        data.join("notes.txt"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     // The test process's umask (022) is the hub's: without its own, files would be 0644.
     let hub = Hub::start_with(dir, &[]).await;
     let key = hub.create_device("d1").await;
     hub.create_module("d1", "m1").await;
     let mut d = hub.device("d1", &key).await;
     d.client
-        .publish("devices/d1/messages/events/", rumqttc::QoS::AtLeastOnce, false, "x")
+        .publish(
+            "devices/d1/messages/events/",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "x",
+        )
         .await
         .unwrap();
     let (s, _) = hub
-        .api(Method::POST, "/images?name=app&version=1.0.0&kind=application", None)
+        .api(
+            Method::POST,
+            "/images?name=app&version=1.0.0&kind=application",
+            None,
+        )
         .await;
     assert!(s == 201 || s == 400, "{s}");
-    for f in ["fleethub.redb", "queues.redb", "admin-token", "endpoints.json", "tls"] {
+    for f in [
+        "fleethub.redb",
+        "queues.redb",
+        "admin-token",
+        "endpoints.json",
+        "tls",
+    ] {
         assert!(data.join(f).exists(), "{f} exists");
     }
     let open = readable_by_others(&data);
@@ -95,7 +113,10 @@ async fn deep_nesting_gets_a_400_naming_the_limit_never_a_crash() {
     for (method, path, body) in calls {
         let (s, b) = hub.api(method, path, Some(body)).await;
         assert_eq!(s, 400, "{path}: {b}");
-        assert!(b["message"].as_str().unwrap_or("").contains(&limit), "{path}: {b}");
+        assert!(
+            b["message"].as_str().unwrap_or("").contains(&limit),
+            "{path}: {b}"
+        );
     }
 
     // JSON nested 500 deep: refused by the JSON reader with where it stopped.
@@ -111,7 +132,13 @@ async fn deep_nesting_gets_a_400_naming_the_limit_never_a_crash() {
         )
         .await;
     assert_eq!(s, 400, "{b}");
-    assert!(b["message"].as_str().unwrap_or("").contains("recursion limit"), "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("recursion limit"),
+        "{b}"
+    );
     let mut d = hub.device("d1", &key).await;
     d.subscribe_many(&["$iothub/twin/res/#"]).await;
     let res = d
@@ -121,9 +148,84 @@ async fn deep_nesting_gets_a_400_naming_the_limit_never_a_crash() {
             "$iothub/twin/res/",
         )
         .await;
-    assert!(res.topic.starts_with("$iothub/twin/res/400/"), "{}", res.topic);
+    assert!(
+        res.topic.starts_with("$iothub/twin/res/400/"),
+        "{}",
+        res.topic
+    );
 
     // Still serving.
     let (s, _) = hub.api(Method::GET, "/hub", None).await;
     assert_eq!(s, 200);
+}
+
+/// `INTO $upstream` while `[upstream]` is not enabled is kept (IoT Edge manifests carry such
+/// routes) but never silent: the route is flagged in `GET /routes`, the CLI and a gauge, the
+/// hub logs it, and every copy it drops is counted.
+#[tokio::test]
+async fn a_route_to_upstream_without_the_bridge_is_flagged_and_counted() {
+    let hub = Hub::start("undeliverable").await;
+    let key = hub.create_device("d1").await;
+    let (s, b) = hub
+        .api(
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            Some(json!({ "properties": { "desired": { "routes": { "up": "FROM /messages/* INTO $upstream" } } } })),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (_, routes) = hub.api(Method::GET, "/routes", None).await;
+    let up = routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "up")
+        .cloned()
+        .unwrap();
+    assert!(
+        up["undeliverable"]
+            .as_str()
+            .unwrap_or("")
+            .contains("[upstream] is not enabled"),
+        "{routes}"
+    );
+    assert_eq!(hub.metric("fleethub_routes_undeliverable").await, 1.0);
+    let (ok, out, _) = hub.fleethub("route list");
+    assert!(
+        ok && out.contains("DROPPED: [upstream] is not enabled"),
+        "{out}"
+    );
+
+    let mut d = hub.device("d1", &key).await;
+    for _ in 0..5 {
+        d.client
+            .publish(
+                "devices/d1/messages/events/",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                "x",
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 5 {
+        match d.next(std::time::Duration::from_secs(10)).await {
+            Some(crate::harness::Seen::PubAck(_)) => acked += 1,
+            Some(_) => {}
+            None => panic!("{acked} acknowledged"),
+        }
+    }
+    assert_eq!(
+        hub.metric("fleethub_sink_messages_total{result=\"dropped\",sink=\"$upstream\"}")
+            .await,
+        5.0
+    );
+    let logs: String = std::fs::read_dir(&hub.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("hub-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("cannot deliver"), "{logs}");
 }

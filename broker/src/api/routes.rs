@@ -23,17 +23,19 @@ pub fn routes() -> Router<ApiState> {
 }
 
 async fn list_routes(State(hub): State<SharedHub>) -> Json<RouteTableView> {
-    let table = hub.routing.table();
+    let (table, notes) = hub.routing.table_with_notes();
     let routes = table
         .routes
         .iter()
-        .map(|r| RouteView {
+        .zip(notes)
+        .map(|(r, undeliverable)| RouteView {
             name: r.spec.name.clone(),
             route: r.spec.text.clone(),
             priority: r.spec.priority,
             time_to_live_secs: r.spec.ttl_secs.unwrap_or(table.default_ttl_secs),
             source: r.spec.origin.clone(),
             sink: r.route.sink.to_string(),
+            undeliverable,
         })
         .collect();
     let upstream = hub.sinks.health(crate::sinks::upstream::KIND);

@@ -232,6 +232,10 @@ pub struct RouteView {
     /// `config` or `$edgeHub`.
     pub source: String,
     pub sink: String,
+    /// Why nothing can be delivered to the sink (its messages are dropped and counted), for
+    /// a route that sends to `$upstream` while `[upstream]` is not enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undeliverable: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

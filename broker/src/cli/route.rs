@@ -38,6 +38,9 @@ impl RouteCmd {
                             "\n{:<20} {:<9} {:>3} {:>8}  {}",
                             r.name, r.source, r.priority, r.time_to_live_secs, r.route
                         );
+                        if let Some(why) = &r.undeliverable {
+                            out += &format!("\n{:<20} ^ DROPPED: {why}", "");
+                        }
                     }
                     out += &format!(
                         "\nupstream: {}",

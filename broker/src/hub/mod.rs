@@ -69,7 +69,7 @@ pub struct Hub {
     pub queues: Arc<fleethub_router::queue::DiskQueue>,
     pub routing: crate::routing::Routing,
     /// Where routed messages go after their queue: one driver per kind of sink.
-    pub sinks: crate::sinks::Sinks,
+    pub sinks: Arc<crate::sinks::Sinks>,
     pub registry: Registry,
     pub fleet: crate::fleet::Fleet,
     pub images: crate::images::Images,
@@ -107,7 +107,7 @@ impl Hub {
         core: Core,
         admin_token: String,
         routing: crate::routing::Routing,
-        sinks: crate::sinks::Sinks,
+        sinks: Arc<crate::sinks::Sinks>,
         metrics: Arc<Metrics>,
         queues: Arc<fleethub_router::queue::DiskQueue>,
         live: crate::connections::Live,
@@ -277,7 +277,7 @@ impl Hub {
             }
         };
         for d in deliveries {
-            let Some(sink) = d.counters.sink.as_ref().filter(|s| self.sinks.accepts(s)) else {
+            let (Some(sink), None) = (&d.counters.sink, &d.counters.undeliverable) else {
                 d.counters.dropped.inc();
                 continue;
             };

@@ -80,9 +80,10 @@ pub trait SinkDriver: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Whether this driver delivers `sink`.
     fn owns(&self, sink: &SinkId) -> bool;
-    /// Whether entries for `sink` are taken now; when not, a route's messages to it are
-    /// dropped and counted rather than queued for nobody.
-    fn accepts(&self, sink: &SinkId) -> bool;
+    /// Why `sink` takes nothing (an unconfigured upstream), or `None` when it takes entries.
+    /// A route's messages to a sink that takes nothing are dropped and counted rather than
+    /// queued for nobody, and the route is flagged when its table is installed.
+    fn refuses(&self, sink: &SinkId) -> Option<String>;
     /// Entries were committed to `sink`'s queue: deliver them (or tell whoever does).
     fn wake(&self, sink: &SinkId);
     fn health(&self) -> Health;
@@ -120,6 +121,14 @@ impl Sinks {
         Ok(Sinks { drivers })
     }
 
+    /// No drivers at all: every sink refuses (for tests of what sits above).
+    #[cfg(test)]
+    pub fn none() -> Sinks {
+        Sinks {
+            drivers: Vec::new(),
+        }
+    }
+
     fn driver(&self, sink: &SinkId) -> Option<&dyn SinkDriver> {
         self.drivers
             .iter()
@@ -127,8 +136,12 @@ impl Sinks {
             .map(|d| d.as_ref())
     }
 
-    pub fn accepts(&self, sink: &SinkId) -> bool {
-        self.driver(sink).is_some_and(|d| d.accepts(sink))
+    /// Why `sink` takes nothing, or `None` when it takes entries.
+    pub fn refusal(&self, sink: &SinkId) -> Option<String> {
+        match self.driver(sink) {
+            Some(d) => d.refuses(sink),
+            None => Some(format!("no driver delivers {sink}")),
+        }
     }
 
     /// Tells the drivers of freshly committed entries that there is work.

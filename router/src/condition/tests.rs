@@ -226,7 +226,8 @@ fn nesting_past_the_limit_is_refused_with_the_limit_named() {
             let src = nested(kind, depth);
             let e = Condition::parse(&src).expect_err(kind);
             assert!(
-                e.to_string().contains(&format!("at most {MAX_DEPTH} levels")),
+                e.to_string()
+                    .contains(&format!("at most {MAX_DEPTH} levels")),
                 "{kind} x{depth}: {e}"
             );
             // The same through the query and route languages.

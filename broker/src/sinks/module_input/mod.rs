@@ -43,9 +43,9 @@ impl SinkDriver for ModuleInputs {
         matches!(sink, SinkId::ModuleInput { .. })
     }
 
-    fn accepts(&self, _sink: &SinkId) -> bool {
+    fn refuses(&self, _sink: &SinkId) -> Option<String> {
         // Queued while the module is away: it reads its inputs when it connects.
-        true
+        None
     }
 
     fn wake(&self, sink: &SinkId) {

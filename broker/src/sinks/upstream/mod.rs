@@ -89,8 +89,10 @@ impl SinkDriver for Upstream {
         *sink == SinkId::Upstream
     }
 
-    fn accepts(&self, _sink: &SinkId) -> bool {
-        self.running.is_some()
+    fn refuses(&self, _sink: &SinkId) -> Option<String> {
+        self.running
+            .is_none()
+            .then(|| "[upstream] is not enabled: nothing can deliver to $upstream".to_string())
     }
 
     fn wake(&self, _sink: &SinkId) {
