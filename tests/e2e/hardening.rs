@@ -47,7 +47,7 @@ async fn the_data_directory_is_readable_by_the_hub_user_only() {
     let hub = Hub::start_with(dir, &[]).await;
     let key = hub.create_device("d1").await;
     hub.create_module("d1", "m1").await;
-    let mut d = hub.device("d1", &key).await;
+    let d = hub.device("d1", &key).await;
     d.client
         .publish(
             "devices/d1/messages/events/",
