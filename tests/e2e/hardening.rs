@@ -229,3 +229,85 @@ async fn a_route_to_upstream_without_the_bridge_is_flagged_and_counted() {
         .collect();
     assert!(logs.contains("cannot deliver"), "{logs}");
 }
+
+/// The `refuse` quota policy with the unmodified Python SDK: a message the full store
+/// refuses is not acknowledged, and the SDK's `send_message` does not wait forever: the hub
+/// closes the connection, the SDK reconnects and sends it again, and once the sink has
+/// drained it is stored and acknowledged. Every message arrives.
+#[tokio::test]
+async fn refuse_policy_with_the_sdk_never_leaves_send_message_waiting() {
+    let Some(python) = crate::interop::python() else {
+        return;
+    };
+    let ip = crate::interop::random_loopback();
+    let dir = temp_dir("refuse-sdk");
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hub]\nhostname = \"{ip}\"\n[routes]\nsink = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/sink/inputs/in\\\")\"\n[store_and_forward]\nmax_bytes = 20000\nwhen_full = \"refuse\"\n"
+        ),
+    )
+    .unwrap();
+    let mqtts = format!("{ip}:8883");
+    let hub = Hub::start_with(
+        dir,
+        &["--config", config.to_str().unwrap(), "--mqtts", &mqtts],
+    )
+    .await;
+    let key = hub.create_device("dev").await;
+    let sink_key = hub.create_module("fleethub", "sink").await;
+    let cs = format!("HostName={ip};DeviceId=dev;SharedAccessKey={key}");
+    let ca = hub.data_dir().join("tls/ca.pem");
+    // 40 messages of 1,000 bytes: about 20 fit the 20,000-byte quota.
+    let mut child = tokio::process::Command::new(python)
+        .arg(crate::interop::script("refused_send.py"))
+        .arg(&cs)
+        .arg(&ca)
+        .arg("40")
+        .arg("1000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait until the store refuses.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while hub.metric("fleethub_queue_refused_total").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the quota never filled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The sink drains: space frees, and the SDK's pending send goes through.
+    let mut sink = hub.device("fleethub/sink", &sink_key).await;
+    sink.subscribe_many(&["devices/fleethub/modules/sink/inputs/#"])
+        .await;
+    let mut seqs = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    while seqs.len() < 40 && tokio::time::Instant::now() < deadline {
+        if let Some(p) = sink.next_publish(std::time::Duration::from_secs(5)).await {
+            let bag = p.topic.rsplit_once('/').unwrap().1;
+            let m = fleethub_router::Message::from_bag(bag, bytes::Bytes::new()).unwrap();
+            seqs.insert(m.property("seq").unwrap().parse::<u32>().unwrap());
+        }
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        let _ = child.wait().await;
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        use tokio::io::AsyncReadExt;
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut stdout).await;
+        }
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr).await;
+        }
+        (stdout, stderr)
+    })
+    .await
+    .expect("send_message did not hang");
+    assert!(out.0.contains("done"), "SDK output:\n{}\n{}", out.0, out.1);
+    assert_eq!(seqs.len(), 40, "every message arrived: {seqs:?}");
+}

@@ -139,19 +139,28 @@ impl Session {
                     }
                 }
                 Wake::Committed(done) => {
+                    let mut refused = None;
                     if let Some((result, batch)) = done {
-                        self.commit_done(result, batch, wbuf);
+                        refused = self.commit_done(result, batch, wbuf).err();
                     }
                     // Later batches may be committed too: the writer answers in order.
-                    while let Some(front) = commits.front_mut() {
+                    while refused.is_none() {
+                        let Some(front) = commits.front_mut() else {
+                            break;
+                        };
                         match (&mut front.committed).now_or_never() {
                             Some(result) => {
                                 if let Some(batch) = commits.pop_front() {
-                                    self.commit_done(result, batch, wbuf);
+                                    refused = self.commit_done(result, batch, wbuf).err();
                                 }
                             }
                             None => break,
                         }
+                    }
+                    if let Some(reason) = refused {
+                        // What earlier batches acknowledged goes out first, in order.
+                        let _ = write_all(writer, wbuf).await;
+                        return Err(reason);
                     }
                 }
             }
@@ -250,23 +259,29 @@ impl Session {
         });
     }
 
-    /// A batch's routed messages are stored (or were refused): release its PUBACKs.
+    /// A batch's routed messages are stored: release its PUBACKs. Refused (the `refuse`
+    /// quota policy, or a store error): nothing of it is acknowledged and the connection is
+    /// closed, because an MQTT 3.1.1 client sends unacknowledged QoS 1 publishes again only
+    /// when it reconnects; left open, the client would wait for those PUBACKs forever.
     pub(super) fn commit_done(
         &mut self,
         result: Result<(), fleethub_router::queue::QueueError>,
         batch: PendingCommit,
         wbuf: &mut BytesMut,
-    ) {
+    ) -> Result<(), &'static str> {
         match result {
             Ok(()) => {
                 self.hub.sinks.wake(&batch.sinks);
                 write_acks(&batch.acks, wbuf);
+                Ok(())
             }
             Err(e) => {
-                // Not stored, so not acknowledged: the device sends them again.
                 self.hub.metrics.queue_refused.inc_by(batch.count);
-                if !matches!(e, fleethub_router::queue::QueueError::Full) {
+                if matches!(e, fleethub_router::queue::QueueError::Full) {
+                    Err("store-and-forward quota full: publishes refused, to be sent again on reconnect")
+                } else {
                     warn!(error = %e, "could not queue routed messages");
+                    Err("routed messages could not be stored: to be sent again on reconnect")
                 }
             }
         }
