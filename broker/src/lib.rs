@@ -46,6 +46,7 @@ pub mod routing;
 pub mod sas;
 pub mod server;
 pub mod session;
+pub mod stores;
 pub mod sinks;
 pub(crate) mod storage;
 pub mod tls;

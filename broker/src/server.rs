@@ -14,13 +14,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::c2d::C2dStore;
 use crate::config::Config;
 use crate::core::Core;
-use crate::hub::{Endpoints, Hub, SharedHub, Stores};
-use crate::registry::{Registry, RegistryError};
+use crate::hub::{Endpoints, Hub, SharedHub};
+use crate::registry::RegistryError;
 use crate::tls::{self, TlsError};
-use crate::twin::TwinStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -38,6 +36,8 @@ pub enum ServerError {
     },
     #[error("store: {0}")]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Damaged(#[from] crate::stores::StoreError),
     #[error("store: {0}")]
     Store(String),
     #[error("invalid routes: {0}")]
@@ -48,10 +48,7 @@ pub enum ServerError {
 
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
-pub const STORE_FILE: &str = "fleethub.redb";
-/// redb's page cache for the main store.
-const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
-pub const QUEUES_FILE: &str = "queues.redb";
+pub use crate::stores::{QUEUES_FILE, STORE_FILE};
 
 /// Reads the admin token, creating it (mode 0600) on first start.
 pub fn ensure_admin_token(data_dir: &Path) -> Result<String, ServerError> {
@@ -96,30 +93,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let admin_token = ensure_admin_token(&data_dir)?;
-    let store_path = data_dir.join(STORE_FILE);
-    // Every store keeps what it serves in memory (registry, twins, sessions), so redb's own
-    // page cache only has to hold what writes touch: its 1 GiB default grew with every commit
-    // (about 1 KiB per connected device once each stores a session).
-    let db = Arc::new(
-        redb::Builder::new()
-            .set_cache_size(STORE_CACHE_BYTES)
-            .create(&store_path)
-            .map_err(|e| ServerError::Store(format!("{}: {e}", store_path.display())))?,
-    );
-    let deploy = Arc::new(
-        crate::deploy::Engine::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
-    );
-    let stores = Stores {
-        registry: Registry::open(db.clone())?,
-        fleet: crate::fleet::Fleet::open(db.clone())
-            .map_err(|e| ServerError::Store(e.to_string()))?,
-        images: crate::images::Images::open(db.clone(), &data_dir.join("images"))
-            .map_err(|e| ServerError::Store(e.to_string()))?,
-        twins: TwinStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
-        c2d: C2dStore::open(db.clone()).map_err(|e| ServerError::Store(e.to_string()))?,
-        sessions: crate::session::SessionStore::open(db)
-            .map_err(|e| ServerError::Store(e.to_string()))?,
-    };
+    let crate::stores::Opened { stores, deploy } = crate::stores::open(&data_dir)?;
+    let deploy = Arc::new(deploy);
 
     let tls_config = match config.mqtts {
         None => None,

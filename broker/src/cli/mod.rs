@@ -14,6 +14,7 @@ mod image;
 mod message;
 mod monitor;
 mod route;
+mod store;
 mod twin;
 
 use std::path::{Path, PathBuf};
@@ -100,6 +101,9 @@ pub enum Command {
     SasToken(identity::SasTokenArgs),
     /// Print telemetry as it arrives (like `az iot hub monitor-events`)
     MonitorEvents(monitor::MonitorArgs),
+    /// The hub's stores, offline (the hub stopped)
+    #[command(subcommand)]
+    Store(store::StoreCmd),
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -128,6 +132,8 @@ pub fn main() -> Result<()> {
     match &cli.command {
         None => runtime.block_on(serve(&cli.data_dir, ServeArgs::default())),
         Some(Command::Serve(args)) => runtime.block_on(serve(&cli.data_dir, args.clone())),
+        // Offline: needs no running hub, no token.
+        Some(Command::Store(cmd)) => cmd.run(&cli.data_dir, cli.output),
         Some(command) => {
             let ctx = Ctx::new(&cli)?;
             runtime.block_on(run(command, &ctx))
@@ -156,7 +162,9 @@ async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
 /// Hands a client verb to its group.
 async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
     match command {
-        Command::Serve(_) => unreachable!("serve is handled before a client is built"),
+        Command::Serve(_) | Command::Store(_) => {
+            unreachable!("serve and store run without a client")
+        }
         Command::Device(cmd) => cmd.run(ctx).await,
         Command::Module(cmd) => cmd.run(ctx).await,
         Command::Twin(cmd) => cmd.run(ctx).await,

@@ -206,13 +206,16 @@ fn log_dir(path: &Path) -> PathBuf {
 /// Opens redb, moving a damaged file aside.
 fn open_store(path: &Path, cache_bytes: usize) -> Result<(Database, Option<PathBuf>), QueueError> {
     // redb asserts on some damaged files (a truncated one panics in its page manager):
-    // at this boundary a panic is just another kind of damage.
+    // at this boundary a panic is just another kind of damage, reported without a backtrace.
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let opened = std::panic::catch_unwind(|| {
         redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(path)
-    })
-    .unwrap_or_else(|p| {
+    });
+    std::panic::set_hook(previous_hook);
+    let opened = opened.unwrap_or_else(|p| {
         let why = p
             .downcast_ref::<&str>()
             .map(|s| s.to_string())

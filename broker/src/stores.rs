@@ -1,0 +1,208 @@
+//! Opening the hub's durable stores, and checking them offline (`fleethub store check`).
+//!
+//! A damaged store stops the hub at start with an error that names the file, what is in it
+//! and what to do next; never a panic with a backtrace (redb asserts on some damaged files,
+//! a truncated one among them, so a panic while opening counts as damage too). The
+//! store-and-forward store is the exception that keeps the hub starting: it is moved aside
+//! and started empty, and `GET /queues` says where it went.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::Database;
+use serde::Serialize;
+
+use crate::c2d::C2dStore;
+use crate::hub::Stores;
+use crate::registry::Registry;
+use crate::twin::TwinStore;
+
+pub const STORE_FILE: &str = "fleethub.redb";
+pub const QUEUES_FILE: &str = "queues.redb";
+/// redb's page cache for the main store. Every store keeps what it serves in memory
+/// (registry, twins, sessions), so the cache only has to hold what writes touch: redb's 1 GiB
+/// default grew with every commit (about 1 KiB per connected device with a session).
+const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// A store that cannot be used, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} ({what}) cannot be used: {detail}. The hub did not start and changed nothing. \
+     Next: `fleethub store check --data-dir {}` tells which stores are damaged; start from a \
+     backup (`fleethub backup` makes one), or move the file aside to start without what it held.",
+    path.display(),
+    data_dir.display()
+)]
+pub struct StoreError {
+    pub path: PathBuf,
+    pub data_dir: PathBuf,
+    pub what: &'static str,
+    pub detail: String,
+}
+
+/// Runs `f`, turning a panic into an error with its message, without printing it: at this
+/// boundary a panic inside the store library is one more kind of damage.
+pub fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(f);
+    std::panic::set_hook(previous);
+    result.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the store library panicked".into())
+    })
+}
+
+fn open_database(path: &Path) -> Result<Database, String> {
+    let path = path.to_path_buf();
+    match quietly(move || {
+        redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&path)
+    }) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+            Err("it is open in another process (a hub running on this data directory)".into())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("damaged ({panic})")),
+    }
+}
+
+/// Every store of the main file, opened and loaded.
+pub struct Opened {
+    pub stores: Stores,
+    pub deploy: crate::deploy::Engine,
+}
+
+/// Opens the main store and loads every store in it.
+pub fn open(data_dir: &Path) -> Result<Opened, StoreError> {
+    let path = data_dir.join(STORE_FILE);
+    let damaged = |what: &'static str, detail: String| StoreError {
+        path: path.clone(),
+        data_dir: data_dir.to_path_buf(),
+        what,
+        detail,
+    };
+    let db = Arc::new(
+        open_database(&path).map_err(|d| damaged("registry, twins, fleet, deployments", d))?,
+    );
+    let stores = Stores {
+        registry: Registry::open(db.clone()).map_err(|e| damaged("device registry", e.to_string()))?,
+        fleet: crate::fleet::Fleet::open(db.clone())
+            .map_err(|e| damaged("products and device groups", e.to_string()))?,
+        images: crate::images::Images::open(db.clone(), &data_dir.join("images"))
+            .map_err(|e| damaged("images", e.to_string()))?,
+        twins: TwinStore::open(db.clone()).map_err(|e| damaged("twins", e.to_string()))?,
+        c2d: C2dStore::open(db.clone())
+            .map_err(|e| damaged("cloud-to-device messages", e.to_string()))?,
+        sessions: crate::session::SessionStore::open(db.clone())
+            .map_err(|e| damaged("persistent sessions", e.to_string()))?,
+    };
+    let deploy =
+        crate::deploy::Engine::open(db).map_err(|e| damaged("deployments", e.to_string()))?;
+    Ok(Opened { stores, deploy })
+}
+
+/// One store's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Checked {
+    pub file: PathBuf,
+    pub store: &'static str,
+    pub ok: bool,
+    /// Rows read, or what is wrong.
+    pub detail: String,
+}
+
+/// Checks every store offline: each file's integrity (page checksums, redb's own check),
+/// then every row of every store read back. Changes nothing.
+pub fn check(data_dir: &Path) -> Vec<Checked> {
+    let mut out = Vec::new();
+    let main = data_dir.join(STORE_FILE);
+    let verdict = |file: &Path, store: &'static str, r: Result<String, String>| Checked {
+        file: file.to_path_buf(),
+        store,
+        ok: r.is_ok(),
+        detail: r.unwrap_or_else(|e| e),
+    };
+    if !main.exists() {
+        out.push(verdict(&main, "main store", Err("missing".into())));
+    } else {
+        match open_database(&main).and_then(integrity) {
+            Err(e) => out.push(verdict(&main, "main store", Err(e))),
+            Ok(db) => {
+                out.push(verdict(&main, "main store", Ok("pages intact".into())));
+                let db = Arc::new(db);
+                let count = |n: usize| Ok(format!("{n} rows"));
+                out.push(verdict(
+                    &main,
+                    "device registry",
+                    Registry::open(db.clone())
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| count(r.identities().len())),
+                ));
+                out.push(verdict(
+                    &main,
+                    "products and device groups",
+                    crate::fleet::Fleet::open(db.clone())
+                        .map_err(|e| e.to_string())
+                        .and_then(|f| count(f.products().len())),
+                ));
+                out.push(verdict(
+                    &main,
+                    "images",
+                    crate::images::Images::open(db.clone(), &data_dir.join("images"))
+                        .map_err(|e| e.to_string())
+                        .and_then(|i| count(i.list().len())),
+                ));
+                out.push(verdict(
+                    &main,
+                    "twins",
+                    TwinStore::open(db.clone())
+                        .map(|_| "readable".to_string())
+                        .map_err(|e| e.to_string()),
+                ));
+                out.push(verdict(
+                    &main,
+                    "cloud-to-device messages",
+                    C2dStore::open(db.clone())
+                        .map(|_| "readable".to_string())
+                        .map_err(|e| e.to_string()),
+                ));
+                out.push(verdict(
+                    &main,
+                    "persistent sessions",
+                    crate::session::SessionStore::open(db.clone())
+                        .map_err(|e| e.to_string())
+                        .and_then(|s| count(s.len())),
+                ));
+                out.push(verdict(
+                    &main,
+                    "deployments",
+                    crate::deploy::Engine::open(db)
+                        .map_err(|e| e.to_string())
+                        .and_then(|d| count(d.targeted.all().len())),
+                ));
+            }
+        }
+    }
+    let queues = data_dir.join(QUEUES_FILE);
+    if queues.exists() {
+        let r = open_database(&queues)
+            .and_then(integrity)
+            .map(|_| "pages intact".to_string());
+        out.push(verdict(&queues, "store-and-forward queues", r));
+    }
+    out
+}
+
+fn integrity(mut db: Database) -> Result<Database, String> {
+    match quietly(std::panic::AssertUnwindSafe(|| db.check_integrity())) {
+        Ok(Ok(true)) => Ok(db),
+        Ok(Ok(false)) => Err("damaged: redb repaired pages it could not verify".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("damaged ({panic})")),
+    }
+}
