@@ -37,6 +37,7 @@ struct FileConfig {
     listen: ListenSection,
     tls: TlsSection,
     mqtt: MqttSection,
+    api: ApiSection,
     router: RouterSection,
     routing: RoutingSection,
     #[serde(default)]
@@ -114,9 +115,21 @@ pub struct MqttSection {
     pub max_payload_bytes: usize,
     pub max_connections: usize,
     pub connect_timeout_secs: u64,
+    /// Sockets that have not finished CONNECT held at once.
+    pub max_pending_connections: usize,
     /// How long a persistent session (clean session 0) outlives its client's last
     /// disconnect.
     pub session_expiry_secs: u64,
+}
+
+/// Limits of the HTTP API (see `[api]` in the default config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    pub max_connections: usize,
+    pub header_read_timeout_secs: u64,
+    pub body_read_timeout_secs: u64,
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +161,7 @@ pub struct Config {
     /// Configured certificate and key; `None` means generate under `data_dir/tls`.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub limits: MqttSection,
+    pub api_limits: ApiSection,
     pub router: RouterSection,
     pub routing: RoutingSection,
     /// Routes from `[routes]`, parsed and checked when the hub starts.
@@ -230,6 +244,7 @@ impl Config {
             api,
             tls,
             limits: file.mqtt,
+            api_limits: file.api,
             router: file.router,
             routing: file.routing,
             routes,

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub twin_patches: IntCounterVec,
     /// Desired patches published to devices and modules.
     pub desired_pushes: IntCounter,
+    /// API connections closed at once because `[api] max_connections` were open.
+    pub api_connections_refused: IntCounter,
+    /// MQTT sockets closed at once because `[mqtt] max_pending_connections` had not finished CONNECT.
+    pub mqtt_pending_refused: IntCounter,
     /// Routes in force whose sink cannot deliver (their messages are dropped and counted).
     pub routes_undeliverable: IntGauge,
     /// Deployment twin writes refused because they would leave an invalid route set.
@@ -139,6 +143,16 @@ impl Metrics {
         .expect("valid metric");
         let sessions = IntGauge::new("fleethub_sessions", "Persistent MQTT sessions stored")
             .expect("valid metric");
+        let api_connections_refused = IntCounter::new(
+            "fleethub_api_connections_refused_total",
+            "API connections closed as they arrived because [api] max_connections were open",
+        )
+        .expect("valid metric");
+        let mqtt_pending_refused = IntCounter::new(
+            "fleethub_mqtt_pending_refused_total",
+            "MQTT sockets closed as they arrived because [mqtt] max_pending_connections had not finished CONNECT",
+        )
+        .expect("valid metric");
         let routes_undeliverable = IntGauge::new(
             "fleethub_routes_undeliverable",
             "Routes in force whose sink cannot deliver ($upstream not enabled, no such module id); their messages are dropped and counted",
@@ -259,6 +273,8 @@ impl Metrics {
             Box::new(desired_pushes.clone()),
             Box::new(deployment_writes_refused.clone()),
             Box::new(routes_undeliverable.clone()),
+            Box::new(api_connections_refused.clone()),
+            Box::new(mqtt_pending_refused.clone()),
             Box::new(direct_dropped.clone()),
             Box::new(token_expirations.clone()),
             Box::new(sessions_resumed.clone()),
@@ -292,6 +308,8 @@ impl Metrics {
             desired_pushes,
             deployment_writes_refused,
             routes_undeliverable,
+            api_connections_refused,
+            mqtt_pending_refused,
             direct_dropped,
             token_expirations,
             sessions_resumed,

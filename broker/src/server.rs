@@ -92,6 +92,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "the data directory was readable by other users; narrowed to the hub's user only"
         );
     }
+    raise_fd_limit(&config);
     let admin_token = ensure_admin_token(&data_dir)?;
     let crate::stores::Opened { stores, deploy } = crate::stores::open(&data_dir)?;
     let deploy = Arc::new(deploy);
@@ -246,18 +247,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             open_tx.clone(),
         ));
     }
-    let mut api_stop = stop_rx.clone();
     let app = crate::api::router(
         hub.clone(),
         crate::deploy::http::routes(hub.clone(), deploy.clone()),
     );
-    tasks.spawn(async move {
-        let _ = axum::serve(api, app)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.changed().await;
-            })
-            .await;
-    });
+    tasks.spawn(crate::api::listener::serve(
+        api,
+        app,
+        config.api_limits.clone(),
+        hub.metrics.clone(),
+        stop_rx.clone(),
+    ));
 
     shutdown.await;
     info!("shutting down");
@@ -278,6 +278,52 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     info!("stopped");
     Ok(())
+}
+
+/// Raises the open-file soft limit to the hard limit (a hub holds a socket per device) and
+/// warns when even that cannot hold every budget: MQTT connections, sockets not yet through
+/// CONNECT, API connections, and headroom for stores and logs.
+fn raise_fd_limit(config: &Config) {
+    let want = config.limits.max_connections
+        + config.limits.max_pending_connections
+        + config.api_limits.max_connections
+        + 256;
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        if got != 0 {
+            tracing::warn!("could not read the open-file limit");
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                limit = raised;
+            }
+        }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every platform
+        let have = limit.rlim_cur as u64;
+        if have < want as u64 {
+            tracing::warn!(
+                open_files = have,
+                needed = want,
+                "the open-file limit is below what the configured connection budgets need; raise it (ulimit -n, LimitNOFILE=) or lower [mqtt] max_connections"
+            );
+        } else {
+            info!(open_files = have, "open-file limit");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = want;
 }
 
 /// Removes expired entries from queues nobody drains (sink offline) as time passes.

@@ -90,7 +90,8 @@ pub fn open(data_dir: &Path) -> Result<Opened, StoreError> {
         open_database(&path).map_err(|d| damaged("registry, twins, fleet, deployments", d))?,
     );
     let stores = Stores {
-        registry: Registry::open(db.clone()).map_err(|e| damaged("device registry", e.to_string()))?,
+        registry: Registry::open(db.clone())
+            .map_err(|e| damaged("device registry", e.to_string()))?,
         fleet: crate::fleet::Fleet::open(db.clone())
             .map_err(|e| damaged("products and device groups", e.to_string()))?,
         images: crate::images::Images::open(db.clone(), &data_dir.join("images"))

@@ -339,7 +339,10 @@ async fn a_damaged_store_gives_a_clear_start_up_error_and_store_check_finds_it()
     let data = hub.data_dir();
     let (ok, out, err) = fleethub_on(&data, &["store", "check"]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("device registry") && out.contains("3 rows"), "{out}");
+    assert!(
+        out.contains("device registry") && out.contains("3 rows"),
+        "{out}"
+    );
 
     let store = data.join("fleethub.redb");
     let healthy = std::fs::read(&store).unwrap();
@@ -348,19 +351,144 @@ async fn a_damaged_store_gives_a_clear_start_up_error_and_store_check_finds_it()
         ("garbage", vec![0x5a; 4096]),
     ] {
         std::fs::write(&store, &bytes).unwrap();
-        let serve = ["serve", "--mqtt", "127.0.0.1:0", "--mqtts", "off", "--api", "127.0.0.1:0"];
+        let serve = [
+            "serve",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtts",
+            "off",
+            "--api",
+            "127.0.0.1:0",
+        ];
         let (ok, _, err) = fleethub_on(&data, &serve);
         assert!(!ok, "{how}: the hub must not start");
-        assert!(err.contains("fleethub.redb") && err.contains("store check"), "{how}: {err}");
+        assert!(
+            err.contains("fleethub.redb") && err.contains("store check"),
+            "{how}: {err}"
+        );
         assert!(
             !err.contains("panicked") && !err.contains("backtrace"),
             "{how}: {err}"
         );
         let (ok, out, err) = fleethub_on(&data, &["store", "check"]);
         assert!(!ok, "{how}: store check must fail");
-        assert!(out.contains("BAD") && out.contains("main store"), "{how}: {out}{err}");
+        assert!(
+            out.contains("BAD") && out.contains("main store"),
+            "{how}: {out}{err}"
+        );
         assert!(!err.contains("panicked"), "{how}: {err}");
     }
     // The file was left as it was: evidence, and the operator's to move.
     assert_eq!(std::fs::read(&store).unwrap(), vec![0x5a; 4096]);
+}
+
+/// Opens `n` sockets to `addr` and writes `prefix` on each (then nothing).
+async fn flood(addr: std::net::SocketAddr, n: usize, prefix: &[u8]) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut socks = Vec::new();
+    for _ in 0..n {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let _ = s.write_all(prefix).await;
+            socks.push(s);
+        }
+    }
+    socks
+}
+
+/// Every socket the hub did not close within `within`.
+async fn still_open(socks: &mut [tokio::net::TcpStream], within: std::time::Duration) -> usize {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut open = 0;
+    for s in socks.iter_mut() {
+        let mut buf = [0u8; 512];
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => {
+                    open += 1;
+                    break;
+                }
+            }
+        }
+    }
+    open
+}
+
+/// Slowloris on the API and silent sockets on MQTT: each listener has its own budget, so a
+/// flood of one leaves the other working; the flood's sockets are closed (at once past the
+/// cap, after the header or CONNECT deadline within it), and the flooded listener serves
+/// again afterwards.
+#[tokio::test]
+async fn floods_of_the_api_and_of_mqtt_leave_the_other_working() {
+    let dir = temp_dir("flood");
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        "[mqtt]\nconnect_timeout_secs = 2\nmax_pending_connections = 50\n[api]\nmax_connections = 50\nheader_read_timeout_secs = 2\n",
+    )
+    .unwrap();
+    let hub = Hub::start_with(dir, &["--config", config.to_str().unwrap()]).await;
+    let key = hub.create_device("d1").await;
+
+    // The API flooded with half-sent requests: devices connect and publish meanwhile.
+    let mut api_flood = flood(
+        hub.endpoints.api,
+        300,
+        b"GET /health HTTP/1.1\r\nHost: x\r\n",
+    )
+    .await;
+    let mut d = hub.device("d1", &key).await;
+    d.client
+        .publish(
+            "devices/d1/messages/events/",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "x",
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            d.next(std::time::Duration::from_secs(5)).await,
+            Some(crate::harness::Seen::PubAck(_))
+        ),
+        "a device publishes while the API is flooded"
+    );
+    assert!(hub.metric("fleethub_api_connections_refused_total").await >= 200.0);
+    assert_eq!(
+        still_open(&mut api_flood, std::time::Duration::from_secs(10)).await,
+        0,
+        "every half-sent request was closed"
+    );
+    let (s, _) = hub.api(Method::GET, "/health", None).await;
+    assert_eq!(s, 200, "the API serves again");
+    drop(d);
+
+    // MQTT flooded with sockets that never send CONNECT: the API works meanwhile.
+    let mqtt = hub.endpoints.mqtt.unwrap();
+    let mut mqtt_flood = flood(mqtt, 300, b"").await;
+    let (s, _) = hub.api(Method::GET, "/health", None).await;
+    assert_eq!(s, 200, "the API works while MQTT is flooded");
+    assert!(hub.metric("fleethub_mqtt_pending_refused_total").await >= 200.0);
+    assert_eq!(
+        still_open(&mut mqtt_flood, std::time::Duration::from_secs(10)).await,
+        0,
+        "every silent socket was closed"
+    );
+    let mut d = hub.device("d1", &key).await;
+    d.client
+        .publish(
+            "devices/d1/messages/events/",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "y",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        d.next(std::time::Duration::from_secs(5)).await,
+        Some(crate::harness::Seen::PubAck(_))
+    ));
 }

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 mod fleet;
 mod identities;
 mod images;
+pub mod listener;
 mod messages;
 mod methods;
 mod routes;

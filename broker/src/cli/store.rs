@@ -24,7 +24,10 @@ impl StoreCmd {
             bail!("{}: no such data directory", dir.display());
         }
         let checked = crate::stores::check(&dir);
-        if checked.iter().any(|c| c.detail.contains("open in another process")) {
+        if checked
+            .iter()
+            .any(|c| c.detail.contains("open in another process"))
+        {
             bail!(
                 "a hub is running on {}: stop it first (`fleethub backup` copies a running hub's stores)",
                 dir.display()

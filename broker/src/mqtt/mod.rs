@@ -55,6 +55,29 @@ use subscriptions::filters_digest;
 /// Username that marks a service connection (password: the admin token).
 pub const SERVICE_USERNAME: &str = "$service";
 
+/// A place among the connections that have not finished CONNECT.
+pub type Pending = tokio::sync::OwnedSemaphorePermit;
+
+/// The budget of connections not yet through CONNECT, `[mqtt] max_pending_connections`.
+fn pending_budget(hub: &SharedHub) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        hub.config.limits.max_pending_connections.max(1),
+    ))
+}
+
+/// A place for a new socket, or `None` (counted) when too many have not finished CONNECT: a
+/// flood of silent sockets is closed as it arrives instead of taking the file descriptors
+/// devices need.
+fn take_place(hub: &SharedHub, pending: &Arc<tokio::sync::Semaphore>) -> Option<Pending> {
+    match pending.clone().try_acquire_owned() {
+        Ok(place) => Some(place),
+        Err(_) => {
+            hub.metrics.mqtt_pending_refused.inc();
+            None
+        }
+    }
+}
+
 /// Accepts plain TCP connections until `shutdown` flips.
 ///
 /// Every connection task holds a clone of `open`, so the server knows when the last one ended.
@@ -64,14 +87,19 @@ pub async fn serve_tcp(
     mut shutdown: watch::Receiver<bool>,
     open: tokio::sync::mpsc::Sender<()>,
 ) {
+    let pending = pending_budget(&hub);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(place) = take_place(&hub, &pending) else {
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let (hub, open) = (hub.clone(), open.clone());
                     tokio::spawn(async move {
-                        connection(stream, peer, hub).await;
+                        connection(stream, peer, hub, place).await;
                         drop(open);
                     });
                 }
@@ -94,17 +122,22 @@ pub async fn serve_tls(
     mut shutdown: watch::Receiver<bool>,
     open: tokio::sync::mpsc::Sender<()>,
 ) {
+    let pending = pending_budget(&hub);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(place) = take_place(&hub, &pending) else {
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let (hub, acceptor, open) = (hub.clone(), acceptor.clone(), open.clone());
                     tokio::spawn(async move {
                         let _open = open;
                         let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => connection(tls, peer, hub).await,
+                            Ok(Ok(tls)) => connection(tls, peer, hub, place).await,
                             Ok(Err(e)) => {
                                 hub.metrics.connection_attempts.with_label_values(&["tls_error"]).inc();
                                 debug!(%peer, error = %e, "TLS handshake failed");
@@ -200,14 +233,18 @@ pub(super) fn variable_header_at(buf: &[u8]) -> Option<usize> {
 }
 
 /// Runs one client connection to its end.
-pub async fn connection<S>(stream: S, peer: SocketAddr, hub: SharedHub)
+/// `pending` is this connection's place among those not yet through CONNECT, given back once
+/// the handshake is done.
+pub async fn connection<S>(stream: S, peer: SocketAddr, hub: SharedHub, pending: Pending)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     // The handshake runs in a boxed future: its state (the CONNECT, credentials, the session
     // being resumed) is freed before the connection settles into its long wait.
-    let Some(mut open) = Box::pin(open(&mut reader, &mut writer, peer, hub)).await else {
+    let opened = Box::pin(open(&mut reader, &mut writer, peer, hub)).await;
+    drop(pending);
+    let Some(mut open) = opened else {
         let _ = writer.shutdown().await;
         return;
     };
