@@ -245,7 +245,7 @@ impl Metrics {
         let queue_dropped = IntCounterVec::new(
             Opts::new(
                 "fleethub_queue_dropped_total",
-                "Queued messages dropped undelivered, by sink and reason (expired, quota)",
+                "Queued messages dropped undelivered, by sink and reason (expired, quota, corrupt: unreadable log records found at start, sink \"(unreadable)\")",
             ),
             &["sink", "reason"],
         )
@@ -334,6 +334,13 @@ impl Metrics {
     }
 
     /// Updates the queue gauges and drop counters from the queues' own counters.
+    /// Log records found unreadable at start: each may have held an acknowledged message.
+    pub fn corrupt_records(&self, n: u64) {
+        self.queue_dropped
+            .with_label_values(&["(unreadable)", "corrupt"])
+            .inc_by(n);
+    }
+
     pub fn observe_queues(&self, stats: &[fleethub_router::queue::SinkStats], now_ms: u64) {
         let mut seen = self
             .queue_dropped_seen

@@ -143,6 +143,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(aside) = &queues.recovered_from {
         tracing::error!(moved_to = %aside.display(), "the store-and-forward store was damaged; started with empty queues");
     }
+    if queues.corrupt_records > 0 {
+        metrics.corrupt_records(queues.corrupt_records);
+        tracing::error!(
+            records = queues.corrupt_records,
+            kept = ?queues.damaged_logs,
+            "the store-and-forward log was damaged: records that could not be read are counted as dropped (reason corrupt); every readable record after them was recovered"
+        );
+    }
     let live = crate::connections::Live::default();
     let sinks = Arc::new(
         crate::sinks::Sinks::start(&crate::sinks::Context {

@@ -492,3 +492,103 @@ async fn floods_of_the_api_and_of_mqtt_leave_the_other_working() {
         Some(crate::harness::Seen::PubAck(_))
     ));
 }
+
+/// One byte damaged in the middle of a store-and-forward log file, at several places of a
+/// record (its marker, its length, its body): exactly that record is lost and counted
+/// (reason `corrupt`, in `/queues`, the metric and the log), every other acknowledged message
+/// is recovered and delivered, and the damaged file is kept.
+#[tokio::test]
+async fn a_damaged_byte_in_the_queue_log_costs_one_counted_record() {
+    const MARKER: [u8; 4] = [0xF1, 0xEE, 0x7A, 0x51];
+    for (place, delta) in [("marker", 1usize), ("length", 6), ("body", 40)] {
+        let dir = temp_dir("log-damage");
+        let config = dir.join("hub.toml");
+        std::fs::write(
+            &config,
+            "[routes]\nsink = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/sink/inputs/in\\\")\"\n",
+        )
+        .unwrap();
+        let mut hub = Hub::start_with(dir, &["--config", config.to_str().unwrap()]).await;
+        let key = hub.create_device("dev").await;
+        let sink_key = hub.create_module("fleethub", "sink").await;
+        let mut d = hub.device("dev", &key).await;
+        for i in 0..100 {
+            d.client
+                .publish(
+                    format!("devices/dev/messages/events/seq={i}"),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    format!("message number {i} with some body text"),
+                )
+                .await
+                .unwrap();
+        }
+        let mut acked = 0;
+        while acked < 100 {
+            match d.next(std::time::Duration::from_secs(10)).await {
+                Some(crate::harness::Seen::PubAck(_)) => acked += 1,
+                Some(_) => {}
+                None => panic!("{acked} acknowledged"),
+            }
+        }
+        hub.kill9();
+
+        // Damage the 50th record of the log.
+        let log_dir = hub.data_dir().join("queues.log");
+        let file = std::fs::read_dir(&log_dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .expect("a log file");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let markers: Vec<usize> = bytes
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == MARKER)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(markers.len() >= 100, "{} records in the log", markers.len());
+        bytes[markers[50] + delta] ^= 0x5a;
+        std::fs::write(&file, &bytes).unwrap();
+
+        let hub = hub.restart().await;
+        let (_, queues) = hub.api(Method::GET, "/queues", None).await;
+        assert_eq!(queues["corruptRecords"], 1, "{place}: {queues}");
+        assert_eq!(queues["items"][0]["depth"], 99, "{place}: {queues}");
+        assert_eq!(
+            queues["damagedLogs"].as_array().unwrap().len(),
+            1,
+            "{place}: {queues}"
+        );
+        let kept = std::path::PathBuf::from(queues["damagedLogs"][0].as_str().unwrap());
+        assert_eq!(
+            std::fs::read(&kept).unwrap(),
+            bytes,
+            "{place}: the damaged file is kept as it was"
+        );
+        assert_eq!(
+            hub.metric("fleethub_queue_dropped_total{reason=\"corrupt\",sink=\"(unreadable)\"}")
+                .await,
+            1.0,
+            "{place}"
+        );
+        let mut sink = hub.device("fleethub/sink", &sink_key).await;
+        sink.subscribe_many(&["devices/fleethub/modules/sink/inputs/#"])
+            .await;
+        let mut got = std::collections::BTreeSet::new();
+        while let Some(p) = sink.next_publish(std::time::Duration::from_secs(3)).await {
+            let bag = p.topic.rsplit_once('/').unwrap().1;
+            let m = fleethub_router::Message::from_bag(bag, bytes::Bytes::new()).unwrap();
+            got.insert(m.property("seq").unwrap().parse::<u32>().unwrap());
+            if got.len() == 99 {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 99, "{place}: every other message delivered");
+        assert!(
+            !got.contains(&50),
+            "{place}: the damaged one is the one lost"
+        );
+    }
+}

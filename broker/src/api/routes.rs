@@ -109,5 +109,12 @@ async fn list_queues(State(hub): State<SharedHub>) -> Json<QueueList> {
             .recovered_from
             .as_ref()
             .map(|p| p.display().to_string()),
+        corrupt_records: hub.queues.corrupt_records,
+        damaged_logs: hub
+            .queues
+            .damaged_logs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
     })
 }

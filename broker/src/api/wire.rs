@@ -279,6 +279,12 @@ pub struct QueueList {
     pub refused: u64,
     /// Where a damaged store was moved aside at start, if it was.
     pub recovered_from: Option<String>,
+    /// Log records found unreadable at start (each counted as dropped, reason `corrupt`).
+    #[serde(default)]
+    pub corrupt_records: u64,
+    /// Where the damaged log files were kept.
+    #[serde(default)]
+    pub damaged_logs: Vec<String>,
 }
 
 /// One sink's queue.

@@ -145,6 +145,10 @@ pub struct DiskQueue {
     writer: Option<std::thread::JoinHandle<()>>,
     /// Set when the store could not be opened and was moved aside (shown to operators).
     pub recovered_from: Option<PathBuf>,
+    /// Log records found damaged at open (each counted as a message dropped, reason
+    /// `corrupt`), and where the damaged files were kept.
+    pub corrupt_records: u64,
+    pub damaged_logs: Vec<PathBuf>,
 }
 
 fn err(e: impl std::fmt::Display) -> QueueError {
@@ -245,10 +249,25 @@ fn open_store(path: &Path, cache_bytes: usize) -> Result<(Database, Option<PathB
 /// Moves every entry the log holds into redb, then deletes the log: after a crash or a clean
 /// stop alike, the queue starts with its entries in redb and an empty log. Returns the
 /// highest sequence number seen and the next generation number.
-fn replay(db: &Database, dir: &Path) -> Result<(u64, u64), QueueError> {
+/// What replaying the log found besides its records.
+#[derive(Debug, Default)]
+struct Replayed {
+    max_seq: u64,
+    next_gen: u64,
+    /// Records that could not be read (damage, not a torn tail): each may have held an
+    /// acknowledged message, so each counts as a drop with reason `corrupt`.
+    corrupt_records: u64,
+    /// Where damaged log files were kept.
+    damaged_logs: Vec<PathBuf>,
+}
+
+fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
     let generations = log::generations(dir)?;
     let mut live: BTreeMap<u64, log::Record> = BTreeMap::new();
     let (mut max_seq, mut next_gen) = (0u64, 1u64);
+    let newest = generations.last().map(|(id, _)| *id);
+    let mut corrupt_records = 0u64;
+    let mut damaged_files = Vec::new();
     for (id, path) in &generations {
         next_gen = next_gen.max(id + 1);
         let bytes = match std::fs::read(path) {
@@ -261,15 +280,28 @@ fn replay(db: &Database, dir: &Path) -> Result<(u64, u64), QueueError> {
                 continue;
             }
         };
-        let (records, rest) = log::read(&bytes);
-        if rest > 0 {
-            // A torn tail holds no acknowledged entry: acks follow a whole batch's sync.
+        let read = log::read(&bytes);
+        // Only the newest file can end torn (the batch being written at a crash, nothing of
+        // it acknowledged); an unreadable end of an older, sealed file is damage.
+        let torn = read.tail > 0 && Some(*id) == newest;
+        let lost = read.damaged.len() as u64 + u64::from(read.tail > 0 && !torn);
+        if torn {
             eprintln!(
-                "store-and-forward log {}: {rest} bytes at its end are not a whole record; ignored",
-                path.display()
+                "store-and-forward log {}: {} bytes at its end are not a whole record (a write cut short; nothing in it was acknowledged); ignored",
+                path.display(),
+                read.tail
             );
         }
-        for r in records {
+        if lost > 0 {
+            corrupt_records += lost;
+            damaged_files.push(path.clone());
+            eprintln!(
+                "store-and-forward log {} is damaged: {lost} record(s) could not be read (counted as dropped, reason corrupt; {} read)",
+                path.display(),
+                read.records.len()
+            );
+        }
+        for r in read.records {
             match r {
                 log::Record::Append { ref key, .. } => {
                     max_seq = max_seq.max(key.seq);
@@ -300,13 +332,33 @@ fn replay(db: &Database, dir: &Path) -> Result<(u64, u64), QueueError> {
         }
         tx.commit().map_err(err)?;
     }
+    // Replayed into the store: the files go, except damaged ones, kept as evidence.
+    let mut damaged_logs = Vec::new();
     for (_, path) in &generations {
-        std::fs::remove_file(path).map_err(err)?;
+        if damaged_files.contains(path) {
+            let aside_dir = dir.join("damaged");
+            std::fs::create_dir_all(&aside_dir).map_err(err)?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            let aside =
+                aside_dir.join(format!("{}.{}", name.to_string_lossy(), std::process::id()));
+            std::fs::rename(path, &aside).map_err(err)?;
+            damaged_logs.push(aside);
+        } else {
+            std::fs::remove_file(path).map_err(err)?;
+        }
     }
     if !generations.is_empty() {
         log::sync_dir(dir)?;
     }
-    Ok((max_seq, next_gen))
+    Ok(Replayed {
+        max_seq,
+        next_gen,
+        corrupt_records,
+        damaged_logs,
+    })
 }
 
 impl DiskQueue {
@@ -319,7 +371,12 @@ impl DiskQueue {
         let (db, recovered_from) = open_store(path, cache)?;
         let dir = log_dir(path);
         std::fs::create_dir_all(&dir).map_err(err)?;
-        let (log_max_seq, next_gen) = replay(&db, &dir)?;
+        let Replayed {
+            max_seq: log_max_seq,
+            next_gen,
+            corrupt_records,
+            damaged_logs,
+        } = replay(&db, &dir)?;
         let db = Arc::new(db);
         let mut st = State::default();
         {
@@ -363,6 +420,8 @@ impl DiskQueue {
             jobs: Mutex::new(Some(tx)),
             writer: Some(handle),
             recovered_from,
+            corrupt_records,
+            damaged_logs,
         })
     }
 

@@ -8,9 +8,15 @@
 //! of its entries is live any more, oldest first, so a removal record never outlives the
 //! generation holding the append it cancels.
 //!
-//! Frame: `len: u32 BE` (of the payload), `crc32: u32 BE` (of the payload), payload. A file is
-//! read up to its first frame that is short or fails its checksum: a torn tail from a crash
-//! mid-write, which held nothing acknowledged (acks follow the sync of a whole batch).
+//! Frame: a 4-byte sync marker, `len: u32 BE` (of the payload), `crc32: u32 BE` (of the
+//! payload), payload. A frame that is short or fails its checksum is either a torn tail (the
+//! end of the newest file after a crash mid-write: it held nothing acknowledged, acks follow
+//! the sync of a whole batch) or damage. After damage, reading resynchronises at the next
+//! marker that starts a valid frame, so one damaged byte costs one record, not the rest of
+//! the file; what could not be read is reported so the queue can count it.
+//!
+//! Files written before the marker existed (no marker at their start) are read the old way:
+//! up to the first bad frame.
 
 use std::fs::File;
 use std::io::Write;
@@ -20,6 +26,10 @@ use super::{EntryKey, QueueError};
 
 const APPEND: u8 = 1;
 const REMOVE: u8 = 2;
+/// Starts every frame: where reading picks up again after damage.
+const SYNC: [u8; 4] = [0xF1, 0xEE, 0x7A, 0x51];
+/// Marker, length and checksum.
+const HEADER: usize = 12;
 /// Larger than any entry the hub accepts (bodies are capped far below): a length beyond it
 /// is damage, not a record.
 const MAX_RECORD: usize = 64 * 1024 * 1024;
@@ -39,12 +49,13 @@ pub(super) enum Record {
 
 fn frame(buf: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) {
     let start = buf.len();
+    buf.extend_from_slice(&SYNC);
     buf.extend_from_slice(&[0; 8]);
     payload(buf);
-    let len = (buf.len() - start - 8) as u32;
-    let crc = crc32fast::hash(&buf[start + 8..]);
-    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    let len = (buf.len() - start - HEADER) as u32;
+    let crc = crc32fast::hash(&buf[start + HEADER..]);
+    buf[start + 4..start + 8].copy_from_slice(&len.to_be_bytes());
+    buf[start + 8..start + 12].copy_from_slice(&crc.to_be_bytes());
 }
 
 fn put_key(buf: &mut Vec<u8>, key: &EntryKey) {
@@ -140,10 +151,79 @@ fn decode(payload: &[u8]) -> Option<Record> {
     }
 }
 
-/// Every whole record of a log file, and how many bytes at its end were not one (a torn
-/// tail, or damage: reading stops at the first bad frame).
-pub(super) fn read(bytes: &[u8]) -> (Vec<Record>, usize) {
-    let mut out = Vec::new();
+/// What reading a log file found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Read {
+    pub(super) records: Vec<Record>,
+    /// Damaged stretches in the middle (offset, bytes), each followed by a readable record:
+    /// at least one record lost in each.
+    pub(super) damaged: Vec<(usize, usize)>,
+    /// Bytes at the end that are not a whole record: a torn tail, or damage at the end.
+    pub(super) tail: usize,
+}
+
+/// The record whose frame starts at `at`, and where the next one starts.
+fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
+    if bytes.get(at..at + 4)? != SYNC {
+        return None;
+    }
+    let header = bytes.get(at + 4..at + HEADER)?;
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let payload = bytes.get(at + HEADER..at + HEADER + len)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    Some((decode(payload)?, at + HEADER + len))
+}
+
+/// Every readable record of a log file, where it was damaged, and how many bytes at its end
+/// are not a whole record.
+pub(super) fn read(bytes: &[u8]) -> Read {
+    let marked = read_marked(bytes);
+    if marked.records.is_empty() && !bytes.starts_with(&SYNC[..bytes.len().min(4)]) {
+        // Perhaps a file from before markers.
+        let unmarked = read_unmarked(bytes);
+        if !unmarked.records.is_empty() {
+            return unmarked;
+        }
+    }
+    marked
+}
+
+fn read_marked(bytes: &[u8]) -> Read {
+    let mut out = Read::default();
+    let mut at = 0;
+    while at < bytes.len() {
+        if let Some((record, next)) = frame_at(bytes, at) {
+            out.records.push(record);
+            at = next;
+            continue;
+        }
+        // Damage (or the torn end): pick up at the next marker that starts a valid frame.
+        let resume = (at + 1..bytes.len().saturating_sub(HEADER - 1))
+            .filter(|&i| bytes[i..].starts_with(&SYNC))
+            .find(|&i| frame_at(bytes, i).is_some());
+        match resume {
+            Some(next) => {
+                out.damaged.push((at, next - at));
+                at = next;
+            }
+            None => {
+                out.tail = bytes.len() - at;
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// A file from before frames had markers: read up to its first bad frame.
+fn read_unmarked(bytes: &[u8]) -> Read {
+    let mut out = Read::default();
     let mut at = 0;
     while at < bytes.len() {
         let Some(header) = bytes.get(at..at + 8) else {
@@ -163,10 +243,11 @@ pub(super) fn read(bytes: &[u8]) -> (Vec<Record>, usize) {
         let Some(record) = decode(payload) else {
             break;
         };
-        out.push(record);
+        out.records.push(record);
         at += 8 + len;
     }
-    (out, bytes.len() - at)
+    out.tail = bytes.len() - at;
+    out
 }
 
 fn err(e: impl std::fmt::Display) -> QueueError {
@@ -271,10 +352,10 @@ mod tests {
             b"{}",
         );
         encode_remove(&mut buf, &key("$upstream", 0, 5));
-        let (records, rest) = read(&buf);
-        assert_eq!(rest, 0);
+        let read = read(&buf);
+        assert_eq!((read.tail, read.damaged.len()), (0, 0));
         assert_eq!(
-            records,
+            read.records,
             vec![
                 Record::Append {
                     key: key("/modules/m/inputs/i", 3, 7),
@@ -289,19 +370,89 @@ mod tests {
     }
 
     #[test]
-    fn reading_stops_at_a_torn_or_damaged_record() {
+    fn a_torn_end_loses_only_the_record_being_written() {
         let mut buf = Vec::new();
         encode_append(&mut buf, &key("s", 0, 1), 1, 2, "", b"one");
         let first = buf.len();
         encode_append(&mut buf, &key("s", 0, 2), 1, 2, "", b"two");
         for cut in first..buf.len() {
-            let (records, rest) = read(&buf[..cut]);
-            assert_eq!((records.len(), rest), (1, cut - first), "cut at {cut}");
+            let r = read(&buf[..cut]);
+            assert_eq!(
+                (r.records.len(), r.tail, r.damaged.len()),
+                (1, cut - first, 0),
+                "cut at {cut}"
+            );
         }
-        let mut flipped = buf.clone();
-        let last = flipped.len() - 1;
-        flipped[last] ^= 0xff;
-        assert_eq!(read(&flipped).0.len(), 1, "checksum catches a changed byte");
+    }
+
+    /// A byte changed anywhere in the file costs exactly the record it is in: reading picks
+    /// up at the next record, and the damage is reported with where it was.
+    #[test]
+    fn damage_anywhere_costs_exactly_the_record_it_hits() {
+        let mut buf = Vec::new();
+        let mut starts = Vec::new();
+        for i in 0..20u64 {
+            starts.push(buf.len());
+            encode_append(
+                &mut buf,
+                &key("s", 0, i),
+                1,
+                2,
+                "k=v",
+                format!("body {i}").as_bytes(),
+            );
+        }
+        starts.push(buf.len());
+        for offset in 0..buf.len() {
+            let hit = starts
+                .windows(2)
+                .position(|w| w[0] <= offset && offset < w[1])
+                .unwrap();
+            let mut damaged = buf.clone();
+            damaged[offset] ^= 0x5a;
+            let r = read(&damaged);
+            let seqs: Vec<u64> = r
+                .records
+                .iter()
+                .map(|rec| match rec {
+                    Record::Append { key, .. } => key.seq,
+                    Record::Remove(key) => key.seq,
+                })
+                .collect();
+            let want: Vec<u64> = (0..20).filter(|&s| s != hit as u64).collect();
+            assert_eq!(seqs, want, "byte {offset} in record {hit}");
+            if hit == 19 {
+                assert_eq!(
+                    (r.damaged.len(), r.tail > 0),
+                    (0, true),
+                    "byte {offset}: the last record"
+                );
+            } else {
+                assert_eq!(
+                    r.damaged,
+                    vec![(starts[hit], starts[hit + 1] - starts[hit])],
+                    "byte {offset}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn files_without_markers_are_read_up_to_their_first_bad_frame() {
+        // The frame of the version before markers: len, crc, payload.
+        let legacy = |payload: &[u8]| {
+            let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        };
+        let mut one = Vec::new();
+        encode_remove(&mut one, &key("s", 0, 1));
+        let mut buf = legacy(&one[HEADER..]);
+        buf.extend(legacy(&one[HEADER..]));
+        buf.extend_from_slice(b"torn");
+        let r = read(&buf);
+        assert_eq!((r.records.len(), r.tail), (2, 4));
     }
 
     proptest! {
@@ -318,10 +469,11 @@ mod tests {
                 encode_remove(&mut buf, &key("s", 0, i as u64));
             }
             let cut = cut.min(buf.len());
-            let (records, rest) = read(&buf[..cut]);
-            let (all, _) = read(&buf);
-            prop_assert_eq!(&all[..records.len()], &records[..]);
-            prop_assert!(rest < cut + 1);
+            let part = read(&buf[..cut]);
+            let all = read(&buf).records;
+            prop_assert_eq!(&all[..part.records.len()], &part.records[..]);
+            prop_assert!(part.damaged.is_empty());
+            prop_assert!(part.tail < cut + 1);
         }
     }
 }
