@@ -185,6 +185,14 @@ impl ApiClient {
         Ok(resp.text().await.unwrap_or_default())
     }
 
+    /// A consistent copy of the hub's data directory in `dir` (on the hub's machine).
+    pub async fn backup(&self, dir: &std::path::Path) -> ClientResult<BackupReport> {
+        let body = BackupRequest {
+            dir: dir.to_path_buf(),
+        };
+        self.send(Method::POST, "/backup", &body).await
+    }
+
     // Identities
 
     pub async fn create_device(&self, body: &CreateDevice) -> ClientResult<IdentityView> {

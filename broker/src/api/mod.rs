@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
+mod backup;
 mod fleet;
 mod identities;
 mod images;
@@ -129,6 +130,7 @@ pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
         .merge(routes::routes())
         .merge(fleet::routes())
         .merge(images::routes())
+        .merge(backup::routes())
         .merge(mounted)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -104,6 +104,9 @@ pub enum Command {
     /// The hub's stores, offline (the hub stopped)
     #[command(subcommand)]
     Store(store::StoreCmd),
+    /// Copy the running hub's data directory (registry, twins, fleet, deployments, queues,
+    /// token, TLS files, images) into DIR; start a hub on DIR to restore it
+    Backup { dir: PathBuf },
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -178,6 +181,23 @@ async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
         Command::Deployment(cmd) => cmd.run(ctx).await,
         Command::SasToken(args) => args.run(ctx).await,
         Command::MonitorEvents(args) => args.run(ctx).await,
+        Command::Backup { dir } => {
+            let dir = std::path::absolute(dir).context("the backup directory")?;
+            ctx.progress(&format!("backing up to {} …", dir.display()));
+            let report = ctx.api.backup(&dir).await?;
+            ctx.print(&report, |r| {
+                let rows: u64 = r.tables.values().sum();
+                format!(
+                    "Backed up to {}: {rows} rows in {} tables, {} queued messages, {} files. Restore: fleethub --data-dir {} serve",
+                    r.dir.display(),
+                    r.tables.len(),
+                    r.queued_entries,
+                    r.files,
+                    r.dir.display()
+                )
+            });
+            Ok(())
+        }
     }
 }
 

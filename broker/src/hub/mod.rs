@@ -38,6 +38,8 @@ pub struct Endpoints {
 
 /// The durable stores the hub opens at start.
 pub struct Stores {
+    /// The main store file all of these live in (kept for consistent backups).
+    pub db: Arc<redb::Database>,
     pub registry: Registry,
     /// Products and device groups.
     pub fleet: crate::fleet::Fleet,
@@ -68,6 +70,8 @@ pub struct Hub {
     /// Store-and-forward: one durable queue per sink.
     pub queues: Arc<fleethub_router::queue::DiskQueue>,
     pub routing: crate::routing::Routing,
+    /// The main store (registry, twins, fleet, deployments, sessions), for backups.
+    pub db: Arc<redb::Database>,
     /// Where routed messages go after their queue: one driver per kind of sink.
     pub sinks: Arc<crate::sinks::Sinks>,
     pub registry: Registry,
@@ -117,6 +121,7 @@ impl Hub {
             queues,
             routing,
             sinks,
+            db: stores.db,
             registry: stores.registry,
             fleet: stores.fleet,
             images: stores.images,

@@ -438,6 +438,64 @@ impl DiskQueue {
         }
     }
 
+    /// Writes a consistent copy of every queued entry (from memory and from redb, in one
+    /// view under the queue's lock) to a new store file at `dest`, which a hub can open as its
+    /// own. Entries keep their keys, priorities, enqueue times and expiries. Returns how many
+    /// entries were copied.
+    pub fn backup(&self, dest: &Path) -> Result<u64, QueueError> {
+        let mut copy: Vec<(EntryKey, u64, u64, String, bytes::Bytes)> = Vec::new();
+        {
+            let st = lock(&self.state);
+            for (sink, map) in &st.hot {
+                for (&(priority, seq), e) in map {
+                    let key = EntryKey {
+                        sink: sink.clone(),
+                        priority,
+                        seq,
+                    };
+                    copy.push((
+                        key,
+                        e.enqueued_ms,
+                        e.expires_ms,
+                        e.bag.clone(),
+                        e.body.clone(),
+                    ));
+                }
+            }
+            let hot: HashSet<(String, u8, u64)> = copy
+                .iter()
+                .map(|(k, ..)| (k.sink.clone(), k.priority, k.seq))
+                .collect();
+            let tx = self.db.begin_read().map_err(err)?;
+            let table = tx.open_table(QUEUE).map_err(err)?;
+            for row in table.iter().map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                let (sink, priority, seq) = k.value();
+                let key = EntryKey {
+                    sink: sink.to_string(),
+                    priority,
+                    seq,
+                };
+                if st.removing.contains(&key) || hot.contains(&(key.sink.clone(), priority, seq)) {
+                    continue;
+                }
+                if let Some(e) = decode(key.clone(), v.value()) {
+                    copy.push((key, e.enqueued_ms, e.expires_ms, e.bag, e.body));
+                }
+            }
+        }
+        let db = redb::Builder::new().create(dest).map_err(err)?;
+        let tx = db.begin_write().map_err(err)?;
+        {
+            let mut table = tx.open_table(QUEUE).map_err(err)?;
+            for (key, enqueued_ms, expires_ms, bag, body) in &copy {
+                store(&mut table, key, *enqueued_ms, *expires_ms, bag, body)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(copy.len() as u64)
+    }
+
     /// Entries in redb, and entries served from memory (tests check both layers are used).
     #[cfg(test)]
     pub(crate) fn layers(&self) -> (u64, u64) {
