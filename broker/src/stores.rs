@@ -316,12 +316,11 @@ pub fn backup(hub: &crate::hub::Hub, dest: &Path) -> Result<BackupReport, Backup
     // Files beside the stores: the admin token, generated TLS files, image contents (written
     // before their rows, so every image the snapshot names is there).
     let data = &hub.config.data_dir;
-    for name in [crate::server::ADMIN_TOKEN_FILE] {
-        let from = data.join(name);
-        if from.exists() {
-            std::fs::copy(&from, dest.join(name)).map_err(io("copying", &from))?;
-            report.files += 1;
-        }
+    let token = data.join(crate::server::ADMIN_TOKEN_FILE);
+    if token.exists() {
+        std::fs::copy(&token, dest.join(crate::server::ADMIN_TOKEN_FILE))
+            .map_err(io("copying", &token))?;
+        report.files += 1;
     }
     for sub in ["tls", "images"] {
         let from = data.join(sub);
