@@ -35,6 +35,7 @@ pub mod core;
 pub mod data_dir;
 pub mod deploy;
 pub mod fleet;
+pub mod fuzzing;
 pub mod hub;
 pub mod identity;
 pub mod images;

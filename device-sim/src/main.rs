@@ -98,6 +98,16 @@ enum Command {
     /// Reconnect storm: N SDK-style devices (clean session 0) across a hub kill -9 and
     /// restart: time until all have their sessions back, then until a desired push reaches all
     BenchSessions(storm::SessionBenchArgs),
+    /// Fuzz the scenario-file reader (for developers; `fleethub fuzz` covers the hub's parsers)
+    Fuzz {
+        #[arg(long, default_value_t = 10_000_000)]
+        inputs: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The fuzz directory: corpus/scenario is read, crashes/scenario written
+        #[arg(long, default_value = "fuzz")]
+        dir: std::path::PathBuf,
+    },
     /// A benchmark's broker process (started by `bench`, not by hand)
     #[command(hide = true)]
     ServeBroker(targets::ServeBrokerArgs),
@@ -112,5 +122,10 @@ fn main() -> anyhow::Result<()> {
         Command::BenchQueue(args) => queuebench::run(args),
         Command::BenchSessions(args) => storm::run(args),
         Command::ServeBroker(args) => targets::serve_broker(args),
+        Command::Fuzz { inputs, seed, dir } => {
+            let target = scenario::fuzz::target();
+            fleethub::cli::fuzz::write_seeds(&target, &dir)?;
+            fleethub::cli::fuzz::run_targets(&[target], inputs, seed, &dir)
+        }
     }
 }

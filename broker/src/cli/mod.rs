@@ -9,6 +9,7 @@
 
 mod deployment;
 mod fleet;
+pub mod fuzz;
 mod identity;
 mod image;
 mod message;
@@ -107,6 +108,8 @@ pub enum Command {
     /// Copy the running hub's data directory (registry, twins, fleet, deployments, queues,
     /// token, TLS files, images) into DIR; start a hub on DIR to restore it
     Backup { dir: PathBuf },
+    /// Fuzz every parser that takes outside input (for developers)
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -137,6 +140,7 @@ pub fn main() -> Result<()> {
         Some(Command::Serve(args)) => runtime.block_on(serve(&cli.data_dir, args.clone())),
         // Offline: needs no running hub, no token.
         Some(Command::Store(cmd)) => cmd.run(&cli.data_dir, cli.output),
+        Some(Command::Fuzz(args)) => args.run(),
         Some(command) => {
             let ctx = Ctx::new(&cli)?;
             runtime.block_on(run(command, &ctx))
@@ -165,7 +169,7 @@ async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
 /// Hands a client verb to its group.
 async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
     match command {
-        Command::Serve(_) | Command::Store(_) => {
+        Command::Serve(_) | Command::Store(_) | Command::Fuzz(_) => {
             unreachable!("serve and store run without a client")
         }
         Command::Device(cmd) => cmd.run(ctx).await,

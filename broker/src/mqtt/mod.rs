@@ -55,6 +55,23 @@ use subscriptions::filters_digest;
 /// Username that marks a service connection (password: the admin token).
 pub const SERVICE_USERNAME: &str = "$service";
 
+/// Everything the front end reads off a client's raw bytes before any session state exists:
+/// the PUBLISH ids and CONNECT flags from the fixed header, then rumqttd's decoder over
+/// every packet, and the identity a CONNECT names. For the fuzzer; never panics.
+pub fn read_raw(bytes: &[u8]) {
+    let _ = inbound::peek_publish_ids(bytes);
+    let _ = handshake::connect_flags(bytes);
+    let mut buf = BytesMut::from(bytes);
+    while let Ok(packet) = V4.read_mut(&mut buf, 300 * 1024) {
+        if let Packet::Connect(connect, _, _, _, login) = packet {
+            let _ = IdentityKey::parse(&connect.client_id);
+            if let Some(login) = login {
+                let _ = crate::sas::SasToken::parse(&login.password);
+            }
+        }
+    }
+}
+
 /// A place among the connections that have not finished CONNECT.
 pub type Pending = tokio::sync::OwnedSemaphorePermit;
 

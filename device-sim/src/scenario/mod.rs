@@ -647,5 +647,6 @@ fn number(v: f64) -> Value {
     }
 }
 
+pub mod fuzz;
 #[cfg(test)]
 mod tests;
