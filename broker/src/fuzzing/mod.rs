@@ -44,7 +44,7 @@ impl Rng {
         Rng(seed.max(1))
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -55,7 +55,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -72,11 +72,11 @@ pub fn mutate(input: &[u8], others: &[Vec<u8>], dictionary: &[&str], rng: &mut R
             }
             1 if len > 0 => {
                 let i = rng.below(len);
-                out[i] = rng.next() as u8;
+                out[i] = rng.next_u64() as u8;
             }
             2 => {
                 let i = rng.below(len + 1);
-                out.insert(i, rng.next() as u8);
+                out.insert(i, rng.next_u64() as u8);
             }
             3 if len > 0 => {
                 let i = rng.below(len);
@@ -178,7 +178,7 @@ pub fn fuzz(
         if let Some(message) = run_one(target, &input) {
             let dir = fuzz_dir.join("crashes").join(target.name);
             let _ = std::fs::create_dir_all(&dir);
-            let path = dir.join(format!("crash-{:016x}", rng.next()));
+            let path = dir.join(format!("crash-{:016x}", rng.next_u64()));
             let _ = std::fs::write(&path, &input);
             outcome.crashes.push((path, message));
             if outcome.crashes.len() >= 20 {
