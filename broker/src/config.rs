@@ -28,6 +28,8 @@ pub enum ConfigError {
     Route { name: String, message: String },
     #[error("config [upstream]: {0}")]
     Upstream(String),
+    #[error("config key log.format: '{0}' is not \"text\" or \"json\"")]
+    LogFormat(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +40,7 @@ struct FileConfig {
     tls: TlsSection,
     mqtt: MqttSection,
     api: ApiSection,
+    log: LogSection,
     router: RouterSection,
     routing: RoutingSection,
     #[serde(default)]
@@ -122,6 +125,16 @@ pub struct MqttSection {
     pub session_expiry_secs: u64,
 }
 
+/// Logging (see `[log]` in the default config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter: `info`, `debug`, `info,fleethub::mqtt=debug`.
+    pub level: String,
+}
+
 /// Limits of the HTTP API (see `[api]` in the default config).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +175,7 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub limits: MqttSection,
     pub api_limits: ApiSection,
+    pub log: LogSection,
     pub router: RouterSection,
     pub routing: RoutingSection,
     /// Routes from `[routes]`, parsed and checked when the hub starts.
@@ -202,6 +216,9 @@ impl Config {
     }
 
     fn build(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+        if !matches!(file.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::LogFormat(file.log.format));
+        }
         let addr = |key: &'static str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
             if v == "off" {
                 return Ok(None);
@@ -245,6 +262,7 @@ impl Config {
             tls,
             limits: file.mqtt,
             api_limits: file.api,
+            log: file.log,
             router: file.router,
             routing: file.routing,
             routes,

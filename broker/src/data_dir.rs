@@ -7,6 +7,15 @@
 
 use std::path::{Path, PathBuf};
 
+/// The main store: registry, twins, fleet, images, deployments, sessions, C2D.
+pub const STORE_FILE: &str = "fleethub.redb";
+/// The store-and-forward queues (with their log in `queues.log/`).
+pub const QUEUES_FILE: &str = "queues.redb";
+/// The operator's bearer token (API) and service-connection password (MQTT).
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The addresses actually bound, for the CLI and tests (port 0 resolved).
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
 /// Files and directories whose modes were narrowed.
 #[derive(Debug, Default)]
 pub struct Narrowed {

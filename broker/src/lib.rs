@@ -26,6 +26,7 @@
 //! - [`cli`]: the `fleethub` command line, one file per verb group.
 
 pub mod api;
+pub mod backup;
 pub mod c2d;
 pub mod cli;
 pub mod client;

@@ -46,9 +46,7 @@ pub enum ServerError {
     Tls(#[from] TlsError),
 }
 
-pub const ADMIN_TOKEN_FILE: &str = "admin-token";
-pub const ENDPOINTS_FILE: &str = "endpoints.json";
-pub use crate::stores::{QUEUES_FILE, STORE_FILE};
+pub use crate::data_dir::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE, QUEUES_FILE, STORE_FILE};
 
 /// Reads the admin token, creating it (mode 0600) on first start.
 pub fn ensure_admin_token(data_dir: &Path) -> Result<String, ServerError> {

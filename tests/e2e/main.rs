@@ -14,6 +14,7 @@ mod images;
 mod interop;
 mod interop_sessions;
 mod methods;
+mod operations;
 mod registry;
 mod routes;
 mod sessions;

@@ -8,8 +8,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::{blocking, ApiError, ApiResult, ApiState};
+use crate::backup::{BackupError, BackupReport};
 use crate::hub::SharedHub;
-use crate::stores::{BackupError, BackupReport};
 
 pub fn routes() -> Router<ApiState> {
     Router::new().route("/backup", post(backup))
@@ -43,7 +43,7 @@ async fn backup(
             req.dir.display()
         )));
     }
-    let report = blocking(&hub, move |h| crate::stores::backup(h, &req.dir)).await??;
+    let report = blocking(&hub, move |h| crate::backup::backup(h, &req.dir)).await??;
     tracing::info!(dir = %report.dir.display(), queued = report.queued_entries, "backup written");
     Ok((StatusCode::CREATED, Json(report)))
 }

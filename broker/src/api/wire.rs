@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::identity::{DeviceId, ModuleId};
 
 pub use super::backup::BackupRequest;
+pub use crate::backup::BackupReport;
 pub use crate::fleet::{DeviceGroup, GroupUpdate, OsFeed, Product};
 pub use crate::hub::Endpoints;
 pub use crate::images::{Image, ImageKind};
@@ -19,7 +20,6 @@ pub use crate::registry::{
     AuthenticationInput, Capabilities, ConnectionState, IdentityUpdate, IdentityView, Status,
     SymmetricKeyInput,
 };
-pub use crate::stores::BackupReport;
 
 /// An error answer: `{"error": kind, "message": ...}`, with every route error for a refused
 /// route set.

@@ -27,8 +27,8 @@ use serde::Serialize;
 
 use crate::client::ApiClient;
 use crate::config::{Config, Overrides};
+use crate::data_dir::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE};
 use crate::hub::Endpoints;
-use crate::server::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE};
 
 pub use monitor::describe_event;
 
@@ -126,6 +126,9 @@ pub struct ServeArgs {
     /// HTTP API and /metrics listen address
     #[arg(long)]
     pub api: Option<String>,
+    /// Log format [default: [log] format of the config, "text"]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Entry point of the binary.
@@ -149,12 +152,6 @@ pub fn main() -> Result<()> {
 }
 
 async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
-        )
-        .init();
     let overrides = Overrides {
         data_dir: data_dir.clone(),
         mqtt: args.mqtt,
@@ -162,8 +159,38 @@ async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
         api: args.api,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    init_logs(&config.log, args.log_format);
     crate::server::run(config, crate::server::signal()).await?;
     Ok(())
+}
+
+/// Logs to stdout: text (colour only on a terminal: a file, a pipe or journald gets plain
+/// lines) or one JSON object per line with level, target, message and the span's fields.
+/// `RUST_LOG` overrides `[log] level`.
+fn init_logs(log: &crate::config::LogSection, format: Option<LogFormat>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| log.level.as_str().into());
+    let json = match format {
+        Some(f) => f == LogFormat::Json,
+        None => log.format == "json",
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.with_ansi(std::io::stdout().is_terminal()).init();
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Hands a client verb to its group.
