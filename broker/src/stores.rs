@@ -70,6 +70,52 @@ fn open_database(path: &Path) -> Result<Database, String> {
     }
 }
 
+/// The format this code writes in the main store. 0: before versions were recorded (the same
+/// layout as 1). Each change of what is stored adds a step to [`migrate`] and a fixture under
+/// `tests/fixtures/`.
+pub const FORMAT: u32 = 1;
+
+/// `format`: the main store's format version, as decimal text (a `&str -> &[u8]` table like
+/// the others, so backups copy it).
+const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+
+/// The format version recorded in the main store (0: none recorded).
+pub fn format_of(db: &Database) -> Result<u32, String> {
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    match tx.open_table(META) {
+        Ok(t) => Ok(t
+            .get("format")
+            .map_err(|e| e.to_string())?
+            .and_then(|v| std::str::from_utf8(v.value()).ok()?.parse::<u32>().ok())
+            .unwrap_or(0)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Brings the main store to [`FORMAT`], each step in one transaction (a crash leaves the
+/// previous version whole, and the next start runs the step again); refuses a newer store
+/// without touching it.
+fn migrate(db: &Database, path: &Path) -> Result<(), String> {
+    let found = format_of(db)?;
+    if found > FORMAT {
+        return Err(format!(
+            "written in format {found} by a newer fleethub; this one reads formats up to {FORMAT}. Nothing was changed: run the newer fleethub on it, or restore a backup made with this version"
+        ));
+    }
+    for to in found + 1..=FORMAT {
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        // 0 -> 1: the layout is the same; the version is recorded from now on.
+        tx.open_table(META)
+            .map_err(|e| e.to_string())?
+            .insert("format", to.to_string().as_bytes())
+            .map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+        tracing::info!(store = %path.display(), from = to - 1, to, "migrated the store's format");
+    }
+    Ok(())
+}
+
 /// Every store of the main file, opened and loaded.
 pub struct Opened {
     pub stores: Stores,
@@ -85,9 +131,9 @@ pub fn open(data_dir: &Path) -> Result<Opened, StoreError> {
         what,
         detail,
     };
-    let db = Arc::new(
-        open_database(&path).map_err(|d| damaged("registry, twins, fleet, deployments", d))?,
-    );
+    let db = open_database(&path).map_err(|d| damaged("registry, twins, fleet, deployments", d))?;
+    migrate(&db, &path).map_err(|d| damaged("data format", d))?;
+    let db = Arc::new(db);
     let stores = Stores {
         db: db.clone(),
         registry: Registry::open(db.clone())
@@ -134,7 +180,14 @@ pub fn check(data_dir: &Path) -> Vec<Checked> {
         match open_database(&main).and_then(integrity) {
             Err(e) => out.push(verdict(&main, "main store", Err(e))),
             Ok(db) => {
-                out.push(verdict(&main, "main store", Ok("pages intact".into())));
+                let format = format_of(&db).and_then(|f| {
+                    if f > FORMAT {
+                        Err(format!("format {f} is newer than this binary's {FORMAT}: run a newer fleethub on it"))
+                    } else {
+                        Ok(format!("pages intact, format {f} (this binary: {FORMAT})"))
+                    }
+                });
+                out.push(verdict(&main, "main store", format));
                 let db = Arc::new(db);
                 let count = |n: usize| Ok(format!("{n} rows"));
                 out.push(verdict(
@@ -191,9 +244,16 @@ pub fn check(data_dir: &Path) -> Vec<Checked> {
     }
     let queues = data_dir.join(QUEUES_FILE);
     if queues.exists() {
-        let r = open_database(&queues)
-            .and_then(integrity)
-            .map(|_| "pages intact".to_string());
+        let r = open_database(&queues).and_then(integrity).and_then(|db| {
+            fleethub_router::queue::format_of(&db)
+                .map(|f| {
+                    format!(
+                        "pages intact, format {f} (this binary: {})",
+                        fleethub_router::queue::FORMAT
+                    )
+                })
+                .map_err(|e| e.to_string())
+        });
         out.push(verdict(&queues, "store-and-forward queues", r));
     }
     out

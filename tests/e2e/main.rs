@@ -6,6 +6,7 @@ mod authz;
 mod c2d;
 mod crash;
 mod fleet;
+mod formats;
 mod garbage;
 mod group_deployments;
 mod hardening;

@@ -29,6 +29,10 @@ use super::*;
 
 /// Key: (sink, priority, seq). Value: enqueued ms, expires ms, bag length (u32), bag, body.
 const QUEUE: TableDefinition<(&str, u8, u64), &[u8]> = TableDefinition::new("queue");
+/// `format`: the store's format version, as decimal text.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The format this code writes. 0: before versions were recorded (the same layout).
+pub const FORMAT: u32 = 1;
 const MAX_BATCH: usize = 4096;
 /// Sealed log generations kept before the oldest one's live entries move to redb. With the
 /// one being written that is four generations of an eighth of `cache_bytes` each: half of it.
@@ -369,6 +373,7 @@ impl DiskQueue {
         // Half the memory budget is redb's page cache, half the entries served from the log.
         let cache = limits.cache_bytes / 2;
         let (db, recovered_from) = open_store(path, cache)?;
+        migrate(&db, path)?;
         let dir = log_dir(path);
         std::fs::create_dir_all(&dir).map_err(err)?;
         let Replayed {
@@ -519,6 +524,46 @@ impl Drop for DiskQueue {
         if let Some(h) = self.writer.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Brings the store to [`FORMAT`], one transaction per step; refuses a newer one untouched.
+fn migrate(db: &Database, path: &Path) -> Result<(), QueueError> {
+    let found = format_of(db)?;
+    if found > FORMAT {
+        return Err(QueueError::NewerFormat {
+            path: path.display().to_string(),
+            found,
+            supported: FORMAT,
+        });
+    }
+    if found < FORMAT {
+        // 0 -> 1: the layout is the same; the version is recorded from now on.
+        let tx = db.begin_write().map_err(err)?;
+        tx.open_table(META)
+            .map_err(err)?
+            .insert("format", FORMAT.to_string().as_bytes())
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        eprintln!(
+            "store-and-forward store {}: migrated from format {found} to {FORMAT}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The format version recorded in a queue store file (0: none recorded), read only.
+pub fn format_of(db: &Database) -> Result<u32, QueueError> {
+    let tx = db.begin_read().map_err(err)?;
+    match tx.open_table(META) {
+        Ok(t) => Ok(t
+            .get("format")
+            .map_err(err)?
+            .and_then(|v| std::str::from_utf8(v.value()).ok()?.parse::<u32>().ok())
+            .unwrap_or(0)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(err(e)),
     }
 }
 

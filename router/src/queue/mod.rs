@@ -22,7 +22,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-pub use disk::DiskQueue;
+pub use disk::{format_of, DiskQueue, FORMAT};
 pub use memory::MemoryQueue;
 
 /// A message to append.
@@ -102,6 +102,13 @@ pub enum QueueError {
     Full,
     #[error("store-and-forward store: {0}")]
     Store(String),
+    /// The store was written by a newer version: refused, and left as it is.
+    #[error("store-and-forward store {path}: written in format {found} by a newer fleethub; this one reads formats up to {supported}. Nothing was changed: run the newer fleethub on it, or restore a backup made with this version")]
+    NewerFormat {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
 }
 
 /// Per-sink view for operators.
