@@ -111,7 +111,12 @@ fn migrate(db: &Database, path: &Path) -> Result<(), String> {
             .insert("format", to.to_string().as_bytes())
             .map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())?;
-        tracing::info!(store = %path.display(), from = to - 1, to, "migrated the store's format");
+        tracing::info!(
+            store = %path.display(),
+            from = to - 1,
+            to,
+            "store format migrated (from 0: a new store, or one from before formats were recorded)"
+        );
     }
     Ok(())
 }

@@ -135,7 +135,7 @@ pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .merge(authed)
         .fallback(|| async { ApiError::NotFound("no such API route".into()) })
         .with_state(state)
@@ -176,6 +176,19 @@ async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         hub.metrics.render(),
     )
+}
+
+/// Ready once the stores are open and every listener is bound (the API is served only then);
+/// 503 while the hub is stopping, so a supervisor or load balancer stops sending to it.
+async fn health(State(hub): State<SharedHub>) -> Response {
+    if hub.is_stopping() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "stopping" })),
+        )
+            .into_response();
+    }
+    Json(serde_json::json!({ "status": "ready" })).into_response()
 }
 
 async fn hub_info(State(hub): State<SharedHub>) -> Json<wire::HubInfo> {

@@ -110,6 +110,9 @@ pub enum Command {
     Backup { dir: PathBuf },
     /// Fuzz every parser that takes outside input (for developers)
     Fuzz(fuzz::FuzzArgs),
+    /// Exit 0 when the hub answers ready on /health (for supervisors and container
+    /// health checks; needs no token)
+    Health,
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -144,6 +147,7 @@ pub fn main() -> Result<()> {
         // Offline: needs no running hub, no token.
         Some(Command::Store(cmd)) => cmd.run(&cli.data_dir, cli.output),
         Some(Command::Fuzz(args)) => args.run(),
+        Some(Command::Health) => runtime.block_on(health(&cli)),
         Some(command) => {
             let ctx = Ctx::new(&cli)?;
             runtime.block_on(run(command, &ctx))
@@ -196,7 +200,7 @@ pub enum LogFormat {
 /// Hands a client verb to its group.
 async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
     match command {
-        Command::Serve(_) | Command::Store(_) | Command::Fuzz(_) => {
+        Command::Serve(_) | Command::Store(_) | Command::Fuzz(_) | Command::Health => {
             unreachable!("serve and store run without a client")
         }
         Command::Device(cmd) => cmd.run(ctx).await,
@@ -299,6 +303,37 @@ impl Ctx {
             eprintln!("{line}");
         }
     }
+}
+
+/// `GET /health` of the hub at `--url` or the data directory's endpoints.
+async fn health(cli: &Cli) -> Result<()> {
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("./fleethub-data"));
+    let base = match &cli.url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => match read_endpoints(&data_dir) {
+            Some(e) => format!("http://{}", e.api),
+            None => anyhow::bail!(
+                "no running hub: {} has no endpoints.json",
+                data_dir.display()
+            ),
+        },
+    };
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/health"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the hub at {base}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    println!("{body}");
+    if !status.is_success() {
+        anyhow::bail!("not ready ({status})");
+    }
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {

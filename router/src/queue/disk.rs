@@ -277,7 +277,7 @@ fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) => {
-                eprintln!(
+                tracing::warn!(
                     "store-and-forward log {} could not be read ({e}); skipped",
                     path.display()
                 );
@@ -290,7 +290,7 @@ fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
         let torn = read.tail > 0 && Some(*id) == newest;
         let lost = read.damaged.len() as u64 + u64::from(read.tail > 0 && !torn);
         if torn {
-            eprintln!(
+            tracing::warn!(
                 "store-and-forward log {}: {} bytes at its end are not a whole record (a write cut short; nothing in it was acknowledged); ignored",
                 path.display(),
                 read.tail
@@ -299,7 +299,7 @@ fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
         if lost > 0 {
             corrupt_records += lost;
             damaged_files.push(path.clone());
-            eprintln!(
+            tracing::warn!(
                 "store-and-forward log {} is damaged: {lost} record(s) could not be read (counted as dropped, reason corrupt; {} read)",
                 path.display(),
                 read.records.len()
@@ -545,9 +545,11 @@ fn migrate(db: &Database, path: &Path) -> Result<(), QueueError> {
             .insert("format", FORMAT.to_string().as_bytes())
             .map_err(err)?;
         tx.commit().map_err(err)?;
-        eprintln!(
-            "store-and-forward store {}: migrated from format {found} to {FORMAT}",
-            path.display()
+        tracing::info!(
+            store = %path.display(),
+            from = found,
+            to = FORMAT,
+            "store-and-forward store format recorded (0: a new store, or one from before formats were recorded)"
         );
     }
     Ok(())
@@ -575,7 +577,7 @@ fn set_aside(
 ) -> Result<(Database, Option<PathBuf>), QueueError> {
     let aside = path.with_extension(format!("corrupt-{}", std::process::id()));
     std::fs::rename(path, &aside).map_err(err)?;
-    eprintln!(
+    tracing::warn!(
         "store-and-forward store {} could not be opened ({reason}); moved to {} and started empty",
         path.display(),
         aside.display()
@@ -649,7 +651,7 @@ impl Writer {
             }
             self.apply(batch);
             if let Err(e) = self.maintain() {
-                eprintln!("store-and-forward log maintenance failed: {e}");
+                tracing::warn!(error = %e, "store-and-forward log maintenance failed");
             }
         }
         // Closing: log the last removals, so a clean stop delivers nothing twice.
@@ -903,7 +905,7 @@ impl Writer {
                 }
             }
             Err(e) => {
-                eprintln!("store-and-forward store: removals not committed ({e}); retrying");
+                tracing::warn!(error = %e, "store-and-forward store: removals not committed; retrying");
                 st.stored_removes.extend(removes);
             }
         }
