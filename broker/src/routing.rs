@@ -47,8 +47,9 @@ pub struct Routing {
     route_twin: crate::identity::IdentityKey,
     installed: RwLock<Arc<Installed>>,
     metrics: Arc<crate::metrics::Metrics>,
-    config_routes: Vec<RouteSpec>,
-    config_ttl: u64,
+    /// `[routes]` and `[routing] time_to_live_secs` of the configuration in force (a reload
+    /// replaces them).
+    config: RwLock<(Vec<RouteSpec>, u64)>,
     detect_json: bool,
     /// Serialises $edgeHub updates: validate and swap as one step.
     pub update: tokio::sync::Mutex<()>,
@@ -82,8 +83,7 @@ impl Routing {
                 counters: Vec::new(),
             })),
             metrics,
-            config_routes,
-            config_ttl,
+            config: RwLock::new((config_routes, config_ttl)),
             detect_json,
             update: tokio::sync::Mutex::new(()),
         };
@@ -126,15 +126,43 @@ impl Routing {
 
     /// Builds (without installing) the table for these `$edgeHub` desired properties.
     pub fn build(&self, edge_hub: &Map<String, Value>) -> Result<RouteTable, Vec<RouteError>> {
+        let config = self
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Self::build_from(&config.0, config.1, edge_hub)
+    }
+
+    fn build_from(
+        config_routes: &[RouteSpec],
+        config_ttl: u64,
+        edge_hub: &Map<String, Value>,
+    ) -> Result<RouteTable, Vec<RouteError>> {
         let (twin_routes, twin_ttl) = edge_hub_routes(edge_hub)?;
-        let mut specs: Vec<RouteSpec> = self
-            .config_routes
+        let mut specs: Vec<RouteSpec> = config_routes
             .iter()
             .filter(|c| !twin_routes.iter().any(|t| t.name == c.name))
             .cloned()
             .collect();
         specs.extend(twin_routes);
-        RouteTable::build(specs, twin_ttl.unwrap_or(self.config_ttl))
+        RouteTable::build(specs, twin_ttl.unwrap_or(config_ttl))
+    }
+
+    /// Replaces the configuration's routes (a reload): the new set is built whole with the
+    /// `$edgeHub` routes in force and swapped in, or refused with every error and the old
+    /// table kept. The caller holds [`Routing::update`] so no twin write interleaves.
+    pub fn reload_config(
+        &self,
+        config_routes: Vec<RouteSpec>,
+        config_ttl: u64,
+        edge_hub: &Map<String, Value>,
+    ) -> Result<usize, Vec<RouteError>> {
+        let table = Self::build_from(&config_routes, config_ttl, edge_hub)?;
+        let n = table.routes.len();
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = (config_routes, config_ttl);
+        self.swap(table);
+        Ok(n)
     }
 
     pub fn swap(&self, table: RouteTable) {

@@ -75,8 +75,30 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
         .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
+/// Sets the log filter (`[log] level`); an error when the filter does not parse.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Loads and checks the configuration file again (with the same command-line overrides).
+pub type LoadConfig = Box<dyn Fn() -> Result<Config, crate::config::ConfigError> + Send + Sync>;
+
+/// How the hub re-reads its configuration on SIGHUP.
+pub struct Reload {
+    pub load: LoadConfig,
+    pub set_log_level: SetLogLevel,
+}
+
 /// Runs the hub until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    run_with_reload(config, None, shutdown).await
+}
+
+/// As [`run`]; with `reload`, SIGHUP re-reads the configuration and applies what can change
+/// without a restart (routes, log level), checked whole first: on any error the configuration
+/// in force stays, and the log says which happened.
+pub async fn run_with_reload(
+    config: Config,
+    reload: Option<Reload>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let data_dir = config.data_dir.clone();
     let narrowed = crate::data_dir::secure(&data_dir).map_err(|source| ServerError::Io {
         what: "creating the data directory (owner-only)",
@@ -231,6 +253,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_rx.clone(),
     ));
     tasks.spawn(sweep_expired(hub.clone(), stop_rx.clone()));
+    if let Some(reload) = reload {
+        tasks.spawn(reload_on_sighup(hub.clone(), reload, stop_rx.clone()));
+    }
     tasks.spawn(expire_sessions(hub.clone(), stop_rx.clone()));
     // Every connection task holds a clone of `open_tx`; once all are dropped, every
     // connection has finished (mini-redis's shutdown pattern).
@@ -330,6 +355,115 @@ fn raise_fd_limit(config: &Config) {
     }
     #[cfg(not(unix))]
     let _ = want;
+}
+
+/// Applies the configuration file again on every SIGHUP (see [`run_with_reload`]).
+async fn reload_on_sighup(hub: SharedHub, reload: Reload, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: configuration reload is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                got = hangups.recv() => if got.is_none() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            apply_reload(&hub, &reload).await;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (hub, reload);
+        let _ = stop.wait_for(|s| *s).await;
+    }
+}
+
+async fn apply_reload(hub: &SharedHub, reload: &Reload) {
+    let refused = |why: String| {
+        tracing::error!(
+            why,
+            "configuration reload refused; the configuration in force stays"
+        );
+    };
+    let new = match (reload.load)() {
+        Ok(c) => c,
+        Err(e) => return refused(e.to_string()),
+    };
+    let level_from_config = std::env::var_os("RUST_LOG").is_none();
+    if level_from_config {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&new.log.level) {
+            return refused(format!("log.level '{}': {e}", new.log.level));
+        }
+    }
+    let routes = {
+        let _one = hub.routing.update.lock().await;
+        let edge = hub.twins.get(hub.routing.route_twin()).desired.data.clone();
+        match hub
+            .routing
+            .reload_config(new.routes.clone(), new.routing.time_to_live_secs, &edge)
+        {
+            Ok(n) => n,
+            Err(errors) => {
+                return refused(
+                    errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            }
+        }
+    };
+    if level_from_config {
+        if let Err(e) = (reload.set_log_level)(&new.log.level) {
+            tracing::warn!(error = e, "the log level could not be changed");
+        }
+    }
+    // What only a restart applies: said, so nobody waits for it.
+    let old = &hub.config;
+    let mut at_restart = Vec::new();
+    for (key, changed) in [
+        (
+            "listen",
+            (old.mqtt, old.mqtts, old.api) != (new.mqtt, new.mqtts, new.api),
+        ),
+        (
+            "hub",
+            old.hub_id != new.hub_id
+                || old.hostname != new.hostname
+                || old.data_dir != new.data_dir,
+        ),
+        (
+            "mqtt",
+            format!("{:?}", old.limits) != format!("{:?}", new.limits),
+        ),
+        (
+            "api",
+            format!("{:?}", old.api_limits) != format!("{:?}", new.api_limits),
+        ),
+        (
+            "upstream",
+            format!("{:?}", old.upstream) != format!("{:?}", new.upstream),
+        ),
+        (
+            "store_and_forward",
+            format!("{:?}", old.store_and_forward) != format!("{:?}", new.store_and_forward),
+        ),
+        ("log.format", old.log.format != new.log.format),
+    ] {
+        if changed {
+            at_restart.push(key);
+        }
+    }
+    info!(
+        routes,
+        log_level = %new.log.level,
+        at_restart = ?at_restart,
+        "configuration reloaded: routes and log level in force; changed sections that take effect at the next start are listed"
+    );
 }
 
 /// Removes expired entries from queues nobody drains (sink offline) as time passes.

@@ -115,6 +115,11 @@ impl Hub {
         self.dir.join("data")
     }
 
+    /// The hub's process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("hub running").id()
+    }
+
     /// `kill -9`: no chance to flush anything.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

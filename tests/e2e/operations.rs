@@ -114,3 +114,70 @@ async fn health_reports_ready_for_supervisors() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SIGHUP re-reads the configuration: a valid file's routes replace the config routes in
+/// force; an invalid one is refused whole and the routes stay; the log says which.
+#[tokio::test]
+async fn sighup_reloads_routes_or_keeps_them_on_error() {
+    let dir = temp_dir("sighup");
+    let config = dir.join("hub.toml");
+    let routes = |body: &str| format!("[routes]\n{body}\n");
+    std::fs::write(
+        &config,
+        routes("first = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/a/inputs/in\\\")\""),
+    )
+    .unwrap();
+    let hub = Hub::start_with(dir, &["--config", config.to_str().unwrap()]).await;
+    let names = || async {
+        let (_, t) = hub.api(reqwest::Method::GET, "/routes", None).await;
+        t["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names().await, ["first"]);
+    let hup = || {
+        assert!(std::process::Command::new("kill")
+            .args(["-HUP", &hub.pid().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let wait_for_log = |needle: &'static str, count: usize| {
+        let hub = &hub;
+        async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while logs_of(hub).matches(needle).count() < count {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no '{needle}' in the log"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    std::fs::write(
+        &config,
+        routes("second = \"FROM /messages/* WHERE $body.t > 1 INTO BrokeredEndpoint(\\\"/modules/b/inputs/in\\\")\""),
+    )
+    .unwrap();
+    hup();
+    wait_for_log("configuration reloaded", 1).await;
+    assert_eq!(names().await, ["second"]);
+
+    std::fs::write(
+        &config,
+        routes("broken = \"FROM /messages/* WHERE (x INTO $upstream\""),
+    )
+    .unwrap();
+    hup();
+    wait_for_log("configuration reload refused", 1).await;
+    assert_eq!(names().await, ["second"], "the routes in force stay");
+    assert!(
+        logs_of(&hub).contains("broken"),
+        "the refusal names the route"
+    );
+}

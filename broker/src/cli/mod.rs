@@ -163,32 +163,51 @@ async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
         api: args.api,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    init_logs(&config.log, args.log_format);
-    crate::server::run(config, crate::server::signal()).await?;
+    let set_log_level = init_logs(&config.log, args.log_format);
+    let path = args.config.clone();
+    let reload = crate::server::Reload {
+        load: Box::new(move || Config::load(path.as_deref(), &overrides)),
+        set_log_level,
+    };
+    crate::server::run_with_reload(config, Some(reload), crate::server::signal()).await?;
     Ok(())
 }
 
 /// Logs to stdout: text (colour only on a terminal: a file, a pipe or journald gets plain
 /// lines) or one JSON object per line with level, target, message and the span's fields.
 /// `RUST_LOG` overrides `[log] level`.
-fn init_logs(log: &crate::config::LogSection, format: Option<LogFormat>) {
+/// Returns how to change the filter later (a configuration reload).
+fn init_logs(
+    log: &crate::config::LogSection,
+    format: Option<LogFormat>,
+) -> crate::server::SetLogLevel {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| log.level.as_str().into());
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let json = match format {
         Some(f) => f == LogFormat::Json,
         None => log.format == "json",
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder
+    let json_layer = json.then(|| {
+        tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .init();
-    } else {
-        builder.with_ansi(std::io::stdout().is_terminal()).init();
-    }
+    });
+    let text_layer = (!json)
+        .then(|| tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json_layer)
+        .with(text_layer)
+        .init();
+    Box::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
