@@ -422,6 +422,7 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
             tracing::warn!(error = e, "the log level could not be changed");
         }
     }
+    hub.limits.set(&new.limits);
     // What only a restart applies: said, so nobody waits for it.
     let old = &hub.config;
     let mut at_restart = Vec::new();
@@ -437,8 +438,14 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
                 || old.data_dir != new.data_dir,
         ),
         (
-            "mqtt",
-            format!("{:?}", old.limits) != format!("{:?}", new.limits),
+            "mqtt.max_connections, mqtt.max_pending_connections",
+            (
+                old.limits.max_connections,
+                old.limits.max_pending_connections,
+            ) != (
+                new.limits.max_connections,
+                new.limits.max_pending_connections,
+            ),
         ),
         (
             "api",
@@ -462,7 +469,8 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
         routes,
         log_level = %new.log.level,
         at_restart = ?at_restart,
-        "configuration reloaded: routes and log level in force; changed sections that take effect at the next start are listed"
+        max_payload_bytes = new.limits.max_payload_bytes,
+        "configuration reloaded: routes, log level and the [mqtt] payload, connect and session limits in force; changed settings that take effect at the next start are listed"
     );
 }
 
@@ -490,17 +498,16 @@ async fn sweep_expired(hub: SharedHub, mut stop: watch::Receiver<bool>) {
 
 /// Forgets persistent sessions of clients gone longer than the session expiry.
 async fn expire_sessions(hub: SharedHub, mut stop: watch::Receiver<bool>) {
-    let expiry = hub.config.limits.session_expiry_secs;
-    let max_idle_ms = expiry.saturating_mul(1000);
-    // Checked twice per expiry period, at most once a minute.
-    let every = Duration::from_secs((expiry / 2).clamp(1, 60));
-    let mut tick = tokio::time::interval(every);
     loop {
+        // Read each time: a reload may change it. Checked twice per expiry period, at most
+        // once a minute.
+        let expiry = hub.limits.session_expiry_secs();
+        let every = Duration::from_secs((expiry / 2).clamp(1, 60));
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let expired = hub.sessions.expire(max_idle_ms);
+        let expired = hub.sessions.expire(expiry.saturating_mul(1000));
         if expired > 0 {
             hub.metrics.sessions_expired.inc_by(expired as u64);
             info!(sessions = expired, "idle persistent sessions expired");

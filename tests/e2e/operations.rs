@@ -161,12 +161,44 @@ async fn sighup_reloads_routes_or_keeps_them_on_error() {
 
     std::fs::write(
         &config,
-        routes("second = \"FROM /messages/* WHERE $body.t > 1 INTO BrokeredEndpoint(\\\"/modules/b/inputs/in\\\")\""),
+        routes("second = \"FROM /messages/* WHERE $body.t > 1 INTO BrokeredEndpoint(\\\"/modules/b/inputs/in\\\")\"")
+            + "[mqtt]\nmax_payload_bytes = 100\n",
     )
     .unwrap();
     hup();
     wait_for_log("configuration reloaded", 1).await;
     assert_eq!(names().await, ["second"]);
+    // The payload limit applies at once: 50 bytes pass, 200 close the connection.
+    let key = hub.create_device("d1").await;
+    let mut d = hub.device("d1", &key).await;
+    d.client
+        .publish(
+            "devices/d1/messages/events/",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            vec![b'x'; 50],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        d.next(std::time::Duration::from_secs(5)).await,
+        Some(crate::harness::Seen::PubAck(_))
+    ));
+    d.client
+        .publish(
+            "devices/d1/messages/events/",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            vec![b'x'; 200],
+        )
+        .await
+        .unwrap();
+    assert!(
+        d.disconnected(std::time::Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a payload over the reloaded limit closes the connection"
+    );
 
     std::fs::write(
         &config,

@@ -12,7 +12,7 @@ pub use changes::{Change, ChangeError, ChangeFuture, ChangeObserver};
 pub use twin_write::{TwinWrite, TwinWriteError};
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -65,8 +65,49 @@ impl Routed {
     }
 }
 
+/// The `[mqtt]` limits a configuration reload may change while connections run (read where
+/// they apply, lock-free). Those sized at start (connection slots) are in `config` only.
+pub struct LiveLimits {
+    pub max_payload_bytes: AtomicUsize,
+    pub connect_timeout_secs: AtomicU64,
+    pub session_expiry_secs: AtomicU64,
+}
+
+impl LiveLimits {
+    fn new(c: &crate::config::MqttSection) -> LiveLimits {
+        LiveLimits {
+            max_payload_bytes: AtomicUsize::new(c.max_payload_bytes),
+            connect_timeout_secs: AtomicU64::new(c.connect_timeout_secs),
+            session_expiry_secs: AtomicU64::new(c.session_expiry_secs),
+        }
+    }
+
+    pub fn set(&self, c: &crate::config::MqttSection) {
+        self.max_payload_bytes
+            .store(c.max_payload_bytes, Ordering::Relaxed);
+        self.connect_timeout_secs
+            .store(c.connect_timeout_secs, Ordering::Relaxed);
+        self.session_expiry_secs
+            .store(c.session_expiry_secs, Ordering::Relaxed);
+    }
+
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.connect_timeout_secs.load(Ordering::Relaxed))
+    }
+
+    pub fn session_expiry_secs(&self) -> u64 {
+        self.session_expiry_secs.load(Ordering::Relaxed)
+    }
+}
+
 pub struct Hub {
     pub config: Config,
+    /// What a reload may change of `config.limits`.
+    pub limits: LiveLimits,
     /// Store-and-forward: one durable queue per sink.
     pub queues: Arc<fleethub_router::queue::DiskQueue>,
     pub routing: crate::routing::Routing,
@@ -117,6 +158,7 @@ impl Hub {
         live: crate::connections::Live,
     ) -> Hub {
         Hub {
+            limits: LiveLimits::new(&config.limits),
             config,
             queues,
             routing,

@@ -169,7 +169,7 @@ where
     // reads fill it (`ReadSize`); the write buffer as packets are written.
     let mut rbuf = BytesMut::with_capacity(READ_BUF_START);
     let mut wbuf = BytesMut::new();
-    let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
+    let timeout = hub.limits.connect_timeout();
     let Some(packet) = read_connect(reader, &mut rbuf, timeout).await else {
         hub.metrics
             .connection_attempts

@@ -28,7 +28,7 @@ impl Session {
         rbuf: &mut BytesMut,
         wbuf: &mut BytesMut,
     ) -> Result<bool, &'static str> {
-        let max_payload = self.hub.config.limits.max_payload_bytes;
+        let max_payload = self.hub.limits.max_payload_bytes();
         let mut to_router: Vec<Packet> = Vec::new();
         let mut any = false;
         let result = loop {

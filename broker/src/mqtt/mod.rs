@@ -152,7 +152,7 @@ pub async fn serve_tls(
                     let (hub, acceptor, open) = (hub.clone(), acceptor.clone(), open.clone());
                     tokio::spawn(async move {
                         let _open = open;
-                        let timeout = Duration::from_secs(hub.config.limits.connect_timeout_secs);
+                        let timeout = hub.limits.connect_timeout();
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                             Ok(Ok(tls)) => connection(tls, peer, hub, place).await,
                             Ok(Err(e)) => {

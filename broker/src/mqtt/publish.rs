@@ -36,7 +36,7 @@ impl Session {
             self.protocol_error("malformed");
             return Err("wildcard in a PUBLISH topic");
         }
-        if publish.payload.len() > self.hub.config.limits.max_payload_bytes {
+        if publish.payload.len() > self.hub.limits.max_payload_bytes() {
             self.protocol_error("payload_too_large");
             return Err("payload too large");
         }
