@@ -285,8 +285,7 @@ pub async fn run_with_reload(
     tasks.spawn(crate::api::listener::serve(
         api,
         app,
-        config.api_limits.clone(),
-        hub.metrics.clone(),
+        hub.clone(),
         stop_rx.clone(),
     ));
 
@@ -423,6 +422,7 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
         }
     }
     hub.limits.set(&new.limits);
+    hub.api_limits.set(&new.api_limits);
     // What only a restart applies: said, so nobody waits for it.
     let old = &hub.config;
     let mut at_restart = Vec::new();
@@ -448,10 +448,6 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
             ),
         ),
         (
-            "api",
-            format!("{:?}", old.api_limits) != format!("{:?}", new.api_limits),
-        ),
-        (
             "upstream",
             format!("{:?}", old.upstream) != format!("{:?}", new.upstream),
         ),
@@ -470,7 +466,7 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
         log_level = %new.log.level,
         at_restart = ?at_restart,
         max_payload_bytes = new.limits.max_payload_bytes,
-        "configuration reloaded: routes, log level and the [mqtt] payload, connect and session limits in force; changed settings that take effect at the next start are listed"
+        "configuration reloaded: routes, log level, the [api] limits and the [mqtt] payload, connect and session limits in force; changed settings that take effect at the next start are listed"
     );
 }
 

@@ -162,12 +162,21 @@ async fn sighup_reloads_routes_or_keeps_them_on_error() {
     std::fs::write(
         &config,
         routes("second = \"FROM /messages/* WHERE $body.t > 1 INTO BrokeredEndpoint(\\\"/modules/b/inputs/in\\\")\"")
-            + "[mqtt]\nmax_payload_bytes = 100\n",
+            + "[mqtt]\nmax_payload_bytes = 100\n[api]\nmax_body_bytes = 1000\n",
     )
     .unwrap();
     hup();
     wait_for_log("configuration reloaded", 1).await;
     assert_eq!(names().await, ["second"]);
+    // The API body limit applies at once: a 2,000-byte body is refused with 413.
+    let (s, _) = hub
+        .api(
+            reqwest::Method::POST,
+            "/twins/query",
+            Some(serde_json::json!({ "query": format!("SELECT * FROM devices WHERE tags.x = '{}'", "y".repeat(2000)) })),
+        )
+        .await;
+    assert_eq!(s, 413, "the reloaded body limit");
     // The payload limit applies at once: 50 bytes pass, 200 close the connection.
     let key = hub.create_device("d1").await;
     let mut d = hub.device("d1", &key).await;

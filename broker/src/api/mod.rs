@@ -42,6 +42,9 @@ pub enum ApiError {
     PreconditionFailed(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    /// A body over `[api] max_body_bytes`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// IoT Hub's 404103: a method for a device that is not connected or not listening.
     #[error("{0}")]
     DeviceNotOnline(String),
@@ -72,6 +75,12 @@ impl From<IdError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::PayloadTooLarge(format!(
+                "request body: {} (the limit is [api] max_body_bytes)",
+                e.body_text()
+            ));
+        }
         ApiError::BadRequest(format!("request body: {}", e.body_text()))
     }
 }
@@ -87,6 +96,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::PRECONDITION_FAILED, "PreconditionFailed")
             }
             ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             ApiError::DeviceNotOnline(_) => (StatusCode::NOT_FOUND, "DeviceNotOnline"),
             ApiError::InvalidRoutes(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),

@@ -104,10 +104,44 @@ impl LiveLimits {
     }
 }
 
+/// The `[api]` limits, changed by a reload and read per connection or request.
+pub struct LiveApiLimits {
+    pub max_connections: AtomicUsize,
+    pub header_read_timeout_secs: AtomicU64,
+    pub body_read_timeout_secs: AtomicU64,
+    pub max_body_bytes: AtomicUsize,
+}
+
+impl LiveApiLimits {
+    fn new(c: &crate::config::ApiSection) -> LiveApiLimits {
+        let l = LiveApiLimits {
+            max_connections: AtomicUsize::new(0),
+            header_read_timeout_secs: AtomicU64::new(0),
+            body_read_timeout_secs: AtomicU64::new(0),
+            max_body_bytes: AtomicUsize::new(0),
+        };
+        l.set(c);
+        l
+    }
+
+    pub fn set(&self, c: &crate::config::ApiSection) {
+        self.max_connections
+            .store(c.max_connections.max(1), Ordering::Relaxed);
+        self.header_read_timeout_secs
+            .store(c.header_read_timeout_secs.max(1), Ordering::Relaxed);
+        self.body_read_timeout_secs
+            .store(c.body_read_timeout_secs.max(1), Ordering::Relaxed);
+        self.max_body_bytes
+            .store(c.max_body_bytes, Ordering::Relaxed);
+    }
+}
+
 pub struct Hub {
     pub config: Config,
     /// What a reload may change of `config.limits`.
     pub limits: LiveLimits,
+    /// What a reload may change of `config.api_limits`.
+    pub api_limits: LiveApiLimits,
     /// Store-and-forward: one durable queue per sink.
     pub queues: Arc<fleethub_router::queue::DiskQueue>,
     pub routing: crate::routing::Routing,
@@ -159,6 +193,7 @@ impl Hub {
     ) -> Hub {
         Hub {
             limits: LiveLimits::new(&config.limits),
+            api_limits: LiveApiLimits::new(&config.api_limits),
             config,
             queues,
             routing,
