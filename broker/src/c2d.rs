@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::storage::Store;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use redb::{Database, TableDefinition};
+use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 /// Key: (device id, sequence). Value: JSON [`C2dMessage`].
@@ -67,12 +68,12 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct C2dStore {
-    db: Arc<Database>,
+    db: Arc<Store>,
     next_seq: AtomicU64,
 }
 
 impl C2dStore {
-    pub fn open(db: Arc<Database>) -> Result<C2dStore, C2dError> {
+    pub fn open(db: Arc<Store>) -> Result<C2dStore, C2dError> {
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(C2D).map_err(err)?;
         tx.commit().map_err(err)?;
@@ -184,7 +185,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.redb");
         {
-            let store = C2dStore::open(Arc::new(Database::create(&path).unwrap())).unwrap();
+            let store = C2dStore::open(Arc::new(Store::create(&path).unwrap())).unwrap();
             store
                 .enqueue("d1", "a".into(), b"1", vec![], 60_000)
                 .unwrap();
@@ -202,7 +203,7 @@ mod tests {
                 )
                 .unwrap();
         }
-        let store = C2dStore::open(Arc::new(Database::create(&path).unwrap())).unwrap();
+        let store = C2dStore::open(Arc::new(Store::create(&path).unwrap())).unwrap();
         let (msgs, expired) = store.pending("d1", 0, 10).unwrap();
         assert_eq!(expired, 1);
         assert_eq!(

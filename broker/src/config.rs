@@ -80,6 +80,7 @@ pub struct StoreAndForwardSection {
     pub max_bytes: u64,
     pub max_sink_bytes: u64,
     pub when_full: WhenFullSetting,
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use redb::Database;
+use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::IdentityKey;
@@ -208,7 +208,7 @@ struct State {
 }
 
 pub struct Fleet {
-    db: Arc<Database>,
+    db: Arc<Store>,
     state: RwLock<State>,
     writer: Mutex<()>,
 }
@@ -227,7 +227,7 @@ pub fn new_guid() -> String {
 }
 
 impl Fleet {
-    pub fn open(db: Arc<Database>) -> Result<Fleet, FleetError> {
+    pub fn open(db: Arc<Store>) -> Result<Fleet, FleetError> {
         let state = State {
             products: PRODUCTS.load::<FleetError>(&db)?.into_iter().collect(),
             groups: GROUPS.load::<FleetError>(&db)?.into_iter().collect(),
@@ -613,7 +613,7 @@ mod tests {
     fn fleet() -> (Fleet, Registry, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("fleet-test-{:x}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        let db = Arc::new(Database::create(dir.join("t.redb")).unwrap());
+        let db = Arc::new(Store::create(&dir.join("t.redb")).unwrap());
         (
             Fleet::open(db.clone()).unwrap(),
             Registry::open(db).unwrap(),

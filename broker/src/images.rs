@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use redb::Database;
+use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -151,14 +151,14 @@ pub enum Added {
 }
 
 pub struct Images {
-    db: Arc<Database>,
+    db: Arc<Store>,
     dir: PathBuf,
     by_id: RwLock<BTreeMap<String, Image>>,
     writer: Mutex<()>,
 }
 
 impl Images {
-    pub fn open(db: Arc<Database>, dir: &Path) -> Result<Images, ImageError> {
+    pub fn open(db: Arc<Store>, dir: &Path) -> Result<Images, ImageError> {
         std::fs::create_dir_all(dir)?;
         let by_id: BTreeMap<String, Image> = IMAGES.load::<ImageError>(&db)?.into_iter().collect();
         Ok(Images {
@@ -328,7 +328,7 @@ mod tests {
     fn immutable_content_and_latest() {
         let dir = std::env::temp_dir().join(format!("images-test-{:x}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        let db = Arc::new(Database::create(dir.join("t.redb")).unwrap());
+        let db = Arc::new(Store::create(&dir.join("t.redb")).unwrap());
         let images = Images::open(db, &dir.join("images")).unwrap();
         let Added::New(a) = images
             .add("app", "1.0.0", ImageKind::Application, b"one")

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub upstream_connected: IntGauge,
     /// Routed messages not stored because the quota refused them (not acknowledged).
     pub queue_refused: IntCounter,
+    /// Main-store writes refused because the disk is below its free-space floor.
+    pub store_writes_refused: IntCounter,
     /// Per sink, refreshed on every scrape from the queues.
     queue_depth: prometheus::IntGaugeVec,
     queue_bytes: prometheus::IntGaugeVec,
@@ -213,6 +215,11 @@ impl Metrics {
             "1 while the upstream bridge is connected",
         )
         .expect("valid metric");
+        let store_writes_refused = IntCounter::new(
+            "fleethub_store_writes_refused_total",
+            "Writes to the main store (twins, registry, C2D, sessions, fleet) refused because the disk is below its free-space floor",
+        )
+        .expect("valid metric");
         let queue_refused = IntCounter::new(
             "fleethub_queue_refused_total",
             "Routed messages refused by the store-and-forward quota (their publish was not acknowledged)",
@@ -287,6 +294,7 @@ impl Metrics {
             Box::new(sink_messages.clone()),
             Box::new(upstream_connected.clone()),
             Box::new(queue_refused.clone()),
+            Box::new(store_writes_refused.clone()),
             Box::new(queue_depth.clone()),
             Box::new(queue_bytes.clone()),
             Box::new(queue_oldest_age.clone()),
@@ -322,6 +330,7 @@ impl Metrics {
             sink_messages,
             upstream_connected,
             queue_refused,
+            store_writes_refused,
             queue_depth,
             queue_bytes,
             queue_oldest_age,

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::storage::Store;
 use dashmap::DashMap;
-use redb::Database;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{DeviceId, IdError, IdentityKey};
@@ -157,7 +157,7 @@ struct Live {
 }
 
 pub struct Registry {
-    db: Arc<Database>,
+    db: Arc<Store>,
     /// Serialises read-modify-write operations: without it, a last-activity write that read
     /// the record before an API update could put the old record back over it.
     writer: std::sync::Mutex<()>,
@@ -216,7 +216,7 @@ fn auth_from(input: Option<AuthenticationInput>) -> Result<Authentication, Regis
 
 impl Registry {
     /// Loads every identity of the store into the cache.
-    pub fn open(db: Arc<Database>) -> Result<Registry, RegistryError> {
+    pub fn open(db: Arc<Store>) -> Result<Registry, RegistryError> {
         let cache = DashMap::new();
         for (k, identity) in IDENTITIES.load::<RegistryError>(&db)? {
             cache.insert(IdentityKey::parse(&k)?, Arc::new(identity));
@@ -494,7 +494,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fh-reg-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         (
-            Registry::open(Arc::new(Database::create(dir.join("store.redb")).unwrap())).unwrap(),
+            Registry::open(Arc::new(Store::create(&dir.join("store.redb")).unwrap())).unwrap(),
             dir,
         )
     }
@@ -527,7 +527,7 @@ mod tests {
         assert_ne!(upd.etag, created.etag);
         drop(reg);
         let reg =
-            Registry::open(Arc::new(Database::create(dir.join("store.redb")).unwrap())).unwrap();
+            Registry::open(Arc::new(Store::create(&dir.join("store.redb")).unwrap())).unwrap();
         assert_eq!(reg.get(&d1).unwrap().status, Status::Disabled);
         assert_eq!(reg.modules_of(&d1.device).len(), 1);
         assert_eq!(reg.delete(&d1).unwrap().len(), 2);

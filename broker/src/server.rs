@@ -145,10 +145,19 @@ pub async fn run_with_reload(
     }
     let edge_desired = stores.twins.get(&edge_key).desired.data.clone();
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    // The main store stops writing at half the queues' floor: the queues fill the disk
+    // first and stop first, leaving the twins and registry room to keep working.
+    stores
+        .db
+        .set_floor(config.store_and_forward.min_free_bytes / 2);
+    stores
+        .db
+        .count_refusals_in(metrics.store_writes_refused.clone());
     let limits = fleethub_router::queue::Limits {
         max_bytes: config.store_and_forward.max_bytes,
         max_sink_bytes: config.store_and_forward.max_sink_bytes,
         cache_bytes: config.store_and_forward.cache_bytes,
+        min_free_bytes: config.store_and_forward.min_free_bytes,
         when_full: match config.store_and_forward.when_full {
             crate::config::WhenFullSetting::DropOldest => {
                 fleethub_router::queue::WhenFull::DropOldest

@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::storage::JsonTable;
+use crate::storage::Store;
 use dashmap::DashMap;
-use redb::{Database, ReadableTable};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -89,7 +90,7 @@ struct Job {
 /// Sessions on disk, with an in-memory index of which exist (so a CONNECT without one never
 /// touches the disk), written through one group-committing writer thread.
 pub struct SessionStore {
-    db: Arc<Database>,
+    db: Arc<Store>,
     index: DashMap<String, Presence>,
     jobs: mpsc::Sender<Job>,
 }
@@ -97,7 +98,7 @@ pub struct SessionStore {
 impl SessionStore {
     /// Loads the index and starts the writer thread. A session found without a disconnect
     /// time (the hub was killed while it was connected) counts as seen now.
-    pub fn open(db: Arc<Database>) -> Result<SessionStore, SessionError> {
+    pub fn open(db: Arc<Store>) -> Result<SessionStore, SessionError> {
         let index = DashMap::new();
         let now = now_ms();
         for (key, session) in SESSIONS.load::<SessionError>(&db)? {
@@ -234,7 +235,7 @@ impl SessionStore {
     }
 }
 
-fn writer(db: Arc<Database>, rx: mpsc::Receiver<Job>) {
+fn writer(db: Arc<Store>, rx: mpsc::Receiver<Job>) {
     while let Some(batch) = crate::storage::next_batch(&rx, MAX_BATCH) {
         let result = (|| -> Result<(), SessionError> {
             let tx = db.begin_write()?;
@@ -281,10 +282,10 @@ mod tests {
     use super::*;
 
     /// Opens the test store, waiting for a previous store's writer thread to let go.
-    fn db(dir: &std::path::Path) -> Arc<Database> {
+    fn db(dir: &std::path::Path) -> Arc<Store> {
         for _ in 0..200 {
-            match Database::create(dir.join("s.redb")) {
-                Ok(db) => return Arc::new(db),
+            match redb::Database::create(dir.join("s.redb")) {
+                Ok(db) => return Arc::new(Store::new(db, dir)),
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                     std::thread::sleep(std::time::Duration::from_millis(10))
                 }

@@ -34,6 +34,91 @@ pub(crate) fn next_batch<T>(rx: &std::sync::mpsc::Receiver<T>, max: usize) -> Op
     Some(batch)
 }
 
+/// The main store (`fleethub.redb`, shared by registry, twins, fleet, images, C2D, sessions
+/// and deployments) with a free-space floor on writes. redb treats a failed write (ENOSPC)
+/// as fatal for the open database: every later transaction fails until it is re-opened, so
+/// one write on a full disk would lock devices out of their twins until a restart. Below
+/// the floor a write is refused before redb sees it, with a message that says why, and the
+/// store works again by itself once there is room. Everything else is redb's (`Deref`).
+pub struct Store {
+    db: redb::Database,
+    dir: std::path::PathBuf,
+    floor: std::sync::atomic::AtomicU64,
+    refused: std::sync::OnceLock<prometheus::IntCounter>,
+}
+
+/// The start of every refusal's message, so the edges (API 507, MQTT twin 503) can tell a
+/// full disk from a broken store.
+pub const DISK_FULL: &str = "the disk holding the data directory is full";
+
+impl Store {
+    pub fn new(db: redb::Database, dir: &std::path::Path) -> Store {
+        Store {
+            db,
+            dir: dir.to_path_buf(),
+            floor: std::sync::atomic::AtomicU64::new(0),
+            refused: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Creates or opens a store at `path` with no floor (tests and tools).
+    pub fn create(path: &std::path::Path) -> Result<Store, redb::DatabaseError> {
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        Ok(Store::new(redb::Database::create(path)?, dir))
+    }
+
+    /// Writes are refused while fewer than `bytes` are free (0: never).
+    pub fn set_floor(&self, bytes: u64) {
+        self.floor
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Where refusals are counted (`fleethub_store_writes_refused_total`).
+    pub fn count_refusals_in(&self, counter: prometheus::IntCounter) {
+        let _ = self.refused.set(counter);
+    }
+
+    /// A write transaction, unless the disk is below the floor: then an I/O error of kind
+    /// `StorageFull` whose message starts with [`DISK_FULL`], and redb is not touched.
+    // redb's own error type, so every store's `?` is unchanged.
+    #[allow(clippy::result_large_err)]
+    pub fn begin_write(&self) -> Result<redb::WriteTransaction, redb::TransactionError> {
+        let floor = self.floor.load(std::sync::atomic::Ordering::Relaxed);
+        if floor > 0 {
+            if let Some(free) = fleethub_router::queue::free_bytes(&self.dir) {
+                if free < floor {
+                    if let Some(c) = self.refused.get() {
+                        c.inc();
+                    }
+                    return Err(redb::TransactionError::Storage(redb::StorageError::Io(
+                        std::io::Error::new(
+                            std::io::ErrorKind::StorageFull,
+                            format!("{DISK_FULL}: {free} bytes free, below the floor of {floor} (half of [store_and_forward] min_free_bytes); writes are refused until there is room"),
+                        ),
+                    )));
+                }
+            }
+        }
+        self.db.begin_write()
+    }
+}
+
+impl std::ops::Deref for Store {
+    type Target = redb::Database;
+
+    fn deref(&self) -> &redb::Database {
+        &self.db
+    }
+}
+
+/// Whether a store error's message says the disk is full: refused at the floor, ENOSPC from
+/// the file system, or redb refusing after such a failure.
+pub fn is_disk_full(message: &str) -> bool {
+    message.contains(DISK_FULL)
+        || message.contains("No space left on device")
+        || message.contains("Previous I/O error")
+}
+
 /// What a store's error type converts from, so [`JsonTable`] can answer in it.
 pub(crate) trait StoreErrors:
     From<redb::DatabaseError>

@@ -138,7 +138,7 @@ pub fn open(data_dir: &Path) -> Result<Opened, StoreError> {
     };
     let db = open_database(&path).map_err(|d| damaged("registry, twins, fleet, deployments", d))?;
     migrate(&db, &path).map_err(|d| damaged("data format", d))?;
-    let db = Arc::new(db);
+    let db = Arc::new(crate::storage::Store::new(db, data_dir));
     let stores = Stores {
         db: db.clone(),
         registry: Registry::open(db.clone())
@@ -193,7 +193,7 @@ pub fn check(data_dir: &Path) -> Vec<Checked> {
                     }
                 });
                 out.push(verdict(&main, "main store", format));
-                let db = Arc::new(db);
+                let db = Arc::new(crate::storage::Store::new(db, data_dir));
                 let count = |n: usize| Ok(format!("{n} rows"));
                 out.push(verdict(
                     &main,

@@ -231,9 +231,9 @@ async fn a_route_to_upstream_without_the_bridge_is_flagged_and_counted() {
 }
 
 /// The `refuse` quota policy with the unmodified Python SDK: a message the full store
-/// refuses is not acknowledged, and the SDK's `send_message` does not wait forever: the hub
-/// closes the connection, the SDK reconnects and sends it again, and once the sink has
-/// drained it is stored and acknowledged. Every message arrives.
+/// refuses is not acknowledged but held on the connection, and the SDK's `send_message` does
+/// not wait forever: once the sink has drained, the hub stores it and sends its PUBACK on the
+/// same connection. Every message arrives, and the SDK never had to reconnect.
 #[tokio::test]
 async fn refuse_policy_with_the_sdk_never_leaves_send_message_waiting() {
     let Some(python) = crate::interop::python() else {
@@ -310,6 +310,11 @@ async fn refuse_policy_with_the_sdk_never_leaves_send_message_waiting() {
     .expect("send_message did not hang");
     assert!(out.0.contains("done"), "SDK output:\n{}\n{}", out.0, out.1);
     assert_eq!(seqs.len(), 40, "every message arrived: {seqs:?}");
+    // One CONNECT for the SDK and one for the sink: nobody was disconnected.
+    let connects = hub
+        .metric("fleethub_connection_attempts_total{result=\"accepted\"}")
+        .await;
+    assert_eq!(connects, 2.0, "the SDK stayed on its connection");
 }
 
 /// Runs `fleethub` with `args` on `data`; returns success, stdout and stderr.

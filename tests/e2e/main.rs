@@ -7,6 +7,7 @@ mod c2d;
 mod crash;
 mod fleet;
 mod formats;
+mod full_disk;
 mod garbage;
 mod group_deployments;
 mod hardening;

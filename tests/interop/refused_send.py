@@ -3,7 +3,7 @@ Python, each waiting for its acknowledgement, and prints a line per message sent
 
 Usage: refused_send.py CONNECTION_STRING CA_PEM COUNT SIZE
 The hub's store-and-forward quota is full part of the time: it must not leave send_message
-waiting forever (it closes the connection, the SDK reconnects and sends again).
+waiting forever (it holds the message and acknowledges it once the store has room).
 """
 import sys
 import time

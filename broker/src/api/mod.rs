@@ -99,6 +99,10 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             ApiError::DeviceNotOnline(_) => (StatusCode::NOT_FOUND, "DeviceNotOnline"),
             ApiError::InvalidRoutes(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            // A write refused for lack of space: 507, and the message says so.
+            ApiError::Internal(m) if crate::storage::is_disk_full(m) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         };
         let errors = match &self {

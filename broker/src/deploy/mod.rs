@@ -24,7 +24,7 @@ pub mod wire;
 
 use std::sync::Arc;
 
-use redb::Database;
+use crate::storage::Store;
 use serde_json::{Map, Value};
 
 use crate::hub::{
@@ -72,7 +72,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn open(db: Arc<Database>) -> Result<Engine, DeployError> {
+    pub fn open(db: Arc<Store>) -> Result<Engine, DeployError> {
         Ok(Engine {
             groups: group::GroupDeployments::open(db.clone())?,
             targeted: targeted::Deployments::open(db)?,

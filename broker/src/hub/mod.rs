@@ -39,7 +39,7 @@ pub struct Endpoints {
 /// The durable stores the hub opens at start.
 pub struct Stores {
     /// The main store file all of these live in (kept for consistent backups).
-    pub db: Arc<redb::Database>,
+    pub db: Arc<crate::storage::Store>,
     pub registry: Registry,
     /// Products and device groups.
     pub fleet: crate::fleet::Fleet,
@@ -146,7 +146,7 @@ pub struct Hub {
     pub queues: Arc<fleethub_router::queue::DiskQueue>,
     pub routing: crate::routing::Routing,
     /// The main store (registry, twins, fleet, deployments, sessions), for backups.
-    pub db: Arc<redb::Database>,
+    pub db: Arc<crate::storage::Store>,
     /// Where routed messages go after their queue: one driver per kind of sink.
     pub sinks: Arc<crate::sinks::Sinks>,
     pub registry: Registry,

@@ -20,7 +20,7 @@ pub(super) async fn next_notification(
 pub(super) async fn next_commit(
     commits: &mut std::collections::VecDeque<PendingCommit>,
 ) -> Option<(
-    Result<(), fleethub_router::queue::QueueError>,
+    Result<(), fleethub_router::queue::AppendError>,
     PendingCommit,
 )> {
     let result = (&mut commits.front_mut()?.committed).await;
@@ -85,8 +85,10 @@ impl Session {
                 return Err("hub shutting down");
             }
             let room = read_size.prepare(rbuf);
+            // Holding too much unstored: leave the socket unread until the store takes it.
+            let reading = !self.held_publishes.as_ref().is_some_and(|h| h.full());
             let woke = tokio::select! {
-                read = reader.read_buf(rbuf) => match read {
+                read = reader.read_buf(rbuf), if reading => match read {
                     Ok(0) | Err(_) => return Err("socket closed"),
                     Ok(n) => {
                         read_size.read(n, room);
@@ -106,14 +108,29 @@ impl Session {
                     if now >= deadline {
                         return Err("keep-alive expired");
                     }
-                    Wake::Timer
+                    match self.held_publishes.as_ref().and_then(|h| h.retry_at) {
+                        Some(at) if now >= at => Wake::Retry,
+                        _ => Wake::Timer,
+                    }
                 }
             };
+            let retry_at = self.held_publishes.as_ref().and_then(|h| h.retry_at);
+            let timer_fired = matches!(woke, Wake::Timer | Wake::Retry);
             match woke {
                 // Read into `rbuf`: decoded by `work` at the top of the loop.
                 Wake::Read => {}
                 // Fired for a keep-alive deadline that has moved since.
-                Wake::Timer => timer.as_mut().reset(deadline.min(token_deadline)),
+                Wake::Timer => {}
+                Wake::Retry => {
+                    if commits.is_empty() {
+                        if let Some(h) = self.held_publishes.take() {
+                            self.offer_again(*h, &mut commits);
+                        }
+                    } else if let Some(h) = self.held_publishes.as_mut() {
+                        // Wait for what is in flight: the retry goes after it.
+                        h.retry_at = Some(Instant::now() + Held::RETRY / 5);
+                    }
+                }
                 Wake::Router(first) => {
                     Box::pin(self.router_notifications(*first, writer, wbuf, &mut link_rx)).await?
                 }
@@ -163,6 +180,13 @@ impl Session {
                         return Err(reason);
                     }
                 }
+            }
+            // The one timer serves keep-alive, token expiry and the held publishes' retry:
+            // moved when it fired, or when a retry was set or taken since.
+            let next_retry = self.held_publishes.as_ref().and_then(|h| h.retry_at);
+            if timer_fired || next_retry != retry_at {
+                let at = deadline.min(token_deadline);
+                timer.as_mut().reset(next_retry.map_or(at, |r| r.min(at)));
             }
         }
     }
@@ -233,12 +257,29 @@ impl Session {
 
     /// Hands this batch's routed messages to the queue writer (not waiting) and parks its
     /// PUBACKs behind the commit; with nothing to commit and nothing pending, acks go now.
+    /// While publishes are held, the batch waits behind them instead.
     pub(super) fn stage_acks(
         &mut self,
         commits: &mut std::collections::VecDeque<PendingCommit>,
         wbuf: &mut BytesMut,
     ) {
         let acks = std::mem::take(&mut self.deferred_acks);
+        if let Some(h) = self.held_publishes.as_mut() {
+            if acks.is_empty() && self.queued.is_empty() {
+                return;
+            }
+            let crate::hub::Routed { entries, sinks } = std::mem::take(&mut self.queued);
+            let count = entries.len() as u64;
+            h.waiting_count += count.max(acks.len() as u64);
+            h.waiting.push_back(HeldBatch {
+                entries,
+                acks,
+                sinks,
+                count,
+                fresh: count,
+            });
+            return;
+        }
         if self.queued.is_empty() {
             if commits.is_empty() {
                 write_acks(&acks, wbuf);
@@ -256,33 +297,86 @@ impl Session {
             acks,
             sinks,
             count,
+            fresh: count,
         });
     }
 
-    /// A batch's routed messages are stored: release its PUBACKs. Refused (the `refuse`
-    /// quota policy, or a store error): nothing of it is acknowledged and the connection is
-    /// closed, because an MQTT 3.1.1 client sends unacknowledged QoS 1 publishes again only
-    /// when it reconnects; left open, the client would wait for those PUBACKs forever.
+    /// Offers everything held to the store again, as one batch behind nothing.
+    pub(super) fn offer_again(
+        &mut self,
+        held: Held,
+        commits: &mut std::collections::VecDeque<PendingCommit>,
+    ) {
+        let HeldBatch {
+            entries,
+            acks,
+            sinks,
+            count,
+            fresh,
+        } = held.into_batch();
+        let committed = if entries.is_empty() {
+            Box::pin(std::future::ready(Ok(()))) as fleethub_router::queue::AppendFuture
+        } else {
+            fleethub_router::queue::Queue::append(&*self.hub.queues, entries, crate::c2d::now_ms())
+        };
+        commits.push_back(PendingCommit {
+            committed,
+            acks,
+            sinks,
+            count,
+            fresh,
+        });
+    }
+
+    /// A batch's routed messages are stored: release its PUBACKs, unless publishes before
+    /// it are held (then its acks wait behind them). Refused (the `refuse` quota policy, the
+    /// disk at its free-space floor): nothing of it is acknowledged; it is held on the
+    /// connection with its acks and offered again until the store takes it, so the device
+    /// stays connected and gets its PUBACKs, in order, once there is room. A store error
+    /// closes the connection: an MQTT 3.1.1 client sends unacknowledged QoS 1 publishes again
+    /// when it reconnects.
     pub(super) fn commit_done(
         &mut self,
-        result: Result<(), fleethub_router::queue::QueueError>,
+        result: Result<(), fleethub_router::queue::AppendError>,
         batch: PendingCommit,
         wbuf: &mut BytesMut,
     ) -> Result<(), &'static str> {
         match result {
             Ok(()) => {
                 self.hub.sinks.wake(&batch.sinks);
-                write_acks(&batch.acks, wbuf);
+                match self.held_publishes.as_mut() {
+                    None => write_acks(&batch.acks, wbuf),
+                    Some(h) => h.refused.push_back(HeldBatch {
+                        entries: Vec::new(),
+                        acks: batch.acks,
+                        sinks: Vec::new(),
+                        count: 0,
+                        fresh: 0,
+                    }),
+                }
+                Ok(())
+            }
+            Err(e) if e.is_refusal() => {
+                self.hub.metrics.queue_refused.inc_by(batch.fresh);
+                let h = self.held_publishes.get_or_insert_with(|| {
+                    debug!(error = %e.error, "routed publishes held until the store takes them");
+                    Box::default()
+                });
+                h.retry_at
+                    .get_or_insert_with(|| Instant::now() + Held::RETRY);
+                h.refused.push_back(HeldBatch {
+                    entries: e.entries,
+                    acks: batch.acks,
+                    sinks: batch.sinks,
+                    count: batch.count,
+                    fresh: 0,
+                });
                 Ok(())
             }
             Err(e) => {
-                self.hub.metrics.queue_refused.inc_by(batch.count);
-                if matches!(e, fleethub_router::queue::QueueError::Full) {
-                    Err("store-and-forward quota full: publishes refused, to be sent again on reconnect")
-                } else {
-                    warn!(error = %e, "could not queue routed messages");
-                    Err("routed messages could not be stored: to be sent again on reconnect")
-                }
+                self.hub.metrics.queue_refused.inc_by(batch.fresh);
+                warn!(error = %e, "could not queue routed messages");
+                Err("routed messages could not be stored: to be sent again on reconnect")
             }
         }
     }

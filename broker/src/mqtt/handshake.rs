@@ -289,6 +289,7 @@ where
         stored_filters: resumed.as_ref().map(|s| filters_digest(&s.filters)),
         session_key,
         held: None,
+        held_publishes: None,
     };
     if let Some(stored) = resumed {
         if let Err(reason) = session.resume(stored.filters, &mut wbuf).await {

@@ -69,8 +69,15 @@ impl Session {
             // stored; later packets wait behind it so replies keep their order.
             if let Some(held) = self.held.take() {
                 if let Err(e) = held.commit.await {
-                    warn!(principal = ?self.principal, error = %e, "could not store the session");
-                    break Err("session store failed");
+                    let message = e.to_string();
+                    if !crate::storage::is_disk_full(&message) {
+                        warn!(principal = ?self.principal, error = %message, "could not store the session");
+                        break Err("session store failed");
+                    }
+                    // A full disk degrades: the subscription holds on this connection and
+                    // is stored with the next change once there is room.
+                    warn!(principal = ?self.principal, error = %message, "subscription not stored in the session: the disk is full");
+                    self.stored_filters = None;
                 }
                 wbuf.extend_from_slice(&held.out);
             }

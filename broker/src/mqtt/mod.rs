@@ -350,6 +350,9 @@ struct Session {
     /// A session change being committed and what may go out to the client only after it
     /// (the SUBACK and what follows it).
     held: Option<Box<HeldReply>>,
+    /// Publishes the store refused, held with their acks until it takes them. Boxed and
+    /// rare: most connections never hold anything.
+    held_publishes: Option<Box<Held>>,
 }
 
 /// A session write being committed.
@@ -445,10 +448,12 @@ enum Wake {
     Mailbox,
     Committed(
         Option<(
-            Result<(), fleethub_router::queue::QueueError>,
+            Result<(), fleethub_router::queue::AppendError>,
             PendingCommit,
         )>,
     ),
+    /// Time to offer the held publishes to the store again.
+    Retry,
 }
 
 /// A deadline that never comes (no keep-alive, a token without expiry).
@@ -461,4 +466,65 @@ struct PendingCommit {
     /// The distinct sinks the batch's entries went to, woken once they are committed.
     sinks: Vec<crate::sinks::SinkId>,
     count: u64,
+    /// Messages of the batch not yet counted as refused (a retried batch was, once).
+    fresh: u64,
+}
+
+/// Publishes the store refused (the `refuse` quota, the disk at its floor) and everything
+/// read after them, held on the connection with their PUBACKs until the store takes them:
+/// the device stays connected and its acknowledgements come, in order, once there is room.
+#[derive(Default)]
+struct Held {
+    /// Batches whose commit came back while holding, in order: refused ones with their
+    /// entries, stored ones with only their acks (which must wait for the refused before).
+    refused: std::collections::VecDeque<HeldBatch>,
+    /// Batches read while holding, never offered yet: all newer than `refused`.
+    waiting: std::collections::VecDeque<HeldBatch>,
+    /// Messages in `waiting`: past [`Held::MAX_WAITING`] the socket is not read.
+    waiting_count: u64,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+struct HeldBatch {
+    entries: Vec<fleethub_router::queue::NewEntry>,
+    acks: Vec<u16>,
+    sinks: Vec<crate::sinks::SinkId>,
+    count: u64,
+    fresh: u64,
+}
+
+impl Held {
+    /// How many publishes one connection may have read and not stored before its socket is
+    /// left unread: bounds the memory a device can make the hub hold while the store is full.
+    const MAX_WAITING: u64 = 1_000;
+    /// How often the held publishes are offered again.
+    const RETRY: Duration = Duration::from_millis(500);
+
+    fn full(&self) -> bool {
+        self.waiting_count >= Self::MAX_WAITING
+    }
+
+    /// Everything held, oldest first, as one batch: stored whole or refused whole, so a
+    /// retry never reorders what it holds.
+    fn into_batch(self) -> HeldBatch {
+        let mut all = HeldBatch {
+            entries: Vec::new(),
+            acks: Vec::new(),
+            sinks: Vec::new(),
+            count: 0,
+            fresh: 0,
+        };
+        for b in self.refused.into_iter().chain(self.waiting) {
+            all.entries.extend(b.entries);
+            all.acks.extend(b.acks);
+            for s in b.sinks {
+                if !all.sinks.contains(&s) {
+                    all.sinks.push(s);
+                }
+            }
+            all.count += b.count;
+            all.fresh += b.fresh;
+        }
+        all
+    }
 }

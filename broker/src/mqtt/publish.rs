@@ -186,8 +186,15 @@ impl Session {
                     hub.twin_response(&key, 204, &query, Some(applied.twin.reported.version), b"");
                 }
                 Err(e) => {
-                    let body = serde_json::json!({ "message": e.to_string() }).to_string();
-                    hub.twin_response(&key, 500, &query, None, body.as_bytes());
+                    // 503 for a full disk (the device may try again later), 500 otherwise.
+                    let message = e.to_string();
+                    let status = if crate::storage::is_disk_full(&message) {
+                        503
+                    } else {
+                        500
+                    };
+                    let body = serde_json::json!({ "message": message }).to_string();
+                    hub.twin_response(&key, status, &query, None, body.as_bytes());
                 }
             }
         });

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 
+use crate::storage::Store;
 use dashmap::DashMap;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
@@ -73,7 +74,7 @@ fn store_err(e: impl std::fmt::Display) -> TwinError {
 
 impl TwinStore {
     /// Loads every twin and starts the writer thread.
-    pub fn open(db: Arc<Database>) -> Result<TwinStore, TwinError> {
+    pub fn open(db: Arc<Store>) -> Result<TwinStore, TwinError> {
         let cache = Arc::new(DashMap::new());
         {
             let tx = db.begin_write().map_err(store_err)?;
@@ -199,7 +200,7 @@ fn apply_op(
     }
 }
 
-fn writer(db: Arc<Database>, cache: Arc<DashMap<IdentityKey, Arc<Twin>>>, rx: mpsc::Receiver<Job>) {
+fn writer(db: Arc<Store>, cache: Arc<DashMap<IdentityKey, Arc<Twin>>>, rx: mpsc::Receiver<Job>) {
     while let Some(batch) = crate::storage::next_batch(&rx, MAX_BATCH) {
         let now = crate::registry::now_rfc3339();
         // Twins as they stand inside this batch (`None`: deleted).

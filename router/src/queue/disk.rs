@@ -45,7 +45,7 @@ enum Job {
     Append {
         entries: Vec<NewEntry>,
         now_ms: u64,
-        reply: oneshot::Sender<Result<(), QueueError>>,
+        reply: oneshot::Sender<Result<(), AppendError>>,
     },
     /// Removals are waiting in the shared state.
     Wake,
@@ -414,6 +414,7 @@ impl DiskQueue {
             active,
             hot_budget,
             segment_bytes: (hot_budget / (MAX_SEALED as u64 + 1)).clamp(4 * 1024, 16 * 1024 * 1024),
+            at_floor: false,
         };
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())
@@ -527,6 +528,28 @@ impl Drop for DiskQueue {
     }
 }
 
+/// Bytes free for an unprivileged writer on the filesystem holding `dir`; `None` when the
+/// filesystem cannot say.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs writes only into the struct passed, from a NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
 /// Brings the store to [`FORMAT`], one transaction per step; refuses a newer one untouched.
 fn migrate(db: &Database, path: &Path) -> Result<(), QueueError> {
     let found = format_of(db)?;
@@ -632,6 +655,8 @@ struct Writer {
     active: log::Active,
     hot_budget: u64,
     segment_bytes: u64,
+    /// Appends are being refused at the free-space floor: logged when it starts and ends.
+    at_floor: bool,
 }
 
 /// Entries of the batch being written, with where each body sits in the log buffer: once
@@ -640,6 +665,17 @@ struct Writer {
 type Staged = Vec<(EntryKey, HotEntry, std::ops::Range<usize>)>;
 
 impl Writer {
+    /// `Some((free, floor))` when appending `incoming` bytes would take the disk below the
+    /// free-space floor.
+    fn below_floor(&self, incoming: u64) -> Option<(u64, u64)> {
+        let floor = self.limits.min_free_bytes;
+        if floor == 0 {
+            return None;
+        }
+        let free = free_bytes(&self.dir)?;
+        (free < floor.saturating_add(incoming)).then_some((free, floor))
+    }
+
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
@@ -664,6 +700,33 @@ impl Writer {
         let mut buf = Vec::new();
         let mut staged: Staged = Vec::new();
         let mut replies = Vec::new();
+        // Below the free-space floor nothing is appended (removals still are: they make room).
+        let incoming: u64 = batch
+            .iter()
+            .map(|j| match j {
+                Job::Append { entries, .. } => entries
+                    .iter()
+                    .map(|e| entry_size(&e.bag, &e.body))
+                    .sum::<u64>(),
+                Job::Wake => 0,
+            })
+            .sum();
+        let low = if incoming > 0 {
+            self.below_floor(incoming)
+        } else {
+            None
+        };
+        if incoming > 0 && low.is_some() != self.at_floor {
+            self.at_floor = low.is_some();
+            match low {
+                Some((free, floor)) => tracing::warn!(
+                    free,
+                    floor,
+                    "the disk is at the store-and-forward free-space floor: routed publishes are held unacknowledged until there is room"
+                ),
+                None => tracing::info!("the disk has room again: routed publishes are stored"),
+            }
+        }
         let stored_removes = {
             let mut st = lock(&self.state);
             for job in batch {
@@ -673,7 +736,13 @@ impl Writer {
                     reply,
                 } = job
                 {
-                    let outcome = self.append(&mut st, entries, now_ms, &mut buf, &mut staged);
+                    let outcome = match low {
+                        Some((free, floor)) => Err(AppendError {
+                            error: QueueError::DiskFull { free, floor },
+                            entries,
+                        }),
+                        None => self.append(&mut st, entries, now_ms, &mut buf, &mut staged),
+                    };
                     replies.push((reply, outcome));
                 }
             }
@@ -712,7 +781,7 @@ impl Writer {
                 }
                 drop(st);
                 for (reply, outcome) in replies {
-                    let _ = reply.send(outcome.and(Err(e.clone())));
+                    let _ = reply.send(outcome.and(Err(AppendError::from(e.clone()))));
                 }
             }
         }
@@ -726,7 +795,7 @@ impl Writer {
         now_ms: u64,
         buf: &mut Vec<u8>,
         staged: &mut Staged,
-    ) -> Result<(), QueueError> {
+    ) -> Result<(), AppendError> {
         let limits = &self.limits;
         if limits.when_full == WhenFull::Refuse {
             let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
@@ -735,7 +804,10 @@ impl Writer {
                     .over(limits, Some(&e.sink), entry_size(&e.bag, &e.body))
             });
             if st.counters.over(limits, None, incoming) || sink_over {
-                return Err(QueueError::Full);
+                return Err(AppendError {
+                    error: QueueError::Full,
+                    entries,
+                });
             }
         }
         for e in entries {
@@ -1023,10 +1095,10 @@ impl Queue for DiskQueue {
         });
         Box::pin(async move {
             if !sent {
-                return Err(QueueError::Store("queue writer stopped".into()));
+                return Err(QueueError::Store("queue writer stopped".into()).into());
             }
             rx.await
-                .map_err(|_| QueueError::Store("queue writer stopped".into()))?
+                .map_err(|_| AppendError::from(QueueError::Store("queue writer stopped".into())))?
         })
     }
 

@@ -58,7 +58,10 @@ impl Queue for MemoryQueue {
                     .iter()
                     .any(|e| over(&st, Some(&e.sink), entry_size(&e.bag, &e.body)));
                 if over(&st, None, incoming) || sink_over {
-                    return Err(QueueError::Full);
+                    return Err(AppendError {
+                        error: QueueError::Full,
+                        entries,
+                    });
                 }
             }
             for e in entries {

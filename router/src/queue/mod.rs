@@ -22,7 +22,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-pub use disk::{format_of, DiskQueue, FORMAT};
+pub use disk::{format_of, free_bytes, DiskQueue, FORMAT};
 pub use memory::MemoryQueue;
 
 /// A message to append.
@@ -83,11 +83,16 @@ pub struct Limits {
     /// What the disk queue may hold in memory however deep the queues get: half for entries
     /// served from memory, half for redb's page cache.
     pub cache_bytes: usize,
+    /// Free space the disk holding the queues must keep: appends that would go below it are
+    /// refused (0: no floor). The rest of the hub (registry, twins, sessions) keeps working
+    /// on that room, instead of a store failing on a full disk.
+    pub min_free_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            min_free_bytes: 0,
             max_bytes: 0,
             max_sink_bytes: 0,
             when_full: WhenFull::DropOldest,
@@ -102,6 +107,9 @@ pub enum QueueError {
     Full,
     #[error("store-and-forward store: {0}")]
     Store(String),
+    /// The disk is down to its free-space floor: nothing more is queued until there is room.
+    #[error("the disk holding the store-and-forward queues has {free} bytes free, at or below [store_and_forward] min_free_bytes ({floor}): nothing more is queued until there is room")]
+    DiskFull { free: u64, floor: u64 },
     /// The store was written by a newer version: refused, and left as it is.
     #[error("store-and-forward store {path}: written in format {found} by a newer fleethub; this one reads formats up to {supported}. Nothing was changed: run the newer fleethub on it, or restore a backup made with this version")]
     NewerFormat {
@@ -130,7 +138,40 @@ pub struct Peeked {
     pub expired: u64,
 }
 
-pub type AppendFuture = Pin<Box<dyn Future<Output = Result<(), QueueError>> + Send>>;
+/// An append that was not stored. A refusal (the quota under `refuse`, the disk at its
+/// floor) hands the entries back, so the caller can hold them and try again once there is
+/// room instead of losing them or dropping its client; a store failure has none to give.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct AppendError {
+    pub error: QueueError,
+    /// The refused entries, in order; empty when the store failed after taking them.
+    pub entries: Vec<NewEntry>,
+}
+
+impl AppendError {
+    /// Nothing of the append is stored and it may be tried again as it is.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self.error, QueueError::Full | QueueError::DiskFull { .. })
+    }
+}
+
+impl From<QueueError> for AppendError {
+    fn from(error: QueueError) -> Self {
+        AppendError {
+            error,
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl From<AppendError> for QueueError {
+    fn from(e: AppendError) -> Self {
+        e.error
+    }
+}
+
+pub type AppendFuture = Pin<Box<dyn Future<Output = Result<(), AppendError>> + Send>>;
 
 pub trait Queue: Send + Sync {
     /// Appends entries as one unit; the future resolves once they are stored (for the disk

@@ -199,10 +199,14 @@ async fn refuse_policy_refuses_without_dropping(q: &dyn Queue) {
     )
     .await
     .unwrap();
-    assert_eq!(
-        q.append(vec![entry("s", 0, 60_000, "e")], 2).await,
-        Err(QueueError::Full)
-    );
+    // Refused whole, and handed back as it was so the caller can hold it and retry.
+    let refused = q
+        .append(vec![entry("s", 0, 60_000, "e")], 2)
+        .await
+        .unwrap_err();
+    assert!(refused.is_refusal());
+    assert_eq!(refused.error, QueueError::Full);
+    assert_eq!(refused.entries, vec![entry("s", 0, 60_000, "e")]);
     assert_eq!(
         bodies(&q.peek("s", &HashSet::new(), 10, 3).unwrap()),
         ["a", "b", "c", "d"]
@@ -219,6 +223,7 @@ fn limits_for_quota(when_full: WhenFull) -> Limits {
         max_sink_bytes: 0,
         when_full,
         cache_bytes: 1 << 20,
+        min_free_bytes: 0,
     }
 }
 
@@ -320,6 +325,41 @@ async fn disk_entries_survive_reopen_with_ttl_by_wall_clock() {
         bodies(&q.peek("s", &HashSet::new(), 10, 12_000).unwrap()),
         ["later", "new"]
     );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// Below the free-space floor appends are refused and handed back whole; removals still go
+/// through (they make room), and what was stored before stays readable.
+#[tokio::test]
+async fn disk_below_its_free_space_floor_refuses_appends_and_hands_them_back() {
+    let path = temp_path("floor");
+    let q = DiskQueue::open(&path, Limits::default()).unwrap();
+    append_numbered(&q, 3).await;
+    drop(q);
+    let floor = Limits {
+        min_free_bytes: u64::MAX / 2,
+        ..Limits::default()
+    };
+    let q = DiskQueue::open(&path, floor).unwrap();
+    let refused = q
+        .append(vec![entry("s", 0, 1_000_000, "late")], 2)
+        .await
+        .unwrap_err();
+    assert!(refused.is_refusal(), "{refused}");
+    assert!(
+        matches!(refused.error, QueueError::DiskFull { .. }),
+        "{refused}"
+    );
+    assert_eq!(refused.entries, vec![entry("s", 0, 1_000_000, "late")]);
+    let p = q.peek("s", &HashSet::new(), 10, 2).unwrap();
+    assert_eq!(bodies(&p), ["m0", "m1", "m2"]);
+    q.remove(vec![p.entries[0].key.clone()]);
+    settle(&q).await;
+    assert_eq!(
+        bodies(&q.peek("s", &HashSet::new(), 10, 2).unwrap()),
+        ["m1", "m2"]
+    );
+    drop(q);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use redb::Database;
+use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 
 use super::super::DeployError;
@@ -29,13 +29,13 @@ pub struct GroupDeployment {
 }
 
 pub struct GroupDeployments {
-    db: Arc<Database>,
+    db: Arc<Store>,
     by_id: RwLock<BTreeMap<String, GroupDeployment>>,
     writer: Mutex<()>,
 }
 
 impl GroupDeployments {
-    pub fn open(db: Arc<Database>) -> Result<GroupDeployments, DeployError> {
+    pub fn open(db: Arc<Store>) -> Result<GroupDeployments, DeployError> {
         let by_id: BTreeMap<String, GroupDeployment> = GROUP_DEPLOYMENTS
             .load::<DeployError>(&db)?
             .into_iter()

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::storage::JsonTable;
+use crate::storage::Store;
 use dashmap::DashMap;
-use redb::Database;
 
 use super::super::DeployError;
 use super::spec::{
@@ -22,7 +22,7 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct Deployments {
-    db: Arc<Database>,
+    db: Arc<Store>,
     by_id: RwLock<BTreeMap<String, Arc<Compiled>>>,
     devices: DashMap<String, DeviceState>,
     /// Serialises read-modify-write of deployment records.
@@ -32,7 +32,7 @@ pub struct Deployments {
 }
 
 impl Deployments {
-    pub fn open(db: Arc<Database>) -> Result<Deployments, DeployError> {
+    pub fn open(db: Arc<Store>) -> Result<Deployments, DeployError> {
         let mut by_id = BTreeMap::new();
         for (id, d) in DEPLOYMENTS.load::<DeployError>(&db)? {
             by_id.insert(id, Arc::new(Compiled::new(d)?));
