@@ -49,7 +49,11 @@ impl C2dMessage {
     pub fn bag(&self, device: &str) -> String {
         let m = fleethub_router::Message {
             body: bytes::Bytes::new(),
-            properties: self.properties.clone(),
+            properties: self
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect(),
             system: fleethub_router::SystemProperties {
                 message_id: Some(self.message_id.clone()),
                 to: Some(format!("/devices/{device}/messages/devicebound")),

@@ -278,8 +278,39 @@ impl ApiClient {
     /// Rows of an IoT Hub query (`SELECT * FROM devices WHERE ...`): twins, projected fields
     /// or a count, as the query asks.
     pub async fn query_twins(&self, query: &str) -> ClientResult<Items<Value>> {
+        self.query_twins_paged(query, |_| {}).await
+    }
+
+    /// The same, a page of 1,000 rows at a time; `progress` hears the rows so far.
+    pub async fn query_twins_paged(
+        &self,
+        query: &str,
+        mut progress: impl FnMut(usize),
+    ) -> ClientResult<Items<Value>> {
+        let mut items = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.query_twins_page(query, 1000, token.take()).await?;
+            items.extend(page.items);
+            progress(items.len());
+            match page.continuation_token {
+                Some(t) => token = Some(t),
+                None => return Ok(Items { items }),
+            }
+        }
+    }
+
+    /// One page of a query's rows, from `continuation_token` (a previous page's) on.
+    pub async fn query_twins_page(
+        &self,
+        query: &str,
+        page_size: usize,
+        continuation_token: Option<String>,
+    ) -> ClientResult<QueryPage> {
         let body = TwinQuery {
             query: query.to_string(),
+            page_size: Some(page_size),
+            continuation_token,
         };
         self.send(Method::POST, "/twins/query", &body).await
     }

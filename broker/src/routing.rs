@@ -9,6 +9,7 @@
 use std::sync::{Arc, RwLock};
 
 use fleethub_router::context::MessageContext;
+use fleethub_router::route::Truth;
 use fleethub_router::route::{Origin, RouteError, RouteSpec, RouteTable, Sink};
 use fleethub_router::Message;
 use serde_json::{Map, Value};
@@ -230,9 +231,9 @@ impl Routing {
             }
             if let Some(c) = &r.route.condition {
                 match c.evaluate(&ctx) {
-                    Some(Value::Bool(true)) => {}
-                    Some(Value::Bool(false)) => continue,
-                    _ => {
+                    Truth::True => {}
+                    Truth::False => continue,
+                    Truth::Undefined => {
                         counters.undefined.inc();
                         continue;
                     }

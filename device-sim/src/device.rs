@@ -219,10 +219,14 @@ async fn send_telemetry(
         if id.module.is_some() {
             message.system.output_name = Some(plan.output.clone());
         }
-        message.properties = plan.properties.clone();
+        message.properties = plan
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
         message
             .properties
-            .push((SENT_PROPERTY.into(), now_us().to_string()));
+            .push((SENT_PROPERTY.into(), Some(now_us().to_string())));
         let topic = format!("{topic_root}{}", message.to_bag());
         let payload = serde_json::to_vec(&body).unwrap_or_default();
         if client

@@ -9,6 +9,7 @@ mod bench;
 mod device;
 mod load;
 mod outage;
+mod querybench;
 mod queuebench;
 mod roundtrip;
 mod run;
@@ -98,6 +99,8 @@ enum Command {
     /// Reconnect storm: N SDK-style devices (clean session 0) across a hub kill -9 and
     /// restart: time until all have their sessions back, then until a desired push reaches all
     BenchSessions(storm::SessionBenchArgs),
+    /// Twin queries over a large fleet through the API: full scan, COUNT(), GROUP BY, pages
+    BenchQuery(querybench::QueryBenchArgs),
     /// Fuzz the scenario-file reader (for developers; `fleethub fuzz` covers the hub's parsers)
     Fuzz {
         #[arg(long, default_value_t = 10_000_000)]
@@ -121,6 +124,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchTwin(args) => bench::run_twin(args),
         Command::BenchQueue(args) => queuebench::run(args),
         Command::BenchSessions(args) => storm::run(args),
+        Command::BenchQuery(args) => querybench::run(args),
         Command::ServeBroker(args) => targets::serve_broker(args),
         Command::Fuzz { inputs, seed, dir } => {
             let target = scenario::fuzz::target();

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use fleethub_router::condition::Condition;
 use fleethub_router::context::MessageContext;
+use fleethub_router::route::RouteCondition;
 use fleethub_router::{Message, SystemProperties};
 
 fn message() -> Message {
@@ -15,7 +15,10 @@ fn message() -> Message {
         body: Bytes::from_static(
             br#"{"temperature": 31.5, "humidity": 40, "name": "Pump-7", "delta": -0.75, "site": "plant-12", "readings": [10, 20, 30], "ok": true}"#,
         ),
-        properties: vec![("severity".into(), "high".into()), ("zone".into(), "north".into())],
+        properties: vec![
+            ("severity".into(), Some("high".into())),
+            ("zone".into(), Some("north".into())),
+        ],
         system: SystemProperties {
             content_type: Some("application/json".into()),
             content_encoding: Some("utf-8".into()),
@@ -27,10 +30,12 @@ fn message() -> Message {
 
 fn bench(c: &mut Criterion) {
     let m = message();
-    let props_only = Condition::parse("severity = 'high' AND zone IN ['north', 'east']").unwrap();
-    let typical = Condition::parse("$body.temperature > 30 AND severity = 'high'").unwrap();
-    let heavy = Condition::parse(
-        "$body.temperature > 30 AND $body.humidity < 80 AND (severity IN ['high', 'critical'] OR CONTAINS(LOWER($body.name), 'pump')) \
+    // edgeHub's language has no IN: the same lists are written as OR.
+    let props_only =
+        RouteCondition::parse("severity = 'high' AND (zone = 'north' OR zone = 'east')").unwrap();
+    let typical = RouteCondition::parse("$body.temperature > 30 AND severity = 'high'").unwrap();
+    let heavy = RouteCondition::parse(
+        "$body.temperature > 30 AND $body.humidity < 80 AND (severity = 'high' OR severity = 'critical' OR CONTAINS(LOWER($body.name), 'pump')) \
          AND $connectionDeviceId != 'test' AND ABS($body.delta) * 2 >= 1 AND STARTS_WITH($body.site, 'plant') AND $body.readings[2] = 30",
     )
     .unwrap();

@@ -3,15 +3,13 @@
 //! `$body.…` resolves into the body only when the message says it is JSON
 //! (`$contentType` `application/json` and `$contentEncoding` UTF-8, UTF-16 or UTF-32), or when
 //! the hub opted into detecting JSON bodies; the body is parsed at most once per message, on
-//! first use, however many routes look at it. `$`-names are system properties; any other single
-//! name is an application property (a string). Twin change notifications also resolve
-//! `properties.…` and `tags.…` paths in their body.
+//! first use, however many routes look at it. Twin change notifications' bodies are JSON
+//! whatever their properties say.
 
 use std::cell::OnceCell;
 
 use serde_json::Value;
 
-use crate::condition::{walk, Resolve, Segment};
 use crate::message::Message;
 
 pub struct MessageContext<'m> {
@@ -63,23 +61,37 @@ impl<'m> MessageContext<'m> {
         serde_json::from_str(text.trim_start_matches('\u{feff}')).ok()
     }
 
-    fn system(&self, name: &str) -> Option<Value> {
+    /// The system property `name` (without its `$`, any case), as edgeHub names them.
+    pub fn system_property(&self, name: &str) -> Option<&'m str> {
         let s = &self.message.system;
-        let v = match name {
-            "$connectionDeviceId" => &s.connection_device_id,
-            "$connectionModuleId" => &s.connection_module_id,
-            "$contentType" => &s.content_type,
-            "$contentEncoding" => &s.content_encoding,
-            "$messageId" => &s.message_id,
-            "$correlationId" => &s.correlation_id,
-            "$outputName" => &s.output_name,
-            "$to" => &s.to,
-            "$userId" => &s.user_id,
-            "$expiryTimeUtc" => &s.expiry,
-            "$enqueuedTime" | "$iothub-enqueuedtime" => &s.enqueued_time,
-            _ => return None,
-        };
-        v.as_ref().map(|v| Value::String(v.clone()))
+        let known: [(&str, &Option<String>); 12] = [
+            ("connectionDeviceId", &s.connection_device_id),
+            ("connectionModuleId", &s.connection_module_id),
+            ("contentType", &s.content_type),
+            ("contentEncoding", &s.content_encoding),
+            ("messageId", &s.message_id),
+            ("correlationId", &s.correlation_id),
+            ("outputName", &s.output_name),
+            ("to", &s.to),
+            ("userId", &s.user_id),
+            ("expiryTimeUtc", &s.expiry),
+            ("enqueuedTime", &s.enqueued_time),
+            ("iothub-enqueuedtime", &s.enqueued_time),
+        ];
+        known
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// The application property `name` in any case, as edgeHub looks them up: `Some(None)`
+    /// when it was sent without a value.
+    pub fn app_property(&self, name: &str) -> Option<Option<&'m str>> {
+        self.message
+            .properties
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_deref())
     }
 }
 
@@ -117,27 +129,4 @@ fn decode_utf32(bytes: &[u8]) -> Option<String> {
             char::from_u32(n)
         })
         .collect()
-}
-
-impl Resolve for MessageContext<'_> {
-    fn resolve(&self, path: &[Segment]) -> Option<Value> {
-        let Some(Segment::Key(first)) = path.first() else {
-            return None;
-        };
-        if first == "$body" {
-            return walk(self.body()?, &path[1..]).cloned();
-        }
-        if self.twin_change && (first == "properties" || first == "tags") {
-            return walk(self.body()?, path).cloned();
-        }
-        if path.len() != 1 {
-            return None;
-        }
-        if first.starts_with('$') {
-            return self.system(first);
-        }
-        self.message
-            .property(first)
-            .map(|v| Value::String(v.to_string()))
-    }
 }

@@ -120,16 +120,17 @@ impl SystemProperties {
 pub struct Message {
     /// The payload, untouched.
     pub body: Bytes,
-    /// Application properties in the order the sender wrote them.
-    pub properties: Vec<(String, String)>,
+    /// Application properties in the order the sender wrote them; `None` for one sent
+    /// without a value (a bag key with no `=`), which the SDKs read back as null.
+    pub properties: Vec<(String, Option<String>)>,
     pub system: SystemProperties,
 }
 
 impl Message {
     /// Parses a property bag (`k=v&k2=v2`, url-encoded) into a message with `body`.
     ///
-    /// A leading `?` and empty entries are tolerated (SDKs differ); a key without `=` has an
-    /// empty value. Unknown `$.` keys are kept as application properties.
+    /// A leading `?` and empty entries are tolerated (SDKs differ); a key without `=` is a
+    /// property without a value (null). Unknown `$.` keys are kept as application properties.
     pub fn from_bag(bag: &str, body: Bytes) -> Result<Message, PropertyBagError> {
         let mut message = Message {
             body,
@@ -144,20 +145,26 @@ impl Message {
             });
         }
         for (index, entry) in entries.into_iter().enumerate() {
-            let (raw_key, raw_value) = entry.split_once('=').unwrap_or((entry, ""));
+            let (raw_key, raw_value) = match entry.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (entry, None),
+            };
             let key = decode(raw_key).ok_or(PropertyBagError::NotUtf8 {
                 index,
                 what: "name",
             })?;
-            let value = decode(raw_value).ok_or(PropertyBagError::NotUtf8 {
-                index,
-                what: "value",
-            })?;
+            let value = match raw_value {
+                Some(v) => Some(decode(v).ok_or(PropertyBagError::NotUtf8 {
+                    index,
+                    what: "value",
+                })?),
+                None => None,
+            };
             if key.is_empty() {
                 return Err(PropertyBagError::EmptyName { index });
             }
             match message.system.slot(&key) {
-                Some(slot) => *slot = Some(value),
+                Some(slot) => *slot = Some(value.unwrap_or_default()),
                 None => message.properties.push((key, value)),
             }
         }
@@ -167,28 +174,30 @@ impl Message {
     /// Writes the properties back as a bag: system properties first, then application ones.
     pub fn to_bag(&self) -> String {
         let mut out = String::new();
-        let system = self.system.iter().map(|(k, v)| (k as &str, v));
+        let system = self.system.iter().map(|(k, v)| (k as &str, Some(v)));
         let app = self
             .properties
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()));
+            .map(|(k, v)| (k.as_str(), v.as_deref()));
         for (key, value) in system.chain(app) {
             if !out.is_empty() {
                 out.push('&');
             }
             out.extend(utf8_percent_encode(key, BAG_ESCAPE));
-            out.push('=');
-            out.extend(utf8_percent_encode(value, BAG_ESCAPE));
+            if let Some(value) = value {
+                out.push('=');
+                out.extend(utf8_percent_encode(value, BAG_ESCAPE));
+            }
         }
         out
     }
 
-    /// The application property `name`, if present.
+    /// The application property `name`, if present with a value.
     pub fn property(&self, name: &str) -> Option<&str> {
         self.properties
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .and_then(|(_, v)| v.as_deref())
     }
 }
 
@@ -226,11 +235,17 @@ mod tests {
                 .len(),
             0
         );
-        let m = Message::from_bag("?a=1&&flag", Bytes::new()).unwrap();
+        let m = Message::from_bag("?a=1&&flag&empty=", Bytes::new()).unwrap();
         assert_eq!(
             m.properties,
-            vec![("a".into(), "1".into()), ("flag".into(), "".into())]
+            vec![
+                ("a".into(), Some("1".into())),
+                ("flag".into(), None),
+                ("empty".into(), Some(String::new()))
+            ]
         );
+        // A property without a value goes back out as it came: a key without '='.
+        assert_eq!(m.to_bag(), "a=1&flag&empty=");
     }
 
     #[test]
@@ -259,7 +274,7 @@ mod tests {
     #[test]
     fn bag_escapes_wildcards_and_separators() {
         let m = Message {
-            properties: vec![("a&b".into(), "x=y/#+".into())],
+            properties: vec![("a&b".into(), Some("x=y/#+".into()))],
             ..Message::default()
         };
         let bag = m.to_bag();
@@ -270,7 +285,7 @@ mod tests {
     proptest! {
         #[test]
         fn bag_round_trips(
-            props in proptest::collection::vec(("[^$].{0,12}", ".{0,12}"), 0..8),
+            props in proptest::collection::vec(("[^$].{0,12}", proptest::option::of(".{0,12}")), 0..8),
             ct in proptest::option::of(".{0,10}"),
             mid in proptest::option::of(".{0,10}"),
         ) {

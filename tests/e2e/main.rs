@@ -4,6 +4,7 @@
 mod auth;
 mod authz;
 mod c2d;
+mod conformance;
 mod crash;
 mod fleet;
 mod formats;

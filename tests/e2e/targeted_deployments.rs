@@ -596,3 +596,95 @@ async fn an_invalid_route_set_in_a_deployment_is_refused_like_one_from_the_api()
     let (_, after_routes) = hub.api(Method::GET, "/routes", None).await;
     assert_eq!(after_routes["routes"], before_routes["routes"]);
 }
+
+/// `device create --edge` makes the device's `$edgeAgent` and `$edgeHub` module identities as
+/// IoT Hub does, so a module-content deployment (here in the bare `{"modulesContent": …}`
+/// form) reaches a brand-new edge device and its agent reports status with no manual step.
+#[tokio::test]
+async fn a_new_edge_device_receives_module_content_and_reports_it() {
+    let hub = Hub::start("deploy-edge-device").await;
+    let (ok, out, err) = cli(
+        &hub,
+        &["--output", "json", "device", "create", "gw1", "--edge"],
+    );
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["capabilities"]["iotEdge"], true, "{created}");
+    let (s, modules) = hub.api(Method::GET, "/devices/gw1/modules", None).await;
+    assert_eq!(s, 200, "{modules}");
+    let names: Vec<&str> = modules["items"]
+        .as_array()
+        .or(modules.as_array())
+        .unwrap()
+        .iter()
+        .map(|m| m["moduleId"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["$edgeAgent", "$edgeHub"], "{modules}");
+    // A plain device gets no modules.
+    hub.create_device("plain").await;
+    let (_, plain) = hub.api(Method::GET, "/devices/plain/modules", None).await;
+    assert_eq!(
+        plain["items"]
+            .as_array()
+            .or(plain.as_array())
+            .unwrap()
+            .len(),
+        0
+    );
+    tag(&hub, "gw1", json!({ "edge": true })).await;
+
+    let content = hub.data_dir().join("edge.json");
+    std::fs::write(
+        &content,
+        json!({ "modulesContent": {
+            "$edgeAgent": { "properties.desired": {
+                "schemaVersion": "1.1",
+                "modules": { "sim": { "type": "docker", "settings": { "image": "sim:1" } } }
+            } },
+            "$edgeHub": { "properties.desired": {
+                "schemaVersion": "1.1",
+                "routes": { "up": "FROM /messages/* INTO $upstream" }
+            } }
+        } })
+        .to_string(),
+    )
+    .unwrap();
+    let (ok, _, err) = cli(
+        &hub,
+        &[
+            "deployment",
+            "create",
+            "edge-v1",
+            "--content",
+            content.to_str().unwrap(),
+            "--target-condition",
+            "tags.edge = true",
+            "--priority",
+            "1",
+        ],
+    );
+    assert!(ok, "{err}");
+    // The agent connects with its own module identity, as IoT Edge's agent does, gets its
+    // desired modules and reports how applying them went.
+    let (_, agent) = hub
+        .api(Method::GET, "/devices/gw1/modules/$edgeAgent", None)
+        .await;
+    let key = agent["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let task = reporter(hub.device("gw1/$edgeAgent", &key).await, false);
+    let d = wait_for(&hub, "edge-v1", |d| {
+        d["systemMetrics"]["reportedSuccessfulCount"] == 1
+    })
+    .await;
+    assert_eq!(d["systemMetrics"]["targetedCount"], 1, "{d}");
+    let (_, twin) = hub
+        .api(Method::GET, "/twins/gw1/modules/$edgeHub", None)
+        .await;
+    assert_eq!(
+        twin["properties"]["desired"]["routes"]["up"],
+        "FROM /messages/* INTO $upstream"
+    );
+    task.abort();
+}

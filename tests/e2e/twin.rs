@@ -408,6 +408,85 @@ async fn twin_queries_over_tags_reported_and_modules() {
     assert_eq!(s, 400);
     assert!(v["message"].as_str().unwrap().contains("column 52"), "{v}");
 
+    // GROUP BY with COUNT(), as IoT Hub summarises a fleet; rows in the order of the groups.
+    let (s, v) = q("SELECT properties.reported.fw AS fw, COUNT() AS n FROM devices WHERE IS_DEFINED(properties.reported.fw) GROUP BY properties.reported.fw").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["items"],
+        json!([{"fw": 1, "n": 1}, {"fw": 2, "n": 1}, {"fw": 3, "n": 1}])
+    );
+    let (_, v) = q("SELECT tags.location.region AS region, COUNT() AS n FROM devices GROUP BY tags.location.region").await;
+    assert_eq!(
+        v["items"],
+        json!([{"region": "EU", "n": 1}, {"region": "US", "n": 2}, {"region": null, "n": 1}])
+    );
+    let (s, _) = q("SELECT tags.x, COUNT() FROM devices").await;
+    assert_eq!(s, 400, "a field beside COUNT() must be grouped");
+
+    // Paging as IoT Hub's query API does it: a page size, and the token the last page gave
+    // (in the body, and in the x-ms-continuation header), until none comes back.
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut body = json!({ "query": "SELECT deviceId FROM devices", "pageSize": 3 });
+        if let Some(t) = &token {
+            body["continuationToken"] = json!(t);
+        }
+        let (s, v) = hub.api(Method::POST, "/twins/query", Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        pages += 1;
+        for row in v["items"].as_array().unwrap() {
+            seen.push(row["deviceId"].as_str().unwrap().to_string());
+        }
+        match v["continuationToken"].as_str() {
+            Some(t) => token = Some(t.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(
+        seen,
+        ["eu1", "fleethub", "us1", "us2"],
+        "every twin once, in order"
+    );
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(hub.api_url("/twins/query"))
+        .bearer_auth(&hub.token)
+        .header("x-ms-max-item-count", "1")
+        .json(&json!({ "query": "SELECT deviceId FROM devices" }))
+        .send()
+        .await
+        .unwrap();
+    let header = resp.headers()["x-ms-continuation"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let first: Value = resp.json().await.unwrap();
+    assert_eq!(first["items"], json!([{"deviceId": "eu1"}]));
+    let second: Value = http
+        .post(hub.api_url("/twins/query"))
+        .bearer_auth(&hub.token)
+        .header("x-ms-max-item-count", "1")
+        .header("x-ms-continuation", header)
+        .json(&json!({ "query": "SELECT deviceId FROM devices" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second["items"], json!([{"deviceId": "fleethub"}]));
+    let (s, _) = hub
+        .api(
+            Method::POST,
+            "/twins/query",
+            Some(json!({ "query": "SELECT * FROM devices", "continuationToken": "garbage!" })),
+        )
+        .await;
+    assert_eq!(s, 400);
+
     let (ok, out, err) = cli(
         hub,
         &[

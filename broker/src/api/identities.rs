@@ -13,6 +13,9 @@ use crate::hub::{Change, SharedHub};
 use crate::identity::IdentityKey;
 use crate::registry::{AuthenticationInput, IdentityUpdate, Status};
 
+/// The modules IoT Hub creates with an IoT Edge device.
+const EDGE_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
+
 pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/devices", get(list_devices).post(create_device))
@@ -39,9 +42,26 @@ async fn create(
 ) -> ApiResult<Response> {
     let device = key.device.clone();
     let view = blocking(hub, move |h| {
-        h.registry
+        let view = h
+            .registry
             .create_with(&key, status, auth, capabilities)
-            .map(|i| h.registry.view(&i))
+            .map(|i| h.registry.view(&i))?;
+        // As IoT Hub does for an IoT Edge device: its agent's and hub's module identities,
+        // so module content deployed to it is written and reported on without a manual step.
+        if capabilities.iot_edge && key.module.is_none() {
+            for module in EDGE_MODULES {
+                let module_key = IdentityKey::module(
+                    key.device.clone(),
+                    crate::identity::ModuleId::new(module)
+                        .map_err(|e| crate::registry::RegistryError::Store(e.to_string()))?,
+                );
+                if h.registry.get(&module_key).is_none() {
+                    h.registry
+                        .create_with(&module_key, None, None, Default::default())?;
+                }
+            }
+        }
+        Ok::<_, crate::registry::RegistryError>(view)
     })
     .await??;
     hub.changed(Change::Registered(device))

@@ -54,7 +54,7 @@ async fn check_route(body: Result<Json<RouteCheck>, JsonRejection>) -> ApiResult
     match fleethub_router::route::Route::parse(&body.route) {
         Ok(r) => Ok(Json(RouteCheckResult {
             valid: true,
-            source: Some(format!("{:?}", r.source)),
+            source: Some(r.source.to_string()),
             condition: r.condition.as_ref().map(|c| c.source().to_string()),
             sink: Some(r.sink.to_string()),
             error: None,

@@ -7,7 +7,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::wire::{IdentityView, Items, TwinPatch, TwinProperties, TwinQuery, TwinView};
+use super::wire::{IdentityView, QueryPage, TwinPatch, TwinProperties, TwinQuery, TwinView};
 use super::{blocking, device_key, module_key, registered, ApiError, ApiResult, ApiState};
 use crate::hub::{SharedHub, TwinWrite, TwinWriteError};
 use crate::identity::IdentityKey;
@@ -139,54 +139,191 @@ async fn patch_module_twin(
     patch_twin(&hub, module_key(&device, &module)?, &headers, body).await
 }
 
+/// The largest page a query returns.
+const MAX_PAGE: usize = 1000;
+
+/// Where the next page of a query starts: after an identity (rows in identity order), or at
+/// an offset (grouped rows). Opaque to clients: base64url of `k:{identity}` or `o:{n}`.
+enum Continue {
+    After(String),
+    Offset(usize),
+}
+
+impl Continue {
+    fn encode(&self) -> String {
+        use base64::Engine;
+        let text = match self {
+            Continue::After(k) => format!("k:{k}"),
+            Continue::Offset(n) => format!("o:{n}"),
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    }
+
+    fn decode(token: &str) -> Result<Continue, ApiError> {
+        use base64::Engine;
+        let bad = || {
+            ApiError::BadRequest(format!(
+                "continuationToken '{token}': not one this hub returned"
+            ))
+        };
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| bad())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        match text.split_once(':') {
+            Some(("k", key)) => Ok(Continue::After(key.to_string())),
+            Some(("o", n)) => n.parse().map(Continue::Offset).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+}
+
 async fn query_twins(
     State(hub): State<SharedHub>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<TwinQuery>, JsonRejection>,
-) -> ApiResult<Json<Items<serde_json::Value>>> {
-    use fleethub_router::condition::query::{Collection, Projection, Query};
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    use fleethub_router::condition::query::{Collection, Item, Projection, Query};
+    use fleethub_router::condition::{Resolve, Segment};
     let Json(body) = body?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let page_size = match header("x-ms-max-item-count") {
+        Some(v) => Some(v.trim().parse::<usize>().map_err(|_| {
+            ApiError::BadRequest(format!("x-ms-max-item-count '{v}': a number of rows"))
+        })?),
+        None => body.page_size,
+    };
+    if let Some(n) = page_size {
+        if n == 0 || n > MAX_PAGE {
+            return Err(ApiError::BadRequest(format!(
+                "pageSize {n}: 1 to {MAX_PAGE} rows"
+            )));
+        }
+    }
+    let from = match header("x-ms-continuation").or(body.continuation_token.as_deref()) {
+        Some(t) if !t.is_empty() => Some(Continue::decode(t)?),
+        _ => None,
+    };
     let query =
         Query::parse(&body.query).map_err(|e| ApiError::BadRequest(format!("query: {e}")))?;
     let want_modules = query.from == Collection::Modules;
     let hub2 = hub.clone();
-    blocking(&hub, move |_| {
+    let (items, next) = blocking(&hub, move |_| {
         let hub = hub2;
-        let mut count = 0u64;
-        let mut items = Vec::new();
-        for entry in hub.registry.identities() {
-            if entry.module_id.is_some() != want_modules {
-                continue;
-            }
-            let subject = hub.subject(&entry);
-            let view = subject.view();
-            if !query.matches_with(&view) {
-                continue;
-            }
-            count += 1;
-            match &query.projection {
-                Projection::All => items.push(json!(twin_view(
-                    &subject.key,
-                    &subject.twin,
-                    Some(&hub.registry.view(&entry)),
-                ))),
-                Projection::Fields(fields) => {
-                    use fleethub_router::condition::{Resolve, Segment};
-                    let mut row = serde_json::Map::new();
-                    for f in fields {
-                        let v = view.resolve(&[Segment::Key(f.clone())]);
-                        row.insert(f.clone(), v.unwrap_or(serde_json::Value::Null));
-                    }
-                    items.push(serde_json::Value::Object(row));
-                }
-                Projection::Count { .. } => {}
-            }
-        }
+        // The matching identities with their twins; rows are served in identity order (so
+        // pages stay stable while twins change).
+        let matching = || {
+            hub.registry
+                .identities()
+                .into_iter()
+                .filter(|entry| entry.module_id.is_some() == want_modules)
+                .filter_map(|entry| {
+                    let subject = hub.subject(&entry);
+                    query
+                        .matches_with(&subject.view())
+                        .then_some((entry, subject))
+                })
+        };
+        let field = |view: &dyn Resolve, path: &[Segment]| {
+            view.resolve(path).unwrap_or(serde_json::Value::Null)
+        };
+        let grouped = !query.group_by.is_empty();
         match &query.projection {
-            Projection::All | Projection::Fields(_) => Ok(Json(Items { items })),
-            Projection::Count { alias } => Ok(Json(Items {
-                items: vec![json!({ alias.as_str(): count })],
-            })),
+            Projection::Count { alias } if !grouped => {
+                Ok((vec![json!({ alias.as_str(): matching().count() })], None))
+            }
+            Projection::Items(items) if grouped => {
+                // One row per distinct group, in the order of the groups' JSON text.
+                let mut groups: std::collections::BTreeMap<String, (Vec<serde_json::Value>, u64)> =
+                    Default::default();
+                for (_, subject) in matching() {
+                    let view = subject.view();
+                    let values: Vec<_> = query.group_by.iter().map(|p| field(&view, p)).collect();
+                    let k = serde_json::Value::Array(values.clone()).to_string();
+                    groups.entry(k).or_insert((values, 0)).1 += 1;
+                }
+                let rows: Vec<serde_json::Value> = groups
+                    .into_values()
+                    .map(|(values, count)| {
+                        let mut row = serde_json::Map::new();
+                        for item in items {
+                            match item {
+                                Item::Count { alias } => {
+                                    row.insert(alias.clone(), json!(count));
+                                }
+                                Item::Field { path, alias } => {
+                                    let i = query.group_by.iter().position(|g| g == path);
+                                    let v = i.and_then(|i| values.get(i).cloned());
+                                    row.insert(alias.clone(), v.unwrap_or_default());
+                                }
+                            }
+                        }
+                        serde_json::Value::Object(row)
+                    })
+                    .collect();
+                let start = match from {
+                    Some(Continue::Offset(n)) => n.min(rows.len()),
+                    Some(Continue::After(_)) => {
+                        return Err(ApiError::BadRequest(
+                            "continuationToken: from a different query".into(),
+                        ))
+                    }
+                    None => 0,
+                };
+                let end = page_size.map_or(rows.len(), |n| (start + n).min(rows.len()));
+                let next = (end < rows.len()).then(|| Continue::Offset(end).encode());
+                Ok((rows[start..end].to_vec(), next))
+            }
+            projection => {
+                let mut matched: Vec<(String, _)> = matching()
+                    .map(|(entry, subject)| (subject.key.to_string(), (entry, subject)))
+                    .collect();
+                matched.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                let start = match &from {
+                    Some(Continue::After(k)) => matched.partition_point(|(key, _)| key <= k),
+                    Some(Continue::Offset(_)) => {
+                        return Err(ApiError::BadRequest(
+                            "continuationToken: from a different query".into(),
+                        ))
+                    }
+                    None => 0,
+                };
+                let end = page_size.map_or(matched.len(), |n| (start + n).min(matched.len()));
+                let rows = matched[start..end]
+                    .iter()
+                    .map(|(_, (entry, subject))| match projection {
+                        Projection::Items(items) => {
+                            let view = subject.view();
+                            let mut row = serde_json::Map::new();
+                            for item in items {
+                                if let Item::Field { path, alias } = item {
+                                    row.insert(alias.clone(), field(&view, path));
+                                }
+                            }
+                            serde_json::Value::Object(row)
+                        }
+                        _ => json!(twin_view(
+                            &subject.key,
+                            &subject.twin,
+                            Some(&hub.registry.view(entry)),
+                        )),
+                    })
+                    .collect();
+                let next = (end < matched.len())
+                    .then(|| Continue::After(matched[end - 1].0.clone()).encode());
+                Ok((rows, next))
+            }
         }
     })
-    .await?
+    .await??;
+    let mut response = Json(QueryPage {
+        items,
+        continuation_token: next.clone(),
+    })
+    .into_response();
+    if let Some(token) = next.and_then(|t| axum::http::HeaderValue::from_str(&t).ok()) {
+        response.headers_mut().insert("x-ms-continuation", token);
+    }
+    Ok(response)
 }

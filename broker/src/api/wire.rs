@@ -158,11 +158,27 @@ pub struct TwinProperties {
     pub reported: Value,
 }
 
-/// `POST /twins/query`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `POST /twins/query`. Paging as IoT Hub's query API does it: at most `pageSize` rows
+/// (also the `x-ms-max-item-count` header), then the next page with the `continuationToken`
+/// the previous one returned (also the `x-ms-continuation` header). Without a page size,
+/// every row at once.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TwinQuery {
     pub query: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation_token: Option<String>,
+}
+
+/// A page of query rows; `continuationToken` fetches the next one (absent on the last).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryPage {
+    pub items: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation_token: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------

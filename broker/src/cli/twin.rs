@@ -86,7 +86,14 @@ impl TwinCmd {
                 ctx.print(&twin, pretty);
             }
             TwinCmd::Query { query } => {
-                let rows = ctx.api.query_twins(query).await?;
+                let rows = ctx
+                    .api
+                    .query_twins_paged(query, |n| {
+                        if n >= 1000 {
+                            ctx.progress(&format!("{n} rows…"));
+                        }
+                    })
+                    .await?;
                 ctx.print(&rows, pretty);
             }
         }

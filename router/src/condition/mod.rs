@@ -1,5 +1,5 @@
-//! The condition language shared by twin queries, route `WHERE` clauses and deployment
-//! target conditions: the IoT Hub query language's expressions.
+//! The condition language of twin queries and deployment target conditions: the IoT Hub query
+//! language's expressions. (Route `WHERE` clauses are edgeHub's language: see `route`.)
 //!
 //! A condition is parsed once into an [`Expr`] ([`Condition::parse`]), with errors that say
 //! where and what was expected (`expected ')' at column 27, found 'AND'`). Evaluation is
@@ -57,21 +57,6 @@ impl Condition {
         Ok(Condition {
             expr,
             source: src.to_string(),
-        })
-    }
-
-    /// Parses a condition from already-lexed tokens (a route's WHERE clause); `tokens` must
-    /// end with an `End` token placed where the clause ends.
-    pub(crate) fn from_tokens(
-        tokens: Vec<lexer::Spanned>,
-        source: &str,
-    ) -> Result<Condition, ParseError> {
-        let mut p = parser::Parser::new(tokens);
-        let expr = p.expression()?;
-        p.expect_end()?;
-        Ok(Condition {
-            expr,
-            source: source.to_string(),
         })
     }
 

@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use super::query::{Collection, Projection, Query};
+use super::query::{Collection, Item, Projection, Query};
 use super::*;
 
 fn twin() -> Value {
@@ -142,9 +142,13 @@ fn queries_parse_projection_collection_and_filter() {
     let e = Query::parse("SELECT * FROM things").unwrap_err();
     assert_eq!((e.column, e.expected.as_str()), (15, "devices"));
     let q = Query::parse("SELECT deviceId, moduleId FROM devices.modules").unwrap();
+    let field = |name: &str| Item::Field {
+        path: vec![Segment::Key(name.into())],
+        alias: name.into(),
+    };
     assert_eq!(
         q.projection,
-        Projection::Fields(vec!["deviceId".into(), "moduleId".into()])
+        Projection::Items(vec![field("deviceId"), field("moduleId")])
     );
     let e = Query::parse("SELECT 1 FROM devices").unwrap_err();
     assert_eq!(e.expected, "'*', COUNT() or field names");
@@ -235,4 +239,40 @@ fn nesting_past_the_limit_is_refused_with_the_limit_named() {
             assert!(query::Query::parse(&q).is_err(), "{kind} x{depth}");
         }
     }
+}
+
+#[test]
+fn queries_group_by_with_counts_and_aliases() {
+    let q = Query::parse(
+        "SELECT properties.reported.fw AS fw, COUNT() AS n FROM devices WHERE tags.env = 'prod' GROUP BY properties.reported.fw",
+    )
+    .unwrap();
+    let fw = vec![
+        Segment::Key("properties".into()),
+        Segment::Key("reported".into()),
+        Segment::Key("fw".into()),
+    ];
+    assert_eq!(q.group_by, vec![fw.clone()]);
+    assert_eq!(
+        q.projection,
+        Projection::Items(vec![
+            Item::Field {
+                path: fw,
+                alias: "fw".into()
+            },
+            Item::Count { alias: "n".into() }
+        ])
+    );
+    // Without AS a column is named by its last name.
+    let q = Query::parse("SELECT tags.location.region FROM devices").unwrap();
+    assert!(
+        matches!(&q.projection, Projection::Items(i) if matches!(&i[0], Item::Field { alias, .. } if alias == "region"))
+    );
+    // A field beside COUNT() must be grouped by; GROUP BY needs fields, not '*'.
+    let e = Query::parse("SELECT tags.x, COUNT() FROM devices").unwrap_err();
+    assert!(e.expected.contains("GROUP BY"), "{e}");
+    let e = Query::parse("SELECT * FROM devices GROUP BY tags.x").unwrap_err();
+    assert!(e.expected.contains("GROUP BY"), "{e}");
+    let e = Query::parse("SELECT COUNT() FROM devices GROUP tags.x").unwrap_err();
+    assert_eq!(e.expected, "BY");
 }
