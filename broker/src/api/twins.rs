@@ -276,12 +276,29 @@ async fn query_twins(
                 Ok((rows[start..end].to_vec(), next))
             }
             projection => {
-                let mut matched: Vec<(String, _)> = matching()
-                    .map(|(entry, subject)| (subject.key.to_string(), (entry, subject)))
+                // Paged: in identity order, and only as many twins are evaluated as the page
+                // needs (the next page starts after the last identity shown). Every row at
+                // once: in registry order, with no key to build or sort.
+                let paged = page_size.is_some() || from.is_some();
+                let mut entries: Vec<(String, _)> = hub
+                    .registry
+                    .identities()
+                    .into_iter()
+                    .filter(|entry| entry.module_id.is_some() == want_modules)
+                    .map(|entry| {
+                        let key = match (&entry.module_id, paged) {
+                            (_, false) => String::new(),
+                            (Some(m), true) => format!("{}/{m}", entry.device_id),
+                            (None, true) => entry.device_id.to_string(),
+                        };
+                        (key, entry)
+                    })
                     .collect();
-                matched.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                if paged {
+                    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                }
                 let start = match &from {
-                    Some(Continue::After(k)) => matched.partition_point(|(key, _)| key <= k),
+                    Some(Continue::After(k)) => entries.partition_point(|(key, _)| key <= k),
                     Some(Continue::Offset(_)) => {
                         return Err(ApiError::BadRequest(
                             "continuationToken: from a different query".into(),
@@ -289,12 +306,21 @@ async fn query_twins(
                     }
                     None => 0,
                 };
-                let end = page_size.map_or(matched.len(), |n| (start + n).min(matched.len()));
-                let rows = matched[start..end]
-                    .iter()
-                    .map(|(_, (entry, subject))| match projection {
+                let mut rows = Vec::new();
+                let mut last = None;
+                let mut more = false;
+                for (key, entry) in &entries[start..] {
+                    let subject = hub.subject(entry);
+                    let view = subject.view();
+                    if !query.matches_with(&view) {
+                        continue;
+                    }
+                    if page_size.is_some_and(|n| rows.len() == n) {
+                        more = true;
+                        break;
+                    }
+                    rows.push(match projection {
                         Projection::Items(items) => {
-                            let view = subject.view();
                             let mut row = serde_json::Map::new();
                             for item in items {
                                 if let Item::Field { path, alias } = item {
@@ -308,10 +334,12 @@ async fn query_twins(
                             &subject.twin,
                             Some(&hub.registry.view(entry)),
                         )),
-                    })
-                    .collect();
-                let next = (end < matched.len())
-                    .then(|| Continue::After(matched[end - 1].0.clone()).encode());
+                    });
+                    last = Some(key);
+                }
+                let next = last
+                    .filter(|_| more)
+                    .map(|k| Continue::After(k.clone()).encode());
                 Ok((rows, next))
             }
         }

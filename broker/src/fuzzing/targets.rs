@@ -216,7 +216,42 @@ fn condition(b: &[u8]) {
     if let Ok(q) = Query::parse(&text) {
         let _ = q.matches_with(&fleethub_router::condition::JsonDoc(&doc));
     }
-    let _ = fleethub_router::route::Route::parse(&text);
+    // Routes are edgeHub's language: parse, type-check, and evaluate against a message with
+    // properties, a JSON body, and as a twin change.
+    for route in [
+        text.to_string(),
+        format!("FROM /messages/* WHERE {text} INTO $upstream"),
+    ] {
+        if let Ok(r) = fleethub_router::route::Route::parse(&route) {
+            if let Some(c) = r.condition {
+                let message = fuzz_message();
+                for twin in [false, true] {
+                    let ctx = fleethub_router::context::MessageContext::new(&message, true, twin);
+                    let _ = c.evaluate(&ctx);
+                }
+            }
+        }
+    }
+}
+
+/// A message with the kinds of values route conditions read.
+fn fuzz_message() -> fleethub_router::Message {
+    fleethub_router::Message {
+        body: bytes::Bytes::from_static(
+            br#"{"a": 1, "s": "x", "b": true, "n": null, "arr": [1, {"k": 2}], "o": {"p": -1.5}}"#,
+        ),
+        properties: vec![
+            ("key1".into(), Some("value1".into())),
+            ("flag".into(), None),
+            ("$to".into(), Some("t".into())),
+        ],
+        system: fleethub_router::SystemProperties {
+            content_type: Some("application/json".into()),
+            content_encoding: Some("utf-8".into()),
+            message_id: Some("m".into()),
+            ..Default::default()
+        },
+    }
 }
 
 fn twin_patch(b: &[u8]) {

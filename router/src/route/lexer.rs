@@ -260,14 +260,29 @@ fn hex(chars: &[char], at: usize) -> usize {
     }
 }
 
-/// `/* … */`, only when it is closed.
-fn comment(chars: &[char], at: usize) -> usize {
+/// `/* … */`, only when it is closed. `close` is where the first `*/` at or after each
+/// position starts (computed once per text, so a text full of `/*` stays linear).
+fn comment(chars: &[char], at: usize, close: &[usize]) -> usize {
     if fixed(chars, at, "/*", false) == 0 {
         return 0;
     }
-    (at + 2..chars.len().saturating_sub(1))
-        .find(|&i| chars[i] == '*' && chars[i + 1] == '/')
-        .map_or(0, |i| i + 2 - at)
+    match close.get(at + 2) {
+        Some(&c) if c < chars.len() => c + 2 - at,
+        _ => 0,
+    }
+}
+
+/// For each position, where the next `*/` starts (`chars.len()` when there is none).
+fn closings(chars: &[char]) -> Vec<usize> {
+    let mut next = vec![chars.len(); chars.len() + 1];
+    for i in (0..chars.len().saturating_sub(1)).rev() {
+        next[i] = if chars[i] == '*' && chars[i + 1] == '/' {
+            i
+        } else {
+            next[i + 1]
+        };
+    }
+    next
 }
 
 /// The rules in edgeHub's order (ties go to the earlier), each with its match length at `at`.
@@ -332,7 +347,7 @@ const RULES: &[(Rule, Make)] = &[
     (Rule::Comment, None),
 ];
 
-fn length(rule: Rule, chars: &[char], at: usize) -> usize {
+fn length(rule: Rule, chars: &[char], at: usize, close: &[usize]) -> usize {
     match rule {
         Rule::Fixed(text, any_case) => fixed(chars, at, text, any_case),
         Rule::Str | Rule::Unterminated => {
@@ -362,19 +377,20 @@ fn length(rule: Rule, chars: &[char], at: usize) -> usize {
         Rule::Id => run(chars, at, id_char),
         Rule::QueryPath => run(chars, at, path_char),
         Rule::Space => run(chars, at, |c| matches!(c, ' ' | '\t' | '\r' | '\n')),
-        Rule::Comment => comment(chars, at),
+        Rule::Comment => comment(chars, at, close),
     }
 }
 
 pub fn lex(src: &str) -> Result<Vec<Spanned>, ParseError> {
     let chars: Vec<char> = src.chars().collect();
+    let close = closings(&chars);
     let mut out = Vec::new();
     let mut i = 0;
     while i < chars.len() {
         let column = i + 1;
         let mut best: Option<(usize, usize)> = None;
         for (index, (rule, _)) in RULES.iter().enumerate() {
-            let n = length(*rule, &chars, i);
+            let n = length(*rule, &chars, i, &close);
             if n > 0 && best.is_none_or(|(_, b)| n > b) {
                 best = Some((index, n));
             }
@@ -459,9 +475,35 @@ mod tests {
         );
         assert_eq!(toks("/* note */ x"), [Id("x".into()), End]);
         assert_eq!(toks("FROM /*"), [From, Slash, Star, End]);
+        assert_eq!(toks("/*/ x */y"), [Id("y".into()), End]);
+        assert_eq!(toks("/**/"), [End]);
         assert_eq!(toks(r#""a\"b\u00FC\\""#), [Str("a\"bü\\".into()), End]);
         assert_eq!(toks("'abc"), [Unterminated, End]);
         assert_eq!(toks("0xFFFFFFFFFFFFFFFFFF"), [HexOverflow, End]);
         assert_eq!(toks("10e1000"), [Number(f64::INFINITY), End]);
+    }
+}
+
+#[cfg(test)]
+mod scale {
+    use super::*;
+
+    /// Long adversarial texts lex in linear time (the API takes bodies of megabytes).
+    #[test]
+    fn long_texts_of_openers_quotes_and_names_lex_quickly() {
+        let started = std::time::Instant::now();
+        for text in [
+            "/*".repeat(200_000),
+            "/".repeat(400_000),
+            "'".repeat(400_000),
+            "\"a".repeat(200_000),
+            "a".repeat(400_000),
+            "$".repeat(400_000),
+            "1.".repeat(200_000),
+            "'\\x".repeat(100_000),
+        ] {
+            let _ = lex(&text);
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
     }
 }
