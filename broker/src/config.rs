@@ -103,7 +103,14 @@ struct HubSection {
 struct ListenSection {
     mqtt: String,
     mqtts: String,
+    /// MQTT over WebSockets over TLS (`/$iothub/websocket`); "off" by default.
+    #[serde(default = "off")]
+    wss: String,
     api: String,
+}
+
+fn off() -> String {
+    "off".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +166,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub mqtt: Option<String>,
     pub mqtts: Option<String>,
+    pub wss: Option<String>,
     pub api: Option<String>,
 }
 
@@ -171,6 +179,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub mqtt: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     pub api: SocketAddr,
     /// Configured certificate and key; `None` means generate under `data_dir/tls`.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -237,6 +246,7 @@ impl Config {
             "listen.mqtts",
             o.mqtts.as_deref().unwrap_or(&file.listen.mqtts),
         )?;
+        let wss = addr("listen.wss", o.wss.as_deref().unwrap_or(&file.listen.wss))?;
         let api_str = o.api.as_deref().unwrap_or(&file.listen.api);
         let api = addr("listen.api", api_str)?.ok_or(ConfigError::Address {
             key: "listen.api",
@@ -259,6 +269,7 @@ impl Config {
             data_dir: o.data_dir.clone().unwrap_or(file.hub.data_dir),
             mqtt,
             mqtts,
+            wss,
             api,
             tls,
             limits: file.mqtt,

@@ -117,7 +117,7 @@ pub async fn run_with_reload(
     let crate::stores::Opened { stores, deploy } = crate::stores::open(&data_dir)?;
     let deploy = Arc::new(deploy);
 
-    let tls_config = match config.mqtts {
+    let tls_config = match config.mqtts.or(config.wss) {
         None => None,
         Some(_) => {
             let (cert, key) = match &config.tls {
@@ -236,11 +236,16 @@ pub async fn run_with_reload(
         Some(addr) => Some(bind("MQTTS", addr).await?),
         None => None,
     };
+    let wss = match config.wss {
+        Some(addr) => Some(bind("WSS", addr).await?),
+        None => None,
+    };
     let api = bind("API", config.api).await?;
     let local = |l: &TcpListener| l.local_addr().ok();
     let endpoints = Endpoints {
         mqtt: mqtt.as_ref().and_then(local),
         mqtts: mqtts.as_ref().and_then(local),
+        wss: wss.as_ref().and_then(local),
         api: local(&api).unwrap_or(config.api),
     };
     let _ = hub.endpoints.set(endpoints.clone());
@@ -248,6 +253,7 @@ pub async fn run_with_reload(
     info!(
         mqtt = ?endpoints.mqtt,
         mqtts = ?endpoints.mqtts,
+        wss = ?endpoints.wss,
         api = %endpoints.api,
         data_dir = %data_dir.display(),
         "fleethub listening"
@@ -277,9 +283,18 @@ pub async fn run_with_reload(
             open_tx.clone(),
         ));
     }
-    if let (Some(listener), Some(tls)) = (mqtts, tls_config) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = tls_config.map(tokio_rustls::TlsAcceptor::from);
+    if let (Some(listener), Some(acceptor)) = (mqtts, acceptor.clone()) {
         tasks.spawn(crate::mqtt::serve_tls(
+            listener,
+            acceptor,
+            hub.clone(),
+            stop_rx.clone(),
+            open_tx.clone(),
+        ));
+    }
+    if let (Some(listener), Some(acceptor)) = (wss, acceptor) {
+        tasks.spawn(crate::mqtt::websocket::serve(
             listener,
             acceptor,
             hub.clone(),
@@ -438,7 +453,7 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
     for (key, changed) in [
         (
             "listen",
-            (old.mqtt, old.mqtts, old.api) != (new.mqtt, new.mqtts, new.api),
+            (old.mqtt, old.mqtts, old.wss, old.api) != (new.mqtt, new.mqtts, new.wss, new.api),
         ),
         (
             "hub",

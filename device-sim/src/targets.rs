@@ -262,6 +262,7 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
                 data_dir: Some(args.dir.join("data")),
                 mqtt: Some(args.mqtt.clone()),
                 mqtts: Some("off".into()),
+                wss: None,
                 api: Some("127.0.0.1:0".into()),
             };
             let mut config = fleethub::Config::load(None, &overrides)?;

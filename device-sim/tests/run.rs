@@ -36,6 +36,7 @@ impl Hub {
             data_dir: Some(dir.join("data")),
             mqtt: Some(mqtt.into()),
             mqtts: Some("off".into()),
+            wss: None,
             api: Some(api.into()),
         };
         let config = fleethub::Config::load(Some(&config_path), &overrides).expect("config");

@@ -41,13 +41,13 @@ pub(crate) fn random_loopback() -> String {
 
 /// A hub whose TLS listener is on `{random loopback}:8883`, that address being its hostname.
 async fn sdk_hub(name: &str) -> (Hub, String) {
-    hub_named_by_loopback(name, true).await
+    hub_named_by_loopback(name, true, false).await
 }
 
 /// A hub whose hostname is a random loopback address; with `on_8883` its TLS listener is on
 /// that address's port 8883 (where the SDK dials), else on a free port for a proxy to sit in
-/// front of.
-pub(crate) async fn hub_named_by_loopback(name: &str, on_8883: bool) -> (Hub, String) {
+/// front of; with `wss`, it also serves MQTT over WebSockets on a free port.
+pub(crate) async fn hub_named_by_loopback(name: &str, on_8883: bool, wss: bool) -> (Hub, String) {
     let ip = random_loopback();
     let dir = temp_dir(name);
     let config = dir.join("hub.toml");
@@ -58,7 +58,24 @@ pub(crate) async fn hub_named_by_loopback(name: &str, on_8883: bool) -> (Hub, St
     if on_8883 {
         args.extend(["--mqtts", mqtts.as_str()]);
     }
+    if wss {
+        args.extend(["--wss", "127.0.0.1:0"]);
+    }
     (Hub::start_with(dir, &args).await, ip)
+}
+
+/// A hub named by a random loopback address whose MQTT-over-WebSockets listener is on that
+/// address's port 443, where the SDKs dial with `websockets=True`.
+pub(crate) async fn hub_on_wss(name: &str) -> (Hub, String) {
+    let ip = random_loopback();
+    let dir = temp_dir(name);
+    let config = dir.join("hub.toml");
+    std::fs::write(&config, format!("[hub]\nhostname = \"{ip}\"\n")).unwrap();
+    let wss = format!("{ip}:443");
+    (
+        Hub::start_with(dir, &["--config", config.to_str().unwrap(), "--wss", &wss]).await,
+        ip,
+    )
 }
 
 pub(crate) fn script(name: &str) -> String {
@@ -133,9 +150,13 @@ async fn read_json(lines: &mut SdkLines) -> Value {
     serde_json::from_str::<Value>(&line).unwrap()
 }
 
-async fn device_plane(kind: &str) {
+async fn device_plane(kind: &str, websockets: bool) {
     let Some(python) = python() else { return };
-    let (hub, ip) = sdk_hub(&format!("interop-{kind}")).await;
+    let (hub, ip) = if websockets {
+        hub_on_wss(&format!("interop-wss-{kind}")).await
+    } else {
+        sdk_hub(&format!("interop-{kind}")).await
+    };
     let dkey = hub.create_device("sdk-dev").await;
     let (cs, twin_path, identity_args): (String, &str, Vec<&str>) = if kind == "module" {
         let mkey = hub.create_module("sdk-dev", "sdk-mod").await;
@@ -165,6 +186,7 @@ async fn device_plane(kind: &str) {
         .arg(kind)
         .arg(&cs)
         .arg(&ca)
+        .env("SDK_WEBSOCKETS", if websockets { "1" } else { "0" })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -245,10 +267,21 @@ async fn device_plane(kind: &str) {
 
 #[tokio::test]
 async fn azure_iot_python_sdk_device_client_twin_methods_c2d() {
-    device_plane("device").await;
+    device_plane("device", false).await;
 }
 
 #[tokio::test]
 async fn azure_iot_python_sdk_module_client_twin_and_methods() {
-    device_plane("module").await;
+    device_plane("module", false).await;
+}
+
+/// The same device plane with `websockets=True`: MQTT over WebSockets on port 443.
+#[tokio::test]
+async fn azure_iot_python_sdk_over_websockets_twin_methods_c2d() {
+    device_plane("device", true).await;
+}
+
+#[tokio::test]
+async fn azure_iot_python_sdk_module_over_websockets_twin_and_methods() {
+    device_plane("module", true).await;
 }

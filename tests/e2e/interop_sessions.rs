@@ -30,12 +30,14 @@ impl Sdk {
         cs: &str,
         ca: &std::path::Path,
         ttl: Option<u32>,
+        websockets: bool,
     ) -> Sdk {
         let mut cmd = tokio::process::Command::new(python);
         cmd.arg(script("session_device.py"))
             .arg(kind)
             .arg(cs)
-            .arg(ca);
+            .arg(ca)
+            .env("SDK_WEBSOCKETS", if websockets { "1" } else { "0" });
         if let Some(ttl) = ttl {
             cmd.arg(ttl.to_string());
         }
@@ -124,11 +126,26 @@ async fn method(hub: &Hub, method_path: &str, name: &str) -> (u16, Value) {
     .await
 }
 
-async fn sdk_survives(kind: &str) {
+/// The listener the SDK reaches: MQTTS, or WebSockets for `websockets=True`.
+fn sdk_listener(hub: &Hub, websockets: bool) -> std::net::SocketAddr {
+    if websockets {
+        hub.endpoints.wss.expect("WSS enabled")
+    } else {
+        hub.endpoints.mqtts.expect("MQTTS enabled")
+    }
+}
+
+async fn sdk_survives(kind: &str, websockets: bool) {
     let Some(python) = python() else { return };
-    let (mut hub, ip) = hub_named_by_loopback(&format!("interop-sessions-{kind}"), false).await;
-    // The SDK dials {hostname}:8883: the proxy there stands for the network.
-    let proxy = Proxy::start(&format!("{ip}:8883"), hub.endpoints.mqtts.unwrap()).await;
+    let name = format!(
+        "interop-sessions-{kind}{}",
+        if websockets { "-wss" } else { "" }
+    );
+    let (mut hub, ip) = hub_named_by_loopback(&name, false, websockets).await;
+    // The SDK dials {hostname}:8883 (443 over WebSockets): the proxy there stands for the
+    // network.
+    let port = if websockets { 443 } else { 8883 };
+    let proxy = Proxy::start(&format!("{ip}:{port}"), sdk_listener(&hub, websockets)).await;
 
     let dkey = hub.create_device("sdk-dev").await;
     let (cs, twin_path, method_path) = if kind == "module" {
@@ -152,7 +169,7 @@ async fn sdk_survives(kind: &str) {
     )
     .await;
     let ca = hub.data_dir().join("tls/ca.pem");
-    let mut sdk = Sdk::spawn(&python, kind, &cs, &ca, None).await;
+    let mut sdk = Sdk::spawn(&python, kind, &cs, &ca, None, websockets).await;
     let ready = sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
     assert_eq!(
         ready["doc"],
@@ -173,7 +190,7 @@ async fn sdk_survives(kind: &str) {
             }
             _ => {}
         }
-        proxy.retarget(hub.endpoints.mqtts.unwrap());
+        proxy.retarget(sdk_listener(&hub, websockets));
         proxy.cut();
         sdk.wait_for(&format!("{how}: disconnected"), |e| e["connected"] == false)
             .await;
@@ -234,12 +251,18 @@ async fn sdk_survives(kind: &str) {
 
 #[tokio::test]
 async fn azure_iot_python_sdk_device_keeps_receiving_across_restarts_and_cuts() {
-    sdk_survives("device").await;
+    sdk_survives("device", false).await;
+}
+
+/// Sessions apply on every transport: the same second hour over WebSockets.
+#[tokio::test]
+async fn azure_iot_python_sdk_over_websockets_keeps_receiving_across_restarts_and_cuts() {
+    sdk_survives("device", true).await;
 }
 
 #[tokio::test]
 async fn azure_iot_python_sdk_module_keeps_receiving_across_restarts_and_cuts() {
-    sdk_survives("module").await;
+    sdk_survives("module", false).await;
 }
 
 /// With two-minute tokens the SDK renews every few seconds (it reconnects 120 s before
@@ -247,14 +270,14 @@ async fn azure_iot_python_sdk_module_keeps_receiving_across_restarts_and_cuts() 
 #[tokio::test]
 async fn azure_iot_python_sdk_renews_short_tokens_without_loss() {
     let Some(python) = python() else { return };
-    let (hub, ip) = hub_named_by_loopback("interop-renewal", true).await;
+    let (hub, ip) = hub_named_by_loopback("interop-renewal", true, false).await;
     let key = hub.create_device("sdk-dev").await;
     let cs = format!("HostName={ip};DeviceId=sdk-dev;SharedAccessKey={key}");
     let mut monitor = hub.monitor().await;
     let ca = hub.data_dir().join("tls/ca.pem");
     let accepted = "fleethub_connection_attempts_total{result=\"accepted\"}";
     let before = hub.metric(accepted).await;
-    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, Some(126)).await;
+    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, Some(126), false).await;
     sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
 
     let started = Instant::now();
@@ -335,13 +358,13 @@ async fn tag(hub: &Hub, tags: Value) {
 #[tokio::test]
 async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     let Some(python) = python() else { return };
-    let (hub, ip) = hub_named_by_loopback("interop-retarget", false).await;
+    let (hub, ip) = hub_named_by_loopback("interop-retarget", false, false).await;
     let proxy = Proxy::start(&format!("{ip}:8883"), hub.endpoints.mqtts.unwrap()).await;
     let key = hub.create_device("sdk-dev").await;
     tag(&hub, json!({"env": "prod"})).await;
     let cs = format!("HostName={ip};DeviceId=sdk-dev;SharedAccessKey={key}");
     let ca = hub.data_dir().join("tls/ca.pem");
-    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, None).await;
+    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, None, false).await;
     sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
     let content = |props: Value| {
         let mut m = serde_json::Map::new();

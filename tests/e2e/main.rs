@@ -27,3 +27,4 @@ mod store_forward;
 mod targeted_deployments;
 mod telemetry;
 mod twin;
+mod websocket;

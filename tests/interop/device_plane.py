@@ -8,6 +8,7 @@ event the hub sends (desired patch, method request, C2D message for a device). E
 all expected events arrived, or after 60 s.
 """
 import json
+import os
 import queue
 import sys
 
@@ -23,7 +24,11 @@ def main() -> int:
     with open(ca_path) as f:
         ca = f.read()
     cls = IoTHubModuleClient if kind == "module" else IoTHubDeviceClient
-    client = cls.create_from_connection_string(connection_string, server_verification_cert=ca, connection_retry=False)
+    # SDK_WEBSOCKETS=1: MQTT over WebSockets on port 443, as websockets=True does it.
+    websockets = os.environ.get("SDK_WEBSOCKETS") == "1"
+    client = cls.create_from_connection_string(
+        connection_string, server_verification_cert=ca, connection_retry=False, websockets=websockets
+    )
     events = queue.Queue()
 
     def on_desired(patch):

@@ -16,6 +16,7 @@ line on stdout:
 Reads commands on stdin: `send TEXT` sends telemetry, `quit` shuts the client down.
 """
 import json
+import os
 import sys
 import threading
 
@@ -50,6 +51,9 @@ def without_version(doc):
 def main() -> int:
     kind, connection_string, ca_path = sys.argv[1], sys.argv[2], sys.argv[3]
     options = {"connection_retry_interval": 1}
+    # SDK_WEBSOCKETS=1: MQTT over WebSockets on port 443, as websockets=True does it.
+    if os.environ.get("SDK_WEBSOCKETS") == "1":
+        options["websockets"] = True
     if len(sys.argv) > 4:
         options["sastoken_ttl"] = int(sys.argv[4])
     with open(ca_path) as f:

@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// MQTT over TLS listen address, or "off"
     #[arg(long)]
     pub mqtts: Option<String>,
+    /// MQTT over WebSockets over TLS (the SDKs' websockets=True, path /$iothub/websocket)
+    /// listen address, or "off"; the SDKs dial port 443
+    #[arg(long)]
+    pub wss: Option<String>,
     /// HTTP API and /metrics listen address
     #[arg(long)]
     pub api: Option<String>,
@@ -160,6 +164,7 @@ async fn serve(data_dir: &Option<PathBuf>, args: ServeArgs) -> Result<()> {
         data_dir: data_dir.clone(),
         mqtt: args.mqtt,
         mqtts: args.mqtts,
+        wss: args.wss,
         api: args.api,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;

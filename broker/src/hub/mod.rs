@@ -33,6 +33,9 @@ use crate::twin::TwinStore;
 pub struct Endpoints {
     pub mqtt: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
+    /// MQTT over WebSockets (TLS); absent in files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wss: Option<SocketAddr>,
     pub api: SocketAddr,
 }
 

@@ -48,6 +48,7 @@ mod publish;
 mod subscriptions;
 #[cfg(test)]
 mod tests;
+pub mod websocket;
 
 use handshake::open;
 use subscriptions::filters_digest;
@@ -173,10 +174,13 @@ pub async fn serve_tls(
     }
 }
 
+/// Writes and flushes what is pending. The flush matters for layered streams (TLS,
+/// WebSockets) that may hold written bytes back; on a TCP socket it is free.
 async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
     if !buf.is_empty() {
         w.write_all(buf).await?;
         buf.clear();
+        w.flush().await?;
     }
     Ok(())
 }
