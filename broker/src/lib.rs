@@ -54,6 +54,7 @@ pub mod stores;
 pub mod tls;
 pub mod topics;
 pub mod twin;
+pub mod x509;
 
 pub use config::Config;
 pub use server::run;

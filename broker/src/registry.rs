@@ -53,14 +53,33 @@ pub struct SymmetricKey {
     pub secondary_key: String,
 }
 
+/// An X.509 self-signed device's certificate fingerprints (hex SHA-1 or SHA-256 of the
+/// certificate, any case, colons allowed), as IoT Hub registers them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Thumbprint {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_thumbprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_thumbprint: Option<String>,
+}
+
+/// How an identity authenticates, IoT Hub's `authentication.type`: `sas` (a token signed
+/// with one of its keys), `selfSigned` (a TLS client certificate with a registered
+/// thumbprint). Keys are kept for every kind; only `sas` accepts tokens.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Authentication {
-    /// `sas` (the only kind that can connect today).
     #[serde(rename = "type")]
     pub kind: String,
     pub symmetric_key: SymmetricKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509_thumbprint: Option<X509Thumbprint>,
 }
+
+/// `authentication.type` values.
+pub const AUTH_SAS: &str = "sas";
+pub const AUTH_SELF_SIGNED: &str = "selfSigned";
 
 /// A registry entry as stored and as the API shows it (IoT Hub's field names).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -139,6 +158,8 @@ pub struct AuthenticationInput {
     pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509_thumbprint: Option<X509Thumbprint>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -192,25 +213,67 @@ fn check_key(field: &'static str, key: &str) -> Result<(), RegistryError> {
 
 fn auth_from(input: Option<AuthenticationInput>) -> Result<Authentication, RegistryError> {
     let input = input.unwrap_or_default();
-    if let Some(kind) = &input.kind {
-        if kind != "sas" {
+    let kind = input.kind.clone().unwrap_or_else(|| AUTH_SAS.into());
+    let x509_thumbprint = match kind.as_str() {
+        AUTH_SAS => {
+            if input.x509_thumbprint.is_some() {
+                return Err(RegistryError::Invalid {
+                    field: "authentication.x509Thumbprint",
+                    message: "only for authentication type \"selfSigned\"".into(),
+                });
+            }
+            None
+        }
+        AUTH_SELF_SIGNED => {
+            let t = input.x509_thumbprint.clone().unwrap_or_default();
+            let mut any = false;
+            for (field, value) in [
+                (
+                    "authentication.x509Thumbprint.primaryThumbprint",
+                    &t.primary_thumbprint,
+                ),
+                (
+                    "authentication.x509Thumbprint.secondaryThumbprint",
+                    &t.secondary_thumbprint,
+                ),
+            ] {
+                if let Some(v) = value {
+                    if crate::x509::normalize_thumbprint(v).is_none() {
+                        return Err(RegistryError::Invalid {
+                            field,
+                            message: format!("'{v}': 40 (SHA-1) or 64 (SHA-256) hex digits"),
+                        });
+                    }
+                    any = true;
+                }
+            }
+            if !any {
+                return Err(RegistryError::Invalid {
+                    field: "authentication.x509Thumbprint.primaryThumbprint",
+                    message: "a selfSigned identity needs a thumbprint".into(),
+                });
+            }
+            Some(t)
+        }
+        other => {
             return Err(RegistryError::Invalid {
                 field: "authentication.type",
-                message: format!("'{kind}' is not supported; use \"sas\""),
-            });
+                message: format!("'{other}' is not supported; use \"sas\" or \"selfSigned\""),
+            })
         }
-    }
+    };
     let keys = input.symmetric_key.unwrap_or_default();
     let primary_key = keys.primary_key.unwrap_or_else(sas::new_key);
     let secondary_key = keys.secondary_key.unwrap_or_else(sas::new_key);
     check_key("authentication.symmetricKey.primaryKey", &primary_key)?;
     check_key("authentication.symmetricKey.secondaryKey", &secondary_key)?;
     Ok(Authentication {
-        kind: "sas".into(),
+        kind,
         symmetric_key: SymmetricKey {
             primary_key,
             secondary_key,
         },
+        x509_thumbprint,
     })
 }
 
@@ -332,7 +395,14 @@ impl Registry {
             if let Some(auth) = update.authentication {
                 let keys = auth.symmetric_key.clone().unwrap_or_default();
                 let merged = AuthenticationInput {
-                    kind: auth.kind,
+                    kind: auth.kind.clone().or(Some(next.authentication.kind.clone())),
+                    // Thumbprints carry over unless the update changes the kind to SAS.
+                    x509_thumbprint: match auth.kind.as_deref() {
+                        Some(AUTH_SAS) => auth.x509_thumbprint,
+                        _ => auth
+                            .x509_thumbprint
+                            .or(next.authentication.x509_thumbprint.clone()),
+                    },
                     symmetric_key: Some(SymmetricKeyInput {
                         primary_key: Some(
                             keys.primary_key
@@ -594,6 +664,7 @@ mod tests {
                 None,
                 Some(AuthenticationInput {
                     kind: None,
+                    x509_thumbprint: None,
                     symmetric_key: Some(SymmetricKeyInput {
                         primary_key: Some("short".into()),
                         secondary_key: None,

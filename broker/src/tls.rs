@@ -113,11 +113,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
                 what: "private key",
             })?
     };
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Client certificates are asked for, never required: X.509 devices send one, SAS devices
+    // none; which authenticates whom is decided at CONNECT (`x509`).
+    let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(crate::x509::AnyClientCert::new(provider)))
+        .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
 }

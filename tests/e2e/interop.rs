@@ -151,13 +151,48 @@ async fn read_json(lines: &mut SdkLines) -> Value {
 }
 
 async fn device_plane(kind: &str, websockets: bool) {
+    device_plane_with(kind, websockets, false).await
+}
+
+/// The device plane with the SDK; with `x509`, the device authenticates with a self-signed
+/// certificate registered by thumbprint instead of a SAS key.
+async fn device_plane_with(kind: &str, websockets: bool, x509: bool) {
     let Some(python) = python() else { return };
+    let name = format!(
+        "interop-{}{kind}{}",
+        if websockets { "wss-" } else { "" },
+        if x509 { "-x509" } else { "" }
+    );
     let (hub, ip) = if websockets {
-        hub_on_wss(&format!("interop-wss-{kind}")).await
+        hub_on_wss(&name).await
     } else {
-        sdk_hub(&format!("interop-{kind}")).await
+        sdk_hub(&name).await
     };
-    let dkey = hub.create_device("sdk-dev").await;
+    let cert = x509.then(|| crate::x509::self_signed("sdk-dev"));
+    let dkey = match &cert {
+        None => hub.create_device("sdk-dev").await,
+        Some(c) => {
+            let (s, b) = hub
+                .api(
+                    Method::POST,
+                    "/devices",
+                    Some(json!({"deviceId": "sdk-dev", "authentication": {
+                        "type": "selfSigned",
+                        "x509Thumbprint": {"primaryThumbprint": c.sha256}
+                    }})),
+                )
+                .await;
+            assert_eq!(s, 201, "{b}");
+            String::new()
+        }
+    };
+    let cert_files = cert.as_ref().map(|c| {
+        let dir = hub.data_dir().join("..");
+        let (cert, key) = (dir.join("device-cert.pem"), dir.join("device-key.pem"));
+        std::fs::write(&cert, &c.cert_pem).unwrap();
+        std::fs::write(&key, &c.key_pem).unwrap();
+        (cert, key)
+    });
     let (cs, twin_path, identity_args): (String, &str, Vec<&str>) = if kind == "module" {
         let mkey = hub.create_module("sdk-dev", "sdk-mod").await;
         (
@@ -187,6 +222,11 @@ async fn device_plane(kind: &str, websockets: bool) {
         .arg(&cs)
         .arg(&ca)
         .env("SDK_WEBSOCKETS", if websockets { "1" } else { "0" })
+        .envs(
+            cert_files
+                .iter()
+                .flat_map(|(c, k)| [("SDK_X509_CERT", c.clone()), ("SDK_X509_KEY", k.clone())]),
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -284,4 +324,16 @@ async fn azure_iot_python_sdk_over_websockets_twin_methods_c2d() {
 #[tokio::test]
 async fn azure_iot_python_sdk_module_over_websockets_twin_and_methods() {
     device_plane("module", true).await;
+}
+
+/// A device authenticated by a self-signed X.509 certificate (SDK's
+/// `create_from_x509_certificate`), over MQTT/TLS and over WebSockets.
+#[tokio::test]
+async fn azure_iot_python_sdk_x509_self_signed_device() {
+    device_plane_with("device", false, true).await;
+}
+
+#[tokio::test]
+async fn azure_iot_python_sdk_x509_self_signed_device_over_websockets() {
+    device_plane_with("device", true, true).await;
 }

@@ -28,3 +28,5 @@ mod targeted_deployments;
 mod telemetry;
 mod twin;
 mod websocket;
+
+mod x509;

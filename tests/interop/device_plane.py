@@ -12,7 +12,7 @@ import os
 import queue
 import sys
 
-from azure.iot.device import IoTHubDeviceClient, IoTHubModuleClient, MethodResponse
+from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, MethodResponse
 
 
 def emit(obj):
@@ -26,9 +26,23 @@ def main() -> int:
     cls = IoTHubModuleClient if kind == "module" else IoTHubDeviceClient
     # SDK_WEBSOCKETS=1: MQTT over WebSockets on port 443, as websockets=True does it.
     websockets = os.environ.get("SDK_WEBSOCKETS") == "1"
-    client = cls.create_from_connection_string(
-        connection_string, server_verification_cert=ca, connection_retry=False, websockets=websockets
-    )
+    cert_file = os.environ.get("SDK_X509_CERT")
+    if cert_file:
+        # X.509: the connection string gives the host and the ids; the certificate is the
+        # credential (create_from_x509_certificate, as an X.509 device's code does it).
+        fields = dict(p.split("=", 1) for p in connection_string.split(";"))
+        x509 = X509(cert_file=cert_file, key_file=os.environ["SDK_X509_KEY"])
+        ids = {"device_id": fields["DeviceId"]}
+        if kind == "module":
+            ids["module_id"] = fields["ModuleId"]
+        client = cls.create_from_x509_certificate(
+            x509=x509, hostname=fields["HostName"], server_verification_cert=ca,
+            connection_retry=False, websockets=websockets, **ids
+        )
+    else:
+        client = cls.create_from_connection_string(
+            connection_string, server_verification_cert=ca, connection_retry=False, websockets=websockets
+        )
     events = queue.Queue()
 
     def on_desired(patch):

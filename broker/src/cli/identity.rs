@@ -15,27 +15,55 @@ use crate::identity::IdentityKey;
 
 #[derive(Args, Debug)]
 pub struct KeyArgs {
+    /// How it authenticates: a SAS token (keys), or a self-signed X.509 certificate (TLS
+    /// client certificate whose thumbprint is registered)
+    #[arg(long, value_enum, default_value_t = AuthArg::Sas)]
+    auth: AuthArg,
     /// Base64 primary key [default: generated]
     #[arg(long)]
     primary_key: Option<String>,
     /// Base64 secondary key [default: generated]
     #[arg(long)]
     secondary_key: Option<String>,
+    /// With --auth x509-thumbprint: the certificate's SHA-1 or SHA-256 thumbprint (hex)
+    #[arg(long)]
+    primary_thumbprint: Option<String>,
+    /// With --auth x509-thumbprint: a second certificate's thumbprint (for rollover)
+    #[arg(long)]
+    secondary_thumbprint: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthArg {
+    Sas,
+    X509Thumbprint,
 }
 
 impl KeyArgs {
-    /// The keys given, if any (the hub generates what is left out).
+    /// The authentication asked for, if any (the hub generates keys left out).
     fn authentication(&self) -> Option<AuthenticationInput> {
-        if self.primary_key.is_none() && self.secondary_key.is_none() {
-            return None;
-        }
-        Some(AuthenticationInput {
-            kind: Some("sas".into()),
-            symmetric_key: Some(SymmetricKeyInput {
+        let keys = (self.primary_key.is_some() || self.secondary_key.is_some()).then(|| {
+            SymmetricKeyInput {
                 primary_key: self.primary_key.clone(),
                 secondary_key: self.secondary_key.clone(),
+            }
+        });
+        match self.auth {
+            AuthArg::Sas if keys.is_none() => None,
+            AuthArg::Sas => Some(AuthenticationInput {
+                kind: Some("sas".into()),
+                symmetric_key: keys,
+                x509_thumbprint: None,
             }),
-        })
+            AuthArg::X509Thumbprint => Some(AuthenticationInput {
+                kind: Some(crate::registry::AUTH_SELF_SIGNED.into()),
+                symmetric_key: keys,
+                x509_thumbprint: Some(crate::registry::X509Thumbprint {
+                    primary_thumbprint: self.primary_thumbprint.clone(),
+                    secondary_thumbprint: self.secondary_thumbprint.clone(),
+                }),
+            }),
+        }
     }
 }
 

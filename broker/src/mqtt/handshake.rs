@@ -22,6 +22,10 @@ enum Refusal {
     Token(#[from] crate::sas::SasError),
     #[error("wrong service password")]
     BadServicePassword,
+    #[error("{0} authenticates with an X.509 certificate and sent none")]
+    NoCertificate(String),
+    #[error("the client certificate's thumbprint is not {0}'s")]
+    WrongThumbprint(String),
 }
 
 impl Refusal {
@@ -49,6 +53,7 @@ fn authenticate(
     hub: &SharedHub,
     client_id: &str,
     login: Option<&rumqttd::protocol::Login>,
+    client_cert: Option<&[u8]>,
 ) -> Result<(Principal, Option<u64>), Refusal> {
     let (username, password) = login
         .map(|l| (l.username.as_str(), l.password.as_str()))
@@ -68,15 +73,29 @@ fn authenticate(
     if named != Some(client_id) {
         return Err(Refusal::BadUsername(username.to_string()));
     }
-    if password.is_empty() {
-        return Err(Refusal::NoPassword);
-    }
     let identity = hub
         .registry
         .get(&key)
         .ok_or_else(|| Refusal::Unknown(client_id.to_string()))?;
     if identity.status == Status::Disabled {
         return Err(Refusal::Disabled(client_id.to_string()));
+    }
+    if identity.authentication.kind == crate::registry::AUTH_SELF_SIGNED {
+        // The TLS handshake proved the client holds the certificate's key; its thumbprint
+        // must be registered. No token, so no expiry: the certificate is the credential.
+        let der = client_cert.ok_or_else(|| Refusal::NoCertificate(client_id.to_string()))?;
+        let registered = identity.authentication.x509_thumbprint.as_ref();
+        let thumbprints = registered
+            .into_iter()
+            .flat_map(|t| [&t.primary_thumbprint, &t.secondary_thumbprint])
+            .filter_map(|t| t.as_deref());
+        if !crate::x509::matches_thumbprint(der, thumbprints) {
+            return Err(Refusal::WrongThumbprint(client_id.to_string()));
+        }
+        return Ok((Principal::Identity(key), None));
+    }
+    if password.is_empty() {
+        return Err(Refusal::NoPassword);
     }
     let token = SasToken::parse(password)?;
     let resource = resource_for(&hub.config.hostname, &key);
@@ -160,6 +179,7 @@ pub(super) async fn open<R, W>(
     writer: &mut W,
     peer: SocketAddr,
     hub: SharedHub,
+    client_cert: Option<Vec<u8>>,
 ) -> Option<Open>
 where
     R: AsyncRead + Unpin,
@@ -185,7 +205,12 @@ where
         debug!(%peer, "first packet was not CONNECT");
         return None;
     };
-    let (principal, token_expiry) = match authenticate(&hub, &connect.client_id, login.as_ref()) {
+    let (principal, token_expiry) = match authenticate(
+        &hub,
+        &connect.client_id,
+        login.as_ref(),
+        client_cert.as_deref(),
+    ) {
         Ok(p) => p,
         Err(refusal) => {
             hub.metrics

@@ -117,7 +117,7 @@ pub async fn serve_tcp(
                     let _ = stream.set_nodelay(true);
                     let (hub, open) = (hub.clone(), open.clone());
                     tokio::spawn(async move {
-                        connection(stream, peer, hub, place).await;
+                        connection(stream, peer, hub, place, None).await;
                         drop(open);
                     });
                 }
@@ -155,7 +155,10 @@ pub async fn serve_tls(
                         let _open = open;
                         let timeout = hub.limits.connect_timeout();
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => connection(tls, peer, hub, place).await,
+                            Ok(Ok(tls)) => {
+                                let cert = client_certificate(&tls);
+                                connection(tls, peer, hub, place, cert).await
+                            }
                             Ok(Err(e)) => {
                                 hub.metrics.connection_attempts.with_label_values(&["tls_error"]).inc();
                                 debug!(%peer, error = %e, "TLS handshake failed");
@@ -256,14 +259,28 @@ pub(super) fn variable_header_at(buf: &[u8]) -> Option<usize> {
 /// Runs one client connection to its end.
 /// `pending` is this connection's place among those not yet through CONNECT, given back once
 /// the handshake is done.
-pub async fn connection<S>(stream: S, peer: SocketAddr, hub: SharedHub, pending: Pending)
-where
+/// The DER of the client certificate a TLS client presented, if any.
+pub fn client_certificate<IO>(tls: &tokio_rustls::server::TlsStream<IO>) -> Option<Vec<u8>> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| c.as_ref().to_vec())
+}
+
+pub async fn connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    hub: SharedHub,
+    pending: Pending,
+    client_cert: Option<Vec<u8>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     // The handshake runs in a boxed future: its state (the CONNECT, credentials, the session
     // being resumed) is freed before the connection settles into its long wait.
-    let opened = Box::pin(open(&mut reader, &mut writer, peer, hub)).await;
+    let opened = Box::pin(open(&mut reader, &mut writer, peer, hub, client_cert)).await;
     drop(pending);
     let Some(mut open) = opened else {
         let _ = writer.shutdown().await;

@@ -57,7 +57,7 @@ pub async fn serve(
                         let _open = open;
                         let deadline = hub.limits.connect_timeout();
                         match tokio::time::timeout(deadline, upgrade(acceptor, stream, peer)).await {
-                            Ok(Ok(ws)) => connection(ws, peer, hub, place).await,
+                            Ok(Ok((ws, cert))) => connection(ws, peer, hub, place, cert).await,
                             Ok(Err(reason)) => {
                                 hub.metrics
                                     .connection_attempts
@@ -78,20 +78,26 @@ pub async fn serve(
     }
 }
 
-/// TLS, then the WebSocket upgrade; the reason (a metric label) when either fails.
+/// The stream MQTT runs on after the upgrade.
+type Upgraded = WsIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// TLS, then the WebSocket upgrade, with the client certificate TLS saw; the reason (a
+/// metric label) when either fails.
 async fn upgrade(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-) -> Result<WsIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, &'static str> {
+) -> Result<(Upgraded, Option<Vec<u8>>), &'static str> {
     let tls = acceptor.accept(stream).await.map_err(|e| {
         debug!(%peer, error = %e, "TLS handshake failed");
         "tls_error"
     })?;
-    accept(tls).await.map_err(|e| {
+    let cert = super::client_certificate(&tls);
+    let ws = accept(tls).await.map_err(|e| {
         debug!(%peer, error = %e, "WebSocket upgrade refused");
         "websocket_error"
-    })
+    })?;
+    Ok((ws, cert))
 }
 
 /// The subprotocol to answer with: `mqtt` offered in any case (the SDKs write `mqtt`, some
