@@ -374,6 +374,41 @@ impl ApiClient {
         self.send(Method::PATCH, &path, body).await
     }
 
+    // CA certificates
+
+    pub async fn certificates(&self) -> ClientResult<Items<crate::certificates::CaCertificate>> {
+        self.get("/certificates").await
+    }
+
+    pub async fn add_certificate(
+        &self,
+        name: &str,
+        pem: &str,
+    ) -> ClientResult<crate::certificates::CaCertificate> {
+        let body = AddCertificate {
+            name: name.to_string(),
+            certificate: pem.to_string(),
+        };
+        self.send(Method::POST, "/certificates", &body).await
+    }
+
+    pub async fn verify_certificate(
+        &self,
+        name: &str,
+        pem: &str,
+    ) -> ClientResult<crate::certificates::CaCertificate> {
+        let body = VerifyCertificate {
+            certificate: pem.to_string(),
+        };
+        let path = format!("/certificates/{}/verify", segment(name));
+        self.send(Method::POST, &path, &body).await
+    }
+
+    pub async fn delete_certificate(&self, name: &str) -> ClientResult<()> {
+        self.delete(&format!("/certificates/{}", segment(name)))
+            .await
+    }
+
     pub async fn delete_product(&self, product: &str) -> ClientResult<()> {
         self.delete(&format!("/products/{}", segment(product)))
             .await

@@ -28,6 +28,7 @@
 pub mod api;
 pub mod backup;
 pub mod c2d;
+pub mod certificates;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -80,6 +80,8 @@ pub struct Authentication {
 /// `authentication.type` values.
 pub const AUTH_SAS: &str = "sas";
 pub const AUTH_SELF_SIGNED: &str = "selfSigned";
+/// A certificate that chains to a verified CA and names the device in its common name.
+pub const AUTH_CA: &str = "certificateAuthority";
 
 /// A registry entry as stored and as the API shows it (IoT Hub's field names).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -211,15 +213,24 @@ fn check_key(field: &'static str, key: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-fn auth_from(input: Option<AuthenticationInput>) -> Result<Authentication, RegistryError> {
+fn auth_from(
+    input: Option<AuthenticationInput>,
+    is_module: bool,
+) -> Result<Authentication, RegistryError> {
     let input = input.unwrap_or_default();
     let kind = input.kind.clone().unwrap_or_else(|| AUTH_SAS.into());
     let x509_thumbprint = match kind.as_str() {
-        AUTH_SAS => {
+        AUTH_SAS | AUTH_CA => {
             if input.x509_thumbprint.is_some() {
                 return Err(RegistryError::Invalid {
                     field: "authentication.x509Thumbprint",
                     message: "only for authentication type \"selfSigned\"".into(),
+                });
+            }
+            if kind == AUTH_CA && is_module {
+                return Err(RegistryError::Invalid {
+                    field: "authentication.type",
+                    message: "certificateAuthority is for devices; modules use sas or selfSigned".into(),
                 });
             }
             None
@@ -258,7 +269,9 @@ fn auth_from(input: Option<AuthenticationInput>) -> Result<Authentication, Regis
         other => {
             return Err(RegistryError::Invalid {
                 field: "authentication.type",
-                message: format!("'{other}' is not supported; use \"sas\" or \"selfSigned\""),
+                message: format!(
+                    "'{other}' is not supported; use \"sas\", \"selfSigned\" or \"certificateAuthority\""
+                ),
             })
         }
     };
@@ -341,7 +354,7 @@ impl Registry {
             etag: new_tag(),
             status: status.unwrap_or(Status::Enabled),
             status_reason: None,
-            authentication: auth_from(auth)?,
+            authentication: auth_from(auth, key.module.is_some())?,
             created_time: now_rfc3339(),
             last_activity_time: None,
             capabilities,
@@ -414,7 +427,7 @@ impl Registry {
                         ),
                     }),
                 };
-                next.authentication = auth_from(Some(merged))?;
+                next.authentication = auth_from(Some(merged), key.module.is_some())?;
             }
             Ok(())
         })

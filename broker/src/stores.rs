@@ -152,6 +152,8 @@ pub fn open(data_dir: &Path) -> Result<Opened, StoreError> {
             .map_err(|e| damaged("cloud-to-device messages", e.to_string()))?,
         sessions: crate::session::SessionStore::open(db.clone())
             .map_err(|e| damaged("persistent sessions", e.to_string()))?,
+        certificates: crate::certificates::CaStore::open(db.clone())
+            .map_err(|e| damaged("CA certificates", e.to_string()))?,
     };
     let deploy =
         crate::deploy::Engine::open(db).map_err(|e| damaged("deployments", e.to_string()))?;
@@ -236,6 +238,13 @@ pub fn check(data_dir: &Path) -> Vec<Checked> {
                     crate::session::SessionStore::open(db.clone())
                         .map_err(|e| e.to_string())
                         .and_then(|s| count(s.len())),
+                ));
+                out.push(verdict(
+                    &main,
+                    "CA certificates",
+                    crate::certificates::CaStore::open(db.clone())
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| count(c.list().len())),
                 ));
                 out.push(verdict(
                     &main,

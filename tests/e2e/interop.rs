@@ -151,40 +151,66 @@ async fn read_json(lines: &mut SdkLines) -> Value {
 }
 
 async fn device_plane(kind: &str, websockets: bool) {
-    device_plane_with(kind, websockets, false).await
+    device_plane_with(kind, websockets, "sas").await
 }
 
-/// The device plane with the SDK; with `x509`, the device authenticates with a self-signed
-/// certificate registered by thumbprint instead of a SAS key.
-async fn device_plane_with(kind: &str, websockets: bool, x509: bool) {
+/// The device plane with the SDK; `auth` is `sas`, `self-signed` (a certificate registered
+/// by thumbprint) or `ca` (a certificate of a verified CA naming the device).
+async fn device_plane_with(kind: &str, websockets: bool, auth: &str) {
     let Some(python) = python() else { return };
     let name = format!(
-        "interop-{}{kind}{}",
+        "interop-{}{kind}-{auth}",
         if websockets { "wss-" } else { "" },
-        if x509 { "-x509" } else { "" }
     );
     let (hub, ip) = if websockets {
         hub_on_wss(&name).await
     } else {
         sdk_hub(&name).await
     };
-    let cert = x509.then(|| crate::x509::self_signed("sdk-dev"));
-    let dkey = match &cert {
-        None => hub.create_device("sdk-dev").await,
-        Some(c) => {
+    let register = |body: Value| {
+        let hub = &hub;
+        async move {
+            let (s, b) = hub.api(Method::POST, "/devices", Some(body)).await;
+            assert_eq!(s, 201, "{b}");
+        }
+    };
+    let (dkey, cert) = match auth {
+        "self-signed" => {
+            let c = crate::x509::self_signed("sdk-dev");
+            register(json!({"deviceId": "sdk-dev", "authentication": {
+                "type": "selfSigned",
+                "x509Thumbprint": {"primaryThumbprint": c.sha256}
+            }}))
+            .await;
+            (String::new(), Some(c))
+        }
+        "ca" => {
+            let root = crate::x509::test_ca("SDK Root");
+            let (s, added) = hub
+                .api(
+                    Method::POST,
+                    "/certificates",
+                    Some(json!({"name": "root", "certificate": root.cert.pem()})),
+                )
+                .await;
+            assert_eq!(s, 201, "{added}");
+            let code = added["verificationCode"].as_str().unwrap();
+            let proof = root.leaf(code, &[]);
             let (s, b) = hub
                 .api(
                     Method::POST,
-                    "/devices",
-                    Some(json!({"deviceId": "sdk-dev", "authentication": {
-                        "type": "selfSigned",
-                        "x509Thumbprint": {"primaryThumbprint": c.sha256}
-                    }})),
+                    "/certificates/root/verify",
+                    Some(json!({"certificate": proof.cert_pem})),
                 )
                 .await;
-            assert_eq!(s, 201, "{b}");
-            String::new()
+            assert_eq!(s, 200, "{b}");
+            register(
+                json!({"deviceId": "sdk-dev", "authentication": {"type": "certificateAuthority"}}),
+            )
+            .await;
+            (String::new(), Some(root.leaf("sdk-dev", &[])))
         }
+        _ => (hub.create_device("sdk-dev").await, None),
     };
     let cert_files = cert.as_ref().map(|c| {
         let dir = hub.data_dir().join("..");
@@ -330,10 +356,22 @@ async fn azure_iot_python_sdk_module_over_websockets_twin_and_methods() {
 /// `create_from_x509_certificate`), over MQTT/TLS and over WebSockets.
 #[tokio::test]
 async fn azure_iot_python_sdk_x509_self_signed_device() {
-    device_plane_with("device", false, true).await;
+    device_plane_with("device", false, "self-signed").await;
 }
 
 #[tokio::test]
 async fn azure_iot_python_sdk_x509_self_signed_device_over_websockets() {
-    device_plane_with("device", true, true).await;
+    device_plane_with("device", true, "self-signed").await;
+}
+
+/// A device whose certificate is signed by a CA uploaded and verified by proof of
+/// possession, its common name the device id.
+#[tokio::test]
+async fn azure_iot_python_sdk_x509_ca_signed_device() {
+    device_plane_with("device", false, "ca").await;
+}
+
+#[tokio::test]
+async fn azure_iot_python_sdk_x509_ca_signed_device_over_websockets() {
+    device_plane_with("device", true, "ca").await;
 }

@@ -20,6 +20,8 @@ pub(crate) struct DeviceCert {
     pub der: Vec<u8>,
     pub sha1: String,
     pub sha256: String,
+    /// Intermediate certificates presented after it (DER).
+    pub chain: Vec<Vec<u8>>,
 }
 
 pub(crate) fn self_signed(device: &str) -> DeviceCert {
@@ -32,6 +34,66 @@ pub(crate) fn self_signed(device: &str) -> DeviceCert {
         der,
         sha1,
         sha256,
+        chain: Vec::new(),
+    }
+}
+
+/// A CA (or intermediate) that signs device certificates in tests.
+pub(crate) struct TestCa {
+    pub cert: rcgen::Certificate,
+    pub key: rcgen::KeyPair,
+}
+
+fn ca_params(cn: &str) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+pub(crate) fn test_ca(cn: &str) -> TestCa {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = ca_params(cn).self_signed(&key).unwrap();
+    TestCa { cert, key }
+}
+
+impl TestCa {
+    /// An intermediate CA signed by this one.
+    pub(crate) fn intermediate(&self, cn: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = ca_params(cn)
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        TestCa { cert, key }
+    }
+
+    /// A leaf certificate with common name `cn`, signed by this CA; `chain` is appended to
+    /// its PEM and DER list (intermediates the device presents).
+    pub(crate) fn leaf(&self, cn: &str, chain: &[&TestCa]) -> DeviceCert {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let der = cert.der().to_vec();
+        let (sha1, sha256) = fleethub::x509::thumbprints(&der);
+        let mut pem = cert.pem();
+        let mut extra = Vec::new();
+        for c in chain {
+            pem.push_str(&c.cert.pem());
+            extra.push(c.cert.der().to_vec());
+        }
+        DeviceCert {
+            cert_pem: pem,
+            key_pem: key.serialize_pem(),
+            der,
+            sha1,
+            sha256,
+            chain: extra,
+        }
     }
 }
 
@@ -54,7 +116,10 @@ fn options(hub: &Hub, device: &str, password: &str, cert: Option<&DeviceCert>) -
     .with_root_certificates(roots);
     let config = match cert {
         Some(c) => {
-            let certs = vec![rustls::pki_types::CertificateDer::from(c.der.clone())];
+            let certs = std::iter::once(&c.der)
+                .chain(&c.chain)
+                .map(|d| rustls::pki_types::CertificateDer::from(d.clone()))
+                .collect();
             let key = rustls_pemfile::private_key(&mut c.key_pem.as_bytes())
                 .unwrap()
                 .unwrap();
@@ -221,4 +286,130 @@ async fn self_signed_certificates_authenticate_by_thumbprint() {
         .await
         .expect("C2D with no new SUBSCRIBE");
     assert_eq!(&p.payload[..], b"after restart");
+}
+
+#[tokio::test]
+async fn ca_signed_certificates_chain_to_a_verified_ca() {
+    let hub = Hub::start("x509-ca").await;
+    let dir = hub.data_dir().join("..");
+    let root = test_ca("Fleet Root CA");
+    let ca_pem = dir.join("root.pem");
+    std::fs::write(&ca_pem, root.cert.pem()).unwrap();
+    let (ok, out, err) = cli(
+        &hub,
+        &[
+            "--output",
+            "json",
+            "ca",
+            "add",
+            "fleet-root",
+            "--cert",
+            ca_pem.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let added: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(added["isVerified"], false);
+    let code = added["verificationCode"].as_str().unwrap().to_string();
+    // A certificate that is not a CA is refused.
+    let (s, b) = hub
+        .api(
+            Method::POST,
+            "/certificates",
+            Some(json!({"name": "leafy", "certificate": self_signed("x").cert_pem})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+
+    let (ok, _, err) = cli(&hub, &["device", "create", "c1", "--auth", "x509-ca"]);
+    assert!(ok, "{err}");
+    let device = root.leaf("c1", &[]);
+    // Not yet verified: refused.
+    assert!(
+        Client::connect(options(&hub, "c1", "", Some(&device)))
+            .await
+            .is_err(),
+        "a CA not verified authenticates nobody"
+    );
+
+    // Proof of possession: the wrong common name, or another CA's signature, is refused.
+    let verify = |pem: String| {
+        let path = dir.join("verify.pem");
+        std::fs::write(&path, pem).unwrap();
+        cli(
+            &hub,
+            &[
+                "--output",
+                "json",
+                "ca",
+                "verify",
+                "fleet-root",
+                "--cert",
+                path.to_str().unwrap(),
+            ],
+        )
+    };
+    let (ok, _, err) = verify(root.leaf("not-the-code", &[]).cert_pem);
+    assert!(!ok && err.contains("verification code"), "{err}");
+    let (ok, _, err) = verify(test_ca("Impostor").leaf(&code, &[]).cert_pem);
+    assert!(!ok && err.contains("not signed by this CA"), "{err}");
+    let (ok, out, err) = verify(root.leaf(&code, &[]).cert_pem);
+    assert!(ok, "{err}");
+    let verified: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(verified["isVerified"], true);
+
+    // Verified: the device's certificate connects; so does one through an intermediate the
+    // device presents. Another CA's, another common name's, or none are refused.
+    let mut d = Client::connect(options(&hub, "c1", "", Some(&device)))
+        .await
+        .expect("a certificate of the verified CA");
+    d.subscribe_many(&["devices/c1/messages/devicebound/#"])
+        .await;
+    let (s, _) = hub
+        .api(
+            Method::POST,
+            "/devices/c1/messages",
+            Some(json!({"body": "ca"})),
+        )
+        .await;
+    assert_eq!(s, 202);
+    assert_eq!(
+        &d.next_publish(Duration::from_secs(5))
+            .await
+            .expect("C2D")
+            .payload[..],
+        b"ca"
+    );
+    drop(d);
+    let intermediate = root.intermediate("Plant Intermediate");
+    let through = intermediate.leaf("c1", &[&intermediate]);
+    assert!(Client::connect(options(&hub, "c1", "", Some(&through)))
+        .await
+        .is_ok());
+    let impostor = test_ca("Impostor").leaf("c1", &[]);
+    let other_name = root.leaf("c2", &[]);
+    let no_chain = intermediate.leaf("c1", &[]);
+    for (what, cert) in [
+        ("another CA", Some(&impostor)),
+        ("another common name", Some(&other_name)),
+        ("an intermediate not presented", Some(&no_chain)),
+        ("no certificate", None),
+    ] {
+        assert!(
+            Client::connect(options(&hub, "c1", "", cert))
+                .await
+                .is_err(),
+            "{what} must be refused"
+        );
+    }
+    let (ok, out, _) = cli(&hub, &["--output", "json", "ca", "list"]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["items"][0]["name"], "fleet-root");
+    // Deleting the CA ends what it authenticated.
+    let (ok, _, err) = cli(&hub, &["ca", "delete", "fleet-root"]);
+    assert!(ok, "{err}");
+    assert!(Client::connect(options(&hub, "c1", "", Some(&device)))
+        .await
+        .is_err());
 }

@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 mod backup;
+mod certificates;
 mod fleet;
 mod identities;
 mod images;
@@ -145,6 +146,7 @@ pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
         .merge(fleet::routes())
         .merge(images::routes())
         .merge(backup::routes())
+        .merge(certificates::routes())
         .merge(mounted)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

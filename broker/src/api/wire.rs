@@ -158,6 +158,22 @@ pub struct TwinProperties {
     pub reported: Value,
 }
 
+/// `POST /certificates`: a CA certificate (PEM) under a name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddCertificate {
+    pub name: String,
+    pub certificate: String,
+}
+
+/// `POST /certificates/{name}/verify`: the proof-of-possession certificate (PEM), signed by
+/// the CA with the verification code as its common name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyCertificate {
+    pub certificate: String,
+}
+
 /// `POST /twins/query`. Paging as IoT Hub's query API does it: at most `pageSize` rows
 /// (also the `x-ms-max-item-count` header), then the next page with the `continuationToken`
 /// the previous one returned (also the `x-ms-continuation` header). Without a page size,

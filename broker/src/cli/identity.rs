@@ -37,6 +37,8 @@ pub struct KeyArgs {
 pub enum AuthArg {
     Sas,
     X509Thumbprint,
+    /// A certificate chaining to a verified CA (`fleethub ca`), the device id as common name
+    X509Ca,
 }
 
 impl KeyArgs {
@@ -52,6 +54,11 @@ impl KeyArgs {
             AuthArg::Sas if keys.is_none() => None,
             AuthArg::Sas => Some(AuthenticationInput {
                 kind: Some("sas".into()),
+                symmetric_key: keys,
+                x509_thumbprint: None,
+            }),
+            AuthArg::X509Ca => Some(AuthenticationInput {
+                kind: Some(crate::registry::AUTH_CA.into()),
                 symmetric_key: keys,
                 x509_thumbprint: None,
             }),

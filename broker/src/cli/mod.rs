@@ -7,6 +7,7 @@
 //! C2D), `route` (routes and queues), `fleet` (products, device groups and their
 //! deployments), `image`, `deployment` (targeted deployments), `monitor`.
 
+mod ca;
 mod deployment;
 mod fleet;
 pub mod fuzz;
@@ -95,6 +96,9 @@ pub enum Command {
     /// Image packages (applications, board configurations) that deployments hand out
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// CA certificates for X.509 CA-signed devices
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
     /// Targeted and layered deployments (IoT Edge deployment manifests), with rollouts
     #[command(subcommand)]
     Deployment(deployment::DeploymentCmd),
@@ -237,6 +241,7 @@ async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
         Command::Product(cmd) => cmd.run(ctx).await,
         Command::DeviceGroup(cmd) => cmd.run(ctx).await,
         Command::Image(cmd) => cmd.run(ctx).await,
+        Command::Ca(cmd) => cmd.run(ctx).await,
         Command::Deployment(cmd) => cmd.run(ctx).await,
         Command::SasToken(args) => args.run(ctx).await,
         Command::MonitorEvents(args) => args.run(ctx).await,

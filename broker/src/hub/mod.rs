@@ -52,6 +52,8 @@ pub struct Stores {
     pub c2d: C2dStore,
     /// Persistent MQTT sessions.
     pub sessions: crate::session::SessionStore,
+    /// CA certificates for X.509 CA authentication.
+    pub certificates: crate::certificates::CaStore,
 }
 
 /// Queue entries made by routing, and the distinct sinks they go to (woken once the entries
@@ -158,6 +160,8 @@ pub struct Hub {
     pub twins: TwinStore,
     pub c2d: C2dStore,
     pub sessions: crate::session::SessionStore,
+    /// CA certificates for X.509 CA authentication.
+    pub certificates: crate::certificates::CaStore,
     pub methods: Methods,
     pub metrics: Arc<Metrics>,
     pub core: Core,
@@ -208,6 +212,7 @@ impl Hub {
             twins: stores.twins,
             c2d: stores.c2d,
             sessions: stores.sessions,
+            certificates: stores.certificates,
             methods: Methods::default(),
             metrics,
             core,

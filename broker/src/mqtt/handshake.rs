@@ -26,6 +26,8 @@ enum Refusal {
     NoCertificate(String),
     #[error("the client certificate's thumbprint is not {0}'s")]
     WrongThumbprint(String),
+    #[error("the client certificate does not authenticate {0}: {1}")]
+    Certificate(String, String),
 }
 
 impl Refusal {
@@ -53,7 +55,7 @@ fn authenticate(
     hub: &SharedHub,
     client_id: &str,
     login: Option<&rumqttd::protocol::Login>,
-    client_cert: Option<&[u8]>,
+    client_chain: &[Vec<u8>],
 ) -> Result<(Principal, Option<u64>), Refusal> {
     let (username, password) = login
         .map(|l| (l.username.as_str(), l.password.as_str()))
@@ -83,7 +85,9 @@ fn authenticate(
     if identity.authentication.kind == crate::registry::AUTH_SELF_SIGNED {
         // The TLS handshake proved the client holds the certificate's key; its thumbprint
         // must be registered. No token, so no expiry: the certificate is the credential.
-        let der = client_cert.ok_or_else(|| Refusal::NoCertificate(client_id.to_string()))?;
+        let der = client_chain
+            .first()
+            .ok_or_else(|| Refusal::NoCertificate(client_id.to_string()))?;
         let registered = identity.authentication.x509_thumbprint.as_ref();
         let thumbprints = registered
             .into_iter()
@@ -92,6 +96,16 @@ fn authenticate(
         if !crate::x509::matches_thumbprint(der, thumbprints) {
             return Err(Refusal::WrongThumbprint(client_id.to_string()));
         }
+        return Ok((Principal::Identity(key), None));
+    }
+    if identity.authentication.kind == crate::registry::AUTH_CA {
+        // Chains to a verified CA and names the device in its common name.
+        if client_chain.is_empty() {
+            return Err(Refusal::NoCertificate(client_id.to_string()));
+        }
+        hub.certificates
+            .authenticates(client_chain, key.device.as_str())
+            .map_err(|why| Refusal::Certificate(client_id.to_string(), why))?;
         return Ok((Principal::Identity(key), None));
     }
     if password.is_empty() {
@@ -179,7 +193,7 @@ pub(super) async fn open<R, W>(
     writer: &mut W,
     peer: SocketAddr,
     hub: SharedHub,
-    client_cert: Option<Vec<u8>>,
+    client_chain: Vec<Vec<u8>>,
 ) -> Option<Open>
 where
     R: AsyncRead + Unpin,
@@ -209,7 +223,7 @@ where
         &hub,
         &connect.client_id,
         login.as_ref(),
-        client_cert.as_deref(),
+        &client_chain,
     ) {
         Ok(p) => p,
         Err(refusal) => {

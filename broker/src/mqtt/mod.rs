@@ -117,7 +117,7 @@ pub async fn serve_tcp(
                     let _ = stream.set_nodelay(true);
                     let (hub, open) = (hub.clone(), open.clone());
                     tokio::spawn(async move {
-                        connection(stream, peer, hub, place, None).await;
+                        connection(stream, peer, hub, place, Vec::new()).await;
                         drop(open);
                     });
                 }
@@ -259,13 +259,13 @@ pub(super) fn variable_header_at(buf: &[u8]) -> Option<usize> {
 /// Runs one client connection to its end.
 /// `pending` is this connection's place among those not yet through CONNECT, given back once
 /// the handshake is done.
-/// The DER of the client certificate a TLS client presented, if any.
-pub fn client_certificate<IO>(tls: &tokio_rustls::server::TlsStream<IO>) -> Option<Vec<u8>> {
+/// The certificate chain a TLS client presented (end entity first, DER); empty for none.
+pub fn client_certificate<IO>(tls: &tokio_rustls::server::TlsStream<IO>) -> Vec<Vec<u8>> {
     tls.get_ref()
         .1
         .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(|c| c.as_ref().to_vec())
+        .map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect())
+        .unwrap_or_default()
 }
 
 pub async fn connection<S>(
@@ -273,14 +273,14 @@ pub async fn connection<S>(
     peer: SocketAddr,
     hub: SharedHub,
     pending: Pending,
-    client_cert: Option<Vec<u8>>,
+    client_chain: Vec<Vec<u8>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     // The handshake runs in a boxed future: its state (the CONNECT, credentials, the session
     // being resumed) is freed before the connection settles into its long wait.
-    let opened = Box::pin(open(&mut reader, &mut writer, peer, hub, client_cert)).await;
+    let opened = Box::pin(open(&mut reader, &mut writer, peer, hub, client_chain)).await;
     drop(pending);
     let Some(mut open) = opened else {
         let _ = writer.shutdown().await;

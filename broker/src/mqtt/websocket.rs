@@ -87,7 +87,7 @@ async fn upgrade(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-) -> Result<(Upgraded, Option<Vec<u8>>), &'static str> {
+) -> Result<(Upgraded, Vec<Vec<u8>>), &'static str> {
     let tls = acceptor.accept(stream).await.map_err(|e| {
         debug!(%peer, error = %e, "TLS handshake failed");
         "tls_error"
