@@ -5,6 +5,7 @@
 //! `bench-twin` measures reported-property round trips the same way. These are the
 //! harnesses BENCHMARKS.md quotes.
 
+mod authbench;
 mod bench;
 mod device;
 mod load;
@@ -101,6 +102,8 @@ enum Command {
     BenchSessions(storm::SessionBenchArgs),
     /// Twin queries over a large fleet through the API: full scan, COUNT(), GROUP BY, pages
     BenchQuery(querybench::QueryBenchArgs),
+    /// TLS connections per second by credential: SAS token, X.509 self-signed, X.509 CA
+    BenchAuth(authbench::AuthBenchArgs),
     /// Fuzz the scenario-file reader (for developers; `fleethub fuzz` covers the hub's parsers)
     Fuzz {
         #[arg(long, default_value_t = 10_000_000)]
@@ -125,6 +128,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchQueue(args) => queuebench::run(args),
         Command::BenchSessions(args) => storm::run(args),
         Command::BenchQuery(args) => querybench::run(args),
+        Command::BenchAuth(args) => authbench::run(args),
         Command::ServeBroker(args) => targets::serve_broker(args),
         Command::Fuzz { inputs, seed, dir } => {
             let target = scenario::fuzz::target();
