@@ -29,7 +29,10 @@ async fn generate_format_fixture() {
     let config = dir.join("hub.toml");
     std::fs::write(
         &config,
-        "[routes]\nsink = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/sink/inputs/in\\\")\"\n",
+        // A century to live: the queued messages carry absolute expiry times, and the
+        // fixture must still hold them whenever the test runs (format-0 and format-1 were
+        // written with the two-hour default and had their expiry moved by a century since).
+        "[routes]\nsink = { route = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/sink/inputs/in\\\")\", timeToLiveSecs = 3153600000 }\n",
     )
     .unwrap();
     let mut hub = Hub::start_with(dir.clone(), &["--config", config.to_str().unwrap()]).await;
