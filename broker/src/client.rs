@@ -374,6 +374,62 @@ impl ApiClient {
         self.send(Method::PATCH, &path, body).await
     }
 
+    // Provisioning enrollments
+
+    fn enrollment_path(kind: crate::enrollment::EnrollmentKind) -> &'static str {
+        match kind {
+            crate::enrollment::EnrollmentKind::Group => "/enrollmentGroups",
+            crate::enrollment::EnrollmentKind::Individual => "/enrollments",
+        }
+    }
+
+    pub async fn enrollments(
+        &self,
+        kind: crate::enrollment::EnrollmentKind,
+    ) -> ClientResult<Items<crate::enrollment::Enrollment>> {
+        self.get(Self::enrollment_path(kind)).await
+    }
+
+    pub async fn enrollment(
+        &self,
+        kind: crate::enrollment::EnrollmentKind,
+        id: &str,
+    ) -> ClientResult<crate::enrollment::Enrollment> {
+        self.get(&format!("{}/{}", Self::enrollment_path(kind), segment(id)))
+            .await
+    }
+
+    pub async fn create_enrollment(
+        &self,
+        kind: crate::enrollment::EnrollmentKind,
+        body: &crate::enrollment::EnrollmentInput,
+    ) -> ClientResult<crate::enrollment::Enrollment> {
+        self.send(Method::POST, Self::enrollment_path(kind), body)
+            .await
+    }
+
+    pub async fn set_enrollment_status(
+        &self,
+        kind: crate::enrollment::EnrollmentKind,
+        id: &str,
+        status: &str,
+    ) -> ClientResult<crate::enrollment::Enrollment> {
+        let body = SetProvisioningStatus {
+            provisioning_status: status.to_string(),
+        };
+        let path = format!("{}/{}", Self::enrollment_path(kind), segment(id));
+        self.send(Method::PATCH, &path, &body).await
+    }
+
+    pub async fn delete_enrollment(
+        &self,
+        kind: crate::enrollment::EnrollmentKind,
+        id: &str,
+    ) -> ClientResult<()> {
+        self.delete(&format!("{}/{}", Self::enrollment_path(kind), segment(id)))
+            .await
+    }
+
     // CA certificates
 
     pub async fn certificates(&self) -> ClientResult<Items<crate::certificates::CaCertificate>> {

@@ -47,6 +47,24 @@ struct FileConfig {
     routes: toml::Table,
     upstream: UpstreamSection,
     store_and_forward: StoreAndForwardSection,
+    #[serde(default)]
+    provisioning: ProvisioningSection,
+}
+
+/// `[provisioning]`: zero-touch provisioning as the Device Provisioning Service does it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningSection {
+    /// The ID scope devices give the provisioning client (`id_scope`).
+    pub id_scope: String,
+}
+
+impl Default for ProvisioningSection {
+    fn default() -> Self {
+        ProvisioningSection {
+            id_scope: "0ne00000F1E".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +210,7 @@ pub struct Config {
     pub routes: Vec<fleethub_router::route::RouteSpec>,
     pub upstream: UpstreamSection,
     pub store_and_forward: StoreAndForwardSection,
+    pub provisioning: ProvisioningSection,
 }
 
 impl Config {
@@ -280,6 +299,7 @@ impl Config {
             routes,
             upstream: file.upstream,
             store_and_forward: file.store_and_forward,
+            provisioning: file.provisioning,
         })
     }
 }

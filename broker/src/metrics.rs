@@ -53,6 +53,8 @@ pub struct Metrics {
     pub upstream_connected: IntGauge,
     /// Routed messages not stored because the quota refused them (not acknowledged).
     pub queue_refused: IntCounter,
+    /// Provisioning (DPS) registrations by result.
+    pub provisioning: IntCounterVec,
     /// Main-store writes refused because the disk is below its free-space floor.
     pub store_writes_refused: IntCounter,
     /// Per sink, refreshed on every scrape from the queues.
@@ -80,6 +82,14 @@ impl Metrics {
             Opts::new(
                 "fleethub_connection_attempts_total",
                 "MQTT CONNECT attempts by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let provisioning = IntCounterVec::new(
+            Opts::new(
+                "fleethub_provisioning_registrations_total",
+                "Device provisioning registrations by result: assigned, not_authorized, disabled, failed",
             ),
             &["result"],
         )
@@ -294,6 +304,7 @@ impl Metrics {
             Box::new(sink_messages.clone()),
             Box::new(upstream_connected.clone()),
             Box::new(queue_refused.clone()),
+            Box::new(provisioning.clone()),
             Box::new(store_writes_refused.clone()),
             Box::new(queue_depth.clone()),
             Box::new(queue_bytes.clone()),
@@ -330,6 +341,7 @@ impl Metrics {
             sink_messages,
             upstream_connected,
             queue_refused,
+            provisioning,
             store_writes_refused,
             queue_depth,
             queue_bytes,

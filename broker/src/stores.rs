@@ -154,6 +154,8 @@ pub fn open(data_dir: &Path) -> Result<Opened, StoreError> {
             .map_err(|e| damaged("persistent sessions", e.to_string()))?,
         certificates: crate::certificates::CaStore::open(db.clone())
             .map_err(|e| damaged("CA certificates", e.to_string()))?,
+        enrollments: crate::enrollment::Enrollments::open(db.clone())
+            .map_err(|e| damaged("provisioning enrollments", e.to_string()))?,
     };
     let deploy =
         crate::deploy::Engine::open(db).map_err(|e| damaged("deployments", e.to_string()))?;
@@ -245,6 +247,13 @@ pub fn check(data_dir: &Path) -> Vec<Checked> {
                     crate::certificates::CaStore::open(db.clone())
                         .map_err(|e| e.to_string())
                         .and_then(|c| count(c.list().len())),
+                ));
+                out.push(verdict(
+                    &main,
+                    "provisioning enrollments",
+                    crate::enrollment::Enrollments::open(db.clone())
+                        .map_err(|e| e.to_string())
+                        .and_then(|e| count(e.len())),
                 ));
                 out.push(verdict(
                     &main,

@@ -18,6 +18,7 @@ mod interop;
 mod interop_sessions;
 mod methods;
 mod operations;
+mod provisioning;
 mod registry;
 mod routes;
 mod sessions;

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 
 mod backup;
 mod certificates;
+mod enrollments;
 mod fleet;
 mod identities;
 mod images;
@@ -147,6 +148,7 @@ pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
         .merge(images::routes())
         .merge(backup::routes())
         .merge(certificates::routes())
+        .merge(enrollments::routes())
         .merge(mounted)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -158,6 +158,13 @@ pub struct TwinProperties {
     pub reported: Value,
 }
 
+/// `PATCH /enrollmentGroups/{id}`, `PATCH /enrollments/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetProvisioningStatus {
+    pub provisioning_status: String,
+}
+
 /// `POST /certificates`: a CA certificate (PEM) under a name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

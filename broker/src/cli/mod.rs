@@ -9,6 +9,7 @@
 
 mod ca;
 mod deployment;
+mod enrollment;
 mod fleet;
 pub mod fuzz;
 mod identity;
@@ -99,6 +100,9 @@ pub enum Command {
     /// CA certificates for X.509 CA-signed devices
     #[command(subcommand)]
     Ca(ca::CaCmd),
+    /// Provisioning enrollments: who may register themselves (DPS, symmetric keys)
+    #[command(subcommand)]
+    Enrollment(enrollment::EnrollmentCmd),
     /// Targeted and layered deployments (IoT Edge deployment manifests), with rollouts
     #[command(subcommand)]
     Deployment(deployment::DeploymentCmd),
@@ -242,6 +246,7 @@ async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
         Command::DeviceGroup(cmd) => cmd.run(ctx).await,
         Command::Image(cmd) => cmd.run(ctx).await,
         Command::Ca(cmd) => cmd.run(ctx).await,
+        Command::Enrollment(cmd) => cmd.run(ctx).await,
         Command::Deployment(cmd) => cmd.run(ctx).await,
         Command::SasToken(args) => args.run(ctx).await,
         Command::MonitorEvents(args) => args.run(ctx).await,

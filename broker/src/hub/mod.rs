@@ -54,6 +54,8 @@ pub struct Stores {
     pub sessions: crate::session::SessionStore,
     /// CA certificates for X.509 CA authentication.
     pub certificates: crate::certificates::CaStore,
+    /// Who may provision themselves (DPS enrollments).
+    pub enrollments: crate::enrollment::Enrollments,
 }
 
 /// Queue entries made by routing, and the distinct sinks they go to (woken once the entries
@@ -162,6 +164,7 @@ pub struct Hub {
     pub sessions: crate::session::SessionStore,
     /// CA certificates for X.509 CA authentication.
     pub certificates: crate::certificates::CaStore,
+    pub enrollments: crate::enrollment::Enrollments,
     pub methods: Methods,
     pub metrics: Arc<Metrics>,
     pub core: Core,
@@ -213,6 +216,7 @@ impl Hub {
             c2d: stores.c2d,
             sessions: stores.sessions,
             certificates: stores.certificates,
+            enrollments: stores.enrollments,
             methods: Methods::default(),
             metrics,
             core,

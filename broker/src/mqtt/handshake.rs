@@ -219,6 +219,25 @@ where
         debug!(%peer, "first packet was not CONNECT");
         return None;
     };
+    // Zero-touch provisioning (DPS) shares the listener: its own protocol, then the end.
+    if let Some(l) = login.as_ref() {
+        if crate::provisioning::mqtt::is_provisioning(&hub, &l.username) {
+            crate::provisioning::mqtt::serve(
+                reader,
+                writer,
+                rbuf,
+                crate::provisioning::mqtt::Attempt {
+                    registration_id: &connect.client_id,
+                    username: &l.username,
+                    password: &l.password,
+                    peer,
+                },
+                hub,
+            )
+            .await;
+            return None;
+        }
+    }
     let (principal, token_expiry) = match authenticate(
         &hub,
         &connect.client_id,
