@@ -308,3 +308,96 @@ async fn enrollments_are_validated_listed_and_deleted() {
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");
 }
+
+/// DPS's MQTT exchange at the wire, as the SDKs speak it (no Python needed): a token with
+/// `skn=registration` (the C and C# SDKs send it), the 202 with `retry-after` and an operation
+/// id, the poll answered 200 `assigned`, an unknown operation 404; a token for another
+/// registration id is refused at CONNECT.
+#[tokio::test]
+async fn dps_protocol_at_the_wire() {
+    use crate::harness::Client;
+    let hub = Hub::start("dps-wire").await;
+    let (s, group) = hub
+        .api(
+            Method::POST,
+            "/enrollmentGroups",
+            Some(json!({"id": "wire"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{group}");
+    let group_key = group["primaryKey"].as_str().unwrap();
+    let key = fleethub::enrollment::derive_key(group_key, "wire-1").unwrap();
+    let token = |reg: &str| {
+        fleethub::sas::generate(
+            &format!("{SCOPE}/registrations/{reg}"),
+            &key,
+            crate::harness::unix_now() + 600,
+        )
+        .unwrap()
+    };
+    let options = |reg: &str, password: String| {
+        let addr = hub.endpoints.mqtt.unwrap();
+        let mut o = rumqttc::MqttOptions::new(reg, addr.ip().to_string(), addr.port());
+        o.set_credentials(
+            format!("{SCOPE}/registrations/{reg}/api-version=2019-03-31&ClientVersion=wire"),
+            password,
+        );
+        o
+    };
+    // The key derived for wire-1 does not register wire-2.
+    let refused = Client::connect(options("wire-2", token("wire-2"))).await;
+    assert!(refused.is_err(), "wire-2 with wire-1's key");
+
+    let mut c = Client::connect(options(
+        "wire-1",
+        format!("{}&skn=registration", token("wire-1")),
+    ))
+    .await
+    .expect("registration connection");
+    c.subscribe_ok("$dps/registrations/res/#").await;
+    let body = json!({"registrationId": "wire-1"}).to_string();
+    let answer = c
+        .request(
+            "$dps/registrations/PUT/iotdps-register/?$rid=7",
+            body.as_bytes(),
+            "$dps/registrations/res/",
+        )
+        .await;
+    assert!(
+        answer
+            .topic
+            .starts_with("$dps/registrations/res/202/?$rid=7&retry-after="),
+        "{}",
+        answer.topic
+    );
+    let pending: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(pending["status"], "assigning", "{pending}");
+    let operation = pending["operationId"].as_str().unwrap();
+    let answer = c
+        .request(
+            &format!(
+                "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=8&operationId={operation}"
+            ),
+            b"",
+            "$dps/registrations/res/",
+        )
+        .await;
+    assert_eq!(answer.topic, "$dps/registrations/res/200/?$rid=8");
+    let done: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(done["registrationState"]["deviceId"], "wire-1");
+    assert_eq!(
+        done["registrationState"]["assignedHub"],
+        hub.hostname.as_str()
+    );
+    let answer = c
+        .request(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=9&operationId=nope",
+            b"",
+            "$dps/registrations/res/",
+        )
+        .await;
+    assert_eq!(answer.topic, "$dps/registrations/res/404/?$rid=9");
+    // The device it made connects with the derived key.
+    let _device = hub.device("wire-1", &key).await;
+}
