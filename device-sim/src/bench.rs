@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// is the subscriber (bodies are JSON for every broker)
     #[arg(long)]
     routed: bool,
+    /// How fleethub's publishing devices connect, each in turn against the same hub: plain
+    /// MQTT, MQTT over TLS, MQTT over WebSockets in TLS ("plain,tls,wss" runs all three);
+    /// the baselines and the subscriber use plain MQTT
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "plain")]
+    transports: Vec<targets::Transport>,
     /// Router log segment size in MiB (fleethub and rumqttd)
     #[arg(long, default_value_t = 32)]
     segment_mib: usize,
@@ -120,6 +125,15 @@ impl Memory {
             "heap_marginal_bytes_per_connection": self.heap_marginal(),
             "heap_bytes_per_connection": self.heap_per_connection(),
         })
+    }
+}
+
+/// The result label of a target's run over `transport`: its name for plain MQTT.
+fn labelled(name: &'static str, transport: targets::Transport) -> &'static str {
+    match (name, transport) {
+        ("fleethub", targets::Transport::Tls) => "fleethub-tls",
+        ("fleethub", targets::Transport::Wss) => "fleethub-wss",
+        _ => name,
     }
 }
 
@@ -211,13 +225,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             None
         };
+        let mut target = target;
+        let transports = if target.name == "fleethub" {
+            args.transports.clone()
+        } else {
+            vec![targets::Transport::Plain]
+        };
         for (q, spec) in args.qos.iter().zip(&specs) {
-            let best = (0..args.rounds.max(1))
-                .map(|_| rt.block_on(load::run(&target, spec)))
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .max_by(|a, b| a.rate().total_cmp(&b.rate()));
-            results.extend(best.map(|r| (*q, r)));
+            for &transport in &transports {
+                if transport != targets::Transport::Plain && !target.has_tls() {
+                    anyhow::bail!("{} serves no TLS listeners", target.name);
+                }
+                target.transport = transport;
+                let best = (0..args.rounds.max(1))
+                    .map(|_| rt.block_on(load::run(&target, spec)))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .max_by(|a, b| a.rate().total_cmp(&b.rate()));
+                results.extend(best.map(|mut r| {
+                    r.target = labelled(r.target, transport);
+                    (*q, r)
+                }));
+            }
         }
         if let Some(held) = held {
             rt.block_on(held.release());
@@ -246,6 +275,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "payload_bytes": args.payload,
                 "qos": args.qos,
                 "routed": args.routed,
+                "transports": args.transports.iter().map(|t| t.name()).collect::<Vec<_>>(),
                 "hold": args.hold,
                 "sessions": args.sessions,
                 "results": results.iter().map(|(q, r)| {
@@ -260,6 +290,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "fleethub_to_mosquitto": m,
                 })).collect::<Vec<_>>(),
                 "ratio_fleethub_to_rumqttd": ratios.first().and_then(|r| r.1),
+                "transport_ratios": args.qos.iter().map(|&q| json!({
+                    "qos": q,
+                    "tls_to_plain": rate("fleethub-tls", q).zip(rate("fleethub", q)).map(|(a, b)| a / b),
+                    "wss_to_plain": rate("fleethub-wss", q).zip(rate("fleethub", q)).map(|(a, b)| a / b),
+                })).collect::<Vec<_>>(),
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
@@ -281,12 +316,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             );
             println!(
-                "{:<10} {:>3} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
+                "{:<13} {:>3} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
                 "target", "qos", "sent", "received", "elapsed_s", "msg/s", "p50_ms", "p99_ms"
             );
             for (q, r) in &results {
                 println!(
-                    "{:<10} {:>3} {:>10} {:>10} {:>10.2} {:>12.0} {:>8.2} {:>8.2}",
+                    "{:<13} {:>3} {:>10} {:>10} {:>10.2} {:>12.0} {:>8.2} {:>8.2}",
                     r.target,
                     q,
                     r.sent,
@@ -296,6 +331,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     r.p50_ms,
                     r.p99_ms
                 );
+            }
+            for &q in &args.qos {
+                let plain = rate("fleethub", q);
+                for t in [targets::Transport::Tls, targets::Transport::Wss] {
+                    if let (Some(p), Some(r)) = (plain, rate(labelled("fleethub", t), q)) {
+                        println!(
+                            "QoS {q}: fleethub over {} / over plain MQTT throughput: {:.2}",
+                            t.name(),
+                            r / p
+                        );
+                    }
+                }
             }
             for (q, r, m) in &ratios {
                 if let Some(r) = r {

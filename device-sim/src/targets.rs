@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -26,10 +27,40 @@ pub struct ClientSpec {
     pub topic: String,
 }
 
+/// How the publishing devices reach fleethub: MQTT over TCP, over TLS (the MQTTS listener), or
+/// over WebSockets in TLS (the WSS listener, `/$iothub/websocket`, as the SDKs'
+/// `websockets=True`). The baselines and the subscriber always use plain TCP.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Plain,
+    Tls,
+    Wss,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Plain => "plain",
+            Transport::Tls => "tls",
+            Transport::Wss => "wss",
+        }
+    }
+}
+
+/// fleethub's TLS listeners and a client configuration trusting its generated CA.
+struct TlsAccess {
+    mqtts: SocketAddr,
+    wss: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+}
+
 /// How a load's clients reach a broker.
 pub struct Target {
     pub name: &'static str,
     pub addr: SocketAddr,
+    /// What [`Target::device_options`] connects the devices over (fleethub only).
+    pub transport: Transport,
+    tls: Option<TlsAccess>,
     pub devices: Vec<ClientSpec>,
     /// Idle clients that only hold a connection (the memory-per-connection measurement).
     pub held: Vec<ClientSpec>,
@@ -39,9 +70,40 @@ pub struct Target {
 }
 
 impl Target {
+    /// Whether the broker serves MQTT over TLS and WebSockets (fleethub does).
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     pub fn device_options(&self, i: usize) -> (MqttOptions, String) {
         let c = &self.devices[i];
-        (options(self.addr, &c.id, &c.credentials), c.topic.clone())
+        let mut o = options(self.addr, &c.id, &c.credentials);
+        match (self.transport, &self.tls) {
+            (Transport::Plain, _) => {}
+            (Transport::Tls, Some(tls)) => {
+                o = options(tls.mqtts, &c.id, &c.credentials);
+                o.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
+                ));
+            }
+            (Transport::Wss, Some(tls)) => {
+                let url = format!("wss://{}/$iothub/websocket", tls.wss);
+                let mut w = MqttOptions::new(&c.id, url, tls.wss.port());
+                if let Some((u, p)) = &c.credentials {
+                    w.set_credentials(u.clone(), p.clone());
+                }
+                w.set_keep_alive(o.keep_alive());
+                w.set_max_packet_size(1024 * 1024, 1024 * 1024);
+                w.set_inflight(o.inflight());
+                w.set_transport(rumqttc::Transport::wss_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
+                ));
+                o = w;
+            }
+            // Only fleethub has the TLS listeners; a baseline stays on TCP.
+            (_, None) => {}
+        }
+        (o, c.topic.clone())
     }
 
     pub fn held_options(&self, i: usize) -> MqttOptions {
@@ -154,6 +216,22 @@ fn options(addr: SocketAddr, id: &str, creds: &Option<(String, String)>) -> Mqtt
     o
 }
 
+/// A TLS client configuration that trusts the CA in `ca_pem`.
+fn trusting(ca_pem: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read(ca_pem).with_context(|| format!("reading {}", ca_pem.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 fn free_port() -> Result<SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
@@ -258,11 +336,13 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
                     std::thread::sleep(Duration::from_millis(200));
                 });
             }
+            // The TLS listeners cost nothing while no client uses them; `bench --transports`
+            // does.
             let overrides = fleethub::config::Overrides {
                 data_dir: Some(args.dir.join("data")),
                 mqtt: Some(args.mqtt.clone()),
-                mqtts: Some("off".into()),
-                wss: None,
+                mqtts: Some("127.0.0.1:0".into()),
+                wss: Some("127.0.0.1:0".into()),
                 api: Some("127.0.0.1:0".into()),
             };
             let mut config = fleethub::Config::load(None, &overrides)?;
@@ -346,6 +426,8 @@ pub fn rumqttd(devices: usize, hold: usize, sizing: Sizing) -> Result<Target> {
     let (devices, held, subscriber) = plain_clients(devices, hold);
     let mut target = Target {
         name: "rumqttd",
+        transport: Transport::Plain,
+        tls: None,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         devices,
         held,
@@ -407,6 +489,8 @@ pub fn mosquitto(devices: usize, hold: usize) -> Result<Option<Target>> {
     let (devices, held, subscriber) = plain_clients(devices, hold);
     Ok(Some(Target {
         name: "mosquitto",
+        transport: Transport::Plain,
+        tls: None,
         addr,
         devices,
         held,
@@ -496,6 +580,8 @@ pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) 
     let mut target = Target {
         name: "fleethub",
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        transport: Transport::Plain,
+        tls: None,
         devices: Vec::new(),
         held: Vec::new(),
         subscriber: ClientSpec {
@@ -513,6 +599,13 @@ pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) 
     target.addr = endpoints
         .mqtt
         .context("fleethub has no plain MQTT listener")?;
+    if let (Some(mqtts), Some(wss)) = (endpoints.mqtts, endpoints.wss) {
+        target.tls = Some(TlsAccess {
+            mqtts,
+            wss,
+            config: trusting(&data_dir.join("tls").join("ca.pem"))?,
+        });
+    }
     let api = format!("http://{}", endpoints.api);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

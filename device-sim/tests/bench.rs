@@ -64,3 +64,46 @@ fn bench_runs_every_broker_and_counts_every_message() {
         assert!(v["ratios"][0]["fleethub_to_mosquitto"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// `--transports`: the same hub's devices over plain MQTT, TLS and WebSockets in turn, every
+/// message counted on each, with the ratios to plain in the summary.
+#[test]
+fn bench_runs_fleethub_over_each_transport() {
+    let out = Command::new(env!("CARGO_BIN_EXE_device-sim"))
+        .args([
+            "bench",
+            "--target",
+            "fleethub",
+            "--transports",
+            "plain,tls,wss",
+            "--devices",
+            "3",
+            "--messages",
+            "200",
+            "--segment-mib",
+            "4",
+            "--output",
+            "json",
+        ])
+        .output()
+        .expect("run device-sim");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let results = v["results"].as_array().unwrap();
+    let names: Vec<&str> = results
+        .iter()
+        .filter_map(|r| r["target"].as_str())
+        .collect();
+    assert_eq!(names, ["fleethub", "fleethub-tls", "fleethub-wss"]);
+    for r in results {
+        assert_eq!(r["sent"], 600, "{r}");
+        assert_eq!(r["received"], 600, "{r}");
+    }
+    let ratios = &v["transport_ratios"][0];
+    assert!(ratios["tls_to_plain"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(ratios["wss_to_plain"].as_f64().unwrap() > 0.0, "{v}");
+}
