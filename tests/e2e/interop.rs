@@ -150,29 +150,16 @@ async fn read_json(lines: &mut SdkLines) -> Value {
     serde_json::from_str::<Value>(&line).unwrap()
 }
 
-async fn device_plane(kind: &str, websockets: bool) {
-    device_plane_with(kind, websockets, "sas").await
-}
-
-/// The device plane with the SDK; `auth` is `sas`, `self-signed` (a certificate registered
-/// by thumbprint) or `ca` (a certificate of a verified CA naming the device).
-async fn device_plane_with(kind: &str, websockets: bool, auth: &str) {
-    let Some(python) = python() else { return };
-    let name = format!(
-        "interop-{}{kind}-{auth}",
-        if websockets { "wss-" } else { "" },
-    );
-    let (hub, ip) = if websockets {
-        hub_on_wss(&name).await
-    } else {
-        sdk_hub(&name).await
-    };
-    let register = |body: Value| {
-        let hub = &hub;
-        async move {
-            let (s, b) = hub.api(Method::POST, "/devices", Some(body)).await;
-            assert_eq!(s, 201, "{b}");
-        }
+/// Registers the SDK's device `sdk-dev` with `auth` (`sas`, `self-signed`: a certificate
+/// registered by thumbprint, `ca`: a certificate of a CA uploaded and verified, naming the
+/// device); returns its SAS key (empty for X.509) and its certificate and key files.
+pub(crate) async fn sdk_device(
+    hub: &Hub,
+    auth: &str,
+) -> (String, Option<(std::path::PathBuf, std::path::PathBuf)>) {
+    let register = |body: Value| async move {
+        let (s, b) = hub.api(Method::POST, "/devices", Some(body)).await;
+        assert_eq!(s, 201, "{b}");
     };
     let (dkey, cert) = match auth {
         "self-signed" => {
@@ -219,6 +206,27 @@ async fn device_plane_with(kind: &str, websockets: bool, auth: &str) {
         std::fs::write(&key, &c.key_pem).unwrap();
         (cert, key)
     });
+    (dkey, cert_files)
+}
+
+async fn device_plane(kind: &str, websockets: bool) {
+    device_plane_with(kind, websockets, "sas").await
+}
+
+/// The device plane with the SDK; `auth` is `sas`, `self-signed` (a certificate registered
+/// by thumbprint) or `ca` (a certificate of a verified CA naming the device).
+async fn device_plane_with(kind: &str, websockets: bool, auth: &str) {
+    let Some(python) = python() else { return };
+    let name = format!(
+        "interop-{}{kind}-{auth}",
+        if websockets { "wss-" } else { "" },
+    );
+    let (hub, ip) = if websockets {
+        hub_on_wss(&name).await
+    } else {
+        sdk_hub(&name).await
+    };
+    let (dkey, cert_files) = sdk_device(&hub, auth).await;
     let (cs, twin_path, identity_args): (String, &str, Vec<&str>) = if kind == "module" {
         let mkey = hub.create_module("sdk-dev", "sdk-mod").await;
         (

@@ -6,6 +6,7 @@
 //! token lives two minutes renews it (by reconnecting) several times without losing anything.
 //! Skipped locally without FLEETHUB_PYTHON, like the other interop tests.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -13,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::harness::{Hub, Proxy};
-use crate::interop::{hub_named_by_loopback, python, script};
+use crate::interop::{hub_named_by_loopback, python, script, sdk_device};
 
 /// The SDK script's output, with the events not yet asked for kept in order.
 struct Sdk {
@@ -31,6 +32,7 @@ impl Sdk {
         ca: &std::path::Path,
         ttl: Option<u32>,
         websockets: bool,
+        cert_files: Option<&(PathBuf, PathBuf)>,
     ) -> Sdk {
         let mut cmd = tokio::process::Command::new(python);
         cmd.arg(script("session_device.py"))
@@ -38,6 +40,9 @@ impl Sdk {
             .arg(cs)
             .arg(ca)
             .env("SDK_WEBSOCKETS", if websockets { "1" } else { "0" });
+        if let Some((cert, key)) = cert_files {
+            cmd.env("SDK_X509_CERT", cert).env("SDK_X509_KEY", key);
+        }
         if let Some(ttl) = ttl {
             cmd.arg(ttl.to_string());
         }
@@ -153,9 +158,15 @@ fn sdk_listener(hub: &Hub, websockets: bool) -> std::net::SocketAddr {
 }
 
 async fn sdk_survives(kind: &str, websockets: bool) {
+    sdk_survives_with(kind, websockets, "sas").await
+}
+
+/// The second hour for a client of `kind` over WebSockets or TLS, authenticated by `auth`
+/// (`sas`, or for a device `self-signed` or `ca`: see [`sdk_device`]).
+async fn sdk_survives_with(kind: &str, websockets: bool, auth: &str) {
     let Some(python) = python() else { return };
     let name = format!(
-        "interop-sessions-{kind}{}",
+        "interop-sessions-{kind}-{auth}{}",
         if websockets { "-wss" } else { "" }
     );
     let (mut hub, ip) = hub_named_by_loopback(&name, false, websockets).await;
@@ -164,7 +175,7 @@ async fn sdk_survives(kind: &str, websockets: bool) {
     let port = if websockets { 443 } else { 8883 };
     let proxy = Proxy::start(&format!("{ip}:{port}"), sdk_listener(&hub, websockets)).await;
 
-    let dkey = hub.create_device("sdk-dev").await;
+    let (dkey, cert_files) = sdk_device(&hub, auth).await;
     let (cs, twin_path, method_path) = if kind == "module" {
         let mkey = hub.create_module("sdk-dev", "sdk-mod").await;
         (
@@ -186,7 +197,16 @@ async fn sdk_survives(kind: &str, websockets: bool) {
     )
     .await;
     let ca = hub.data_dir().join("tls/ca.pem");
-    let mut sdk = Sdk::spawn(&python, kind, &cs, &ca, None, websockets).await;
+    let mut sdk = Sdk::spawn(
+        &python,
+        kind,
+        &cs,
+        &ca,
+        None,
+        websockets,
+        cert_files.as_ref(),
+    )
+    .await;
     let ready = sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
     assert_eq!(
         ready["doc"],
@@ -280,6 +300,18 @@ async fn azure_iot_python_sdk_over_websockets_keeps_receiving_across_restarts_an
     sdk_survives("device", true).await;
 }
 
+/// And for every auth kind: a device with a self-signed certificate over TLS, and one with
+/// a CA-signed certificate over WebSockets.
+#[tokio::test]
+async fn azure_iot_python_sdk_x509_self_signed_keeps_receiving_across_restarts_and_cuts() {
+    sdk_survives_with("device", false, "self-signed").await;
+}
+
+#[tokio::test]
+async fn azure_iot_python_sdk_x509_ca_over_websockets_keeps_receiving_across_restarts_and_cuts() {
+    sdk_survives_with("device", true, "ca").await;
+}
+
 #[tokio::test]
 async fn azure_iot_python_sdk_module_keeps_receiving_across_restarts_and_cuts() {
     sdk_survives("module", false).await;
@@ -297,7 +329,7 @@ async fn azure_iot_python_sdk_renews_short_tokens_without_loss() {
     let ca = hub.data_dir().join("tls/ca.pem");
     let accepted = "fleethub_connection_attempts_total{result=\"accepted\"}";
     let before = hub.metric(accepted).await;
-    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, Some(126), false).await;
+    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, Some(126), false, None).await;
     sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
 
     let started = Instant::now();
@@ -384,7 +416,7 @@ async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     tag(&hub, json!({"env": "prod"})).await;
     let cs = format!("HostName={ip};DeviceId=sdk-dev;SharedAccessKey={key}");
     let ca = hub.data_dir().join("tls/ca.pem");
-    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, None, false).await;
+    let mut sdk = Sdk::spawn(&python, "device", &cs, &ca, None, false, None).await;
     sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
     let content = |props: Value| {
         let mut m = serde_json::Map::new();

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 
-from azure.iot.device import IoTHubDeviceClient, IoTHubModuleClient, Message, MethodResponse
+from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, Message, MethodResponse
 
 lock = threading.Lock()
 
@@ -59,9 +59,20 @@ def main() -> int:
     with open(ca_path) as f:
         ca = f.read()
     cls = IoTHubModuleClient if kind == "module" else IoTHubDeviceClient
-    client = cls.create_from_connection_string(
-        connection_string, server_verification_cert=ca, **options
-    )
+    cert_file = os.environ.get("SDK_X509_CERT")
+    if cert_file:
+        # X.509: the connection string gives the host and the device id; the certificate is
+        # the credential (create_from_x509_certificate, as an X.509 device's code does it).
+        fields = dict(p.split("=", 1) for p in connection_string.split(";"))
+        client = cls.create_from_x509_certificate(
+            x509=X509(cert_file=cert_file, key_file=os.environ["SDK_X509_KEY"]),
+            hostname=fields["HostName"], device_id=fields["DeviceId"],
+            server_verification_cert=ca, **options
+        )
+    else:
+        client = cls.create_from_connection_string(
+            connection_string, server_verification_cert=ca, **options
+        )
     state = {"doc": {}}
 
     def on_desired(patch):
