@@ -430,6 +430,32 @@ impl ApiClient {
             .await
     }
 
+    // The events endpoint's consumer groups
+
+    pub async fn consumer_groups(&self) -> ClientResult<Items<crate::events::GroupView>> {
+        self.get("/consumerGroups").await
+    }
+
+    pub async fn consumer_group(&self, name: &str) -> ClientResult<crate::events::GroupView> {
+        self.get(&format!("/consumerGroups/{}", segment(name)))
+            .await
+    }
+
+    /// Creates a group starting at `from` (`start`, `end` or an RFC 3339 time).
+    pub async fn create_consumer_group(
+        &self,
+        name: &str,
+        from: &str,
+    ) -> ClientResult<crate::events::GroupView> {
+        let body = serde_json::json!({ "name": name, "from": from });
+        self.send(Method::POST, "/consumerGroups", &body).await
+    }
+
+    pub async fn delete_consumer_group(&self, name: &str) -> ClientResult<()> {
+        self.delete(&format!("/consumerGroups/{}", segment(name)))
+            .await
+    }
+
     // CA certificates
 
     pub async fn certificates(&self) -> ClientResult<Items<crate::certificates::CaCertificate>> {

@@ -30,6 +30,8 @@ pub enum ConfigError {
     Upstream(String),
     #[error("config key log.format: '{0}' is not \"text\" or \"json\"")]
     LogFormat(String),
+    #[error("config key events.{0}: must be at least 1")]
+    Events(&'static str),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +51,33 @@ struct FileConfig {
     store_and_forward: StoreAndForwardSection,
     #[serde(default)]
     provisioning: ProvisioningSection,
+    #[serde(default)]
+    events: EventsSection,
+}
+
+/// `[events]`: the built-in events endpoint (see `crate::events`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSection {
+    /// The fallback route: telemetry that matched no route goes to the endpoint.
+    pub fallback: bool,
+    /// How long a message is kept, read or not.
+    pub retention_secs: u64,
+    /// How much is kept at most: beyond it the oldest messages make room.
+    pub retention_bytes: u64,
+    /// Consumer groups the hub allows, `$Default` included.
+    pub max_consumer_groups: usize,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection {
+            fallback: true,
+            retention_secs: 86_400,
+            retention_bytes: 1 << 30,
+            max_consumer_groups: 20,
+        }
+    }
 }
 
 /// `[provisioning]`: zero-touch provisioning as the Device Provisioning Service does it.
@@ -211,6 +240,7 @@ pub struct Config {
     pub upstream: UpstreamSection,
     pub store_and_forward: StoreAndForwardSection,
     pub provisioning: ProvisioningSection,
+    pub events: EventsSection,
 }
 
 impl Config {
@@ -247,6 +277,18 @@ impl Config {
     fn build(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         if !matches!(file.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::LogFormat(file.log.format));
+        }
+        for (key, value) in [
+            ("retention_secs", file.events.retention_secs),
+            ("retention_bytes", file.events.retention_bytes),
+            (
+                "max_consumer_groups",
+                file.events.max_consumer_groups as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Events(key));
+            }
         }
         let addr = |key: &'static str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
             if v == "off" {
@@ -300,6 +342,7 @@ impl Config {
             upstream: file.upstream,
             store_and_forward: file.store_and_forward,
             provisioning: file.provisioning,
+            events: file.events,
         })
     }
 }

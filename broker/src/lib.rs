@@ -37,6 +37,7 @@ pub mod core;
 pub mod data_dir;
 pub mod deploy;
 pub mod enrollment;
+pub mod events;
 pub mod fleet;
 pub mod fuzzing;
 pub mod hub;

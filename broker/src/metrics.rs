@@ -55,6 +55,12 @@ pub struct Metrics {
     pub queue_refused: IntCounter,
     /// Provisioning (DPS) registrations by result.
     pub provisioning: IntCounterVec,
+    /// Telemetry the fallback route sent to the events endpoint.
+    pub events_fallback: IntCounter,
+    /// Events handed to consumer groups' readers, by group.
+    pub events_delivered: IntCounterVec,
+    events_lag_messages: prometheus::IntGaugeVec,
+    events_lag_seconds: prometheus::GaugeVec,
     /// Main-store writes refused because the disk is below its free-space floor.
     pub store_writes_refused: IntCounter,
     /// Per sink, refreshed on every scrape from the queues.
@@ -235,6 +241,35 @@ impl Metrics {
             "Routed messages refused by the store-and-forward quota (their publish was not acknowledged)",
         )
         .expect("valid metric");
+        let events_fallback = IntCounter::new(
+            "fleethub_events_fallback_total",
+            "Telemetry that matched no route and went to the events endpoint (the fallback route)",
+        )
+        .expect("valid metric");
+        let events_delivered = IntCounterVec::new(
+            Opts::new(
+                "fleethub_events_delivered_total",
+                "Events handed to a consumer group's readers (again after a reader left unacknowledged)",
+            ),
+            &["group"],
+        )
+        .expect("valid metric");
+        let events_lag_messages = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "fleethub_events_consumer_lag_messages",
+                "Retained events after a consumer group's checkpoint",
+            ),
+            &["group"],
+        )
+        .expect("valid metric");
+        let events_lag_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "fleethub_events_consumer_lag_seconds",
+                "Age of the oldest retained event after a consumer group's checkpoint",
+            ),
+            &["group"],
+        )
+        .expect("valid metric");
         let queue_depth = prometheus::IntGaugeVec::new(
             Opts::new(
                 "fleethub_queue_depth",
@@ -305,6 +340,10 @@ impl Metrics {
             Box::new(upstream_connected.clone()),
             Box::new(queue_refused.clone()),
             Box::new(provisioning.clone()),
+            Box::new(events_fallback.clone()),
+            Box::new(events_delivered.clone()),
+            Box::new(events_lag_messages.clone()),
+            Box::new(events_lag_seconds.clone()),
             Box::new(store_writes_refused.clone()),
             Box::new(queue_depth.clone()),
             Box::new(queue_bytes.clone()),
@@ -342,6 +381,10 @@ impl Metrics {
             upstream_connected,
             queue_refused,
             provisioning,
+            events_fallback,
+            events_delivered,
+            events_lag_messages,
+            events_lag_seconds,
             store_writes_refused,
             queue_depth,
             queue_bytes,
@@ -388,6 +431,20 @@ impl Metrics {
                     *last = total;
                 }
             }
+        }
+    }
+
+    /// Sets the consumer groups' lag gauges; groups gone since are removed.
+    pub fn observe_groups(&self, groups: &[crate::events::GroupView]) {
+        self.events_lag_messages.reset();
+        self.events_lag_seconds.reset();
+        for g in groups {
+            self.events_lag_messages
+                .with_label_values(&[&g.name])
+                .set(g.lag_messages as i64);
+            self.events_lag_seconds
+                .with_label_values(&[&g.name])
+                .set(g.lag_seconds);
         }
     }
 

@@ -154,6 +154,10 @@ pub async fn run_with_reload(
         .db
         .count_refusals_in(metrics.store_writes_refused.clone());
     let limits = fleethub_router::queue::Limits {
+        log_sink: Some(fleethub_router::queue::LogSink {
+            sink: crate::events::SINK,
+            max_bytes: config.events.retention_bytes,
+        }),
         max_bytes: config.store_and_forward.max_bytes,
         max_sink_bytes: config.store_and_forward.max_sink_bytes,
         cache_bytes: config.store_and_forward.cache_bytes,
@@ -181,12 +185,21 @@ pub async fn run_with_reload(
         );
     }
     let live = crate::connections::Live::default();
+    let events = Arc::new(
+        crate::events::Events::open(
+            queues.clone(),
+            stores.consumer_groups.clone(),
+            config.events.max_consumer_groups,
+        )
+        .map_err(|e| ServerError::Store(e.to_string()))?,
+    );
     let sinks = Arc::new(
         crate::sinks::Sinks::start(&crate::sinks::Context {
             config: &config,
             queues: queues.clone(),
             metrics: metrics.clone(),
             live: live.clone(),
+            events: events.clone(),
         })
         .map_err(|e| ServerError::Store(e.to_string()))?,
     );
@@ -219,6 +232,7 @@ pub async fn run_with_reload(
         metrics,
         queues,
         live,
+        events,
     ));
     hub.observe(Arc::new(crate::deploy::Observer(deploy.clone())));
     // A deployment acknowledged just before a crash may not have reached every twin yet.
@@ -268,6 +282,7 @@ pub async fn run_with_reload(
         stop_rx.clone(),
     ));
     tasks.spawn(sweep_expired(hub.clone(), stop_rx.clone()));
+    tasks.spawn(store_checkpoints(hub.clone(), stop_rx.clone()));
     if let Some(reload) = reload {
         tasks.spawn(reload_on_sighup(hub.clone(), reload, stop_rx.clone()));
     }
@@ -329,6 +344,10 @@ pub async fn run_with_reload(
         tracing::warn!("some connections or background tasks did not finish within 5 s");
     }
     hub.sinks.stop().await;
+    // What the last consumers acknowledged while closing.
+    if let Err(e) = hub.events.flush() {
+        tracing::warn!(error = %e, "could not store consumer group checkpoints");
+    }
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     info!("stopped");
     Ok(())
@@ -513,6 +532,26 @@ async fn sweep_expired(hub: SharedHub, mut stop: watch::Receiver<bool>) {
             }
         })
         .await;
+    }
+}
+
+/// Stores the consumer groups' checkpoints that moved, five times a second and once more at
+/// shutdown: a crash redelivers at most that long's acknowledged events (duplicates, never
+/// losses), for one small write per moving group instead of one per acknowledgement.
+async fn store_checkpoints(hub: SharedHub, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let events = hub.events.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || events.flush()).await {
+            tracing::warn!(error = %e, "could not store consumer group checkpoints");
+        }
+        if stopping {
+            return;
+        }
     }
 }
 

@@ -156,6 +156,8 @@ pub fn open(data_dir: &Path) -> Result<Opened, StoreError> {
             .map_err(|e| damaged("CA certificates", e.to_string()))?,
         enrollments: crate::enrollment::Enrollments::open(db.clone())
             .map_err(|e| damaged("provisioning enrollments", e.to_string()))?,
+        consumer_groups: crate::events::GroupStore::open(db.clone())
+            .map_err(|e| damaged("consumer groups", e.to_string()))?,
     };
     let deploy =
         crate::deploy::Engine::open(db).map_err(|e| damaged("deployments", e.to_string()))?;
@@ -247,6 +249,14 @@ pub fn check(data_dir: &Path) -> Vec<Checked> {
                     crate::certificates::CaStore::open(db.clone())
                         .map_err(|e| e.to_string())
                         .and_then(|c| count(c.list().len())),
+                ));
+                out.push(verdict(
+                    &main,
+                    "consumer groups",
+                    crate::events::GroupStore::open(db.clone())
+                        .and_then(|g| g.load())
+                        .map_err(|e| e.to_string())
+                        .and_then(|g| count(g.len())),
                 ));
                 out.push(verdict(
                     &main,

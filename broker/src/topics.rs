@@ -38,6 +38,10 @@ pub const NO_MODULE: &str = "~";
 pub const EVENTS_PREFIX: &str = "fh/ev/";
 /// Client-facing prefix of telemetry for service connections (`monitor-events`).
 pub const SERVICE_EVENTS_PREFIX: &str = "$fleethub/events/";
+/// The filter that reads the events endpoint through a consumer group.
+pub const EVENTS_ALL: &str = "$fleethub/events/#";
+/// The consumer group [`EVENTS_ALL`] alone reads (the events endpoint's `$Default`).
+pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
 /// Every router topic starts here; the router keeps one catch-all filter on it.
 pub const INTERNAL_ROOT_FILTER: &str = "fh/#";
 
@@ -112,6 +116,14 @@ pub fn telemetry_topic(identity: &IdentityKey) -> String {
         "{EVENTS_PREFIX}{}/{module}",
         encode_id(identity.device.as_str())
     )
+}
+
+/// `{d}/{m or ~}`, the id levels of an event's topic (encoded as the router's are).
+pub fn telemetry_ids(device: &str, module: Option<&str>) -> String {
+    let module = module
+        .map(encode_id)
+        .unwrap_or_else(|| NO_MODULE.to_string());
+    format!("{}/{module}", encode_id(device))
 }
 
 /// `true` when the topic level `segment` names `id` (raw or percent-encoded).
@@ -191,8 +203,12 @@ pub struct MappedFilter {
 pub enum Target {
     /// An identity's own deliveries of one kind, written by the hub to its connection.
     Delivery(Delivery),
-    /// Telemetry for a service connection: this filter in the embedded router.
+    /// Telemetry for a service connection: this filter in the embedded router (the live
+    /// view: what arrives while it is connected, at the router's pace, never kept).
     Router(String),
+    /// The events endpoint read through this consumer group (durable, checkpointed):
+    /// `$fleethub/events/#` reads `$Default`, `$share/{group}/$fleethub/events/#` a group.
+    ConsumerGroup(String),
 }
 
 impl MappedFilter {
@@ -205,7 +221,7 @@ impl MappedFilter {
     pub fn router_filter(&self) -> Option<&str> {
         match &self.target {
             Target::Router(f) => Some(f),
-            Target::Delivery(_) => None,
+            Target::Delivery(_) | Target::ConsumerGroup(_) => None,
         }
     }
 }
@@ -214,6 +230,25 @@ impl MappedFilter {
 pub fn map_filter(principal: &Principal, filter: &str) -> Option<MappedFilter> {
     match principal {
         Principal::Service => {
+            // The whole endpoint through a consumer group (MQTT 5's shared-subscription
+            // form names the group; plain `#` is `$Default`).
+            let group = match filter.strip_prefix("$share/") {
+                Some(rest) => {
+                    let (group, filter) = rest.split_once('/')?;
+                    if filter != EVENTS_ALL || group.is_empty() {
+                        return None;
+                    }
+                    Some(group)
+                }
+                None if filter == EVENTS_ALL => Some(DEFAULT_CONSUMER_GROUP),
+                None => None,
+            };
+            if let Some(group) = group {
+                return Some(MappedFilter {
+                    client: filter.to_string(),
+                    target: Target::ConsumerGroup(group.to_string()),
+                });
+            }
             let rest = filter.strip_prefix(SERVICE_EVENTS_PREFIX)?;
             // Only the device and module levels exist in the router; the bag level is
             // filtered on delivery.
@@ -366,12 +401,41 @@ mod tests {
                 "{filter} vs {client_topic}"
             );
         }
-        // Telemetry for a service connection goes through the router and back.
-        let mapped = map_filter(&Principal::Service, "$fleethub/events/#").unwrap();
-        assert_eq!(mapped.router_filter(), Some("fh/ev/#"));
+        // The live view of telemetry for a service connection goes through the router and
+        // back.
+        let mapped = map_filter(&Principal::Service, "$fleethub/events/+/#").unwrap();
+        assert_eq!(mapped.router_filter(), Some("fh/ev/+/#"));
         let topic = service_client_topic("fh/ev/d1/~", "a=1").unwrap();
         assert_eq!(topic, "$fleethub/events/d1/~/a=1");
         assert!(filter_matches(&mapped.client, &topic));
+    }
+
+    /// The whole endpoint is read through a consumer group: `$Default` for the plain
+    /// filter, the named one for MQTT 5's shared-subscription form; anything else of that
+    /// form is refused.
+    #[test]
+    fn consumer_group_filters() {
+        let group = |f: &str| map_filter(&Principal::Service, f).map(|m| m.target);
+        assert_eq!(
+            group("$fleethub/events/#"),
+            Some(Target::ConsumerGroup("$Default".into()))
+        );
+        assert_eq!(
+            group("$share/analytics/$fleethub/events/#"),
+            Some(Target::ConsumerGroup("analytics".into()))
+        );
+        for refused in [
+            "$share//$fleethub/events/#",
+            "$share/g/$fleethub/events/d1/#",
+            "$share/g",
+            "$share/g/devices/#",
+        ] {
+            assert_eq!(group(refused), None, "{refused}");
+        }
+        assert!(matches!(
+            group("$fleethub/events/d1/#"),
+            Some(Target::Router(_))
+        ));
     }
 
     #[test]

@@ -262,7 +262,9 @@ impl Hub {
         o.set_credentials("$service", self.token.clone());
         o.set_max_packet_size(512 * 1024, 512 * 1024);
         let client = Client::connect(o).await.expect("monitor connects");
-        client.subscribe_ok("$fleethub/events/#").await;
+        // The live view of all telemetry (`$fleethub/events/#` alone reads the $Default
+        // consumer group: see `events.rs`).
+        client.subscribe_ok("$fleethub/events/+/#").await;
         client
     }
 

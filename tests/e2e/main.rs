@@ -6,6 +6,7 @@ mod authz;
 mod c2d;
 mod conformance;
 mod crash;
+mod events;
 mod fleet;
 mod formats;
 mod full_disk;

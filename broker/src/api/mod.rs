@@ -14,6 +14,7 @@ use axum::{Json, Router};
 
 mod backup;
 mod certificates;
+mod consumer_groups;
 mod enrollments;
 mod fleet;
 mod identities;
@@ -149,6 +150,7 @@ pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
         .merge(backup::routes())
         .merge(certificates::routes())
         .merge(enrollments::routes())
+        .merge(consumer_groups::routes())
         .merge(mounted)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -190,6 +192,18 @@ async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
         &fleethub_router::queue::Queue::stats(&*hub.queues),
         crate::c2d::now_ms(),
     );
+    // Lag reads the queue (a range count per group): off the async threads.
+    let events = hub.events.clone();
+    let groups = tokio::task::spawn_blocking(move || {
+        events
+            .names()
+            .iter()
+            .filter_map(|g| events.view(g).ok())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    hub.metrics.observe_groups(&groups);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         hub.metrics.render(),

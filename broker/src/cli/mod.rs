@@ -8,6 +8,7 @@
 //! deployments), `image`, `deployment` (targeted deployments), `monitor`.
 
 mod ca;
+mod consumer_group;
 mod deployment;
 mod enrollment;
 mod fleet;
@@ -108,8 +109,12 @@ pub enum Command {
     Deployment(deployment::DeploymentCmd),
     /// Print a SAS token for a device or module (the MQTT password)
     SasToken(identity::SasTokenArgs),
-    /// Print telemetry as it arrives (like `az iot hub monitor-events`)
+    /// Print telemetry: live as it arrives, or the events endpoint through a consumer group
+    /// (like `az iot hub monitor-events`)
     MonitorEvents(monitor::MonitorArgs),
+    /// The events endpoint's consumer groups
+    #[command(subcommand)]
+    ConsumerGroup(consumer_group::ConsumerGroupCmd),
     /// The hub's stores, offline (the hub stopped)
     #[command(subcommand)]
     Store(store::StoreCmd),
@@ -250,6 +255,7 @@ async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
         Command::Deployment(cmd) => cmd.run(ctx).await,
         Command::SasToken(args) => args.run(ctx).await,
         Command::MonitorEvents(args) => args.run(ctx).await,
+        Command::ConsumerGroup(cmd) => cmd.run(ctx).await,
         Command::Backup { dir } => {
             let dir = std::path::absolute(dir).context("the backup directory")?;
             ctx.progress(&format!("backing up to {} …", dir.display()));

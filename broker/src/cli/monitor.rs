@@ -1,5 +1,6 @@
-//! `monitor-events`: telemetry as it arrives, over the MQTT service connection (like
-//! `az iot hub monitor-events`).
+//! `monitor-events`: telemetry over the MQTT service connection (like `az iot hub
+//! monitor-events`): the live view by default (what arrives while it runs, never kept), or
+//! the events endpoint through a consumer group (`--consumer-group`), from its checkpoint.
 
 use std::time::Duration;
 
@@ -25,6 +26,14 @@ pub struct MonitorArgs {
     /// Stop after this many events
     #[arg(long)]
     count: Option<u64>,
+    /// Read the events endpoint through this consumer group, from its checkpoint (its
+    /// acknowledgements move it); without it, the live view
+    #[arg(long, conflicts_with = "device")]
+    consumer_group: Option<String>,
+    /// With --consumer-group: where a group that does not exist yet starts (start, end
+    /// or an RFC 3339 time); it is created
+    #[arg(long, requires = "consumer_group")]
+    from: Option<String>,
 }
 
 impl MonitorArgs {
@@ -56,14 +65,28 @@ impl MonitorArgs {
         options.set_max_packet_size(1024 * 1024, 1024 * 1024);
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut events) = AsyncClient::new(options, 100);
-        let filter = match (device, module) {
-            (Some(d), Some(m)) => format!(
+        if let (Some(group), Some(from)) = (&self.consumer_group, &self.from) {
+            match ctx.api.consumer_group(group).await {
+                Ok(_) => ctx.progress(&format!(
+                    "consumer group {group} exists: reading from its checkpoint, not --from"
+                )),
+                Err(_) => {
+                    ctx.api.create_consumer_group(group, from).await?;
+                }
+            }
+        }
+        let filter = match (device, module, &self.consumer_group) {
+            (_, _, Some(g)) => format!("$share/{g}/{}", crate::topics::EVENTS_ALL),
+            (Some(d), Some(m), None) => format!(
                 "$fleethub/events/{}/{}/#",
                 crate::topics::encode_id(d),
                 crate::topics::encode_id(m)
             ),
-            (Some(d), None) => format!("$fleethub/events/{}/#", crate::topics::encode_id(d)),
-            _ => "$fleethub/events/#".to_string(),
+            (Some(d), None, None) => {
+                format!("$fleethub/events/{}/#", crate::topics::encode_id(d))
+            }
+            // Every device's telemetry, live (`#` alone would read the $Default group).
+            _ => "$fleethub/events/+/#".to_string(),
         };
         client.subscribe(filter, QoS::AtLeastOnce).await?;
         let deadline = timeout
@@ -101,7 +124,7 @@ impl MonitorArgs {
                         .iter()
                         .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                     {
-                        bail!("the hub refused the telemetry subscription");
+                        bail!("the hub refused the telemetry subscription (is the consumer group there? fleethub consumer-group list)");
                     }
                 }
                 Some(Ok(Event::Incoming(Packet::Publish(p)))) => {

@@ -56,6 +56,8 @@ pub struct Stores {
     pub certificates: crate::certificates::CaStore,
     /// Who may provision themselves (DPS enrollments).
     pub enrollments: crate::enrollment::Enrollments,
+    /// The events endpoint's consumer groups.
+    pub consumer_groups: crate::events::GroupStore,
 }
 
 /// Queue entries made by routing, and the distinct sinks they go to (woken once the entries
@@ -165,6 +167,8 @@ pub struct Hub {
     /// CA certificates for X.509 CA authentication.
     pub certificates: crate::certificates::CaStore,
     pub enrollments: crate::enrollment::Enrollments,
+    /// The built-in events endpoint's consumer groups and their readers.
+    pub events: Arc<crate::events::Events>,
     pub methods: Methods,
     pub metrics: Arc<Metrics>,
     pub core: Core,
@@ -200,6 +204,7 @@ impl Hub {
         metrics: Arc<Metrics>,
         queues: Arc<fleethub_router::queue::DiskQueue>,
         live: crate::connections::Live,
+        events: Arc<crate::events::Events>,
     ) -> Hub {
         Hub {
             limits: LiveLimits::new(&config.limits),
@@ -217,6 +222,7 @@ impl Hub {
             sessions: stores.sessions,
             certificates: stores.certificates,
             enrollments: stores.enrollments,
+            events,
             methods: Methods::default(),
             metrics,
             core,
@@ -359,7 +365,9 @@ impl Hub {
         out: &mut Routed,
     ) {
         let deliveries = self.routing.route(message, origin, twin_change);
-        if deliveries.is_empty() {
+        // IoT Hub's fallback route: telemetry no route matched goes to the events endpoint.
+        let fallback = deliveries.is_empty() && !twin_change && self.config.events.fallback;
+        if deliveries.is_empty() && !fallback {
             return;
         }
         let owned;
@@ -370,16 +378,36 @@ impl Hub {
                 &owned
             }
         };
+        let retention_ms = self.config.events.retention_secs.saturating_mul(1000);
+        if fallback {
+            self.metrics.events_fallback.inc();
+            out.entries.push(fleethub_router::queue::NewEntry {
+                sink: crate::events::SINK.to_string(),
+                priority: 0,
+                ttl_ms: retention_ms,
+                bag: bag.to_string(),
+                body: message.body.clone(),
+            });
+            if !out.sinks.contains(&crate::sinks::SinkId::Events) {
+                out.sinks.push(crate::sinks::SinkId::Events);
+            }
+            return;
+        }
         for d in deliveries {
             let (Some(sink), None) = (&d.counters.sink, &d.counters.undeliverable) else {
                 d.counters.dropped.inc();
                 continue;
             };
             d.counters.forwarded.inc();
+            // The endpoint is a log read by position: one priority, its retention as TTL.
+            let (priority, ttl_ms) = match sink {
+                crate::sinks::SinkId::Events => (0, retention_ms),
+                _ => (d.priority, d.ttl_secs.saturating_mul(1000)),
+            };
             out.entries.push(fleethub_router::queue::NewEntry {
                 sink: d.counters.queue.clone(),
-                priority: d.priority,
-                ttl_ms: d.ttl_secs.saturating_mul(1000),
+                priority,
+                ttl_ms,
                 bag: bag.to_string(),
                 body: message.body.clone(),
             });

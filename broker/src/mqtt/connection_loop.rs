@@ -153,6 +153,7 @@ impl Session {
                             inputs.reader.rewind();
                         }
                         self.inputs_fill(wbuf);
+                        self.events_fill(wbuf);
                     }
                 }
                 Wake::Committed(done) => {

@@ -42,6 +42,9 @@ impl Session {
     /// (it leaves its queue with the rest of the read batch, in `inputs_acked_flush`) or a
     /// C2D message (it leaves the C2D queue now).
     pub(super) fn queue_acked(&mut self, pkid: u16, wbuf: &mut BytesMut) {
+        if self.event_acked(pkid) {
+            return;
+        }
         if let Some(inputs) = self.inputs.as_mut() {
             if inputs.acked(pkid) {
                 return;
@@ -72,6 +75,7 @@ impl Session {
     /// The routed messages acknowledged in this read batch leave their queues (one call),
     /// are counted (one metric update per sink) and the window is refilled once.
     pub(super) fn inputs_acked_flush(&mut self, wbuf: &mut BytesMut) {
+        self.events_acked_flush(wbuf);
         let Some(inputs) = self.inputs.as_mut() else {
             return;
         };

@@ -338,6 +338,7 @@ where
         c2d: C2dDelivery::default(),
         inputs: None,
         queue_pkids: QueuePkids::default(),
+        events: None,
         mailbox,
         keep_alive: match connect.keep_alive {
             0 => None,

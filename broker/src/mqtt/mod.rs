@@ -41,6 +41,7 @@ use crate::sas::{resource_for, SasToken};
 use crate::topics::{self, envelope, Delivery, Inbound, MappedFilter, Principal};
 
 mod connection_loop;
+mod consumer;
 mod delivery;
 mod handshake;
 mod inbound;
@@ -357,6 +358,8 @@ struct Session {
     /// For one of the hub's modules, routed messages in flight from its input queues,
     /// created at its first delivery (devices never need it).
     inputs: Option<Box<crate::sinks::module_input::InputDelivery>>,
+    /// For a service connection reading a consumer group, the events in flight.
+    events: Option<Box<consumer::GroupReader>>,
     queue_pkids: QueuePkids,
     /// The store key of this client's session ([`crate::session`]).
     session_key: String,
@@ -445,6 +448,9 @@ impl Drop for Session {
         }
         self.hub.metrics.connections.dec();
         self.hub.sessions.disconnected(&self.session_key);
+        if self.events.is_some() {
+            self.hub.events.leave(self.conn_id);
+        }
         if self.counted_subscriber {
             self.hub
                 .event_subscribers

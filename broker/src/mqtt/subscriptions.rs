@@ -33,6 +33,7 @@ impl Session {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut forward = Vec::new();
         let mut send_state = false;
+        let mut group_qos = None;
         for f in &subscribe.filters {
             let granted = if f.qos == QoS::AtMostOnce {
                 QoS::AtMostOnce
@@ -41,7 +42,14 @@ impl Session {
                 QoS::AtLeastOnce
             };
             match topics::map_filter(&self.principal, &f.path) {
+                Some(mapped) if !self.group_allowed(&mapped) => {
+                    warn!(filter = f.path, "subscribe refused: no such consumer group, or another one is read on this connection");
+                    codes.push(Some(SubscribeReasonCode::Failure));
+                }
                 Some(mapped) => {
+                    if let topics::Target::ConsumerGroup(_) = &mapped.target {
+                        group_qos = Some(granted);
+                    }
                     match mapped.router_filter() {
                         Some(path) => {
                             codes.push(None);
@@ -63,6 +71,9 @@ impl Session {
             }
         }
         self.filters_changed();
+        if let Some(q) = group_qos {
+            self.set_group_qos(q);
+        }
         let commit = self.store_session();
         let mut out = BytesMut::new();
         if forward.is_empty() {
@@ -96,6 +107,7 @@ impl Session {
     /// the API's view of whether methods can be taken, the telemetry subscriber count.
     pub(super) fn filters_changed(&mut self) {
         self.update_c2d_active();
+        self.sync_group();
         if let Principal::Identity(_) = &self.principal {
             let listening = self
                 .filters
@@ -103,8 +115,9 @@ impl Session {
                 .any(|f| f.delivers(Delivery::MethodRequest));
             self.mailbox.methods.store(listening, Ordering::Relaxed);
         }
+        // Only the live view needs telemetry in the router.
         if self.principal == Principal::Service
-            && !self.filters.is_empty()
+            && self.filters.iter().any(|f| f.router_filter().is_some())
             && !self.counted_subscriber
         {
             self.counted_subscriber = true;
@@ -112,6 +125,19 @@ impl Session {
                 .event_subscribers
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// A consumer group filter must name a group that exists, and a connection reads one
+    /// group at a time.
+    fn group_allowed(&self, mapped: &topics::MappedFilter) -> bool {
+        let topics::Target::ConsumerGroup(group) = &mapped.target else {
+            return true;
+        };
+        let other = self
+            .filters
+            .iter()
+            .any(|f| matches!(&f.target, topics::Target::ConsumerGroup(g) if g != group));
+        !other && self.hub.events.exists(group)
     }
 
     /// For a persistent session whose filters differ from the stored ones: the write that

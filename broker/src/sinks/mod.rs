@@ -12,6 +12,7 @@
 //! and one line in [`Sinks::start`]. (A sink form routes cannot name yet, such as a
 //! configured endpoint by name, also needs its variant here and its route syntax.)
 
+pub mod events;
 pub mod module_input;
 mod reader;
 #[cfg(test)]
@@ -35,6 +36,8 @@ pub enum SinkId {
     ModuleInput { module: ModuleId, input: String },
     /// The `$upstream` bridge.
     Upstream,
+    /// The built-in events endpoint.
+    Events,
 }
 
 impl SinkId {
@@ -43,6 +46,7 @@ impl SinkId {
     pub fn from_route(sink: &Sink) -> Result<SinkId, IdError> {
         Ok(match sink {
             Sink::Upstream => SinkId::Upstream,
+            Sink::Events => SinkId::Events,
             Sink::ModuleInput { module, input } => SinkId::ModuleInput {
                 module: ModuleId::new(module)?,
                 input: input.clone(),
@@ -57,6 +61,7 @@ impl fmt::Display for SinkId {
         match self {
             SinkId::ModuleInput { module, input } => write!(f, "/modules/{module}/inputs/{input}"),
             SinkId::Upstream => f.write_str(upstream::SINK),
+            SinkId::Events => f.write_str(crate::events::SINK),
         }
     }
 }
@@ -104,6 +109,8 @@ pub struct Context<'a> {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Identities' live connections (module inputs wake their module's).
     pub live: crate::connections::Live,
+    /// The events endpoint, whose readers its driver wakes.
+    pub events: std::sync::Arc<crate::events::Events>,
 }
 
 /// Every sink driver of the hub.
@@ -117,6 +124,7 @@ impl Sinks {
         let drivers: Vec<Box<dyn SinkDriver>> = vec![
             Box::new(module_input::ModuleInputs::new(ctx)),
             Box::new(upstream::Upstream::start(ctx)?),
+            Box::new(events::EventsEndpoint::new(ctx)),
         ];
         Ok(Sinks { drivers })
     }

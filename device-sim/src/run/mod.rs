@@ -576,7 +576,7 @@ async fn drain(
     }
 }
 
-/// The service connection that counts the fleet's telemetry as the hub delivers it.
+/// The service connection that counts the fleet's telemetry as the hub receives it.
 async fn start_monitor(
     mqtt: SocketAddr,
     token: &str,
@@ -599,7 +599,9 @@ async fn start_monitor(
     } else {
         QoS::AtLeastOnce
     };
-    client.subscribe("$fleethub/events/#", q).await?;
+    // The live view of every telemetry message, routed or not (`$fleethub/events/#` alone
+    // would read the events endpoint's $Default group, which routed messages skip).
+    client.subscribe("$fleethub/events/+/#", q).await?;
     loop {
         match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,

@@ -502,6 +502,48 @@ impl DiskQueue {
         Ok(copy.len() as u64)
     }
 
+    /// How many entries of `sink` at `priority` have a sequence number above `after`: a
+    /// log reader's lag. Counts memory and redb (a range read: cost grows with the answer,
+    /// so it is for metrics, not the delivery path); an entry leaving at that moment may be
+    /// counted.
+    pub fn count_after(&self, sink: &str, priority: u8, after: u64) -> Result<u64, QueueError> {
+        let (hot, stored) = {
+            let st = lock(&self.state);
+            let hot = st
+                .hot
+                .get(sink)
+                .map(|m| {
+                    m.range((priority, after + 1)..=(priority, u64::MAX))
+                        .count() as u64
+                })
+                .unwrap_or(0);
+            (hot, st.stored_in(sink))
+        };
+        if stored == 0 {
+            return Ok(hot);
+        }
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(QUEUE).map_err(err)?;
+        let range = table
+            .range((sink, priority, after + 1)..=(sink, priority, u64::MAX))
+            .map_err(err)?;
+        Ok(hot + range.count() as u64)
+    }
+
+    /// The last sequence number handed to an entry (of any sink).
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.state).counters.next_seq
+    }
+
+    /// Makes every later entry's sequence number larger than `floor`. Sequence numbers
+    /// resume after the largest one stored, so a queue emptied and reopened would hand out
+    /// numbers again that a reader keeping positions (the events log's consumer groups)
+    /// has already passed; such a reader raises the floor to its positions at start.
+    pub fn raise_seq(&self, floor: u64) {
+        let mut st = lock(&self.state);
+        st.counters.next_seq = st.counters.next_seq.max(floor);
+    }
+
     /// Entries in redb, and entries served from memory (tests check both layers are used).
     #[cfg(test)]
     pub(crate) fn layers(&self) -> (u64, u64) {
@@ -798,8 +840,14 @@ impl Writer {
     ) -> Result<(), AppendError> {
         let limits = &self.limits;
         if limits.when_full == WhenFull::Refuse {
-            let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
-            let sink_over = entries.iter().any(|e| {
+            // The log sink makes room for itself by retention: never refused for size.
+            let queued = || {
+                entries
+                    .iter()
+                    .filter(|e| !Counters::is_log(limits, &e.sink))
+            };
+            let incoming: u64 = queued().map(|e| entry_size(&e.bag, &e.body)).sum();
+            let sink_over = queued().any(|e| {
                 st.counters
                     .over(limits, Some(&e.sink), entry_size(&e.bag, &e.body))
             });
@@ -812,7 +860,12 @@ impl Writer {
         }
         for e in entries {
             let size = entry_size(&e.bag, &e.body);
-            for scope in [Some(e.sink.as_str()), None] {
+            let scopes: &[Option<&str>] = if Counters::is_log(limits, &e.sink) {
+                &[Some(e.sink.as_str())]
+            } else {
+                &[Some(e.sink.as_str()), None]
+            };
+            for &scope in scopes {
                 while st.counters.over(limits, scope, size) {
                     let Some(v) = self.victim(st, staged, scope) else {
                         break;
@@ -849,8 +902,14 @@ impl Writer {
     }
 
     /// The oldest entry of the lowest priority (9 first), in one sink or in all.
+    /// The log sink is a victim only in its own scope: the other queues' limits never eat
+    /// into its retention.
     fn victim(&self, st: &State, staged: &Staged, sink: Option<&str>) -> Option<Victim> {
-        let in_scope = |s: &str| sink.is_none_or(|x| x == s);
+        let limits = &self.limits;
+        let in_scope = |s: &str| match sink {
+            Some(x) => x == s,
+            None => !Counters::is_log(limits, s),
+        };
         for p in (0..=9u8).rev() {
             // (seq, victim): the smallest seq wins.
             let mut best: Option<(u64, Victim)> = None;

@@ -74,9 +74,22 @@ pub enum WhenFull {
     Refuse,
 }
 
+/// A sink kept as a log with retention rather than drained: it keeps its newest entries
+/// up to `max_bytes`, dropping its oldest to make room whatever [`Limits::when_full`] says,
+/// and counts against neither the total limit nor `max_sink_bytes` (the events endpoint:
+/// read by positions, never emptied by its readers, so it must not crowd out the queues
+/// that are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogSink {
+    pub sink: &'static str,
+    pub max_bytes: u64,
+}
+
 /// Size limits. 0 means no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// The retained log sink, if any.
+    pub log_sink: Option<LogSink>,
     pub max_bytes: u64,
     pub max_sink_bytes: u64,
     pub when_full: WhenFull,
@@ -92,6 +105,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            log_sink: None,
             min_free_bytes: 0,
             max_bytes: 0,
             max_sink_bytes: 0,
@@ -232,14 +246,24 @@ impl Counters {
     }
 
     /// Whether adding `add` bytes breaks the total limit (`sink` None) or that sink's limit.
+    /// The log sink has only its own limit; its bytes are outside the total.
     pub(crate) fn over(&self, limits: &Limits, sink: Option<&str>, add: u64) -> bool {
-        match sink {
-            None => limits.max_bytes > 0 && self.total + add > limits.max_bytes,
-            Some(s) => {
-                limits.max_sink_bytes > 0
-                    && self.sinks.get(s).map(|x| x.bytes).unwrap_or(0) + add > limits.max_sink_bytes
+        let bytes = |s: &str| self.sinks.get(s).map(|x| x.bytes).unwrap_or(0);
+        match (sink, limits.log_sink) {
+            (Some(s), Some(log)) if s == log.sink => {
+                log.max_bytes > 0 && bytes(s) + add > log.max_bytes
             }
+            (None, log) => {
+                let retained = log.map(|l| bytes(l.sink)).unwrap_or(0);
+                limits.max_bytes > 0 && self.total - retained + add > limits.max_bytes
+            }
+            (Some(s), _) => limits.max_sink_bytes > 0 && bytes(s) + add > limits.max_sink_bytes,
         }
+    }
+
+    /// Whether `sink` is the log sink.
+    pub(crate) fn is_log(limits: &Limits, sink: &str) -> bool {
+        limits.log_sink.is_some_and(|l| l.sink == sink)
     }
 
     /// Sinks with entries, and how many.

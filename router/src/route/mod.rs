@@ -89,6 +89,10 @@ impl fmt::Display for Source {
 pub enum Sink {
     /// `$upstream`
     Upstream,
+    /// `$events`: the hub's built-in events endpoint (a retained log its consumer groups
+    /// read), as IoT Hub's routes name "events". Not edgeHub syntax; edgeHub routes never
+    /// meet it.
+    Events,
     /// `BrokeredEndpoint("/modules/{module}/inputs/{input}")`
     ModuleInput { module: String, input: String },
 }
@@ -97,6 +101,7 @@ impl fmt::Display for Sink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Sink::Upstream => f.write_str("$upstream"),
+            Sink::Events => f.write_str("$events"),
             Sink::ModuleInput { module, input } => write!(f, "/modules/{module}/inputs/{input}"),
         }
     }
@@ -217,13 +222,18 @@ impl Route {
     }
 }
 
-/// `$upstream` or `BrokeredEndpoint("/modules/{m}/inputs/{i}")` (names in any case).
+/// `$upstream`, `$events` or `BrokeredEndpoint("/modules/{m}/inputs/{i}")` (names in any
+/// case).
 fn parse_sink(p: &mut parser::Parser<'_>) -> Result<Sink, ParseError> {
-    let expected = "a sink: $upstream or BrokeredEndpoint(\"/modules/{m}/inputs/{i}\")";
+    let expected = "a sink: $upstream, $events or BrokeredEndpoint(\"/modules/{m}/inputs/{i}\")";
     match p.peek().tok.clone() {
         Tok::SysProp(name) if name.eq_ignore_ascii_case("$upstream") => {
             p.advance();
             Ok(Sink::Upstream)
+        }
+        Tok::SysProp(name) if name.eq_ignore_ascii_case("$events") => {
+            p.advance();
+            Ok(Sink::Events)
         }
         Tok::Id(name) if name.eq_ignore_ascii_case("BrokeredEndpoint") => {
             p.advance();
