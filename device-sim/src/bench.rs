@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// is the subscriber (bodies are JSON for every broker)
     #[arg(long)]
     routed: bool,
+    /// Also measure fleethub draining a backlog: every message published and acknowledged
+    /// first, then the events endpoint's $Default group read (a plain broker keeps nothing
+    /// for a reader that was not there)
+    #[arg(long)]
+    backlog: bool,
     /// How fleethub's publishing devices connect, each in turn against the same hub: plain
     /// MQTT, MQTT over TLS, MQTT over WebSockets in TLS ("plain,tls,wss" runs all three);
     /// the baselines and the subscriber use plain MQTT
@@ -150,6 +155,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 QoS::AtLeastOnce
             },
             json: args.routed,
+            backlog: false,
         })
         .collect();
     let sizing = targets::Sizing {
@@ -244,6 +250,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .max_by(|a, b| a.rate().total_cmp(&b.rate()));
                 results.extend(best.map(|mut r| {
                     r.target = labelled(r.target, transport);
+                    (*q, r)
+                }));
+            }
+            if args.backlog && target.name == "fleethub" && !args.routed {
+                target.transport = targets::Transport::Plain;
+                let drain = LoadSpec {
+                    backlog: true,
+                    ..spec.clone()
+                };
+                let best = (0..args.rounds.max(1))
+                    .map(|_| rt.block_on(load::run(&target, &drain)))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .max_by(|a, b| a.rate().total_cmp(&b.rate()));
+                results.extend(best.map(|mut r| {
+                    r.target = "fleethub-drain";
                     (*q, r)
                 }));
             }

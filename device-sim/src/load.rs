@@ -17,12 +17,16 @@ fn now_micros() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
+#[derive(Clone)]
 pub struct LoadSpec {
     pub messages_per_device: usize,
     pub payload_bytes: usize,
     pub qos: QoS,
     /// JSON bodies (`{"ts":…,"temperature":…,"pad":"…"}`) for routes with `$body` conditions.
     pub json: bool,
+    /// Publish everything first (every PUBACK in), then subscribe: the rate is how fast a
+    /// reader drains a backlog (fleethub's events endpoint keeps it; a plain broker does not).
+    pub backlog: bool,
 }
 
 /// A body of about `size` bytes carrying the send time.
@@ -85,24 +89,30 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
     let devices = target.devices.len();
     let expected = (devices * spec.messages_per_device) as u64;
 
-    // Subscriber first, and wait for its SUBACK.
-    let (options, filter) = target.subscriber_options();
-    let (sub, mut sub_events) = AsyncClient::new(options, 100);
-    sub.subscribe(filter, spec.qos).await?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), sub_events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("{}: subscriber failed: {e}", target.name),
-            Err(_) => bail!("{}: no SUBACK", target.name),
-        }
-    }
     let received = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(expected as usize)));
     let last_rx = Arc::new(AtomicU64::new(0));
-    let subscriber = {
+    // Subscriber first (after the publishers for a backlog), and wait for its SUBACK.
+    let subscribe = || async {
+        let (options, filter) = target.subscriber_options();
+        let (sub, mut sub_events) = AsyncClient::new(options, 100);
+        sub.subscribe(filter, spec.qos).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), sub_events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    // A backlog may start flowing before the SUBACK is seen.
+                    last_rx.store(now_micros(), Ordering::Relaxed);
+                    received.fetch_add(1, Ordering::Relaxed);
+                    drop(p);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("{}: subscriber failed: {e}", target.name),
+                Err(_) => bail!("{}: no SUBACK", target.name),
+            }
+        }
         let (received, latencies, last_rx) = (received.clone(), latencies.clone(), last_rx.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 match sub_events.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -119,8 +129,13 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
                     Err(_) => return,
                 }
             }
-        })
+        });
+        Ok::<_, anyhow::Error>((sub, task))
     };
+    let mut subscriber = None;
+    if !spec.backlog {
+        subscriber = Some(subscribe().await?);
+    }
 
     // Connect every publisher before the clock starts.
     let mut clients = Vec::with_capacity(devices);
@@ -175,6 +190,22 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
     for p in publishers {
         let _ = p.await;
     }
+    let mut start = start;
+    if spec.backlog {
+        // Every message stored (acknowledged) before the reader comes: then the clock starts.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while clients
+            .iter()
+            .map(|(_, _, a, _)| a.load(Ordering::Relaxed))
+            .sum::<u64>()
+            < expected
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        start = now_micros();
+        subscriber = Some(subscribe().await?);
+    }
     // Wait for the subscriber to catch up; stop when nothing arrives for 5 s.
     let mut last_seen = (0, Instant::now());
     while received.load(Ordering::Relaxed) < expected {
@@ -187,12 +218,14 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let end = last_rx.load(Ordering::Relaxed).max(start + 1);
-    subscriber.abort();
     for (client, _, _, poller) in clients {
         let _ = client.disconnect().await;
         poller.abort();
     }
-    let _ = sub.disconnect().await;
+    if let Some((sub, task)) = subscriber {
+        task.abort();
+        let _ = sub.disconnect().await;
+    }
     let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     lat.sort_unstable();
     let pct = |p: f64| -> f64 {
