@@ -107,3 +107,40 @@ fn bench_runs_fleethub_over_each_transport() {
     assert!(ratios["tls_to_plain"].as_f64().unwrap() > 0.0, "{v}");
     assert!(ratios["wss_to_plain"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+/// `--backlog`: everything published and acknowledged first, then the events endpoint's
+/// $Default group drained, every message counted.
+#[test]
+fn bench_drains_a_backlog_from_the_events_endpoint() {
+    let out = Command::new(env!("CARGO_BIN_EXE_device-sim"))
+        .args([
+            "bench",
+            "--target",
+            "fleethub",
+            "--backlog",
+            "--devices",
+            "2",
+            "--messages",
+            "300",
+            "--segment-mib",
+            "4",
+            "--output",
+            "json",
+        ])
+        .output()
+        .expect("run device-sim");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let drain = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["target"] == "fleethub-drain")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(drain["sent"], 600, "{drain}");
+    assert_eq!(drain["received"], 600, "{drain}");
+}
