@@ -32,6 +32,8 @@ pub enum ConfigError {
     LogFormat(String),
     #[error("config key events.{0}: must be at least 1")]
     Events(&'static str),
+    #[error("config [endpoints.{name}]: {message}")]
+    Endpoint { name: String, message: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +55,28 @@ struct FileConfig {
     provisioning: ProvisioningSection,
     #[serde(default)]
     events: EventsSection,
+    #[serde(default)]
+    endpoints: std::collections::BTreeMap<String, EndpointSection>,
+}
+
+/// `[endpoints.NAME]`: a custom endpoint routes reach with `INTO Endpoint("NAME")`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSection {
+    /// `jetstream`: NATS JetStream.
+    pub kind: String,
+    /// The server, `nats://host:port`.
+    pub url: String,
+    /// The stream messages are stored in; created (for `subject`'s prefix) if missing.
+    pub stream: String,
+    /// The subject template: `{hub}`, `{device}`, `{module}` (`~` for none) and `{output}`
+    /// (`~` for none) are filled in per message.
+    #[serde(default = "default_subject")]
+    pub subject: String,
+}
+
+fn default_subject() -> String {
+    "fleethub.{hub}.{device}.{module}.{output}".into()
 }
 
 /// `[events]`: the built-in events endpoint (see `crate::events`).
@@ -241,6 +265,7 @@ pub struct Config {
     pub store_and_forward: StoreAndForwardSection,
     pub provisioning: ProvisioningSection,
     pub events: EventsSection,
+    pub endpoints: std::collections::BTreeMap<String, EndpointSection>,
 }
 
 impl Config {
@@ -288,6 +313,33 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::Events(key));
+            }
+        }
+        for (name, e) in &file.endpoints {
+            let err = |message: String| ConfigError::Endpoint {
+                name: name.clone(),
+                message,
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            {
+                return Err(err("names are letters, digits, '-' and '_'".into()));
+            }
+            if e.kind != "jetstream" {
+                return Err(err(format!(
+                    "kind '{}': jetstream is the kind there is",
+                    e.kind
+                )));
+            }
+            if !e.url.starts_with("nats://") {
+                return Err(err(format!("url '{}': nats://host:port", e.url)));
+            }
+            if e.stream.is_empty() || e.subject.split('.').next().unwrap_or("").contains('{') {
+                return Err(err(
+                    "stream must be named and subject must start with a fixed token".into(),
+                ));
             }
         }
         let addr = |key: &'static str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
@@ -343,6 +395,7 @@ impl Config {
             store_and_forward: file.store_and_forward,
             provisioning: file.provisioning,
             events: file.events,
+            endpoints: file.endpoints,
         })
     }
 }

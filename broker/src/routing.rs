@@ -172,8 +172,12 @@ impl Routing {
             .routes
             .iter()
             .map(|r| {
-                let sink = r.route.sink.to_string();
                 let id = crate::sinks::SinkId::from_route(&r.route.sink);
+                // The queue's name, as the sink's driver reads it.
+                let sink = match &id {
+                    Ok(id) => id.to_string(),
+                    Err(_) => r.route.sink.to_string(),
+                };
                 let undeliverable = match &id {
                     Ok(id) => self.sinks.refusal(id),
                     Err(e) => Some(format!("{e}: no module can connect as it")),

@@ -17,6 +17,7 @@ mod harness;
 mod images;
 mod interop;
 mod interop_sessions;
+mod jetstream;
 mod methods;
 mod operations;
 mod provisioning;

@@ -13,6 +13,7 @@
 //! configured endpoint by name, also needs its variant here and its route syntax.)
 
 pub mod events;
+pub mod jetstream;
 pub mod module_input;
 mod reader;
 #[cfg(test)]
@@ -38,6 +39,8 @@ pub enum SinkId {
     Upstream,
     /// The built-in events endpoint.
     Events,
+    /// A custom endpoint from `[endpoints]`.
+    Endpoint(String),
 }
 
 impl SinkId {
@@ -47,6 +50,7 @@ impl SinkId {
         Ok(match sink {
             Sink::Upstream => SinkId::Upstream,
             Sink::Events => SinkId::Events,
+            Sink::Endpoint(name) => SinkId::Endpoint(name.clone()),
             Sink::ModuleInput { module, input } => SinkId::ModuleInput {
                 module: ModuleId::new(module)?,
                 input: input.clone(),
@@ -62,6 +66,7 @@ impl fmt::Display for SinkId {
             SinkId::ModuleInput { module, input } => write!(f, "/modules/{module}/inputs/{input}"),
             SinkId::Upstream => f.write_str(upstream::SINK),
             SinkId::Events => f.write_str(crate::events::SINK),
+            SinkId::Endpoint(name) => write!(f, "$endpoint/{name}"),
         }
     }
 }
@@ -125,6 +130,7 @@ impl Sinks {
             Box::new(module_input::ModuleInputs::new(ctx)),
             Box::new(upstream::Upstream::start(ctx)?),
             Box::new(events::EventsEndpoint::new(ctx)),
+            Box::new(jetstream::JetStream::start(ctx)),
         ];
         Ok(Sinks { drivers })
     }

@@ -93,6 +93,9 @@ pub enum Sink {
     /// read), as IoT Hub's routes name "events". Not edgeHub syntax; edgeHub routes never
     /// meet it.
     Events,
+    /// `Endpoint("name")`: a custom endpoint configured in `[endpoints.name]` (IoT Hub's
+    /// custom endpoints). Not edgeHub syntax either.
+    Endpoint(String),
     /// `BrokeredEndpoint("/modules/{module}/inputs/{input}")`
     ModuleInput { module: String, input: String },
 }
@@ -102,6 +105,7 @@ impl fmt::Display for Sink {
         match self {
             Sink::Upstream => f.write_str("$upstream"),
             Sink::Events => f.write_str("$events"),
+            Sink::Endpoint(name) => write!(f, "Endpoint(\"{name}\")"),
             Sink::ModuleInput { module, input } => write!(f, "/modules/{module}/inputs/{input}"),
         }
     }
@@ -225,7 +229,7 @@ impl Route {
 /// `$upstream`, `$events` or `BrokeredEndpoint("/modules/{m}/inputs/{i}")` (names in any
 /// case).
 fn parse_sink(p: &mut parser::Parser<'_>) -> Result<Sink, ParseError> {
-    let expected = "a sink: $upstream, $events or BrokeredEndpoint(\"/modules/{m}/inputs/{i}\")";
+    let expected = "a sink: $upstream, $events, Endpoint(\"name\") or BrokeredEndpoint(\"/modules/{m}/inputs/{i}\")";
     match p.peek().tok.clone() {
         Tok::SysProp(name) if name.eq_ignore_ascii_case("$upstream") => {
             p.advance();
@@ -234,6 +238,32 @@ fn parse_sink(p: &mut parser::Parser<'_>) -> Result<Sink, ParseError> {
         Tok::SysProp(name) if name.eq_ignore_ascii_case("$events") => {
             p.advance();
             Ok(Sink::Events)
+        }
+        Tok::Id(name) if name.eq_ignore_ascii_case("Endpoint") => {
+            p.advance();
+            if !p.eat(&Tok::LParen) {
+                return Err(p.error("(\"name\")"));
+            }
+            let at = p.peek().clone();
+            let Tok::Str(endpoint) = at.tok else {
+                return Err(p.error("(\"name\")"));
+            };
+            p.advance();
+            if !p.eat(&Tok::RParen) {
+                return Err(p.error("')'"));
+            }
+            let ok = !endpoint.is_empty()
+                && endpoint
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+            if !ok {
+                return Err(ParseError::new(
+                    at.column,
+                    "an endpoint name (letters, digits, '-', '_')",
+                    &format!("'{endpoint}'"),
+                ));
+            }
+            Ok(Sink::Endpoint(endpoint))
         }
         Tok::Id(name) if name.eq_ignore_ascii_case("BrokeredEndpoint") => {
             p.advance();

@@ -19,6 +19,13 @@ fn input(m: &str, i: &str) -> Sink {
 fn valid() -> Vec<(&'static str, &'static str, bool, Sink)> {
     vec![
         ("FROM /* INTO $upstream", "/*", false, Sink::Upstream),
+        ("FROM /* INTO $events", "/*", false, Sink::Events),
+        (
+            "FROM /messages/* INTO Endpoint(\"lake-1\")",
+            "/messages/*",
+            false,
+            Sink::Endpoint("lake-1".into()),
+        ),
         ("from /* into $upstream", "/*", false, Sink::Upstream),
         (
             "SELECT * FROM /messages/* INTO $upstream",
