@@ -88,7 +88,11 @@ fn options(ctx: &Ctx, id: &Identity) -> anyhow::Result<MqttOptions> {
     o.set_credentials(user, sas);
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(512 * 1024, 512 * 1024);
-    o.set_clean_session(true);
+    // As the Azure IoT SDKs connect: a persistent session (clean session 0). rumqttc keeps
+    // unacknowledged publishes across a reconnect only when the session is present, so a
+    // hub that stops with publishes in flight (their PUBACK waits for the durable commit) gets
+    // them again when it is back, instead of the device dropping them.
+    o.set_clean_session(false);
     Ok(o)
 }
 
