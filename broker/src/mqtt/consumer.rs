@@ -129,15 +129,54 @@ impl Session {
     }
 }
 
-/// `$fleethub/events/{d}/{m or ~}/{bag}`, the live view's topic, from the stored bag.
+/// `$fleethub/events/{d}/{m or ~}/{bag}`, the live view's topic, from the stored bag. Only
+/// the two ids are picked out (the hub wrote the bag: its system keys are literal), not the
+/// whole bag parsed: this runs per event delivered.
 fn event_topic(bag: &str) -> String {
-    let (d, m) = match fleethub_router::Message::from_bag(bag, bytes::Bytes::new()) {
-        Ok(m) => (
-            m.system.connection_device_id.unwrap_or_default(),
-            m.system.connection_module_id,
-        ),
-        Err(_) => (String::new(), None),
+    let (mut d, mut m) = (None, None);
+    for kv in bag.split('&') {
+        if let Some(v) = kv.strip_prefix("$.cdid=") {
+            d = Some(v);
+        } else if let Some(v) = kv.strip_prefix("$.cmid=") {
+            m = Some(v);
+        }
+    }
+    let decode = |v: &str| {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .into_owned()
     };
+    let d = d.map(decode).unwrap_or_default();
+    let m = m.map(decode);
     let ids = crate::topics::telemetry_ids(&d, m.as_deref());
     format!("{}{ids}/{bag}", topics::SERVICE_EVENTS_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The topic from the picked-out ids is the one a full parse of the bag gives.
+    #[test]
+    fn event_topics_name_the_sender() {
+        for (d, m) in [
+            ("d1", None),
+            ("a b/c", Some("m%1")),
+            ("x", Some("$edgeHub")),
+        ] {
+            let message = fleethub_router::Message {
+                system: fleethub_router::SystemProperties {
+                    connection_device_id: Some(d.to_string()),
+                    connection_module_id: m.map(str::to_string),
+                    ..Default::default()
+                },
+                properties: vec![("k".into(), Some("v&w".into()))],
+                ..Default::default()
+            };
+            let bag = message.to_bag();
+            let ids = crate::topics::telemetry_ids(d, m);
+            assert_eq!(
+                super::event_topic(&bag),
+                format!("$fleethub/events/{ids}/{bag}")
+            );
+        }
+    }
 }
