@@ -63,12 +63,18 @@ struct FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSection {
-    /// `jetstream`: NATS JetStream.
+    /// `jetstream` (NATS JetStream) or `postgres` (a PostgreSQL table).
     pub kind: String,
-    /// The server, `nats://host:port`.
+    /// The server: `nats://host:port`, or a PostgreSQL connection string
+    /// (`host=… port=… user=… dbname=…` or `postgres://…`).
     pub url: String,
-    /// The stream messages are stored in; created (for `subject`'s prefix) if missing.
+    /// JetStream: the stream messages are stored in; created (for `subject`'s prefix) if
+    /// missing.
+    #[serde(default)]
     pub stream: String,
+    /// PostgreSQL: the table rows go into; created if missing.
+    #[serde(default)]
+    pub table: String,
     /// The subject template: `{hub}`, `{device}`, `{module}` (`~` for none) and `{output}`
     /// (`~` for none) are filled in per message.
     #[serde(default = "default_subject")]
@@ -327,19 +333,37 @@ impl Config {
             {
                 return Err(err("names are letters, digits, '-' and '_'".into()));
             }
-            if e.kind != "jetstream" {
-                return Err(err(format!(
-                    "kind '{}': jetstream is the kind there is",
-                    e.kind
-                )));
-            }
-            if !e.url.starts_with("nats://") {
-                return Err(err(format!("url '{}': nats://host:port", e.url)));
-            }
-            if e.stream.is_empty() || e.subject.split('.').next().unwrap_or("").contains('{') {
-                return Err(err(
-                    "stream must be named and subject must start with a fixed token".into(),
-                ));
+            match e.kind.as_str() {
+                "jetstream" => {
+                    if !e.url.starts_with("nats://") {
+                        return Err(err(format!("url '{}': nats://host:port", e.url)));
+                    }
+                    if e.stream.is_empty()
+                        || e.subject.split('.').next().unwrap_or("").contains('{')
+                    {
+                        return Err(err(
+                            "stream must be named and subject must start with a fixed token".into(),
+                        ));
+                    }
+                }
+                "postgres" => {
+                    if let Err(x) = e.url.parse::<tokio_postgres::Config>() {
+                        return Err(err(format!("url: {x}")));
+                    }
+                    let ok = e.table.len() <= 63
+                        && e.table
+                            .starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                        && e.table
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !ok {
+                        return Err(err(format!(
+                            "table '{}': a name of letters, digits and '_'",
+                            e.table
+                        )));
+                    }
+                }
+                other => return Err(err(format!("kind '{other}': jetstream or postgres"))),
             }
         }
         let addr = |key: &'static str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {

@@ -20,6 +20,7 @@ mod interop_sessions;
 mod jetstream;
 mod methods;
 mod operations;
+mod postgres;
 mod provisioning;
 mod registry;
 mod routes;

@@ -15,6 +15,7 @@
 pub mod events;
 pub mod jetstream;
 pub mod module_input;
+pub mod postgres;
 mod reader;
 #[cfg(test)]
 mod tests;
@@ -131,6 +132,7 @@ impl Sinks {
             Box::new(upstream::Upstream::start(ctx)?),
             Box::new(events::EventsEndpoint::new(ctx)),
             Box::new(jetstream::JetStream::start(ctx)),
+            Box::new(postgres::Postgres::start(ctx)),
         ];
         Ok(Sinks { drivers })
     }
@@ -152,9 +154,12 @@ impl Sinks {
 
     /// Why `sink` takes nothing, or `None` when it takes entries.
     pub fn refusal(&self, sink: &SinkId) -> Option<String> {
-        match self.driver(sink) {
-            Some(d) => d.refuses(sink),
-            None => Some(format!("no driver delivers {sink}")),
+        match (self.driver(sink), sink) {
+            (Some(d), _) => d.refuses(sink),
+            (None, SinkId::Endpoint(name)) => Some(format!(
+                "no [endpoints.{name}] in the configuration: nothing can deliver to it"
+            )),
+            (None, _) => Some(format!("no driver delivers {sink}")),
         }
     }
 

@@ -47,6 +47,9 @@ impl JetStream {
     pub fn start(ctx: &Context) -> JetStream {
         let mut endpoints = HashMap::new();
         for (name, cfg) in &ctx.config.endpoints {
+            if cfg.kind != "jetstream" {
+                continue;
+            }
             let connected = Arc::new(AtomicBool::new(false));
             let wake = Arc::new(Notify::new());
             let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -81,16 +84,11 @@ impl SinkDriver for JetStream {
     }
 
     fn owns(&self, sink: &SinkId) -> bool {
-        matches!(sink, SinkId::Endpoint(_))
+        matches!(sink, SinkId::Endpoint(name) if self.endpoints.contains_key(name))
     }
 
-    fn refuses(&self, sink: &SinkId) -> Option<String> {
-        match sink {
-            SinkId::Endpoint(name) if !self.endpoints.contains_key(name) => Some(format!(
-                "no [endpoints.{name}] in the configuration: nothing can deliver to it"
-            )),
-            _ => None,
-        }
+    fn refuses(&self, _sink: &SinkId) -> Option<String> {
+        None
     }
 
     fn wake(&self, sink: &SinkId) {
@@ -247,7 +245,7 @@ impl Endpoint {
 }
 
 /// IoT Hub's name for a system property, by its bag name.
-fn system_header(bag_name: &str) -> &str {
+pub(crate) fn system_header(bag_name: &str) -> &str {
     match bag_name {
         "$.ct" => "content-type",
         "$.ce" => "content-encoding",
