@@ -8,6 +8,7 @@
 mod authbench;
 mod bench;
 mod device;
+mod endpointbench;
 mod load;
 mod outage;
 mod querybench;
@@ -104,6 +105,9 @@ enum Command {
     BenchQuery(querybench::QueryBenchArgs),
     /// TLS connections per second by credential: SAS token, X.509 self-signed, X.509 CA
     BenchAuth(authbench::AuthBenchArgs),
+    /// Custom endpoints into a real NATS JetStream and PostgreSQL, beside a plain client
+    /// doing the same writes
+    BenchEndpoints(endpointbench::EndpointBenchArgs),
     /// Fuzz the scenario-file reader (for developers; `fleethub fuzz` covers the hub's parsers)
     Fuzz {
         #[arg(long, default_value_t = 10_000_000)]
@@ -129,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchSessions(args) => storm::run(args),
         Command::BenchQuery(args) => querybench::run(args),
         Command::BenchAuth(args) => authbench::run(args),
+        Command::BenchEndpoints(args) => endpointbench::run(args),
         Command::ServeBroker(args) => targets::serve_broker(args),
         Command::Fuzz { inputs, seed, dir } => {
             let target = scenario::fuzz::target();

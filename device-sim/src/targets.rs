@@ -345,7 +345,10 @@ pub fn serve_broker(args: ServeBrokerArgs) -> Result<()> {
                 wss: Some("127.0.0.1:0".into()),
                 api: Some("127.0.0.1:0".into()),
             };
-            let mut config = fleethub::Config::load(None, &overrides)?;
+            // `hub.toml` beside the data directory, when a benchmark wrote one.
+            let file = args.dir.join("hub.toml");
+            let mut config =
+                fleethub::Config::load(file.exists().then_some(file.as_path()), &overrides)?;
             config.router.max_segment_bytes = sizing.segment_bytes;
             config.router.max_segment_count = sizing.segment_count;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -562,7 +565,24 @@ pub const BENCH_ROUTE: &str = "FROM /messages/* WHERE $body.temperature > 0 INTO
 /// through its API; with `routed`, devices send JSON telemetry that [`BENCH_ROUTE`] delivers
 /// to the hub's module `sink`, which is the subscriber.
 pub fn fleethub_with(devices: usize, hold: usize, sizing: Sizing, routed: bool) -> Result<Target> {
+    fleethub_in(temp_dir("fleethub")?, devices, hold, sizing, routed)
+}
+
+/// fleethub in its own process with `config` (TOML: routes, endpoints) over the embedded
+/// defaults, and `devices` publishers registered.
+pub fn fleethub_configured(devices: usize, sizing: Sizing, config: &str) -> Result<Target> {
     let dir = temp_dir("fleethub")?;
+    std::fs::write(dir.join("hub.toml"), config)?;
+    fleethub_in(dir, devices, 0, sizing, false)
+}
+
+fn fleethub_in(
+    dir: PathBuf,
+    devices: usize,
+    hold: usize,
+    sizing: Sizing,
+    routed: bool,
+) -> Result<Target> {
     // The live heap is counted for memory runs (`--hold`) only.
     let mut child = spawn_broker_at(
         "fleethub",

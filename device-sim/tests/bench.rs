@@ -144,3 +144,42 @@ fn bench_drains_a_backlog_from_the_events_endpoint() {
     assert_eq!(drain["sent"], 600, "{drain}");
     assert_eq!(drain["received"], 600, "{drain}");
 }
+
+/// `bench-endpoints`: a real nats-server and PostgreSQL (both installed by .ci/run), a plain
+/// client's writes and fleethub's through its endpoints, every message counted (the run
+/// fails unless the stream and the table hold them all).
+#[test]
+fn bench_endpoints_writes_through_jetstream_and_postgres() {
+    let installed = std::path::Path::new("/usr/sbin/nats-server").exists()
+        && std::fs::read_dir("/usr/lib/postgresql").is_ok();
+    if !installed {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nats-server and PostgreSQL must be installed under CI"
+        );
+        eprintln!("SKIPPED: nats-server or PostgreSQL is not installed");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_device-sim"))
+        .args([
+            "bench-endpoints",
+            "--devices",
+            "2",
+            "--messages",
+            "300",
+            "--json",
+        ])
+        .output()
+        .expect("run device-sim");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    for endpoint in ["jetstream", "postgres"] {
+        for key in ["plain_client_per_s", "fleethub_per_s"] {
+            assert!(v[endpoint][key].as_f64().unwrap() > 0.0, "{v}");
+        }
+    }
+}
