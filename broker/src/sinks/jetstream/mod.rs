@@ -185,32 +185,38 @@ impl Endpoint {
         );
         // A fresh window per connection: what was in flight on the last one is read again.
         let mut reader = QueueReader::new(WINDOW);
+        // Published and awaiting JetStream's acknowledgement, oldest first: a rolling window,
+        // refilled as each acknowledgement comes.
+        let mut pending = std::collections::VecDeque::with_capacity(WINDOW);
+        let mut unflushed = 0;
         loop {
             let entries = reader
                 .read(&*self.queue, &self.queue_name, crate::c2d::now_ms())
                 .map_err(|e| e.to_string())?;
-            if entries.is_empty() {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                reader.rewind();
-                continue;
-            }
-            let mut pending = Vec::with_capacity(entries.len());
             for entry in entries {
                 let (subject, headers) = self.describe(&entry);
                 let ack = js
                     .publish_with_headers(subject, headers, entry.body.clone())
                     .await
                     .map_err(|e| e.to_string())?;
-                pending.push((entry.key, ack));
+                pending.push_back((entry.key, ack));
             }
-            for (key, ack) in pending {
-                ack.await.map_err(|e| e.to_string())?;
-                reader.acked(key);
+            let Some((key, ack)) = pending.pop_front() else {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                reader.rewind();
+                continue;
+            };
+            ack.await.map_err(|e| e.to_string())?;
+            reader.acked(key);
+            unflushed += 1;
+            // Acknowledged entries leave the queue in batches (one removal call each).
+            if unflushed >= 64 || pending.is_empty() {
+                reader.flush(&*self.queue, &self.metrics);
+                unflushed = 0;
             }
-            reader.flush(&*self.queue, &self.metrics);
         }
     }
 
