@@ -12,6 +12,7 @@
 //! and one line in [`Sinks::start`]. (A sink form routes cannot name yet, such as a
 //! configured endpoint by name, also needs its variant here and its route syntax.)
 
+pub mod endpoint;
 pub mod events;
 pub mod jetstream;
 pub mod module_input;
@@ -131,8 +132,16 @@ impl Sinks {
             Box::new(module_input::ModuleInputs::new(ctx)),
             Box::new(upstream::Upstream::start(ctx)?),
             Box::new(events::EventsEndpoint::new(ctx)),
-            Box::new(jetstream::JetStream::start(ctx)),
-            Box::new(postgres::Postgres::start(ctx)),
+            Box::new(endpoint::Endpoints::start(
+                ctx,
+                jetstream::KIND,
+                jetstream::session,
+            )),
+            Box::new(endpoint::Endpoints::start(
+                ctx,
+                postgres::KIND,
+                postgres::session,
+            )),
         ];
         Ok(Sinks { drivers })
     }

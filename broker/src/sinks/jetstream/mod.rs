@@ -11,157 +11,31 @@
 //! Properties travel as headers: application properties by name, system properties by
 //! IoT Hub's names (`iothub-connection-device-id`, `iothub-enqueuedtime`, `content-type`…).
 
-use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
-use fleethub_router::queue::{DiskQueue, Entry};
-use tokio::sync::Notify;
-use tracing::{info, warn};
+use fleethub_router::queue::Entry;
+use tracing::info;
 
-use super::{Context, Health, QueueReader, SinkDriver, SinkId, StopFuture};
-use crate::config::EndpointSection;
-use crate::metrics::Metrics;
+use super::endpoint::{Endpoint, SessionFuture};
+use super::QueueReader;
 
 /// The driver's name in health reports.
 pub const KIND: &str = "jetstream";
 /// Publishes awaiting JetStream's acknowledgement at once, per endpoint.
 const WINDOW: usize = 256;
 
-/// Every configured JetStream endpoint, each with its task.
-pub struct JetStream {
-    endpoints: HashMap<String, Running>,
-}
-
-struct Running {
-    connected: Arc<AtomicBool>,
-    wake: Arc<Notify>,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl JetStream {
-    pub fn start(ctx: &Context) -> JetStream {
-        let mut endpoints = HashMap::new();
-        for (name, cfg) in &ctx.config.endpoints {
-            if cfg.kind != "jetstream" {
-                continue;
-            }
-            let connected = Arc::new(AtomicBool::new(false));
-            let wake = Arc::new(Notify::new());
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let endpoint = Endpoint {
-                name: name.clone(),
-                queue_name: SinkId::Endpoint(name.clone()).to_string(),
-                cfg: cfg.clone(),
-                hub_id: ctx.config.hub_id.to_string(),
-                queue: ctx.queues.clone(),
-                metrics: ctx.metrics.clone(),
-                connected: connected.clone(),
-                wake: wake.clone(),
-            };
-            let task = tokio::spawn(endpoint.run(stopped));
-            endpoints.insert(
-                name.clone(),
-                Running {
-                    connected,
-                    wake,
-                    stop,
-                    task: std::sync::Mutex::new(Some(task)),
-                },
-            );
-        }
-        JetStream { endpoints }
-    }
-}
-
-impl SinkDriver for JetStream {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn owns(&self, sink: &SinkId) -> bool {
-        matches!(sink, SinkId::Endpoint(name) if self.endpoints.contains_key(name))
-    }
-
-    fn refuses(&self, _sink: &SinkId) -> Option<String> {
-        None
-    }
-
-    fn wake(&self, sink: &SinkId) {
-        if let SinkId::Endpoint(name) = sink {
-            if let Some(r) = self.endpoints.get(name) {
-                r.wake.notify_one();
-            }
-        }
-    }
-
-    fn health(&self) -> Health {
-        Health {
-            kind: KIND,
-            enabled: !self.endpoints.is_empty(),
-            connected: (!self.endpoints.is_empty()).then(|| {
-                self.endpoints
-                    .values()
-                    .all(|r| r.connected.load(Ordering::Relaxed))
-            }),
-        }
-    }
-
-    /// Ends every endpoint's task and waits for it; entries in flight stay queued.
-    fn stop(&self) -> StopFuture<'_> {
-        Box::pin(async move {
-            for r in self.endpoints.values() {
-                let _ = r.stop.send(true);
-                let task = r.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(task) = task {
-                    let _ = task.await;
-                }
-            }
-        })
-    }
-}
-
-struct Endpoint {
-    name: String,
-    queue_name: String,
-    cfg: EndpointSection,
-    hub_id: String,
-    queue: Arc<DiskQueue>,
-    metrics: Arc<Metrics>,
-    connected: Arc<AtomicBool>,
-    wake: Arc<Notify>,
+/// The kind's session, for [`Endpoints`](super::endpoint::Endpoints).
+pub fn session(endpoint: Arc<Endpoint>) -> SessionFuture {
+    Box::pin(async move { endpoint.jetstream_session().await })
 }
 
 impl Endpoint {
-    async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let session = tokio::select! {
-                r = self.session() => r,
-                _ = stop.wait_for(|s| *s) => break,
-            };
-            if let Err(e) = session {
-                if self.connected.swap(false, Ordering::Relaxed) {
-                    warn!(endpoint = self.name, error = %e, "JetStream endpoint lost; messages wait in its queue");
-                } else {
-                    tracing::debug!(endpoint = self.name, error = %e, "JetStream endpoint unreachable");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.wait_for(|s| *s) => break,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        self.connected.store(false, Ordering::Relaxed);
-    }
-
     /// One connection: publish from the queue until something fails.
-    async fn session(&self) -> Result<(), String> {
+    async fn jetstream_session(&self) -> Result<(), String> {
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             .connect(self.cfg.url.as_str())

@@ -13,130 +13,22 @@
 //! (text), `properties` and `system_properties` (jsonb, system properties by IoT Hub's names),
 //! `body_json` (jsonb, when the body is JSON) or `body` (bytea, otherwise).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use fleethub_router::queue::{DiskQueue, Entry};
+use fleethub_router::queue::Entry;
 use serde_json::{Map, Value};
-use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{Context, Health, QueueReader, SinkDriver, SinkId, StopFuture};
-use crate::config::EndpointSection;
-use crate::metrics::Metrics;
+use super::endpoint::{Endpoint, SessionFuture};
+use super::QueueReader;
 
 /// The driver's name in health reports.
 pub const KIND: &str = "postgres";
 /// Rows per batch (8 parameters each, far below PostgreSQL's 65,535).
 const BATCH: usize = 500;
-
-/// Every configured PostgreSQL endpoint, each with its task.
-pub struct Postgres {
-    endpoints: HashMap<String, Running>,
-}
-
-struct Running {
-    connected: Arc<AtomicBool>,
-    wake: Arc<Notify>,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Postgres {
-    pub fn start(ctx: &Context) -> Postgres {
-        let mut endpoints = HashMap::new();
-        for (name, cfg) in &ctx.config.endpoints {
-            if cfg.kind != KIND {
-                continue;
-            }
-            let connected = Arc::new(AtomicBool::new(false));
-            let wake = Arc::new(Notify::new());
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let endpoint = Endpoint {
-                name: name.clone(),
-                queue_name: SinkId::Endpoint(name.clone()).to_string(),
-                cfg: cfg.clone(),
-                hub_id: ctx.config.hub_id.to_string(),
-                queue: ctx.queues.clone(),
-                metrics: ctx.metrics.clone(),
-                connected: connected.clone(),
-                wake: wake.clone(),
-            };
-            let task = tokio::spawn(endpoint.run(stopped));
-            endpoints.insert(
-                name.clone(),
-                Running {
-                    connected,
-                    wake,
-                    stop,
-                    task: std::sync::Mutex::new(Some(task)),
-                },
-            );
-        }
-        Postgres { endpoints }
-    }
-}
-
-impl SinkDriver for Postgres {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
-
-    fn owns(&self, sink: &SinkId) -> bool {
-        matches!(sink, SinkId::Endpoint(name) if self.endpoints.contains_key(name))
-    }
-
-    fn refuses(&self, _sink: &SinkId) -> Option<String> {
-        None
-    }
-
-    fn wake(&self, sink: &SinkId) {
-        if let SinkId::Endpoint(name) = sink {
-            if let Some(r) = self.endpoints.get(name) {
-                r.wake.notify_one();
-            }
-        }
-    }
-
-    fn health(&self) -> Health {
-        Health {
-            kind: KIND,
-            enabled: !self.endpoints.is_empty(),
-            connected: (!self.endpoints.is_empty()).then(|| {
-                self.endpoints
-                    .values()
-                    .all(|r| r.connected.load(Ordering::Relaxed))
-            }),
-        }
-    }
-
-    /// Ends every endpoint's task and waits for it; entries in flight stay queued.
-    fn stop(&self) -> StopFuture<'_> {
-        Box::pin(async move {
-            for r in self.endpoints.values() {
-                let _ = r.stop.send(true);
-                let task = r.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(task) = task {
-                    let _ = task.await;
-                }
-            }
-        })
-    }
-}
-
-struct Endpoint {
-    name: String,
-    queue_name: String,
-    cfg: EndpointSection,
-    hub_id: String,
-    queue: Arc<DiskQueue>,
-    metrics: Arc<Metrics>,
-    connected: Arc<AtomicBool>,
-    wake: Arc<Notify>,
-}
 
 /// One row's values, in column order.
 struct Row {
@@ -150,45 +42,51 @@ struct Row {
     body: Option<Vec<u8>>,
 }
 
-impl Endpoint {
-    async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let session = tokio::select! {
-                r = self.session() => r,
-                _ = stop.wait_for(|s| *s) => break,
-            };
-            if let Err(e) = session {
-                if self.connected.swap(false, Ordering::Relaxed) {
-                    warn!(endpoint = self.name, error = %e, "PostgreSQL endpoint lost; messages wait in its queue");
-                } else {
-                    tracing::debug!(endpoint = self.name, error = %e, "PostgreSQL endpoint unreachable");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.wait_for(|s| *s) => break,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        self.connected.store(false, Ordering::Relaxed);
-    }
+/// The endpoint's table, created if missing.
+pub fn create_table(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (\
+         id text PRIMARY KEY, enqueued_time timestamptz NOT NULL, \
+         device_id text, module_id text, \
+         properties jsonb NOT NULL, system_properties jsonb NOT NULL, \
+         body_json jsonb, body bytea)"
+    )
+}
 
+/// One multi-row INSERT of `rows` rows (8 parameters each, in column order) that skips ids
+/// already there.
+pub fn insert(table: &str, rows: usize) -> String {
+    let mut sql = format!(
+        "INSERT INTO {table} (id, enqueued_time, device_id, module_id, properties, \
+         system_properties, body_json, body) VALUES "
+    );
+    for i in 0..rows {
+        let b = i * 8;
+        if i > 0 {
+            sql.push(',');
+        }
+        let row: Vec<String> = (b + 1..=b + 8).map(|p| format!("${p}")).collect();
+        sql.push_str(&format!("({})", row.join(",")));
+    }
+    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    sql
+}
+
+/// The kind's session, for [`Endpoints`](super::endpoint::Endpoints).
+pub fn session(endpoint: Arc<Endpoint>) -> SessionFuture {
+    Box::pin(async move { endpoint.postgres_session().await })
+}
+
+impl Endpoint {
     /// One connection: write from the queue until something fails.
-    async fn session(&self) -> Result<(), String> {
+    async fn postgres_session(&self) -> Result<(), String> {
         let (client, connection) = tokio_postgres::connect(&self.cfg.url, tokio_postgres::NoTls)
             .await
             .map_err(|e| e.to_string())?;
         let mut connection = tokio::spawn(connection);
         let table = &self.cfg.table;
         client
-            .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {table} (\
-                 id text PRIMARY KEY, enqueued_time timestamptz NOT NULL, \
-                 device_id text, module_id text, \
-                 properties jsonb NOT NULL, system_properties jsonb NOT NULL, \
-                 body_json jsonb, body bytea)"
-            ))
+            .batch_execute(&create_table(table))
             .await
             .map_err(|e| e.to_string())?;
         self.connected.store(true, Ordering::Relaxed);
@@ -210,27 +108,8 @@ impl Endpoint {
                 continue;
             }
             let rows: Vec<Row> = entries.iter().map(|e| self.row(e)).collect();
-            let mut sql = format!(
-                "INSERT INTO {table} (id, enqueued_time, device_id, module_id, properties, \
-                 system_properties, body_json, body) VALUES "
-            );
             let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * 8);
-            for (i, r) in rows.iter().enumerate() {
-                let b = i * 8;
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${},${},${},${},${},${},${},${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8
-                ));
+            for r in &rows {
                 params.extend([
                     &r.id as &(dyn ToSql + Sync),
                     &r.enqueued,
@@ -242,7 +121,7 @@ impl Endpoint {
                     &r.body,
                 ]);
             }
-            sql.push_str(" ON CONFLICT (id) DO NOTHING");
+            let sql = insert(table, rows.len());
             client
                 .execute(sql.as_str(), &params)
                 .await
