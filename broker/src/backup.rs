@@ -15,6 +15,9 @@ pub struct BackupReport {
     pub tables: std::collections::BTreeMap<String, u64>,
     /// Store-and-forward entries copied.
     pub queued_entries: u64,
+    /// Entries of the events endpoint's log.
+    #[serde(default)]
+    pub events_entries: u64,
     /// Other files copied (admin token, TLS files, images).
     pub files: u64,
 }
@@ -67,6 +70,7 @@ pub fn backup(hub: &crate::hub::Hub, dest: &Path) -> Result<BackupReport, Backup
         dir: dest.to_path_buf(),
         tables: Default::default(),
         queued_entries: 0,
+        events_entries: 0,
         files: 0,
     };
 
@@ -108,6 +112,13 @@ pub fn backup(hub: &crate::hub::Hub, dest: &Path) -> Result<BackupReport, Backup
     report.queued_entries = hub
         .queues
         .backup(&dest.join(QUEUES_FILE))
+        .map_err(|e| BackupError::Queues(e.to_string()))?;
+    // The events endpoint's log after the checkpoints: a checkpoint in the copy never
+    // points past what the copy holds.
+    report.events_entries = hub
+        .events
+        .log()
+        .backup(&dest.join(crate::data_dir::EVENTS_DIR))
         .map_err(|e| BackupError::Queues(e.to_string()))?;
 
     // Files beside the stores: the admin token, generated TLS files, image contents (written

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 pub const STORE_FILE: &str = "fleethub.redb";
 /// The store-and-forward queues (with their log in `queues.log/`).
 pub const QUEUES_FILE: &str = "queues.redb";
+/// The events endpoint's retained log (segment files).
+pub const EVENTS_DIR: &str = "events";
 /// The operator's bearer token (API) and service-connection password (MQTT).
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// The addresses actually bound, for the CLI and tests (port 0 resolved).

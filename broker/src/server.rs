@@ -154,10 +154,6 @@ pub async fn run_with_reload(
         .db
         .count_refusals_in(metrics.store_writes_refused.clone());
     let limits = fleethub_router::queue::Limits {
-        log_sink: Some(fleethub_router::queue::LogSink {
-            sink: crate::events::SINK,
-            max_bytes: config.events.retention_bytes,
-        }),
         max_bytes: config.store_and_forward.max_bytes,
         max_sink_bytes: config.store_and_forward.max_sink_bytes,
         cache_bytes: config.store_and_forward.cache_bytes,
@@ -185,9 +181,32 @@ pub async fn run_with_reload(
         );
     }
     let live = crate::connections::Live::default();
+    let log = Arc::new(
+        fleethub_router::queue::RetainedLog::open(
+            &data_dir.join(crate::data_dir::EVENTS_DIR),
+            crate::events::SINK,
+            fleethub_router::queue::Retention {
+                time_ms: config.events.retention_secs.saturating_mul(1000),
+                bytes: config.events.retention_bytes,
+                cache_bytes: config.store_and_forward.cache_bytes / 4,
+                min_free_bytes: config.store_and_forward.min_free_bytes,
+            },
+        )
+        .map_err(|e| ServerError::Store(e.to_string()))?,
+    );
+    if log.corrupt_records > 0 {
+        metrics.corrupt_records(log.corrupt_records);
+        tracing::error!(
+            records = log.corrupt_records,
+            "the events log was damaged: records that could not be read are counted as dropped (reason corrupt); every readable record was kept"
+        );
+    }
+    crate::events::move_from_queue(&queues, &log)
+        .await
+        .map_err(|e| ServerError::Store(e.to_string()))?;
     let events = Arc::new(
         crate::events::Events::open(
-            queues.clone(),
+            log,
             stores.consumer_groups.clone(),
             config.events.max_consumer_groups,
         )

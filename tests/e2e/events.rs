@@ -403,3 +403,96 @@ async fn kill_9_mid_stream_loses_nothing_acknowledged() {
     let per_device: HashMap<_, _> = got.by_device.iter().map(|(d, v)| (d, v.len())).collect();
     assert_eq!(per_device.len(), 1);
 }
+
+/// Events an earlier version kept in the store-and-forward queue (its `$events` sink) move
+/// into the endpoint's own log at start with their positions, so checkpoints stay valid;
+/// moving is done once, and the other queues keep their entries.
+#[tokio::test]
+async fn events_an_earlier_version_kept_in_the_queue_move_into_the_log() {
+    use fleethub_router::queue::{DiskQueue, Limits, NewEntry, Queue};
+    let mut hub = Hub::start("events-move").await;
+    let (s, b) = hub
+        .api(
+            Method::POST,
+            "/consumerGroups",
+            Some(json!({ "name": "archive", "from": "start" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert!(hub.terminate().success());
+    let path = hub.data_dir().join("queues.redb");
+    let positions: Vec<u64> = {
+        let q = DiskQueue::open(&path, Limits::default()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let entry = |sink: &str, i: usize| {
+            let message = fleethub_router::Message {
+                body: format!("old-{i}").into(),
+                properties: Vec::new(),
+                system: fleethub_router::SystemProperties {
+                    connection_device_id: Some("old".into()),
+                    ..Default::default()
+                },
+            };
+            NewEntry {
+                sink: sink.into(),
+                priority: 0,
+                ttl_ms: 86_400_000,
+                bag: message.to_bag(),
+                body: message.body,
+            }
+        };
+        let mut entries: Vec<NewEntry> = (0..10).map(|i| entry("$events", i)).collect();
+        entries.insert(3, entry("$upstream", 99));
+        q.append(entries, now).await.unwrap();
+        let none = Default::default();
+        q.peek("$events", &none, 100, now)
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| e.key.seq)
+            .collect()
+    };
+    assert_eq!(positions.len(), 10);
+
+    // The second start comes after a `kill -9`: whatever of the move was not recorded in
+    // the queue is moved again, and must not be stored twice.
+    let mut hub = hub.restart().await;
+    for round in 0..2 {
+        let (_, page) = hub
+            .api(Method::GET, "/consumerGroups/archive/events?max=100", None)
+            .await;
+        let got: Vec<(u64, String)> = page["events"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{page}"))
+            .iter()
+            .map(|e| {
+                (
+                    e["sequenceNumber"].as_u64().unwrap(),
+                    e["body"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let want: Vec<(u64, String)> = positions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, format!("old-{i}")))
+            .collect();
+        assert_eq!(got, want, "round {round}: moved once, positions kept");
+        let (_, queues) = hub.api(Method::GET, "/queues", None).await;
+        let depth = |sink: &str| -> Vec<u64> {
+            queues["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|q| q["sink"] == sink)
+                .map(|q| q["depth"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(depth("$events"), [10], "{queues}");
+        assert_eq!(depth("$upstream"), [1], "{queues}");
+        hub = hub.restart().await;
+    }
+}

@@ -598,16 +598,17 @@ async fn a_damaged_byte_in_the_queue_log_costs_one_counted_record() {
     }
 }
 
-/// `fleethub backup` while a device publishes (routed to an offline module) and twins are
-/// written, then `kill -9`, then a hub started on the copy: every identity and key, every
-/// twin write and every message acknowledged before the backup began is there.
+/// `fleethub backup` while a device publishes (routed to an offline module and to the events
+/// endpoint) and twins are written, then `kill -9`, then a hub started on the copy: every
+/// identity and key, every twin write and every message acknowledged before the backup
+/// began is there, in the module's queue and in the events endpoint.
 #[tokio::test]
 async fn backup_under_load_then_kill_9_then_restore() {
     let dir = temp_dir("backup");
     let config = dir.join("hub.toml");
     std::fs::write(
         &config,
-        "[routes]\nsink = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/sink/inputs/in\\\")\"\n",
+        "[routes]\nsink = \"FROM /messages/* INTO BrokeredEndpoint(\\\"/modules/sink/inputs/in\\\")\"\narchive = \"FROM /messages/* INTO $events\"\n",
     )
     .unwrap();
     let mut hub = Hub::start_with(dir, &["--config", config.to_str().unwrap()]).await;
@@ -670,6 +671,10 @@ async fn backup_under_load_then_kill_9_then_restore() {
         "{report}"
     );
     assert!(
+        report["eventsEntries"].as_u64().unwrap() >= before as u64,
+        "{report}"
+    );
+    assert!(
         report["tables"]["identities"].as_u64().unwrap() >= 3,
         "{report}"
     );
@@ -698,5 +703,33 @@ async fn backup_under_load_then_kill_9_then_restore() {
     assert!(
         missing.is_empty(),
         "acknowledged before the backup, missing after restore: {missing:?}"
+    );
+
+    // The events endpoint's copy: read from the start by the HTTP batch reader.
+    let mut events = std::collections::BTreeSet::new();
+    let mut after = 0;
+    loop {
+        let (s, page) = restored
+            .api(
+                Method::GET,
+                &format!("/consumerGroups/$Default/events?max=1000&after={after}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{page}");
+        let items = page["events"].as_array().unwrap();
+        let Some(last) = items.last() else {
+            break;
+        };
+        after = last["sequenceNumber"].as_u64().unwrap();
+        for e in items {
+            let seq = e["properties"]["seq"].as_str().unwrap();
+            events.insert(seq.parse::<usize>().unwrap());
+        }
+    }
+    let missing: Vec<usize> = (0..before).filter(|s| !events.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "events acknowledged before the backup, missing after restore: {missing:?}"
     );
 }

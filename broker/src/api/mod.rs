@@ -188,10 +188,8 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
     hub.metrics.sessions.set(hub.sessions.len() as i64);
-    hub.metrics.observe_queues(
-        &fleethub_router::queue::Queue::stats(&*hub.queues),
-        crate::c2d::now_ms(),
-    );
+    hub.metrics
+        .observe_queues(&hub.queue_stats(), crate::c2d::now_ms());
     // Lag reads the queue (a range count per group): off the async threads.
     let events = hub.events.clone();
     let groups = tokio::task::spawn_blocking(move || {

@@ -80,7 +80,7 @@ async fn check_route(body: Result<Json<RouteCheck>, JsonRejection>) -> ApiResult
 
 async fn list_queues(State(hub): State<SharedHub>) -> Json<QueueList> {
     let now = crate::c2d::now_ms();
-    let stats = fleethub_router::queue::Queue::stats(&*hub.queues);
+    let stats = hub.queue_stats();
     hub.metrics.observe_queues(&stats, now);
     let items = stats
         .iter()

@@ -263,10 +263,11 @@ async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
             ctx.print(&report, |r| {
                 let rows: u64 = r.tables.values().sum();
                 format!(
-                    "Backed up to {}: {rows} rows in {} tables, {} queued messages, {} files. Restore: fleethub --data-dir {} serve",
+                    "Backed up to {}: {rows} rows in {} tables, {} queued messages, {} retained events, {} files. Restore: fleethub --data-dir {} serve",
                     r.dir.display(),
                     r.tables.len(),
                     r.queued_entries,
+                    r.events_entries,
                     r.files,
                     r.dir.display()
                 )

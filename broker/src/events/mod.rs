@@ -2,12 +2,13 @@
 //! route) or was routed `INTO $events` is kept for a retention period and size, and consumer
 //! groups read it, each from its own durable position.
 //!
-//! The endpoint is the `$events` sink of the store-and-forward queue, configured as its log
-//! sink ([`fleethub_router::queue::LogSink`]): entries are stored before the device's PUBACK
-//! like every routed message, and leave only by retention (time to live = retention time;
-//! the oldest dropped first beyond the retention size), never because a reader took them.
-//! Readers hold positions instead: a group's checkpoint is the sequence number up to which
-//! everything was acknowledged. Several consumers in one group share its messages
+//! The endpoint's storage is its own retained log ([`fleethub_router::queue::RetainedLog`],
+//! in `events/` of the data directory) beside the store-and-forward queues: entries are
+//! stored before the device's PUBACK like every routed message (the hub appends to both in
+//! one step, [`crate::hub::Hub::append`]), and leave only by retention (whole segments past
+//! the retention time, or the oldest beyond the retention size), never because a reader
+//! took them. Readers hold positions instead: a group's checkpoint is the position up to
+//! which everything was acknowledged. Several consumers in one group share its messages
 //! (competing consumers): each is handed entries no other consumer of the group holds; an
 //! entry a consumer leaves unacknowledged is handed to the next one. Checkpoints are stored
 //! a moment after they move (so a crash redelivers at most that moment's acknowledgements
@@ -15,10 +16,10 @@
 
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fleethub_router::queue::{DiskQueue, Entry, EntryKey, Queue, QueueError};
+use fleethub_router::queue::{Entry, QueueError, RetainedLog};
 use serde::{Deserialize, Serialize};
 
 pub use store::GroupStore;
@@ -166,35 +167,27 @@ struct State {
 }
 
 pub struct Events {
-    queues: Arc<DiskQueue>,
+    log: Arc<RetainedLog>,
     store: GroupStore,
     state: Mutex<State>,
     max_groups: usize,
 }
 
-fn key(seq: u64) -> EntryKey {
-    EntryKey {
-        sink: SINK.to_string(),
-        priority: 0,
-        seq,
-    }
-}
-
 impl Events {
-    /// Loads the groups (creating `$Default` on first start) and makes sure the queue's
-    /// sequence numbers stay above every checkpoint.
+    /// Loads the groups (creating `$Default` on first start) and makes sure the log's
+    /// positions stay above every checkpoint.
     pub fn open(
-        queues: Arc<DiskQueue>,
+        log: Arc<RetainedLog>,
         store: GroupStore,
         max_groups: usize,
     ) -> Result<Events, EventsError> {
         let mut groups = BTreeMap::new();
         for def in store.load()? {
-            queues.raise_seq(def.checkpoint);
+            log.raise_seq(def.checkpoint);
             groups.insert(def.name.clone(), Group::new(def));
         }
         let events = Events {
-            queues,
+            log,
             store,
             state: Mutex::new(State {
                 groups,
@@ -206,6 +199,11 @@ impl Events {
             events.create(DEFAULT_GROUP, StartAt::Start)?;
         }
         Ok(events)
+    }
+
+    /// The endpoint's storage.
+    pub fn log(&self) -> &Arc<RetainedLog> {
+        &self.log
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -233,8 +231,8 @@ impl Events {
         }
         let checkpoint = match from {
             StartAt::Start => 0,
-            StartAt::End => self.queues.last_seq(),
-            StartAt::Time(t) => self.seq_before(t)?,
+            StartAt::End => self.log.last_seq(),
+            StartAt::Time(t) => self.log.seq_before(t, crate::c2d::now_ms())?,
         };
         let def = ConsumerGroup {
             name: name.to_string(),
@@ -248,24 +246,6 @@ impl Events {
         }
         st.groups.insert(name.to_string(), Group::new(def.clone()));
         Ok(def)
-    }
-
-    /// The position just before the first retained entry enqueued at or after `t`.
-    fn seq_before(&self, t: u64) -> Result<u64, EventsError> {
-        let none = HashSet::new();
-        let mut after: Option<EntryKey> = None;
-        loop {
-            let page =
-                self.queues
-                    .peek_after(SINK, after.as_ref(), &none, 1024, crate::c2d::now_ms())?;
-            let Some(last) = page.entries.last() else {
-                return Ok(self.queues.last_seq());
-            };
-            if let Some(e) = page.entries.iter().find(|e| e.enqueued_ms >= t) {
-                return Ok(e.key.seq.saturating_sub(1));
-            }
-            after = Some(last.key.clone());
-        }
     }
 
     pub fn delete(&self, name: &str) -> Result<(), EventsError> {
@@ -358,7 +338,6 @@ impl Events {
             return Ok(Vec::new());
         }
         let now = crate::c2d::now_ms();
-        let none = HashSet::new();
         let mut st = self.lock();
         let Some(group) = st.consumers.get(&id).map(|c| c.group.clone()) else {
             return Ok(Vec::new());
@@ -372,19 +351,15 @@ impl Events {
                 break;
             };
             // Gone by retention meanwhile: nothing to hand out.
-            let page = self
-                .queues
-                .peek_after(SINK, Some(&key(seq - 1)), &none, 1, now)?;
-            if let Some(e) = page.entries.into_iter().find(|e| e.key.seq == seq) {
+            let page = self.log.read_after(seq - 1, 1, now)?;
+            if let Some(e) = page.into_iter().find(|e| e.key.seq == seq) {
                 g.in_flight.insert(seq, id);
                 out.push(e);
             }
         }
         if out.len() < limit {
-            let page =
-                self.queues
-                    .peek_after(SINK, Some(&key(g.read)), &none, limit - out.len(), now)?;
-            for e in page.entries {
+            let page = self.log.read_after(g.read, limit - out.len(), now)?;
+            for e in page {
                 g.read = g.read.max(e.key.seq);
                 g.in_flight.insert(e.key.seq, id);
                 out.push(e);
@@ -458,16 +433,7 @@ impl Events {
         if !self.exists(group) {
             return Err(EventsError::NotFound(group.to_string()));
         }
-        Ok(self
-            .queues
-            .peek_after(
-                SINK,
-                Some(&key(from)),
-                &HashSet::new(),
-                max,
-                crate::c2d::now_ms(),
-            )?
-            .entries)
+        Ok(self.log.read_after(from, max, crate::c2d::now_ms())?)
     }
 
     /// A batch reader's checkpoint: everything up to `seq` is done (it only moves forward).
@@ -505,13 +471,10 @@ impl Events {
             let consumers = st.consumers.values().filter(|c| c.group == name).count();
             (g.def.clone(), consumers, g.in_flight.len())
         };
-        let lag_messages = self.queues.count_after(SINK, 0, def.checkpoint)?;
+        let lag_messages = self.log.count_after(def.checkpoint)?;
         let now = crate::c2d::now_ms();
-        let oldest =
-            self.queues
-                .peek_after(SINK, Some(&key(def.checkpoint)), &HashSet::new(), 1, now)?;
+        let oldest = self.log.read_after(def.checkpoint, 1, now)?;
         let lag_seconds = oldest
-            .entries
             .first()
             .map(|e| now.saturating_sub(e.enqueued_ms) as f64 / 1000.0)
             .unwrap_or(0.0);
@@ -525,6 +488,35 @@ impl Events {
             in_flight,
         })
     }
+}
+
+/// Moves what an earlier version kept of the endpoint in the store-and-forward queue (its
+/// `$events` sink) into the retained log, positions unchanged so checkpoints stay valid.
+/// Idempotent: a crash between storing and removing moves nothing twice.
+pub async fn move_from_queue(
+    queues: &fleethub_router::queue::DiskQueue,
+    log: &RetainedLog,
+) -> Result<u64, EventsError> {
+    use fleethub_router::queue::Queue;
+    let none = std::collections::HashSet::new();
+    let mut moved = 0;
+    loop {
+        // Expired entries are removed (and counted) by the queue on the way.
+        let page = queues.peek(SINK, &none, 4096, crate::c2d::now_ms())?;
+        if page.entries.is_empty() {
+            break;
+        }
+        let keys = page.entries.iter().map(|e| e.key.clone()).collect();
+        moved += log.import(page.entries).await?;
+        queues.remove(keys);
+    }
+    if moved > 0 {
+        tracing::info!(
+            entries = moved,
+            "events endpoint: entries moved from the store-and-forward queue into its own log"
+        );
+    }
+    Ok(moved)
 }
 
 /// An event as the HTTP API shows it: its position, ids, properties and body (JSON when it

@@ -417,6 +417,55 @@ impl Hub {
         }
     }
 
+    /// Every queue's stats, and the events endpoint's log as the `$events` row.
+    pub fn queue_stats(&self) -> Vec<fleethub_router::queue::SinkStats> {
+        let mut stats = fleethub_router::queue::Queue::stats(&*self.queues);
+        stats.retain(|s| s.sink != crate::events::SINK);
+        stats.push(self.events.log().stats());
+        stats
+    }
+
+    /// Stores routed entries before the future resolves: the events endpoint's in its
+    /// retained log, the rest in the store-and-forward queues (both at once). A refusal hands
+    /// back only what was refused, so offering it again duplicates nothing that was stored.
+    pub fn append(
+        &self,
+        entries: Vec<fleethub_router::queue::NewEntry>,
+    ) -> fleethub_router::queue::AppendFuture {
+        use fleethub_router::queue::{AppendError, Queue};
+        let now = crate::c2d::now_ms();
+        let (events, queued): (Vec<_>, Vec<_>) = entries
+            .into_iter()
+            .partition(|e| e.sink == crate::events::SINK);
+        if events.is_empty() {
+            return Queue::append(&*self.queues, queued, now);
+        }
+        let logged = self.events.log().append(events, now);
+        if queued.is_empty() {
+            return logged;
+        }
+        let queued = Queue::append(&*self.queues, queued, now);
+        Box::pin(async move {
+            match tokio::join!(logged, queued) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+                (Err(a), Err(b)) => match (a.is_refusal(), b.is_refusal()) {
+                    (true, true) => {
+                        let mut entries = a.entries;
+                        entries.extend(b.entries);
+                        Err(AppendError {
+                            error: a.error,
+                            entries,
+                        })
+                    }
+                    // A store failure: the client sends it all again.
+                    (false, _) => Err(a),
+                    (true, false) => Err(b),
+                },
+            }
+        })
+    }
+
     /// A twin change notification for `key` (its reported properties changed), routed like
     /// a message from it on `/twinChangeNotifications`.
     pub fn twin_changed(
@@ -451,8 +500,7 @@ impl Hub {
         }
         let hub = self.clone();
         let Routed { entries, sinks } = routed;
-        let committed =
-            fleethub_router::queue::Queue::append(&*self.queues, entries, crate::c2d::now_ms());
+        let committed = self.append(entries);
         tokio::spawn(async move {
             match committed.await {
                 Ok(()) => hub.sinks.wake(&sinks),

@@ -291,8 +291,7 @@ impl Session {
         }
         let crate::hub::Routed { entries, sinks } = std::mem::take(&mut self.queued);
         let count = entries.len() as u64;
-        let committed =
-            fleethub_router::queue::Queue::append(&*self.hub.queues, entries, crate::c2d::now_ms());
+        let committed = self.hub.append(entries);
         commits.push_back(PendingCommit {
             committed,
             acks,
@@ -318,7 +317,7 @@ impl Session {
         let committed = if entries.is_empty() {
             Box::pin(std::future::ready(Ok(()))) as fleethub_router::queue::AppendFuture
         } else {
-            fleethub_router::queue::Queue::append(&*self.hub.queues, entries, crate::c2d::now_ms())
+            self.hub.append(entries)
         };
         commits.push_back(PendingCommit {
             committed,

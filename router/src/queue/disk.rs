@@ -16,7 +16,7 @@
 //!   applied in memory at once (never handed out again) and logged with the next batch;
 //! - at open, the log is replayed into redb and deleted: restart is a plain redb queue.
 
-mod log;
+pub(super) mod log;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -31,8 +31,10 @@ use super::*;
 const QUEUE: TableDefinition<(&str, u8, u64), &[u8]> = TableDefinition::new("queue");
 /// `format`: the store's format version, as decimal text.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// The format this code writes. 0: before versions were recorded (the same layout).
-pub const FORMAT: u32 = 1;
+/// The format this code writes. 0: before versions were recorded (the same layout). 2: the
+/// events endpoint is no longer a sink here (the hub moves any `$events` entries into its own
+/// log at start); same layout, recorded so an older binary refuses rather than miss them.
+pub const FORMAT: u32 = 2;
 const MAX_BATCH: usize = 4096;
 /// Sealed log generations kept before the oldest one's live entries move to redb. With the
 /// one being written that is four generations of an eighth of `cache_bytes` each: half of it.
@@ -603,7 +605,7 @@ fn migrate(db: &Database, path: &Path) -> Result<(), QueueError> {
         });
     }
     if found < FORMAT {
-        // 0 -> 1: the layout is the same; the version is recorded from now on.
+        // 0 -> 1 -> 2: the layout is the same; the version is recorded from now on.
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(META)
             .map_err(err)?
@@ -840,14 +842,8 @@ impl Writer {
     ) -> Result<(), AppendError> {
         let limits = &self.limits;
         if limits.when_full == WhenFull::Refuse {
-            // The log sink makes room for itself by retention: never refused for size.
-            let queued = || {
-                entries
-                    .iter()
-                    .filter(|e| !Counters::is_log(limits, &e.sink))
-            };
-            let incoming: u64 = queued().map(|e| entry_size(&e.bag, &e.body)).sum();
-            let sink_over = queued().any(|e| {
+            let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
+            let sink_over = entries.iter().any(|e| {
                 st.counters
                     .over(limits, Some(&e.sink), entry_size(&e.bag, &e.body))
             });
@@ -860,12 +856,7 @@ impl Writer {
         }
         for e in entries {
             let size = entry_size(&e.bag, &e.body);
-            let scopes: &[Option<&str>] = if Counters::is_log(limits, &e.sink) {
-                &[Some(e.sink.as_str())]
-            } else {
-                &[Some(e.sink.as_str()), None]
-            };
-            for &scope in scopes {
+            for scope in [Some(e.sink.as_str()), None] {
                 while st.counters.over(limits, scope, size) {
                     let Some(v) = self.victim(st, staged, scope) else {
                         break;
@@ -902,14 +893,8 @@ impl Writer {
     }
 
     /// The oldest entry of the lowest priority (9 first), in one sink or in all.
-    /// The log sink is a victim only in its own scope: the other queues' limits never eat
-    /// into its retention.
     fn victim(&self, st: &State, staged: &Staged, sink: Option<&str>) -> Option<Victim> {
-        let limits = &self.limits;
-        let in_scope = |s: &str| match sink {
-            Some(x) => x == s,
-            None => !Counters::is_log(limits, s),
-        };
+        let in_scope = |s: &str| sink.is_none_or(|x| x == s);
         for p in (0..=9u8).rev() {
             // (seq, victim): the smallest seq wins.
             let mut best: Option<(u64, Victim)> = None;

@@ -38,13 +38,10 @@ impl State {
 
     /// The oldest entry of the lowest priority, overall (never the log sink's) or in one
     /// sink.
-    fn victim(&self, sink: Option<&str>, limits: &Limits) -> Option<EntryKey> {
+    fn victim(&self, sink: Option<&str>) -> Option<EntryKey> {
         self.entries
             .keys()
-            .filter(|k| match sink {
-                Some(s) => k.sink == s,
-                None => !Counters::is_log(limits, &k.sink),
-            })
+            .filter(|k| sink.is_none_or(|s| k.sink == s))
             .max_by(|a, b| a.priority.cmp(&b.priority).then(b.seq.cmp(&a.seq)))
             .cloned()
     }
@@ -57,14 +54,10 @@ impl Queue for MemoryQueue {
             let over =
                 |st: &State, sink: Option<&str>, add: u64| st.c.over(&self.limits, sink, add);
             if self.limits.when_full == WhenFull::Refuse {
-                let queued = || {
-                    entries
-                        .iter()
-                        .filter(|e| !Counters::is_log(&self.limits, &e.sink))
-                };
-                let incoming: u64 = queued().map(|e| entry_size(&e.bag, &e.body)).sum();
-                let sink_over =
-                    queued().any(|e| over(&st, Some(&e.sink), entry_size(&e.bag, &e.body)));
+                let incoming: u64 = entries.iter().map(|e| entry_size(&e.bag, &e.body)).sum();
+                let sink_over = entries
+                    .iter()
+                    .any(|e| over(&st, Some(&e.sink), entry_size(&e.bag, &e.body)));
                 if over(&st, None, incoming) || sink_over {
                     return Err(AppendError {
                         error: QueueError::Full,
@@ -75,14 +68,14 @@ impl Queue for MemoryQueue {
             for e in entries {
                 let size = entry_size(&e.bag, &e.body);
                 while over(&st, Some(&e.sink), size) {
-                    let Some(v) = st.victim(Some(&e.sink), &self.limits) else {
+                    let Some(v) = st.victim(Some(&e.sink)) else {
                         break;
                     };
                     st.take(&v);
                     st.c.stat(&v.sink).dropped_quota += 1;
                 }
-                while !Counters::is_log(&self.limits, &e.sink) && over(&st, None, size) {
-                    let Some(v) = st.victim(None, &self.limits) else {
+                while over(&st, None, size) {
+                    let Some(v) = st.victim(None) else {
                         break;
                     };
                     st.take(&v);

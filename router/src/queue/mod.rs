@@ -13,6 +13,7 @@
 
 mod disk;
 mod memory;
+mod retained;
 #[cfg(test)]
 mod tests;
 
@@ -24,6 +25,7 @@ use bytes::Bytes;
 
 pub use disk::{format_of, free_bytes, DiskQueue, FORMAT};
 pub use memory::MemoryQueue;
+pub use retained::{RetainedLog, Retention};
 
 /// A message to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,22 +76,9 @@ pub enum WhenFull {
     Refuse,
 }
 
-/// A sink kept as a log with retention rather than drained: it keeps its newest entries
-/// up to `max_bytes`, dropping its oldest to make room whatever [`Limits::when_full`] says,
-/// and counts against neither the total limit nor `max_sink_bytes` (the events endpoint:
-/// read by positions, never emptied by its readers, so it must not crowd out the queues
-/// that are).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogSink {
-    pub sink: &'static str,
-    pub max_bytes: u64,
-}
-
 /// Size limits. 0 means no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// The retained log sink, if any.
-    pub log_sink: Option<LogSink>,
     pub max_bytes: u64,
     pub max_sink_bytes: u64,
     pub when_full: WhenFull,
@@ -105,7 +94,6 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            log_sink: None,
             min_free_bytes: 0,
             max_bytes: 0,
             max_sink_bytes: 0,
@@ -246,24 +234,14 @@ impl Counters {
     }
 
     /// Whether adding `add` bytes breaks the total limit (`sink` None) or that sink's limit.
-    /// The log sink has only its own limit; its bytes are outside the total.
     pub(crate) fn over(&self, limits: &Limits, sink: Option<&str>, add: u64) -> bool {
-        let bytes = |s: &str| self.sinks.get(s).map(|x| x.bytes).unwrap_or(0);
-        match (sink, limits.log_sink) {
-            (Some(s), Some(log)) if s == log.sink => {
-                log.max_bytes > 0 && bytes(s) + add > log.max_bytes
+        match sink {
+            None => limits.max_bytes > 0 && self.total + add > limits.max_bytes,
+            Some(s) => {
+                let bytes = self.sinks.get(s).map(|x| x.bytes).unwrap_or(0);
+                limits.max_sink_bytes > 0 && bytes + add > limits.max_sink_bytes
             }
-            (None, log) => {
-                let retained = log.map(|l| bytes(l.sink)).unwrap_or(0);
-                limits.max_bytes > 0 && self.total - retained + add > limits.max_bytes
-            }
-            (Some(s), _) => limits.max_sink_bytes > 0 && bytes(s) + add > limits.max_sink_bytes,
         }
-    }
-
-    /// Whether `sink` is the log sink.
-    pub(crate) fn is_log(limits: &Limits, sink: &str) -> bool {
-        limits.log_sink.is_some_and(|l| l.sink == sink)
     }
 
     /// Sinks with entries, and how many.

@@ -217,54 +217,8 @@ async fn refuse_policy_refuses_without_dropping(q: &dyn Queue) {
     q.append(vec![entry("s", 0, 60_000, "e")], 4).await.unwrap();
 }
 
-/// The log sink keeps its newest entries within its own limit, dropping its oldest even
-/// under `refuse`; it is outside the total, and the other sinks never evict it.
-async fn log_sink_retains_newest_and_stands_apart(q: &dyn Queue) {
-    let one = entry_size("n=h1", b"h1");
-    for i in 0..5 {
-        q.append(vec![entry("$log", 0, 60_000, &format!("e{i}"))], 1)
-            .await
-            .unwrap();
-    }
-    assert_eq!(
-        bodies(&q.peek("$log", &HashSet::new(), 10, 2).unwrap()),
-        ["e2", "e3", "e4"],
-        "three entries' worth retained, oldest dropped first"
-    );
-    // The total (4 entries' worth) is the other sinks' alone: all of it is still theirs.
-    q.append(
-        vec![
-            entry("s", 0, 60_000, "a"),
-            entry("s", 0, 60_000, "b"),
-            entry("s", 0, 60_000, "c"),
-            entry("s", 0, 60_000, "d"),
-        ],
-        2,
-    )
-    .await
-    .unwrap();
-    let stats = q.stats();
-    let log = stats.iter().find(|s| s.sink == "$log").unwrap();
-    assert_eq!((log.depth, log.bytes, log.dropped_quota), (3, 3 * one, 2));
-    assert_eq!(
-        bodies(&q.peek("$log", &HashSet::new(), 10, 3).unwrap()),
-        ["e2", "e3", "e4"]
-    );
-}
-
-fn limits_with_log(when_full: WhenFull) -> Limits {
-    Limits {
-        log_sink: Some(LogSink {
-            sink: "$log",
-            max_bytes: 3 * entry_size("n=h1", b"h1"),
-        }),
-        ..limits_for_quota(when_full)
-    }
-}
-
 fn limits_for_quota(when_full: WhenFull) -> Limits {
     Limits {
-        log_sink: None,
         max_bytes: 4 * entry_size("n=h1", b"h1"),
         max_sink_bytes: 0,
         when_full,
@@ -340,28 +294,6 @@ for_each_queue!(
     refuse_policy_refuses_without_dropping,
     limits_for_quota(WhenFull::Refuse)
 );
-for_each_queue!(
-    log_sink_retains_newest_and_stands_apart,
-    limits_with_log(WhenFull::Refuse)
-);
-mod log_sink_under_drop_oldest {
-    use super::*;
-
-    #[tokio::test]
-    async fn memory() {
-        let q = MemoryQueue::new(limits_with_log(WhenFull::DropOldest));
-        log_sink_retains_newest_and_stands_apart(&q).await;
-    }
-
-    #[tokio::test]
-    async fn disk() {
-        let path = temp_path("log-drop-oldest");
-        let q = DiskQueue::open(&path, limits_with_log(WhenFull::DropOldest)).unwrap();
-        log_sink_retains_newest_and_stands_apart(&q).await;
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
-    }
-}
-
 #[tokio::test]
 async fn disk_entries_survive_reopen_with_ttl_by_wall_clock() {
     let path = temp_path("reopen");

@@ -36,7 +36,7 @@ const MAX_RECORD: usize = 64 * 1024 * 1024;
 
 /// A record as read back at open.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Record {
+pub(in crate::queue) enum Record {
     Append {
         key: EntryKey,
         enqueued_ms: u64,
@@ -65,7 +65,7 @@ fn put_key(buf: &mut Vec<u8>, key: &EntryKey) {
     buf.extend_from_slice(key.sink.as_bytes());
 }
 
-pub(super) fn encode_append(
+pub(in crate::queue) fn encode_append(
     buf: &mut Vec<u8>,
     key: &EntryKey,
     enqueued_ms: u64,
@@ -84,7 +84,7 @@ pub(super) fn encode_append(
     });
 }
 
-pub(super) fn encode_remove(buf: &mut Vec<u8>, key: &EntryKey) {
+pub(in crate::queue) fn encode_remove(buf: &mut Vec<u8>, key: &EntryKey) {
     frame(buf, |b| {
         b.push(REMOVE);
         put_key(b, key);
@@ -153,17 +153,17 @@ fn decode(payload: &[u8]) -> Option<Record> {
 
 /// What reading a log file found.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Read {
-    pub(super) records: Vec<Record>,
+pub(in crate::queue) struct Read {
+    pub(in crate::queue) records: Vec<Record>,
     /// Damaged stretches in the middle (offset, bytes), each followed by a readable record:
     /// at least one record lost in each.
-    pub(super) damaged: Vec<(usize, usize)>,
+    pub(in crate::queue) damaged: Vec<(usize, usize)>,
     /// Bytes at the end that are not a whole record: a torn tail, or damage at the end.
-    pub(super) tail: usize,
+    pub(in crate::queue) tail: usize,
 }
 
 /// The record whose frame starts at `at`, and where the next one starts.
-fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
+pub(in crate::queue) fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     if bytes.get(at..at + 4)? != SYNC {
         return None;
     }
@@ -182,7 +182,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
 
 /// Every readable record of a log file, where it was damaged, and how many bytes at its end
 /// are not a whole record.
-pub(super) fn read(bytes: &[u8]) -> Read {
+pub(in crate::queue) fn read(bytes: &[u8]) -> Read {
     let marked = read_marked(bytes);
     if marked.records.is_empty() && !bytes.starts_with(&SYNC[..bytes.len().min(4)]) {
         // Perhaps a file from before markers.
@@ -221,6 +221,45 @@ fn read_marked(bytes: &[u8]) -> Read {
     out
 }
 
+/// Records from offset `at` on, each with where its frame starts: what a reader by position
+/// (the retained log) needs. Damage in the middle is skipped as [`read`] does (counted in
+/// `damaged`); iteration stops where no further whole frame starts, leaving `at` there (a torn
+/// tail, or a record cut by the end of a partial read).
+pub(in crate::queue) struct Scan<'a> {
+    bytes: &'a [u8],
+    pub(in crate::queue) at: usize,
+    pub(in crate::queue) damaged: u64,
+}
+
+impl<'a> Scan<'a> {
+    pub(in crate::queue) fn new(bytes: &'a [u8], at: usize) -> Scan<'a> {
+        Scan {
+            bytes,
+            at,
+            damaged: 0,
+        }
+    }
+}
+
+impl Iterator for Scan<'_> {
+    type Item = (usize, Record);
+
+    fn next(&mut self) -> Option<(usize, Record)> {
+        let bytes = self.bytes;
+        if let Some((record, next)) = frame_at(bytes, self.at) {
+            let start = self.at;
+            self.at = next;
+            return Some((start, record));
+        }
+        let resume = (self.at + 1..bytes.len().saturating_sub(HEADER - 1))
+            .filter(|&i| bytes[i..].starts_with(&SYNC))
+            .find(|&i| frame_at(bytes, i).is_some())?;
+        self.damaged += 1;
+        self.at = resume;
+        self.next()
+    }
+}
+
 /// A file from before frames had markers: read up to its first bad frame.
 fn read_unmarked(bytes: &[u8]) -> Read {
     let mut out = Read::default();
@@ -255,7 +294,7 @@ fn err(e: impl std::fmt::Display) -> QueueError {
 }
 
 /// The log generations present in `dir`, oldest first.
-pub(super) fn generations(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError> {
+pub(in crate::queue) fn generations(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(err)? {
         let path = e.map_err(err)?.path();
@@ -272,24 +311,24 @@ pub(super) fn generations(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError>
     Ok(out)
 }
 
-pub(super) fn gen_path(dir: &Path, id: u64) -> PathBuf {
+pub(in crate::queue) fn gen_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.log"))
 }
 
 /// Makes a directory's entries (a new or deleted log file) durable.
-pub(super) fn sync_dir(dir: &Path) -> Result<(), QueueError> {
+pub(in crate::queue) fn sync_dir(dir: &Path) -> Result<(), QueueError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(err)
 }
 
 /// The generation being written.
-pub(super) struct Active {
-    pub(super) id: u64,
+pub(in crate::queue) struct Active {
+    pub(in crate::queue) id: u64,
     file: File,
-    pub(super) len: u64,
+    pub(in crate::queue) len: u64,
 }
 
 impl Active {
-    pub(super) fn create(dir: &Path, id: u64) -> Result<Active, QueueError> {
+    pub(in crate::queue) fn create(dir: &Path, id: u64) -> Result<Active, QueueError> {
         let file = std::fs::OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -299,10 +338,21 @@ impl Active {
         Ok(Active { id, file, len: 0 })
     }
 
+    /// Opens an existing file to append to, cut back to `len` (its last whole record).
+    pub(in crate::queue) fn reopen(dir: &Path, id: u64, len: u64) -> Result<Active, QueueError> {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(gen_path(dir, id))
+            .map_err(err)?;
+        file.set_len(len).map_err(err)?;
+        file.sync_all().map_err(err)?;
+        Ok(Active { id, file, len })
+    }
+
     /// Writes a batch; with `sync`, returns only once it is on disk. A batch that failed
     /// (disk full mid-record, a failed sync) is cut off again: reading stops at the first bad
     /// record, so anything appended after a partial one would be lost to replay.
-    pub(super) fn write(&mut self, buf: &[u8], sync: bool) -> Result<(), QueueError> {
+    pub(in crate::queue) fn write(&mut self, buf: &[u8], sync: bool) -> Result<(), QueueError> {
         let written = (|| {
             self.file.write_all(buf)?;
             if sync {
