@@ -40,8 +40,13 @@ pub struct Core {
 }
 
 impl Core {
-    /// Starts the router thread. `max_connections` bounds links (the router preallocates).
-    pub fn start(max_connections: usize, sizing: &RouterSection) -> Core {
+    /// Starts the router thread. `max_connections` bounds links (the router preallocates);
+    /// `opened` counts the links opened into it (each costs about 230 KB of buffers).
+    pub fn start(
+        max_connections: usize,
+        sizing: &RouterSection,
+        opened: prometheus::IntCounter,
+    ) -> Core {
         let config = rumqttd::RouterConfig {
             // One extra slot for hub-internal links.
             max_connections: max_connections + 16,
@@ -56,6 +61,7 @@ impl Core {
         };
         let router_tx = Router::new(0, config).spawn();
         let build = move |client_id: &str| {
+            opened.inc();
             LinkBuilder::new(client_id, router_tx.clone())
                 .clean_session(true)
                 .dynamic_filters(false)

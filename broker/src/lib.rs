@@ -43,6 +43,7 @@ pub mod fuzzing;
 pub mod hub;
 pub mod identity;
 pub mod images;
+pub mod live_view;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub provisioning: IntCounterVec,
     /// Telemetry the fallback route sent to the events endpoint.
     pub events_fallback: IntCounter,
+    pub live_view_dropped: IntCounter,
+    pub router_links_opened: IntCounter,
     /// Events handed to consumer groups' readers, by group.
     pub events_delivered: IntCounterVec,
     events_lag_messages: prometheus::IntGaugeVec,
@@ -246,6 +248,16 @@ impl Metrics {
             "Telemetry that matched no route and went to the events endpoint (the fallback route)",
         )
         .expect("valid metric");
+        let live_view_dropped = IntCounter::new(
+            "fleethub_live_view_dropped_total",
+            "Telemetry not shown on the live view because its watchers fell too far behind (the events endpoint and routes have it)",
+        )
+        .expect("valid metric");
+        let router_links_opened = IntCounter::new(
+            "fleethub_router_links_opened_total",
+            "Links opened into the embedded router: one for the live view, one per service connection that subscribes through it",
+        )
+        .expect("valid metric");
         let events_delivered = IntCounterVec::new(
             Opts::new(
                 "fleethub_events_delivered_total",
@@ -341,6 +353,8 @@ impl Metrics {
             Box::new(queue_refused.clone()),
             Box::new(provisioning.clone()),
             Box::new(events_fallback.clone()),
+            Box::new(live_view_dropped.clone()),
+            Box::new(router_links_opened.clone()),
             Box::new(events_delivered.clone()),
             Box::new(events_lag_messages.clone()),
             Box::new(events_lag_seconds.clone()),
@@ -382,6 +396,8 @@ impl Metrics {
             queue_refused,
             provisioning,
             events_fallback,
+            live_view_dropped,
+            router_links_opened,
             events_delivered,
             events_lag_messages,
             events_lag_seconds,

@@ -186,6 +186,8 @@ pub struct Registry {
     writer: std::sync::Mutex<()>,
     cache: DashMap<IdentityKey, Arc<Identity>>,
     live: DashMap<IdentityKey, Live>,
+    /// Identities whose last activity waits to be written, and whether a writer is on it.
+    activity: std::sync::Mutex<(Vec<IdentityKey>, bool)>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -302,6 +304,7 @@ impl Registry {
             writer: std::sync::Mutex::new(()),
             cache,
             live: DashMap::new(),
+            activity: Default::default(),
         })
     }
 
@@ -542,16 +545,66 @@ impl Registry {
 
     /// Writes the last activity time of `key` to the store (on disconnect).
     pub fn persist_activity(&self, key: &IdentityKey) -> Result<(), RegistryError> {
+        self.persist_activities(std::slice::from_ref(key))
+    }
+
+    /// Writes the last activity times of `keys` in one transaction.
+    fn persist_activities(&self, keys: &[IdentityKey]) -> Result<(), RegistryError> {
         let _writer = self.lock();
-        let Some(current) = self.get(key) else {
-            return Ok(());
-        };
-        let Some(t) = self.live.get(key).and_then(|l| l.last_activity) else {
-            return Ok(());
-        };
-        let mut next = (*current).clone();
-        next.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
-        self.put(key, &next)
+        let tx = self.db.begin_write()?;
+        let mut written = Vec::new();
+        for key in keys {
+            let Some(current) = self.get(key) else {
+                continue;
+            };
+            let Some(t) = self.live.get(key).and_then(|l| l.last_activity) else {
+                continue;
+            };
+            let mut next = (*current).clone();
+            next.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
+            IDENTITIES.put::<RegistryError>(&tx, &key.to_string(), &next)?;
+            written.push((key.clone(), next));
+        }
+        tx.commit()?;
+        for (key, identity) in written {
+            self.cache.insert(key, Arc::new(identity));
+        }
+        Ok(())
+    }
+
+    /// Queues `key`'s last activity for the store (a connection closed). Returns true when
+    /// the caller must run [`Registry::write_activity`] (off the async threads): one writer
+    /// at a time, each transaction taking everything queued meanwhile, so a fleet that
+    /// disconnects at once costs a few transactions, not a blocking thread and a commit per
+    /// device.
+    pub fn queue_activity(&self, key: IdentityKey) -> bool {
+        let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        a.0.push(key);
+        !std::mem::replace(&mut a.1, true)
+    }
+
+    /// Writes queued last-activity times until none is left; returns how many were written.
+    pub fn write_activity(&self) -> Result<usize, RegistryError> {
+        let mut total = 0;
+        loop {
+            let mut keys = {
+                let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+                if a.0.is_empty() {
+                    a.1 = false;
+                    return Ok(total);
+                }
+                std::mem::take(&mut a.0)
+            };
+            keys.sort();
+            keys.dedup();
+            if let Err(e) = self.persist_activities(&keys) {
+                // The next disconnect starts a writer again; these times are lost (they are
+                // not acknowledged data: the next connection sets them anew).
+                self.activity.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+                return Err(e);
+            }
+            total += keys.len();
+        }
     }
 }
 
@@ -644,6 +697,34 @@ mod tests {
             t.join().unwrap();
             assert_eq!(reg.get(&d1).unwrap().status, status, "round {i}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Disconnects queue their activity; one writer takes all of them in one go, and the
+    /// next disconnect after it finished starts a writer again.
+    #[test]
+    fn queued_activity_is_written_by_one_writer_at_a_time() {
+        let (reg, dir) = temp_registry("activity");
+        let keys: Vec<IdentityKey> = (0..5)
+            .map(|i| IdentityKey::parse(&format!("d{i}")).unwrap())
+            .collect();
+        for k in &keys {
+            reg.create(k, None, None).unwrap();
+            reg.set_connected(k, true);
+            reg.set_connected(k, false);
+        }
+        let starts: Vec<bool> = keys.iter().map(|k| reg.queue_activity(k.clone())).collect();
+        assert_eq!(starts, [true, false, false, false, false]);
+        assert!(
+            !reg.queue_activity(keys[0].clone()),
+            "a writer is due already"
+        );
+        assert_eq!(reg.write_activity().unwrap(), 5, "each identity once");
+        for k in &keys {
+            assert!(reg.get(k).unwrap().last_activity_time.is_some());
+        }
+        assert!(reg.queue_activity(keys[1].clone()), "the writer finished");
+        assert_eq!(reg.write_activity().unwrap(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -240,7 +240,11 @@ pub async fn run_with_reload(
                 .join("; "),
         )
     })?;
-    let core = Core::start(config.limits.max_connections, &config.router);
+    let core = Core::start(
+        config.limits.max_connections,
+        &config.router,
+        metrics.router_links_opened.clone(),
+    );
     let hub = Arc::new(Hub::new(
         config.clone(),
         stores,

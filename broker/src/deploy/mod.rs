@@ -110,6 +110,12 @@ impl Engine {
                 }
                 self.reconcile_targeted(&hub, vec![device]).await
             }
+            Change::Reported(devices) => {
+                if self.targeted.is_empty() {
+                    return Ok(0);
+                }
+                self.reconcile_targeted(&hub, devices).await
+            }
             // Application updates on or off changes what the group's devices should run.
             Change::GroupChanged { group_id } => {
                 let devices = devices_in_group(&hub, &group_id);

@@ -172,6 +172,8 @@ pub struct Hub {
     pub methods: Methods,
     pub metrics: Arc<Metrics>,
     pub core: Core,
+    /// Telemetry to the live view's watchers, through one shared router link.
+    pub live_view: crate::live_view::LiveView,
     /// The operator's bearer token (API) and service-connection password (MQTT).
     pub admin_token: String,
     /// Shared with the sink drivers that wake a connection (module inputs).
@@ -179,6 +181,9 @@ pub struct Hub {
     /// Service connections subscribed to telemetry; while there are none, telemetry is not
     /// published into the router at all.
     pub event_subscribers: std::sync::atomic::AtomicUsize,
+    /// Devices whose reported properties changed since the last reconcile, and whether one
+    /// is running (see [`Hub::reported_changed`]).
+    pending_reports: std::sync::Mutex<(std::collections::HashSet<crate::identity::DeviceId>, bool)>,
     /// Set once the listeners are bound.
     pub endpoints: std::sync::OnceLock<Endpoints>,
     /// Mailboxes of service connections (identities' are in `live`), so a stop reaches them.
@@ -224,11 +229,16 @@ impl Hub {
             enrollments: stores.enrollments,
             events,
             methods: Methods::default(),
+            live_view: crate::live_view::LiveView::new(
+                core.clone(),
+                metrics.live_view_dropped.clone(),
+            ),
             metrics,
             core,
             admin_token,
             live,
             event_subscribers: std::sync::atomic::AtomicUsize::new(0),
+            pending_reports: Default::default(),
             endpoints: std::sync::OnceLock::new(),
             services: DashMap::new(),
             stopping: AtomicBool::new(false),

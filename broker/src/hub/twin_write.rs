@@ -194,15 +194,9 @@ impl Hub {
                 hub.twin_changed(&key, patch, applied.twin.reported.version);
             }
             if notify {
-                let change = hub.changed(Change::Twin(key.device.clone()));
                 if reported.is_some() {
-                    let device = key.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = change.await {
-                            tracing::warn!(identity = %device, error = %e, "deployments after a reported change");
-                        }
-                    });
-                } else if let Err(e) = change.await {
+                    hub.reported_changed(key.device.clone());
+                } else if let Err(e) = hub.changed(Change::Twin(key.device.clone())).await {
                     tracing::warn!(identity = %key, error = %e, "deployments after a twin change");
                 }
             }

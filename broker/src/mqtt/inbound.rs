@@ -148,7 +148,7 @@ impl Session {
         to_router: &mut Vec<Packet>,
     ) -> Result<(), &'static str> {
         match packet {
-            Packet::Publish(publish, _) => self.on_publish(publish, to_router)?,
+            Packet::Publish(publish, _) => self.on_publish(publish)?,
             Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe, wbuf, to_router),
             Packet::Unsubscribe(unsubscribe, _) => {
                 self.on_unsubscribe(unsubscribe, wbuf, to_router)

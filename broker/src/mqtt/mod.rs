@@ -317,12 +317,14 @@ fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
             .is_some();
         if ours {
             hub.registry.set_connected(key, false);
-            let (hub, key) = (hub.clone(), key.clone());
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = hub.registry.persist_activity(&key) {
-                    warn!(error = %e, "could not store last activity time");
-                }
-            });
+            if hub.registry.queue_activity(key.clone()) {
+                let hub = hub.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = hub.registry.write_activity() {
+                        warn!(error = %e, "could not store last activity times");
+                    }
+                });
+            }
         }
     }
 }

@@ -19,11 +19,7 @@ pub(super) fn forwarded_sender(message: &Message) -> Option<IdentityKey> {
 }
 
 impl Session {
-    pub(super) fn on_publish(
-        &mut self,
-        publish: Publish,
-        to_router: &mut Vec<Packet>,
-    ) -> Result<(), &'static str> {
+    pub(super) fn on_publish(&mut self, publish: Publish) -> Result<(), &'static str> {
         // A cheap clone (reference-counted) so the parsed topic can borrow it while the
         // publish itself moves on.
         let topic_bytes = publish.topic.clone();
@@ -46,7 +42,7 @@ impl Session {
         };
         let key = key.clone();
         match topics::classify_publish(&self.principal, topic) {
-            Inbound::Telemetry { bag } => self.on_telemetry(&key, bag, publish, to_router)?,
+            Inbound::Telemetry { bag } => self.on_telemetry(&key, bag, publish)?,
             Inbound::TwinGet { query } => self.on_twin_get(&key, query),
             Inbound::TwinReportedPatch { query } => {
                 self.reported_patch(key, query, &publish.payload)
@@ -64,13 +60,13 @@ impl Session {
     }
 
     /// Telemetry: stamped with the sender's ids, routed into the sinks' queues (the PUBACK
-    /// waits for their commit) and, while a service connection watches, handed to the router.
+    /// waits for their commit) and, while a service connection watches, shown on the live
+    /// view (through the router, by [`crate::live_view`]).
     fn on_telemetry(
         &mut self,
         key: &IdentityKey,
         bag: &str,
-        mut publish: Publish,
-        to_router: &mut Vec<Packet>,
+        publish: Publish,
     ) -> Result<(), &'static str> {
         let mut message = match Message::from_bag(bag, publish.payload.clone()) {
             Ok(m) => m,
@@ -118,15 +114,12 @@ impl Session {
             .load(std::sync::atomic::Ordering::Relaxed);
         if subscribers > 0 {
             if let Some(payload) = envelope::pack(&bag, &message.body) {
-                publish.topic = if forwarded {
+                let topic = if forwarded {
                     topics::telemetry_topic(&sender)
                 } else {
                     self.telemetry_topic.clone()
-                }
-                .into();
-                publish.payload = payload;
-                publish.retain = false;
-                to_router.push(Packet::Publish(publish, None));
+                };
+                self.hub.live_view.offer(topic.into(), payload);
             }
         }
         Ok(())

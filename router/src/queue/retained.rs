@@ -734,10 +734,16 @@ impl Writer {
     fn write(&mut self, chunk: Chunk, next_seq: u64) -> Result<(), QueueError> {
         let base = self.active.len;
         self.active.write(&chunk.buf, true)?;
+        // Entries kept in memory hold their bodies as slices of the chunk just written, not
+        // of what they arrived in: a body parsed out of a connection's read buffer would keep
+        // that whole buffer alive (one per device in a fleet that sends now and then).
+        let written = Bytes::from(chunk.buf);
         let mut st = lock(&self.state);
         st.next_seq = st.next_seq.max(next_seq);
         let active_id = self.active.id;
-        for w in chunk.written {
+        for mut w in chunk.written {
+            let body_len = w.entry.body.len() as u64;
+            w.entry.body = written.slice((w.end - body_len) as usize..w.end as usize);
             if let Some(seg) = st.segments.get_mut(&active_id) {
                 seg.add(
                     w.entry.key.seq,
