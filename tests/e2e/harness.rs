@@ -51,6 +51,11 @@ impl Hub {
 
     /// Starts a hub in `dir` with extra `serve` arguments.
     pub async fn start_with(dir: PathBuf, extra: &[&str]) -> Hub {
+        Hub::start_with_env(dir, extra, &[]).await
+    }
+
+    /// As [`Hub::start_with`], with these environment variables set for the hub.
+    pub async fn start_with_env(dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Hub {
         let extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let data = dir.join("data");
         // A hub killed with -9 leaves its old endpoints behind.
@@ -73,6 +78,7 @@ impl Hub {
             }
         }
         cmd.args(&extra_args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,rumqttd=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -222,3 +222,24 @@ async fn sighup_reloads_routes_or_keeps_them_on_error() {
         "the refusal names the route"
     );
 }
+
+/// The hub runs with its allocator giving freed memory back at once (it starts itself again
+/// with `MIMALLOC_PURGE_DELAY=0`, same process id), unless the operator set the option.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_hub_returns_freed_memory_at_once_unless_told_otherwise() {
+    let option = |hub: &Hub| -> Option<String> {
+        let environ = std::fs::read(format!("/proc/{}/environ", hub.pid())).unwrap();
+        environ
+            .split(|b| *b == 0)
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .find_map(|v| v.strip_prefix("MIMALLOC_PURGE_DELAY=").map(str::to_string))
+    };
+    let hub = Hub::start("purge").await;
+    assert_eq!(option(&hub).as_deref(), Some("0"));
+    drop(hub);
+
+    let dir = temp_dir("purge-set");
+    let hub = Hub::start_with_env(dir, &[], &[("MIMALLOC_PURGE_DELAY", "250")]).await;
+    assert_eq!(option(&hub).as_deref(), Some("250"), "the operator's value stays");
+}

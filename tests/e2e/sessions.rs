@@ -100,7 +100,7 @@ fn apply_patches(publishes: &[rumqttc::Publish], doc: &mut Map<String, Value>) -
             panic!("patch not an object")
         };
         patch.remove("$version");
-        fleethub::twin::doc::merge(doc, &mut Map::new(), &patch, "", None);
+        fleethub::twin::doc::merge_plain(doc, &patch);
         n += 1;
     }
     n

@@ -250,9 +250,6 @@ async fn watched_devices_share_one_router_link_and_keep_their_order() {
         assert_eq!(*ns, vec![0, 1, 2, 3, 4], "{d}: in order");
     }
     // The monitor's own link and the live view's: nothing per device.
-    assert_eq!(
-        hub.metric("fleethub_router_links_opened_total").await,
-        2.0
-    );
+    assert_eq!(hub.metric("fleethub_router_links_opened_total").await, 2.0);
     assert_eq!(hub.metric("fleethub_live_view_dropped_total").await, 0.0);
 }

@@ -66,7 +66,7 @@ impl TwinWrite {
             TwinWrite::Operator {
                 desired: Some(patch),
                 ..
-            } => doc::merge(&mut next, &mut Map::new(), patch, "", None),
+            } => doc::merge_plain(&mut next, patch),
             TwinWrite::Deployment(keys) => {
                 for (k, v) in keys {
                     if v.is_null() {

@@ -2,6 +2,8 @@
 //! `$metadata` with last-updated times, `$version` per section, and patch validation that names
 //! the offending path.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -102,7 +104,7 @@ pub struct Section {
     /// IoT Hub's `$version`: 1 for a new twin, +1 per patch.
     #[serde(default = "first_version")]
     pub version: u64,
-    pub meta: Map<String, Value>,
+    pub meta: Meta,
     /// Paths (key by key) that were in the document once and are not now, so a device that
     /// was away can be sent `null` for each ([`Section::resume_patch`]): a device that
     /// applies merge patches then ends equal to the document whatever it saw before.
@@ -119,7 +121,7 @@ impl Default for Section {
         Section {
             data: Map::new(),
             version: first_version(),
-            meta: Map::new(),
+            meta: Meta::default(),
             removed: Vec::new(),
         }
     }
@@ -159,11 +161,9 @@ impl Section {
     ) -> Map<String, Value> {
         self.version += 1;
         let version = with_versions.then_some(self.version);
-        merge(&mut self.data, &mut self.meta, patch, now, version);
-        self.meta.insert("$lastUpdated".into(), json!(now));
-        if let Some(v) = version {
-            self.meta.insert("$lastUpdatedVersion".into(), json!(v));
-        }
+        let now: Arc<str> = Arc::from(now);
+        merge(&mut self.data, &mut self.meta, patch, &now, version);
+        self.meta.stamp(&now, version);
         let change = diff(&before, &self.data);
         if !with_versions {
             // Only desired sections are sent to devices; reported ones need no memory.
@@ -268,7 +268,7 @@ impl Section {
     /// `{...data, "$metadata": {...}, "$version": v}`: what the API shows.
     pub fn full(&self) -> Value {
         let mut m = self.data.clone();
-        m.insert("$metadata".into(), Value::Object(self.meta.clone()));
+        m.insert("$metadata".into(), Value::Object(self.meta.to_json()));
         m.insert("$version".into(), json!(self.version));
         Value::Object(m)
     }
@@ -325,17 +325,11 @@ fn lookup<'a>(doc: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value>
 /// `{"$lastUpdated", ["$lastUpdatedVersion"]}`, objects get `$lastUpdated`.
 pub fn merge(
     target: &mut Map<String, Value>,
-    meta: &mut Map<String, Value>,
+    meta: &mut Meta,
     patch: &Map<String, Value>,
-    now: &str,
+    now: &Arc<str>,
     version: Option<u64>,
 ) {
-    let stamp = |m: &mut Map<String, Value>| {
-        m.insert("$lastUpdated".into(), json!(now));
-        if let Some(v) = version {
-            m.insert("$lastUpdatedVersion".into(), json!(v));
-        }
-    };
     for (k, v) in patch {
         match v {
             Value::Null => {
@@ -343,27 +337,156 @@ pub fn merge(
                 meta.remove(k);
             }
             Value::Object(child_patch) => {
-                if !matches!(target.get(k), Some(Value::Object(_))) {
+                let fresh = !matches!(target.get(k), Some(Value::Object(_)));
+                if fresh {
                     target.insert(k.clone(), Value::Object(Map::new()));
-                    meta.insert(k.clone(), Value::Object(Map::new()));
                 }
-                if !matches!(meta.get(k), Some(Value::Object(_))) {
-                    meta.insert(k.clone(), Value::Object(Map::new()));
+                let m = meta.child_mut(k);
+                if fresh {
+                    *m = Meta::default();
                 }
-                if let (Some(Value::Object(t)), Some(Value::Object(m))) =
-                    (target.get_mut(k), meta.get_mut(k))
-                {
+                if let Some(Value::Object(t)) = target.get_mut(k) {
                     merge(t, m, child_patch, now, version);
-                    stamp(m);
+                    m.stamp(now, version);
                 }
             }
             leaf => {
                 target.insert(k.clone(), leaf.clone());
-                let mut m = Map::new();
-                stamp(&mut m);
-                meta.insert(k.clone(), Value::Object(m));
+                let m = meta.child_mut(k);
+                *m = Meta::default();
+                m.stamp(now, version);
             }
         }
+    }
+}
+
+/// RFC 7386 merge of `patch` into `target`, with no metadata (tags, previews).
+pub fn merge_plain(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (k, v) in patch {
+        match v {
+            Value::Null => {
+                target.remove(k);
+            }
+            Value::Object(child_patch) => {
+                if !matches!(target.get(k), Some(Value::Object(_))) {
+                    target.insert(k.clone(), Value::Object(Map::new()));
+                }
+                if let Some(Value::Object(t)) = target.get_mut(k) {
+                    merge_plain(t, child_patch);
+                }
+            }
+            leaf => {
+                target.insert(k.clone(), leaf.clone());
+            }
+        }
+    }
+}
+
+/// A section's `$metadata`: when each node was last updated (and at which section
+/// version). Kept as a compact tree rather than JSON maps: every property of a twin has
+/// one, and as maps (a B-tree node and three strings each) they were most of a twin's
+/// memory. The time is shared by everything one write stamped. Stored and shown as the
+/// same JSON as IoT Hub's `$metadata`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Meta {
+    /// `$lastUpdated`.
+    pub updated: Option<Arc<str>>,
+    /// `$lastUpdatedVersion` (desired sections only).
+    pub version: Option<u64>,
+    /// Sorted by name.
+    pub children: Vec<(String, Meta)>,
+}
+
+impl Meta {
+    fn stamp(&mut self, now: &Arc<str>, version: Option<u64>) {
+        self.updated = Some(now.clone());
+        if version.is_some() {
+            self.version = version;
+        }
+    }
+
+    fn position(&self, k: &str) -> Result<usize, usize> {
+        self.children
+            .binary_search_by(|(name, _)| name.as_str().cmp(k))
+    }
+
+    /// The metadata of child `k`.
+    pub fn get(&self, k: &str) -> Option<&Meta> {
+        self.position(k).ok().map(|i| &self.children[i].1)
+    }
+
+    /// The metadata of child `k`, created empty when missing.
+    fn child_mut(&mut self, k: &str) -> &mut Meta {
+        let i = match self.position(k) {
+            Ok(i) => i,
+            Err(i) => {
+                self.children.insert(i, (k.to_string(), Meta::default()));
+                i
+            }
+        };
+        &mut self.children[i].1
+    }
+
+    fn remove(&mut self, k: &str) {
+        if let Ok(i) = self.position(k) {
+            self.children.remove(i);
+        }
+    }
+
+    /// As IoT Hub shows it: `{"$lastUpdated": .., "$lastUpdatedVersion": .., child: {..}}`.
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        if let Some(t) = &self.updated {
+            m.insert("$lastUpdated".into(), Value::String(t.to_string()));
+        }
+        if let Some(v) = self.version {
+            m.insert("$lastUpdatedVersion".into(), json!(v));
+        }
+        for (k, child) in &self.children {
+            m.insert(k.clone(), Value::Object(child.to_json()));
+        }
+        m
+    }
+
+    /// From the JSON form; what does not fit the shape (left by hand in a store) is dropped.
+    pub fn from_json(m: &Map<String, Value>) -> Meta {
+        let mut meta = Meta::default();
+        for (k, v) in m {
+            match (k.as_str(), v) {
+                ("$lastUpdated", Value::String(t)) => meta.updated = Some(Arc::from(t.as_str())),
+                ("$lastUpdatedVersion", v) => meta.version = v.as_u64(),
+                (k, Value::Object(child)) if !k.starts_with('$') => {
+                    meta.children.push((k.to_string(), Meta::from_json(child)));
+                }
+                _ => {}
+            }
+        }
+        meta.children.sort_by(|a, b| a.0.cmp(&b.0));
+        meta
+    }
+}
+
+impl Serialize for Meta {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        if let Some(t) = &self.updated {
+            map.serialize_entry("$lastUpdated", &**t)?;
+        }
+        if let Some(v) = self.version {
+            map.serialize_entry("$lastUpdatedVersion", &v)?;
+        }
+        for (k, child) in &self.children {
+            map.serialize_entry(k, child)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Meta {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Meta, D::Error> {
+        let m = Map::<String, Value>::deserialize(deserializer)?;
+        Ok(Meta::from_json(&m))
     }
 }
 
@@ -399,8 +522,7 @@ impl Twin {
 
     /// Tags merge like properties (null deletes) but carry no metadata.
     pub fn patch_tags(&mut self, patch: &Map<String, Value>) {
-        let mut scratch = Map::new();
-        merge(&mut self.tags, &mut scratch, patch, "", None);
+        merge_plain(&mut self.tags, patch);
     }
 }
 
@@ -427,8 +549,8 @@ mod tests {
         let patch = obj(
             json!({"title": "Hello!", "phoneNumber": "+01-123-456-7890", "author": {"familyName": null}, "tags": ["example"]}),
         );
-        let mut meta = Map::new();
-        merge(&mut target, &mut meta, &patch, "t", None);
+        let mut meta = Meta::default();
+        merge(&mut target, &mut meta, &patch, &Arc::from("t"), None);
         assert_eq!(
             Value::Object(target),
             json!({"title": "Hello!", "author": {"givenName": "John"}, "tags": ["example"], "content": "This will be unchanged", "phoneNumber": "+01-123-456-7890"})
@@ -443,12 +565,13 @@ mod tests {
         // IoT Hub: a new section is at version 1, the first patch makes it 2.
         assert_eq!(s.version, 3);
         assert_eq!(s.with_version(), json!({"a": {"b": 1}, "$version": 3}));
+        let meta = Value::Object(s.meta.to_json());
         assert_eq!(
-            s.meta["a"]["b"],
+            meta["a"]["b"],
             json!({"$lastUpdated": "t1", "$lastUpdatedVersion": 2})
         );
-        assert_eq!(s.meta["$lastUpdated"], json!("t2"));
-        assert!(s.meta.get("c").is_none());
+        assert_eq!(meta["$lastUpdated"], json!("t2"));
+        assert!(meta.get("c").is_none());
         // An empty patch still counts as applied.
         s.apply(&Map::new(), "t3", true);
         assert_eq!(s.version, 4);
@@ -456,7 +579,38 @@ mod tests {
         s.apply(&obj(json!({"a": 5})), "t4", true);
         s.apply(&obj(json!({"a": {"x": true}})), "t5", true);
         assert_eq!(s.data["a"], json!({"x": true}));
-        assert_eq!(s.meta["a"]["x"]["$lastUpdated"], json!("t5"));
+        assert_eq!(s.meta.to_json()["a"]["x"]["$lastUpdated"], json!("t5"));
+    }
+
+    /// Metadata is kept compact in memory but stored and shown as the same JSON as before
+    /// (IoT Hub's `$metadata`): a section written by an earlier version reads back equal.
+    #[test]
+    fn metadata_reads_and_writes_the_stored_json() {
+        let stored = json!({
+            "data": {"a": {"b": 1}, "c": "x"},
+            "version": 4,
+            "meta": {
+                "$lastUpdated": "t3",
+                "$lastUpdatedVersion": 4,
+                "a": {"$lastUpdated": "t1", "$lastUpdatedVersion": 2,
+                      "b": {"$lastUpdated": "t1", "$lastUpdatedVersion": 2}},
+                "c": {"$lastUpdated": "t3", "$lastUpdatedVersion": 4}
+            }
+        });
+        let s: Section = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&s).unwrap(), stored);
+        assert_eq!(Value::Object(s.meta.to_json()), stored["meta"]);
+        assert_eq!(
+            s.meta.get("a").and_then(|a| a.get("b")).unwrap().version,
+            Some(2)
+        );
+        // A write stamps one shared time on everything it touched.
+        let mut s = s;
+        s.apply(&obj(json!({"a": {"d": true}})), "t9", true);
+        let meta = Value::Object(s.meta.to_json());
+        assert_eq!(meta["a"]["d"]["$lastUpdated"], json!("t9"));
+        assert_eq!(meta["a"]["b"]["$lastUpdated"], json!("t1"));
+        assert_eq!(meta["a"]["$lastUpdatedVersion"], json!(5));
     }
 
     #[test]
@@ -479,7 +633,7 @@ mod tests {
         );
         let mut staged = s2.data.clone();
         staged.remove("cws");
-        merge(&mut staged, &mut Map::new(), &replace, "t", None);
+        merge_plain(&mut staged, &replace);
         assert_eq!(
             Value::Object(diff(&s2.data, &staged)),
             json!({"cws": {"temperature": 40, "pressure": null}})
@@ -575,9 +729,9 @@ mod tests {
             // Stored documents never hold nulls: they are only ever built by merging.
             let (Value::Object(t), Value::Object(p)) = (strip_nulls(&t), p) else { return Ok(()) };
             let mut once = t.clone();
-            merge(&mut once, &mut Map::new(), &p, "n", None);
+            merge_plain(&mut once, &p);
             let mut twice = once.clone();
-            merge(&mut twice, &mut Map::new(), &p, "n", None);
+            merge_plain(&mut twice, &p);
             prop_assert_eq!(&once, &twice);
             prop_assert_eq!(Value::Object(once.clone()), strip_nulls(&Value::Object(once)));
         }
@@ -588,7 +742,7 @@ mod tests {
         fn merge_sets_leaves(t in json_obj(), p in json_obj()) {
             let (Value::Object(t), Value::Object(p)) = (t, p) else { return Ok(()) };
             let mut out = t;
-            merge(&mut out, &mut Map::new(), &p, "n", None);
+            merge_plain(&mut out, &p);
             for (k, v) in &p {
                 match v {
                     Value::Null => prop_assert!(!out.contains_key(k)),
@@ -603,7 +757,7 @@ mod tests {
         fn diff_is_the_patch_from_a_to_b(a in json_obj(), b in json_obj()) {
             let (Value::Object(a), Value::Object(b)) = (strip_nulls(&a), strip_nulls(&b)) else { return Ok(()) };
             let mut out = a.clone();
-            merge(&mut out, &mut Map::new(), &diff(&a, &b), "n", None);
+            merge_plain(&mut out, &diff(&a, &b));
             prop_assert_eq!(out, b);
         }
 
@@ -620,7 +774,7 @@ mod tests {
             for (i, p) in patches.iter().enumerate() {
                 let Value::Object(p) = p else { continue };
                 let change = section.apply(p, "n", true);
-                merge(&mut live, &mut Map::new(), &change, "n", None);
+                merge_plain(&mut live, &change);
                 prop_assert_eq!(&live, &section.data);
                 if i + 1 == seen {
                     away = Some(live.clone());
@@ -629,7 +783,7 @@ mod tests {
             let mut device = away.unwrap_or_default();
             let Value::Object(mut resume) = section.resume_patch() else { unreachable!() };
             resume.remove("$version");
-            merge(&mut device, &mut Map::new(), &resume, "n", None);
+            merge_plain(&mut device, &resume);
             prop_assert_eq!(device, section.data);
         }
 
