@@ -530,6 +530,35 @@ pub fn cli(hub: &Hub, args: &[&str]) -> (bool, String, String) {
 }
 
 impl Client {
+    /// Publishes messages `from..from + n` at QoS 1, topic and payload made from each number
+    /// by `message`, and waits until every one is acknowledged.
+    pub async fn publish_acked(
+        &mut self,
+        from: usize,
+        n: usize,
+        message: impl Fn(usize) -> (String, String) + Send + 'static,
+    ) {
+        let publisher = self.client.clone();
+        let sending = tokio::spawn(async move {
+            for i in from..from + n {
+                let (topic, payload) = message(i);
+                publisher
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut acked = 0;
+        while acked < n {
+            match self.next(Duration::from_secs(60)).await {
+                Some(Seen::PubAck(_)) => acked += 1,
+                Some(_) => {}
+                None => panic!("{acked} of {n} acknowledged"),
+            }
+        }
+        sending.await.unwrap();
+    }
+
     /// Publishes and waits for the next publish whose topic starts with `prefix`.
     pub async fn request(&mut self, topic: &str, body: &[u8], prefix: &str) -> Publish {
         self.client

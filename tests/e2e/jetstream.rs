@@ -7,9 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rumqttc::QoS;
-
-use crate::harness::{temp_dir, Client, Hub, Seen};
+use crate::harness::{temp_dir, Client, Hub};
 
 fn nats_server() -> Option<PathBuf> {
     let found = std::env::var_os("FLEETHUB_NATS_SERVER")
@@ -115,30 +113,16 @@ async fn wait_for_messages(url: &str, want: u64) -> u64 {
     }
 }
 
+/// Publishes messages `seq={i}`, body `{"n":i}`, at QoS 1 and waits for every PUBACK.
 async fn publish_acked(device: &mut Client, from: usize, n: usize) {
-    let publisher = device.client.clone();
-    let sending = tokio::spawn(async move {
-        for i in from..from + n {
-            publisher
-                .publish(
-                    format!("devices/sensor.1/messages/events/seq={i}&site=lab"),
-                    QoS::AtLeastOnce,
-                    false,
-                    format!("{{\"n\":{i}}}"),
-                )
-                .await
-                .unwrap();
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        match device.next(Duration::from_secs(30)).await {
-            Some(Seen::PubAck(_)) => acked += 1,
-            Some(_) => {}
-            None => panic!("{acked} of {n} acknowledged"),
-        }
-    }
-    sending.await.unwrap();
+    device
+        .publish_acked(from, n, |i| {
+            (
+                format!("devices/sensor.1/messages/events/seq={i}&site=lab"),
+                format!("{{\"n\":{i}}}"),
+            )
+        })
+        .await;
 }
 
 #[tokio::test]

@@ -241,5 +241,9 @@ async fn the_hub_returns_freed_memory_at_once_unless_told_otherwise() {
 
     let dir = temp_dir("purge-set");
     let hub = Hub::start_with_env(dir, &[], &[("MIMALLOC_PURGE_DELAY", "250")]).await;
-    assert_eq!(option(&hub).as_deref(), Some("250"), "the operator's value stays");
+    assert_eq!(
+        option(&hub).as_deref(),
+        Some("250"),
+        "the operator's value stays"
+    );
 }

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rumqttc::QoS;
-
-use crate::harness::{temp_dir, Client, Hub, Seen};
+use crate::harness::{temp_dir, Client, Hub};
 
 /// The directory with `initdb` and `pg_ctl`.
 fn pg_bin() -> Option<PathBuf> {
@@ -153,30 +151,16 @@ async fn wait_for_rows(url: &str, want: i64) -> i64 {
     }
 }
 
+/// Publishes messages `seq={i}`, body `{"n":i}`, at QoS 1 and waits for every PUBACK.
 async fn publish_acked(device: &mut Client, from: usize, n: usize) {
-    let publisher = device.client.clone();
-    let sending = tokio::spawn(async move {
-        for i in from..from + n {
-            publisher
-                .publish(
-                    format!("devices/meter-1/messages/events/seq={i}&site=lab"),
-                    QoS::AtLeastOnce,
-                    false,
-                    format!("{{\"n\":{i}}}"),
-                )
-                .await
-                .unwrap();
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        match device.next(Duration::from_secs(30)).await {
-            Some(Seen::PubAck(_)) => acked += 1,
-            Some(_) => {}
-            None => panic!("{acked} of {n} acknowledged"),
-        }
-    }
-    sending.await.unwrap();
+    device
+        .publish_acked(from, n, |i| {
+            (
+                format!("devices/meter-1/messages/events/seq={i}&site=lab"),
+                format!("{{\"n\":{i}}}"),
+            )
+        })
+        .await;
 }
 
 #[tokio::test]

@@ -701,7 +701,7 @@ impl Writer {
             if chunk.written.is_empty() {
                 continue;
             }
-            if let Err(e) = self.write(chunk, next_seq) {
+            if let Err(e) = self.write(chunk) {
                 // Chunks before this one are stored: sent again, they are duplicates.
                 for (reply, _) in imported {
                     let _ = reply.send(Err(e.clone()));
@@ -731,7 +731,14 @@ impl Writer {
 
     /// Writes and syncs one chunk into the segment being written, then makes its entries
     /// visible to readers.
-    fn write(&mut self, chunk: Chunk, next_seq: u64) -> Result<(), QueueError> {
+    fn write(&mut self, chunk: Chunk) -> Result<(), QueueError> {
+        // Positions handed out so far: up to this chunk's last (a later chunk of the batch
+        // goes into the next segment, which is named by the position after it).
+        let next_seq = chunk
+            .written
+            .last()
+            .map(|w| w.entry.key.seq + 1)
+            .unwrap_or(0);
         let base = self.active.len;
         self.active.write(&chunk.buf, true)?;
         // Entries kept in memory hold their bodies as slices of the chunk just written, not
@@ -776,8 +783,15 @@ impl Writer {
 
     /// Seals the segment being written and starts the next one, named by the next position.
     fn rotate(&mut self) -> Result<(), QueueError> {
-        let id = lock(&self.state).next_seq;
-        if id == self.active.id {
+        let (id, empty) = {
+            let st = lock(&self.state);
+            let empty = st
+                .segments
+                .get(&self.active.id)
+                .is_none_or(|s| s.count == 0);
+            (st.next_seq, empty)
+        };
+        if empty || id <= self.active.id {
             // Nothing appended since it was started: keep writing it.
             return Ok(());
         }
@@ -995,6 +1009,21 @@ mod tests {
         let kept = all(&log, 1_000);
         assert!(kept.len() > 20 && kept.len() < 400, "{}", kept.len());
         assert_eq!(kept.last().unwrap().bag, "n=899");
+        let first = kept[0].key.seq;
+        assert!(kept
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.key.seq == first + i as u64));
+        assert!(
+            log.stats().bytes <= 8 * 1024,
+            "{} bytes kept",
+            log.stats().bytes
+        );
+        // Every segment is named by its first position and holds about an eighth.
+        for (id, path) in log::generations(&d.0).unwrap() {
+            let size = std::fs::metadata(&path).unwrap().len();
+            assert!(size <= 1024 + 200, "segment {id}: {size} bytes");
+        }
         // Counted since the restart: what was there before the batch, and the batch.
         assert_eq!(log.stats().dropped_quota + log.stats().depth, depth0 + 400);
     }
