@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// Repeat each measurement and keep the best rate (reduces noise on a busy machine)
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Also run each broker paced at this fraction of its own best rate (0.5: half), for
+    /// latency at a rate it sustains rather than under overload; shown as `{broker}-paced`
+    #[arg(long)]
+    paced: Option<f64>,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -133,6 +137,16 @@ impl Memory {
     }
 }
 
+/// The result label of a target's paced run.
+fn paced_label(name: &'static str) -> &'static str {
+    match name {
+        "fleethub" => "fleethub-paced",
+        "rumqttd" => "rumqttd-paced",
+        "mosquitto" => "mosquitto-paced",
+        other => other,
+    }
+}
+
 /// The result label of a target's run over `transport`: its name for plain MQTT.
 fn labelled(name: &'static str, transport: targets::Transport) -> &'static str {
     match (name, transport) {
@@ -156,6 +170,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             },
             json: args.routed,
             backlog: false,
+            rate: None,
         })
         .collect();
     let sizing = targets::Sizing {
@@ -248,10 +263,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .collect::<Result<Vec<_>>>()?
                     .into_iter()
                     .max_by(|a, b| a.rate().total_cmp(&b.rate()));
+                let paced = match (&best, args.paced) {
+                    (Some(b), Some(f)) if transport == targets::Transport::Plain => {
+                        let spec = LoadSpec {
+                            rate: Some(b.rate() * f),
+                            ..spec.clone()
+                        };
+                        let mut r = rt.block_on(load::run(&target, &spec))?;
+                        r.target = paced_label(r.target);
+                        Some((*q, r))
+                    }
+                    _ => None,
+                };
                 results.extend(best.map(|mut r| {
                     r.target = labelled(r.target, transport);
                     (*q, r)
                 }));
+                results.extend(paced);
             }
             if args.backlog && target.name == "fleethub" && !args.routed {
                 target.transport = targets::Transport::Plain;
@@ -338,12 +366,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             );
             println!(
-                "{:<13} {:>3} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
-                "target", "qos", "sent", "received", "elapsed_s", "msg/s", "p50_ms", "p99_ms"
+                "{:<15} {:>3} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8} {:>11}",
+                "target",
+                "qos",
+                "sent",
+                "received",
+                "elapsed_s",
+                "msg/s",
+                "p50_ms",
+                "p99_ms",
+                "cpu_ns/msg"
             );
             for (q, r) in &results {
                 println!(
-                    "{:<13} {:>3} {:>10} {:>10} {:>10.2} {:>12.0} {:>8.2} {:>8.2}",
+                    "{:<15} {:>3} {:>10} {:>10} {:>10.2} {:>12.0} {:>8.2} {:>8.2} {:>11}",
                     r.target,
                     q,
                     r.sent,
@@ -351,7 +387,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     r.elapsed.as_secs_f64(),
                     r.rate(),
                     r.p50_ms,
-                    r.p99_ms
+                    r.p99_ms,
+                    r.cpu_ns_per_message()
+                        .map(|c| format!("{c:.0}"))
+                        .unwrap_or_else(|| "-".into())
                 );
             }
             for &q in &args.qos {

@@ -27,6 +27,10 @@ pub struct LoadSpec {
     /// Publish everything first (every PUBACK in), then subscribe: the rate is how fast a
     /// reader drains a backlog (fleethub's events endpoint keeps it; a plain broker does not).
     pub backlog: bool,
+    /// Messages per second in all, spread evenly over the devices (`None`: as fast as each
+    /// device's inflight window allows). Latency at a rate the broker sustains, not under
+    /// overload.
+    pub rate: Option<f64>,
 }
 
 /// A body of about `size` bytes carrying the send time.
@@ -64,11 +68,19 @@ pub struct LoadResult {
     pub elapsed: Duration,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The broker process's CPU time over the run (from the first publish to the last
+    /// receipt), when it is a process of its own.
+    pub cpu_s: Option<f64>,
 }
 
 impl LoadResult {
     pub fn rate(&self) -> f64 {
         self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The broker's CPU time per message received, in nanoseconds.
+    pub fn cpu_ns_per_message(&self) -> Option<f64> {
+        Some(self.cpu_s? * 1e9 / self.received.max(1) as f64)
     }
 
     pub fn json(&self) -> Value {
@@ -81,6 +93,8 @@ impl LoadResult {
             "messages_per_s": self.rate(),
             "p50_ms": self.p50_ms,
             "p99_ms": self.p99_ms,
+            "cpu_s": self.cpu_s,
+            "cpu_ns_per_message": self.cpu_ns_per_message(),
         })
     }
 }
@@ -163,10 +177,18 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
     }
 
     let start = now_micros();
+    let cpu_start = target.cpu_seconds();
     let sent = Arc::new(AtomicU64::new(0));
+    // Paced: device d sends its k-th message at start + k × interval (plus an offset, so
+    // the devices take turns), catching up in a burst after a late wake-up.
+    let interval = spec
+        .rate
+        .map(|r| Duration::from_secs_f64(devices as f64 / r.max(1.0)));
+    let paced_from = tokio::time::Instant::now();
     let mut publishers = Vec::new();
-    for (client, topic, _, _) in &clients {
+    for (d, (client, topic, _, _)) in clients.iter().enumerate() {
         let (client, topic, sent) = (client.clone(), topic.clone(), sent.clone());
+        let offset = interval.map(|i| i.mul_f64(d as f64 / devices.max(1) as f64));
         let (n, size, qos, json) = (
             spec.messages_per_device,
             spec.payload_bytes,
@@ -174,7 +196,10 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
             spec.json,
         );
         publishers.push(tokio::spawn(async move {
-            for _ in 0..n {
+            for k in 0..n {
+                if let (Some(i), Some(o)) = (interval, offset) {
+                    tokio::time::sleep_until(paced_from + o + i.mul_f64(k as f64)).await;
+                }
                 let payload = body(size, json, now_micros());
                 if client
                     .publish(topic.clone(), qos, false, payload)
@@ -218,6 +243,9 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let end = last_rx.load(Ordering::Relaxed).max(start + 1);
+    let cpu_s = cpu_start
+        .zip(target.cpu_seconds())
+        .map(|(a, b)| (b - a).max(0.0));
     for (client, _, _, poller) in clients {
         let _ = client.disconnect().await;
         poller.abort();
@@ -243,6 +271,7 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         elapsed: Duration::from_micros(end - start),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        cpu_s,
     })
 }
 

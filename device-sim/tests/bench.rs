@@ -17,6 +17,8 @@ fn bench_runs_every_broker_and_counts_every_message() {
             "50",
             "--segment-mib",
             "4",
+            "--paced",
+            "0.5",
             "--output",
             "json",
         ])
@@ -28,16 +30,18 @@ fn bench_runs_every_broker_and_counts_every_message() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
-    // mosquitto takes part when it is installed (.ci/run installs it).
+    // mosquitto takes part when it is installed (.ci/run installs it); each broker's best
+    // run is followed by one paced at half its rate.
     let mosquitto = std::path::Path::new("/usr/sbin/mosquitto").exists();
     let results = v["results"].as_array().unwrap();
     let names: Vec<&str> = results
         .iter()
         .filter_map(|r| r["target"].as_str())
         .collect();
-    let mut expected = vec!["rumqttd", "fleethub"];
+    let mut expected = vec!["rumqttd", "rumqttd-paced", "fleethub", "fleethub-paced"];
     if mosquitto {
-        expected.insert(1, "mosquitto");
+        expected.insert(2, "mosquitto");
+        expected.insert(3, "mosquitto-paced");
     }
     assert_eq!(names, expected);
     for r in results {
@@ -46,9 +50,23 @@ fn bench_runs_every_broker_and_counts_every_message() {
         assert_eq!(r["received"], 600, "{r}");
         assert!(r["messages_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap());
+        // Each broker is a process of its own: its CPU time is read from /proc.
+        assert!(r["cpu_ns_per_message"].as_f64().unwrap() >= 0.0, "{r}");
+    }
+    // Paced at half the best rate, a device's 200th message cannot leave before 199
+    // intervals of 3 / rate: a lower bound, whatever else the machine is doing.
+    for pair in results.chunks(2) {
+        let (best, paced) = (&pair[0], &pair[1]);
+        let rate = best["messages_per_s"].as_f64().unwrap() * 0.5;
+        let least = 199.0 * 3.0 / rate;
+        let took = paced["elapsed_s"].as_f64().unwrap();
+        assert!(
+            took >= least * 0.99,
+            "{paced}: {took} s, paced needs {least} s"
+        );
     }
     let memory = v["memory"].as_array().unwrap();
-    assert_eq!(memory.len(), expected.len(), "{v}");
+    assert_eq!(memory.len(), expected.len() / 2, "{v}");
     for m in memory {
         assert_eq!(m["held"], 50, "{m}");
         assert!(m["rss_held_bytes"].as_u64().unwrap() > 0, "{m}");
