@@ -89,6 +89,13 @@ struct State {
     stored_removes: Vec<(EntryKey, Leaving)>,
     /// Stored keys leaving redb whose delete is not committed yet: never handed out again.
     removing: HashSet<EntryKey>,
+    /// The generation being copied into redb, if any, and the keys removed from memory
+    /// meanwhile. Such a key may already be in redb (the copy commits before the move takes
+    /// the lock), so it is hidden from readers through `removing` at once: a reader that
+    /// reads redb in that window (the sink has older entries there) would otherwise hand out
+    /// again an entry that was just delivered.
+    spilling: Option<u64>,
+    removed_while_spilling: Vec<EntryKey>,
 }
 
 impl State {
@@ -128,9 +135,13 @@ impl State {
     /// Removes an entry wherever it is; true when the writer has to be woken for it.
     fn remove(&mut self, key: EntryKey, leaving: Leaving) -> bool {
         let idle = self.log_removes.is_empty() && self.stored_removes.is_empty();
-        if self.take_hot(&key).is_some() {
+        if let Some(e) = self.take_hot(&key) {
             if leaving == Leaving::Expired {
                 self.counters.stat(&key.sink).dropped_expired += 1;
+            }
+            if self.spilling == Some(e.generation) {
+                self.removing.insert(key.clone());
+                self.removed_while_spilling.push(key.clone());
             }
             self.log_removes.push(key);
         } else if self.stored_in(&key.sink) > 0 && !self.removing.contains(&key) {
@@ -1082,7 +1093,8 @@ impl Writer {
     /// Moves the live entries of generation `id` (the oldest) into redb, then deletes it.
     fn spill(&mut self, id: u64) -> Result<(), QueueError> {
         let moving: Vec<(EntryKey, HotEntry)> = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
+            st.spilling = Some(id);
             st.hot
                 .iter()
                 .flat_map(|(sink, map)| {
@@ -1099,7 +1111,10 @@ impl Writer {
                 })
                 .collect()
         };
-        if !moving.is_empty() {
+        let copied = (|| -> Result<(), QueueError> {
+            if moving.is_empty() {
+                return Ok(());
+            }
             let tx = self.db.begin_write().map_err(err)?;
             {
                 let mut table = tx.open_table(QUEUE).map_err(err)?;
@@ -1107,22 +1122,31 @@ impl Writer {
                     store(&mut table, k, e.enqueued_ms, e.expires_ms, &e.bag, &e.body)?;
                 }
             }
-            tx.commit().map_err(err)?;
-            let mut st = lock(&self.state);
-            let mut vanished = Vec::new();
-            for (k, _) in moving {
-                *st.stored.entry(k.sink.clone()).or_default() += 1;
-                if st.out_of_memory(&k).is_none() {
-                    // Removed while it was being copied: it must leave redb too. Its counters
-                    // were settled when it was removed.
-                    st.removing.insert(k.clone());
-                    vanished.push((k, Leaving::Counted));
-                }
+            tx.commit().map_err(err)
+        })();
+        let mut st = lock(&self.state);
+        st.spilling = None;
+        let removed = std::mem::take(&mut st.removed_while_spilling);
+        if let Err(e) = copied {
+            // Nothing reached redb: what was removed meanwhile is simply gone.
+            for k in &removed {
+                st.removing.remove(k);
             }
-            drop(st);
-            if !vanished.is_empty() {
-                self.delete_stored(vanished);
+            return Err(e);
+        }
+        let mut vanished = Vec::new();
+        for (k, _) in moving {
+            *st.stored.entry(k.sink.clone()).or_default() += 1;
+            if st.out_of_memory(&k).is_none() {
+                // Removed while it was being copied: it must leave redb too. Its counters
+                // were settled when it was removed.
+                st.removing.insert(k.clone());
+                vanished.push((k, Leaving::Counted));
             }
+        }
+        drop(st);
+        if !vanished.is_empty() {
+            self.delete_stored(vanished);
         }
         self.delete_generation(id)?;
         log::sync_dir(&self.dir)
