@@ -68,6 +68,9 @@ pub struct LoadResult {
     pub elapsed: Duration,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Messages of an earlier round delivered again in this one (at-least-once: their
+    /// acknowledgement had not reached the broker when that round's subscriber left).
+    pub redelivered: u64,
     /// The broker process's CPU time over the run (from the first publish to the last
     /// receipt), when it is a process of its own.
     pub cpu_s: Option<f64>,
@@ -93,6 +96,7 @@ impl LoadResult {
             "messages_per_s": self.rate(),
             "p50_ms": self.p50_ms,
             "p99_ms": self.p99_ms,
+            "redelivered_from_earlier_rounds": self.redelivered,
             "cpu_s": self.cpu_s,
             "cpu_ns_per_message": self.cpu_ns_per_message(),
         })
@@ -104,6 +108,11 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
     let expected = (devices * spec.messages_per_device) as u64;
 
     let received = Arc::new(AtomicU64::new(0));
+    // Messages of this round are all sent after this moment. One sent before it comes from
+    // an earlier round against the same broker: QoS 1 delivers it again because its PUBACK
+    // had not reached the broker when that round's subscriber disconnected. Counted apart.
+    let round_start = now_micros();
+    let stale = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(expected as usize)));
     let last_rx = Arc::new(AtomicU64::new(0));
     // Subscriber first (after the publishers for a backlog), and wait for its SUBACK.
@@ -116,22 +125,35 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
                 Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     // A backlog may start flowing before the SUBACK is seen.
+                    if sent_at(&p.payload).is_some_and(|t| t < round_start) {
+                        stale.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     last_rx.store(now_micros(), Ordering::Relaxed);
                     received.fetch_add(1, Ordering::Relaxed);
-                    drop(p);
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!("{}: subscriber failed: {e}", target.name),
                 Err(_) => bail!("{}: no SUBACK", target.name),
             }
         }
-        let (received, latencies, last_rx) = (received.clone(), latencies.clone(), last_rx.clone());
+        let (received, latencies, last_rx, stale) = (
+            received.clone(),
+            latencies.clone(),
+            last_rx.clone(),
+            stale.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 match sub_events.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let now = now_micros();
-                        if let Some(sent) = sent_at(&p.payload) {
+                        let sent = sent_at(&p.payload);
+                        if sent.is_some_and(|t| t < round_start) {
+                            stale.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if let Some(sent) = sent {
                             if let Ok(mut l) = latencies.lock() {
                                 l.push(now.saturating_sub(sent));
                             }
@@ -271,6 +293,7 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         elapsed: Duration::from_micros(end - start),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        redelivered: stale.load(Ordering::Relaxed),
         cpu_s,
     })
 }
