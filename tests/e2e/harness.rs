@@ -559,6 +559,19 @@ impl Client {
         sending.await.unwrap();
     }
 
+    /// Publishes telemetry `seq={i}&site=lab`, body `{"n":i}`, for `i` in `from..from + n`
+    /// as `device`, at QoS 1, and waits for every PUBACK (the custom-endpoint tests).
+    pub async fn publish_numbered(&mut self, device: &str, from: usize, n: usize) {
+        let device = device.to_string();
+        self.publish_acked(from, n, move |i| {
+            (
+                format!("devices/{device}/messages/events/seq={i}&site=lab"),
+                format!("{{\"n\":{i}}}"),
+            )
+        })
+        .await;
+    }
+
     /// Publishes and waits for the next publish whose topic starts with `prefix`.
     pub async fn request(&mut self, topic: &str, body: &[u8], prefix: &str) -> Publish {
         self.client
@@ -734,5 +747,23 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();
+    }
+}
+
+/// Polls `count` until it reaches `want` (30 s at most), then reads it once more a moment
+/// later, so a duplicate that arrives late is counted too.
+pub async fn settled_count<F, Fut>(want: u64, count: F) -> u64
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = count().await;
+        if n >= want || Instant::now() > deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return count().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

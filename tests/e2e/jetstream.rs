@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::harness::{temp_dir, Client, Hub};
+use crate::harness::{settled_count, temp_dir, Hub};
 
 fn nats_server() -> Option<PathBuf> {
     let found = std::env::var_os("FLEETHUB_NATS_SERVER")
@@ -101,28 +101,7 @@ async fn stream_messages(url: &str) -> u64 {
 }
 
 async fn wait_for_messages(url: &str, want: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = stream_messages(url).await;
-        if n >= want || Instant::now() > deadline {
-            // A moment more, to see any duplicate arrive too.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            return stream_messages(url).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Publishes messages `seq={i}`, body `{"n":i}`, at QoS 1 and waits for every PUBACK.
-async fn publish_acked(device: &mut Client, from: usize, n: usize) {
-    device
-        .publish_acked(from, n, |i| {
-            (
-                format!("devices/sensor.1/messages/events/seq={i}&site=lab"),
-                format!("{{\"n\":{i}}}"),
-            )
-        })
-        .await;
+    settled_count(want, || stream_messages(url)).await
 }
 
 #[tokio::test]
@@ -152,7 +131,7 @@ subject = "telemetry.{{hub}}.{{device}}.{{module}}"
     let key = hub.create_device("sensor.1").await;
     let mut dev = hub.device("sensor.1", &key).await;
 
-    publish_acked(&mut dev, 0, 1_000).await;
+    dev.publish_numbered("sensor.1", 0, 1_000).await;
     let arrived = wait_for_messages(&nats.url(), 1_000).await;
     if arrived != 1_000 {
         let m = hub.metrics().await;
@@ -185,7 +164,7 @@ subject = "telemetry.{{hub}}.{{device}}.{{module}}"
     // The server stops mid-stream: the hub still acknowledges (the queue keeps them).
     let port = nats.port;
     drop(nats);
-    publish_acked(&mut dev, 1_000, 1_000).await;
+    dev.publish_numbered("sensor.1", 1_000, 1_000).await;
     let depth = "fleethub_queue_depth{sink=\"$endpoint/lake\"}";
     assert!(hub.metric(depth).await > 0.0, "waiting in the queue");
     // Back (same store, same port): every acknowledged message arrives, none twice.

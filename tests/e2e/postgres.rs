@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{temp_dir, Client, Hub};
+use crate::harness::{settled_count, temp_dir, Hub};
 
 /// The directory with `initdb` and `pg_ctl`.
 fn pg_bin() -> Option<PathBuf> {
@@ -140,27 +140,7 @@ async fn count(url: &str) -> i64 {
 }
 
 async fn wait_for_rows(url: &str, want: i64) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = count(url).await;
-        if n >= want || Instant::now() > deadline {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            return count(url).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Publishes messages `seq={i}`, body `{"n":i}`, at QoS 1 and waits for every PUBACK.
-async fn publish_acked(device: &mut Client, from: usize, n: usize) {
-    device
-        .publish_acked(from, n, |i| {
-            (
-                format!("devices/meter-1/messages/events/seq={i}&site=lab"),
-                format!("{{\"n\":{i}}}"),
-            )
-        })
-        .await;
+    settled_count(want as u64, || async { count(url).await as u64 }).await as i64
 }
 
 #[tokio::test]
@@ -188,7 +168,7 @@ table = "telemetry"
     let key = hub.create_device("meter-1").await;
     let mut dev = hub.device("meter-1", &key).await;
 
-    publish_acked(&mut dev, 0, 1_000).await;
+    dev.publish_numbered("meter-1", 0, 1_000).await;
     assert_eq!(wait_for_rows(&pg.url(), 1_000).await, 1_000);
     let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
         .await
@@ -215,7 +195,7 @@ table = "telemetry"
 
     // The database stops mid-stream: the hub still acknowledges (the queue keeps them).
     pg.stop();
-    publish_acked(&mut dev, 1_000, 1_000).await;
+    dev.publish_numbered("meter-1", 1_000, 1_000).await;
     let depth = "fleethub_queue_depth{sink=\"$endpoint/db\"}";
     assert!(hub.metric(depth).await > 0.0, "waiting in the queue");
     pg.start();

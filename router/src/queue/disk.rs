@@ -168,10 +168,6 @@ pub struct DiskQueue {
     pub damaged_logs: Vec<PathBuf>,
 }
 
-fn err(e: impl std::fmt::Display) -> QueueError {
-    QueueError::Store(e.to_string())
-}
-
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -121,6 +121,11 @@ pub enum QueueError {
     },
 }
 
+/// A store failure, as the queues report it.
+pub(crate) fn err(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Store(e.to_string())
+}
+
 /// Per-sink view for operators.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SinkStats {

@@ -164,10 +164,6 @@ pub struct RetainedLog {
     pub corrupt_records: u64,
 }
 
-fn err(e: impl std::fmt::Display) -> QueueError {
-    QueueError::Store(e.to_string())
-}
-
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -23,6 +23,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{EntryKey, QueueError};
+use crate::queue::err;
 
 const APPEND: u8 = 1;
 const REMOVE: u8 = 2;
@@ -287,10 +288,6 @@ fn read_unmarked(bytes: &[u8]) -> Read {
     }
     out.tail = bytes.len() - at;
     out
-}
-
-fn err(e: impl std::fmt::Display) -> QueueError {
-    QueueError::Store(e.to_string())
 }
 
 /// The log generations present in `dir`, oldest first.
