@@ -40,6 +40,7 @@ pub mod enrollment;
 pub mod events;
 pub mod fleet;
 pub mod fuzzing;
+pub mod gathered;
 pub mod hub;
 pub mod identity;
 pub mod images;

@@ -186,8 +186,8 @@ pub struct Registry {
     writer: std::sync::Mutex<()>,
     cache: DashMap<IdentityKey, Arc<Identity>>,
     live: DashMap<IdentityKey, Live>,
-    /// Identities whose last activity waits to be written, and whether a writer is on it.
-    activity: std::sync::Mutex<(Vec<IdentityKey>, bool)>,
+    /// Identities whose last activity waits to be written.
+    activity: crate::gathered::Gathered<IdentityKey>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -578,33 +578,24 @@ impl Registry {
     /// disconnects at once costs a few transactions, not a blocking thread and a commit per
     /// device.
     pub fn queue_activity(&self, key: IdentityKey) -> bool {
-        let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
-        a.0.push(key);
-        !std::mem::replace(&mut a.1, true)
+        self.activity.push(key)
     }
 
     /// Writes queued last-activity times until none is left; returns how many were written.
     pub fn write_activity(&self) -> Result<usize, RegistryError> {
         let mut total = 0;
-        loop {
-            let mut keys = {
-                let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
-                if a.0.is_empty() {
-                    a.1 = false;
-                    return Ok(total);
-                }
-                std::mem::take(&mut a.0)
-            };
+        while let Some(mut keys) = self.activity.take() {
             keys.sort();
             keys.dedup();
             if let Err(e) = self.persist_activities(&keys) {
                 // The next disconnect starts a writer again; these times are lost (they are
                 // not acknowledged data: the next connection sets them anew).
-                self.activity.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+                self.activity.stop();
                 return Err(e);
             }
             total += keys.len();
         }
+        Ok(total)
     }
 }
 

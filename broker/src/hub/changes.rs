@@ -65,31 +65,14 @@ impl Hub {
     /// (10,000 reports in a second), that is a few reconciles of many devices instead of
     /// 10,000 tasks queued behind one another, each holding its state.
     pub fn reported_changed(self: &Arc<Self>, device: DeviceId) {
-        let start = {
-            let mut pending = self
-                .pending_reports
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            pending.0.insert(device);
-            !std::mem::replace(&mut pending.1, true)
-        };
-        if !start {
+        if !self.pending_reports.push(device) {
             return;
         }
         let hub = self.clone();
         tokio::spawn(async move {
-            loop {
-                let devices: Vec<DeviceId> = {
-                    let mut pending = hub
-                        .pending_reports
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    if pending.0.is_empty() {
-                        pending.1 = false;
-                        return;
-                    }
-                    std::mem::take(&mut pending.0).into_iter().collect()
-                };
+            while let Some(mut devices) = hub.pending_reports.take() {
+                devices.sort();
+                devices.dedup();
                 let n = devices.len();
                 if let Err(e) = hub.changed(Change::Reported(devices)).await {
                     tracing::warn!(devices = n, error = %e, "deployments after reported changes");

@@ -183,7 +183,7 @@ pub struct Hub {
     pub event_subscribers: std::sync::atomic::AtomicUsize,
     /// Devices whose reported properties changed since the last reconcile, and whether one
     /// is running (see [`Hub::reported_changed`]).
-    pending_reports: std::sync::Mutex<(std::collections::HashSet<crate::identity::DeviceId>, bool)>,
+    pending_reports: crate::gathered::Gathered<crate::identity::DeviceId>,
     /// Set once the listeners are bound.
     pub endpoints: std::sync::OnceLock<Endpoints>,
     /// Mailboxes of service connections (identities' are in `live`), so a stop reaches them.
