@@ -33,6 +33,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod core;
 pub mod data_dir;
 pub mod deploy;

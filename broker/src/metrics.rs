@@ -65,6 +65,8 @@ pub struct Metrics {
     events_lag_seconds: prometheus::GaugeVec,
     /// Main-store writes refused because the disk is below its free-space floor.
     pub store_writes_refused: IntCounter,
+    /// Per targeted deployment and state, refreshed by the rollout ticker.
+    deployment_devices: prometheus::IntGaugeVec,
     /// Per sink, refreshed on every scrape from the queues.
     queue_depth: prometheus::IntGaugeVec,
     queue_bytes: prometheus::IntGaugeVec,
@@ -76,6 +78,9 @@ pub struct Metrics {
     resident_memory: IntGauge,
     cpu_seconds: prometheus::Counter,
     cpu_seen: std::sync::Mutex<f64>,
+    /// Every metric family's name and labels, series or not (dashboards are checked
+    /// against it).
+    families: Vec<(String, Vec<String>)>,
 }
 
 impl Metrics {
@@ -266,6 +271,14 @@ impl Metrics {
             &["group"],
         )
         .expect("valid metric");
+        let deployment_devices = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "fleethub_deployment_devices",
+                "Devices of a targeted deployment by state: targeted, applied, succeeded, failed (IoT Hub's system metrics)",
+            ),
+            &["deployment", "state"],
+        )
+        .expect("valid metric");
         let events_lag_messages = prometheus::IntGaugeVec::new(
             Opts::new(
                 "fleethub_events_consumer_lag_messages",
@@ -324,6 +337,7 @@ impl Metrics {
             "CPU time the hub process has used (user and system), in seconds",
         )
         .expect("valid metric");
+        let mut families = Vec::new();
         for c in [
             Box::new(cpu_seconds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections.clone()),
@@ -357,6 +371,7 @@ impl Metrics {
             Box::new(router_links_opened.clone()),
             Box::new(events_delivered.clone()),
             Box::new(events_lag_messages.clone()),
+            Box::new(deployment_devices.clone()),
             Box::new(events_lag_seconds.clone()),
             Box::new(store_writes_refused.clone()),
             Box::new(queue_depth.clone()),
@@ -365,10 +380,16 @@ impl Metrics {
             Box::new(queue_dropped.clone()),
             Box::new(resident_memory.clone()),
         ] {
+            families.extend(
+                c.desc()
+                    .iter()
+                    .map(|d| (d.fq_name.clone(), d.variable_labels.clone())),
+            );
             registry.register(c).expect("metric names are unique");
         }
         Metrics {
             registry,
+            families,
             connections,
             connection_attempts,
             authorization_denials,
@@ -400,6 +421,7 @@ impl Metrics {
             router_links_opened,
             events_delivered,
             events_lag_messages,
+            deployment_devices,
             events_lag_seconds,
             store_writes_refused,
             queue_depth,
@@ -464,6 +486,25 @@ impl Metrics {
         }
     }
 
+    /// Every metric family the hub exports (name, label names), whether it has series yet
+    /// or not.
+    pub fn families(&self) -> &[(String, Vec<String>)] {
+        &self.families
+    }
+
+    /// Sets the deployment gauges to `counts` (deployment, [targeted, applied, succeeded,
+    /// failed]); deployments not in it disappear.
+    pub fn observe_deployments(&self, counts: &[(String, [u64; 4])]) {
+        self.deployment_devices.reset();
+        for (id, c) in counts {
+            for (state, n) in ["targeted", "applied", "succeeded", "failed"].iter().zip(c) {
+                self.deployment_devices
+                    .with_label_values(&[id.as_str(), state])
+                    .set(*n as i64);
+            }
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         if let Some(rss) = resident_bytes() {
@@ -503,4 +544,139 @@ fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every query of the Grafana dashboard shipped in `config/grafana/`.
+    fn dashboard_queries() -> Vec<String> {
+        let text = include_str!("../../config/grafana/fleethub.json");
+        let dashboard: serde_json::Value = serde_json::from_str(text).expect("dashboard is JSON");
+        fn walk(panels: &serde_json::Value, out: &mut Vec<String>) {
+            for p in panels.as_array().into_iter().flatten() {
+                for t in p["targets"].as_array().into_iter().flatten() {
+                    out.push(t["expr"].as_str().expect("every target has an expr").into());
+                }
+                walk(&p["panels"], out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(&dashboard["panels"], &mut out);
+        for v in dashboard["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(q) = v["query"]["query"].as_str() {
+                out.push(q.into());
+            }
+        }
+        out
+    }
+
+    fn metric_names(expr: &str) -> Vec<&str> {
+        let mut names = Vec::new();
+        let mut rest = expr;
+        while let Some(i) = rest.find("fleethub_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(&tail[..end]);
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    /// Names the dashboard's queries use and the labels they group by must be what the hub
+    /// exports (a renamed metric or label would leave a panel silently empty); rates are
+    /// taken of counters only; and the panels the issue asks for are there.
+    #[test]
+    fn every_dashboard_query_names_metrics_and_labels_the_hub_exports() {
+        let m = Metrics::new();
+        let families: std::collections::HashMap<&str, &Vec<String>> =
+            m.families().iter().map(|(n, l)| (n.as_str(), l)).collect();
+        let queries = dashboard_queries();
+        assert!(queries.len() > 20, "{} queries", queries.len());
+        let mut used = std::collections::HashSet::new();
+        for q in &queries {
+            let names = metric_names(q);
+            assert!(!names.is_empty(), "{q}: names no fleethub metric");
+            for name in &names {
+                let labels = families
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{q}: the hub exports no {name}"));
+                used.insert(name.to_string());
+                // Label matchers right after the name.
+                let after = &q[q.find(name).unwrap_or(0) + name.len()..];
+                if let Some(body) = after.strip_prefix('{').and_then(|a| a.split_once('}')) {
+                    for matcher in body.0.split(',') {
+                        let label = matcher.split(['=', '!', '~']).next().unwrap_or("").trim();
+                        assert!(
+                            label == "instance" || labels.iter().any(|l| l == label),
+                            "{q}: {name} has no label {label} (it has {labels:?})"
+                        );
+                    }
+                }
+            }
+            // `by (a, b)`: every grouping label is on the metrics aggregated.
+            let mut rest = q.as_str();
+            while let Some(i) = rest.find("by (") {
+                let inner = &rest[i + 4..];
+                let (group, tail) = inner.split_once(')').expect("closed by (…)");
+                for label in group.split(',').map(str::trim) {
+                    assert!(
+                        label == "instance"
+                            || names.iter().all(|n| families[n].iter().any(|l| l == label)),
+                        "{q}: grouped by {label}, which {names:?} do not all have"
+                    );
+                }
+                rest = tail;
+            }
+            // rate() and increase() of counters only.
+            for f in ["rate(", "increase("] {
+                for (i, _) in q.match_indices(f) {
+                    let arg = &q[i + f.len()..];
+                    let name = metric_names(arg).into_iter().next().unwrap_or("");
+                    assert!(
+                        arg.starts_with(name) && name.ends_with("_total"),
+                        "{q}: {f}…) of {name}, not a counter"
+                    );
+                }
+            }
+        }
+        for wanted in [
+            "fleethub_telemetry_messages_total",
+            "fleethub_sink_messages_total",
+            "fleethub_connections",
+            "fleethub_queue_depth",
+            "fleethub_queue_oldest_age_seconds",
+            "fleethub_queue_dropped_total",
+            "fleethub_route_matched_total",
+            "fleethub_deployment_devices",
+        ] {
+            assert!(
+                used.contains(wanted),
+                "the dashboard has no panel on {wanted}"
+            );
+        }
+    }
+
+    #[test]
+    fn deployment_gauges_follow_the_deployments() {
+        let m = Metrics::new();
+        m.observe_deployments(&[("fw".into(), [10, 8, 6, 1])]);
+        let text = m.render();
+        assert!(
+            text.contains(r#"fleethub_deployment_devices{deployment="fw",state="succeeded"} 6"#),
+            "{text}"
+        );
+        m.observe_deployments(&[]);
+        assert!(
+            !m.render().contains(r#"deployment="fw""#),
+            "a deleted deployment goes"
+        );
+    }
 }

@@ -340,10 +340,11 @@ pub async fn run_with_reload(
             open_tx.clone(),
         ));
     }
-    let app = crate::api::router(
+    let deployments = crate::deploy::http::routes(hub.clone(), deploy.clone());
+    let app = crate::api::router(hub.clone(), deployments.clone()).merge(crate::console::router(
         hub.clone(),
-        crate::deploy::http::routes(hub.clone(), deploy.clone()),
-    );
+        crate::api::resources(deployments),
+    ));
     tasks.spawn(crate::api::listener::serve(
         api,
         app,

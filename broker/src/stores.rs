@@ -39,13 +39,30 @@ pub struct StoreError {
     pub detail: String,
 }
 
+thread_local! {
+    /// Set while this thread runs [`quietly`]: its panics are not printed.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `f`, turning a panic into an error with its message, without printing it: at this
 /// boundary a panic inside the store library is one more kind of damage.
+///
+/// The panic hook is process-wide, so it is wrapped once and told per thread whether to stay
+/// quiet; swapping it around each call would race with other threads (a hub embedded in a
+/// program that opens stores on several threads could lose the program's own hook for good).
 pub fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info)
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
     let result = std::panic::catch_unwind(f);
-    std::panic::set_hook(previous);
+    QUIET.with(|q| q.set(was));
     result.map_err(|p| {
         p.downcast_ref::<&str>()
             .map(|s| s.to_string())

@@ -138,7 +138,21 @@ pub type ApiState = SharedHub;
 /// that live with the module they drive (the deployments), behind the same token check.
 pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
     let state = hub;
-    let authed = Router::new()
+    let authed =
+        resources(mounted).layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .merge(authed)
+        .fallback(|| async { ApiError::NotFound("no such API route".into()) })
+        .with_state(state)
+}
+
+/// Every authenticated resource, before the check that guards it: behind the bearer token
+/// in [`router`], and behind the console's session cookie under `/ui/api` (the same
+/// handlers).
+pub fn resources(mounted: Router<SharedHub>) -> Router<SharedHub> {
+    Router::new()
         .route("/hub", get(hub_info))
         .merge(identities::routes())
         .merge(twins::routes())
@@ -152,13 +166,6 @@ pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
         .merge(enrollments::routes())
         .merge(consumer_groups::routes())
         .merge(mounted)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/health", get(health))
-        .merge(authed)
-        .fallback(|| async { ApiError::NotFound("no such API route".into()) })
-        .with_state(state)
 }
 
 async fn require_token(State(hub): State<SharedHub>, request: Request, next: Next) -> Response {

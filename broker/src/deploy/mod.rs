@@ -239,10 +239,38 @@ pub async fn run_rollouts(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        ticks += 1;
+        // Every 5 s: the deployment gauges (a status reads every targeted device's twin).
+        if ticks % 10 == 1 {
+            let (h, e) = (hub.clone(), engine.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                let counts: Vec<(String, [u64; 4])> = e
+                    .targeted
+                    .all()
+                    .iter()
+                    .map(|c| {
+                        let s = targeted::status(&h, &e.targeted, c);
+                        let n = |v: &Vec<String>| v.len() as u64;
+                        (
+                            c.d.id.clone(),
+                            [
+                                n(&s.targeted),
+                                n(&s.applied),
+                                n(&s.reported_successful),
+                                n(&s.reported_failed),
+                            ],
+                        )
+                    })
+                    .collect();
+                h.metrics.observe_deployments(&counts);
+            })
+            .await;
         }
         if engine.targeted.is_empty() {
             continue;

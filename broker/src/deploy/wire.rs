@@ -56,6 +56,17 @@ pub struct DeploymentView {
     /// Twins written by the request (creation only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twins_written: Option<usize>,
+    /// With `?summary=true`: how many devices the rollout's lists held (they are left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_members: Option<RolloutMembers>,
+}
+
+/// The lengths of a rollout's member lists.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutMembers {
+    pub members: usize,
+    pub phase_members: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

@@ -37,6 +37,7 @@ fn view_of(c: &Compiled, status: Option<DeploymentStatus>) -> DeploymentView {
         }),
         custom_metrics: status.map(|s| s.custom.iter().map(|(k, v)| (k.clone(), len(v))).collect()),
         twins_written: None,
+        rollout_members: None,
     }
 }
 
@@ -77,13 +78,38 @@ fn require(s: &DeployState, id: &str) -> ApiResult<Arc<Compiled>> {
         .ok_or_else(|| ApiError::NotFound(format!("deployment '{id}' not found")))
 }
 
-async fn list(State(s): State<DeployState>) -> ApiResult<Json<Items<DeploymentView>>> {
+/// `GET /deployments[?summary=true]`.
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    /// Leave out the rollout's member lists (one id per targeted device), keeping their
+    /// lengths: what a page that refreshes every second needs on a large fleet.
+    #[serde(default)]
+    summary: bool,
+}
+
+async fn list(
+    State(s): State<DeployState>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> ApiResult<Json<Items<DeploymentView>>> {
     let d = s.engine.clone();
     let items = blocking(&s.hub, move |h| {
         d.targeted
             .all()
             .iter()
-            .map(|c| view_of(c, Some(targeted::status(h, &d.targeted, c))))
+            .map(|c| {
+                let mut view = view_of(c, Some(targeted::status(h, &d.targeted, c)));
+                if q.summary {
+                    if let Some(r) = view.deployment.rollout_state.as_mut() {
+                        view.rollout_members = Some(super::super::wire::RolloutMembers {
+                            members: r.members.len(),
+                            phase_members: r.phase_members.len(),
+                        });
+                        r.members = Vec::new();
+                        r.phase_members = Vec::new();
+                    }
+                }
+                view
+            })
             .collect::<Vec<_>>()
     })
     .await?;
