@@ -41,6 +41,7 @@ fn twin_view(key: &IdentityKey, twin: &Twin, identity: Option<&IdentityView>) ->
         status: identity.map(|i| i.identity.status),
         connection_state: identity.map(|i| i.connection_state),
         last_activity_time: identity.and_then(|i| i.identity.last_activity_time.clone()),
+        device_group: identity.and_then(|i| i.device_group.clone()),
     }
 }
 
@@ -51,7 +52,7 @@ fn show(hub: &SharedHub, key: &IdentityKey) -> ApiResult<Json<TwinView>> {
     Ok(Json(twin_view(
         key,
         &twin,
-        Some(&hub.registry.view(&identity)),
+        Some(&hub.identity_view(&identity)),
     )))
 }
 
@@ -117,7 +118,7 @@ async fn patch_twin(
     Ok(Json(twin_view(
         &key,
         &applied.twin,
-        Some(&hub.registry.view(&identity)),
+        Some(&hub.identity_view(&identity)),
     )))
 }
 
@@ -332,7 +333,7 @@ async fn query_twins(
                         _ => json!(twin_view(
                             &subject.key,
                             &subject.twin,
-                            Some(&hub.registry.view(entry)),
+                            Some(&hub.identity_view(entry)),
                         )),
                     });
                     last = Some(key);

@@ -149,6 +149,9 @@ pub struct TwinView {
     pub connection_state: Option<ConnectionState>,
     #[serde(default)]
     pub last_activity_time: Option<String>,
+    /// A device's group as `Product/Group` (what `WHERE deviceGroup = …` matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_group: Option<String>,
 }
 
 /// Both sections with their `$version` and `$metadata`.

@@ -669,7 +669,7 @@ async function fleetPage(main) {
     const [p, g, i] = await Promise.all([api('GET', '/products'), api('GET', '/device-groups'), api('GET', '/images')]);
     put(products, table(['Name', 'Description', 'Id'], (p.data.items || []).map((x) => [x.name, x.description || '', h('code', {}, x.id)])), form);
     put(groups, table(['Group', 'Application updates', 'OS feed', 'Devices'], (g.data.items || []).map((x) =>
-      [`${x.productName || x.product || ''}/${x.name}`, String(x.applicationUpdates ?? ''), x.osFeed || '', fmt(x.deviceCount)])));
+      [`${x.productName || x.product || ''}/${x.name}`, String(x.applicationUpdates ?? ''), x.osFeed || '', fmt(x.devices)])));
     put(images, table(['Name', 'Version', 'Kind', 'Size', 'Digest'], (i.data.items || []).map((x) =>
       [x.name, x.version, x.kind, fmt(x.size), h('code', {}, (x.digest || x.id || '').slice(0, 19))])));
   } catch (err) { put(main, h('p', { class: 'error-text' }, err.message)); }
