@@ -548,7 +548,7 @@ async fn sweep_expired(hub: SharedHub, mut stop: watch::Receiver<bool>) {
         let hub = hub.clone();
         let _ = tokio::task::spawn_blocking(move || {
             use fleethub_router::queue::Queue;
-            let none = std::collections::HashSet::new();
+            let none = fleethub_router::queue::KeySet::default();
             for s in hub.queues.stats() {
                 if s.depth > 0 {
                     let _ = hub.queues.peek(&s.sink, &none, 512, crate::c2d::now_ms());

@@ -7,7 +7,6 @@
 //! 3. Drain: one consumer reading in priority order and removing what it "delivered".
 //! 4. Memory: the process's resident size with a million messages queued.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use clap::Args;
-use fleethub_router::queue::{DiskQueue, EntryKey, Limits, NewEntry, Queue};
+use fleethub_router::queue::{DiskQueue, Limits, NewEntry, Queue};
 use serde_json::json;
 
 #[derive(Args, Debug)]
@@ -130,7 +129,7 @@ pub fn run(args: QueueBenchArgs) -> Result<()> {
     // Drain: read in delivery order, remove what was "delivered".
     let start = Instant::now();
     let mut drained = 0usize;
-    let none: HashSet<EntryKey> = HashSet::new();
+    let none = fleethub_router::queue::KeySet::default();
     loop {
         let p = queue.peek("$upstream", &none, 1000, now_ms())?;
         if p.entries.is_empty() {

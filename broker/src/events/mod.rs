@@ -498,7 +498,7 @@ pub async fn move_from_queue(
     log: &RetainedLog,
 ) -> Result<u64, EventsError> {
     use fleethub_router::queue::Queue;
-    let none = std::collections::HashSet::new();
+    let none = fleethub_router::queue::KeySet::default();
     let mut moved = 0;
     loop {
         // Expired entries are removed (and counted) by the queue on the way.

@@ -1,7 +1,7 @@
 //! A consumer's position in sink queues: what it has in flight, where its next read goes on,
 //! and what it acknowledged since the last flush. Both drivers read through it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use fleethub_router::queue::{Entry, EntryKey, Queue, QueueError};
 
@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 /// there for the next; the reader only remembers what not to hand out twice.
 pub struct QueueReader {
     window: usize,
-    in_flight: HashSet<EntryKey>,
+    in_flight: fleethub_router::queue::KeySet,
     /// Per queue, the last key handed out: reads after an acknowledgement go on from there;
     /// a wake (new entries, perhaps of a higher priority) starts again from the head.
     cursor: HashMap<String, EntryKey>,
@@ -25,7 +25,7 @@ impl QueueReader {
     pub fn new(window: usize) -> QueueReader {
         QueueReader {
             window,
-            in_flight: HashSet::new(),
+            in_flight: Default::default(),
             cursor: HashMap::new(),
             acked: Vec::new(),
         }

@@ -88,7 +88,7 @@ struct State {
     /// redb entries to delete with the next batch.
     stored_removes: Vec<(EntryKey, Leaving)>,
     /// Stored keys leaving redb whose delete is not committed yet: never handed out again.
-    removing: HashSet<EntryKey>,
+    removing: KeySet,
     /// The generation being copied into redb, if any, and the keys removed from memory
     /// meanwhile. Such a key may already be in redb (the copy commits before the move takes
     /// the lock), so it is hidden from readers through `removing` at once: a reader that
@@ -1170,7 +1170,7 @@ impl Queue for DiskQueue {
         &self,
         sink: &str,
         after: Option<&EntryKey>,
-        skip: &HashSet<EntryKey>,
+        skip: &KeySet,
         limit: usize,
         now_ms: u64,
     ) -> Result<Peeked, QueueError> {

@@ -1,7 +1,7 @@
 //! The in-memory queue: the same semantics as the disk queue without durability (tests, and
 //! a reference for the disk implementation).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::*;
@@ -109,7 +109,7 @@ impl Queue for MemoryQueue {
         &self,
         sink: &str,
         after: Option<&EntryKey>,
-        skip: &HashSet<EntryKey>,
+        skip: &KeySet,
         limit: usize,
         now_ms: u64,
     ) -> Result<Peeked, QueueError> {

@@ -17,7 +17,7 @@ mod retained;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -39,12 +39,24 @@ pub struct NewEntry {
 }
 
 /// Where an entry sits: ordered by sink, then priority, then arrival.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EntryKey {
     pub sink: String,
     pub priority: u8,
     pub seq: u64,
 }
+
+/// Hashes the position only: sets of keys hold one sink's entries in practice (a reader's
+/// in-flight set, a queue's removals), so hashing the sink's name on every lookup bought
+/// nothing; keys that differ only by sink still compare unequal.
+impl std::hash::Hash for EntryKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.seq ^ ((self.priority as u64) << 56));
+    }
+}
+
+/// A set of entry keys, hashed fast (they are looked up once per message delivered).
+pub type KeySet = std::collections::HashSet<EntryKey, rustc_hash::FxBuildHasher>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -189,7 +201,7 @@ pub trait Queue: Send + Sync {
     fn peek(
         &self,
         sink: &str,
-        skip: &HashSet<EntryKey>,
+        skip: &KeySet,
         limit: usize,
         now_ms: u64,
     ) -> Result<Peeked, QueueError> {
@@ -202,7 +214,7 @@ pub trait Queue: Send + Sync {
         &self,
         sink: &str,
         after: Option<&EntryKey>,
-        skip: &HashSet<EntryKey>,
+        skip: &KeySet,
         limit: usize,
         now_ms: u64,
     ) -> Result<Peeked, QueueError>;
@@ -217,7 +229,7 @@ pub trait Queue: Send + Sync {
 /// The counters both implementations keep: per-sink stats, total bytes, the last sequence.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Counters {
-    pub(crate) sinks: HashMap<String, SinkStats>,
+    pub(crate) sinks: HashMap<String, SinkStats, rustc_hash::FxBuildHasher>,
     pub(crate) total: u64,
     pub(crate) next_seq: u64,
 }

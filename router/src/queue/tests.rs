@@ -52,7 +52,7 @@ async fn priority_then_arrival(q: &dyn Queue) {
     )
     .await
     .unwrap();
-    let p = q.peek("s", &HashSet::new(), 10, 2000).unwrap();
+    let p = q.peek("s", &KeySet::default(), 10, 2000).unwrap();
     assert_eq!(bodies(&p), ["b", "d", "a", "c"]);
 }
 
@@ -62,9 +62,9 @@ async fn in_flight_is_skipped_and_live_high_priority_jumps_the_backlog(q: &dyn Q
             .await
             .unwrap();
     }
-    let first = q.peek("s", &HashSet::new(), 2, 2000).unwrap();
+    let first = q.peek("s", &KeySet::default(), 2, 2000).unwrap();
     assert_eq!(bodies(&first), ["old0", "old1"]);
-    let in_flight: HashSet<EntryKey> = first.entries.iter().map(|e| e.key.clone()).collect();
+    let in_flight: KeySet = first.entries.iter().map(|e| e.key.clone()).collect();
     q.append(vec![entry("s", 0, 60_000, "live")], 2000)
         .await
         .unwrap();
@@ -78,7 +78,7 @@ async fn cursor_continues_and_restart_finds_new_high_priority(q: &dyn Queue) {
             .await
             .unwrap();
     }
-    let none = HashSet::new();
+    let none = KeySet::default();
     let first = q.peek_after("s", None, &none, 2, 2).unwrap();
     assert_eq!(bodies(&first), ["b0", "b1"]);
     let cursor = first.entries.last().unwrap().key.clone();
@@ -111,10 +111,10 @@ async fn removal_and_stats(q: &dyn Queue) {
     )
     .await
     .unwrap();
-    let p = q.peek("s", &HashSet::new(), 10, 1500).unwrap();
+    let p = q.peek("s", &KeySet::default(), 10, 1500).unwrap();
     q.remove(vec![p.entries[0].key.clone()]);
     settle(q).await;
-    let p = q.peek("s", &HashSet::new(), 10, 1500).unwrap();
+    let p = q.peek("s", &KeySet::default(), 10, 1500).unwrap();
     assert_eq!(bodies(&p), ["b"]);
     let stats = q.stats();
     let s = stats.iter().find(|s| s.sink == "s").unwrap();
@@ -132,14 +132,14 @@ async fn removed_entries_are_never_handed_out_again(q: &dyn Queue) {
     let mut seen = HashSet::new();
     // Deliver and remove one at a time without waiting for removals to be committed.
     for _ in 0..50 {
-        let p = q.peek("s", &HashSet::new(), 1, 2).unwrap();
+        let p = q.peek("s", &KeySet::default(), 1, 2).unwrap();
         let e = &p.entries[0];
         assert!(seen.insert(e.key.clone()), "{:?} handed out twice", e.key);
         q.remove(vec![e.key.clone()]);
     }
     settle(q).await;
     assert!(q
-        .peek("s", &HashSet::new(), 10, 2)
+        .peek("s", &KeySet::default(), 10, 2)
         .unwrap()
         .entries
         .is_empty());
@@ -152,13 +152,13 @@ async fn expired_entries_are_never_handed_out(q: &dyn Queue) {
     )
     .await
     .unwrap();
-    let p = q.peek("s", &HashSet::new(), 10, 1100).unwrap();
+    let p = q.peek("s", &KeySet::default(), 10, 1100).unwrap();
     assert_eq!(bodies(&p), ["long"]);
     assert_eq!(p.expired, 1);
     settle(q).await;
     let s = q.stats().into_iter().find(|s| s.sink == "s").unwrap();
     assert_eq!((s.depth, s.dropped_expired), (1, 1));
-    assert!(bodies(&q.peek("s", &HashSet::new(), 10, 20_000).unwrap()).is_empty());
+    assert!(bodies(&q.peek("s", &KeySet::default(), 10, 20_000).unwrap()).is_empty());
 }
 
 async fn quota_drops_oldest_of_lowest_priority(q: &dyn Queue) {
@@ -177,7 +177,7 @@ async fn quota_drops_oldest_of_lowest_priority(q: &dyn Queue) {
     q.append(vec![entry("s", 0, 60_000, "h3")], 2)
         .await
         .unwrap();
-    let s = bodies(&q.peek("s", &HashSet::new(), 10, 3).unwrap());
+    let s = bodies(&q.peek("s", &KeySet::default(), 10, 3).unwrap());
     assert_eq!(
         s,
         ["h1", "h3", "l2"],
@@ -208,10 +208,10 @@ async fn refuse_policy_refuses_without_dropping(q: &dyn Queue) {
     assert_eq!(refused.error, QueueError::Full);
     assert_eq!(refused.entries, vec![entry("s", 0, 60_000, "e")]);
     assert_eq!(
-        bodies(&q.peek("s", &HashSet::new(), 10, 3).unwrap()),
+        bodies(&q.peek("s", &KeySet::default(), 10, 3).unwrap()),
         ["a", "b", "c", "d"]
     );
-    let p = q.peek("s", &HashSet::new(), 1, 3).unwrap();
+    let p = q.peek("s", &KeySet::default(), 1, 3).unwrap();
     q.remove(vec![p.entries[0].key.clone()]);
     settle(q).await;
     q.append(vec![entry("s", 0, 60_000, "e")], 4).await.unwrap();
@@ -313,7 +313,7 @@ async fn disk_entries_survive_reopen_with_ttl_by_wall_clock() {
     let s = q.stats().into_iter().find(|s| s.sink == "s").unwrap();
     assert_eq!(s.depth, 2, "counters rebuilt at open");
     // After the restart the clock moved past the first one's expiry.
-    let p = q.peek("s", &HashSet::new(), 10, 12_000).unwrap();
+    let p = q.peek("s", &KeySet::default(), 10, 12_000).unwrap();
     assert_eq!(bodies(&p), ["later"]);
     assert_eq!(p.expired, 1);
     // New entries get new sequence numbers after the old ones.
@@ -321,7 +321,7 @@ async fn disk_entries_survive_reopen_with_ttl_by_wall_clock() {
         .await
         .unwrap();
     assert_eq!(
-        bodies(&q.peek("s", &HashSet::new(), 10, 12_000).unwrap()),
+        bodies(&q.peek("s", &KeySet::default(), 10, 12_000).unwrap()),
         ["later", "new"]
     );
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
@@ -350,12 +350,12 @@ async fn disk_below_its_free_space_floor_refuses_appends_and_hands_them_back() {
         "{refused}"
     );
     assert_eq!(refused.entries, vec![entry("s", 0, 1_000_000, "late")]);
-    let p = q.peek("s", &HashSet::new(), 10, 2).unwrap();
+    let p = q.peek("s", &KeySet::default(), 10, 2).unwrap();
     assert_eq!(bodies(&p), ["m0", "m1", "m2"]);
     q.remove(vec![p.entries[0].key.clone()]);
     settle(&q).await;
     assert_eq!(
-        bodies(&q.peek("s", &HashSet::new(), 10, 2).unwrap()),
+        bodies(&q.peek("s", &KeySet::default(), 10, 2).unwrap()),
         ["m1", "m2"]
     );
     drop(q);
@@ -383,7 +383,9 @@ async fn disk_store_that_cannot_be_opened_is_set_aside() {
     q.append(vec![entry("s", 0, 1_000_000, "after")], 2)
         .await
         .unwrap();
-    assert!(bodies(&q.peek("s", &HashSet::new(), 1000, 3).unwrap()).contains(&"after".to_string()));
+    assert!(
+        bodies(&q.peek("s", &KeySet::default(), 1000, 3).unwrap()).contains(&"after".to_string())
+    );
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
@@ -393,12 +395,12 @@ async fn disk_removals_survive_reopen() {
     {
         let q = DiskQueue::open(&path, Limits::default()).unwrap();
         append_numbered(&q, 10).await;
-        let p = q.peek("s", &HashSet::new(), 4, 2).unwrap();
+        let p = q.peek("s", &KeySet::default(), 4, 2).unwrap();
         q.remove(p.entries.into_iter().map(|e| e.key).collect());
     }
     let q = DiskQueue::open(&path, Limits::default()).unwrap();
     assert_eq!(
-        bodies(&q.peek("s", &HashSet::new(), 100, 2).unwrap()),
+        bodies(&q.peek("s", &KeySet::default(), 100, 2).unwrap()),
         ["m4", "m5", "m6", "m7", "m8", "m9"],
         "a clean stop logs the last removals: nothing delivered twice"
     );
@@ -425,14 +427,14 @@ async fn disk_log_with_a_torn_tail_keeps_every_whole_record() {
     std::fs::write(&log, bytes).unwrap();
     let q = DiskQueue::open(&path, Limits::default()).expect("the hub must start");
     assert_eq!(
-        bodies(&q.peek("s", &HashSet::new(), 100, 2).unwrap()),
+        bodies(&q.peek("s", &KeySet::default(), 100, 2).unwrap()),
         ["m0", "m1"]
     );
     q.append(vec![entry("s", 0, 1_000_000, "after")], 2)
         .await
         .unwrap();
     assert_eq!(
-        bodies(&q.peek("s", &HashSet::new(), 100, 2).unwrap()),
+        bodies(&q.peek("s", &KeySet::default(), 100, 2).unwrap()),
         ["m0", "m1", "after"]
     );
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
@@ -462,7 +464,7 @@ async fn disk_backlog_moved_to_redb_keeps_priority_order_and_removals() {
         "both layers hold entries: {stored} stored, {hot} hot"
     );
     // Remove every other priority-0 entry, some from redb, some from memory.
-    let first = q.peek("s", &HashSet::new(), 100, 2).unwrap();
+    let first = q.peek("s", &KeySet::default(), 100, 2).unwrap();
     let gone: Vec<&Entry> = first.entries.iter().step_by(2).collect();
     let gone_bodies: HashSet<String> = gone
         .iter()
@@ -475,7 +477,7 @@ async fn disk_backlog_moved_to_redb_keeps_priority_order_and_removals() {
             .await
             .unwrap();
     }
-    let all = bodies(&q.peek("s", &HashSet::new(), 1000, 2).unwrap());
+    let all = bodies(&q.peek("s", &KeySet::default(), 1000, 2).unwrap());
     // Priority first, then arrival (the zero-padded number).
     let mut expected: Vec<String> = (0..330)
         .map(|i| format!("p{}-{i:03}", if i < 300 { i % 3 } else { 0 }))
@@ -488,7 +490,7 @@ async fn disk_backlog_moved_to_redb_keeps_priority_order_and_removals() {
     drop(q);
     let q = DiskQueue::open(&path, tiny_memory()).unwrap();
     assert_eq!(
-        bodies(&q.peek("s", &HashSet::new(), 1000, 2).unwrap()),
+        bodies(&q.peek("s", &KeySet::default(), 1000, 2).unwrap()),
         expected
     );
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
@@ -538,7 +540,7 @@ proptest::proptest! {
                     }
                     Op::Deliver { sink, count } => {
                         let sink = format!("s{sink}");
-                        let none = HashSet::new();
+                        let none = KeySet::default();
                         let want = model.peek(&sink, &none, count as usize, 2).unwrap();
                         let got = q.peek(&sink, &none, count as usize, 2).unwrap();
                         assert_eq!(bodies(&got), bodies(&want));
@@ -561,7 +563,7 @@ proptest::proptest! {
             }
             let q = disk.as_ref().unwrap();
             for sink in ["s0", "s1"] {
-                let none = HashSet::new();
+                let none = KeySet::default();
                 assert_eq!(
                     bodies(&q.peek(sink, &none, 10_000, 2).unwrap()),
                     bodies(&model.peek(sink, &none, 10_000, 2).unwrap())
@@ -583,7 +585,7 @@ async fn disk_counts_entries_after_a_position_and_keeps_sequence_numbers_rising(
             .await
             .unwrap();
     }
-    let p = q.peek("$log", &HashSet::new(), 200, 2).unwrap();
+    let p = q.peek("$log", &KeySet::default(), 200, 2).unwrap();
     let keys: Vec<u64> = p.entries.iter().map(|e| e.key.seq).collect();
     assert_eq!(keys.len(), 200);
     assert!(q.layers().0 > 0, "some entries moved to redb");
@@ -600,7 +602,7 @@ async fn disk_counts_entries_after_a_position_and_keeps_sequence_numbers_rising(
     q.append(vec![entry("$log", 0, 1_000_000, "next")], 3)
         .await
         .unwrap();
-    let p = q.peek("$log", &HashSet::new(), 10, 4).unwrap();
+    let p = q.peek("$log", &KeySet::default(), 10, 4).unwrap();
     assert!(p.entries[0].key.seq > last, "{:?}", p.entries[0].key);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
