@@ -606,3 +606,20 @@ async fn disk_counts_entries_after_a_position_and_keeps_sequence_numbers_rising(
     assert!(p.entries[0].key.seq > last, "{:?}", p.entries[0].key);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+/// `EntryKey` hashes its position only: keys of two sinks at the same position are still two
+/// keys in a set.
+#[test]
+fn keys_that_differ_only_by_sink_stay_apart_in_a_key_set() {
+    let key = |sink: &str| EntryKey {
+        sink: sink.into(),
+        priority: 0,
+        seq: 7,
+    };
+    let mut set = KeySet::default();
+    assert!(set.insert(key("a")));
+    assert!(set.insert(key("b")));
+    assert!(!set.insert(key("a")));
+    assert!(set.contains(&key("b")) && !set.contains(&key("c")));
+    assert!(set.remove(&key("a")) && set.len() == 1);
+}
