@@ -20,8 +20,10 @@ use crate::twin::TwinStore;
 pub use crate::data_dir::{QUEUES_FILE, STORE_FILE};
 /// redb's page cache for the main store. Every store keeps what it serves in memory
 /// (registry, twins, sessions), so the cache only has to hold what writes touch: redb's 1 GiB
-/// default grew with every commit (about 1 KiB per connected device with a session).
-const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// default grew with every commit (about 1 KiB per connected device with a session), and at
+/// 32 MiB a deployment to 10,000 devices filled it (15 MB more at its peak than at 8 MiB, with
+/// the same twin round trips and deployment times: BENCHMARKS.md, issue 19).
+const STORE_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// A store that cannot be used, and what to do about it.
 #[derive(Debug, thiserror::Error)]
