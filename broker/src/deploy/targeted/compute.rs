@@ -133,7 +133,14 @@ pub async fn reconcile(
     let all = deployments.all();
     let mut writes: Vec<(IdentityKey, Map<String, Value>)> = Vec::new();
     let mut states = Vec::new();
+    let mut written = 0;
     for device in devices {
+        // Patches are written a chunk at a time, so a deployment to a whole fleet never
+        // holds every device's patch at once (the states are saved after all of them, as
+        // before: a device whose write did not happen is computed again).
+        if writes.len() >= WRITE_CHUNK {
+            written += super::super::write_desired(hub, std::mem::take(&mut writes)).await?;
+        }
         let key = IdentityKey::device(device.clone());
         if hub.registry.get(&key).is_none() {
             continue;
@@ -184,10 +191,13 @@ pub async fn reconcile(
             states.push((device.as_str().to_string(), state));
         }
     }
-    let written = super::super::write_desired(hub, writes).await?;
+    written += super::super::write_desired(hub, writes).await?;
     deployments.save_states(states)?;
     Ok(written)
 }
+
+/// Twins' patches computed before they are written, at most.
+const WRITE_CHUNK: usize = 1024;
 
 /// Which devices a deployment targets, applies to, and which reported success or failure;
 /// and, per custom metric, the identities its query matches among the targeted devices.
