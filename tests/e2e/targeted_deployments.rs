@@ -688,3 +688,31 @@ async fn a_new_edge_device_receives_module_content_and_reports_it() {
     );
     task.abort();
 }
+
+/// A deployment to more devices than one chunk of the reconcile's writes (1,024): every
+/// device's twin gets it, and the status counts them all.
+#[tokio::test]
+async fn a_deployment_larger_than_one_write_chunk_reaches_every_device() {
+    let hub = Hub::start("deploy-chunks").await;
+    let ids: Vec<String> = (0..2_100).map(|i| format!("c-{i:04}")).collect();
+    for chunk in ids.chunks(50) {
+        let calls = chunk
+            .iter()
+            .map(|id| hub.api(Method::POST, "/devices", Some(json!({ "deviceId": id }))));
+        for (status, body) in futures_util::future::join_all(calls).await {
+            assert_eq!(status, 201, "{body}");
+        }
+    }
+    let mut body = device_content(json!({ "firmware": { "version": "9" } }));
+    body["id"] = json!("all");
+    body["targetCondition"] = json!("STARTS_WITH(deviceId, 'c-')");
+    body["priority"] = json!(1);
+    let created = create(&hub, body).await;
+    assert_eq!(created["twinsWritten"], 2_100, "{created}");
+    for id in ["c-0000", "c-1023", "c-1024", "c-2047", "c-2048", "c-2099"] {
+        assert_eq!(desired(&hub, id).await["firmware"]["version"], "9", "{id}");
+    }
+    let (_, d) = hub.api(Method::GET, "/deployments/all", None).await;
+    assert_eq!(d["systemMetrics"]["targetedCount"], 2_100, "{d}");
+    assert_eq!(d["systemMetrics"]["appliedCount"], 2_100, "{d}");
+}
