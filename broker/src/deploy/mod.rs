@@ -255,15 +255,14 @@ pub async fn run_rollouts(
                     .all()
                     .iter()
                     .map(|c| {
-                        let s = targeted::status(&h, &e.targeted, c);
-                        let n = |v: &Vec<String>| v.len() as u64;
+                        let m = targeted::status(&h, &e.targeted, c).system_metrics();
                         (
                             c.d.id.clone(),
                             [
-                                n(&s.targeted),
-                                n(&s.applied),
-                                n(&s.reported_successful),
-                                n(&s.reported_failed),
+                                m.targeted_count,
+                                m.applied_count,
+                                m.reported_successful_count,
+                                m.reported_failed_count,
                             ],
                         )
                     })

@@ -10,9 +10,7 @@ use axum::{Json, Router};
 use std::sync::Arc;
 
 use super::super::targeted::{self, Compiled, DeploymentStatus};
-use super::super::wire::{
-    DeploymentSpec, DeploymentUpdate, DeploymentView, MetricView, SystemMetrics,
-};
+use super::super::wire::{DeploymentSpec, DeploymentUpdate, DeploymentView, MetricView};
 use super::DeployState;
 use crate::api::wire::Items;
 use crate::api::{blocking, ApiError, ApiResult};
@@ -26,16 +24,15 @@ pub fn routes() -> Router<DeployState> {
 }
 
 fn view_of(c: &Compiled, status: Option<DeploymentStatus>) -> DeploymentView {
-    let len = |v: &Vec<String>| v.len() as u64;
     DeploymentView {
         deployment: c.d.clone(),
-        system_metrics: status.as_ref().map(|s| SystemMetrics {
-            targeted_count: len(&s.targeted),
-            applied_count: len(&s.applied),
-            reported_successful_count: len(&s.reported_successful),
-            reported_failed_count: len(&s.reported_failed),
+        system_metrics: status.as_ref().map(DeploymentStatus::system_metrics),
+        custom_metrics: status.map(|s| {
+            s.custom
+                .iter()
+                .map(|(k, v)| (k.clone(), v.len() as u64))
+                .collect()
         }),
-        custom_metrics: status.map(|s| s.custom.iter().map(|(k, v)| (k.clone(), len(v))).collect()),
         twins_written: None,
         rollout_members: None,
     }

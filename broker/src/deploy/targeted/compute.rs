@@ -211,6 +211,19 @@ pub struct DeploymentStatus {
     pub custom: BTreeMap<String, Vec<String>>,
 }
 
+impl DeploymentStatus {
+    /// The counts IoT Hub calls a deployment's system metrics.
+    pub fn system_metrics(&self) -> super::super::wire::SystemMetrics {
+        let len = |v: &Vec<String>| v.len() as u64;
+        super::super::wire::SystemMetrics {
+            targeted_count: len(&self.targeted),
+            applied_count: len(&self.applied),
+            reported_successful_count: len(&self.reported_successful),
+            reported_failed_count: len(&self.reported_failed),
+        }
+    }
+}
+
 /// Per-deployment figures: system metrics and custom metrics, each with its devices.
 pub fn status(hub: &Hub, deployments: &Deployments, c: &Compiled) -> DeploymentStatus {
     let mut st = DeploymentStatus::default();
