@@ -135,6 +135,16 @@ pub fn generate(resource: &str, key_b64: &str, expiry: u64) -> Result<String, Sa
     ))
 }
 
+/// Whether two secrets are equal, in time that does not depend on where they differ (so a
+/// guesser learns nothing from how fast a wrong one is refused).
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// A fresh random 256-bit key, base64 encoded, as IoT Hub generates them.
 pub fn new_key() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -193,6 +203,13 @@ mod tests {
             t.verify("h/devices/d1", &other, 1),
             Err(SasError::BadSignature)
         );
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "ab"));
     }
 
     #[test]

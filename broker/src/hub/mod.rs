@@ -539,9 +539,7 @@ impl Hub {
 
     /// Constant-time comparison with the admin token.
     pub fn is_admin_token(&self, candidate: &str) -> bool {
-        let a = self.admin_token.as_bytes();
-        let b = candidate.as_bytes();
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        crate::sas::same_secret(&self.admin_token, candidate)
     }
 }
 
