@@ -126,6 +126,20 @@ pub fn telemetry_ids(device: &str, module: Option<&str>) -> String {
     format!("{}/{module}", encode_id(device))
 }
 
+/// The inverse of [`telemetry_ids`] at the start of `ids` (`{d}/{m or ~}[/rest]`): the
+/// device, the module, and whatever follows them.
+pub fn split_telemetry_ids(ids: &str) -> Option<(String, Option<String>, &str)> {
+    let mut parts = ids.splitn(3, '/');
+    let device = percent_decode_str(parts.next()?)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    let module = parts.next()?;
+    let module =
+        (module != NO_MODULE).then(|| percent_decode_str(module).decode_utf8_lossy().into_owned());
+    Some((device, module, parts.next().unwrap_or("")))
+}
+
 /// `true` when the topic level `segment` names `id` (raw or percent-encoded).
 fn names(segment: &str, id: &str) -> bool {
     segment == id
@@ -335,6 +349,22 @@ mod tests {
 
     fn dev(d: &str) -> Principal {
         Principal::Identity(IdentityKey::parse(d).unwrap())
+    }
+
+    #[test]
+    fn telemetry_ids_split_back_into_what_made_them() {
+        for (d, m) in [("d1", None), ("d 1/x", Some("m#1")), ("dev", Some("~x"))] {
+            let ids = telemetry_ids(d, m);
+            let rest = format!("{ids}/$.cdid=d1");
+            let (device, module, bag) = split_telemetry_ids(&rest).unwrap();
+            assert_eq!(
+                (device.as_str(), module.as_deref(), bag),
+                (d, m, "$.cdid=d1")
+            );
+            let (device, module, bag) = split_telemetry_ids(&ids).unwrap();
+            assert_eq!((device.as_str(), module.as_deref(), bag), (d, m, ""));
+        }
+        assert_eq!(split_telemetry_ids("only-a-device"), None);
     }
 
     /// Every row of the table: the filter maps to its delivery kind (or router filter), and

@@ -151,17 +151,8 @@ impl MonitorArgs {
 
 /// Turns a `$fleethub/events/{d}/{m}/{bag}` delivery into the event JSON printed.
 pub fn describe_event(topic: &str, payload: &[u8]) -> Option<Value> {
-    use percent_encoding::percent_decode_str;
     let rest = topic.strip_prefix(crate::topics::SERVICE_EVENTS_PREFIX)?;
-    let mut parts = rest.splitn(3, '/');
-    let device = percent_decode_str(parts.next()?)
-        .decode_utf8()
-        .ok()?
-        .into_owned();
-    let module = parts.next()?;
-    let module = (module != crate::topics::NO_MODULE)
-        .then(|| percent_decode_str(module).decode_utf8_lossy().into_owned());
-    let bag = parts.next().unwrap_or("");
+    let (device, module, bag) = crate::topics::split_telemetry_ids(rest)?;
     let message =
         fleethub_router::Message::from_bag(bag, bytes::Bytes::copy_from_slice(payload)).ok()?;
     let body = match std::str::from_utf8(payload) {

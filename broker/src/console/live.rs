@@ -189,12 +189,6 @@ impl Drop for Watching {
     }
 }
 
-fn decode(level: &str) -> String {
-    percent_encoding::percent_decode_str(level)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
 /// `GET /ui/live/devices/{d}[?module=m]`: the device's (or module's) telemetry as it
 /// arrives, through the same live view `monitor-events` reads: best effort, never stored.
 pub async fn telemetry_stream(
@@ -210,20 +204,11 @@ pub async fn telemetry_stream(
         Ok(m) => m,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let filter = match &module {
-        Some(m) => format!(
-            "{}{}/{}",
-            topics::EVENTS_PREFIX,
-            topics::encode_id(device.as_str()),
-            topics::encode_id(m.as_str())
-        ),
-        None => format!(
-            "{}{}/{}",
-            topics::EVENTS_PREFIX,
-            topics::encode_id(device.as_str()),
-            topics::NO_MODULE
-        ),
-    };
+    let filter = format!(
+        "{}{}",
+        topics::EVENTS_PREFIX,
+        topics::telemetry_ids(device.as_str(), module.as_ref().map(|m| m.as_str()))
+    );
     let hub = state.hub.clone();
     let link_id = format!("console-{:016x}", rand::random::<u64>());
     let (mut tx, mut rx) = match hub.core.link(link_id).await {
@@ -251,15 +236,12 @@ pub async fn telemetry_stream(
                     let Some((bag, body)) = topics::envelope::unpack(&f.publish.payload) else {
                         continue;
                     };
-                    let mut levels = topic
+                    let Some((device, module, _)) = topic
                         .strip_prefix(topics::EVENTS_PREFIX)
-                        .unwrap_or("")
-                        .split('/');
-                    let device = levels.next().map(decode).unwrap_or_default();
-                    let module = levels
-                        .next()
-                        .filter(|m| *m != topics::NO_MODULE)
-                        .map(decode);
+                        .and_then(topics::split_telemetry_ids)
+                    else {
+                        continue;
+                    };
                     let (body, base64) = match std::str::from_utf8(&body) {
                         Ok(text) => (text.to_string(), false),
                         Err(_) => (
