@@ -803,18 +803,7 @@ async fn the_console_session_is_a_cookie_and_writes_need_the_csrf_token() {
 async fn page_weight_and_first_render_with_10000_devices() {
     let hub = Hub::start("");
     register(&hub, 0..10).await;
-    let (_, d) = api(
-        &hub,
-        reqwest::Method::POST,
-        "/deployments",
-        Some(json!({
-            "id": "fw-all", "targetCondition": "STARTS_WITH(deviceId, 'dev-')", "priority": 1,
-            "content": { "deviceContent": { "properties.desired.firmware": { "version": "2" } } },
-            "rollout": { "phases": [50, 100], "successThreshold": 95, "failureThreshold": 5 }
-        })),
-    )
-    .await;
-    assert_eq!(d["id"], "fw-all", "{d}");
+    create_rollout(&hub, "fw-all", 1, "2").await;
     let b = Browser::start().await;
     sign_in(&b, &hub).await;
     let small = measure_pages(&b, &hub).await;
@@ -826,18 +815,7 @@ async fn page_weight_and_first_render_with_10000_devices() {
     );
     // A second rollout, whose first phase holds 5,000 devices (the first one's phase was
     // drawn from 10).
-    let (_, d) = api(
-        &hub,
-        reqwest::Method::POST,
-        "/deployments",
-        Some(json!({
-            "id": "fw-big", "targetCondition": "STARTS_WITH(deviceId, 'dev-')", "priority": 2,
-            "content": { "deviceContent": { "properties.desired.firmware": { "version": "3" } } },
-            "rollout": { "phases": [50, 100], "successThreshold": 95, "failureThreshold": 5 }
-        })),
-    )
-    .await;
-    assert_eq!(d["id"], "fw-big", "{d}");
+    create_rollout(&hub, "fw-big", 2, "3").await;
     let large = measure_pages(&b, &hub).await;
     println!("| page | devices registered | requests | page weight (bytes) | transferred, assets revalidated (bytes) | of which API data (bytes) | first byte ms | first contentful paint ms | data shown ms |");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -865,6 +843,22 @@ async fn page_weight_and_first_render_with_10000_devices() {
         );
     }
     b.close().await;
+}
+
+/// A phased deployment (50%, then all) of firmware `version` to every `dev-` device.
+async fn create_rollout(hub: &Hub, id: &str, priority: u32, version: &str) {
+    let (_, d) = api(
+        hub,
+        reqwest::Method::POST,
+        "/deployments",
+        Some(json!({
+            "id": id, "targetCondition": "STARTS_WITH(deviceId, 'dev-')", "priority": priority,
+            "content": { "deviceContent": { "properties.desired.firmware": { "version": version } } },
+            "rollout": { "phases": [50, 100], "successThreshold": 95, "failureThreshold": 5 }
+        })),
+    )
+    .await;
+    assert_eq!(d["id"], id, "{d}");
 }
 
 async fn register(hub: &Hub, range: std::ops::Range<usize>) {
