@@ -696,6 +696,25 @@ async fn the_console_session_is_a_cookie_and_writes_need_the_csrf_token() {
     let hub = Hub::start("");
     let client = reqwest::Client::new();
     let url = |p: &str| format!("{}{p}", hub.api);
+    // The assets: cached by ETag (a 304 when unchanged), an unknown one a 404.
+    let js = client.get(url("/ui/assets/app.js")).send().await.unwrap();
+    assert_eq!(js.status().as_u16(), 200);
+    let tag = js.headers()["etag"].to_str().unwrap().to_string();
+    let again = client
+        .get(url("/ui/assets/app.js"))
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 304);
+    let css = client.get(url("/ui/assets/app.css")).send().await.unwrap();
+    assert_ne!(
+        css.headers()["etag"].to_str().unwrap(),
+        tag,
+        "one tag per asset"
+    );
+    let none = client.get(url("/ui/assets/nope.js")).send().await.unwrap();
+    assert_eq!(none.status().as_u16(), 404);
     for path in ["/ui/api/hub", "/ui/live/overview", "/ui/api/devices"] {
         let r = client.get(url(path)).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path} without a session");

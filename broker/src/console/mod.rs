@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Request};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -120,8 +120,15 @@ fn etag(body: &str) -> String {
     format!("\"{hex}\"")
 }
 
-fn serve(asset: &Asset, headers: &HeaderMap) -> Response {
-    let tag = etag(asset.body);
+/// Each asset's ETag, by its place in [`ASSETS`]: hashed once, the assets never change.
+fn etags() -> &'static [String] {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    TAGS.get_or_init(|| ASSETS.iter().map(|a| etag(a.body)).collect())
+}
+
+fn serve(index: usize, headers: &HeaderMap) -> Response {
+    let asset = &ASSETS[index];
+    let tag = etags()[index].clone();
     let fresh = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -142,16 +149,12 @@ fn serve(asset: &Asset, headers: &HeaderMap) -> Response {
 }
 
 async fn page(headers: HeaderMap) -> Response {
-    serve(&ASSETS[0], &headers)
+    serve(0, &headers)
 }
 
-async fn asset(
-    State(_): State<ConsoleState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    match ASSETS[1..].iter().find(|a| a.name == name) {
-        Some(a) => serve(a, &headers),
+async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
+    match (1..ASSETS.len()).find(|&i| ASSETS[i].name == name) {
+        Some(i) => serve(i, &headers),
         None => {
             crate::api::ApiError::NotFound(format!("no console asset '{name}'")).into_response()
         }
