@@ -77,8 +77,9 @@ class ApiFailure extends Error {
   }
 }
 
-// Calls the API; resolves with {status, data, headers}, rejects with ApiFailure on 4xx/5xx.
-async function api(method, path, body, extraHeaders) {
+// Calls the API; resolves with {ok, status, data, headers} whatever the status (a 401 signs
+// the page out).
+async function apiAnswer(method, path, body, extraHeaders) {
   const headers = Object.assign({ Accept: 'application/json' }, extraHeaders || {});
   const init = { method, headers, credentials: 'same-origin' };
   if (body !== undefined) {
@@ -92,12 +93,15 @@ async function api(method, path, body, extraHeaders) {
   if (text) {
     try { data = JSON.parse(text); } catch (_) { data = { message: text }; }
   }
-  if (response.status === 401) {
-    signedOut();
-    throw new ApiFailure(401, data);
-  }
-  if (!response.ok) throw new ApiFailure(response.status, data);
-  return { status: response.status, data, headers: response.headers };
+  if (response.status === 401) signedOut();
+  return { ok: response.ok, status: response.status, data, headers: response.headers };
+}
+
+// Calls the API; resolves with {status, data, headers}, rejects with ApiFailure on 4xx/5xx.
+async function api(method, path, body, extraHeaders) {
+  const answer = await apiAnswer(method, path, body, extraHeaders);
+  if (!answer.ok) throw new ApiFailure(answer.status, answer.data);
+  return answer;
 }
 
 function enc(s) { return encodeURIComponent(s); }
@@ -589,13 +593,9 @@ async function routesPage(main) {
       const mine = ++seq;
       const text = input.value;
       if (!text.trim()) { clear(result); return; }
-      const r = await fetch('/ui/api/routes/check', {
-        method: 'POST', credentials: 'same-origin',
-        headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': state.csrf || '' },
-        body: JSON.stringify({ route: text }),
-      });
-      if (mine !== seq) return;
-      const data = await r.json();
+      // A route with an error is answered 400 with its column: an answer, not a failure.
+      const { data } = await apiAnswer('POST', '/routes/check', { route: text });
+      if (mine !== seq || !data) return;
       clear(result);
       if (data.valid) {
         put(result, h('span', { class: 'ok' }, 'Valid. '), 'Source ', h('code', {}, data.source),
