@@ -78,7 +78,11 @@ fn bench(c: &mut Criterion) {
                         .get("location")
                         .and_then(|l| l.get("region"))
                         .and_then(|r| r.as_str());
-                    let fw = t.reported.data.get("fw").and_then(|f| f.as_f64());
+                    let fw = t
+                        .reported
+                        .tree()
+                        .get("fw")
+                        .and_then(|f| f.as_leaf()?.as_f64());
                     region == Some("US") && fw.is_some_and(|f| f >= 2.0)
                 })
                 .count()

@@ -143,7 +143,7 @@ pub async fn run_with_reload(
             stores.registry.create_with(key, None, None, caps)?;
         }
     }
-    let edge_desired = stores.twins.get(&edge_key).desired.data.clone();
+    let edge_desired = stores.twins.get(&edge_key).desired.data();
     let metrics = Arc::new(crate::metrics::Metrics::new());
     // The main store stops writing at half the queues' floor: the queues fill the disk
     // first and stop first, leaving the twins and registry room to keep working.
@@ -466,7 +466,7 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
     }
     let routes = {
         let _one = hub.routing.update.lock().await;
-        let edge = hub.twins.get(hub.routing.route_twin()).desired.data.clone();
+        let edge = hub.twins.get(hub.routing.route_twin()).desired.data();
         match hub
             .routing
             .reload_config(new.routes.clone(), new.routing.time_to_live_secs, &edge)

@@ -265,7 +265,7 @@ fn twin_patch(b: &[u8]) {
     let sent = section.apply(&patch, "2026-01-01T00:00:00Z", true);
     let _ = section.resume_patch();
     let _ = section.replace_keys(&sent, "2026-01-01T00:00:01Z");
-    let _ = crate::twin::doc::diff(&patch, &section.data);
+    let _ = crate::twin::doc::diff(&patch, &section.data());
 }
 
 fn manifest(b: &[u8]) {

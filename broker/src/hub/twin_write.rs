@@ -117,7 +117,7 @@ impl Hub {
         if !self.routing.is_route_twin(key) || !write.writes_desired() {
             return None;
         }
-        let next = write.desired_after(&self.twins.get(key).desired.data);
+        let next = write.desired_after(&self.twins.get(key).desired.data());
         Some(self.routing.build(&next))
     }
 

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::node::Node;
+
 /// Deepest nesting a patch may have (the patch object itself is level 1).
 pub const MAX_DEPTH: usize = 10;
 /// Largest patch accepted, serialised.
@@ -97,19 +99,52 @@ fn check_names(path: &str, map: &Map<String, Value>, depth: usize) -> Result<(),
 /// desired document, bounded so a churning one cannot grow its twin without limit.
 pub const MAX_REMOVED_PATHS: usize = 256;
 
-/// One section (desired or reported) with its version and metadata tree.
+/// One section (desired or reported) with its version, its properties and their metadata
+/// (one compact tree, see [`Node`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredSection", into = "StoredSection")]
 pub struct Section {
-    pub data: Map<String, Value>,
+    /// The properties; the root's own stamp is the section's `$lastUpdated`.
+    tree: Node,
     /// IoT Hub's `$version`: 1 for a new twin, +1 per patch.
-    #[serde(default = "first_version")]
     pub version: u64,
-    pub meta: Meta,
     /// Paths (key by key) that were in the document once and are not now, so a device that
     /// was away can be sent `null` for each ([`Section::resume_patch`]): a device that
     /// applies merge patches then ends equal to the document whatever it saw before.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<Vec<String>>,
+}
+
+/// A section as stored: the document and IoT Hub's `$metadata` as JSON, the same format
+/// whatever shape the section has in memory.
+#[derive(Serialize, Deserialize)]
+struct StoredSection {
+    data: Map<String, Value>,
+    #[serde(default = "first_version")]
+    version: u64,
+    meta: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    removed: Vec<Vec<String>>,
+}
+
+impl From<StoredSection> for Section {
+    fn from(s: StoredSection) -> Section {
+        Section {
+            tree: Node::from_parts(&s.data, Some(&s.meta)),
+            version: s.version,
+            removed: s.removed,
+        }
+    }
+}
+
+impl From<Section> for StoredSection {
+    fn from(s: Section) -> StoredSection {
+        StoredSection {
+            data: s.tree.to_map(),
+            version: s.version,
+            meta: s.tree.meta_json(),
+            removed: s.removed,
+        }
+    }
 }
 
 fn first_version() -> u64 {
@@ -119,15 +154,38 @@ fn first_version() -> u64 {
 impl Default for Section {
     fn default() -> Self {
         Section {
-            data: Map::new(),
+            tree: Node::default(),
             version: first_version(),
-            meta: Meta::default(),
             removed: Vec::new(),
         }
     }
 }
 
 impl Section {
+    /// The document as JSON (built on each call: keep the result when reading it twice).
+    pub fn data(&self) -> Map<String, Value> {
+        self.tree.to_map()
+    }
+
+    /// Top-level property `k` as JSON.
+    pub fn get(&self, k: &str) -> Option<Value> {
+        self.tree.get(k).map(Node::to_value)
+    }
+
+    pub fn contains_key(&self, k: &str) -> bool {
+        self.tree.get(k).is_some()
+    }
+
+    /// The properties with their metadata, for reading in place (queries, metadata).
+    pub fn tree(&self) -> &Node {
+        &self.tree
+    }
+
+    /// IoT Hub's `$metadata` for this section.
+    pub fn metadata(&self) -> Map<String, Value> {
+        self.tree.meta_json()
+    }
+
     /// Applies a validated merge patch; the version goes up by one even if nothing changed.
     /// Returns the RFC 7386 patch that takes the previous document to the new one (`null`
     /// for every removed key): what a device must apply to stay equal.
@@ -137,17 +195,16 @@ impl Section {
         now: &str,
         with_versions: bool,
     ) -> Map<String, Value> {
-        let before = self.data.clone();
+        let before = self.data();
         self.apply_from(before, patch, now, with_versions)
     }
 
     /// Replaces each top-level key of `keys` whole (a deployment's keys: nothing of an
     /// earlier value lingers; `null` removes it). Returns the patch as [`Section::apply`].
     pub fn replace_keys(&mut self, keys: &Map<String, Value>, now: &str) -> Map<String, Value> {
-        let before = self.data.clone();
+        let before = self.data();
         for k in keys.keys() {
-            self.data.remove(k);
-            self.meta.remove(k);
+            self.tree.remove(k);
         }
         self.apply_from(before, keys, now, true)
     }
@@ -162,16 +219,16 @@ impl Section {
         self.version += 1;
         let version = with_versions.then_some(self.version);
         let now: Arc<str> = Arc::from(now);
-        merge(&mut self.data, &mut self.meta, patch, &now, version);
-        self.meta.stamp(&now, version);
-        let change = diff(&before, &self.data);
+        self.tree.merge(patch, &now, version);
+        self.tree.stamp(&now, version);
+        let change = diff(&before, &self.data());
         if !with_versions {
             // Only desired sections are sent to devices; reported ones need no memory.
             return change;
         }
         self.track_removals(&before, &change, &mut Vec::new());
-        let data = &self.data;
-        self.removed.retain(|path| lookup(data, path).is_none());
+        let tree = &self.tree;
+        self.removed.retain(|path| tree.lookup(path).is_none());
         if self.removed.len() > MAX_REMOVED_PATHS {
             let excess = self.removed.len() - MAX_REMOVED_PATHS;
             self.removed.drain(..excess);
@@ -230,7 +287,7 @@ impl Section {
     /// `$version`. Applied as a merge patch to any document the device may hold after
     /// earlier patches, it gives exactly this one.
     pub fn resume_patch(&self) -> Value {
-        let mut patch = self.data.clone();
+        let mut patch = self.data();
         for path in &self.removed {
             let mut node = &mut patch;
             for (i, seg) in path.iter().enumerate() {
@@ -255,20 +312,20 @@ impl Section {
 
     /// Nothing was ever written to it (a new twin's section, at version 1).
     pub fn untouched(&self) -> bool {
-        self.version <= 1 && self.data.is_empty()
+        self.version <= 1 && self.tree.is_empty()
     }
 
     /// `{...data, "$version": v}`: what devices see.
     pub fn with_version(&self) -> Value {
-        let mut m = self.data.clone();
+        let mut m = self.data();
         m.insert("$version".into(), json!(self.version));
         Value::Object(m)
     }
 
     /// `{...data, "$metadata": {...}, "$version": v}`: what the API shows.
     pub fn full(&self) -> Value {
-        let mut m = self.data.clone();
-        m.insert("$metadata".into(), Value::Object(self.meta.to_json()));
+        let mut m = self.data();
+        m.insert("$metadata".into(), Value::Object(self.metadata()));
         m.insert("$version".into(), json!(self.version));
         Value::Object(m)
     }
@@ -308,58 +365,6 @@ pub fn diff(from: &Map<String, Value>, to: &Map<String, Value>) -> Map<String, V
     patch
 }
 
-/// The value at `path` in `doc`, if every step exists.
-fn lookup<'a>(doc: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
-    let (first, rest) = path.split_first()?;
-    let v = doc.get(first)?;
-    if rest.is_empty() {
-        return Some(v);
-    }
-    match v {
-        Value::Object(child) => lookup(child, rest),
-        _ => None,
-    }
-}
-
-/// RFC 7386 merge of `patch` into `target`, keeping `meta` in the same shape: leaves get
-/// `{"$lastUpdated", ["$lastUpdatedVersion"]}`, objects get `$lastUpdated`.
-pub fn merge(
-    target: &mut Map<String, Value>,
-    meta: &mut Meta,
-    patch: &Map<String, Value>,
-    now: &Arc<str>,
-    version: Option<u64>,
-) {
-    for (k, v) in patch {
-        match v {
-            Value::Null => {
-                target.remove(k);
-                meta.remove(k);
-            }
-            Value::Object(child_patch) => {
-                let fresh = !matches!(target.get(k), Some(Value::Object(_)));
-                if fresh {
-                    target.insert(k.clone(), Value::Object(Map::new()));
-                }
-                let m = meta.child_mut(k);
-                if fresh {
-                    *m = Meta::default();
-                }
-                if let Some(Value::Object(t)) = target.get_mut(k) {
-                    merge(t, m, child_patch, now, version);
-                    m.stamp(now, version);
-                }
-            }
-            leaf => {
-                target.insert(k.clone(), leaf.clone());
-                let m = meta.child_mut(k);
-                *m = Meta::default();
-                m.stamp(now, version);
-            }
-        }
-    }
-}
-
 /// RFC 7386 merge of `patch` into `target`, with no metadata (tags, previews).
 pub fn merge_plain(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     for (k, v) in patch {
@@ -379,114 +384,6 @@ pub fn merge_plain(target: &mut Map<String, Value>, patch: &Map<String, Value>) 
                 target.insert(k.clone(), leaf.clone());
             }
         }
-    }
-}
-
-/// A section's `$metadata`: when each node was last updated (and at which section
-/// version). Kept as a compact tree rather than JSON maps: every property of a twin has
-/// one, and as maps (a B-tree node and three strings each) they were most of a twin's
-/// memory. The time is shared by everything one write stamped. Stored and shown as the
-/// same JSON as IoT Hub's `$metadata`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Meta {
-    /// `$lastUpdated`.
-    pub updated: Option<Arc<str>>,
-    /// `$lastUpdatedVersion` (desired sections only).
-    pub version: Option<u64>,
-    /// Sorted by name.
-    pub children: Vec<(String, Meta)>,
-}
-
-impl Meta {
-    fn stamp(&mut self, now: &Arc<str>, version: Option<u64>) {
-        self.updated = Some(now.clone());
-        if version.is_some() {
-            self.version = version;
-        }
-    }
-
-    fn position(&self, k: &str) -> Result<usize, usize> {
-        self.children
-            .binary_search_by(|(name, _)| name.as_str().cmp(k))
-    }
-
-    /// The metadata of child `k`.
-    pub fn get(&self, k: &str) -> Option<&Meta> {
-        self.position(k).ok().map(|i| &self.children[i].1)
-    }
-
-    /// The metadata of child `k`, created empty when missing.
-    fn child_mut(&mut self, k: &str) -> &mut Meta {
-        let i = match self.position(k) {
-            Ok(i) => i,
-            Err(i) => {
-                self.children.insert(i, (k.to_string(), Meta::default()));
-                i
-            }
-        };
-        &mut self.children[i].1
-    }
-
-    fn remove(&mut self, k: &str) {
-        if let Ok(i) = self.position(k) {
-            self.children.remove(i);
-        }
-    }
-
-    /// As IoT Hub shows it: `{"$lastUpdated": .., "$lastUpdatedVersion": .., child: {..}}`.
-    pub fn to_json(&self) -> Map<String, Value> {
-        let mut m = Map::new();
-        if let Some(t) = &self.updated {
-            m.insert("$lastUpdated".into(), Value::String(t.to_string()));
-        }
-        if let Some(v) = self.version {
-            m.insert("$lastUpdatedVersion".into(), json!(v));
-        }
-        for (k, child) in &self.children {
-            m.insert(k.clone(), Value::Object(child.to_json()));
-        }
-        m
-    }
-
-    /// From the JSON form; what does not fit the shape (left by hand in a store) is dropped.
-    pub fn from_json(m: &Map<String, Value>) -> Meta {
-        let mut meta = Meta::default();
-        for (k, v) in m {
-            match (k.as_str(), v) {
-                ("$lastUpdated", Value::String(t)) => meta.updated = Some(Arc::from(t.as_str())),
-                ("$lastUpdatedVersion", v) => meta.version = v.as_u64(),
-                (k, Value::Object(child)) if !k.starts_with('$') => {
-                    meta.children.push((k.to_string(), Meta::from_json(child)));
-                }
-                _ => {}
-            }
-        }
-        meta.children.sort_by(|a, b| a.0.cmp(&b.0));
-        meta
-    }
-}
-
-impl Serialize for Meta {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(None)?;
-        if let Some(t) = &self.updated {
-            map.serialize_entry("$lastUpdated", &**t)?;
-        }
-        if let Some(v) = self.version {
-            map.serialize_entry("$lastUpdatedVersion", &v)?;
-        }
-        for (k, child) in &self.children {
-            map.serialize_entry(k, child)?;
-        }
-        map.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for Meta {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Meta, D::Error> {
-        let m = Map::<String, Value>::deserialize(deserializer)?;
-        Ok(Meta::from_json(&m))
     }
 }
 
@@ -549,8 +446,10 @@ mod tests {
         let patch = obj(
             json!({"title": "Hello!", "phoneNumber": "+01-123-456-7890", "author": {"familyName": null}, "tags": ["example"]}),
         );
-        let mut meta = Meta::default();
-        merge(&mut target, &mut meta, &patch, &Arc::from("t"), None);
+        let mut tree = Node::from_parts(&target, None);
+        tree.merge(&patch, &Arc::from("t"), None);
+        merge_plain(&mut target, &patch);
+        assert_eq!(tree.to_map(), target);
         assert_eq!(
             Value::Object(target),
             json!({"title": "Hello!", "author": {"givenName": "John"}, "tags": ["example"], "content": "This will be unchanged", "phoneNumber": "+01-123-456-7890"})
@@ -565,7 +464,7 @@ mod tests {
         // IoT Hub: a new section is at version 1, the first patch makes it 2.
         assert_eq!(s.version, 3);
         assert_eq!(s.with_version(), json!({"a": {"b": 1}, "$version": 3}));
-        let meta = Value::Object(s.meta.to_json());
+        let meta = Value::Object(s.metadata());
         assert_eq!(
             meta["a"]["b"],
             json!({"$lastUpdated": "t1", "$lastUpdatedVersion": 2})
@@ -578,8 +477,8 @@ mod tests {
         // Replacing an object by a leaf and back keeps metadata in the same shape.
         s.apply(&obj(json!({"a": 5})), "t4", true);
         s.apply(&obj(json!({"a": {"x": true}})), "t5", true);
-        assert_eq!(s.data["a"], json!({"x": true}));
-        assert_eq!(s.meta.to_json()["a"]["x"]["$lastUpdated"], json!("t5"));
+        assert_eq!(s.data()["a"], json!({"x": true}));
+        assert_eq!(s.metadata()["a"]["x"]["$lastUpdated"], json!("t5"));
     }
 
     /// Metadata is kept compact in memory but stored and shown as the same JSON as before
@@ -599,15 +498,17 @@ mod tests {
         });
         let s: Section = serde_json::from_value(stored.clone()).unwrap();
         assert_eq!(serde_json::to_value(&s).unwrap(), stored);
-        assert_eq!(Value::Object(s.meta.to_json()), stored["meta"]);
+        assert_eq!(Value::Object(s.metadata()), stored["meta"]);
         assert_eq!(
-            s.meta.get("a").and_then(|a| a.get("b")).unwrap().version,
+            s.tree()
+                .lookup(&["a".to_string(), "b".to_string()])
+                .and_then(|b| b.version),
             Some(2)
         );
         // A write stamps one shared time on everything it touched.
         let mut s = s;
         s.apply(&obj(json!({"a": {"d": true}})), "t9", true);
-        let meta = Value::Object(s.meta.to_json());
+        let meta = Value::Object(s.metadata());
         assert_eq!(meta["a"]["d"]["$lastUpdated"], json!("t9"));
         assert_eq!(meta["a"]["b"]["$lastUpdated"], json!("t1"));
         assert_eq!(meta["a"]["$lastUpdatedVersion"], json!(5));
@@ -631,11 +532,11 @@ mod tests {
             "t",
             true,
         );
-        let mut staged = s2.data.clone();
+        let mut staged = s2.data();
         staged.remove("cws");
         merge_plain(&mut staged, &replace);
         assert_eq!(
-            Value::Object(diff(&s2.data, &staged)),
+            Value::Object(diff(&s2.data(), &staged)),
             json!({"cws": {"temperature": 40, "pressure": null}})
         );
         let change = s2.apply(
@@ -775,7 +676,7 @@ mod tests {
                 let Value::Object(p) = p else { continue };
                 let change = section.apply(p, "n", true);
                 merge_plain(&mut live, &change);
-                prop_assert_eq!(&live, &section.data);
+                prop_assert_eq!(&live, &section.data());
                 if i + 1 == seen {
                     away = Some(live.clone());
                 }
@@ -784,7 +685,22 @@ mod tests {
             let Value::Object(mut resume) = section.resume_patch() else { unreachable!() };
             resume.remove("$version");
             merge_plain(&mut device, &resume);
-            prop_assert_eq!(device, section.data);
+            prop_assert_eq!(device, section.data());
+            // And it reads back from its stored form equal, metadata and all.
+            let stored = serde_json::to_value(&section).unwrap();
+            let back: Section = serde_json::from_value(stored).unwrap();
+            prop_assert_eq!(back, section);
+        }
+
+        /// The compact tree merges exactly as the JSON rules do on a plain map.
+        #[test]
+        fn the_tree_merges_like_a_json_map(t in json_obj(), p in json_obj()) {
+            let (Value::Object(t), Value::Object(p)) = (strip_nulls(&t), p) else { return Ok(()) };
+            let mut tree = Node::from_parts(&t, None);
+            tree.merge(&p, &Arc::from("n"), Some(2));
+            let mut plain = t;
+            merge_plain(&mut plain, &p);
+            prop_assert_eq!(tree.to_map(), plain);
         }
 
         #[test]

@@ -2,6 +2,7 @@
 //! ([`store`]), and the JSON views the API and devices get ([`view`]).
 
 pub mod doc;
+pub mod node;
 pub mod store;
 pub mod view;
 

@@ -67,7 +67,7 @@ impl Resolve for QueryView<'_> {
                     Some(Segment::Key(k)) if k == "$version" && path.len() == 3 => {
                         Some(json!(section.version))
                     }
-                    _ => walk_map(&section.data, &path[2..]),
+                    _ => section.tree().resolve(&path[2..]),
                 }
             }
             _ => None,

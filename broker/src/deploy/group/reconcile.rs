@@ -59,7 +59,7 @@ pub async fn reconcile(
         }
         let want = group_state(hub, groups, &device);
         let twin = hub.twins.get(&key);
-        if twin.desired.data.get(DESIRED_KEY) == want.as_ref() {
+        if twin.desired.get(DESIRED_KEY) == want {
             continue;
         }
         let mut patch = Map::new();

@@ -35,11 +35,16 @@ pub(super) fn reported(hub: &Hub, c: &Compiled, device: &str) -> Option<bool> {
     let device = DeviceId::new(device).ok()?;
     let key = twin_key(&device, &c.reporting_target())?;
     let twin = hub.twins.get(&key);
-    let r = &twin.reported.data;
-    if r.get("lastDesiredVersion")?.as_u64()? != twin.desired.version {
+    let r = twin.reported.tree();
+    if r.get("lastDesiredVersion")?.as_leaf()?.as_u64()? != twin.desired.version {
         return None;
     }
-    match r.get("lastDesiredStatus")?.get("code")?.as_u64()? {
+    match r
+        .get("lastDesiredStatus")?
+        .get("code")?
+        .as_leaf()?
+        .as_u64()?
+    {
         200 => Some(true),
         c if c >= 400 => Some(false),
         _ => None,
@@ -152,11 +157,11 @@ pub async fn reconcile(
         let (state, maps) = compute(hub, &all, &device, &prev);
         // Every target it wrote before or writes now.
         let mut targets: Vec<Target> = maps.keys().cloned().collect();
-        for label in prev.owned.keys() {
+        for label in prev.owned.targets() {
             let t = if label.is_empty() {
                 Target::Device
             } else {
-                Target::Module(label.clone())
+                Target::Module(label.to_string())
             };
             if !targets.contains(&t) {
                 targets.push(t);
@@ -174,12 +179,12 @@ pub async fn reconcile(
             let want = maps.get(&t).cloned().unwrap_or_default();
             let mut patch = Map::new();
             for (k, v) in &want {
-                if twin.desired.data.get(k) != Some(v) {
+                if twin.desired.get(k).as_ref() != Some(v) {
                     patch.insert(k.clone(), v.clone());
                 }
             }
             for k in prev.owned.get(t.label()).into_iter().flatten() {
-                if !want.contains_key(k) && twin.desired.data.contains_key(k) {
+                if !want.contains_key(k) && twin.desired.contains_key(k) {
                     patch.insert(k.clone(), Value::Null);
                 }
             }
