@@ -509,8 +509,14 @@ async fn floods_of_the_api_and_of_mqtt_leave_the_other_working() {
 /// is recovered and delivered, and the damaged file is kept.
 #[tokio::test]
 async fn a_damaged_byte_in_the_queue_log_costs_one_counted_record() {
-    const MARKER: [u8; 4] = [0xF1, 0xEE, 0x7A, 0x51];
-    for (place, delta) in [("marker", 1usize), ("length", 6), ("body", 40)] {
+    // The queue's generation frames: marker, length, checksum, generation, payload.
+    const MARKER: [u8; 4] = [0xF1, 0xEE, 0x7A, 0x52];
+    for (place, delta) in [
+        ("marker", 1usize),
+        ("length", 6),
+        ("generation", 15),
+        ("body", 40),
+    ] {
         let dir = temp_dir("log-damage");
         let config = dir.join("hub.toml");
         std::fs::write(

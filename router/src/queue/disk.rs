@@ -34,7 +34,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// The format this code writes. 0: before versions were recorded (the same layout). 2: the
 /// events endpoint is no longer a sink here (the hub moves any `$events` entries into its own
 /// log at start); same layout, recorded so an older binary refuses rather than miss them.
-pub const FORMAT: u32 = 2;
+/// 3: log files hold generation frames and are written over when retired (see [`log`]); an
+/// older binary would not read them.
+pub const FORMAT: u32 = 3;
 const MAX_BATCH: usize = 4096;
 /// Sealed log generations kept before the oldest one's live entries move to redb. With the
 /// one being written that is four generations of an eighth of `cache_bytes` each: half of it.
@@ -281,6 +283,12 @@ fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
     let newest = generations.last().map(|(id, _)| *id);
     let mut corrupt_records = 0u64;
     let mut damaged_files = Vec::new();
+    let mut recyclable = Vec::new();
+    // A new generation's number is above any a spare file ever had: its old records can
+    // never pass for the new generation's.
+    for (id, _) in log::spares(dir)? {
+        next_gen = next_gen.max(id + 1);
+    }
     for (id, path) in &generations {
         next_gen = next_gen.max(id + 1);
         let bytes = match std::fs::read(path) {
@@ -293,7 +301,10 @@ fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
                 continue;
             }
         };
-        let read = log::read(&bytes);
+        let read = log::read_generation(&bytes, *id);
+        if log::recyclable(&bytes) {
+            recyclable.push(*id);
+        }
         // Only the newest file can end torn (the batch being written at a crash, nothing of
         // it acknowledged); an unreadable end of an older, sealed file is damage.
         let torn = read.tail > 0 && Some(*id) == newest;
@@ -347,7 +358,7 @@ fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
     }
     // Replayed into the store: the files go, except damaged ones, kept as evidence.
     let mut damaged_logs = Vec::new();
-    for (_, path) in &generations {
+    for (id, path) in &generations {
         if damaged_files.contains(path) {
             let aside_dir = dir.join("damaged");
             std::fs::create_dir_all(&aside_dir).map_err(err)?;
@@ -360,7 +371,7 @@ fn replay(db: &Database, dir: &Path) -> Result<Replayed, QueueError> {
             std::fs::rename(path, &aside).map_err(err)?;
             damaged_logs.push(aside);
         } else {
-            std::fs::remove_file(path).map_err(err)?;
+            log::retire(dir, *id, recyclable.contains(id))?;
         }
     }
     if !generations.is_empty() {
@@ -409,7 +420,7 @@ impl DiskQueue {
             }
         }
         st.counters.next_seq = st.counters.next_seq.max(log_max_seq);
-        let active = log::Active::create(&dir, next_gen)?;
+        let active = log::Active::create_recycling(&dir, next_gen)?;
         st.live.insert(active.id, 0);
         let state = Arc::new(Mutex::new(st));
         let (tx, rx) = mpsc::channel();
@@ -762,11 +773,15 @@ impl Writer {
                 Job::Wake => 0,
             })
             .sum();
-        let low = if incoming > 0 {
+        let mut low = if incoming > 0 {
             self.below_floor(incoming)
         } else {
             None
         };
+        // Spare log files are the first thing to give up at the floor.
+        if low.is_some() && log::drop_spares(&self.dir).is_ok_and(|n| n > 0) {
+            low = self.below_floor(incoming);
+        }
         if incoming > 0 && low.is_some() != self.at_floor {
             self.at_floor = low.is_some();
             match low {
@@ -798,7 +813,7 @@ impl Writer {
                 }
             }
             for k in st.log_removes.drain(..) {
-                log::encode_remove(&mut buf, &k);
+                log::encode_remove(&mut buf, Some(self.active.id), &k);
             }
             std::mem::take(&mut st.stored_removes)
         };
@@ -878,7 +893,15 @@ impl Writer {
                 seq: st.counters.next_seq,
             };
             let expires_ms = now_ms.saturating_add(e.ttl_ms);
-            log::encode_append(buf, &key, now_ms, expires_ms, &e.bag, &e.body);
+            log::encode_append(
+                buf,
+                Some(self.active.id),
+                &key,
+                now_ms,
+                expires_ms,
+                &e.bag,
+                &e.body,
+            );
             let body = buf.len() - e.body.len()..buf.len();
             st.counters.total += size;
             let s = st.counters.stat(&key.sink);
@@ -983,7 +1006,7 @@ impl Writer {
                 let (key, e, _) = staged.remove(i);
                 st.uncount(&key.sink, entry_size(&e.bag, &e.body));
                 // Its append record is already in the buffer: cancel it in the same batch.
-                log::encode_remove(buf, &key);
+                log::encode_remove(buf, Some(self.active.id), &key);
                 key.sink
             }
         };
@@ -1071,7 +1094,14 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> Result<(), QueueError> {
-        let next = log::Active::create(&self.dir, self.active.id + 1)?;
+        // The next file first: if it cannot be made, the current one goes on taking appends,
+        // so it must not be sealed yet (reading stops at the end record).
+        let next = log::Active::create_recycling(&self.dir, self.active.id + 1)?;
+        // The end record only spares a reader from telling an earlier life of a written-over
+        // file from damage; without it (a failed write) every record still reads.
+        if let Err(e) = self.active.seal() {
+            tracing::warn!(error = %e, "store-and-forward log: could not seal a full generation");
+        }
         lock(&self.state).live.entry(next.id).or_default();
         let old = std::mem::replace(&mut self.active, next);
         self.sealed.push_back(old.id);
@@ -1080,7 +1110,8 @@ impl Writer {
 
     /// Deletes the oldest sealed generation (none of its entries is hot any more).
     fn delete_generation(&mut self, id: u64) -> Result<(), QueueError> {
-        std::fs::remove_file(log::gen_path(&self.dir, id)).map_err(err)?;
+        // Written by this process: generation frames only.
+        log::retire(&self.dir, id, true)?;
         self.sealed.pop_front();
         lock(&self.state).live.remove(&id);
         Ok(())

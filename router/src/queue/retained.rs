@@ -578,6 +578,7 @@ impl Batch {
         let start = chunk.buf.len() as u64;
         log::encode_append(
             &mut chunk.buf,
+            None,
             &entry.key,
             entry.enqueued_ms,
             entry.expires_ms,

@@ -487,6 +487,15 @@ async fn disk_backlog_moved_to_redb_keeps_priority_order_and_removals() {
     assert_eq!(all, expected);
     let depth: u64 = q.stats().iter().map(|s| s.depth).sum();
     assert_eq!(depth, expected.len() as u64);
+    // Retired log files were kept to be written over, not deleted and made anew.
+    let spares = std::fs::read_dir(path.with_extension("log"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "spare"))
+        })
+        .count();
+    assert!(spares > 0, "spare log files kept for recycling");
     drop(q);
     let q = DiskQueue::open(&path, tiny_memory()).unwrap();
     assert_eq!(
