@@ -206,8 +206,8 @@ async fn a_consuming_module_across_kill_9_loses_nothing_and_gets_few_duplicates(
 
 /// The same with log generations of 8 KiB: hundreds are sealed, retired and written over
 /// while the module consumes, so the kill finds files holding earlier generations' records
-/// past their current end. None of those may come back (they would count as duplicates of
-/// messages the module acknowledged long before the kill).
+/// past their current end (whether spares are left at that moment depends on how far the
+/// module lags; `records_of_log_files_written_over_never_come_back` checks them for sure).
 #[tokio::test]
 async fn a_consuming_module_across_kill_9_with_log_files_written_over() {
     consume_across_kill_9(
@@ -359,16 +359,6 @@ async fn consume_across_kill_9(name: &str, toml: Option<&str>) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     hub.kill9();
-    if toml.is_some() {
-        let spares = std::fs::read_dir(hub.data_dir().join("queues.log"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "spare"))
-            })
-            .count();
-        assert!(spares > 0, "log files were retired to be written over");
-    }
     publisher.abort();
     let acked = acks.await.unwrap();
     let before = collector.await.unwrap();
