@@ -217,6 +217,19 @@ async fn a_consuming_module_across_kill_9_with_log_files_written_over() {
     .await;
 }
 
+/// The `seq` of every message the hub's module `sink` (key `mk`) is given until 3 s pass
+/// without one.
+async fn sink_takes_all(hub: &Hub, mk: &str) -> Vec<usize> {
+    let mut sink = hub.device("fleethub/sink", mk).await;
+    sink.subscribe_many(&["devices/fleethub/modules/sink/inputs/#"])
+        .await;
+    let mut got = Vec::new();
+    while let Some(p) = sink.next_publish(Duration::from_secs(3)).await {
+        got.push(seq_of(&p));
+    }
+    got
+}
+
 /// Generations written over hold an earlier life's records past their current end. Here the
 /// module takes 2,000 messages (hundreds of 8 KiB generations sealed, retired and written
 /// over), goes away, 30 more are acknowledged into files written over, and the hub is
@@ -289,13 +302,7 @@ async fn records_of_log_files_written_over_never_come_back() {
         .count();
     assert!(spares > 0, "log files were retired to be written over");
     let mut hub = hub.restart().await;
-    let mut sink = hub.device("fleethub/sink", &mk).await;
-    sink.subscribe_many(&["devices/fleethub/modules/sink/inputs/#"])
-        .await;
-    let mut after = Vec::new();
-    while let Some(p) = sink.next_publish(Duration::from_secs(3)).await {
-        after.push(seq_of(&p));
-    }
+    let mut after = sink_takes_all(&hub, &mk).await;
     after.sort();
     assert_eq!(after, (5000..5030).collect::<Vec<_>>());
     hub.terminate();
@@ -364,13 +371,7 @@ async fn consume_across_kill_9(name: &str, toml: Option<&str>) {
     let before = collector.await.unwrap();
 
     let mut hub = hub.restart().await;
-    let mut sink = hub.device("fleethub/sink", &mk).await;
-    sink.subscribe_many(&["devices/fleethub/modules/sink/inputs/#"])
-        .await;
-    let mut after = Vec::new();
-    while let Some(p) = sink.next_publish(Duration::from_secs(3)).await {
-        after.push(seq_of(&p));
-    }
+    let after = sink_takes_all(&hub, &mk).await;
     let mut counts: HashMap<usize, usize> = HashMap::new();
     for seq in before.iter().chain(&after) {
         *counts.entry(*seq).or_default() += 1;

@@ -196,43 +196,36 @@ pub(in crate::queue) struct Read {
     pub(in crate::queue) tail: usize,
 }
 
-/// The record whose frame starts at `at`, and where the next one starts.
-pub(in crate::queue) fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
-    if bytes.get(at..at + 4)? != SYNC {
+/// A whole, intact frame of either form at `at` (marker `sync`, header of `header` bytes):
+/// what its checksum covers (everything after marker, length and checksum) and where the next
+/// frame starts.
+fn intact(bytes: &[u8], at: usize, sync: [u8; 4], header: usize) -> Option<(&[u8], usize)> {
+    if bytes.get(at..at + 4)? != sync {
         return None;
     }
-    let header = bytes.get(at + 4..at + HEADER)?;
-    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let h = bytes.get(at + 4..at + 12)?;
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let crc = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
     if len > MAX_RECORD {
         return None;
     }
-    let payload = bytes.get(at + HEADER..at + HEADER + len)?;
-    if crc32fast::hash(payload) != crc {
-        return None;
-    }
-    Some((decode(payload)?, at + HEADER + len))
+    let end = at + header + len;
+    let covered = bytes.get(at + 12..end)?;
+    (crc32fast::hash(covered) == crc).then_some((covered, end))
+}
+
+/// The record whose frame starts at `at`, and where the next one starts.
+pub(in crate::queue) fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
+    let (payload, end) = intact(bytes, at, SYNC, HEADER)?;
+    Some((decode(payload)?, end))
 }
 
 /// A whole, intact generation frame at `at`: its generation, payload and where the next
 /// frame starts.
 fn frame_gen_at(bytes: &[u8], at: usize) -> Option<(u64, &[u8], usize)> {
-    if bytes.get(at..at + 4)? != SYNC_GEN {
-        return None;
-    }
-    let header = bytes.get(at + 4..at + HEADER_GEN)?;
-    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    if len > MAX_RECORD {
-        return None;
-    }
-    let end = at + HEADER_GEN + len;
-    let covered = bytes.get(at + 12..end)?;
-    if crc32fast::hash(covered) != crc {
-        return None;
-    }
-    let generation = u64::from_be_bytes(covered[..8].try_into().ok()?);
-    Some((generation, &covered[8..], end))
+    let (covered, end) = intact(bytes, at, SYNC_GEN, HEADER_GEN)?;
+    let (generation, payload) = covered.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*generation), payload, end))
 }
 
 /// The records of generation file `id` of the queue: generation frames (a recycled file: see
@@ -257,10 +250,10 @@ fn read_gen_frames(bytes: &[u8], id: u64) -> Read {
                 .find_map(|i| frame_gen_at(bytes, i).map(|f| (i, f)));
             match next {
                 // A record of this generation further on: what lies between is damage.
-                Some((i, (g, _, _))) if g == id => {
+                Some((i, frame)) if frame.0 == id => {
                     out.damaged.push((at, i - at));
                     at = i;
-                    frame_gen_at(bytes, i)
+                    Some(frame)
                 }
                 // An earlier life of the file: this generation ended before it.
                 Some(_) => None,
@@ -397,13 +390,18 @@ fn read_unmarked(bytes: &[u8]) -> Read {
 
 /// The log generations present in `dir`, oldest first.
 pub(in crate::queue) fn generations(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError> {
+    numbered(dir, ".log")
+}
+
+/// The files of `dir` named `{number}{suffix}`, by number.
+fn numbered(dir: &Path, suffix: &str) -> Result<Vec<(u64, PathBuf)>, QueueError> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(err)? {
         let path = e.map_err(err)?.path();
         let id = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.strip_suffix(suffix))
             .and_then(|n| n.parse::<u64>().ok());
         if let Some(id) = id {
             out.push((id, path));
@@ -428,20 +426,7 @@ pub(in crate::queue) const SPARES: usize = 5;
 
 /// The spare files in `dir`, by the generation each was, oldest first.
 pub(in crate::queue) fn spares(dir: &Path) -> Result<Vec<(u64, PathBuf)>, QueueError> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(err)? {
-        let path = e.map_err(err)?.path();
-        let id = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".spare"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(id) = id {
-            out.push((id, path));
-        }
-    }
-    out.sort();
-    Ok(out)
+    numbered(dir, ".spare")
 }
 
 /// Retires generation `id`'s file: kept as a spare while there are fewer than [`SPARES`]
