@@ -190,8 +190,44 @@ pub struct Registry {
     activity: crate::gathered::Gathered<IdentityKey>,
 }
 
+/// Now as RFC 3339 with milliseconds (`2026-11-29T12:00:00.123Z`), as IoT Hub writes times.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    rfc3339_millis(SystemTime::now())
+}
+
+/// `t` as RFC 3339 with milliseconds. Every telemetry message is stamped with its enqueued
+/// time, so the date and time of day are formatted once per second per thread and only the
+/// milliseconds per call (humantime's formatter on every message was 1.4% of the routed path's
+/// CPU).
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    use std::cell::RefCell;
+    use std::time::{Duration, UNIX_EPOCH};
+    thread_local! {
+        /// The second last formatted on this thread, and its text up to the seconds.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let Ok(since) = t.duration_since(UNIX_EPOCH) else {
+        return humantime::format_rfc3339_millis(t).to_string();
+    };
+    let (secs, millis) = (since.as_secs(), since.subsec_millis());
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != secs || second.1.is_empty() {
+            let mut text =
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
+                    .to_string();
+            text.pop(); // the 'Z'
+            *second = (secs, text);
+        }
+        let mut out = String::with_capacity(second.1.len() + 5);
+        out.push_str(&second.1);
+        out.push('.');
+        for digit in [millis / 100, millis / 10 % 10, millis % 10] {
+            out.push(char::from(b'0' + digit as u8));
+        }
+        out.push('Z');
+        out
+    })
 }
 
 fn new_tag() -> String {
@@ -615,6 +651,36 @@ pub fn describe(key: &IdentityKey) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn timestamps_match_humantime_across_seconds_and_milliseconds() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let start = UNIX_EPOCH + Duration::from_millis(1_764_417_599_000);
+        // Within one second, across second, day and year boundaries, and back in time.
+        let offsets = [
+            0u64,
+            1,
+            9,
+            10,
+            99,
+            100,
+            999,
+            1000,
+            1001,
+            86_400_000,
+            2_678_400_000,
+            5,
+        ];
+        for ms in offsets {
+            let t = start + Duration::from_millis(ms) + Duration::from_micros(999);
+            assert_eq!(
+                super::rfc3339_millis(t),
+                humantime::format_rfc3339_millis(t).to_string()
+            );
+        }
+        let epoch = UNIX_EPOCH;
+        assert_eq!(super::rfc3339_millis(epoch), "1970-01-01T00:00:00.000Z");
+    }
+
     use super::*;
 
     fn temp_registry(name: &str) -> (Registry, std::path::PathBuf) {

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use fleethub_router::context::MessageContext;
 use fleethub_router::route::Truth;
-use fleethub_router::route::{Origin, RouteError, RouteSpec, RouteTable, Sink};
+use fleethub_router::route::{Origin, RouteError, RouteSpec, RouteTable};
 use fleethub_router::Message;
 use serde_json::{Map, Value};
 
@@ -56,10 +56,10 @@ pub struct Routing {
     pub update: tokio::sync::Mutex<()>,
 }
 
-/// A sink a message must go to, and the route that sent it there.
+/// A route a message matched: where it queues the message (its counters name the sink) and
+/// with which priority and time to live.
 #[derive(Clone)]
 pub struct Delivery {
-    pub sink: Sink,
     pub priority: u8,
     pub ttl_secs: u64,
     pub counters: Arc<RouteCounters>,
@@ -245,7 +245,6 @@ impl Routing {
             }
             counters.matched.inc();
             out.push(Delivery {
-                sink: r.route.sink.clone(),
                 priority: r.spec.priority,
                 ttl_secs: r.spec.ttl_secs.unwrap_or(table.default_ttl_secs),
                 counters: counters.clone(),

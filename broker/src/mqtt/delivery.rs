@@ -114,13 +114,18 @@ impl Session {
                 }
             };
             for entry in entries {
-                let topic = format!(
-                    "devices/{}/modules/{module}/inputs/{input}/{}",
-                    key.device, entry.bag
-                );
                 let pkid = self.queue_pkids.next();
-                let p = publish_with(&topic, &entry.body, QoS::AtLeastOnce, pkid, false);
-                let _ = V4.write(Packet::Publish(p, None), wbuf);
+                let topic = [
+                    "devices/",
+                    key.device.as_str(),
+                    "/modules/",
+                    module.as_str(),
+                    "/inputs/",
+                    &input,
+                    "/",
+                    &entry.bag,
+                ];
+                crate::core::write_publish_qos1(wbuf, &topic, &entry.body, pkid);
                 inputs.sent(pkid, entry.key);
             }
         }
