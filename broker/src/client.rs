@@ -171,6 +171,11 @@ impl ApiClient {
         self.get("/hub").await
     }
 
+    /// `GET /cluster`.
+    pub async fn cluster(&self) -> ClientResult<ClusterStatus> {
+        self.get("/cluster").await
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> ClientResult<String> {
         let resp = self

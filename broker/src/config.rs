@@ -32,6 +32,8 @@ pub enum ConfigError {
     LogFormat(String),
     #[error("config key events.{0}: must be at least 1")]
     Events(&'static str),
+    #[error("config [cluster]: {0}")]
+    Cluster(String),
     #[error("config [endpoints.{name}]: {message}")]
     Endpoint { name: String, message: String },
 }
@@ -57,6 +59,41 @@ struct FileConfig {
     events: EventsSection,
     #[serde(default)]
     endpoints: std::collections::BTreeMap<String, EndpointSection>,
+    #[serde(default)]
+    cluster: ClusterSection,
+}
+
+/// `[cluster]`: several hub nodes on one PostgreSQL (see `crate::cluster`). Absent or without
+/// `postgres`, the hub is the single node it always was.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's name, unique in the cluster: letters, digits, '-', '_' and '.'.
+    #[serde(default)]
+    pub node: String,
+    /// The PostgreSQL the nodes share: `postgres://…` or `host=… port=… user=… dbname=…`.
+    #[serde(default)]
+    pub postgres: String,
+    /// How often a node reports itself alive, and a follower asks for leadership.
+    #[serde(default = "ClusterSection::default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A node not heard from for this long is shown as gone.
+    #[serde(default = "ClusterSection::default_node_timeout_ms")]
+    pub node_timeout_ms: u64,
+}
+
+impl ClusterSection {
+    fn default_heartbeat_ms() -> u64 {
+        1000
+    }
+    fn default_node_timeout_ms() -> u64 {
+        5000
+    }
+
+    /// Whether this hub runs as a cluster node.
+    pub fn enabled(&self) -> bool {
+        !self.postgres.is_empty()
+    }
 }
 
 /// `[endpoints.NAME]`: a custom endpoint routes reach with `INTO Endpoint("NAME")`.
@@ -272,6 +309,7 @@ pub struct Config {
     pub provisioning: ProvisioningSection,
     pub events: EventsSection,
     pub endpoints: std::collections::BTreeMap<String, EndpointSection>,
+    pub cluster: ClusterSection,
 }
 
 impl Config {
@@ -366,6 +404,33 @@ impl Config {
                 other => return Err(err(format!("kind '{other}': jetstream or postgres"))),
             }
         }
+        let c = &file.cluster;
+        if c.enabled() {
+            if let Err(x) = c.postgres.parse::<tokio_postgres::Config>() {
+                return Err(ConfigError::Cluster(format!("postgres: {x}")));
+            }
+            let ok_name = !c.node.is_empty()
+                && c.node.len() <= 63
+                && c.node
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+            if !ok_name {
+                return Err(ConfigError::Cluster(format!(
+                    "node '{}': every node needs its own name of letters, digits, '-', '_' and '.' (at most 63)",
+                    c.node
+                )));
+            }
+            if c.heartbeat_ms == 0 || c.node_timeout_ms < 2 * c.heartbeat_ms {
+                return Err(ConfigError::Cluster(
+                    "heartbeat_ms must be at least 1 and node_timeout_ms at least twice it".into(),
+                ));
+            }
+        } else if !c.node.is_empty() {
+            return Err(ConfigError::Cluster(
+                "node is set without postgres: a cluster needs the PostgreSQL its nodes share"
+                    .into(),
+            ));
+        }
         let addr = |key: &'static str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
             if v == "off" {
                 return Ok(None);
@@ -420,6 +485,7 @@ impl Config {
             provisioning: file.provisioning,
             events: file.events,
             endpoints: file.endpoints,
+            cluster: file.cluster,
         })
     }
 }
@@ -485,6 +551,51 @@ fn merge(base: &mut toml::Table, user: toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_section_is_checked_with_the_reason() {
+        let dir = std::env::temp_dir().join(format!("fh-cfg-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            Config::load(Some(&file), &Overrides::default()).map_err(|e| e.to_string())
+        };
+        let pg = "postgres = \"host=127.0.0.1 port=5432 user=fleethub dbname=fleethub\"";
+        let c = load(&format!("[cluster]\nnode = \"hub-a\"\n{pg}\n")).unwrap();
+        assert!(c.cluster.enabled());
+        assert_eq!(
+            (c.cluster.heartbeat_ms, c.cluster.node_timeout_ms),
+            (1000, 5000)
+        );
+        assert!(!Config::load(None, &Overrides::default())
+            .unwrap()
+            .cluster
+            .enabled());
+        for (text, says) in [
+            (format!("[cluster]\n{pg}\n"), "node ''"),
+            (format!("[cluster]\nnode = \"a:b\"\n{pg}\n"), "node 'a:b'"),
+            ("[cluster]\nnode = \"a\"\n".to_string(), "without postgres"),
+            (
+                "[cluster]\nnode = \"a\"\npostgres = \"host=x port=notaport\"\n".to_string(),
+                "postgres:",
+            ),
+            (
+                format!(
+                    "[cluster]\nnode = \"a\"\n{pg}\nheartbeat_ms = 1000\nnode_timeout_ms = 1500\n"
+                ),
+                "at least twice",
+            ),
+            (
+                format!("[cluster]\nnode = \"a\"\n{pg}\nnats = \"x\"\n"),
+                "nats",
+            ),
+        ] {
+            let err = load(&text).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn embedded_defaults_load() {

@@ -31,6 +31,7 @@ pub mod c2d;
 pub mod certificates;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod console;

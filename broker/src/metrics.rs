@@ -76,6 +76,8 @@ pub struct Metrics {
     queue_dropped_seen: std::sync::Mutex<std::collections::HashMap<(String, &'static str), u64>>,
     /// Resident set size, refreshed on every scrape.
     resident_memory: IntGauge,
+    /// 1 while this node leads the cluster (set by the server as leadership changes).
+    pub cluster_leader: IntGauge,
     cpu_seconds: prometheus::Counter,
     cpu_seen: std::sync::Mutex<f64>,
     /// Every metric family's name and labels, series or not (dashboards are checked
@@ -85,7 +87,14 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
+        Metrics::for_node(None)
+    }
+
+    /// A cluster node's metrics: every series carries `node="NAME"`, so one Prometheus
+    /// scraping every node tells them apart. A single hub's series carry no such label.
+    pub fn for_node(node: Option<&str>) -> Metrics {
+        let labels = node.map(|n| std::iter::once(("node".to_string(), n.to_string())).collect());
+        let registry = Registry::new_custom(None, labels).expect("a valid constant label");
         let connections = IntGauge::new(
             "fleethub_connections",
             "MQTT connections currently open (after CONNACK)",
@@ -337,9 +346,15 @@ impl Metrics {
             "CPU time the hub process has used (user and system), in seconds",
         )
         .expect("valid metric");
+        let cluster_leader = IntGauge::new(
+            "fleethub_cluster_leader",
+            "1 while this node is the cluster's leader and runs its singleton work (a single hub always is)",
+        )
+        .expect("valid metric");
         let mut families = Vec::new();
         for c in [
             Box::new(cpu_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cluster_leader.clone()),
             Box::new(connections.clone()),
             Box::new(connection_attempts.clone()),
             Box::new(authorization_denials.clone()),
@@ -390,6 +405,7 @@ impl Metrics {
         Metrics {
             registry,
             families,
+            cluster_leader,
             connections,
             connection_attempts,
             authorization_denials,

@@ -44,6 +44,8 @@ pub enum ServerError {
     Routes(String),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}. A cluster node does not start without the PostgreSQL its nodes share (config [cluster] postgres)")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 pub use crate::data_dir::{ADMIN_TOKEN_FILE, ENDPOINTS_FILE, QUEUES_FILE, STORE_FILE};
@@ -144,7 +146,14 @@ pub async fn run_with_reload(
         }
     }
     let edge_desired = stores.twins.get(&edge_key).desired.data();
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let cluster = Arc::new(if config.cluster.enabled() {
+        crate::cluster::Cluster::join(&config.cluster).await?
+    } else {
+        crate::cluster::Cluster::single(config.hub_id.as_str())
+    });
+    let metrics = Arc::new(crate::metrics::Metrics::for_node(
+        cluster.config().map(|c| c.node.as_str()),
+    ));
     // The main store stops writing at half the queues' floor: the queues fill the disk
     // first and stop first, leaving the twins and registry room to keep working.
     stores
@@ -256,13 +265,12 @@ pub async fn run_with_reload(
         queues,
         live,
         events,
+        cluster.clone(),
     ));
     hub.observe(Arc::new(crate::deploy::Observer(deploy.clone())));
-    // A deployment acknowledged just before a crash may not have reached every twin yet.
-    match hub.changed(crate::hub::Change::Start).await {
-        Ok(0) => {}
-        Ok(n) => info!(twins = n, "deployment state brought up to date at start"),
-        Err(e) => tracing::warn!(error = %e, "reconciling deployments at start"),
+    // A cluster node reconciles when it becomes leader (below); a single hub before it listens.
+    if cluster.config().is_none() {
+        reconcile_at_start(&hub).await;
     }
 
     let mqtt = match config.mqtt {
@@ -298,13 +306,45 @@ pub async fn run_with_reload(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    // Background work: stops with the server, and shutdown waits for it.
-    tasks.spawn(crate::deploy::run_rollouts(
-        hub.clone(),
-        deploy.clone(),
+    // Background work: stops with the server, and shutdown waits for it. Fleet-wide work runs
+    // on the cluster's leader only (a single hub always leads).
+    if cluster.config().is_some() {
+        tasks.spawn(crate::cluster::leadership(cluster.clone(), stop_rx.clone()));
+        let h = hub.clone();
+        let beat = move || crate::cluster::Beat {
+            api: endpoints.api.to_string(),
+            mqtt: endpoints.mqtt.map(|a| a.to_string()),
+            connections: h.metrics.connections.get(),
+        };
+        tasks.spawn(crate::cluster::heartbeats(
+            cluster.clone(),
+            beat,
+            stop_rx.clone(),
+        ));
+    }
+    tasks.spawn(show_leadership(hub.clone(), stop_rx.clone()));
+    let (h, d) = (hub.clone(), deploy.clone());
+    tasks.spawn(crate::cluster::singleton(
+        "rollouts",
+        cluster.clone(),
         stop_rx.clone(),
+        move |term| {
+            let (hub, deploy) = (h.clone(), d.clone());
+            async move {
+                if hub.cluster.config().is_some() {
+                    reconcile_at_start(&hub).await;
+                }
+                crate::deploy::run_rollouts(hub, deploy, term).await
+            }
+        },
     ));
-    tasks.spawn(sweep_expired(hub.clone(), stop_rx.clone()));
+    let h = hub.clone();
+    tasks.spawn(crate::cluster::singleton(
+        "ttl-sweeper",
+        cluster.clone(),
+        stop_rx.clone(),
+        move |term| sweep_expired(h.clone(), term),
+    ));
     tasks.spawn(store_checkpoints(hub.clone(), stop_rx.clone()));
     if let Some(reload) = reload {
         tasks.spawn(reload_on_sighup(hub.clone(), reload, stop_rx.clone()));
@@ -535,6 +575,30 @@ async fn apply_reload(hub: &SharedHub, reload: &Reload) {
         max_payload_bytes = new.limits.max_payload_bytes,
         "configuration reloaded: routes, log level, the [api] limits and the [mqtt] payload, connect and session limits in force; changed settings that take effect at the next start are listed"
     );
+}
+
+/// A deployment acknowledged just before a crash (or a leader's death) may not have reached
+/// every twin yet.
+async fn reconcile_at_start(hub: &SharedHub) {
+    match hub.changed(crate::hub::Change::Start).await {
+        Ok(0) => {}
+        Ok(n) => info!(twins = n, "deployment state brought up to date at start"),
+        Err(e) => tracing::warn!(error = %e, "reconciling deployments at start"),
+    }
+}
+
+/// Keeps `fleethub_cluster_leader` in step with leadership.
+async fn show_leadership(hub: SharedHub, mut stop: watch::Receiver<bool>) {
+    let mut leader = hub.cluster.watch_leader();
+    loop {
+        hub.metrics
+            .cluster_leader
+            .set(*leader.borrow_and_update() as i64);
+        tokio::select! {
+            changed = leader.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Removes expired entries from queues nobody drains (sink offline) as time passes.

@@ -4,6 +4,7 @@
 mod auth;
 mod authz;
 mod c2d;
+mod cluster;
 mod conformance;
 mod crash;
 mod events;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::harness::{settled_count, temp_dir, Hub};
 
 /// The directory with `initdb` and `pg_ctl`.
-fn pg_bin() -> Option<PathBuf> {
+pub fn pg_bin() -> Option<PathBuf> {
     let found = std::fs::read_dir("/usr/lib/postgresql")
         .ok()
         .into_iter()
@@ -45,14 +45,14 @@ fn as_postgres(bin: &Path) -> Command {
 }
 
 /// A cluster in a temp directory; stopped (immediately) on drop.
-struct Pg {
+pub struct Pg {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
 }
 
 impl Pg {
-    fn init(bin: &Path) -> Pg {
+    pub fn init(bin: &Path) -> Pg {
         let dir = temp_dir("pg");
         // The cluster's files belong to the user that runs it.
         let _ = Command::new("chown")
@@ -83,7 +83,7 @@ impl Pg {
         pg
     }
 
-    fn start(&self) {
+    pub fn start(&self) {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
@@ -104,7 +104,7 @@ impl Pg {
         );
     }
 
-    fn stop(&self) {
+    pub fn stop(&self) {
         let _ = as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.dir.join("data"))
@@ -112,7 +112,7 @@ impl Pg {
             .output();
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             self.port

@@ -159,6 +159,7 @@ pub fn router(hub: SharedHub, mounted: Router<SharedHub>) -> Router {
 pub fn resources(mounted: Router<SharedHub>) -> Router<SharedHub> {
     Router::new()
         .route("/hub", get(hub_info))
+        .route("/cluster", get(cluster_status))
         .merge(identities::routes())
         .merge(twins::routes())
         .merge(methods::routes())
@@ -242,6 +243,12 @@ async fn hub_info(State(hub): State<SharedHub>) -> Json<wire::HubInfo> {
         devices: hub.registry.device_count(),
         connections: hub.metrics.connections.get(),
     })
+}
+
+/// The cluster as this node sees it: always 200, with `postgres.reachable` false and the
+/// error when the shared PostgreSQL does not answer (that is what an operator asks about).
+async fn cluster_status(State(hub): State<SharedHub>) -> Json<wire::ClusterStatus> {
+    Json(crate::cluster::status(&hub.cluster).await)
 }
 
 fn device_key(device: &str) -> ApiResult<IdentityKey> {

@@ -13,6 +13,7 @@ use crate::identity::{DeviceId, ModuleId};
 
 pub use super::backup::BackupRequest;
 pub use crate::backup::BackupReport;
+pub use crate::cluster::{ClusterStatus, NodeView, PostgresHealth};
 pub use crate::fleet::{DeviceGroup, GroupUpdate, OsFeed, Product};
 pub use crate::hub::Endpoints;
 pub use crate::images::{Image, ImageKind};

@@ -8,6 +8,7 @@
 //! deployments), `image`, `deployment` (targeted deployments), `monitor`.
 
 mod ca;
+mod cluster;
 mod consumer_group;
 mod deployment;
 mod enrollment;
@@ -123,6 +124,9 @@ pub enum Command {
     Backup { dir: PathBuf },
     /// Fuzz every parser that takes outside input (for developers)
     Fuzz(fuzz::FuzzArgs),
+    /// The cluster: nodes, leader, connections per node, the shared PostgreSQL
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Exit 0 when the hub answers ready on /health (for supervisors and container
     /// health checks; needs no token)
     Health,
@@ -256,6 +260,7 @@ async fn run(command: &Command, ctx: &Ctx) -> Result<()> {
         Command::SasToken(args) => args.run(ctx).await,
         Command::MonitorEvents(args) => args.run(ctx).await,
         Command::ConsumerGroup(cmd) => cmd.run(ctx).await,
+        Command::Cluster(cmd) => cmd.run(ctx).await,
         Command::Backup { dir } => {
             let dir = std::path::absolute(dir).context("the backup directory")?;
             ctx.progress(&format!("backing up to {} …", dir.display()));

@@ -186,6 +186,8 @@ pub struct Hub {
     pending_reports: crate::gathered::Gathered<crate::identity::DeviceId>,
     /// Set once the listeners are bound.
     pub endpoints: std::sync::OnceLock<Endpoints>,
+    /// This node's place in the cluster (a single hub is its own leader).
+    pub cluster: Arc<crate::cluster::Cluster>,
     /// Mailboxes of service connections (identities' are in `live`), so a stop reaches them.
     pub services: DashMap<u64, Arc<Mailbox>>,
     /// The hub is shutting down: every connection is kicked through its mailbox, and one
@@ -210,8 +212,10 @@ impl Hub {
         queues: Arc<fleethub_router::queue::DiskQueue>,
         live: crate::connections::Live,
         events: Arc<crate::events::Events>,
+        cluster: Arc<crate::cluster::Cluster>,
     ) -> Hub {
         Hub {
+            cluster,
             limits: LiveLimits::new(&config.limits),
             api_limits: LiveApiLimits::new(&config.api_limits),
             config,

@@ -1,0 +1,233 @@
+//! Cluster membership and leadership with a real PostgreSQL (a temp cluster made by `initdb`,
+//! on a free port): three fleethub nodes elect exactly one leader, which alone runs the
+//! singleton work; `kill -9` of the leader hands leadership to another node within seconds;
+//! a node stopped with SIGTERM shows as stopped, a killed one as gone; a node that cannot
+//! reach its PostgreSQL refuses to start. Skipped loudly without PostgreSQL outside CI.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleethub::api::wire::ClusterStatus;
+
+use crate::harness::{cli, free_port, temp_dir, Hub};
+use crate::postgres::{pg_bin, Pg};
+
+/// A node's directory with its config: 200 ms heartbeats, gone after 1 s of silence.
+fn node_dir(name: &str, url: &str) -> (PathBuf, String) {
+    let dir = temp_dir(&format!("cluster-{name}"));
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnode = \"{name}\"\npostgres = \"{url}\"\nheartbeat_ms = 200\nnode_timeout_ms = 1000\n"
+        ),
+    )
+    .expect("write config");
+    (dir, config.to_string_lossy().into_owned())
+}
+
+async fn start_node(name: &str, url: &str) -> Hub {
+    let (dir, config) = node_dir(name, url);
+    Hub::start_with(dir, &["--config", &config]).await
+}
+
+/// Polls `hub`'s `GET /cluster` until `done` holds (at most 20 s); the last status either way.
+async fn status_until(hub: &Hub, done: impl Fn(&ClusterStatus) -> bool) -> ClusterStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = hub.client.cluster().await.expect("GET /cluster");
+        if done(&status) || Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn state_of<'a>(s: &'a ClusterStatus, node: &str) -> Option<&'a str> {
+    s.nodes
+        .iter()
+        .find(|n| n.node == node)
+        .map(|n| n.state.as_str())
+}
+
+const SINGLETONS: [&str; 2] = ["rollouts", "ttl-sweeper"];
+
+#[tokio::test]
+async fn three_nodes_elect_one_leader_and_another_takes_over_when_it_is_killed() {
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+    let mut nodes = vec![
+        ("a", start_node("a", &url).await),
+        ("b", start_node("b", &url).await),
+        ("c", start_node("c", &url).await),
+    ];
+
+    let status = status_until(&nodes[0].1, |s| {
+        s.leader.is_some() && s.nodes.iter().filter(|n| n.state == "up").count() == 3
+    })
+    .await;
+    assert_eq!(status.mode, "cluster");
+    let pg_health = status.postgres.as_ref().expect("postgres health");
+    assert!(pg_health.reachable, "{pg_health:?}");
+    assert_eq!(status.nodes.len(), 3, "{status:?}");
+    let leader = status.leader.clone().expect("a leader");
+    assert_eq!(
+        status.nodes.iter().filter(|n| n.leader).count(),
+        1,
+        "exactly one leader: {status:?}"
+    );
+
+    // Every node agrees; only the leader runs the singleton work and says so in /metrics
+    // (with its node label).
+    for (name, hub) in &nodes {
+        let s = status_until(hub, |s| s.leader.as_deref() == Some(leader.as_str())).await;
+        assert_eq!(s.leader.as_deref(), Some(leader.as_str()), "node {name}");
+        assert_eq!(s.node, *name);
+        let runs = status_until(hub, |s| {
+            (s.singletons.len() == 2) == (*name == leader.as_str())
+        })
+        .await
+        .singletons;
+        let gauge = hub
+            .metric(&format!("fleethub_cluster_leader{{node=\"{name}\"}}"))
+            .await;
+        if *name == leader.as_str() {
+            assert_eq!(runs, SINGLETONS, "the leader runs the singleton work");
+            assert_eq!(gauge, 1.0);
+        } else {
+            assert!(runs.is_empty(), "follower {name} runs {runs:?}");
+            assert_eq!(gauge, 0.0);
+        }
+        assert!(
+            hub.metrics()
+                .await
+                .contains(&format!("fleethub_connections{{node=\"{name}\"}} 0")),
+            "every series carries the node label"
+        );
+    }
+
+    // The CLI shows the same, as JSON and as text.
+    let follower = nodes
+        .iter()
+        .find(|(n, _)| *n != leader)
+        .expect("a follower");
+    let (ok, out, err) = cli(&follower.1, &["--output", "json", "cluster", "status"]);
+    assert!(ok, "{err}");
+    let from_cli: ClusterStatus = serde_json::from_str(&out).expect("JSON status");
+    assert_eq!(from_cli.leader.as_deref(), Some(leader.as_str()));
+    let (ok, out, err) = cli(&follower.1, &["cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("leader: {leader}")), "{out}");
+
+    // kill -9 the leader: another node takes over and starts the singleton work.
+    let at = nodes
+        .iter()
+        .position(|(n, _)| *n == leader)
+        .expect("leader node");
+    let (killed_name, mut killed) = nodes.remove(at);
+    killed.kill9();
+    let killed_at = Instant::now();
+    let watcher = &nodes[0].1;
+    let after = status_until(watcher, |s| {
+        s.leader.as_deref().is_some_and(|l| l != killed_name)
+            && state_of(s, killed_name) == Some("gone")
+    })
+    .await;
+    let new_leader = after.leader.clone().expect("a new leader");
+    assert_ne!(new_leader, killed_name, "{after:?}");
+    assert_eq!(state_of(&after, killed_name), Some("gone"), "{after:?}");
+    eprintln!(
+        "leadership moved from {killed_name} to {new_leader} in {:?}",
+        killed_at.elapsed()
+    );
+    let (_, new_hub) = nodes
+        .iter()
+        .find(|(n, _)| *n == new_leader)
+        .expect("new leader is a survivor");
+    let runs = status_until(new_hub, |s| s.singletons.len() == 2)
+        .await
+        .singletons;
+    assert_eq!(
+        runs, SINGLETONS,
+        "the new leader took over the singleton work"
+    );
+
+    // The killed node comes back as a follower: leadership stays where it is.
+    let killed = killed.restart().await;
+    let back = status_until(&killed, |s| state_of(s, killed_name) == Some("up")).await;
+    assert_eq!(
+        back.leader.as_deref(),
+        Some(new_leader.as_str()),
+        "{back:?}"
+    );
+    assert!(status_until(&killed, |s| s.singletons.is_empty())
+        .await
+        .singletons
+        .is_empty());
+
+    // A follower stopped with SIGTERM says so: stopped, not gone.
+    let at = nodes
+        .iter()
+        .position(|(n, _)| *n != new_leader)
+        .expect("a follower");
+    let (stopped_name, mut stopped) = nodes.remove(at);
+    assert!(stopped.terminate().success());
+    let s = status_until(&killed, |s| state_of(s, stopped_name) == Some("stopped")).await;
+    assert_eq!(state_of(&s, stopped_name), Some("stopped"), "{s:?}");
+    drop(pg);
+}
+
+#[tokio::test]
+async fn a_node_without_its_postgres_refuses_to_start() {
+    // Nothing listens on this port.
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        free_port()
+    );
+    let (dir, config) = node_dir("lonely", &url);
+    let out = Command::new(env!("CARGO_BIN_EXE_fleethub"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "serve",
+            "--config",
+            &config,
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run fleethub");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "started without its PostgreSQL");
+    let said = format!("{stdout}{stderr}");
+    assert!(
+        said.contains("cluster PostgreSQL") && said.contains("does not start"),
+        "{said}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_single_hub_is_its_own_leader() {
+    let hub = Hub::start("single-leader").await;
+    let s = hub.client.cluster().await.expect("GET /cluster");
+    assert_eq!(s.mode, "single");
+    assert_eq!(s.leader.as_deref(), Some(s.node.as_str()));
+    let runs = status_until(&hub, |s| s.singletons.len() == 2)
+        .await
+        .singletons;
+    assert_eq!(runs, SINGLETONS);
+    assert!(s.postgres.is_none() && s.nodes.is_empty());
+    assert_eq!(hub.metric("fleethub_cluster_leader").await, 1.0);
+    let (ok, out, err) = cli(&hub, &["cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("single hub"), "{out}");
+}
