@@ -12,6 +12,7 @@ use crate::storage::Store;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::rows::{Heard, Row, SharedRows};
 use crate::identity::{DeviceId, IdError, IdentityKey};
 use crate::sas;
 use crate::storage::JsonTable;
@@ -188,7 +189,16 @@ pub struct Registry {
     live: DashMap<IdentityKey, Live>,
     /// Identities whose last activity waits to be written.
     activity: crate::gathered::Gathered<IdentityKey>,
+    /// On a cluster node: the table every node shares, which then holds the records instead
+    /// of the local store (the cache follows it through [`Registry::heard`]).
+    shared: std::sync::OnceLock<Arc<SharedRows>>,
+    /// On a cluster node: the shared version of each cached record (of a deletion: the
+    /// version it was deleted at), so a late answer never puts an older record back.
+    versions: DashMap<IdentityKey, i64>,
 }
+
+/// How often a write that found the record changed by another node reads it again.
+const SHARED_RETRIES: usize = 8;
 
 /// Now as RFC 3339 with milliseconds (`2026-11-29T12:00:00.123Z`), as IoT Hub writes times.
 pub fn now_rfc3339() -> String {
@@ -341,7 +351,120 @@ impl Registry {
             cache,
             live: DashMap::new(),
             activity: Default::default(),
+            shared: std::sync::OnceLock::new(),
+            versions: DashMap::new(),
         })
+    }
+
+    /// Makes this registry a cluster node's: the records live in `rows` from now on. The
+    /// first node of a new cluster seeds the shared table with what its own store holds;
+    /// every node then takes the shared table as it is.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), RegistryError> {
+        let _writer = self.lock();
+        let (mut all, _) = rows.load().map_err(RegistryError::Store)?;
+        if all.is_empty() {
+            let local: Vec<(String, String, String)> = self
+                .cache
+                .iter()
+                .map(|e| row_of(e.key(), e.value()))
+                .collect::<Result<_, _>>()?;
+            if !local.is_empty() {
+                rows.insert_new(local).map_err(RegistryError::Store)?;
+                all = rows.load().map_err(RegistryError::Store)?.0;
+            }
+        }
+        self.cache.clear();
+        for row in &all {
+            match (
+                IdentityKey::parse(&row.key),
+                serde_json::from_str::<Identity>(&row.body),
+            ) {
+                (Ok(k), Ok(identity)) => {
+                    self.versions.insert(k.clone(), row.version);
+                    self.cache.insert(k, Arc::new(identity));
+                }
+                _ => tracing::warn!(
+                    key = row.key,
+                    "a shared identity record cannot be read; skipped"
+                ),
+            }
+        }
+        let _ = self.shared.set(rows);
+        Ok(())
+    }
+
+    /// Whether a shared record at `version` is newer than what this node has of `key`.
+    fn newer(&self, key: &IdentityKey, version: i64) -> bool {
+        self.versions.get(key).is_none_or(|v| *v < version)
+    }
+
+    fn shared(&self) -> Option<&Arc<SharedRows>> {
+        self.shared.get()
+    }
+
+    /// Applies what another node changed; returns the identities whose connections must
+    /// close (deleted, disabled, or with new credentials), as they would on that node.
+    pub fn heard(&self, heard: Heard) -> Vec<IdentityKey> {
+        let mut kick = Vec::new();
+        let _writer = self.lock();
+        let mut apply = |key: &IdentityKey, row: Result<&Row, i64>| {
+            let version = match row {
+                Ok(r) => r.version,
+                Err(at) => at,
+            };
+            if !self.newer(key, version) {
+                return; // older than what this node wrote or heard since
+            }
+            self.versions.insert(key.clone(), version);
+            let next = row
+                .ok()
+                .and_then(|r| serde_json::from_str::<Identity>(&r.body).ok());
+            match next {
+                Some(identity) => {
+                    let closes = identity.status == Status::Disabled
+                        || self.get(key).is_some_and(|old| {
+                            old.authentication != identity.authentication
+                                || old.generation_id != identity.generation_id
+                        });
+                    self.cache.insert(key.clone(), Arc::new(identity));
+                    if closes {
+                        kick.push(key.clone());
+                    }
+                }
+                None => {
+                    if self.cache.remove(key).is_some() {
+                        self.live.remove(key);
+                        kick.push(key.clone());
+                    }
+                }
+            }
+        };
+        match heard {
+            Heard::Changed(key, row) => {
+                if let Ok(k) = IdentityKey::parse(&key) {
+                    apply(&k, row.as_ref().map_err(|at| *at));
+                }
+            }
+            Heard::All(rows, at) => {
+                let mut present = std::collections::HashSet::new();
+                for row in &rows {
+                    if let Ok(k) = IdentityKey::parse(&row.key) {
+                        apply(&k, Ok(row));
+                        present.insert(k);
+                    }
+                }
+                let gone: Vec<IdentityKey> = self
+                    .cache
+                    .iter()
+                    .map(|e| e.key().clone())
+                    .filter(|k| !present.contains(k))
+                    .collect();
+                for k in gone {
+                    apply(&k, Err(at));
+                }
+            }
+        }
+        kick
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -351,6 +474,25 @@ impl Registry {
     }
 
     fn put(&self, key: &IdentityKey, identity: &Identity) -> Result<(), RegistryError> {
+        if let Some(rows) = self.shared() {
+            // Only creation comes here on a cluster node (changes go through `modify`): the
+            // key must still be free in the shared table.
+            let written = rows
+                .insert_new(vec![row_of(key, identity)?])
+                .map_err(RegistryError::Store)?;
+            let Some(Some(version)) = written.first().copied() else {
+                if let Ok(Ok(theirs)) = rows.get(&key.to_string()) {
+                    if let Ok(identity) = serde_json::from_str::<Identity>(&theirs.body) {
+                        self.versions.insert(key.clone(), theirs.version);
+                        self.cache.insert(key.clone(), Arc::new(identity));
+                    }
+                }
+                return Err(RegistryError::Exists(describe(key)));
+            };
+            self.versions.insert(key.clone(), version);
+            self.cache.insert(key.clone(), Arc::new(identity.clone()));
+            return Ok(());
+        }
         let tx = self.db.begin_write()?;
         IDENTITIES.put::<RegistryError>(&tx, &key.to_string(), identity)?;
         tx.commit()?;
@@ -439,20 +581,21 @@ impl Registry {
                 next.status = s;
             }
             if update.status_reason.is_some() {
-                next.status_reason = update.status_reason;
+                next.status_reason = update.status_reason.clone();
             }
-            if let Some(c) = update.capabilities {
-                next.capabilities = c;
+            if let Some(c) = &update.capabilities {
+                next.capabilities = *c;
             }
-            if let Some(auth) = update.authentication {
+            if let Some(auth) = &update.authentication {
                 let keys = auth.symmetric_key.clone().unwrap_or_default();
                 let merged = AuthenticationInput {
                     kind: auth.kind.clone().or(Some(next.authentication.kind.clone())),
                     // Thumbprints carry over unless the update changes the kind to SAS.
                     x509_thumbprint: match auth.kind.as_deref() {
-                        Some(AUTH_SAS) => auth.x509_thumbprint,
+                        Some(AUTH_SAS) => auth.x509_thumbprint.clone(),
                         _ => auth
                             .x509_thumbprint
+                            .clone()
                             .or(next.authentication.x509_thumbprint.clone()),
                     },
                     symmetric_key: Some(SymmetricKeyInput {
@@ -476,9 +619,12 @@ impl Registry {
     fn modify(
         &self,
         key: &IdentityKey,
-        change: impl FnOnce(&mut Identity) -> Result<(), RegistryError>,
+        change: impl Fn(&mut Identity) -> Result<(), RegistryError>,
     ) -> Result<Identity, RegistryError> {
         let _writer = self.lock();
+        if let Some(rows) = self.shared() {
+            return self.modify_shared(rows, key, change);
+        }
         let current = self
             .get(key)
             .ok_or_else(|| RegistryError::NotFound(describe(key)))?;
@@ -489,6 +635,50 @@ impl Registry {
         Ok(next)
     }
 
+    /// [`Registry::modify`] on a cluster node: read the record from the shared table, change
+    /// it, and write it only if nobody did meanwhile (else read again).
+    fn modify_shared(
+        &self,
+        rows: &SharedRows,
+        key: &IdentityKey,
+        change: impl Fn(&mut Identity) -> Result<(), RegistryError>,
+    ) -> Result<Identity, RegistryError> {
+        let name = key.to_string();
+        for _ in 0..SHARED_RETRIES {
+            let found = match rows.get(&name).map_err(RegistryError::Store)? {
+                Ok(found) => found,
+                Err(at) => {
+                    if self.newer(key, at) {
+                        self.versions.insert(key.clone(), at);
+                        self.cache.remove(key);
+                    }
+                    return Err(RegistryError::NotFound(describe(key)));
+                }
+            };
+            let (etag, current) = (
+                found.etag.clone(),
+                serde_json::from_str::<Identity>(&found.body)?,
+            );
+            // Applied to the record as it is now, again after a write that found another etag.
+            let mut next = current.clone();
+            change(&mut next)?;
+            next.etag = new_tag();
+            let body = serde_json::to_string(&next)?;
+            if let Some(version) = rows
+                .replace(&name, body, next.etag.clone(), &etag)
+                .map_err(RegistryError::Store)?
+            {
+                self.versions.insert(key.clone(), version);
+                self.cache.insert(key.clone(), Arc::new(next.clone()));
+                return Ok(next);
+            }
+        }
+        Err(RegistryError::Store(format!(
+            "{} keeps changing on other nodes",
+            describe(key)
+        )))
+    }
+
     /// Puts a device in a group (the caller has checked the group exists).
     pub fn set_device_group(
         &self,
@@ -496,7 +686,7 @@ impl Registry {
         group: Option<String>,
     ) -> Result<Identity, RegistryError> {
         self.modify(key, |next| {
-            next.device_group_id = group;
+            next.device_group_id = group.clone();
             Ok(())
         })
     }
@@ -510,6 +700,17 @@ impl Registry {
         let mut gone = vec![key.clone()];
         if key.module.is_none() {
             gone.extend(self.modules_of(&key.device).into_iter().map(|i| key_of(&i)));
+        }
+        if let Some(rows) = self.shared() {
+            let at = rows
+                .delete(gone.iter().map(|k| k.to_string()).collect())
+                .map_err(RegistryError::Store)?;
+            for k in &gone {
+                self.versions.insert(k.clone(), at);
+                self.cache.remove(k);
+                self.live.remove(k);
+            }
+            return Ok(gone);
         }
         let tx = self.db.begin_write()?;
         for k in &gone {
@@ -587,6 +788,29 @@ impl Registry {
     /// Writes the last activity times of `keys` in one transaction.
     fn persist_activities(&self, keys: &[IdentityKey]) -> Result<(), RegistryError> {
         let _writer = self.lock();
+        if let Some(rows) = self.shared() {
+            // One record at a time, each only if unchanged since it was cached: a last
+            // activity time never writes an old record over another node's change.
+            for key in keys {
+                let Some(current) = self.get(key) else {
+                    continue;
+                };
+                let Some(t) = self.live.get(key).and_then(|l| l.last_activity) else {
+                    continue;
+                };
+                let mut next = (*current).clone();
+                next.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
+                let body = serde_json::to_string(&next)?;
+                if let Some(version) = rows
+                    .replace(&key.to_string(), body, next.etag.clone(), &current.etag)
+                    .map_err(RegistryError::Store)?
+                {
+                    self.versions.insert(key.clone(), version);
+                    self.cache.insert(key.clone(), Arc::new(next));
+                }
+            }
+            return Ok(());
+        }
         let tx = self.db.begin_write()?;
         let mut written = Vec::new();
         for key in keys {
@@ -633,6 +857,18 @@ impl Registry {
         }
         Ok(total)
     }
+}
+
+/// An identity as a shared record: its key, JSON and etag.
+fn row_of(
+    key: &IdentityKey,
+    identity: &Identity,
+) -> Result<(String, String, String), RegistryError> {
+    Ok((
+        key.to_string(),
+        serde_json::to_string(identity)?,
+        identity.etag.clone(),
+    ))
 }
 
 pub fn key_of(identity: &Identity) -> IdentityKey {
@@ -690,6 +926,82 @@ mod tests {
             Registry::open(Arc::new(Store::create(&dir.join("store.redb")).unwrap())).unwrap(),
             dir,
         )
+    }
+
+    /// What another node's changes do to this node's cache: only newer versions apply, late
+    /// answers never put an older record back, deletions and disabling close connections.
+    #[test]
+    fn heard_changes_apply_in_version_order_and_say_whom_to_disconnect() {
+        use crate::cluster::rows::{Heard, Row};
+        let (r, dir) = temp_registry("heard");
+        let key = IdentityKey::parse("d1").unwrap();
+        let made = r.create(&key, None, None).unwrap();
+        let row = |identity: &Identity, version: i64| Row {
+            key: "d1".into(),
+            body: serde_json::to_string(identity).unwrap(),
+            etag: identity.etag.clone(),
+            version,
+        };
+        let mut renamed = made.clone();
+        renamed.status_reason = Some("v5".into());
+        renamed.etag = "e5".into();
+        let kick = r.heard(Heard::Changed("d1".into(), Ok(row(&renamed, 5))));
+        assert!(
+            kick.is_empty(),
+            "a change that does not disable keeps the connection"
+        );
+        assert_eq!(r.get(&key).unwrap().status_reason.as_deref(), Some("v5"));
+
+        let mut older = made.clone();
+        older.status_reason = Some("v3".into());
+        assert!(r
+            .heard(Heard::Changed("d1".into(), Ok(row(&older, 3))))
+            .is_empty());
+        assert!(r.heard(Heard::Changed("d1".into(), Err(4))).is_empty());
+        assert_eq!(
+            r.get(&key).unwrap().status_reason.as_deref(),
+            Some("v5"),
+            "older answers are ignored"
+        );
+
+        let mut disabled = renamed.clone();
+        disabled.status = Status::Disabled;
+        assert_eq!(
+            r.heard(Heard::Changed("d1".into(), Ok(row(&disabled, 6)))),
+            vec![key.clone()]
+        );
+        let mut rekeyed = renamed.clone();
+        rekeyed.authentication.symmetric_key.primary_key =
+            "bmV3IGtleSBuZXcga2V5IG5ldyBrZXkgbmV3IGtleQ==".into();
+        assert_eq!(
+            r.heard(Heard::Changed("d1".into(), Ok(row(&rekeyed, 7)))),
+            vec![key.clone()]
+        );
+
+        // The whole table again: a record missing from it is gone only if it was missing as
+        // of a version newer than this node's.
+        let other = IdentityKey::parse("d2").unwrap();
+        r.heard(Heard::Changed(
+            "d2".into(),
+            Ok(Row {
+                key: "d2".into(),
+                ..row(&made, 20)
+            }),
+        ));
+        assert!(r.get(&other).is_some());
+        assert!(r.heard(Heard::All(vec![row(&rekeyed, 7)], 15)).is_empty());
+        assert!(
+            r.get(&other).is_some(),
+            "d2 (version 20) is newer than the snapshot"
+        );
+        assert_eq!(
+            r.heard(Heard::All(vec![row(&rekeyed, 7)], 21)),
+            vec![other.clone()]
+        );
+        assert!(r.get(&other).is_none());
+        assert_eq!(r.heard(Heard::Changed("d1".into(), Err(30))), vec![key.clone()]);
+        assert!(r.get(&key).is_none());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

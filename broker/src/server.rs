@@ -130,6 +130,28 @@ pub async fn run_with_reload(
         }
     };
 
+    let cluster = Arc::new(if config.cluster.enabled() {
+        crate::cluster::Cluster::join(&config.cluster).await?
+    } else {
+        crate::cluster::Cluster::single(config.hub_id.as_str())
+    });
+    // A cluster node's registry is the table the nodes share (seeded by the first node from
+    // its own store).
+    let shared_identities = match cluster.config() {
+        Some(c) => {
+            let (url, node) = (c.postgres.clone(), c.node.clone());
+            let rows = tokio::task::spawn_blocking(move || {
+                crate::cluster::rows::SharedRows::open(&url, &node, "identities")
+            })
+            .await
+            .map_err(|e| ServerError::Store(e.to_string()))??;
+            let rows = Arc::new(rows);
+            stores.registry.share(rows.clone())?;
+            Some(rows)
+        }
+        None => None,
+    };
+
     // The hub is a device in its own registry, with the $edgeHub module whose twin has routes.
     let hub_key = crate::identity::IdentityKey::device(config.hub_id.clone());
     let edge_key = crate::identity::IdentityKey::module(
@@ -142,15 +164,14 @@ pub async fn run_with_reload(
             let caps = crate::registry::Capabilities {
                 iot_edge: key.module.is_none(),
             };
-            stores.registry.create_with(key, None, None, caps)?;
+            match stores.registry.create_with(key, None, None, caps) {
+                // Another node of the cluster created it a moment ago.
+                Ok(_) | Err(RegistryError::Exists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let edge_desired = stores.twins.get(&edge_key).desired.data();
-    let cluster = Arc::new(if config.cluster.enabled() {
-        crate::cluster::Cluster::join(&config.cluster).await?
-    } else {
-        crate::cluster::Cluster::single(config.hub_id.as_str())
-    });
     let metrics = Arc::new(crate::metrics::Metrics::for_node(
         cluster.config().map(|c| c.node.as_str()),
     ));
@@ -319,6 +340,23 @@ pub async fn run_with_reload(
         tasks.spawn(crate::cluster::heartbeats(
             cluster.clone(),
             beat,
+            stop_rx.clone(),
+        ));
+    }
+    if let (Some(rows), Some(c)) = (shared_identities, cluster.config()) {
+        // Other nodes' registry changes: into this node's cache, and a disabled or deleted
+        // identity (or one with new keys) is disconnected here as it would be there.
+        let h = hub.clone();
+        let on: Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync> = Arc::new(move |heard| {
+            for key in h.registry.heard(heard) {
+                h.kick(&key);
+            }
+        });
+        tasks.spawn(crate::cluster::rows::listen(
+            rows,
+            c.postgres.clone(),
+            c.node.clone(),
+            on,
             stop_rx.clone(),
         ));
     }

@@ -2,15 +2,20 @@
 //! on a free port): three fleethub nodes elect exactly one leader, which alone runs the
 //! singleton work; `kill -9` of the leader hands leadership to another node within seconds;
 //! a node stopped with SIGTERM shows as stopped, a killed one as gone; a node that cannot
-//! reach its PostgreSQL refuses to start. Skipped loudly without PostgreSQL outside CI.
+//! reach its PostgreSQL refuses to start. The registry is shared: a device created on one
+//! node connects to another, and disabling or deleting it anywhere disconnects it wherever it
+//! is connected. Skipped loudly without PostgreSQL outside CI.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleethub::api::wire::ClusterStatus;
+use reqwest::Method;
+use rumqttc::ConnectReturnCode;
+use serde_json::json;
 
-use crate::harness::{cli, free_port, temp_dir, Hub};
+use crate::harness::{cli, free_port, temp_dir, Client, Hub};
 use crate::postgres::{pg_bin, Pg};
 
 /// A node's directory with its config: 200 ms heartbeats, gone after 1 s of silence.
@@ -230,4 +235,127 @@ async fn a_single_hub_is_its_own_leader() {
     let (ok, out, err) = cli(&hub, &["cluster", "status"]);
     assert!(ok, "{err}");
     assert!(out.contains("single hub"), "{out}");
+}
+
+/// Polls node `hub` until `GET {path}` answers `want` (at most 10 s); the time it took.
+async fn until_status(hub: &Hub, path: &str, want: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (status, _) = hub.api(Method::GET, path, None).await;
+        if status == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{path} still answers {status}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_registry_is_shared_and_a_disabled_device_is_disconnected_on_whichever_node_holds_it() {
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+
+    // A single hub with a device of its own becomes the cluster's first node: its registry
+    // seeds the shared table.
+    let mut single = Hub::start("cluster-seed").await;
+    let old_key = single.create_device("old-1").await;
+    assert!(single.terminate().success());
+    let dir = std::mem::take(&mut single.dir);
+    drop(single);
+    let (_, config_a) = node_dir("a", &url);
+    let a = Hub::start_with(dir, &["--config", &config_a]).await;
+    let b = start_node("b", &url).await;
+    until_status(&b, "/devices/old-1", 200).await;
+    drop(b.device("old-1", &old_key).await);
+
+    // Created on b, known on a at once (a notification, not a poll), and it connects there.
+    let key = b.create_device("dev-1").await;
+    let seen_after = until_status(&a, "/devices/dev-1", 200).await;
+    eprintln!("a device created on b was known on a after {seen_after:?}");
+    let mut live = a.device("dev-1", &key).await;
+    let (status, body) = b
+        .api(
+            Method::PATCH,
+            "/devices/dev-1",
+            Some(json!({ "statusReason": "from b" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        live.disconnected(Duration::from_millis(700))
+            .await
+            .is_none(),
+        "a change that does not disable keeps the connection"
+    );
+
+    // Disabled through b: the connection on a closes, and a refuses it from then on.
+    let (status, body) = b
+        .api(
+            Method::PATCH,
+            "/devices/dev-1",
+            Some(json!({ "status": "disabled" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        live.disconnected(Duration::from_secs(5)).await.is_some(),
+        "disabling on b disconnects the device on a"
+    );
+    assert_eq!(
+        Client::connect(a.options("dev-1", &a.sas("dev-1", &key)))
+            .await
+            .err(),
+        Some(ConnectReturnCode::NotAuthorized)
+    );
+
+    // Both nodes change the same device at once: neither change is lost, and both nodes end
+    // with the same record.
+    let (ra, rb) = tokio::join!(
+        a.api(
+            Method::PATCH,
+            "/devices/dev-1",
+            Some(json!({ "status": "enabled" }))
+        ),
+        b.api(
+            Method::PATCH,
+            "/devices/dev-1",
+            Some(json!({ "statusReason": "both" }))
+        ),
+    );
+    assert_eq!((ra.0, rb.0), (200, 200), "{ra:?} {rb:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (on_a, on_b) = loop {
+        let (_, on_a) = a.api(Method::GET, "/devices/dev-1", None).await;
+        let (_, on_b) = b.api(Method::GET, "/devices/dev-1", None).await;
+        if on_a["etag"] == on_b["etag"] || Instant::now() > deadline {
+            break (on_a, on_b);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(on_a["etag"], on_b["etag"], "{on_a} / {on_b}");
+    assert_eq!(on_a["status"], "enabled", "{on_a}");
+    assert_eq!(on_a["statusReason"], "both", "{on_a}");
+    let live = a.device("dev-1", &key).await;
+
+    // Deleted through a: gone on b, and its connection on a closed.
+    let mut live = live;
+    let (status, _) = a.api(Method::DELETE, "/devices/dev-1", None).await;
+    assert_eq!(status, 204);
+    until_status(&b, "/devices/dev-1", 404).await;
+    assert!(live.disconnected(Duration::from_secs(5)).await.is_some());
+
+    // A node killed and started again reads the shared registry, changes made while it was
+    // down included.
+    let mut a = a;
+    a.kill9();
+    let key2 = b.create_device("dev-2").await;
+    let a = a.restart().await;
+    until_status(&a, "/devices/dev-2", 200).await;
+    drop(a.device("dev-2", &key2).await);
+    until_status(&a, "/devices/dev-1", 404).await;
+    drop(pg);
 }

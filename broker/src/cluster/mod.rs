@@ -21,6 +21,7 @@
 //! its own leader for good, so the single node runs the same code it always did.
 
 mod leader;
+pub mod rows;
 mod status;
 
 use std::collections::BTreeSet;

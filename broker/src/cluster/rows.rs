@@ -1,0 +1,437 @@
+//! A table of JSON records every node shares in PostgreSQL, with a change feed.
+//!
+//! The stores are synchronous (callers block on a redb commit today), so this is too: one
+//! thread per table owns a PostgreSQL connection on its own small runtime, and callers block
+//! on its answer like they block on a commit. Every write carries an etag; a write meant to
+//! replace a record names the etag it read, so two nodes changing the same record at once
+//! cannot lose one change (the second write finds another etag and reads again). Each write
+//! sends a notification in its transaction (`NOTIFY`, delivered only when it commits), and
+//! [`listen`] hands every other node's changes to a callback; after a lost connection it
+//! hands over the whole table again, since notifications sent meanwhile are gone.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_postgres::AsyncMessage;
+use tracing::{info, warn};
+
+use super::{connect, ClusterError};
+
+/// One record: its key, JSON text, etag, and version. Versions come from one sequence per
+/// table, taken by every write (deletes too), so of two reads of a record the one with the
+/// higher version is the newer, whichever arrived last: a node applies what it hears only
+/// when it is newer than what it has.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub key: String,
+    pub body: String,
+    pub etag: String,
+    pub version: i64,
+}
+
+fn row(r: &tokio_postgres::Row) -> Row {
+    Row {
+        key: r.get(0),
+        body: r.get(1),
+        etag: r.get(2),
+        version: r.get(3),
+    }
+}
+
+type Job =
+    Box<dyn FnOnce(&mut tokio_postgres::Client) -> futures_util::future::BoxFuture<'_, ()> + Send>;
+
+/// A shared table (`fleethub_{name}`): key, JSON body, etag.
+pub struct SharedRows {
+    table: String,
+    node: String,
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+}
+
+/// How long a caller waits for PostgreSQL before the write counts as failed.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+impl SharedRows {
+    /// Opens (creating if missing) `fleethub_{name}` on its own connection and thread.
+    pub fn open(url: &str, node: &str, name: &str) -> Result<SharedRows, ClusterError> {
+        let table = format!("fleethub_{name}");
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+        let (url, role, create) = (
+            url.to_string(),
+            format!("rows-{name}"),
+            format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({}, 0);
+                 CREATE SEQUENCE IF NOT EXISTS {table}_version;
+                 CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, body text NOT NULL,
+                     etag text NOT NULL, version bigint NOT NULL);
+                 COMMIT;",
+                super::LOCK.0
+            ),
+        );
+        let node_name = node.to_string();
+        std::thread::Builder::new()
+            .name(format!("fleethub-{table}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let mut client: Option<tokio_postgres::Client> = None;
+                    let mut first = true;
+                    loop {
+                        if client.as_ref().is_none_or(|c| c.is_closed()) {
+                            client = match connect(&url, &node_name, &role).await {
+                                Ok(c) => match c.batch_execute(&create).await {
+                                    Ok(()) => Some(c),
+                                    Err(e) => {
+                                        warn!(error = %e, "cannot create a shared table");
+                                        None
+                                    }
+                                },
+                                Err(e) => {
+                                    warn!(error = %e, "cannot reach the cluster's PostgreSQL");
+                                    None
+                                }
+                            };
+                            if first {
+                                first = false;
+                                let said = match &client {
+                                    Some(_) => Ok(()),
+                                    None => Err("cannot open the shared table".to_string()),
+                                };
+                                let _ = ready_tx.send(said);
+                            }
+                        }
+                        let Some(job) = rx.recv().await else { return };
+                        match &mut client {
+                            Some(c) => job(c).await,
+                            // The job's reply channel is dropped: its caller sees a failure.
+                            None => drop(job),
+                        }
+                    }
+                });
+            })
+            .map_err(|_| ClusterError::Closed)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(SharedRows {
+                table,
+                node: node.to_string(),
+                jobs,
+            }),
+            _ => Err(ClusterError::Closed),
+        }
+    }
+
+    /// The notification channel of this table.
+    pub fn channel(&self) -> &str {
+        &self.table
+    }
+
+    /// Runs `work` on the table's connection and waits for its answer.
+    fn call<T: Send + 'static>(
+        &self,
+        work: impl for<'c> FnOnce(
+                &'c mut tokio_postgres::Client,
+                String,
+                String,
+            )
+                -> futures_util::future::BoxFuture<'c, Result<T, tokio_postgres::Error>>
+            + Send
+            + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (table, node) = (self.table.clone(), self.node.clone());
+        let job: Job = Box::new(move |client| {
+            Box::pin(async move {
+                let _ = tx.send(work(client, table, node).await);
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| "the shared table's connection is gone".to_string())?;
+        match rx.recv_timeout(ANSWER_WITHIN) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!("cluster PostgreSQL: {e}")),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                "cluster PostgreSQL: no answer within {ANSWER_WITHIN:?}"
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err("cluster PostgreSQL cannot be reached".into())
+            }
+        }
+    }
+
+    /// Every record, in key order, and a version newer than any of them (what a record
+    /// missing from the answer was missing as of).
+    pub fn load(&self) -> Result<(Vec<Row>, i64), String> {
+        self.call(|c, table, _| {
+            Box::pin(async move {
+                let tx = c
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .start()
+                    .await?;
+                let rows = tx
+                    .query(
+                        &format!("SELECT key, body, etag, version FROM {table} ORDER BY key"),
+                        &[],
+                    )
+                    .await?;
+                let at: i64 = tx
+                    .query_one(&format!("SELECT nextval('{table}_version')"), &[])
+                    .await?
+                    .get(0);
+                tx.commit().await?;
+                Ok((rows.iter().map(row).collect(), at))
+            })
+        })
+    }
+
+    /// One record, read now; with no record, the version it was missing as of.
+    pub fn get(&self, key: &str) -> Result<Result<Row, i64>, String> {
+        let key = key.to_string();
+        self.call(move |c, table, _| {
+            Box::pin(async move {
+                let found = c
+                    .query_opt(
+                        &format!("SELECT key, body, etag, version FROM {table} WHERE key = $1"),
+                        &[&key],
+                    )
+                    .await?;
+                Ok(match found {
+                    Some(r) => Ok(row(&r)),
+                    None => Err(c
+                        .query_one(&format!("SELECT nextval('{table}_version')"), &[])
+                        .await?
+                        .get(0)),
+                })
+            })
+        })
+    }
+
+    /// Writes `(key, body, etag)` records in one transaction where their keys are free
+    /// (never replacing a record); returns the version each was written with, `None` where
+    /// the key was taken.
+    pub fn insert_new(
+        &self,
+        rows: Vec<(String, String, String)>,
+    ) -> Result<Vec<Option<i64>>, String> {
+        self.call(move |c, table, node| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let mut written = Vec::new();
+                for (key, body, etag) in &rows {
+                    let version: Option<i64> = tx
+                        .query_opt(
+                            &format!(
+                                "INSERT INTO {table} (key, body, etag, version)
+                                 VALUES ($1, $2, $3, nextval('{table}_version'))
+                                 ON CONFLICT (key) DO NOTHING RETURNING version"
+                            ),
+                            &[key, body, etag],
+                        )
+                        .await?
+                        .map(|r| r.get(0));
+                    if version.is_some() {
+                        notify(&tx, &table, &node, key).await?;
+                    }
+                    written.push(version);
+                }
+                tx.commit().await?;
+                Ok(written)
+            })
+        })
+    }
+
+    /// Replaces `key`'s record if its etag is still `expected`: the new version, or `None`
+    /// when it was not (someone changed or deleted it meanwhile: read it again).
+    pub fn replace(
+        &self,
+        key: &str,
+        body: String,
+        etag: String,
+        expected: &str,
+    ) -> Result<Option<i64>, String> {
+        let (key, expected) = (key.to_string(), expected.to_string());
+        self.call(move |c, table, node| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let version: Option<i64> = tx
+                    .query_opt(
+                        &format!(
+                            "UPDATE {table} SET body = $2, etag = $3, version = nextval('{table}_version')
+                             WHERE key = $1 AND etag = $4 RETURNING version"
+                        ),
+                        &[&key, &body, &etag, &expected],
+                    )
+                    .await?
+                    .map(|r| r.get(0));
+                if version.is_some() {
+                    notify(&tx, &table, &node, &key).await?;
+                }
+                tx.commit().await?;
+                Ok(version)
+            })
+        })
+    }
+
+    /// Deletes `keys` in one transaction; returns the version they were deleted at.
+    pub fn delete(&self, keys: Vec<String>) -> Result<i64, String> {
+        self.call(move |c, table, node| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                for key in &keys {
+                    if tx
+                        .execute(&format!("DELETE FROM {table} WHERE key = $1"), &[key])
+                        .await?
+                        == 1
+                    {
+                        notify(&tx, &table, &node, key).await?;
+                    }
+                }
+                let at: i64 = tx
+                    .query_one(&format!("SELECT nextval('{table}_version')"), &[])
+                    .await?
+                    .get(0);
+                tx.commit().await?;
+                Ok(at)
+            })
+        })
+    }
+}
+
+/// `NOTIFY {table}, '{node}\n{key}'`, sent when the transaction commits.
+async fn notify(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    node: &str,
+    key: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&table, &format!("{node}\n{key}")],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// What [`listen`] hands over.
+pub enum Heard {
+    /// Another node changed this record, or deleted it (`Err`: missing as of that version).
+    Changed(String, Result<Row, i64>),
+    /// The whole table, after the feed was (re)connected: anything may have changed. With
+    /// the version a record missing from it was missing as of.
+    All(Vec<Row>, i64),
+}
+
+/// Follows other nodes' changes to `rows`' table until `stop`, calling `on` for each (from a
+/// blocking thread, as the stores are synchronous).
+pub async fn listen(
+    rows: std::sync::Arc<SharedRows>,
+    url: String,
+    node: String,
+    on: std::sync::Arc<dyn Fn(Heard) + Send + Sync>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let channel = rows.channel().to_string();
+    loop {
+        match follow(&rows, &url, &node, &channel, &on, &mut stop).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(table = channel, error = %e, "change feed lost; reading the table again once it is back")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One connection's worth of the feed: LISTEN, the whole table once, then each change.
+async fn follow(
+    rows: &std::sync::Arc<SharedRows>,
+    url: &str,
+    node: &str,
+    channel: &str,
+    on: &std::sync::Arc<dyn Fn(Heard) + Send + Sync>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+    config
+        .application_name(format!("fleethub:{node}:feed"))
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives_idle(Duration::from_secs(5));
+    let (client, mut connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if heard_tx.send(n.payload().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let result = async {
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Listening first, then reading: a change committed in between is heard again,
+        // never missed.
+        let (all, at) = {
+            let rows = rows.clone();
+            tokio::task::spawn_blocking(move || rows.load())
+                .await
+                .map_err(|e| e.to_string())??
+        };
+        hand(on, Heard::All(all, at)).await;
+        info!(table = channel, "following the cluster's changes");
+        loop {
+            let payload = tokio::select! {
+                p = heard.recv() => match p {
+                    Some(p) => p,
+                    None => return Err("the connection closed".to_string()),
+                },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            let Some((from, key)) = payload.split_once('\n') else {
+                continue;
+            };
+            if from == node {
+                continue; // this node's own write, applied when it was made
+            }
+            let (r, k) = (rows.clone(), key.to_string());
+            let row = tokio::task::spawn_blocking(move || r.get(&k))
+                .await
+                .map_err(|e| e.to_string())??;
+            hand(on, Heard::Changed(key.to_string(), row)).await;
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+async fn hand(on: &std::sync::Arc<dyn Fn(Heard) + Send + Sync>, heard: Heard) {
+    let on = on.clone();
+    let _ = tokio::task::spawn_blocking(move || on(heard)).await;
+}
