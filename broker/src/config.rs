@@ -74,6 +74,10 @@ pub struct ClusterSection {
     /// The PostgreSQL the nodes share: `postgres://…` or `host=… port=… user=… dbname=…`.
     #[serde(default)]
     pub postgres: String,
+    /// The NATS the nodes share, for what is addressed to one identity (method calls,
+    /// takeovers): `nats://host:port`, several separated by commas. Empty: none.
+    #[serde(default)]
+    pub nats: String,
     /// How often a node reports itself alive, and a follower asks for leadership.
     #[serde(default = "ClusterSection::default_heartbeat_ms")]
     pub heartbeat_ms: u64,
@@ -418,6 +422,17 @@ impl Config {
                 return Err(ConfigError::Cluster(format!(
                     "node '{}': every node needs its own name of letters, digits, '-', '_' and '.' (at most 63)",
                     c.node
+                )));
+            }
+            if !c.nats.is_empty()
+                && !c
+                    .nats
+                    .split(',')
+                    .all(|u| u.trim().parse::<async_nats::ServerAddr>().is_ok())
+            {
+                return Err(ConfigError::Cluster(format!(
+                    "nats '{}': nats://host:port, several separated by commas",
+                    c.nats
                 )));
             }
             if c.heartbeat_ms == 0 || c.node_timeout_ms < 2 * c.heartbeat_ms {

@@ -999,7 +999,10 @@ mod tests {
             vec![other.clone()]
         );
         assert!(r.get(&other).is_none());
-        assert_eq!(r.heard(Heard::Changed("d1".into(), Err(30))), vec![key.clone()]);
+        assert_eq!(
+            r.heard(Heard::Changed("d1".into(), Err(30))),
+            vec![key.clone()]
+        );
         assert!(r.get(&key).is_none());
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -44,7 +44,7 @@ pub enum ServerError {
     Routes(String),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
-    #[error("{0}. A cluster node does not start without the PostgreSQL its nodes share (config [cluster] postgres)")]
+    #[error("{0}. A cluster node does not start without the PostgreSQL and NATS its nodes share (config [cluster] postgres, nats)")]
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
@@ -289,6 +289,31 @@ pub async fn run_with_reload(
         cluster.clone(),
     ));
     hub.observe(Arc::new(crate::deploy::Observer(deploy.clone())));
+    if let Some(bus) = cluster.bus() {
+        // What other nodes address to connections here. The hub holds the bus, so these
+        // hold the hub weakly.
+        let (h1, h2) = (Arc::downgrade(&hub), Arc::downgrade(&hub));
+        bus.serve_with(crate::cluster::bus::Handlers {
+            method: Arc::new(move |key, request| {
+                let hub = h1.clone();
+                Box::pin(async move {
+                    match hub.upgrade() {
+                        Some(hub) => crate::api::call_method_here(hub, key, request).await,
+                        None => crate::cluster::bus::MethodOutcome::Offline("stopping".into()),
+                    }
+                })
+            }),
+            takeover: Arc::new(move |key, conn_id| {
+                if let Some(hub) = h2.upgrade() {
+                    if let Some(live) = hub.live.get(&key) {
+                        if live.conn_id == conn_id {
+                            live.mailbox.kick();
+                        }
+                    }
+                }
+            }),
+        });
+    }
     // A cluster node reconciles when it becomes leader (below); a single hub before it listens.
     if cluster.config().is_none() {
         reconcile_at_start(&hub).await;

@@ -359,3 +359,251 @@ async fn the_registry_is_shared_and_a_disabled_device_is_disconnected_on_whichev
     until_status(&a, "/devices/dev-1", 404).await;
     drop(pg);
 }
+
+/// nats-server, if installed (CI installs it).
+fn nats_bin() -> Option<PathBuf> {
+    let found = [
+        "/usr/bin/nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("nats-server must be installed under CI (.ci/run installs it)");
+        }
+        eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+    }
+    found
+}
+
+/// Three nats-servers routed into one cluster on free ports; each killed on drop.
+struct NatsCluster {
+    servers: Vec<Option<std::process::Child>>,
+    ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    fn start(bin: &std::path::Path) -> NatsCluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let others: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                .collect();
+            let child = Command::new(bin)
+                .args(["-a", "127.0.0.1", "-p", &ports[i].to_string()])
+                .args([
+                    "--server_name",
+                    &format!("n{i}"),
+                    "--cluster_name",
+                    "fleethub",
+                ])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                .args(["--routes", &others.join(",")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server");
+            servers.push(Some(child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in &ports {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "nats-server did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        NatsCluster { servers, ports }
+    }
+
+    /// All three servers, `first` first.
+    fn urls(&self, first: usize) -> String {
+        let mut order: Vec<usize> = vec![first];
+        order.extend((0..3).filter(|i| *i != first));
+        order
+            .iter()
+            .map(|i| format!("nats://127.0.0.1:{}", self.ports[*i]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
+async fn start_bus_node(name: &str, pg: &str, nats: &str) -> Hub {
+    let dir = temp_dir(&format!("cluster-{name}"));
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnode = \"{name}\"\npostgres = \"{pg}\"\nnats = \"{nats}\"\nheartbeat_ms = 200\nnode_timeout_ms = 1000\n"
+        ),
+    )
+    .expect("write config");
+    let config = config.to_string_lossy().into_owned();
+    Hub::start_with(dir, &["--config", &config]).await
+}
+
+/// `POST {path}` on `hub` as a method call; status and body.
+async fn call_method(
+    hub: &Hub,
+    device: &str,
+    name: &str,
+    timeout_s: u64,
+) -> (u16, serde_json::Value) {
+    hub.api(
+        Method::POST,
+        &format!("/devices/{device}/methods"),
+        Some(json!({"methodName": name, "payload": {"from": "api"}, "responseTimeoutInSeconds": timeout_s})),
+    )
+    .await
+}
+
+/// Answers one method request on `device` with 200 and `{"answeredBy": by}`.
+async fn answer_one(device: &mut Client, by: &str) -> bool {
+    let Some(req) = device
+        .next_publish_on("$iothub/methods/POST/", Duration::from_secs(10))
+        .await
+    else {
+        return false;
+    };
+    let rid = req.topic.rsplit("$rid=").next().unwrap_or("").to_string();
+    device
+        .client
+        .publish(
+            format!("$iothub/methods/res/200/?$rid={rid}"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            json!({ "answeredBy": by }).to_string(),
+        )
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_method_invoked_on_one_node_reaches_the_device_on_another_and_a_reconnect_elsewhere_takes_over(
+) {
+    let (Some(pg_bin), Some(nats_bin)) = (pg_bin(), nats_bin()) else {
+        return;
+    };
+    let pg = Pg::init(&pg_bin);
+    let mut nats = NatsCluster::start(&nats_bin);
+    let url = pg.url();
+    let a = start_bus_node("a", &url, &nats.urls(0)).await;
+    let b = start_bus_node("b", &url, &nats.urls(1)).await;
+    let c = start_bus_node("c", &url, &nats.urls(2)).await;
+    let s = status_until(&b, |s| s.nats_connected == Some(true)).await;
+    assert_eq!(s.nats_connected, Some(true), "{s:?}");
+
+    let key = b.create_device("dev-1").await;
+    b.create_device("dev-off").await;
+    until_status(&a, "/devices/dev-1", 200).await;
+    until_status(&c, "/devices/dev-1", 200).await;
+
+    // The device on a answers a call made through b.
+    let mut on_a = a.device("dev-1", &key).await;
+    on_a.subscribe_many(&["$iothub/methods/POST/#"]).await;
+    let call = {
+        let b_api = (b.api_url("/devices/dev-1/methods"), b.token.clone());
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(b_api.0)
+                .bearer_auth(b_api.1)
+                .json(&json!({"methodName": "reboot", "payload": {"delay": 1}, "responseTimeoutInSeconds": 10}))
+                .send()
+                .await
+                .expect("call through b");
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        })
+    };
+    assert!(
+        answer_one(&mut on_a, "a").await,
+        "the request reached the device on a"
+    );
+    let (status, body) = call.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"status": 200, "payload": {"answeredBy": "a"}}));
+
+    // A device connected nowhere: an answer at once, as IoT Hub gives (404103), not a timeout.
+    let started = Instant::now();
+    let (status, body) = call_method(&c, "dev-off", "reboot", 30).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The same device connects to c: its connection on a closes (taken over), and calls
+    // through b now reach it on c.
+    let mut on_c = c.device("dev-1", &key).await;
+    assert!(
+        on_a.disconnected(Duration::from_secs(5)).await.is_some(),
+        "connecting on c closed the connection on a"
+    );
+    on_c.subscribe_many(&["$iothub/methods/POST/#"]).await;
+    let b_api = (b.api_url("/devices/dev-1/methods"), b.token.clone());
+    let ask = |api: (String, String)| {
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(api.0)
+                .bearer_auth(api.1)
+                .json(&json!({"methodName": "ping", "payload": {}, "responseTimeoutInSeconds": 10}))
+                .send()
+                .await
+                .expect("call through b");
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        })
+    };
+    let call = ask(b_api.clone());
+    assert!(answer_one(&mut on_c, "c").await);
+    let (status, body) = call.await.unwrap();
+    assert_eq!(
+        (status, &body["payload"]["answeredBy"]),
+        (200, &json!("c")),
+        "{body}"
+    );
+
+    // One NATS server dies (c's first): the nodes move to the others and calls still arrive.
+    nats.kill(2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let call = ask(b_api.clone());
+        let answered = answer_one(&mut on_c, "c").await;
+        let (status, body) = call.await.unwrap();
+        if answered && status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no call arrived after a NATS server died: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((a, b, c));
+    drop(pg);
+}

@@ -7,6 +7,7 @@ use axum::{Json, Router};
 
 use super::wire::{MethodCall, MethodResult};
 use super::{device_key, module_key, registered, ApiError, ApiResult, ApiState};
+use crate::cluster::bus::{MethodOutcome, MethodRequest};
 use crate::hub::SharedHub;
 use crate::identity::IdentityKey;
 
@@ -39,49 +40,65 @@ async fn invoke(
             "responseTimeoutInSeconds {timeout}: must be 1 to 300"
         )));
     }
-    // As IoT Hub: a device that cannot take the call now gets an answer now, not a timeout.
+    let request = MethodRequest {
+        method_name: call.method_name.clone(),
+        payload: call.payload,
+        timeout_secs: timeout,
+    };
+    // Connected here (or no other node to ask): called here. Otherwise the node that holds
+    // the connection calls it, found through NATS.
+    let outcome = match hub.cluster.bus() {
+        Some(bus) if !hub.live.contains_key(&key) => bus.call_method(&key, &request).await,
+        _ => call_here(hub.clone(), key.clone(), request).await,
+    };
+    let result = match outcome {
+        MethodOutcome::Answered { status, payload } => Ok(Json(MethodResult { status, payload })),
+        // As IoT Hub: a device that cannot take the call now gets an answer now.
+        MethodOutcome::Offline(why) => Err(ApiError::DeviceNotOnline(why)),
+        MethodOutcome::Timeout(why) => Err(ApiError::GatewayTimeout(why)),
+    };
+    let counted = match &result {
+        Ok(_) => "ok",
+        Err(ApiError::DeviceNotOnline(_)) => "offline",
+        Err(_) => "timeout",
+    };
+    hub.metrics.method_calls.with_label_values(&[counted]).inc();
+    result
+}
+
+/// Calls a method on a connection of this node and waits for its answer (the API's calls,
+/// and calls other nodes forward here).
+pub async fn call_here(hub: SharedHub, key: IdentityKey, request: MethodRequest) -> MethodOutcome {
     if !hub.takes_methods(&key) {
-        hub.metrics
-            .method_calls
-            .with_label_values(&["offline"])
-            .inc();
         let why = if hub.live.contains_key(&key) {
             "is connected but not subscribed to method requests"
         } else {
             "is not connected"
         };
-        return Err(ApiError::DeviceNotOnline(format!(
-            "{} {why}",
-            crate::registry::describe(&key)
-        )));
+        return MethodOutcome::Offline(format!("{} {why}", crate::registry::describe(&key)));
     }
     let (rid, reply) = hub.methods.register(&key);
-    let suffix = format!("{}/?$rid={rid}", call.method_name);
+    let suffix = format!("{}/?$rid={rid}", request.method_name);
     hub.deliver(
         &key,
         crate::topics::Delivery::MethodRequest,
         &suffix,
-        call.payload.to_string().as_bytes(),
+        request.payload.to_string().as_bytes(),
     );
-    match tokio::time::timeout(std::time::Duration::from_secs(timeout), reply).await {
-        Ok(Ok(r)) => {
-            hub.metrics.method_calls.with_label_values(&["ok"]).inc();
-            Ok(Json(MethodResult {
-                status: r.status,
-                payload: r.payload,
-            }))
-        }
+    let within = std::time::Duration::from_secs(request.timeout_secs);
+    match tokio::time::timeout(within, reply).await {
+        Ok(Ok(r)) => MethodOutcome::Answered {
+            status: r.status,
+            payload: r.payload,
+        },
         _ => {
             hub.methods.forget(&key, &rid);
-            hub.metrics
-                .method_calls
-                .with_label_values(&["timeout"])
-                .inc();
-            Err(ApiError::GatewayTimeout(format!(
-                "{} did not answer '{}' within {timeout} s",
+            MethodOutcome::Timeout(format!(
+                "{} did not answer '{}' within {} s",
                 crate::registry::describe(&key),
-                call.method_name
-            )))
+                request.method_name,
+                request.timeout_secs
+            ))
         }
     }
 }

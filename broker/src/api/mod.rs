@@ -26,6 +26,8 @@ mod routes;
 mod twins;
 pub mod wire;
 
+pub use methods::call_here as call_method_here;
+
 use crate::hub::{Hub, SharedHub};
 use crate::identity::{DeviceId, IdError, IdentityKey, ModuleId};
 use crate::registry::RegistryError;

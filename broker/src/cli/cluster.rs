@@ -54,6 +54,11 @@ fn text(s: &ClusterStatus) -> String {
         }
         None => {}
     }
+    match s.nats_connected {
+        Some(true) => out += "\nnats: connected",
+        Some(false) => out += "\nnats: DISCONNECTED (reconnecting)",
+        None => out += "\nnats: not configured (no messages between nodes)",
+    }
     out += &format!(
         "\n{:<20} {:<8} {:<6} {:>11} {:>12}  {:<21} VERSION",
         "NODE", "STATE", "LEADER", "CONNECTIONS", "LAST_SEEN_MS", "API"

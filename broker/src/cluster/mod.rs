@@ -20,6 +20,7 @@
 //! started when it becomes leader and stopped when it is not. A hub without `[cluster]` is
 //! its own leader for good, so the single node runs the same code it always did.
 
+pub mod bus;
 mod leader;
 pub mod rows;
 mod status;
@@ -68,6 +69,8 @@ pub enum ClusterError {
     Timeout(Duration),
     #[error("cluster PostgreSQL: the connection closed")]
     Closed,
+    #[error(transparent)]
+    Nats(#[from] bus::BusError),
 }
 
 /// This node's place in the cluster: its name, whether it leads, what singleton work it runs.
@@ -78,6 +81,8 @@ pub struct Cluster {
     leader: watch::Sender<bool>,
     /// Names of the singleton work running on this node now.
     running: Mutex<BTreeSet<&'static str>>,
+    /// Messages between nodes, when `[cluster] nats` is set.
+    bus: Option<Arc<bus::Bus>>,
 }
 
 impl Cluster {
@@ -88,6 +93,7 @@ impl Cluster {
             node: node.to_string(),
             leader: watch::Sender::new(true),
             running: Mutex::default(),
+            bus: None,
         }
     }
 
@@ -104,13 +110,23 @@ impl Cluster {
             ))
             .await
             .map_err(pg("creating the schema"))?;
-        info!(node = cfg.node, "joined the cluster");
+        let bus = match cfg.nats.is_empty() {
+            true => None,
+            false => Some(Arc::new(bus::Bus::connect(&cfg.nats, &cfg.node).await?)),
+        };
+        info!(node = cfg.node, nats = bus.is_some(), "joined the cluster");
         Ok(Cluster {
             cfg: Some(cfg.clone()),
             node: cfg.node.clone(),
             leader: watch::Sender::new(false),
             running: Mutex::default(),
+            bus,
         })
+    }
+
+    /// Messages between nodes (`None`: a single hub, or a cluster without NATS).
+    pub fn bus(&self) -> Option<&Arc<bus::Bus>> {
+        self.bus.as_ref()
     }
 
     pub fn node(&self) -> &str {

@@ -23,6 +23,9 @@ pub struct ClusterStatus {
     pub singletons: Vec<String>,
     /// How the shared PostgreSQL answered this request (`None` for a single hub).
     pub postgres: Option<PostgresHealth>,
+    /// Whether this node's NATS connection is up (`None`: no `[cluster] nats`).
+    #[serde(default)]
+    pub nats_connected: Option<bool>,
     pub nodes: Vec<NodeView>,
 }
 
@@ -147,6 +150,7 @@ pub async fn status(cluster: &Cluster) -> ClusterStatus {
             node,
             singletons,
             postgres: None,
+            nats_connected: None,
             nodes: Vec::new(),
         };
     };
@@ -179,6 +183,7 @@ pub async fn status(cluster: &Cluster) -> ClusterStatus {
         leader,
         singletons,
         postgres: Some(postgres),
+        nats_connected: cluster.bus().map(|b| b.connected()),
         nodes,
     }
 }

@@ -292,6 +292,11 @@ where
         if let Some(previous) = previous {
             previous.mailbox.kick();
         }
+        // In a cluster: the previous connection on another node closes too, and what other
+        // nodes address to this identity comes here.
+        if let Some(bus) = hub.cluster.bus() {
+            bus.attach(key, conn_id).await;
+        }
     } else {
         hub.services.insert(conn_id, mailbox.clone());
     }

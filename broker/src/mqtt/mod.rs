@@ -311,6 +311,9 @@ fn release(hub: &SharedHub, principal: &Principal, conn_id: u64) {
         hub.services.remove(&conn_id);
     }
     if let Principal::Identity(key) = principal {
+        if let Some(bus) = hub.cluster.bus() {
+            bus.detach(conn_id);
+        }
         let ours = hub
             .live
             .remove_if(key, |_, live| live.conn_id == conn_id)

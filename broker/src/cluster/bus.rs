@@ -1,0 +1,230 @@
+//! Messages between nodes on NATS: what is addressed to one identity reaches the node that
+//! holds its connection.
+//!
+//! A node subscribes to `fleethub.identity.{id}.*` for each identity connected to it, and
+//! drops the subscription when the connection ends, so "who holds this device" is NATS's own
+//! interest graph: no directory to keep in step. A method call made on another node is a NATS
+//! request to `….method`; with no node holding the identity NATS answers "no responders" at
+//! once, which is exactly IoT Hub's "device not online". A connection accepted on one node
+//! publishes `….takeover` before it subscribes, and the node holding the previous connection
+//! with that id closes it, as IoT Hub does within one hub. (`{id}` is the identity's
+//! `device[/module]` in hex: device ids may hold `.`, `*` and `>`.)
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::identity::IdentityKey;
+
+/// A direct method call carried to the node that holds the connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MethodRequest {
+    pub method_name: String,
+    pub payload: serde_json::Value,
+    pub timeout_secs: u64,
+}
+
+/// What came of it, as the holding node saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MethodOutcome {
+    /// The device answered.
+    Answered {
+        status: i64,
+        payload: serde_json::Value,
+    },
+    /// Not connected there, or not subscribed to method requests (404103).
+    Offline(String),
+    /// No answer within the call's timeout (504101).
+    Timeout(String),
+}
+
+/// What the server does with what arrives for a local connection.
+pub struct Handlers {
+    pub method:
+        Arc<dyn Fn(IdentityKey, MethodRequest) -> BoxFuture<'static, MethodOutcome> + Send + Sync>,
+    /// Another node accepted a connection with this id: close the one here.
+    pub takeover: Arc<dyn Fn(IdentityKey, u64) + Send + Sync>,
+}
+
+/// This node's connection to NATS.
+pub struct Bus {
+    client: async_nats::Client,
+    node: String,
+    handlers: OnceLock<Handlers>,
+    /// The serving task of each local connection, by connection id.
+    serving: DashMap<u64, tokio::task::AbortHandle>,
+}
+
+/// NATS could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("cluster NATS ({url}): {message}")]
+pub struct BusError {
+    url: String,
+    message: String,
+}
+
+fn subject(key: &IdentityKey, what: &str) -> String {
+    let id: String = key
+        .to_string()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("fleethub.identity.{id}.{what}")
+}
+
+impl Bus {
+    /// Connects to NATS (`nats://a:4222,nats://b:4222`: any server of its cluster will do;
+    /// the client moves to another when one goes away).
+    pub async fn connect(urls: &str, node: &str) -> Result<Bus, BusError> {
+        let err = |message: String| BusError {
+            url: urls.to_string(),
+            message,
+        };
+        let servers: Vec<async_nats::ServerAddr> = urls
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("fleethub:{node}"))
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .connect(servers)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        // The first connection is made in the background with retry_on_initial_connect;
+        // a node must not start deaf, so wait for it (bounded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(err("no server answered within 10 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Bus {
+            client,
+            node: node.to_string(),
+            handlers: OnceLock::new(),
+            serving: DashMap::new(),
+        })
+    }
+
+    /// Installs what local connections answer with (once, at start).
+    pub fn serve_with(&self, handlers: Handlers) {
+        let _ = self.handlers.set(handlers);
+    }
+
+    /// A connection for `key` was accepted here: the previous one on any other node closes,
+    /// and what is addressed to `key` comes here while this connection lasts.
+    pub async fn attach(self: &Arc<Self>, key: &IdentityKey, conn_id: u64) {
+        if let Err(e) = self
+            .client
+            .publish(subject(key, "takeover"), self.node.clone().into())
+            .await
+        {
+            warn!(identity = %key, error = %e, "could not tell other nodes of a new connection");
+        }
+        let mut messages = match self.client.subscribe(subject(key, "*")).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(identity = %key, error = %e, "cannot take messages for a connection from other nodes");
+                return;
+            }
+        };
+        let (bus, key) = (self.clone(), key.clone());
+        let serving = tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                let Some(handlers) = bus.handlers.get() else {
+                    continue;
+                };
+                if message.subject.ends_with(".takeover") {
+                    if message.payload.as_ref() != bus.node.as_bytes() {
+                        debug!(identity = %key, "taken over on another node");
+                        (handlers.takeover)(key.clone(), conn_id);
+                    }
+                    continue;
+                }
+                if message.subject.ends_with(".method") {
+                    let Some(reply) = message.reply.clone() else {
+                        continue;
+                    };
+                    let outcome = match serde_json::from_slice::<MethodRequest>(&message.payload) {
+                        Ok(request) => (handlers.method)(key.clone(), request).await,
+                        Err(e) => MethodOutcome::Offline(format!("unreadable method request: {e}")),
+                    };
+                    let body = serde_json::to_vec(&outcome).unwrap_or_default();
+                    if let Err(e) = bus.client.publish(reply, body.into()).await {
+                        warn!(identity = %key, error = %e, "could not answer a method call from another node");
+                    }
+                }
+            }
+        });
+        self.serving.insert(conn_id, serving.abort_handle());
+    }
+
+    /// The connection ended: its messages stop coming here.
+    pub fn detach(&self, conn_id: u64) {
+        if let Some((_, serving)) = self.serving.remove(&conn_id) {
+            serving.abort();
+        }
+    }
+
+    /// Calls a method on `key` wherever it is connected; `Offline` when no node holds it.
+    pub async fn call_method(&self, key: &IdentityKey, request: &MethodRequest) -> MethodOutcome {
+        let body = match serde_json::to_vec(request) {
+            Ok(b) => b,
+            Err(e) => return MethodOutcome::Offline(e.to_string()),
+        };
+        // The holder times the call itself; this only covers a node dying mid-call.
+        let within = Duration::from_secs(request.timeout_secs + 5);
+        let asked = self.client.send_request(
+            subject(key, "method"),
+            async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(within)),
+        );
+        match asked.await {
+            Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+                MethodOutcome::Offline(format!("unreadable answer from another node: {e}"))
+            }),
+            Err(e) => match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    MethodOutcome::Offline(format!("'{key}' is not connected to any node"))
+                }
+                async_nats::RequestErrorKind::TimedOut => MethodOutcome::Timeout(format!(
+                    "no answer from the node holding '{key}' within {within:?}"
+                )),
+                _ => MethodOutcome::Offline(format!("cluster NATS: {e}")),
+            },
+        }
+    }
+
+    /// Whether the NATS connection is up now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_hold_any_identity_as_one_token() {
+        let key = IdentityKey::parse("a.b*>c/m-1").unwrap();
+        let s = subject(&key, "method");
+        let token = s
+            .strip_prefix("fleethub.identity.")
+            .and_then(|r| r.strip_suffix(".method"))
+            .unwrap();
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()), "{s}");
+        assert_ne!(s, subject(&IdentityKey::parse("a.b*>c").unwrap(), "method"));
+    }
+}
