@@ -63,13 +63,23 @@ pub struct Ctx {
     pub plan: Arc<Plan>,
     pub stats: Arc<Stats>,
     pub hostname: String,
-    pub mqtt: SocketAddr,
+    /// Where devices connect: one hub, or a cluster's nodes (never empty).
+    pub mqtt: Vec<SocketAddr>,
     /// SAS expiry, seconds since the epoch.
     pub expiry: u64,
     /// Set to true when identities should disconnect and end.
     pub stop: watch::Receiver<bool>,
     /// Set to true when senders may start (the fleet has connected).
     pub go: watch::Receiver<bool>,
+}
+
+/// The address of `nodes` a client id goes to: the same one every time (FNV-1a of the id), so
+/// a fleet spreads evenly over a cluster's nodes as behind a hashing load balancer.
+pub fn node_for(nodes: &[SocketAddr], client_id: &str) -> SocketAddr {
+    let hash = client_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    nodes[(hash % nodes.len().max(1) as u64) as usize]
 }
 
 fn options(ctx: &Ctx, id: &Identity) -> anyhow::Result<MqttOptions> {
@@ -84,7 +94,8 @@ fn options(ctx: &Ctx, id: &Identity) -> anyhow::Result<MqttOptions> {
         ctx.hostname,
         id.client_id()
     );
-    let mut o = MqttOptions::new(id.client_id(), ctx.mqtt.ip().to_string(), ctx.mqtt.port());
+    let addr = node_for(&ctx.mqtt, &id.client_id());
+    let mut o = MqttOptions::new(id.client_id(), addr.ip().to_string(), addr.port());
     o.set_credentials(user, sas);
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(512 * 1024, 512 * 1024);
@@ -506,5 +517,26 @@ mod tests {
         assert!(ids.iter().all(|id| fails(id, 3, 5.0) == fails(id, 3, 5.0)));
         assert!(!ids.iter().any(|id| fails(id, 3, 0.0)));
         assert!(ids.iter().all(|id| fails(id, 3, 100.0)));
+    }
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::node_for;
+
+    #[test]
+    fn devices_spread_over_the_nodes_and_each_keeps_its_node() {
+        let nodes: Vec<std::net::SocketAddr> = (1..=3)
+            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+            .collect();
+        let mut counts = [0usize; 3];
+        for i in 0..3000 {
+            let id = format!("sim-{i:05}");
+            let at = node_for(&nodes, &id);
+            assert_eq!(at, node_for(&nodes, &id), "the same node every time");
+            counts[(at.port() - 1) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert_eq!(node_for(&nodes[..1], "x"), nodes[0]);
     }
 }

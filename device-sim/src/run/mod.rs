@@ -55,9 +55,11 @@ pub struct RunArgs {
     /// The hub's data directory, to find its token and endpoints
     #[arg(long, default_value = "./fleethub-data")]
     data_dir: PathBuf,
-    /// MQTT address devices connect to [default: the hub's plain MQTT listener]
-    #[arg(long)]
-    mqtt: Option<SocketAddr>,
+    /// MQTT address devices connect to [default: the hub's plain MQTT listener]; several,
+    /// comma-separated, spread the devices over a cluster's nodes (each device always goes
+    /// to the same one, by a hash of its id)
+    #[arg(long, value_delimiter = ',')]
+    mqtt: Vec<SocketAddr>,
     /// Use these identities instead of registering: one connection string per line
     /// (`HostName=…;DeviceId=…[;ModuleId=…];SharedAccessKey=…`)
     #[arg(long)]
@@ -78,7 +80,8 @@ enum Output {
 struct HubInfo {
     id: String,
     hostname: String,
-    mqtt: SocketAddr,
+    /// One or more (a cluster's nodes); never empty.
+    mqtt: Vec<SocketAddr>,
 }
 
 /// Reads `HostName=…;DeviceId=…[;ModuleId=…];SharedAccessKey=…` lines.
@@ -174,7 +177,7 @@ async fn run_plan(plan: Arc<Plan>, args: &RunArgs) -> Result<Value> {
     if plan.monitor {
         if let Some(api) = &api {
             start_monitor(
-                hub.mqtt,
+                hub.mqtt[0],
                 &api.token,
                 &plan.id_prefix,
                 plan.qos,
@@ -192,7 +195,7 @@ async fn run_plan(plan: Arc<Plan>, args: &RunArgs) -> Result<Value> {
         plan: plan.clone(),
         stats: stats.clone(),
         hostname: hub.hostname.clone(),
-        mqtt: hub.mqtt,
+        mqtt: hub.mqtt.clone(),
         expiry: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
@@ -201,7 +204,7 @@ async fn run_plan(plan: Arc<Plan>, args: &RunArgs) -> Result<Value> {
         stop: stop_rx.clone(),
         go: go_rx,
     });
-    let connected = connect_fleet(fleet, ctx, &plan, &stats, hub.mqtt).await;
+    let connected = connect_fleet(fleet, ctx, &plan, &stats, &hub.mqtt).await;
     let total = connected.total;
     // Let the connection burst's allocations settle before reading the hub's memory.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -296,9 +299,10 @@ async fn find_hub(
     let hub = match &api {
         Some(api) => {
             let info = api.client.hub().await?;
-            let mqtt = match (args.mqtt, info.endpoints.and_then(|e| e.mqtt)) {
-                (Some(a), _) | (None, Some(a)) => a,
-                (None, None) => bail!("the hub has no plain MQTT listener; pass --mqtt"),
+            let mqtt = match (args.mqtt.is_empty(), info.endpoints.and_then(|e| e.mqtt)) {
+                (false, _) => args.mqtt.clone(),
+                (true, Some(a)) => vec![a],
+                (true, None) => bail!("the hub has no plain MQTT listener; pass --mqtt"),
             };
             HubInfo {
                 id: info.id,
@@ -316,10 +320,13 @@ async fn find_hub(
             HubInfo {
                 id: "fleethub".into(),
                 hostname: host.clone(),
-                mqtt: args
-                    .mqtt
-                    .or(endpoints.as_ref().and_then(|e| e.mqtt))
-                    .context("without the API, pass --mqtt")?,
+                mqtt: match args.mqtt.is_empty() {
+                    false => args.mqtt.clone(),
+                    true => vec![endpoints
+                        .as_ref()
+                        .and_then(|e| e.mqtt)
+                        .context("without the API, pass --mqtt")?],
+                },
             }
         }
     };
@@ -404,16 +411,18 @@ async fn connect_fleet(
     ctx: Arc<Ctx>,
     plan: &Plan,
     stats: &Arc<Stats>,
-    mqtt: SocketAddr,
+    mqtt: &[SocketAddr],
 ) -> Connected {
     let total = fleet.len() as u64;
     let senders = fleet
         .iter()
         .filter(|(_, r)| !matches!(r, Role::HubModule { .. }))
         .count() as u64;
+    let to: Vec<String> = mqtt.iter().map(|a| a.to_string()).collect();
     progress(format!(
         "connecting {total} identities to {} at {}/s",
-        mqtt, plan.connect_rate
+        to.join(", "),
+        plan.connect_rate
     ));
     let connect_start = Instant::now();
     let mut tasks = JoinSet::new();
