@@ -115,7 +115,7 @@ pub async fn run_with_reload(
         );
     }
     raise_fd_limit(&config);
-    let admin_token = ensure_admin_token(&data_dir)?;
+    let mut admin_token = ensure_admin_token(&data_dir)?;
     let crate::stores::Opened { stores, deploy } = crate::stores::open(&data_dir)?;
     let deploy = Arc::new(deploy);
 
@@ -135,6 +135,18 @@ pub async fn run_with_reload(
     } else {
         crate::cluster::Cluster::single(config.hub_id.as_str())
     });
+    if cluster.config().is_some() {
+        let shared = cluster.shared_admin_token(&admin_token).await?;
+        if shared != admin_token {
+            // The CLI on this machine reads the token from the data directory.
+            tls::write_private(
+                &data_dir.join(ADMIN_TOKEN_FILE),
+                format!("{shared}\n").as_bytes(),
+            )?;
+            info!("this node uses the cluster's admin token");
+            admin_token = shared;
+        }
+    }
     // A cluster node's registry is the table the nodes share (seeded by the first node from
     // its own store).
     let shared_identities = match cluster.config() {

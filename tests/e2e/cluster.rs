@@ -69,6 +69,11 @@ async fn three_nodes_elect_one_leader_and_another_takes_over_when_it_is_killed()
         ("c", start_node("c", &url).await),
     ];
 
+    // One admin token for the whole cluster: the first node's.
+    assert!(
+        nodes.iter().all(|(_, h)| h.token == nodes[0].1.token),
+        "every node took the cluster's admin token"
+    );
     let status = status_until(&nodes[0].1, |s| {
         s.leader.is_some() && s.nodes.iter().filter(|n| n.state == "up").count() == 3
     })

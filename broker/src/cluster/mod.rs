@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS fleethub_nodes (
     heartbeat_at timestamptz NOT NULL,
     connections bigint NOT NULL,
     stopped boolean NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS fleethub_settings (
+    key text PRIMARY KEY,
+    value text NOT NULL
 )";
 
 /// PostgreSQL could not be reached or refused what the cluster asked.
@@ -122,6 +126,32 @@ impl Cluster {
             running: Mutex::default(),
             bus,
         })
+    }
+
+    /// The cluster's admin token: the first node's, taken by every node that joins after it,
+    /// so one token works on every node's API and as the service password on every node's
+    /// MQTT (one fleet, one operator credential).
+    pub async fn shared_admin_token(&self, local: &str) -> Result<String, ClusterError> {
+        let Some(cfg) = &self.cfg else {
+            return Ok(local.to_string());
+        };
+        let client = connect(&cfg.postgres, &cfg.node, "setup").await?;
+        let pg = |what| move |source| ClusterError::Postgres { what, source };
+        client
+            .execute(
+                "INSERT INTO fleethub_settings (key, value) VALUES ('admin_token', $1) ON CONFLICT (key) DO NOTHING",
+                &[&local],
+            )
+            .await
+            .map_err(pg("storing the admin token"))?;
+        let row = client
+            .query_one(
+                "SELECT value FROM fleethub_settings WHERE key = 'admin_token'",
+                &[],
+            )
+            .await
+            .map_err(pg("reading the admin token"))?;
+        Ok(row.get(0))
     }
 
     /// Messages between nodes (`None`: a single hub, or a cluster without NATS).
