@@ -304,8 +304,44 @@ pub async fn run_with_reload(
     if let Some(bus) = cluster.bus() {
         // What other nodes address to connections here. The hub holds the bus, so these
         // hold the hub weakly.
-        let (h1, h2) = (Arc::downgrade(&hub), Arc::downgrade(&hub));
+        let (h1, h2, h3) = (
+            Arc::downgrade(&hub),
+            Arc::downgrade(&hub),
+            Arc::downgrade(&hub),
+        );
         bus.serve_with(crate::cluster::bus::Handlers {
+            c2d: Arc::new(move |key, request| {
+                use crate::cluster::bus::C2dOutcome;
+                let hub = h3.clone();
+                Box::pin(async move {
+                    use base64::Engine;
+                    let Some(hub) = hub.upgrade() else {
+                        return C2dOutcome::Failed("stopping".into());
+                    };
+                    let Ok(body) = base64::engine::general_purpose::STANDARD.decode(&request.body)
+                    else {
+                        return C2dOutcome::Failed("the body is not base64".into());
+                    };
+                    let device = key.device.to_string();
+                    match crate::api::enqueue_c2d_here(
+                        &hub,
+                        &device,
+                        request.message_id,
+                        body,
+                        request.properties,
+                        request.ttl_ms,
+                    )
+                    .await
+                    {
+                        Ok(m) => C2dOutcome::Queued {
+                            message_id: m.message_id,
+                            enqueued_time: m.enqueued_time,
+                            expires_at_ms: m.expires_at_ms,
+                        },
+                        Err(e) => C2dOutcome::Failed(e.to_string()),
+                    }
+                })
+            }),
             method: Arc::new(move |key, request| {
                 let hub = h1.clone();
                 Box::pin(async move {

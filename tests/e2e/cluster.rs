@@ -593,6 +593,37 @@ async fn a_method_invoked_on_one_node_reaches_the_device_on_another_and_a_reconn
         "{body}"
     );
 
+    // C2D sent through a (the device is on c): a hands it to c, which stores it before the
+    // 202, and the device receives it there.
+    on_c.subscribe_many(&["devices/dev-1/messages/devicebound/#"])
+        .await;
+    let (status, body) = a
+        .api(
+            Method::POST,
+            "/devices/dev-1/messages",
+            Some(json!({"body": {"cmd": "open"}, "properties": {"k": "v"}})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let got = on_c
+        .next_publish_on(
+            "devices/dev-1/messages/devicebound/",
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("C2D sent through a reached the device on c");
+    assert_eq!(crate::harness::json_of(&got), json!({"cmd": "open"}));
+    assert!(got.topic.contains("k=v"), "{}", got.topic);
+    // To a device connected nowhere: kept by the node it was sent through.
+    let (status, body) = c
+        .api(
+            Method::POST,
+            "/devices/dev-off/messages",
+            Some(json!({"body": "later"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+
     // One NATS server dies (c's first): the nodes move to the others and calls still arrive.
     nats.kill(2);
     let deadline = Instant::now() + Duration::from_secs(20);

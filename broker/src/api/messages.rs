@@ -9,6 +9,7 @@ use axum::{Json, Router};
 
 use super::wire::{C2dMessage, C2dQueued};
 use super::{blocking, device_key, registered, ApiError, ApiResult, ApiState};
+use crate::cluster::bus::{C2dOutcome, C2dRequest};
 use crate::hub::SharedHub;
 
 pub fn routes() -> Router<ApiState> {
@@ -44,10 +45,70 @@ async fn send_c2d(
     let message_id = msg
         .message_id
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
-    let dev = device.clone();
-    let queued = blocking(&hub, move |h| {
-        h.c2d
-            .enqueue(&dev, message_id, &bytes, properties, ttl * 1000)
+    let ttl_ms = ttl * 1000;
+    // Connected to another node: that node stores and delivers it. Connected here, or
+    // nowhere: stored here, delivered when it connects here.
+    let forwarded = match hub.cluster.bus() {
+        Some(bus) if !hub.live.contains_key(&key) => {
+            use base64::Engine;
+            let request = C2dRequest {
+                message_id: message_id.clone(),
+                body: base64::engine::general_purpose::STANDARD.encode(&bytes),
+                properties: properties.clone(),
+                ttl_ms,
+            };
+            match bus.send_c2d(&key, &request).await {
+                C2dOutcome::Queued {
+                    message_id,
+                    enqueued_time,
+                    expires_at_ms,
+                } => Some((message_id, enqueued_time, expires_at_ms)),
+                C2dOutcome::NotConnected => None,
+                C2dOutcome::Failed(why) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "the node holding the device did not confirm the message ({why}); send it again"
+                    )))
+                }
+            }
+        }
+        _ => None,
+    };
+    let (message_id, enqueued_time, expires_at_ms) = match forwarded {
+        Some(queued) => queued,
+        None => {
+            let queued = enqueue_here(&hub, &device, message_id, bytes, properties, ttl_ms).await?;
+            (
+                queued.message_id,
+                queued.enqueued_time,
+                queued.expires_at_ms,
+            )
+        }
+    };
+    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_millis(expires_at_ms);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(C2dQueued {
+            message_id,
+            enqueued_time,
+            expiry_time_utc: humantime::format_rfc3339_millis(expires).to_string(),
+        }),
+    )
+        .into_response())
+}
+
+/// Stores a C2D message in this node's durable queue and wakes the device's connection here
+/// (the API's sends, and sends other nodes hand to the node holding the connection).
+pub async fn enqueue_here(
+    hub: &SharedHub,
+    device: &str,
+    message_id: String,
+    bytes: Vec<u8>,
+    properties: Vec<(String, String)>,
+    ttl_ms: u64,
+) -> ApiResult<crate::c2d::C2dMessage> {
+    let dev = device.to_string();
+    let queued = blocking(hub, move |h| {
+        h.c2d.enqueue(&dev, message_id, &bytes, properties, ttl_ms)
     })
     .await?
     .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -55,17 +116,10 @@ async fn send_c2d(
         .c2d_messages
         .with_label_values(&["queued"])
         .inc();
-    if let Some(live) = hub.live.get(&key) {
-        live.mailbox.wake_c2d();
+    if let Ok(key) = device_key(device) {
+        if let Some(live) = hub.live.get(&key) {
+            live.mailbox.wake_c2d();
+        }
     }
-    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_millis(queued.expires_at_ms);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(C2dQueued {
-            message_id: queued.message_id,
-            enqueued_time: queued.enqueued_time,
-            expiry_time_utc: humantime::format_rfc3339_millis(expires).to_string(),
-        }),
-    )
-        .into_response())
+    Ok(queued)
 }

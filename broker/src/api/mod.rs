@@ -26,6 +26,7 @@ mod routes;
 mod twins;
 pub mod wire;
 
+pub use messages::enqueue_here as enqueue_c2d_here;
 pub use methods::call_here as call_method_here;
 
 use crate::hub::{Hub, SharedHub};
@@ -61,6 +62,10 @@ pub enum ApiError {
     InvalidRoutes(Vec<fleethub_router::route::RouteError>),
     #[error("{0}")]
     Internal(String),
+    /// Another node of the cluster did not confirm what it was asked to do: not done as far
+    /// as the caller can know, so it must try again.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<RegistryError> for ApiError {
@@ -108,6 +113,7 @@ impl IntoResponse for ApiError {
             ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             ApiError::DeviceNotOnline(_) => (StatusCode::NOT_FOUND, "DeviceNotOnline"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
             ApiError::InvalidRoutes(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             // A write refused for lack of space: 507, and the message says so.
             ApiError::Internal(m) if crate::storage::is_disk_full(m) => {

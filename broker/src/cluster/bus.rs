@@ -45,8 +45,35 @@ pub enum MethodOutcome {
     Timeout(String),
 }
 
+/// A cloud-to-device message carried to the node that holds the device's connection, which
+/// stores it in its durable C2D queue and delivers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dRequest {
+    pub message_id: String,
+    /// The body, base64.
+    pub body: String,
+    pub properties: Vec<(String, String)>,
+    pub ttl_ms: u64,
+}
+
+/// What the holding node did with it: stored (then, and only then, the API answers 202).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum C2dOutcome {
+    Queued {
+        message_id: String,
+        enqueued_time: String,
+        expires_at_ms: u64,
+    },
+    /// No node holds the device's connection: the caller keeps the message itself.
+    NotConnected,
+    Failed(String),
+}
+
 /// What the server does with what arrives for a local connection.
 pub struct Handlers {
+    pub c2d: Arc<dyn Fn(IdentityKey, C2dRequest) -> BoxFuture<'static, C2dOutcome> + Send + Sync>,
     pub method:
         Arc<dyn Fn(IdentityKey, MethodRequest) -> BoxFuture<'static, MethodOutcome> + Send + Sync>,
     /// Another node accepted a connection with this id: close the one here.
@@ -151,6 +178,20 @@ impl Bus {
                     }
                     continue;
                 }
+                if message.subject.ends_with(".c2d") {
+                    let Some(reply) = message.reply.clone() else {
+                        continue;
+                    };
+                    let outcome = match serde_json::from_slice::<C2dRequest>(&message.payload) {
+                        Ok(request) => (handlers.c2d)(key.clone(), request).await,
+                        Err(e) => C2dOutcome::Failed(format!("unreadable C2D message: {e}")),
+                    };
+                    let body = serde_json::to_vec(&outcome).unwrap_or_default();
+                    if let Err(e) = bus.client.publish(reply, body.into()).await {
+                        warn!(identity = %key, error = %e, "could not answer a C2D hand-over from another node");
+                    }
+                    continue;
+                }
                 if message.subject.ends_with(".method") {
                     let Some(reply) = message.reply.clone() else {
                         continue;
@@ -203,6 +244,31 @@ impl Bus {
                 )),
                 _ => MethodOutcome::Offline(format!("cluster NATS: {e}")),
             },
+        }
+    }
+
+    /// Hands a C2D message to the node holding `key`'s connection; `NotConnected` when no node
+    /// does. A lost answer is `Failed`: the message may have been stored there, so the
+    /// caller must not store it too (the sender retries, as after any failed send).
+    pub async fn send_c2d(&self, key: &IdentityKey, request: &C2dRequest) -> C2dOutcome {
+        let body = match serde_json::to_vec(request) {
+            Ok(b) => b,
+            Err(e) => return C2dOutcome::Failed(e.to_string()),
+        };
+        let asked = self.client.send_request(
+            subject(key, "c2d"),
+            async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(Duration::from_secs(10))),
+        );
+        match asked.await {
+            Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+                C2dOutcome::Failed(format!("unreadable answer from another node: {e}"))
+            }),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                C2dOutcome::NotConnected
+            }
+            Err(e) => C2dOutcome::Failed(format!("cluster NATS: {e}")),
         }
     }
 
