@@ -602,8 +602,12 @@ mod tests {
                 "at least twice",
             ),
             (
-                format!("[cluster]\nnode = \"a\"\n{pg}\nnats = \"x\"\n"),
-                "nats",
+                format!("[cluster]\nnode = \"a\"\n{pg}\nnats = \"http://x y\"\n"),
+                "nats 'http",
+            ),
+            (
+                format!("[cluster]\nnode = \"a\"\n{pg}\nnatz = \"x\"\n"),
+                "natz",
             ),
         ] {
             let err = load(&text).unwrap_err();

@@ -159,7 +159,18 @@ pub async fn run_with_reload(
             .map_err(|e| ServerError::Store(e.to_string()))??;
             let rows = Arc::new(rows);
             stores.registry.share(rows.clone())?;
-            Some(rows)
+            let (url, node) = (c.postgres.clone(), c.node.clone());
+            let twins = tokio::task::spawn_blocking(move || {
+                crate::cluster::rows::SharedRows::open(&url, &node, "twins")
+            })
+            .await
+            .map_err(|e| ServerError::Store(e.to_string()))??;
+            let twins = Arc::new(twins);
+            stores
+                .twins
+                .share(twins.clone())
+                .map_err(|e| ServerError::Store(e.to_string()))?;
+            Some((rows, twins))
         }
         None => None,
     };
@@ -416,7 +427,23 @@ pub async fn run_with_reload(
             stop_rx.clone(),
         ));
     }
-    if let (Some(rows), Some(c)) = (shared_identities, cluster.config()) {
+    if let (Some((rows, twins)), Some(c)) = (shared_identities, cluster.config()) {
+        // Other nodes' twin writes: into this node's cache, and what follows them here.
+        let h = Arc::downgrade(&hub);
+        let on: Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync> = Arc::new(move |heard| {
+            if let Some(hub) = h.upgrade() {
+                for changed in hub.twins.heard(heard) {
+                    hub.heard_twin(changed);
+                }
+            }
+        });
+        tasks.spawn(crate::cluster::rows::listen(
+            twins,
+            c.postgres.clone(),
+            c.node.clone(),
+            on,
+            stop_rx.clone(),
+        ));
         // Other nodes' registry changes: into this node's cache, and a disabled or deleted
         // identity (or one with new keys) is disconnected here as it would be there.
         let h = hub.clone();

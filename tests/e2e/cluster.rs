@@ -643,3 +643,131 @@ async fn a_method_invoked_on_one_node_reaches_the_device_on_another_and_a_reconn
     drop((a, b, c));
     drop(pg);
 }
+
+#[tokio::test]
+async fn twins_are_shared_a_desired_patch_made_on_one_node_reaches_the_device_on_another() {
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+    let a = start_node("a", &url).await;
+    let b = start_node("b", &url).await;
+    let key = a.create_device("dev-1").await;
+    until_status(&b, "/devices/dev-1", 200).await;
+
+    // Desired written through b: the device connected to a gets the patch, at the version b
+    // wrote.
+    let mut on_a = a.device("dev-1", &key).await;
+    on_a.subscribe_many(&[
+        "$iothub/twin/PATCH/properties/desired/#",
+        "$iothub/twin/res/#",
+    ])
+    .await;
+    let (s, body) = b
+        .api(
+            Method::PATCH,
+            "/twins/dev-1",
+            Some(json!({"properties": {"desired": {"fw": "2.0", "mode": {"eco": true}}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let p = on_a
+        .next_publish_on(
+            "$iothub/twin/PATCH/properties/desired/",
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the desired patch written on b reached the device on a");
+    assert_eq!(p.topic, "$iothub/twin/PATCH/properties/desired/?$version=2");
+    assert_eq!(
+        crate::harness::json_of(&p),
+        json!({"fw": "2.0", "mode": {"eco": true}, "$version": 2})
+    );
+
+    // Reported through a: seen through b.
+    let r = on_a
+        .request(
+            "$iothub/twin/PATCH/properties/reported/?$rid=1",
+            br#"{"temp": 21}"#,
+            "$iothub/twin/res/",
+        )
+        .await;
+    assert!(r.topic.starts_with("$iothub/twin/res/204/"), "{}", r.topic);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, twin) = b.api(Method::GET, "/twins/dev-1", None).await;
+        if twin["properties"]["reported"]["temp"] == 21 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reported on a never showed on b: {twin}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Both nodes write desired at once: neither write is lost, both nodes agree after.
+    let (ra, rb) = tokio::join!(
+        a.api(
+            Method::PATCH,
+            "/twins/dev-1",
+            Some(json!({"properties": {"desired": {"x": 1}}}))
+        ),
+        b.api(
+            Method::PATCH,
+            "/twins/dev-1",
+            Some(json!({"properties": {"desired": {"y": 2}}}))
+        ),
+    );
+    assert_eq!((ra.0, rb.0), (200, 200), "{ra:?} {rb:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (on_a_twin, on_b_twin) = loop {
+        let (_, ta) = a.api(Method::GET, "/twins/dev-1", None).await;
+        let (_, tb) = b.api(Method::GET, "/twins/dev-1", None).await;
+        if ta["etag"] == tb["etag"] || Instant::now() > deadline {
+            break (ta, tb);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(on_a_twin["etag"], on_b_twin["etag"]);
+    let desired = &on_a_twin["properties"]["desired"];
+    assert_eq!(
+        (&desired["x"], &desired["y"], &desired["$version"]),
+        (&json!(1), &json!(2), &json!(4)),
+        "{desired}"
+    );
+
+    // The device moves to b: its twin is there, everything in it.
+    drop(on_a);
+    let mut on_b = b.device("dev-1", &key).await;
+    on_b.subscribe_many(&["$iothub/twin/res/#"]).await;
+    let r = on_b
+        .request("$iothub/twin/GET/?$rid=2", b"", "$iothub/twin/res/")
+        .await;
+    let twin = crate::harness::json_of(&r);
+    assert_eq!(twin["desired"]["fw"], "2.0", "{twin}");
+    assert_eq!(twin["desired"]["y"], 2, "{twin}");
+    assert_eq!(twin["reported"]["temp"], 21, "{twin}");
+
+    // Routes written to $edgeHub through b replace a's route table too.
+    let (s, body) = b
+        .api(
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            Some(json!({"properties": {"desired": {"routes": {"shared": "FROM /messages/* INTO $upstream"}}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, table) = a.api(Method::GET, "/routes", None).await;
+        if table.to_string().contains("\"shared\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a's route table never took b's routes: {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(pg);
+}

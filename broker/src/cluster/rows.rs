@@ -309,6 +309,98 @@ impl SharedRows {
     }
 }
 
+/// One write of a batch: the record's new body (or its deletion), and the version it must
+/// still be at (`None`: it must not exist yet).
+#[derive(Debug, Clone)]
+pub struct BatchWrite {
+    pub key: String,
+    /// `None` deletes the record.
+    pub body: Option<(String, String)>,
+    pub expected: Option<i64>,
+}
+
+impl SharedRows {
+    /// Applies `writes` in one transaction, each only if its record is still at the version
+    /// it names: `Ok(versions)` (the new version of each, or the deletion's), or
+    /// `Err(keys)` naming the records someone changed meanwhile, with nothing written.
+    pub fn write_batch(
+        &self,
+        writes: Vec<BatchWrite>,
+    ) -> Result<Result<Vec<i64>, Vec<String>>, String> {
+        self.call(move |c, table, node| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let mut versions = Vec::with_capacity(writes.len());
+                let mut conflicts = Vec::new();
+                for w in &writes {
+                    let written: Option<i64> = match (&w.body, w.expected) {
+                        (Some((body, etag)), Some(v)) => tx
+                            .query_opt(
+                                &format!(
+                                    "UPDATE {table} SET body = $2, etag = $3, version = nextval('{table}_version')
+                                     WHERE key = $1 AND version = $4 RETURNING version"
+                                ),
+                                &[&w.key, body, etag, &v],
+                            )
+                            .await?
+                            .map(|r| r.get(0)),
+                        (Some((body, etag)), None) => tx
+                            .query_opt(
+                                &format!(
+                                    "INSERT INTO {table} (key, body, etag, version)
+                                     VALUES ($1, $2, $3, nextval('{table}_version'))
+                                     ON CONFLICT (key) DO NOTHING RETURNING version"
+                                ),
+                                &[&w.key, body, etag],
+                            )
+                            .await?
+                            .map(|r| r.get(0)),
+                        (None, expected) => {
+                            // Deleting what this node never saw deletes whatever is there.
+                            let gone = match expected {
+                                Some(v) => {
+                                    tx.execute(
+                                        &format!("DELETE FROM {table} WHERE key = $1 AND version = $2"),
+                                        &[&w.key, &v],
+                                    )
+                                    .await?
+                                }
+                                None => {
+                                    tx.execute(&format!("DELETE FROM {table} WHERE key = $1"), &[&w.key])
+                                        .await?;
+                                    1
+                                }
+                            };
+                            if gone == 1 {
+                                Some(
+                                    tx.query_one(&format!("SELECT nextval('{table}_version')"), &[])
+                                        .await?
+                                        .get(0),
+                                )
+                            } else {
+                                None
+                            }
+                        }
+                    };
+                    match written {
+                        Some(v) => versions.push(v),
+                        None => conflicts.push(w.key.clone()),
+                    }
+                }
+                if !conflicts.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(Err(conflicts));
+                }
+                for w in &writes {
+                    notify(&tx, &table, &node, &w.key).await?;
+                }
+                tx.commit().await?;
+                Ok(Ok(versions))
+            })
+        })
+    }
+}
+
 /// `NOTIFY {table}, '{node}\n{key}'`, sent when the transaction commits.
 async fn notify(
     tx: &tokio_postgres::Transaction<'_>,

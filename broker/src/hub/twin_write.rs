@@ -207,6 +207,46 @@ impl Hub {
     /// Sends a desired change: the patch on `$iothub/twin/PATCH/properties/desired/` and the
     /// full document on `$fleethub/twin/desired/` (sent again to every connection that
     /// subscribes to it, so it acts as a retained message).
+    /// What follows a twin change another node of the cluster made, on this node: the
+    /// desired change to the identity's connection if it is here (as the patch from what this
+    /// node had to what is now, so writes it never saw are in it), the route table when it
+    /// is the `$edgeHub` twin, and the deployment engine told of reported and tag changes.
+    pub fn heard_twin(self: &Arc<Self>, heard: crate::twin::store::HeardTwin) {
+        let crate::twin::store::HeardTwin { key, before, after } = heard;
+        let Some(after) = after else {
+            return;
+        };
+        if after.desired.version > before.desired.version {
+            let (old, new) = (before.desired.data(), after.desired.data());
+            let mut patch = doc::diff(&old, &new);
+            patch.insert("$version".into(), serde_json::json!(after.desired.version));
+            self.publish_desired(&key, &after, Some(&Value::Object(patch)));
+            if self.routing.is_route_twin(&key) {
+                match self.routing.build(&new) {
+                    Ok(table) => {
+                        self.routing.swap(table);
+                        tracing::info!("route table replaced from the $edgeHub twin (another node wrote it)");
+                    }
+                    Err(errors) => tracing::warn!(
+                        errors = errors.len(),
+                        "another node wrote $edgeHub routes this node cannot use; the table in force stays"
+                    ),
+                }
+            }
+        }
+        if after.reported.version > before.reported.version {
+            self.reported_changed(key.device.clone());
+        }
+        if after.tags != before.tags {
+            let hub = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.changed(Change::Twin(key.device.clone())).await {
+                    tracing::warn!(identity = %key, error = %e, "deployments after another node's twin change");
+                }
+            });
+        }
+    }
+
     fn publish_desired(&self, key: &IdentityKey, twin: &Twin, patch: Option<&Value>) {
         if let Some(patch) = patch {
             self.send(key, Direct::desired_patch(&twin.desired, patch));

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use super::doc::Twin;
+use crate::cluster::rows::{BatchWrite, Heard, Row, SharedRows};
 use crate::identity::IdentityKey;
 
 const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
@@ -66,6 +67,40 @@ struct Job {
 pub struct TwinStore {
     cache: Arc<DashMap<IdentityKey, Arc<Twin>>>,
     jobs: mpsc::Sender<Job>,
+    /// On a cluster node: the table every node shares, which then holds the twins instead of
+    /// the local store, and the shared version of each cached twin.
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    rows: std::sync::OnceLock<Arc<SharedRows>>,
+    versions: DashMap<IdentityKey, i64>,
+    /// Held while a twin and its version are read or changed together: the writer thread and
+    /// the change feed both update them, and a twin cached at one version with another's
+    /// number would let a write pass its check on content it never saw.
+    together: std::sync::Mutex<()>,
+}
+
+impl Shared {
+    fn together(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.together.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `version` is newer than what this node has of `key`.
+    fn newer(&self, key: &IdentityKey, version: i64) -> bool {
+        self.versions.get(key).is_none_or(|v| *v < version)
+    }
+}
+
+/// How often a batch that found twins changed by another node reads them and applies again.
+const SHARED_RETRIES: usize = 8;
+
+/// A twin another node changed, as this node had it and as it is now (`None`: deleted).
+pub struct HeardTwin {
+    pub key: IdentityKey,
+    pub before: Arc<Twin>,
+    pub after: Option<Arc<Twin>>,
 }
 
 fn store_err(e: impl std::fmt::Display) -> TwinError {
@@ -99,11 +134,116 @@ impl TwinStore {
         }
         let (jobs, rx) = mpsc::channel();
         let writer_cache = cache.clone();
+        let shared = Arc::new(Shared::default());
+        let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("twin-writer".into())
-            .spawn(move || writer(db, writer_cache, rx))
+            .spawn(move || writer(db, writer_cache, writer_shared, rx))
             .map_err(store_err)?;
-        Ok(TwinStore { cache, jobs })
+        Ok(TwinStore {
+            cache,
+            jobs,
+            shared,
+        })
+    }
+
+    /// Makes this store a cluster node's: twins live in `rows` from now on. The first node
+    /// of a new cluster seeds the table with its own twins; every node then takes the table
+    /// as it is.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), TwinError> {
+        let (mut all, _) = rows.load().map_err(store_err)?;
+        if all.is_empty() && !self.cache.is_empty() {
+            let local = self
+                .cache
+                .iter()
+                .map(|e| {
+                    serde_json::to_string(e.value().as_ref())
+                        .map(|body| (e.key().to_string(), body, e.value().etag.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(store_err)?;
+            rows.insert_new(local).map_err(store_err)?;
+            all = rows.load().map_err(store_err)?.0;
+        }
+        self.cache.clear();
+        self.shared.versions.clear();
+        for row in all {
+            match (
+                IdentityKey::parse(&row.key),
+                serde_json::from_str::<Twin>(&row.body),
+            ) {
+                (Ok(key), Ok(twin)) => {
+                    self.shared.versions.insert(key.clone(), row.version);
+                    self.cache.insert(key, Arc::new(twin));
+                }
+                _ => tracing::warn!(key = row.key, "a shared twin cannot be read; skipped"),
+            }
+        }
+        let _ = self.shared.rows.set(rows);
+        Ok(())
+    }
+
+    /// Applies what another node changed, when newer than what this node has; returns each
+    /// twin that changed here, before and after, for what follows (desired pushes to
+    /// connections on this node, the route table).
+    pub fn heard(&self, heard: Heard) -> Vec<HeardTwin> {
+        let _together = self.shared.together();
+        let mut changed = Vec::new();
+        let mut apply = |key: IdentityKey, row: Result<&Row, i64>| {
+            let version = match row {
+                Ok(r) => r.version,
+                Err(at) => at,
+            };
+            if !self.shared.newer(&key, version) {
+                return;
+            }
+            self.shared.versions.insert(key.clone(), version);
+            let before = self.get(&key);
+            let after = match row {
+                Ok(r) => match serde_json::from_str::<Twin>(&r.body) {
+                    Ok(t) => Some(Arc::new(t)),
+                    Err(_) => return,
+                },
+                Err(_) => None,
+            };
+            match &after {
+                Some(t) => {
+                    self.cache.insert(key.clone(), t.clone());
+                }
+                None => {
+                    if self.cache.remove(&key).is_none() {
+                        return;
+                    }
+                }
+            }
+            changed.push(HeardTwin { key, before, after });
+        };
+        match heard {
+            Heard::Changed(key, row) => {
+                if let Ok(k) = IdentityKey::parse(&key) {
+                    apply(k, row.as_ref().map_err(|at| *at));
+                }
+            }
+            Heard::All(rows, at) => {
+                let mut present = std::collections::HashSet::new();
+                for row in &rows {
+                    if let Ok(k) = IdentityKey::parse(&row.key) {
+                        present.insert(k.clone());
+                        apply(k, Ok(row));
+                    }
+                }
+                let gone: Vec<IdentityKey> = self
+                    .cache
+                    .iter()
+                    .map(|e| e.key().clone())
+                    .filter(|k| !present.contains(k))
+                    .collect();
+                for k in gone {
+                    apply(k, Err(at));
+                }
+            }
+        }
+        changed
     }
 
     /// The twin of `key`; an identity that never had a write has an empty twin.
@@ -200,8 +340,17 @@ fn apply_op(
     }
 }
 
-fn writer(db: Arc<Store>, cache: Arc<DashMap<IdentityKey, Arc<Twin>>>, rx: mpsc::Receiver<Job>) {
+fn writer(
+    db: Arc<Store>,
+    cache: Arc<DashMap<IdentityKey, Arc<Twin>>>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Job>,
+) {
     while let Some(batch) = crate::storage::next_batch(&rx, MAX_BATCH) {
+        if let Some(rows) = shared.rows.get() {
+            write_shared(rows, &shared, &cache, batch);
+            continue;
+        }
         let now = crate::registry::now_rfc3339();
         // Twins as they stand inside this batch (`None`: deleted).
         let mut staged: HashMap<IdentityKey, Option<Arc<Twin>>> = HashMap::new();
@@ -267,5 +416,184 @@ fn writer(db: Arc<Store>, cache: Arc<DashMap<IdentityKey, Arc<Twin>>>, rx: mpsc:
         for (job, outcome) in batch.into_iter().zip(outcomes) {
             let _ = job.reply.send(outcome);
         }
+    }
+}
+
+/// A batch on a cluster node: applied to the twins as this node has them, written to the
+/// shared table in one transaction on condition that none changed meanwhile; the twins
+/// another node changed are read again and the whole batch applied again (the operations
+/// are data, so this is safe), up to [`SHARED_RETRIES`] times.
+fn write_shared(
+    rows: &SharedRows,
+    shared: &Shared,
+    cache: &DashMap<IdentityKey, Arc<Twin>>,
+    batch: Vec<Job>,
+) {
+    let versions = &shared.versions;
+    let mut failure = TwinError::Store("twins keep changing on other nodes".into());
+    for _ in 0..SHARED_RETRIES {
+        let now = crate::registry::now_rfc3339();
+        // Each twin with the version it was read at, as one snapshot.
+        let snapshot = shared.together();
+        let mut staged: HashMap<IdentityKey, Option<Arc<Twin>>> = HashMap::new();
+        let mut order: Vec<IdentityKey> = Vec::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in &batch {
+            let current = match staged.get(&job.key) {
+                Some(Some(t)) => t.clone(),
+                Some(None) => Arc::new(Twin::new()),
+                None => cache
+                    .get(&job.key)
+                    .map(|t| t.value().clone())
+                    .unwrap_or_else(|| Arc::new(Twin::new())),
+            };
+            match apply_op(&current, &job.op, &now) {
+                Ok((next, pushed)) => {
+                    let next = next.map(Arc::new);
+                    if !staged.contains_key(&job.key) {
+                        order.push(job.key.clone());
+                    }
+                    staged.insert(job.key.clone(), next.clone());
+                    outcomes.push(Ok(Applied {
+                        twin: next.unwrap_or_else(|| Arc::new(Twin::new())),
+                        desired_patch: pushed,
+                    }));
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+        }
+        let mut writes = Vec::with_capacity(order.len());
+        for key in &order {
+            let body = match &staged[key] {
+                Some(t) => match serde_json::to_string(t.as_ref()) {
+                    Ok(b) => Some((b, t.etag.clone())),
+                    Err(e) => {
+                        failure = store_err(e);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            writes.push(BatchWrite {
+                key: key.to_string(),
+                body,
+                expected: versions.get(key).map(|v| *v),
+            });
+        }
+        drop(snapshot);
+        match rows.write_batch(writes) {
+            Ok(Ok(written)) => {
+                let _together = shared.together();
+                for (key, version) in order.iter().zip(written) {
+                    // The feed may already hold a newer write of another node.
+                    if !shared.newer(key, version) {
+                        continue;
+                    }
+                    versions.insert(key.clone(), version);
+                    match &staged[key] {
+                        Some(t) => {
+                            cache.insert(key.clone(), t.clone());
+                        }
+                        None => {
+                            cache.remove(key);
+                        }
+                    }
+                }
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+                return;
+            }
+            Ok(Err(conflicts)) => {
+                // Read what the other nodes wrote, then apply the batch again.
+                for name in conflicts {
+                    let Ok(key) = IdentityKey::parse(&name) else {
+                        continue;
+                    };
+                    let read = rows.get(&name);
+                    let _together = shared.together();
+                    match read {
+                        Ok(Ok(row)) => {
+                            if let (true, Ok(t)) = (
+                                shared.newer(&key, row.version),
+                                serde_json::from_str::<Twin>(&row.body),
+                            ) {
+                                versions.insert(key.clone(), row.version);
+                                cache.insert(key, Arc::new(t));
+                            }
+                        }
+                        Ok(Err(at)) => {
+                            if shared.newer(&key, at) {
+                                versions.remove(&key);
+                                cache.remove(&key);
+                            }
+                        }
+                        Err(e) => failure = TwinError::Store(e),
+                    }
+                }
+            }
+            Err(e) => {
+                failure = TwinError::Store(e);
+                break;
+            }
+        }
+    }
+    for job in batch {
+        let _ = job.reply.send(Err(failure.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::rows::{Heard, Row};
+
+    fn row(twin: &Twin, version: i64) -> Row {
+        Row {
+            key: "d1".into(),
+            body: serde_json::to_string(twin).unwrap(),
+            etag: twin.etag.clone(),
+            version,
+        }
+    }
+
+    /// Other nodes' twin writes apply in version order: a late answer never puts an older
+    /// twin back, and each applied change comes with the twin as it was before.
+    #[test]
+    fn heard_twins_apply_in_version_order() {
+        let dir = std::env::temp_dir().join(format!("fh-twin-heard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = TwinStore::open(Arc::new(Store::create(&dir.join("s.redb")).unwrap())).unwrap();
+        let key = IdentityKey::parse("d1").unwrap();
+        let now = "2026-11-29T00:00:00.000Z";
+        let mut v5 = Twin::new();
+        let mut patch = Map::new();
+        patch.insert("fw".into(), Value::from("5"));
+        v5.desired.apply(&patch, now, true);
+        let changed = store.heard(Heard::Changed("d1".into(), Ok(row(&v5, 5))));
+        assert_eq!(changed.len(), 1);
+        assert_eq!(
+            changed[0].before.desired.version,
+            Twin::new().desired.version
+        );
+        assert_eq!(store.get(&key).desired.data()["fw"], "5");
+
+        let mut v3 = Twin::new();
+        patch.insert("fw".into(), Value::from("3"));
+        v3.desired.apply(&patch, now, true);
+        assert!(store
+            .heard(Heard::Changed("d1".into(), Ok(row(&v3, 3))))
+            .is_empty());
+        assert!(store.heard(Heard::Changed("d1".into(), Err(4))).is_empty());
+        assert_eq!(
+            store.get(&key).desired.data()["fw"],
+            "5",
+            "older answers are ignored"
+        );
+
+        let gone = store.heard(Heard::Changed("d1".into(), Err(6)));
+        assert!(gone.len() == 1 && gone[0].after.is_none());
+        assert!(store.is_empty());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
