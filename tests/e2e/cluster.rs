@@ -644,6 +644,19 @@ async fn a_method_invoked_on_one_node_reaches_the_device_on_another_and_a_reconn
     drop(pg);
 }
 
+/// Waits until `hub` sees `device` tagged (another node's tag write reached it).
+async fn until_tagged(hub: &Hub, device: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, twin) = hub.api(Method::GET, &format!("/twins/{device}"), None).await;
+        if twin["tags"]["env"] == "prod" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tags never arrived: {twin}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn twins_are_shared_a_desired_patch_made_on_one_node_reaches_the_device_on_another() {
     let Some(bin) = pg_bin() else { return };
@@ -747,6 +760,43 @@ async fn twins_are_shared_a_desired_patch_made_on_one_node_reaches_the_device_on
     assert_eq!(twin["desired"]["fw"], "2.0", "{twin}");
     assert_eq!(twin["desired"]["y"], 2, "{twin}");
     assert_eq!(twin["reported"]["temp"], 21, "{twin}");
+
+    // A deployment created on the leader reaches the device on the other node: tags written
+    // through one node select it there, and the deployment's desired write is a shared twin
+    // write.
+    on_b.subscribe_many(&["$iothub/twin/PATCH/properties/desired/#"])
+        .await;
+    let (s, body) = b
+        .api(Method::PATCH, "/twins/dev-1", Some(json!({"tags": {"env": "prod"}})))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let leader = status_until(&a, |s| s.leader.is_some()).await.leader.expect("a leader");
+    let (lead, other) = if leader == "a" { (&a, &b) } else { (&b, &a) };
+    until_tagged(lead, "dev-1").await;
+    let (s, body) = lead
+        .api(
+            Method::POST,
+            "/deployments",
+            Some(json!({
+                "id": "fw-3", "targetCondition": "tags.env = 'prod'", "priority": 10,
+                "content": {"deviceContent": {"properties.desired.firmware": {"version": "3.0"}}},
+            })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = on_b
+            .next_publish_on("$iothub/twin/PATCH/properties/desired/", Duration::from_secs(10))
+            .await
+            .expect("the deployment's desired patch reached the device on b");
+        if crate::harness::json_of(&p)["firmware"]["version"] == "3.0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no firmware 3.0 patch");
+    }
+    let (_, twin) = other.api(Method::GET, "/twins/dev-1", None).await;
+    assert_eq!(twin["properties"]["desired"]["firmware"]["version"], "3.0", "{twin}");
 
     // Routes written to $edgeHub through b replace a's route table too.
     let (s, body) = b
