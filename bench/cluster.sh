@@ -2,7 +2,8 @@
 # The cluster's costs, measured side by side in one run (BENCHMARKS.md, issue 16):
 #   the embedded single hub, a 1-node cluster and a 3-node cluster on one PostgreSQL (fsync on,
 #   as in production) and one nats-server, all on this machine, with the same loaders.
-# For each: identity creates per second through the API (8 clients), routed telemetry from
+# For each: identity creates and desired twin writes per second through the API (8 clients;
+# twin writes also from 1 client, for latency), routed telemetry from
 # device-sim (spread over the nodes with --mqtt a,b,c) with CPU per message per node, and
 # direct-method round trips through one node to devices connected to another.
 #
@@ -26,8 +27,10 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-metric() { # metric API NAME: the value of an unlabelled-or-node-labelled series
-  curl -s "$1/metrics" | awk -v n="$2" '$1 ~ "^"n"({|$)" {print $2; exit}'
+metric() { # metric API NAME: the value of an unlabelled-or-node-labelled series (0 when unreadable)
+  local v
+  v=$(curl -s --max-time 10 "$1/metrics" | awk -v n="$2" '$1 ~ "^"n"({|$)" {print $2; exit}') || true
+  echo "${v:-0}"
 }
 
 mkdir -p "$W/pg"
@@ -72,6 +75,8 @@ run_setup() { # run_setup LABEL NODES... (each "API MQTT TOKEN"); methods cross 
   local mqtt_list; mqtt_list=$(IFS=,; echo "${mqtts[*]}")
   echo "== $label"
   python3 "$ROOT/bench/cluster_api.py" create "$api" "$token" "reg-" 2000 8 | sed 's/^/creates: /'
+  python3 "$ROOT/bench/cluster_api.py" twins "$api" "$token" "reg-" 2000 8 | sed 's/^/twin writes, 8 clients: /'
+  python3 "$ROOT/bench/cluster_api.py" twins "$api" "$token" "reg-" 250 1 | sed 's/^/twin writes, 1 client: /'
   # Telemetry: the load scenario, spread over the nodes; CPU and messages per node around it.
   local cpu0=() msg0=()
   for a in "${apis[@]}"; do cpu0+=("$(metric "$a" fleethub_process_cpu_seconds_total)"); msg0+=("$(metric "$a" fleethub_telemetry_messages_total)"); done

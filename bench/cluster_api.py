@@ -3,6 +3,7 @@
 
   cluster_api.py create URL TOKEN PREFIX COUNT THREADS   -> identity creates per second
   cluster_api.py methods URL TOKEN PREFIX DEVICES CALLS  -> method round trip p50/p99 (ms)
+  cluster_api.py twins URL TOKEN PREFIX COUNT THREADS    -> desired twin writes per second, p50/p99
 """
 import http.client
 import json
@@ -68,9 +69,41 @@ def methods(url, token, prefix, devices, calls):
     print(json.dumps({"calls": calls, "failed": bad, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}))
 
 
+def twins(url, token, prefix, count, threads):
+    """Desired patches to the devices `create` made (thread t writes its own devices)."""
+    per = count // threads
+    took = []
+    failures = []
+
+    def work(t):
+        c = conn(url)
+        for i in range(per):
+            start = time.monotonic()
+            status, body = call(c, token, "PATCH", f"/twins/{prefix}{t:02d}-{i:05d}",
+                                {"properties": {"desired": {"n": i}}})
+            took.append((time.monotonic() - start) * 1000)
+            if status != 200:
+                failures.append((status, body[:200]))
+
+    start = time.monotonic()
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    secs = time.monotonic() - start
+    took.sort()
+    pct = lambda p: round(took[min(len(took) - 1, int(len(took) * p))], 2)
+    print(json.dumps({"writes": per * threads, "threads": threads, "per_second": round(per * threads / secs, 1),
+                      "p50_ms": pct(0.5), "p99_ms": pct(0.99), "failures": len(failures),
+                      "first_failure": str(failures[0]) if failures else None}))
+
+
 if __name__ == "__main__":
     verb, url, token, prefix = sys.argv[1:5]
     if verb == "create":
         create(url, token, prefix, int(sys.argv[5]), int(sys.argv[6]))
+    elif verb == "twins":
+        twins(url, token, prefix, int(sys.argv[5]), int(sys.argv[6]))
     else:
         methods(url, token, prefix, int(sys.argv[5]), int(sys.argv[6]))
