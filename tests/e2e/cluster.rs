@@ -648,7 +648,9 @@ async fn a_method_invoked_on_one_node_reaches_the_device_on_another_and_a_reconn
 async fn until_tagged(hub: &Hub, device: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, twin) = hub.api(Method::GET, &format!("/twins/{device}"), None).await;
+        let (_, twin) = hub
+            .api(Method::GET, &format!("/twins/{device}"), None)
+            .await;
         if twin["tags"]["env"] == "prod" {
             return;
         }
@@ -767,10 +769,17 @@ async fn twins_are_shared_a_desired_patch_made_on_one_node_reaches_the_device_on
     on_b.subscribe_many(&["$iothub/twin/PATCH/properties/desired/#"])
         .await;
     let (s, body) = b
-        .api(Method::PATCH, "/twins/dev-1", Some(json!({"tags": {"env": "prod"}})))
+        .api(
+            Method::PATCH,
+            "/twins/dev-1",
+            Some(json!({"tags": {"env": "prod"}})),
+        )
         .await;
     assert_eq!(s, 200, "{body}");
-    let leader = status_until(&a, |s| s.leader.is_some()).await.leader.expect("a leader");
+    let leader = status_until(&a, |s| s.leader.is_some())
+        .await
+        .leader
+        .expect("a leader");
     let (lead, other) = if leader == "a" { (&a, &b) } else { (&b, &a) };
     until_tagged(lead, "dev-1").await;
     let (s, body) = lead
@@ -787,7 +796,10 @@ async fn twins_are_shared_a_desired_patch_made_on_one_node_reaches_the_device_on
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let p = on_b
-            .next_publish_on("$iothub/twin/PATCH/properties/desired/", Duration::from_secs(10))
+            .next_publish_on(
+                "$iothub/twin/PATCH/properties/desired/",
+                Duration::from_secs(10),
+            )
             .await
             .expect("the deployment's desired patch reached the device on b");
         if crate::harness::json_of(&p)["firmware"]["version"] == "3.0" {
@@ -796,7 +808,10 @@ async fn twins_are_shared_a_desired_patch_made_on_one_node_reaches_the_device_on
         assert!(Instant::now() < deadline, "no firmware 3.0 patch");
     }
     let (_, twin) = other.api(Method::GET, "/twins/dev-1", None).await;
-    assert_eq!(twin["properties"]["desired"]["firmware"]["version"], "3.0", "{twin}");
+    assert_eq!(
+        twin["properties"]["desired"]["firmware"]["version"], "3.0",
+        "{twin}"
+    );
 
     // Routes written to $edgeHub through b replace a's route table too.
     let (s, body) = b
