@@ -97,6 +97,9 @@ pub struct BusError {
     message: String,
 }
 
+/// How long "no responders" waits before it is asked again (see [`Bus::call_method`]).
+const NO_RESPONDERS_AGAIN: Duration = Duration::from_millis(150);
+
 fn subject(key: &IdentityKey, what: &str) -> String {
     let id: String = key
         .to_string()
@@ -225,25 +228,36 @@ impl Bus {
         };
         // The holder times the call itself; this only covers a node dying mid-call.
         let within = Duration::from_secs(request.timeout_secs + 5);
-        let asked = self.client.send_request(
-            subject(key, "method"),
-            async_nats::Request::new()
-                .payload(body.into())
-                .timeout(Some(within)),
-        );
-        match asked.await {
-            Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
-                MethodOutcome::Offline(format!("unreadable answer from another node: {e}"))
-            }),
-            Err(e) => match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    MethodOutcome::Offline(format!("'{key}' is not connected to any node"))
-                }
-                async_nats::RequestErrorKind::TimedOut => MethodOutcome::Timeout(format!(
-                    "no answer from the node holding '{key}' within {within:?}"
-                )),
-                _ => MethodOutcome::Offline(format!("cluster NATS: {e}")),
-            },
+        // A connection made a moment ago may not be known to every NATS server yet (interest
+        // crosses the NATS cluster's routes asynchronously): "no responders" is asked once
+        // more after a short wait before it counts as offline.
+        let mut asked_twice = false;
+        loop {
+            let asked = self.client.send_request(
+                subject(key, "method"),
+                async_nats::Request::new()
+                    .payload(body.clone().into())
+                    .timeout(Some(within)),
+            );
+            return match asked.await {
+                Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+                    MethodOutcome::Offline(format!("unreadable answer from another node: {e}"))
+                }),
+                Err(e) => match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders if !asked_twice => {
+                        asked_twice = true;
+                        tokio::time::sleep(NO_RESPONDERS_AGAIN).await;
+                        continue;
+                    }
+                    async_nats::RequestErrorKind::NoResponders => {
+                        MethodOutcome::Offline(format!("'{key}' is not connected to any node"))
+                    }
+                    async_nats::RequestErrorKind::TimedOut => MethodOutcome::Timeout(format!(
+                        "no answer from the node holding '{key}' within {within:?}"
+                    )),
+                    _ => MethodOutcome::Offline(format!("cluster NATS: {e}")),
+                },
+            };
         }
     }
 
@@ -255,20 +269,29 @@ impl Bus {
             Ok(b) => b,
             Err(e) => return C2dOutcome::Failed(e.to_string()),
         };
-        let asked = self.client.send_request(
-            subject(key, "c2d"),
-            async_nats::Request::new()
-                .payload(body.into())
-                .timeout(Some(Duration::from_secs(10))),
-        );
-        match asked.await {
-            Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
-                C2dOutcome::Failed(format!("unreadable answer from another node: {e}"))
-            }),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                C2dOutcome::NotConnected
-            }
-            Err(e) => C2dOutcome::Failed(format!("cluster NATS: {e}")),
+        let mut asked_twice = false;
+        loop {
+            let asked = self.client.send_request(
+                subject(key, "c2d"),
+                async_nats::Request::new()
+                    .payload(body.clone().into())
+                    .timeout(Some(Duration::from_secs(10))),
+            );
+            return match asked.await {
+                Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+                    C2dOutcome::Failed(format!("unreadable answer from another node: {e}"))
+                }),
+                // As for methods: a connection made a moment ago may not be known everywhere.
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    if !asked_twice {
+                        asked_twice = true;
+                        tokio::time::sleep(NO_RESPONDERS_AGAIN).await;
+                        continue;
+                    }
+                    C2dOutcome::NotConnected
+                }
+                Err(e) => C2dOutcome::Failed(format!("cluster NATS: {e}")),
+            };
         }
     }
 
