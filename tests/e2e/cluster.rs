@@ -836,3 +836,81 @@ async fn twins_are_shared_a_desired_patch_made_on_one_node_reaches_the_device_on
     }
     drop(pg);
 }
+
+#[tokio::test]
+async fn a_node_killed_its_devices_reconnect_to_another_and_nothing_acknowledged_is_lost() {
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+    let mut a = start_node("a", &url).await;
+    let b = start_node("b", &url).await;
+    let key = a.create_device("dev-1").await;
+    until_status(&b, "/devices/dev-1", 200).await;
+
+    // The device reaches the cluster through one address, as behind a TCP load balancer.
+    let lb = crate::harness::Proxy::start("127.0.0.1:0", a.endpoints.mqtt.expect("mqtt")).await;
+    let through_lb = |hub: &Hub| {
+        let mut o = rumqttc::MqttOptions::new("dev-1", "127.0.0.1", lb.port());
+        o.set_credentials(hub.username("dev-1"), hub.sas("dev-1", &key));
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    };
+    let mut dev = Client::connect(through_lb(&a))
+        .await
+        .expect("connects to a");
+    dev.subscribe_many(&["$iothub/twin/res/#"]).await;
+    // Acknowledged by a (204), then a dies at once.
+    let r = dev
+        .request(
+            "$iothub/twin/PATCH/properties/reported/?$rid=1",
+            br#"{"battery": 87}"#,
+            "$iothub/twin/res/",
+        )
+        .await;
+    assert!(r.topic.starts_with("$iothub/twin/res/204/"), "{}", r.topic);
+    a.kill9();
+    lb.retarget(b.endpoints.mqtt.expect("mqtt"));
+    lb.cut();
+    assert!(dev.disconnected(Duration::from_secs(10)).await.is_some());
+
+    // It reconnects through the same address, lands on b, and finds what a acknowledged.
+    let mut dev = Client::connect(through_lb(&b))
+        .await
+        .expect("reconnects, to b");
+    dev.subscribe_many(&[
+        "$iothub/twin/res/#",
+        "$iothub/twin/PATCH/properties/desired/#",
+        "$iothub/methods/POST/#",
+    ])
+    .await;
+    let r = dev
+        .request("$iothub/twin/GET/?$rid=2", b"", "$iothub/twin/res/")
+        .await;
+    let twin = crate::harness::json_of(&r);
+    assert_eq!(
+        twin["reported"]["battery"], 87,
+        "acknowledged on a, served by b: {twin}"
+    );
+    let (s, body) = b
+        .api(
+            Method::PATCH,
+            "/twins/dev-1",
+            Some(json!({"properties": {"desired": {"mode": "eco"}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let p = dev
+        .next_publish_on(
+            "$iothub/twin/PATCH/properties/desired/",
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("desired patch on b");
+    assert_eq!(crate::harness::json_of(&p)["mode"], "eco");
+    let (s, node) = b.api(Method::GET, "/devices/dev-1", None).await;
+    assert_eq!(
+        (s, node["connectionState"].as_str()),
+        (200, Some("Connected"))
+    );
+    drop(pg);
+}

@@ -687,6 +687,8 @@ pub fn start_bare_broker(port: u16) {
 /// A TCP proxy in front of a hub listener, to cut connections while the hub runs and to
 /// keep clients out for a while ("away"), as a network would.
 pub struct Proxy {
+    /// Where it listens (port 0 given: the port picked).
+    listening: std::net::SocketAddr,
     target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
     blocked: Arc<std::sync::atomic::AtomicBool>,
     open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
@@ -699,6 +701,7 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .expect("proxy binds");
+        let listening = listener.local_addr().expect("proxy address");
         let target = Arc::new(std::sync::Mutex::new(target));
         let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
@@ -718,11 +721,17 @@ impl Proxy {
             }
         });
         Proxy {
+            listening,
             target,
             blocked,
             open,
             accept,
         }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.listening.port()
     }
 
     /// Where new connections go from now on (a restarted hub's new port).
