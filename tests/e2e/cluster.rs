@@ -914,3 +914,49 @@ async fn a_node_killed_its_devices_reconnect_to_another_and_nothing_acknowledged
     );
     drop(pg);
 }
+
+#[tokio::test]
+async fn a_shared_table_of_another_shape_stops_the_node_with_a_message_not_a_panic() {
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    // Made by someone else under the same name: the version is a 32-bit integer.
+    client
+        .batch_execute(
+            "CREATE TABLE fleethub_identities (key text PRIMARY KEY, body text NOT NULL, etag text NOT NULL, version int NOT NULL);
+             INSERT INTO fleethub_identities VALUES ('x', '{}', 'e', 1);",
+        )
+        .await
+        .expect("a foreign table");
+    let (dir, config) = node_dir("odd", &pg.url());
+    let out = Command::new(env!("CARGO_BIN_EXE_fleethub"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "serve",
+            "--config",
+            &config,
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run fleethub");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "started on a table it cannot read");
+    assert!(said.contains("cluster PostgreSQL"), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    let _ = std::fs::remove_dir_all(dir);
+}

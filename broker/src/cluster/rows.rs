@@ -30,13 +30,15 @@ pub struct Row {
     pub version: i64,
 }
 
-fn row(r: &tokio_postgres::Row) -> Row {
-    Row {
-        key: r.get(0),
-        body: r.get(1),
-        etag: r.get(2),
-        version: r.get(3),
-    }
+/// A record from a result row; an error (not a panic) when the table is not the shape this
+/// hub created (say, made by hand or by another program under the same name).
+fn row(r: &tokio_postgres::Row) -> Result<Row, tokio_postgres::Error> {
+    Ok(Row {
+        key: r.try_get(0)?,
+        body: r.try_get(1)?,
+        etag: r.try_get(2)?,
+        version: r.try_get(3)?,
+    })
 }
 
 type Job =
@@ -191,7 +193,7 @@ impl SharedRows {
                     .await?
                     .get(0);
                 tx.commit().await?;
-                Ok((rows.iter().map(row).collect(), at))
+                Ok((rows.iter().map(row).collect::<Result<_, _>>()?, at))
             })
         })
     }
@@ -208,7 +210,7 @@ impl SharedRows {
                     )
                     .await?;
                 Ok(match found {
-                    Some(r) => Ok(row(&r)),
+                    Some(r) => Ok(row(&r)?),
                     None => Err(c
                         .query_one(&format!("SELECT nextval('{table}_version')"), &[])
                         .await?

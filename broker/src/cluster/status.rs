@@ -210,7 +210,7 @@ async fn read(cfg: &crate::config::ClusterSection) -> Result<Read, ClusterError>
             .await
             .map_err(pg("reading the leader"))?;
         let leader = holder.and_then(|row| {
-            let name: String = row.get(0);
+            let name: String = row.try_get(0).ok()?;
             name.strip_prefix("fleethub:")
                 .and_then(|n| n.strip_suffix(":leadership"))
                 .map(str::to_string)
@@ -231,31 +231,30 @@ async fn read(cfg: &crate::config::ClusterSection) -> Result<Read, ClusterError>
             .await
             .map_err(pg("reading the server version"))?
             .get(0);
-        let nodes = rows
-            .iter()
-            .map(|r| {
-                let node: String = r.get(0);
-                let last_seen_ms = r.get::<_, i64>(5).max(0) as u64;
-                let state = if r.get::<_, bool>(7) {
-                    "stopped"
-                } else if last_seen_ms <= cfg.node_timeout_ms {
-                    "up"
-                } else {
-                    "gone"
-                };
-                NodeView {
-                    leader: leader.as_deref() == Some(node.as_str()),
-                    node,
-                    state: state.into(),
-                    api: r.get(1),
-                    mqtt: r.get(2),
-                    version: r.get(3),
-                    started_at: r.get(4),
-                    last_seen_ms,
-                    connections: r.get(6),
-                }
-            })
-            .collect();
+        let mut nodes = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let read = pg("reading a node's row");
+            let node: String = r.try_get(0).map_err(read)?;
+            let last_seen_ms = r.try_get::<_, i64>(5).map_err(read)?.max(0) as u64;
+            let state = if r.try_get::<_, bool>(7).map_err(read)? {
+                "stopped"
+            } else if last_seen_ms <= cfg.node_timeout_ms {
+                "up"
+            } else {
+                "gone"
+            };
+            nodes.push(NodeView {
+                leader: leader.as_deref() == Some(node.as_str()),
+                node,
+                state: state.into(),
+                api: r.try_get(1).map_err(read)?,
+                mqtt: r.try_get(2).map_err(read)?,
+                version: r.try_get(3).map_err(read)?,
+                started_at: r.try_get(4).map_err(read)?,
+                last_seen_ms,
+                connections: r.try_get(6).map_err(read)?,
+            });
+        }
         Ok((leader, nodes, version))
     };
     tokio::time::timeout(within, work)
