@@ -21,6 +21,8 @@ PIDS=()
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
+  # Hubs are started inside $(...), a subshell: their ids are kept in a file, not in PIDS.
+  [ -f "$W/hub.pids" ] && while read -r p; do kill "$p" 2>/dev/null || true; done < "$W/hub.pids"
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   as_pg "$PGBIN/pg_ctl" -D "$W/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
   if [ -n "${KEEP:-}" ]; then echo "kept $W"; else rm -rf "$W"; fi
@@ -53,7 +55,7 @@ start_hub() {
       "$name" "$PGPORT" "$db" "$NATSPORT" > "$dir/hub.toml"
   fi
   RUST_LOG=warn "$HUB" --data-dir "$dir/data" serve --config "$dir/hub.toml" --mqtt 127.0.0.1:0 --mqtts off --api 127.0.0.1:0 >"$dir/log" 2>&1 &
-  PIDS+=($!)
+  echo $! >> "$W/hub.pids"
   for _ in $(seq 200); do [ -s "$dir/data/endpoints.json" ] && break; sleep 0.05; done
   python3 - "$dir/data" <<'PY'
 import json, sys
