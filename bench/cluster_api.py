@@ -27,6 +27,17 @@ def call(c, token, method, path, body=None):
     return r.status, payload
 
 
+def run_threads(threads, work):
+    """Runs work(t) on `threads` threads at once; the seconds they took together."""
+    start = time.monotonic()
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.monotonic() - start
+
+
 def create(url, token, prefix, count, threads):
     per = count // threads
     failures = []
@@ -38,13 +49,7 @@ def create(url, token, prefix, count, threads):
             if status not in (200, 201):
                 failures.append((status, body[:200]))
 
-    start = time.monotonic()
-    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    secs = time.monotonic() - start
+    secs = run_threads(threads, work)
     print(json.dumps({"creates": per * threads, "threads": threads, "seconds": round(secs, 3),
                       "per_second": round(per * threads / secs, 1), "failures": len(failures),
                       "first_failure": str(failures[0]) if failures else None}))
@@ -85,13 +90,7 @@ def twins(url, token, prefix, count, threads):
             if status != 200:
                 failures.append((status, body[:200]))
 
-    start = time.monotonic()
-    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    secs = time.monotonic() - start
+    secs = run_threads(threads, work)
     took.sort()
     pct = lambda p: round(took[min(len(took) - 1, int(len(took) * p))], 2)
     print(json.dumps({"writes": per * threads, "threads": threads, "per_second": round(per * threads / secs, 1),

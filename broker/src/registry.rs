@@ -12,7 +12,7 @@ use crate::storage::Store;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::rows::{Heard, Row, SharedRows};
+use crate::cluster::rows::{Heard, SharedRows, Versions};
 use crate::identity::{DeviceId, IdError, IdentityKey};
 use crate::sas;
 use crate::storage::JsonTable;
@@ -194,7 +194,7 @@ pub struct Registry {
     shared: std::sync::OnceLock<Arc<SharedRows>>,
     /// On a cluster node: the shared version of each cached record (of a deletion: the
     /// version it was deleted at), so a late answer never puts an older record back.
-    versions: DashMap<IdentityKey, i64>,
+    versions: Versions,
 }
 
 /// How often a write that found the record changed by another node reads it again.
@@ -352,7 +352,7 @@ impl Registry {
             live: DashMap::new(),
             activity: Default::default(),
             shared: std::sync::OnceLock::new(),
-            versions: DashMap::new(),
+            versions: Versions::default(),
         })
     }
 
@@ -393,11 +393,6 @@ impl Registry {
         Ok(())
     }
 
-    /// Whether a shared record at `version` is newer than what this node has of `key`.
-    fn newer(&self, key: &IdentityKey, version: i64) -> bool {
-        self.versions.get(key).is_none_or(|v| *v < version)
-    }
-
     fn shared(&self) -> Option<&Arc<SharedRows>> {
         self.shared.get()
     }
@@ -407,18 +402,9 @@ impl Registry {
     pub fn heard(&self, heard: Heard) -> Vec<IdentityKey> {
         let mut kick = Vec::new();
         let _writer = self.lock();
-        let mut apply = |key: &IdentityKey, row: Result<&Row, i64>| {
-            let version = match row {
-                Ok(r) => r.version,
-                Err(at) => at,
-            };
-            if !self.newer(key, version) {
-                return; // older than what this node wrote or heard since
-            }
-            self.versions.insert(key.clone(), version);
-            let next = row
-                .ok()
-                .and_then(|r| serde_json::from_str::<Identity>(&r.body).ok());
+        let cached = || self.cache.iter().map(|e| e.key().clone()).collect();
+        heard.apply_newer(&self.versions, cached, |key, row| {
+            let next = row.and_then(|r| serde_json::from_str::<Identity>(&r.body).ok());
             match next {
                 Some(identity) => {
                     let closes = identity.status == Status::Disabled
@@ -438,32 +424,7 @@ impl Registry {
                     }
                 }
             }
-        };
-        match heard {
-            Heard::Changed(key, row) => {
-                if let Ok(k) = IdentityKey::parse(&key) {
-                    apply(&k, row.as_ref().map_err(|at| *at));
-                }
-            }
-            Heard::All(rows, at) => {
-                let mut present = std::collections::HashSet::new();
-                for row in &rows {
-                    if let Ok(k) = IdentityKey::parse(&row.key) {
-                        apply(&k, Ok(row));
-                        present.insert(k);
-                    }
-                }
-                let gone: Vec<IdentityKey> = self
-                    .cache
-                    .iter()
-                    .map(|e| e.key().clone())
-                    .filter(|k| !present.contains(k))
-                    .collect();
-                for k in gone {
-                    apply(&k, Err(at));
-                }
-            }
-        }
+        });
         kick
     }
 
@@ -648,7 +609,7 @@ impl Registry {
             let found = match rows.get(&name).map_err(RegistryError::Store)? {
                 Ok(found) => found,
                 Err(at) => {
-                    if self.newer(key, at) {
+                    if self.versions.newer(key, at) {
                         self.versions.insert(key.clone(), at);
                         self.cache.remove(key);
                     }
@@ -785,6 +746,16 @@ impl Registry {
         self.persist_activities(std::slice::from_ref(key))
     }
 
+    /// `key`'s record as cached, and with its last activity time from this node's live
+    /// state; `None` when there is no record or no activity to write.
+    fn with_activity(&self, key: &IdentityKey) -> Option<(Arc<Identity>, Identity)> {
+        let current = self.get(key)?;
+        let t = self.live.get(key).and_then(|l| l.last_activity)?;
+        let mut next = (*current).clone();
+        next.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
+        Some((current, next))
+    }
+
     /// Writes the last activity times of `keys` in one transaction.
     fn persist_activities(&self, keys: &[IdentityKey]) -> Result<(), RegistryError> {
         let _writer = self.lock();
@@ -792,14 +763,9 @@ impl Registry {
             // One record at a time, each only if unchanged since it was cached: a last
             // activity time never writes an old record over another node's change.
             for key in keys {
-                let Some(current) = self.get(key) else {
+                let Some((current, next)) = self.with_activity(key) else {
                     continue;
                 };
-                let Some(t) = self.live.get(key).and_then(|l| l.last_activity) else {
-                    continue;
-                };
-                let mut next = (*current).clone();
-                next.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
                 let body = serde_json::to_string(&next)?;
                 if let Some(version) = rows
                     .replace(&key.to_string(), body, next.etag.clone(), &current.etag)
@@ -814,14 +780,9 @@ impl Registry {
         let tx = self.db.begin_write()?;
         let mut written = Vec::new();
         for key in keys {
-            let Some(current) = self.get(key) else {
+            let Some((_, next)) = self.with_activity(key) else {
                 continue;
             };
-            let Some(t) = self.live.get(key).and_then(|l| l.last_activity) else {
-                continue;
-            };
-            let mut next = (*current).clone();
-            next.last_activity_time = Some(humantime::format_rfc3339_millis(t).to_string());
             IDENTITIES.put::<RegistryError>(&tx, &key.to_string(), &next)?;
             written.push((key.clone(), next));
         }

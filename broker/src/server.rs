@@ -333,7 +333,8 @@ pub async fn run_with_reload(
                     else {
                         return C2dOutcome::Failed("the body is not base64".into());
                     };
-                    let device = key.device.to_string();
+                    // C2D goes to the device, whichever identity's connection carried it.
+                    let device = crate::identity::IdentityKey::device(key.device.clone());
                     match crate::api::enqueue_c2d_here(
                         &hub,
                         &device,

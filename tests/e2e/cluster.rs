@@ -18,14 +18,18 @@ use serde_json::json;
 use crate::harness::{cli, free_port, temp_dir, Client, Hub};
 use crate::postgres::{pg_bin, Pg};
 
-/// A node's directory with its config: 200 ms heartbeats, gone after 1 s of silence.
-fn node_dir(name: &str, url: &str) -> (PathBuf, String) {
+/// A node's directory with its config: 200 ms heartbeats, gone after 1 s of silence; NATS
+/// when given.
+fn node_dir(name: &str, url: &str, nats: Option<&str>) -> (PathBuf, String) {
     let dir = temp_dir(&format!("cluster-{name}"));
     let config = dir.join("hub.toml");
+    let nats = nats
+        .map(|n| format!("nats = \"{n}\"\n"))
+        .unwrap_or_default();
     std::fs::write(
         &config,
         format!(
-            "[cluster]\nnode = \"{name}\"\npostgres = \"{url}\"\nheartbeat_ms = 200\nnode_timeout_ms = 1000\n"
+            "[cluster]\nnode = \"{name}\"\npostgres = \"{url}\"\n{nats}heartbeat_ms = 200\nnode_timeout_ms = 1000\n"
         ),
     )
     .expect("write config");
@@ -33,8 +37,35 @@ fn node_dir(name: &str, url: &str) -> (PathBuf, String) {
 }
 
 async fn start_node(name: &str, url: &str) -> Hub {
-    let (dir, config) = node_dir(name, url);
+    let (dir, config) = node_dir(name, url, None);
     Hub::start_with(dir, &["--config", &config]).await
+}
+
+/// Runs `fleethub serve` on a node's directory where it must not start: whether it exited
+/// with success, and what it said.
+fn refused_start(dir: &std::path::Path, config: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleethub"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["serve", "--config", config])
+        .args([
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run fleethub");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
 }
 
 /// Polls `hub`'s `GET /cluster` until `done` holds (at most 20 s); the last status either way.
@@ -196,28 +227,9 @@ async fn a_node_without_its_postgres_refuses_to_start() {
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
         free_port()
     );
-    let (dir, config) = node_dir("lonely", &url);
-    let out = Command::new(env!("CARGO_BIN_EXE_fleethub"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args([
-            "serve",
-            "--config",
-            &config,
-            "--mqtt",
-            "127.0.0.1:0",
-            "--mqtts",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run fleethub");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "started without its PostgreSQL");
-    let said = format!("{stdout}{stderr}");
+    let (dir, config) = node_dir("lonely", &url, None);
+    let (started, said) = refused_start(&dir, &config);
+    assert!(!started, "started without its PostgreSQL");
     assert!(
         said.contains("cluster PostgreSQL") && said.contains("does not start"),
         "{said}"
@@ -271,7 +283,7 @@ async fn the_registry_is_shared_and_a_disabled_device_is_disconnected_on_whichev
     assert!(single.terminate().success());
     let dir = std::mem::take(&mut single.dir);
     drop(single);
-    let (_, config_a) = node_dir("a", &url);
+    let (_, config_a) = node_dir("a", &url, None);
     let a = Hub::start_with(dir, &["--config", &config_a]).await;
     let b = start_node("b", &url).await;
     until_status(&b, "/devices/old-1", 200).await;
@@ -454,16 +466,7 @@ impl Drop for NatsCluster {
 }
 
 async fn start_bus_node(name: &str, pg: &str, nats: &str) -> Hub {
-    let dir = temp_dir(&format!("cluster-{name}"));
-    let config = dir.join("hub.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nnode = \"{name}\"\npostgres = \"{pg}\"\nnats = \"{nats}\"\nheartbeat_ms = 200\nnode_timeout_ms = 1000\n"
-        ),
-    )
-    .expect("write config");
-    let config = config.to_string_lossy().into_owned();
+    let (dir, config) = node_dir(name, pg, Some(nats));
     Hub::start_with(dir, &["--config", &config]).await
 }
 
@@ -931,31 +934,9 @@ async fn a_shared_table_of_another_shape_stops_the_node_with_a_message_not_a_pan
         )
         .await
         .expect("a foreign table");
-    let (dir, config) = node_dir("odd", &pg.url());
-    let out = Command::new(env!("CARGO_BIN_EXE_fleethub"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args([
-            "serve",
-            "--config",
-            &config,
-            "--mqtt",
-            "127.0.0.1:0",
-            "--mqtts",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run fleethub");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "started on a table it cannot read");
+    let (dir, config) = node_dir("odd", &pg.url(), None);
+    let (started, said) = refused_start(&dir, &config);
+    assert!(!started, "started on a table it cannot read");
     assert!(said.contains("cluster PostgreSQL"), "{said}");
     assert!(!said.contains("panicked"), "{said}");
     let _ = std::fs::remove_dir_all(dir);

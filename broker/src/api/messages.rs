@@ -76,7 +76,7 @@ async fn send_c2d(
     let (message_id, enqueued_time, expires_at_ms) = match forwarded {
         Some(queued) => queued,
         None => {
-            let queued = enqueue_here(&hub, &device, message_id, bytes, properties, ttl_ms).await?;
+            let queued = enqueue_here(&hub, &key, message_id, bytes, properties, ttl_ms).await?;
             (
                 queued.message_id,
                 queued.enqueued_time,
@@ -100,13 +100,13 @@ async fn send_c2d(
 /// (the API's sends, and sends other nodes hand to the node holding the connection).
 pub async fn enqueue_here(
     hub: &SharedHub,
-    device: &str,
+    key: &crate::identity::IdentityKey,
     message_id: String,
     bytes: Vec<u8>,
     properties: Vec<(String, String)>,
     ttl_ms: u64,
 ) -> ApiResult<crate::c2d::C2dMessage> {
-    let dev = device.to_string();
+    let dev = key.device.to_string();
     let queued = blocking(hub, move |h| {
         h.c2d.enqueue(&dev, message_id, &bytes, properties, ttl_ms)
     })
@@ -116,10 +116,8 @@ pub async fn enqueue_here(
         .c2d_messages
         .with_label_values(&["queued"])
         .inc();
-    if let Ok(key) = device_key(device) {
-        if let Some(live) = hub.live.get(&key) {
-            live.mailbox.wake_c2d();
-        }
+    if let Some(live) = hub.live.get(key) {
+        live.mailbox.wake_c2d();
     }
     Ok(queued)
 }

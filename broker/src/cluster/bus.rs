@@ -89,6 +89,14 @@ pub struct Bus {
     serving: DashMap<u64, tokio::task::AbortHandle>,
 }
 
+/// Why [`Bus::ask`] got no answer.
+enum Asked {
+    /// No node holds the identity's connection.
+    Nobody,
+    TimedOut,
+    Failed(String),
+}
+
 /// NATS could not be reached.
 #[derive(Debug, thiserror::Error)]
 #[error("cluster NATS ({url}): {message}")]
@@ -181,32 +189,30 @@ impl Bus {
                     }
                     continue;
                 }
-                if message.subject.ends_with(".c2d") {
-                    let Some(reply) = message.reply.clone() else {
-                        continue;
-                    };
+                let Some(reply) = message.reply.clone() else {
+                    continue;
+                };
+                let body = if message.subject.ends_with(".c2d") {
                     let outcome = match serde_json::from_slice::<C2dRequest>(&message.payload) {
                         Ok(request) => (handlers.c2d)(key.clone(), request).await,
                         Err(e) => C2dOutcome::Failed(format!("unreadable C2D message: {e}")),
                     };
-                    let body = serde_json::to_vec(&outcome).unwrap_or_default();
-                    if let Err(e) = bus.client.publish(reply, body.into()).await {
-                        warn!(identity = %key, error = %e, "could not answer a C2D hand-over from another node");
-                    }
-                    continue;
-                }
-                if message.subject.ends_with(".method") {
-                    let Some(reply) = message.reply.clone() else {
-                        continue;
-                    };
+                    serde_json::to_vec(&outcome)
+                } else if message.subject.ends_with(".method") {
                     let outcome = match serde_json::from_slice::<MethodRequest>(&message.payload) {
                         Ok(request) => (handlers.method)(key.clone(), request).await,
                         Err(e) => MethodOutcome::Offline(format!("unreadable method request: {e}")),
                     };
-                    let body = serde_json::to_vec(&outcome).unwrap_or_default();
-                    if let Err(e) = bus.client.publish(reply, body.into()).await {
-                        warn!(identity = %key, error = %e, "could not answer a method call from another node");
-                    }
+                    serde_json::to_vec(&outcome)
+                } else {
+                    continue;
+                };
+                if let Err(e) = bus
+                    .client
+                    .publish(reply, body.unwrap_or_default().into())
+                    .await
+                {
+                    warn!(identity = %key, subject = %message.subject, error = %e, "could not answer another node");
                 }
             }
         });
@@ -220,28 +226,31 @@ impl Bus {
         }
     }
 
-    /// Calls a method on `key` wherever it is connected; `Offline` when no node holds it.
-    pub async fn call_method(&self, key: &IdentityKey, request: &MethodRequest) -> MethodOutcome {
-        let body = match serde_json::to_vec(request) {
-            Ok(b) => b,
-            Err(e) => return MethodOutcome::Offline(e.to_string()),
-        };
-        // The holder times the call itself; this only covers a node dying mid-call.
-        let within = Duration::from_secs(request.timeout_secs + 5);
-        // A connection made a moment ago may not be known to every NATS server yet (interest
-        // crosses the NATS cluster's routes asynchronously): "no responders" is asked once
-        // more after a short wait before it counts as offline.
+    /// Asks the node holding `key`'s connection (`what`: `method`, `c2d`) and reads its answer.
+    /// A connection made a moment ago may not be known to every NATS server yet (interest
+    /// crosses the NATS cluster's routes asynchronously), so "no responders" is asked once
+    /// more after a short wait before it counts as no node holding `key`.
+    async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &IdentityKey,
+        what: &str,
+        request: &impl Serialize,
+        within: Duration,
+    ) -> Result<T, Asked> {
+        let body: bytes::Bytes = serde_json::to_vec(request)
+            .map_err(|e| Asked::Failed(e.to_string()))?
+            .into();
         let mut asked_twice = false;
         loop {
             let asked = self.client.send_request(
-                subject(key, "method"),
+                subject(key, what),
                 async_nats::Request::new()
-                    .payload(body.clone().into())
+                    .payload(body.clone())
                     .timeout(Some(within)),
             );
             return match asked.await {
-                Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
-                    MethodOutcome::Offline(format!("unreadable answer from another node: {e}"))
+                Ok(reply) => serde_json::from_slice(&reply.payload).map_err(|e| {
+                    Asked::Failed(format!("unreadable answer from another node: {e}"))
                 }),
                 Err(e) => match e.kind() {
                     async_nats::RequestErrorKind::NoResponders if !asked_twice => {
@@ -249,15 +258,27 @@ impl Bus {
                         tokio::time::sleep(NO_RESPONDERS_AGAIN).await;
                         continue;
                     }
-                    async_nats::RequestErrorKind::NoResponders => {
-                        MethodOutcome::Offline(format!("'{key}' is not connected to any node"))
-                    }
-                    async_nats::RequestErrorKind::TimedOut => MethodOutcome::Timeout(format!(
-                        "no answer from the node holding '{key}' within {within:?}"
-                    )),
-                    _ => MethodOutcome::Offline(format!("cluster NATS: {e}")),
+                    async_nats::RequestErrorKind::NoResponders => Err(Asked::Nobody),
+                    async_nats::RequestErrorKind::TimedOut => Err(Asked::TimedOut),
+                    _ => Err(Asked::Failed(format!("cluster NATS: {e}"))),
                 },
             };
+        }
+    }
+
+    /// Calls a method on `key` wherever it is connected; `Offline` when no node holds it.
+    pub async fn call_method(&self, key: &IdentityKey, request: &MethodRequest) -> MethodOutcome {
+        // The holder times the call itself; this only covers a node dying mid-call.
+        let within = Duration::from_secs(request.timeout_secs + 5);
+        match self.ask(key, "method", request, within).await {
+            Ok(outcome) => outcome,
+            Err(Asked::Nobody) => {
+                MethodOutcome::Offline(format!("'{key}' is not connected to any node"))
+            }
+            Err(Asked::TimedOut) => MethodOutcome::Timeout(format!(
+                "no answer from the node holding '{key}' within {within:?}"
+            )),
+            Err(Asked::Failed(why)) => MethodOutcome::Offline(why),
         }
     }
 
@@ -265,33 +286,13 @@ impl Bus {
     /// does. A lost answer is `Failed`: the message may have been stored there, so the
     /// caller must not store it too (the sender retries, as after any failed send).
     pub async fn send_c2d(&self, key: &IdentityKey, request: &C2dRequest) -> C2dOutcome {
-        let body = match serde_json::to_vec(request) {
-            Ok(b) => b,
-            Err(e) => return C2dOutcome::Failed(e.to_string()),
-        };
-        let mut asked_twice = false;
-        loop {
-            let asked = self.client.send_request(
-                subject(key, "c2d"),
-                async_nats::Request::new()
-                    .payload(body.clone().into())
-                    .timeout(Some(Duration::from_secs(10))),
-            );
-            return match asked.await {
-                Ok(reply) => serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
-                    C2dOutcome::Failed(format!("unreadable answer from another node: {e}"))
-                }),
-                // As for methods: a connection made a moment ago may not be known everywhere.
-                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                    if !asked_twice {
-                        asked_twice = true;
-                        tokio::time::sleep(NO_RESPONDERS_AGAIN).await;
-                        continue;
-                    }
-                    C2dOutcome::NotConnected
-                }
-                Err(e) => C2dOutcome::Failed(format!("cluster NATS: {e}")),
-            };
+        match self.ask(key, "c2d", request, Duration::from_secs(10)).await {
+            Ok(outcome) => outcome,
+            Err(Asked::Nobody) => C2dOutcome::NotConnected,
+            Err(Asked::TimedOut) => {
+                C2dOutcome::Failed("no answer from the node holding the device".into())
+            }
+            Err(Asked::Failed(why)) => C2dOutcome::Failed(why),
         }
     }
 

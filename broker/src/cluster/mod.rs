@@ -261,13 +261,9 @@ pub async fn singleton<F, Fut>(
     }
 }
 
-/// A connection to the cluster's PostgreSQL, its driver spawned; `role` names it in
-/// `pg_stat_activity` (`fleethub:{node}:{role}`), which is how the status finds the leader.
-async fn connect(
-    url: &str,
-    node: &str,
-    role: &str,
-) -> Result<tokio_postgres::Client, ClusterError> {
+/// How every cluster connection to PostgreSQL is made; `role` names it in `pg_stat_activity`
+/// (`fleethub:{node}:{role}`).
+fn config(url: &str, node: &str, role: &str) -> Result<tokio_postgres::Config, ClusterError> {
     let mut config: tokio_postgres::Config =
         url.parse().map_err(|source| ClusterError::Postgres {
             what: "the connection string",
@@ -278,7 +274,17 @@ async fn connect(
         .connect_timeout(Duration::from_secs(5))
         // A peer that vanished without closing is noticed in seconds, not hours.
         .keepalives_idle(Duration::from_secs(5));
-    let (client, connection) = config
+    Ok(config)
+}
+
+/// A connection to the cluster's PostgreSQL, its driver spawned; `role` names it in
+/// `pg_stat_activity` (`fleethub:{node}:{role}`), which is how the status finds the leader.
+async fn connect(
+    url: &str,
+    node: &str,
+    role: &str,
+) -> Result<tokio_postgres::Client, ClusterError> {
+    let (client, connection) = config(url, node, role)?
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(|source| ClusterError::Postgres {

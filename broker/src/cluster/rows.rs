@@ -17,6 +17,7 @@ use tokio_postgres::AsyncMessage;
 use tracing::{info, warn};
 
 use super::{connect, ClusterError};
+use crate::identity::IdentityKey;
 
 /// One record: its key, JSON text, etag, and version. Versions come from one sequence per
 /// table, taken by every write (deletes too), so of two reads of a record the one with the
@@ -188,10 +189,7 @@ impl SharedRows {
                         &[],
                     )
                     .await?;
-                let at: i64 = tx
-                    .query_one(&format!("SELECT nextval('{table}_version')"), &[])
-                    .await?
-                    .get(0);
+                let at = next_version(&tx, &table).await?;
                 tx.commit().await?;
                 Ok((rows.iter().map(row).collect::<Result<_, _>>()?, at))
             })
@@ -211,10 +209,7 @@ impl SharedRows {
                     .await?;
                 Ok(match found {
                     Some(r) => Ok(row(&r)?),
-                    None => Err(c
-                        .query_one(&format!("SELECT nextval('{table}_version')"), &[])
-                        .await?
-                        .get(0)),
+                    None => Err(next_version(&*c, &table).await?),
                 })
             })
         })
@@ -300,10 +295,7 @@ impl SharedRows {
                         notify(&tx, &table, &node, key).await?;
                     }
                 }
-                let at: i64 = tx
-                    .query_one(&format!("SELECT nextval('{table}_version')"), &[])
-                    .await?
-                    .get(0);
+                let at = next_version(&tx, &table).await?;
                 tx.commit().await?;
                 Ok(at)
             })
@@ -374,11 +366,7 @@ impl SharedRows {
                                 }
                             };
                             if gone == 1 {
-                                Some(
-                                    tx.query_one(&format!("SELECT nextval('{table}_version')"), &[])
-                                        .await?
-                                        .get(0),
-                                )
+                                Some(next_version(&tx, &table).await?)
                             } else {
                                 None
                             }
@@ -403,6 +391,16 @@ impl SharedRows {
     }
 }
 
+/// A version newer than every write so far: what a missing record or a deletion is dated at.
+async fn next_version(
+    c: &impl tokio_postgres::GenericClient,
+    table: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    c.query_one(&format!("SELECT nextval('{table}_version')"), &[])
+        .await?
+        .try_get(0)
+}
+
 /// `NOTIFY {table}, '{node}\n{key}'`, sent when the transaction commits.
 async fn notify(
     tx: &tokio_postgres::Transaction<'_>,
@@ -425,6 +423,77 @@ pub enum Heard {
     /// The whole table, after the feed was (re)connected: anything may have changed. With
     /// the version a record missing from it was missing as of.
     All(Vec<Row>, i64),
+}
+
+impl Heard {
+    /// Hands `apply` each record heard that is newer than what `versions` holds, recording
+    /// its version first: the record, or `None` when it is gone. After a whole-table read,
+    /// every key of `cached` the table no longer holds is gone too. Older answers are
+    /// skipped, so a late read never puts an older record back.
+    pub fn apply_newer(
+        self,
+        versions: &Versions,
+        cached: impl FnOnce() -> Vec<IdentityKey>,
+        mut apply: impl FnMut(&IdentityKey, Option<&Row>),
+    ) {
+        let mut one = |key: &IdentityKey, version: i64, row: Option<&Row>| {
+            if versions.newer(key, version) {
+                versions.insert(key.clone(), version);
+                apply(key, row);
+            }
+        };
+        match self {
+            Heard::Changed(key, row) => {
+                if let Ok(k) = IdentityKey::parse(&key) {
+                    match &row {
+                        Ok(r) => one(&k, r.version, Some(r)),
+                        Err(at) => one(&k, *at, None),
+                    }
+                }
+            }
+            Heard::All(rows, at) => {
+                let cached = cached();
+                let mut present = std::collections::HashSet::new();
+                for row in &rows {
+                    if let Ok(k) = IdentityKey::parse(&row.key) {
+                        one(&k, row.version, Some(row));
+                        present.insert(k);
+                    }
+                }
+                for k in cached.iter().filter(|k| !present.contains(*k)) {
+                    one(k, at, None);
+                }
+            }
+        }
+    }
+}
+
+/// The shared version of each record a node caches (of a deletion: the version it was
+/// deleted at), beside the cache it describes.
+#[derive(Default)]
+pub struct Versions(dashmap::DashMap<IdentityKey, i64>);
+
+impl Versions {
+    /// Whether a record of `key` at `version` is newer than what this node has.
+    pub fn newer(&self, key: &IdentityKey, version: i64) -> bool {
+        self.0.get(key).is_none_or(|v| *v < version)
+    }
+
+    pub fn get(&self, key: &IdentityKey) -> Option<i64> {
+        self.0.get(key).map(|v| *v)
+    }
+
+    pub fn insert(&self, key: IdentityKey, version: i64) {
+        self.0.insert(key, version);
+    }
+
+    pub fn remove(&self, key: &IdentityKey) {
+        self.0.remove(key);
+    }
+
+    pub fn clear(&self) {
+        self.0.clear();
+    }
 }
 
 /// Follows other nodes' changes to `rows`' table until `stop`, calling `on` for each (from a
@@ -460,12 +529,9 @@ async fn follow(
     on: &std::sync::Arc<dyn Fn(Heard) + Send + Sync>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
-    config
-        .application_name(format!("fleethub:{node}:feed"))
-        .connect_timeout(Duration::from_secs(5))
-        .keepalives_idle(Duration::from_secs(5));
-    let (client, mut connection) = config
+    // Its own connection, not `connect`'s: the feed reads the notifications off it.
+    let (client, mut connection) = super::config(url, node, "feed")
+        .map_err(|e| e.to_string())?
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| e.to_string())?;

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use super::doc::Twin;
-use crate::cluster::rows::{BatchWrite, Heard, Row, SharedRows};
+use crate::cluster::rows::{BatchWrite, Heard, SharedRows, Versions};
 use crate::identity::IdentityKey;
 
 const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
@@ -75,7 +75,7 @@ pub struct TwinStore {
 #[derive(Default)]
 struct Shared {
     rows: std::sync::OnceLock<Arc<SharedRows>>,
-    versions: DashMap<IdentityKey, i64>,
+    versions: Versions,
     /// Held while a twin and its version are read or changed together: the writer thread and
     /// the change feed both update them, and a twin cached at one version with another's
     /// number would let a write pass its check on content it never saw.
@@ -85,11 +85,6 @@ struct Shared {
 impl Shared {
     fn together(&self) -> std::sync::MutexGuard<'_, ()> {
         self.together.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether `version` is newer than what this node has of `key`.
-    fn newer(&self, key: &IdentityKey, version: i64) -> bool {
-        self.versions.get(key).is_none_or(|v| *v < version)
     }
 }
 
@@ -189,60 +184,32 @@ impl TwinStore {
     pub fn heard(&self, heard: Heard) -> Vec<HeardTwin> {
         let _together = self.shared.together();
         let mut changed = Vec::new();
-        let mut apply = |key: IdentityKey, row: Result<&Row, i64>| {
-            let version = match row {
-                Ok(r) => r.version,
-                Err(at) => at,
-            };
-            if !self.shared.newer(&key, version) {
-                return;
-            }
-            self.shared.versions.insert(key.clone(), version);
-            let before = self.get(&key);
+        let cached = || self.cache.iter().map(|e| e.key().clone()).collect();
+        heard.apply_newer(&self.shared.versions, cached, |key, row| {
+            let before = self.get(key);
             let after = match row {
-                Ok(r) => match serde_json::from_str::<Twin>(&r.body) {
+                Some(r) => match serde_json::from_str::<Twin>(&r.body) {
                     Ok(t) => Some(Arc::new(t)),
                     Err(_) => return,
                 },
-                Err(_) => None,
+                None => None,
             };
             match &after {
                 Some(t) => {
                     self.cache.insert(key.clone(), t.clone());
                 }
                 None => {
-                    if self.cache.remove(&key).is_none() {
+                    if self.cache.remove(key).is_none() {
                         return;
                     }
                 }
             }
-            changed.push(HeardTwin { key, before, after });
-        };
-        match heard {
-            Heard::Changed(key, row) => {
-                if let Ok(k) = IdentityKey::parse(&key) {
-                    apply(k, row.as_ref().map_err(|at| *at));
-                }
-            }
-            Heard::All(rows, at) => {
-                let mut present = std::collections::HashSet::new();
-                for row in &rows {
-                    if let Ok(k) = IdentityKey::parse(&row.key) {
-                        present.insert(k.clone());
-                        apply(k, Ok(row));
-                    }
-                }
-                let gone: Vec<IdentityKey> = self
-                    .cache
-                    .iter()
-                    .map(|e| e.key().clone())
-                    .filter(|k| !present.contains(k))
-                    .collect();
-                for k in gone {
-                    apply(k, Err(at));
-                }
-            }
-        }
+            changed.push(HeardTwin {
+                key: key.clone(),
+                before,
+                after,
+            });
+        });
         changed
     }
 
@@ -340,6 +307,23 @@ fn apply_op(
     }
 }
 
+/// `key`'s twin as it stands inside a batch: as an earlier job of the batch left it (empty
+/// after a deletion), else as cached.
+fn as_staged(
+    staged: &HashMap<IdentityKey, Option<Arc<Twin>>>,
+    cache: &DashMap<IdentityKey, Arc<Twin>>,
+    key: &IdentityKey,
+) -> Arc<Twin> {
+    match staged.get(key) {
+        Some(Some(t)) => t.clone(),
+        Some(None) => Arc::new(Twin::new()),
+        None => cache
+            .get(key)
+            .map(|t| t.value().clone())
+            .unwrap_or_else(|| Arc::new(Twin::new())),
+    }
+}
+
 fn writer(
     db: Arc<Store>,
     cache: Arc<DashMap<IdentityKey, Arc<Twin>>>,
@@ -360,14 +344,7 @@ fn writer(
             {
                 let mut table = tx.open_table(TWINS).map_err(store_err)?;
                 for job in &batch {
-                    let current = match staged.get(&job.key) {
-                        Some(Some(t)) => t.clone(),
-                        Some(None) => Arc::new(Twin::new()),
-                        None => cache
-                            .get(&job.key)
-                            .map(|t| t.value().clone())
-                            .unwrap_or_else(|| Arc::new(Twin::new())),
-                    };
+                    let current = as_staged(&staged, &cache, &job.key);
                     match apply_op(&current, &job.op, &now) {
                         Ok((Some(next), pushed)) => {
                             let bytes = serde_json::to_vec(&next).map_err(store_err)?;
@@ -439,14 +416,7 @@ fn write_shared(
         let mut order: Vec<IdentityKey> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in &batch {
-            let current = match staged.get(&job.key) {
-                Some(Some(t)) => t.clone(),
-                Some(None) => Arc::new(Twin::new()),
-                None => cache
-                    .get(&job.key)
-                    .map(|t| t.value().clone())
-                    .unwrap_or_else(|| Arc::new(Twin::new())),
-            };
+            let current = as_staged(&staged, cache, &job.key);
             match apply_op(&current, &job.op, &now) {
                 Ok((next, pushed)) => {
                     let next = next.map(Arc::new);
@@ -477,7 +447,7 @@ fn write_shared(
             writes.push(BatchWrite {
                 key: key.to_string(),
                 body,
-                expected: versions.get(key).map(|v| *v),
+                expected: versions.get(key),
             });
         }
         drop(snapshot);
@@ -486,7 +456,7 @@ fn write_shared(
                 let _together = shared.together();
                 for (key, version) in order.iter().zip(written) {
                     // The feed may already hold a newer write of another node.
-                    if !shared.newer(key, version) {
+                    if !shared.versions.newer(key, version) {
                         continue;
                     }
                     versions.insert(key.clone(), version);
@@ -515,7 +485,7 @@ fn write_shared(
                     match read {
                         Ok(Ok(row)) => {
                             if let (true, Ok(t)) = (
-                                shared.newer(&key, row.version),
+                                shared.versions.newer(&key, row.version),
                                 serde_json::from_str::<Twin>(&row.body),
                             ) {
                                 versions.insert(key.clone(), row.version);
@@ -523,7 +493,7 @@ fn write_shared(
                             }
                         }
                         Ok(Err(at)) => {
-                            if shared.newer(&key, at) {
+                            if shared.versions.newer(&key, at) {
                                 versions.remove(&key);
                                 cache.remove(&key);
                             }
