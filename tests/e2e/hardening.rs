@@ -466,7 +466,17 @@ async fn floods_of_the_api_and_of_mqtt_leave_the_other_working() {
         ),
         "a device publishes while the API is flooded"
     );
-    assert!(hub.metric("fleethub_api_connections_refused_total").await >= 200.0);
+    let refused = hub
+        .metric_reaching(
+            "fleethub_api_connections_refused_total",
+            200.0,
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        refused >= 200.0,
+        "fleethub_api_connections_refused_total = {refused}"
+    );
     assert_eq!(
         still_open(&mut api_flood, std::time::Duration::from_secs(15)).await,
         0,
@@ -481,7 +491,17 @@ async fn floods_of_the_api_and_of_mqtt_leave_the_other_working() {
     let mut mqtt_flood = flood(mqtt, 300, b"").await;
     let (s, _) = hub.api(Method::GET, "/health", None).await;
     assert_eq!(s, 200, "the API works while MQTT is flooded");
-    assert!(hub.metric("fleethub_mqtt_pending_refused_total").await >= 200.0);
+    let refused = hub
+        .metric_reaching(
+            "fleethub_mqtt_pending_refused_total",
+            200.0,
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        refused >= 200.0,
+        "fleethub_mqtt_pending_refused_total = {refused}"
+    );
     assert_eq!(
         still_open(&mut mqtt_flood, std::time::Duration::from_secs(15)).await,
         0,

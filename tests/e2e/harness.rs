@@ -305,6 +305,25 @@ impl Hub {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
     }
+
+    /// Waits up to `within` for a metric to reach `at_least`, and returns its last value:
+    /// counters move when the hub gets to the work (accepting, refusing), a moment after the
+    /// client's side of it completed.
+    pub async fn metric_reaching(
+        &self,
+        line_prefix: &str,
+        at_least: f64,
+        within: std::time::Duration,
+    ) -> f64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let v = self.metric(line_prefix).await;
+            if v >= at_least || tokio::time::Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for Hub {
