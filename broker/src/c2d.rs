@@ -4,6 +4,10 @@
 //! connection delivers queued messages at QoS 1 straight from this queue (see `mqtt.rs`) and
 //! a message leaves only when the device's PUBACK for it arrives, or when it expires. Expired
 //! messages are never delivered; they are removed and counted.
+//!
+//! On a cluster node ([`C2dStore::share`]) the queues live in the table the nodes share
+//! (`cluster::c2d`), so a device finds what was sent while it was away on whichever node
+//! it connects to.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::storage::Store;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 /// Key: (device id, sequence). Value: JSON [`C2dMessage`].
@@ -74,6 +78,7 @@ pub fn now_ms() -> u64 {
 pub struct C2dStore {
     db: Arc<Store>,
     next_seq: AtomicU64,
+    shared: std::sync::OnceLock<Arc<crate::cluster::rows::SharedRows>>,
 }
 
 impl C2dStore {
@@ -89,7 +94,28 @@ impl C2dStore {
         Ok(C2dStore {
             db,
             next_seq: AtomicU64::new(start),
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this store a cluster node's: the queues live in `rows` from now on. The first
+    /// node of a new cluster brings the messages its own store holds.
+    pub fn share(&self, rows: Arc<crate::cluster::rows::SharedRows>) -> Result<(), C2dError> {
+        rows.index_c2d().map_err(C2dError)?;
+        let mut local = Vec::new();
+        {
+            let tx = self.db.begin_read().map_err(err)?;
+            let table = tx.open_table(C2D).map_err(err)?;
+            for row in table.iter().map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                if let Ok(msg) = serde_json::from_slice::<C2dMessage>(v.value()) {
+                    local.push((k.value().0.to_string(), msg));
+                }
+            }
+        }
+        rows.seed_c2d(local).map_err(C2dError)?;
+        let _ = self.shared.set(rows);
+        Ok(())
     }
 
     /// Queues a message durably; returns it with its sequence number.
@@ -109,6 +135,9 @@ impl C2dStore {
             enqueued_time: crate::registry::now_rfc3339(),
             expires_at_ms: now_ms().saturating_add(ttl_ms),
         };
+        if let Some(rows) = self.shared.get() {
+            return rows.enqueue_c2d(device, msg).map_err(C2dError);
+        }
         let bytes = serde_json::to_vec(&msg).map_err(err)?;
         let tx = self.db.begin_write().map_err(err)?;
         tx.open_table(C2D)
@@ -130,7 +159,34 @@ impl C2dStore {
         let now = now_ms();
         let mut live = Vec::new();
         let mut expired = Vec::new();
-        {
+        if let Some(rows) = self.shared.get() {
+            // Expired ones do not count against the limit: read on until it is met.
+            let mut after = after;
+            loop {
+                let batch = rows.c2d_after(device, after, limit).map_err(C2dError)?;
+                let full = batch.len() >= limit;
+                for found in batch {
+                    match found {
+                        Ok(msg) if msg.expires_at_ms > now && live.len() < limit => {
+                            after = msg.seq;
+                            live.push(msg);
+                        }
+                        Ok(msg) if msg.expires_at_ms <= now => {
+                            after = msg.seq;
+                            expired.push(msg.seq);
+                        }
+                        Ok(_) => {}
+                        Err(seq) => {
+                            after = seq;
+                            expired.push(seq);
+                        }
+                    }
+                }
+                if !full || live.len() >= limit {
+                    break;
+                }
+            }
+        } else {
             let tx = self.db.begin_read().map_err(err)?;
             let table = tx.open_table(C2D).map_err(err)?;
             let start = after.saturating_add(1);
@@ -161,6 +217,9 @@ impl C2dStore {
 
     /// Removes delivered (or expired) messages.
     pub fn remove_many(&self, device: &str, seqs: &[u64]) -> Result<(), C2dError> {
+        if let Some(rows) = self.shared.get() {
+            return rows.remove_c2d(device, seqs).map_err(C2dError);
+        }
         let tx = self.db.begin_write().map_err(err)?;
         {
             let mut table = tx.open_table(C2D).map_err(err)?;
@@ -173,6 +232,9 @@ impl C2dStore {
 
     /// Removes every message of a device (it was deleted).
     pub fn purge(&self, device: &str) -> Result<(), C2dError> {
+        if let Some(rows) = self.shared.get() {
+            return rows.purge_c2d(device).map_err(C2dError);
+        }
         let (all, _) = self.pending(device, 0, usize::MAX)?;
         let seqs: Vec<u64> = all.iter().map(|m| m.seq).collect();
         self.remove_many(device, &seqs)

@@ -170,6 +170,28 @@ pub async fn run_with_reload(
                 .twins
                 .share(twins.clone())
                 .map_err(|e| ServerError::Store(e.to_string()))?;
+            // Sessions: each CONNECT reads its own; no change feed.
+            let (url, node) = (c.postgres.clone(), c.node.clone());
+            let sessions = tokio::task::spawn_blocking(move || {
+                crate::cluster::rows::SharedRows::open(&url, &node, "sessions")
+            })
+            .await
+            .map_err(|e| ServerError::Store(e.to_string()))??;
+            stores
+                .sessions
+                .share(Arc::new(sessions))
+                .map_err(|e| ServerError::Store(e.to_string()))?;
+            // C2D queues: read by the node the device is connected to.
+            let (url, node) = (c.postgres.clone(), c.node.clone());
+            let c2d = tokio::task::spawn_blocking(move || {
+                crate::cluster::rows::SharedRows::open(&url, &node, "c2d")
+            })
+            .await
+            .map_err(|e| ServerError::Store(e.to_string()))??;
+            stores
+                .c2d
+                .share(Arc::new(c2d))
+                .map_err(|e| ServerError::Store(e.to_string()))?;
             Some((rows, twins))
         }
         None => None,
@@ -321,38 +343,16 @@ pub async fn run_with_reload(
             Arc::downgrade(&hub),
         );
         bus.serve_with(crate::cluster::bus::Handlers {
-            c2d: Arc::new(move |key, request| {
-                use crate::cluster::bus::C2dOutcome;
-                let hub = h3.clone();
-                Box::pin(async move {
-                    use base64::Engine;
-                    let Some(hub) = hub.upgrade() else {
-                        return C2dOutcome::Failed("stopping".into());
-                    };
-                    let Ok(body) = base64::engine::general_purpose::STANDARD.decode(&request.body)
-                    else {
-                        return C2dOutcome::Failed("the body is not base64".into());
-                    };
-                    // C2D goes to the device, whichever identity's connection carried it.
-                    let device = crate::identity::IdentityKey::device(key.device.clone());
-                    match crate::api::enqueue_c2d_here(
-                        &hub,
-                        &device,
-                        request.message_id,
-                        body,
-                        request.properties,
-                        request.ttl_ms,
-                    )
-                    .await
-                    {
-                        Ok(m) => C2dOutcome::Queued {
-                            message_id: m.message_id,
-                            enqueued_time: m.enqueued_time,
-                            expires_at_ms: m.expires_at_ms,
-                        },
-                        Err(e) => C2dOutcome::Failed(e.to_string()),
-                    }
-                })
+            c2d: Arc::new(move |key| {
+                // C2D goes to the device, whichever identity's connection carried it.
+                let device = crate::identity::IdentityKey::device(key.device.clone());
+                if let Some(live) = h3
+                    .upgrade()
+                    .as_ref()
+                    .and_then(|h| h.live.get(&device).map(|l| l.mailbox.clone()))
+                {
+                    live.wake_c2d();
+                }
             }),
             method: Arc::new(move |key, request| {
                 let hub = h1.clone();
@@ -793,7 +793,14 @@ async fn expire_sessions(hub: SharedHub, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let expired = hub.sessions.expire(expiry.saturating_mul(1000));
+        if !hub.sessions.expires_here(hub.cluster.is_leader()) {
+            continue;
+        }
+        let h = hub.clone();
+        let expired =
+            tokio::task::spawn_blocking(move || h.sessions.expire(expiry.saturating_mul(1000)))
+                .await
+                .unwrap_or(0);
         if expired > 0 {
             hub.metrics.sessions_expired.inc_by(expired as u64);
             info!(sessions = expired, "idle persistent sessions expired");

@@ -18,11 +18,18 @@
 //!   connections, `~service/{client id}` (`~` is not a valid id character);
 //! - a session whose client stayed away longer than `[mqtt] session_expiry_secs` is removed
 //!   by [`SessionStore::expire`]; its identity's deletion removes it at once.
+//!
+//! On a cluster node ([`SessionStore::share`]) the sessions live in the table the nodes
+//! share instead (`cluster::sessions` says how a session follows its client between nodes),
+//! written by the same batching writer, one transaction per batch; the index then holds only
+//! the sessions of clients connected to this node, and expiry is the leader's.
 
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::cluster::rows::SharedRows;
+use crate::cluster::sessions::SessionWrite;
 use crate::storage::JsonTable;
 use crate::storage::Store;
 use dashmap::DashMap;
@@ -50,6 +57,9 @@ pub struct StoredSession {
     /// when the hub stopped without a clean disconnect. Idle time counts from here.
     #[serde(default)]
     pub last_seen_ms: u64,
+    /// On a cluster node: the node holding the client's connection, empty while it is away.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
 }
 
 /// What the hub keeps in memory per stored session: just enough for expiry. The filters
@@ -93,6 +103,9 @@ pub struct SessionStore {
     db: Arc<Store>,
     index: DashMap<String, Presence>,
     jobs: mpsc::Sender<Job>,
+    /// On a cluster node: the shared table, which then holds the sessions (the writer
+    /// thread reads it too).
+    shared: Arc<std::sync::OnceLock<Arc<SharedRows>>>,
 }
 
 impl SessionStore {
@@ -116,27 +129,79 @@ impl SessionStore {
         }
         let (jobs, rx) = mpsc::channel();
         let writer_db = db.clone();
+        let shared: Arc<std::sync::OnceLock<Arc<SharedRows>>> = Arc::default();
+        let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("session-writer".into())
-            .spawn(move || writer(writer_db, rx))
+            .spawn(move || writer(writer_db, writer_shared, rx))
             .map_err(|e| SessionError::Store(e.to_string()))?;
-        Ok(SessionStore { db, index, jobs })
+        Ok(SessionStore {
+            db,
+            index,
+            jobs,
+            shared,
+        })
     }
 
-    /// The stored session of `key`, if there is one.
+    /// Makes this store a cluster node's: sessions live in `rows` from now on. The first
+    /// node of a new cluster brings its own; a node releases the sessions it held before it
+    /// stopped.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), SessionError> {
+        let now = now_ms();
+        let local = SESSIONS
+            .load::<SessionError>(&self.db)?
+            .into_iter()
+            .map(|(k, s)| {
+                let last_seen_ms = match s.last_seen_ms {
+                    0 => now,
+                    t => t,
+                };
+                (k, StoredSession { last_seen_ms, ..s })
+            })
+            .collect();
+        rows.seed_sessions(local).map_err(SessionError::Store)?;
+        rows.release_sessions(now).map_err(SessionError::Store)?;
+        self.index.clear();
+        let _ = self.shared.set(rows);
+        Ok(())
+    }
+
+    fn shared(&self) -> Option<&Arc<SharedRows>> {
+        self.shared.get()
+    }
+
+    /// The stored session of `key`, if there is one. On a cluster node this also claims it
+    /// for this node: call it for a client connecting here.
     pub fn get(&self, key: &str) -> Result<Option<StoredSession>, SessionError> {
+        if let Some(rows) = self.shared() {
+            let found = rows.claim_session(key).map_err(SessionError::Store)?;
+            if found.is_some() {
+                self.index.entry(key.to_string()).or_default().last_seen_ms = 0;
+            }
+            return Ok(found);
+        }
         if !self.index.contains_key(key) {
             return Ok(None);
         }
         SESSIONS.get::<SessionError>(&self.db, key)
     }
 
+    /// How many sessions are stored (on a cluster node: in the whole cluster).
     pub fn len(&self) -> usize {
-        self.index.len()
+        match self.shared() {
+            Some(rows) => rows.count().map(|n| n.max(0) as usize).unwrap_or(0),
+            None => self.index.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.len() == 0
+    }
+
+    /// Whether this node removes idle sessions: a single hub does; in a cluster the leader
+    /// does it for every node.
+    pub fn expires_here(&self, leads: bool) -> bool {
+        self.shared().is_none() || leads
     }
 
     /// Stores `filters` as the session of `key` (whose client is connected); resolves once
@@ -160,7 +225,8 @@ impl SessionStore {
         &self,
         key: &str,
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send + 'static {
-        let existed = self.index.remove(key).is_some();
+        // Another node may have written it: in a cluster, always ask.
+        let existed = self.index.remove(key).is_some() || self.shared().is_some();
         let pending = existed.then(|| self.submit(key, Op::Remove));
         async move {
             match pending {
@@ -189,6 +255,10 @@ impl SessionStore {
             })
         });
         if let Some(t) = idle_since {
+            if self.shared().is_some() {
+                // The index of a cluster node holds the sessions of its connected clients.
+                self.index.remove_if(key, |_, p| p.connected == 0);
+            }
             let _ = self.jobs.send(Job {
                 key: key.to_string(),
                 op: Op::Touch(t),
@@ -200,6 +270,15 @@ impl SessionStore {
     /// Removes sessions idle for longer than `max_idle_ms`; returns how many went.
     pub fn expire(&self, max_idle_ms: u64) -> usize {
         let now = now_ms();
+        if let Some(rows) = self.shared() {
+            return match rows.expire_sessions(now, max_idle_ms) {
+                Ok(n) => n as usize,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not expire the cluster's idle sessions");
+                    0
+                }
+            };
+        }
         let stale: Vec<String> = self
             .index
             .iter()
@@ -235,8 +314,35 @@ impl SessionStore {
     }
 }
 
-fn writer(db: Arc<Store>, rx: mpsc::Receiver<Job>) {
+fn writer(
+    db: Arc<Store>,
+    shared: Arc<std::sync::OnceLock<Arc<SharedRows>>>,
+    rx: mpsc::Receiver<Job>,
+) {
     while let Some(batch) = crate::storage::next_batch(&rx, MAX_BATCH) {
+        if let Some(rows) = shared.get() {
+            let writes = batch
+                .iter()
+                .map(|job| {
+                    let write = match &job.op {
+                        Op::Put(filters) => SessionWrite::Put(filters.clone()),
+                        Op::Remove => SessionWrite::Remove,
+                        Op::Touch(t) => SessionWrite::Left(*t),
+                    };
+                    (job.key.clone(), write)
+                })
+                .collect();
+            let result = rows.write_sessions(writes).map_err(SessionError::Store);
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "could not write sessions to the cluster's PostgreSQL");
+            }
+            for job in batch {
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(result.clone());
+                }
+            }
+            continue;
+        }
         let result = (|| -> Result<(), SessionError> {
             let tx = db.begin_write()?;
             {
@@ -249,6 +355,7 @@ fn writer(db: Arc<Store>, rx: mpsc::Receiver<Job>) {
                             let session = StoredSession {
                                 filters: filters.clone(),
                                 last_seen_ms: 0,
+                                node: String::new(),
                             };
                             table.insert(key, serde_json::to_vec(&session)?.as_slice())?;
                         }

@@ -617,7 +617,7 @@ async fn a_method_invoked_on_one_node_reaches_the_device_on_another_and_a_reconn
         .expect("C2D sent through a reached the device on c");
     assert_eq!(crate::harness::json_of(&got), json!({"cmd": "open"}));
     assert!(got.topic.contains("k=v"), "{}", got.topic);
-    // To a device connected nowhere: kept by the node it was sent through.
+    // To a device connected nowhere: stored in the queue every node shares.
     let (status, body) = c
         .api(
             Method::POST,
@@ -940,4 +940,297 @@ async fn a_shared_table_of_another_shape_stops_the_node_with_a_message_not_a_pan
     assert!(said.contains("cluster PostgreSQL"), "{said}");
     assert!(!said.contains("panicked"), "{said}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What an Azure IoT SDK device subscribes once, on its first connection, and never again.
+const SDK_FILTERS: [&str; 4] = [
+    "devices/dev-1/messages/devicebound/#",
+    "$iothub/twin/res/#",
+    "$iothub/twin/PATCH/properties/desired/#",
+    "$iothub/methods/POST/#",
+];
+
+/// Invokes `name` on dev-1 through `via` until the device (reading on `device`) answers it:
+/// a connection made a moment ago reaches every NATS server's interest within moments.
+async fn method_answered(via: &Hub, device: &mut Client, by: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let url = via.api_url("/devices/dev-1/methods");
+        let token = via.token.clone();
+        let call = tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"methodName": "ping", "payload": {}, "responseTimeoutInSeconds": 10}))
+                .send()
+                .await
+                .expect("method call");
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        });
+        let answered = answer_one_within(device, by, Duration::from_secs(3)).await;
+        let (status, body) = call.await.unwrap();
+        if answered && status == 200 {
+            assert_eq!(body["payload"]["answeredBy"], by, "{body}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no method call reached the resumed session on {by}: {status} {body}"
+        );
+    }
+}
+
+/// Waits until `hub` shows dev-1 disconnected (its connection there has closed).
+async fn disconnected_on(hub: &Hub) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, d) = hub.api(Method::GET, "/devices/dev-1", None).await;
+        if d["connectionState"] == "Disconnected" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still connected: {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every publish that arrives until none has for `quiet`.
+async fn drain(client: &mut Client, quiet: Duration) -> Vec<rumqttc::Publish> {
+    let mut all = Vec::new();
+    while let Some(p) = client.next_publish(quiet).await {
+        all.push(p);
+    }
+    all
+}
+
+async fn send_c2d(via: &Hub, body: &str) {
+    let (s, b) = via
+        .api(
+            Method::POST,
+            "/devices/dev-1/messages",
+            Some(json!({ "body": body })),
+        )
+        .await;
+    assert_eq!(s, 202, "C2D {body}: {b}");
+}
+
+/// The SDKs connect with clean session 0 and never subscribe again after a reconnect, so a
+/// device that lands on another node (a load balancer's choice, or its node died) must find
+/// its session there: session-present 1, its subscriptions working without a SUBSCRIBE, the
+/// C2D messages sent through any node while it was away delivered, the desired change made
+/// while away sent on resume. Clean session 1 on any node ends the session everywhere.
+#[tokio::test]
+async fn a_device_reconnecting_to_another_node_keeps_its_session_and_gets_what_was_sent_while_away()
+{
+    let (Some(pg_bin), Some(nats_bin)) = (pg_bin(), nats_bin()) else {
+        return;
+    };
+    let pg = Pg::init(&pg_bin);
+    let nats = NatsCluster::start(&nats_bin);
+    let url = pg.url();
+    let a = start_bus_node("a", &url, &nats.urls(0)).await;
+    let b = start_bus_node("b", &url, &nats.urls(1)).await;
+    let mut c = start_bus_node("c", &url, &nats.urls(2)).await;
+    let key = a.create_device("dev-1").await;
+    until_status(&b, "/devices/dev-1", 200).await;
+    until_status(&c, "/devices/dev-1", 200).await;
+
+    // One address in front of the nodes, as a TCP load balancer is.
+    let lb = crate::harness::Proxy::start("127.0.0.1:0", a.endpoints.mqtt.expect("mqtt")).await;
+    let sdk_like = |hub: &Hub| {
+        let mut o = rumqttc::MqttOptions::new("dev-1", "127.0.0.1", lb.port());
+        o.set_credentials(hub.username("dev-1"), hub.sas("dev-1", &key));
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(false);
+        o
+    };
+    let (mut dev, present) = Client::connect_session(sdk_like(&a))
+        .await
+        .expect("connects to a");
+    assert!(!present, "a first connection has no session");
+    let codes = dev.subscribe_many(&SDK_FILTERS).await;
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+        "{codes:?}"
+    );
+
+    // Away: C2D through b, a desired change through c; then the device lands on c.
+    lb.cut();
+    assert!(dev.disconnected(Duration::from_secs(10)).await.is_some());
+    disconnected_on(&a).await;
+    send_c2d(&b, "while-away").await;
+    let (s, body) = c
+        .api(
+            Method::PATCH,
+            "/twins/dev-1",
+            Some(json!({"properties": {"desired": {"mode": "eco"}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    lb.retarget(c.endpoints.mqtt.expect("mqtt"));
+    let (mut dev, present) = Client::connect_session(sdk_like(&c))
+        .await
+        .expect("reconnects, to c");
+    assert!(present, "the session made on a is present on c");
+    let got = drain(&mut dev, Duration::from_millis(1500)).await;
+    let c2d = got
+        .iter()
+        .find(|p| p.topic.starts_with("devices/dev-1/messages/devicebound/"))
+        .expect("the C2D message sent through b while the device was away");
+    assert_eq!(&c2d.payload[..], b"while-away");
+    let patch = got
+        .iter()
+        .find(|p| {
+            p.topic
+                .starts_with("$iothub/twin/PATCH/properties/desired/")
+        })
+        .expect("the desired change made while away, on resume");
+    assert_eq!(crate::harness::json_of(patch)["mode"], "eco");
+    method_answered(&a, &mut dev, "c").await;
+    let r = dev
+        .request("$iothub/twin/GET/?$rid=g", b"", "$iothub/twin/res/")
+        .await;
+    assert!(r.topic.starts_with("$iothub/twin/res/200/"), "{}", r.topic);
+
+    // c dies holding the connection; the device comes back through the same address on b.
+    c.kill9();
+    lb.retarget(b.endpoints.mqtt.expect("mqtt"));
+    lb.cut();
+    assert!(dev.disconnected(Duration::from_secs(10)).await.is_some());
+    send_c2d(&a, "after-the-kill").await;
+    let (mut dev, present) = Client::connect_session(sdk_like(&b))
+        .await
+        .expect("reconnects, to b");
+    assert!(present, "the session outlives the node that held it");
+    let c2d = dev
+        .next_publish_on(
+            "devices/dev-1/messages/devicebound/",
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("C2D sent through a while the device was away, on b");
+    assert_eq!(&c2d.payload[..], b"after-the-kill");
+    method_answered(&a, &mut dev, "b").await;
+
+    // Clean session 1 on one node ends the session on every node.
+    drop(dev);
+    let mut clean = sdk_like(&b);
+    clean.set_clean_session(true);
+    let (once, present) = Client::connect_session(clean).await.expect("connects");
+    assert!(!present);
+    drop(once);
+    lb.retarget(a.endpoints.mqtt.expect("mqtt"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_fresh, present) = Client::connect_session(sdk_like(&a))
+        .await
+        .expect("connects to a");
+    assert!(
+        !present,
+        "clean session 1 on b ended the session a would resume"
+    );
+    let (_, metrics) = (0, a.metrics().await);
+    assert!(
+        metrics.contains("fleethub_sessions{node=\"a\"} 1")
+            || metrics.contains("fleethub_sessions{node=\"a\"} 0"),
+        "sessions gauge: {}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("fleethub_sessions"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop((a, b));
+    drop(pg);
+}
+
+/// Expiry of the shared sessions is the leader's: a session whose client left is forgotten
+/// after `session_expiry_secs` whichever node it was made on, and so is one held by a node
+/// that died (its client never said goodbye), counted from the node's last heartbeat; a
+/// session whose client is connected never expires.
+#[tokio::test]
+async fn the_leader_expires_idle_sessions_of_every_node_including_a_dead_ones() {
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+    let node = |name: &str| {
+        let (dir, config) = node_dir(name, &url, None);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("[mqtt]\nsession_expiry_secs = 2\n");
+        std::fs::write(&config, text).unwrap();
+        (dir, config)
+    };
+    let (dir, config) = node("a");
+    let a = Hub::start_with(dir, &["--config", &config]).await;
+    let (dir, config) = node("b");
+    let mut b = Hub::start_with(dir, &["--config", &config]).await;
+    status_until(&a, |s| s.leader.as_deref() == Some("a")).await;
+    let mut keys = Vec::new();
+    for d in ["left", "held", "live"] {
+        keys.push(a.create_device(d).await);
+        until_status(&b, &format!("/devices/{d}"), 200).await;
+    }
+    let persistent = |hub: &Hub, id: &str, key: &str| {
+        let mut o = hub.options(id, &hub.sas(id, key));
+        o.set_clean_session(false);
+        o
+    };
+    // Sessions made on b: one client leaves, one stays connected to b (which then dies), one
+    // stays connected to a.
+    let (mut left, _) = Client::connect_session(persistent(&b, "left", &keys[0]))
+        .await
+        .unwrap();
+    left.subscribe_many(&["$iothub/methods/POST/#"]).await;
+    let (mut held, _) = Client::connect_session(persistent(&b, "held", &keys[1]))
+        .await
+        .unwrap();
+    held.subscribe_many(&["$iothub/methods/POST/#"]).await;
+    let (mut live, _) = Client::connect_session(persistent(&a, "live", &keys[2]))
+        .await
+        .unwrap();
+    live.subscribe_many(&["$iothub/methods/POST/#"]).await;
+    drop(left);
+    b.kill9();
+    drop(held);
+
+    // Expiry runs every second (half the expiry); gone after 2 s idle (or 2 s of b's silence).
+    let gone = |id: &'static str, key: String| {
+        let a = &a;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let (c, present) = Client::connect_session(persistent(a, id, &key))
+                    .await
+                    .unwrap();
+                drop(c);
+                if !present {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the session of {id} never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    // Checking reconnects (and so claims) it: only once it is gone does it stay gone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    gone("left", keys[0].clone()).await;
+    gone("held", keys[1].clone()).await;
+    // The connected one outlived both.
+    drop(live);
+    let (_again, present) = Client::connect_session(persistent(&a, "live", &keys[2]))
+        .await
+        .unwrap();
+    assert!(present, "a connected client's session does not expire");
+    assert!(
+        a.metric("fleethub_sessions_expired_total{node=\"a\"}")
+            .await
+            >= 2.0
+    );
+    drop(pg);
 }

@@ -9,7 +9,6 @@ use axum::{Json, Router};
 
 use super::wire::{C2dMessage, C2dQueued};
 use super::{blocking, device_key, registered, ApiError, ApiResult, ApiState};
-use crate::cluster::bus::{C2dOutcome, C2dRequest};
 use crate::hub::SharedHub;
 
 pub fn routes() -> Router<ApiState> {
@@ -46,44 +45,19 @@ async fn send_c2d(
         .message_id
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
     let ttl_ms = ttl * 1000;
-    // Connected to another node: that node stores and delivers it. Connected here, or
-    // nowhere: stored here, delivered when it connects here.
-    let forwarded = match hub.cluster.bus() {
-        Some(bus) if !hub.live.contains_key(&key) => {
-            use base64::Engine;
-            let request = C2dRequest {
-                message_id: message_id.clone(),
-                body: base64::engine::general_purpose::STANDARD.encode(&bytes),
-                properties: properties.clone(),
-                ttl_ms,
-            };
-            match bus.send_c2d(&key, &request).await {
-                C2dOutcome::Queued {
-                    message_id,
-                    enqueued_time,
-                    expires_at_ms,
-                } => Some((message_id, enqueued_time, expires_at_ms)),
-                C2dOutcome::NotConnected => None,
-                C2dOutcome::Failed(why) => {
-                    return Err(ApiError::Unavailable(format!(
-                        "the node holding the device did not confirm the message ({why}); send it again"
-                    )))
-                }
-            }
+    // Stored here (on a cluster node: in the queue every node shares), then delivered by
+    // whichever node holds the device's connection.
+    let queued = enqueue_here(&hub, &key, message_id, bytes, properties, ttl_ms).await?;
+    if let Some(bus) = hub.cluster.bus() {
+        if !hub.live.contains_key(&key) {
+            bus.wake_c2d(&key).await;
         }
-        _ => None,
-    };
-    let (message_id, enqueued_time, expires_at_ms) = match forwarded {
-        Some(queued) => queued,
-        None => {
-            let queued = enqueue_here(&hub, &key, message_id, bytes, properties, ttl_ms).await?;
-            (
-                queued.message_id,
-                queued.enqueued_time,
-                queued.expires_at_ms,
-            )
-        }
-    };
+    }
+    let (message_id, enqueued_time, expires_at_ms) = (
+        queued.message_id,
+        queued.enqueued_time,
+        queued.expires_at_ms,
+    );
     let expires = std::time::UNIX_EPOCH + std::time::Duration::from_millis(expires_at_ms);
     Ok((
         StatusCode::ACCEPTED,
@@ -96,8 +70,8 @@ async fn send_c2d(
         .into_response())
 }
 
-/// Stores a C2D message in this node's durable queue and wakes the device's connection here
-/// (the API's sends, and sends other nodes hand to the node holding the connection).
+/// Stores a C2D message in the durable queue (on a cluster node, the shared one) and wakes
+/// the device's connection if it is here.
 pub async fn enqueue_here(
     hub: &SharedHub,
     key: &crate::identity::IdentityKey,

@@ -26,7 +26,6 @@ mod routes;
 mod twins;
 pub mod wire;
 
-pub use messages::enqueue_here as enqueue_c2d_here;
 pub use methods::call_here as call_method_here;
 
 use crate::hub::{Hub, SharedHub};
@@ -208,7 +207,12 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 async fn metrics(State(hub): State<SharedHub>) -> impl IntoResponse {
-    hub.metrics.sessions.set(hub.sessions.len() as i64);
+    // On a cluster node a count in PostgreSQL: off the async threads.
+    let h = hub.clone();
+    let sessions = tokio::task::spawn_blocking(move || h.sessions.len())
+        .await
+        .unwrap_or(0);
+    hub.metrics.sessions.set(sessions as i64);
     hub.metrics
         .observe_queues(&hub.queue_stats(), crate::c2d::now_ms());
     // Lag reads the queue (a range count per group): off the async threads.

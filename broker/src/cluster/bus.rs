@@ -7,8 +7,11 @@
 //! request to `….method`; with no node holding the identity NATS answers "no responders" at
 //! once, which is exactly IoT Hub's "device not online". A connection accepted on one node
 //! publishes `….takeover` before it subscribes, and the node holding the previous connection
-//! with that id closes it, as IoT Hub does within one hub. (`{id}` is the identity's
-//! `device[/module]` in hex: device ids may hold `.`, `*` and `>`.)
+//! with that id closes it, as IoT Hub does within one hub. C2D messages are stored in the
+//! queue the nodes share by whichever node the API call reached; it then publishes
+//! `….c2d` (no answer awaited) and the node holding the device's connection delivers from
+//! the shared queue. (`{id}` is the identity's `device[/module]` in hex: device ids may hold
+//! `.`, `*` and `>`.)
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -45,35 +48,10 @@ pub enum MethodOutcome {
     Timeout(String),
 }
 
-/// A cloud-to-device message carried to the node that holds the device's connection, which
-/// stores it in its durable C2D queue and delivers it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct C2dRequest {
-    pub message_id: String,
-    /// The body, base64.
-    pub body: String,
-    pub properties: Vec<(String, String)>,
-    pub ttl_ms: u64,
-}
-
-/// What the holding node did with it: stored (then, and only then, the API answers 202).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum C2dOutcome {
-    Queued {
-        message_id: String,
-        enqueued_time: String,
-        expires_at_ms: u64,
-    },
-    /// No node holds the device's connection: the caller keeps the message itself.
-    NotConnected,
-    Failed(String),
-}
-
 /// What the server does with what arrives for a local connection.
 pub struct Handlers {
-    pub c2d: Arc<dyn Fn(IdentityKey, C2dRequest) -> BoxFuture<'static, C2dOutcome> + Send + Sync>,
+    /// A C2D message for this device was stored in the shared queue: deliver it.
+    pub c2d: Arc<dyn Fn(IdentityKey) + Send + Sync>,
     pub method:
         Arc<dyn Fn(IdentityKey, MethodRequest) -> BoxFuture<'static, MethodOutcome> + Send + Sync>,
     /// Another node accepted a connection with this id: close the one here.
@@ -189,16 +167,14 @@ impl Bus {
                     }
                     continue;
                 }
+                if message.subject.ends_with(".c2d") {
+                    (handlers.c2d)(key.clone());
+                    continue;
+                }
                 let Some(reply) = message.reply.clone() else {
                     continue;
                 };
-                let body = if message.subject.ends_with(".c2d") {
-                    let outcome = match serde_json::from_slice::<C2dRequest>(&message.payload) {
-                        Ok(request) => (handlers.c2d)(key.clone(), request).await,
-                        Err(e) => C2dOutcome::Failed(format!("unreadable C2D message: {e}")),
-                    };
-                    serde_json::to_vec(&outcome)
-                } else if message.subject.ends_with(".method") {
+                let body = if message.subject.ends_with(".method") {
                     let outcome = match serde_json::from_slice::<MethodRequest>(&message.payload) {
                         Ok(request) => (handlers.method)(key.clone(), request).await,
                         Err(e) => MethodOutcome::Offline(format!("unreadable method request: {e}")),
@@ -226,7 +202,7 @@ impl Bus {
         }
     }
 
-    /// Asks the node holding `key`'s connection (`what`: `method`, `c2d`) and reads its answer.
+    /// Asks the node holding `key`'s connection (`what`: `method`) and reads its answer.
     /// A connection made a moment ago may not be known to every NATS server yet (interest
     /// crosses the NATS cluster's routes asynchronously), so "no responders" is asked once
     /// more after a short wait before it counts as no node holding `key`.
@@ -282,17 +258,16 @@ impl Bus {
         }
     }
 
-    /// Hands a C2D message to the node holding `key`'s connection; `NotConnected` when no node
-    /// does. A lost answer is `Failed`: the message may have been stored there, so the
-    /// caller must not store it too (the sender retries, as after any failed send).
-    pub async fn send_c2d(&self, key: &IdentityKey, request: &C2dRequest) -> C2dOutcome {
-        match self.ask(key, "c2d", request, Duration::from_secs(10)).await {
-            Ok(outcome) => outcome,
-            Err(Asked::Nobody) => C2dOutcome::NotConnected,
-            Err(Asked::TimedOut) => {
-                C2dOutcome::Failed("no answer from the node holding the device".into())
-            }
-            Err(Asked::Failed(why)) => C2dOutcome::Failed(why),
+    /// Tells the node holding `key`'s connection (if any) that a C2D message for it was
+    /// stored in the shared queue. Nothing is awaited: the message is already safe, and a
+    /// connection also reads the queue whenever it (re)subscribes and after each delivery.
+    pub async fn wake_c2d(&self, key: &IdentityKey) {
+        if let Err(e) = self
+            .client
+            .publish(subject(key, "c2d"), bytes::Bytes::new())
+            .await
+        {
+            warn!(identity = %key, error = %e, "could not tell the device's node of a C2D message");
         }
     }
 

@@ -21,8 +21,10 @@
 //! its own leader for good, so the single node runs the same code it always did.
 
 pub mod bus;
+pub mod c2d;
 mod leader;
 pub mod rows;
+pub mod sessions;
 mod status;
 
 use std::collections::BTreeSet;

@@ -140,7 +140,7 @@ impl SharedRows {
     }
 
     /// Runs `work` on the table's connection and waits for its answer.
-    fn call<T: Send + 'static>(
+    pub(super) fn call<T: Send + 'static>(
         &self,
         work: impl for<'c> FnOnce(
                 &'c mut tokio_postgres::Client,
@@ -161,7 +161,14 @@ impl SharedRows {
         self.jobs
             .send(job)
             .map_err(|_| "the shared table's connection is gone".to_string())?;
-        match rx.recv_timeout(ANSWER_WITHIN) {
+        // A caller on an async worker (a connection reading its C2D queue) lets the runtime
+        // move the worker's other tasks elsewhere while it waits.
+        let wait = || rx.recv_timeout(ANSWER_WITHIN);
+        let answer = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        };
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(format!("cluster PostgreSQL: {e}")),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
