@@ -192,6 +192,27 @@ pub async fn run_with_reload(
                 .c2d
                 .share(Arc::new(c2d))
                 .map_err(|e| ServerError::Store(e.to_string()))?;
+            // Targeted deployments with their rollout state, and each device's deployment
+            // state: any node's API changes them, the leader's ticker advances rollouts.
+            let open = |name: &'static str| {
+                let (url, node) = (c.postgres.clone(), c.node.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::cluster::rows::SharedRows::open(&url, &node, name)
+                })
+            };
+            let records = open("deployments")
+                .await
+                .map_err(|e| ServerError::Store(e.to_string()))??;
+            let states = open("deployment_devices")
+                .await
+                .map_err(|e| ServerError::Store(e.to_string()))??;
+            let d = deploy.clone();
+            tokio::task::spawn_blocking(move || {
+                d.targeted.share(Arc::new(records), Arc::new(states))
+            })
+            .await
+            .map_err(|e| ServerError::Store(e.to_string()))?
+            .map_err(|e| ServerError::Store(e.to_string()))?;
             Some((rows, twins))
         }
         None => None,
@@ -460,6 +481,23 @@ pub async fn run_with_reload(
             on,
             stop_rx.clone(),
         ));
+        // Other nodes' deployments and device deployment states: into this node's cache (the
+        // node that changed them reconciled their devices).
+        if let Some((records, states)) = deploy.targeted.shared_tables() {
+            use crate::deploy::targeted::Table;
+            for (rows, table) in [(records, Table::Records), (states, Table::States)] {
+                let d = deploy.clone();
+                let on: Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync> =
+                    Arc::new(move |heard| d.targeted.heard(table, heard));
+                tasks.spawn(crate::cluster::rows::listen(
+                    rows,
+                    c.postgres.clone(),
+                    c.node.clone(),
+                    on,
+                    stop_rx.clone(),
+                ));
+            }
+        }
     }
     tasks.spawn(show_leadership(hub.clone(), stop_rx.clone()));
     let (h, d) = (hub.clone(), deploy.clone());

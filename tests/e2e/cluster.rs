@@ -20,7 +20,7 @@ use crate::postgres::{pg_bin, Pg};
 
 /// A node's directory with its config: 200 ms heartbeats, gone after 1 s of silence; NATS
 /// when given.
-fn node_dir(name: &str, url: &str, nats: Option<&str>) -> (PathBuf, String) {
+pub(crate) fn node_dir(name: &str, url: &str, nats: Option<&str>) -> (PathBuf, String) {
     let dir = temp_dir(&format!("cluster-{name}"));
     let config = dir.join("hub.toml");
     let nats = nats
@@ -378,7 +378,7 @@ async fn the_registry_is_shared_and_a_disabled_device_is_disconnected_on_whichev
 }
 
 /// nats-server, if installed (CI installs it).
-fn nats_bin() -> Option<PathBuf> {
+pub(crate) fn nats_bin() -> Option<PathBuf> {
     let found = [
         "/usr/bin/nats-server",
         "/usr/sbin/nats-server",
@@ -397,13 +397,13 @@ fn nats_bin() -> Option<PathBuf> {
 }
 
 /// Three nats-servers routed into one cluster on free ports; each killed on drop.
-struct NatsCluster {
+pub(crate) struct NatsCluster {
     servers: Vec<Option<std::process::Child>>,
     ports: Vec<u16>,
 }
 
 impl NatsCluster {
-    fn start(bin: &std::path::Path) -> NatsCluster {
+    pub(crate) fn start(bin: &std::path::Path) -> NatsCluster {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers = Vec::new();
@@ -439,7 +439,7 @@ impl NatsCluster {
     }
 
     /// All three servers, `first` first.
-    fn urls(&self, first: usize) -> String {
+    pub(crate) fn urls(&self, first: usize) -> String {
         let mut order: Vec<usize> = vec![first];
         order.extend((0..3).filter(|i| *i != first));
         order
@@ -449,7 +449,7 @@ impl NatsCluster {
             .join(",")
     }
 
-    fn kill(&mut self, i: usize) {
+    pub(crate) fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.servers[i].take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -1232,5 +1232,97 @@ async fn the_leader_expires_idle_sessions_of_every_node_including_a_dead_ones() 
             .await
             >= 2.0
     );
+    drop(pg);
+}
+
+/// Deployments and their rollout state are shared: one created through a follower's API
+/// starts its first phase there and reaches devices connected to a third node; the leader's
+/// ticker advances it; when the leader is killed mid-rollout the next leader carries it to
+/// the end from where it stood. An operator's pause through any node holds the rollout.
+#[tokio::test]
+async fn a_deployment_made_on_any_node_rolls_out_and_a_new_leader_continues_it() {
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+    let mut a = start_node("a", &url).await;
+    status_until(&a, |s| s.leader.as_deref() == Some("a")).await;
+    let b = start_node("b", &url).await;
+    let c = start_node("c", &url).await;
+    let mut reporters = Vec::new();
+    for i in 0..4 {
+        let id = format!("r{i}");
+        let key = b.create_device(&id).await;
+        until_status(&c, &format!("/devices/{id}"), 200).await;
+        let (s, body) = b
+            .api(
+                Method::PATCH,
+                &format!("/twins/{id}"),
+                Some(json!({"tags": {"env": "prod"}})),
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        until_tagged(&c, &id).await;
+        until_tagged(&a, &id).await;
+        reporters.push(crate::targeted_deployments::reporter(
+            c.device(&id, &key).await,
+            false,
+        ));
+    }
+
+    // Made through b (a follower): phase 1 (one device of four) starts at once.
+    let (s, body) = b
+        .api(
+            Method::POST,
+            "/deployments",
+            Some(json!({
+                "id": "app-2", "targetCondition": "tags.env = 'prod'", "priority": 1,
+                "content": {"deviceContent": {"properties.desired.app": {"version": "2"}}},
+                "rollout": {"phases": [25, 50, 100], "successThreshold": 100, "failureThreshold": 50, "observeSecs": 2},
+            })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(
+        body["rolloutState"]["phaseMembers"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{body}"
+    );
+    // Paused through c: the leader's ticker holds it; resumed through a, it goes on.
+    let (s, body) = c.api(Method::POST, "/deployments/app-2/pause", None).await;
+    assert_eq!(s, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, d) = a.api(Method::GET, "/deployments/app-2", None).await;
+    assert_eq!(
+        (&d["rolloutState"]["status"], &d["rolloutState"]["phase"]),
+        (&json!("paused"), &json!(0)),
+        "a pause made on c holds the leader's rollout: {d}"
+    );
+    let (s, body) = a.api(Method::POST, "/deployments/app-2/resume", None).await;
+    assert_eq!(s, 200, "{body}");
+
+    // The leader (a) advances it to phase 2 from the devices' reports, then dies.
+    crate::targeted_deployments::wait_for(&c, "app-2", |d| {
+        d["rolloutState"]["phase"].as_u64() >= Some(1)
+    })
+    .await;
+    a.kill9();
+    let s = status_until(&b, |s| matches!(s.leader.as_deref(), Some("b" | "c"))).await;
+    let d = crate::targeted_deployments::wait_for(&b, "app-2", |d| {
+        d["rolloutState"]["status"] == "completed"
+    })
+    .await;
+    assert_eq!(d["systemMetrics"]["appliedCount"], 4, "{d}");
+    assert_eq!(d["systemMetrics"]["reportedSuccessfulCount"], 4, "{d}");
+    for i in 0..4 {
+        let (_, twin) = c.api(Method::GET, &format!("/twins/r{i}"), None).await;
+        assert_eq!(
+            twin["properties"]["desired"]["app"]["version"], "2",
+            "r{i}: {twin}"
+        );
+    }
+    eprintln!("completed under the new leader {:?}", s.leader);
+    drop(reporters);
     drop(pg);
 }

@@ -4,6 +4,8 @@
 //! the test on the client (the SDK reconnects by itself, clean session 0, and never
 //! subscribes again); each ends with the desired document of its twin. And a client whose SAS
 //! token lives two minutes renews it (by reconnecting) several times without losing anything.
+//! And the same device against a cluster: reconnecting through one address to another node,
+//! then to a third after its node was killed, it keeps its session.
 //! Skipped locally without FLEETHUB_PYTHON, like the other interop tests.
 
 use std::path::PathBuf;
@@ -503,4 +505,133 @@ async fn azure_iot_python_sdk_device_follows_deployment_retargeting() {
     sdk.wait_for("back", |e| e["connected"] == true).await;
     converges(&mut sdk, &hub, twin, "away").await;
     sdk.quit().await;
+}
+
+/// The unmodified SDK against a fleethub cluster behind one address (a TCP load balancer):
+/// the network cuts it from node a and the balancer sends it to b, later b dies (`kill -9`)
+/// and it lands on c. It reconnects by itself (clean session 0, no SUBSCRIBE again) and
+/// keeps receiving: C2D sent through any node while it was away, the desired changes made
+/// meanwhile (removals included), and method calls made through another node. The nodes
+/// share one certificate, as nodes behind one name do.
+#[tokio::test]
+async fn azure_iot_python_sdk_device_keeps_its_session_across_cluster_nodes() {
+    let Some(python) = python() else { return };
+    let (Some(pg_bin), Some(nats_bin)) = (crate::postgres::pg_bin(), crate::cluster::nats_bin())
+    else {
+        return;
+    };
+    let pg = crate::postgres::Pg::init(&pg_bin);
+    let nats = crate::cluster::NatsCluster::start(&nats_bin);
+    let url = pg.url();
+    let ip = crate::interop::random_loopback();
+    let node = |name: &str, i: usize, tls: Option<&std::path::Path>| {
+        let (dir, config) = crate::cluster::node_dir(name, &url, Some(&nats.urls(i)));
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("[hub]\nhostname = \"{ip}\"\n"));
+        if let Some(tls) = tls {
+            text.push_str(&format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                tls.join("server.pem").display(),
+                tls.join("server.key").display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+        (dir, config)
+    };
+    let (dir, config) = node("a", 0, None);
+    let a = Hub::start_with(dir, &["--config", &config]).await;
+    let tls = a.data_dir().join("tls");
+    let (dir, config) = node("b", 1, Some(&tls));
+    let mut b = Hub::start_with(dir, &["--config", &config]).await;
+    let (dir, config) = node("c", 2, Some(&tls));
+    let c = Hub::start_with(dir, &["--config", &config]).await;
+    let proxy = Proxy::start(&format!("{ip}:8883"), a.endpoints.mqtts.expect("mqtts")).await;
+
+    let key = a.create_device("sdk-dev").await;
+    for hub in [&b, &c] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hub.api(Method::GET, "/devices/sdk-dev", None).await.0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "the device never reached another node"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (twin, methods) = ("/twins/sdk-dev", "/devices/sdk-dev/methods");
+    patch(
+        &a,
+        twin,
+        json!({"cws": {"temperature": 38, "pressure": 78}}),
+    )
+    .await;
+    let cs = format!("HostName={ip};DeviceId=sdk-dev;SharedAccessKey={key}");
+    let mut sdk = Sdk::spawn(
+        &python,
+        "device",
+        &cs,
+        &tls.join("ca.pem"),
+        None,
+        false,
+        None,
+    )
+    .await;
+    let ready = sdk.wait_for("ready", |e| e.get("ready").is_some()).await;
+    assert_eq!(ready["doc"], Value::Object(a.desired_document(twin).await));
+
+    // (what happens, where it lands, the node the API calls go through meanwhile)
+    for (round, how) in ["cut, to b", "b killed, to c"].into_iter().enumerate() {
+        proxy.block(true);
+        if round == 1 {
+            b.kill9();
+        }
+        let (lands, via) = if round == 0 { (&b, &c) } else { (&c, &a) };
+        proxy.retarget(lands.endpoints.mqtts.expect("mqtts"));
+        proxy.cut();
+        sdk.wait_for(&format!("{how}: disconnected"), |e| e["connected"] == false)
+            .await;
+        let (s, body) = via
+            .api(
+                Method::POST,
+                "/devices/sdk-dev/messages",
+                Some(json!({"body": format!("away-{round}"), "messageId": format!("m-{round}")})),
+            )
+            .await;
+        assert_eq!(s, 202, "{how}: {body}");
+        patch(
+            via,
+            twin,
+            json!({"cws": {"pressure": null, "temperature": 40 + round}, "round": how}),
+        )
+        .await;
+        proxy.block(false);
+
+        sdk.wait_for(&format!("{how}: reconnected"), |e| e["connected"] == true)
+            .await;
+        let c2d = sdk
+            .wait_for(&format!("{how}: C2D sent while away"), |e| {
+                e.get("c2d").is_some()
+            })
+            .await;
+        assert_eq!(c2d["c2d"], format!("away-{round}"));
+        converges(&mut sdk, via, twin, how).await;
+        // A method through another node reaches it where it landed (interest in its new
+        // connection crosses the NATS cluster within moments).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (s, body) = method(via, methods, &format!("after-{round}")).await;
+            if s == 200 {
+                assert_eq!(body["payload"]["handled"], format!("after-{round}"));
+                break;
+            }
+            assert!(Instant::now() < deadline, "{how}: {s} {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        patch(via, twin, json!({"live": how})).await;
+        converges(&mut sdk, via, twin, how).await;
+    }
+    sdk.quit().await;
+    drop(proxy);
+    drop((a, c));
+    drop(pg);
 }

@@ -245,7 +245,7 @@ async fn priority_layering_targets_and_unmatch_policies() {
 
 /// A device that applies desired changes and reports like an IoT Edge agent: code 200, or
 /// 500 when `fail` is set.
-fn reporter(mut c: Client, fail: bool) -> tokio::task::JoinHandle<()> {
+pub(crate) fn reporter(mut c: Client, fail: bool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         c.subscribe_many(&[
             "$iothub/twin/PATCH/properties/desired/#",
@@ -297,7 +297,7 @@ fn reporter(mut c: Client, fail: bool) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn wait_for(hub: &Hub, id: &str, what: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_for(hub: &Hub, id: &str, what: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, d) = hub

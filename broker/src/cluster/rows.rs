@@ -398,6 +398,51 @@ impl SharedRows {
     }
 }
 
+impl SharedRows {
+    /// Writes (`Some(body)`) or deletes (`None`) each record whatever it holds now, in one
+    /// transaction: for records that are computed from shared inputs, where the last write
+    /// is as good as any. Returns the version of each write.
+    pub fn upsert_batch(&self, writes: Vec<(String, Option<String>)>) -> Result<Vec<i64>, String> {
+        self.call(move |c, table, node| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let mut versions = Vec::with_capacity(writes.len());
+                for (key, body) in &writes {
+                    let version = match body {
+                        Some(body) => tx
+                            .query_one(
+                                &format!(
+                                    "INSERT INTO {table} (key, body, etag, version)
+                                     VALUES ($1, $2, '', nextval('{table}_version'))
+                                     ON CONFLICT (key) DO UPDATE
+                                     SET body = EXCLUDED.body, version = EXCLUDED.version
+                                     RETURNING version"
+                                ),
+                                &[key, body],
+                            )
+                            .await?
+                            .try_get(0)?,
+                        None => {
+                            tx.execute(&format!("DELETE FROM {table} WHERE key = $1"), &[key])
+                                .await?;
+                            next_version(&tx, &table).await?
+                        }
+                    };
+                    notify(&tx, &table, &node, key).await?;
+                    versions.push(version);
+                }
+                tx.commit().await?;
+                Ok(versions)
+            })
+        })
+    }
+
+    /// The next number of the table's version sequence: increasing across every node.
+    pub fn next_sequence(&self) -> Result<i64, String> {
+        self.call(|c, table, _| Box::pin(async move { next_version(&*c, &table).await }))
+    }
+}
+
 /// A version newer than every write so far: what a missing record or a deletion is dated at.
 async fn next_version(
     c: &impl tokio_postgres::GenericClient,
@@ -432,18 +477,36 @@ pub enum Heard {
     All(Vec<Row>, i64),
 }
 
+/// What a shared table's keys are in memory: an identity's key, or a plain name.
+pub trait RowKey: Clone + Eq + std::hash::Hash {
+    /// `None` for a key this node cannot read (skipped, as a record it cannot read is).
+    fn from_row_key(key: &str) -> Option<Self>;
+}
+
+impl RowKey for IdentityKey {
+    fn from_row_key(key: &str) -> Option<Self> {
+        IdentityKey::parse(key).ok()
+    }
+}
+
+impl RowKey for String {
+    fn from_row_key(key: &str) -> Option<Self> {
+        Some(key.to_string())
+    }
+}
+
 impl Heard {
     /// Hands `apply` each record heard that is newer than what `versions` holds, recording
     /// its version first: the record, or `None` when it is gone. After a whole-table read,
     /// every key of `cached` the table no longer holds is gone too. Older answers are
     /// skipped, so a late read never puts an older record back.
-    pub fn apply_newer(
+    pub fn apply_newer<K: RowKey>(
         self,
-        versions: &Versions,
-        cached: impl FnOnce() -> Vec<IdentityKey>,
-        mut apply: impl FnMut(&IdentityKey, Option<&Row>),
+        versions: &Versions<K>,
+        cached: impl FnOnce() -> Vec<K>,
+        mut apply: impl FnMut(&K, Option<&Row>),
     ) {
-        let mut one = |key: &IdentityKey, version: i64, row: Option<&Row>| {
+        let mut one = |key: &K, version: i64, row: Option<&Row>| {
             if versions.newer(key, version) {
                 versions.insert(key.clone(), version);
                 apply(key, row);
@@ -451,7 +514,7 @@ impl Heard {
         };
         match self {
             Heard::Changed(key, row) => {
-                if let Ok(k) = IdentityKey::parse(&key) {
+                if let Some(k) = K::from_row_key(&key) {
                     match &row {
                         Ok(r) => one(&k, r.version, Some(r)),
                         Err(at) => one(&k, *at, None),
@@ -462,7 +525,7 @@ impl Heard {
                 let cached = cached();
                 let mut present = std::collections::HashSet::new();
                 for row in &rows {
-                    if let Ok(k) = IdentityKey::parse(&row.key) {
+                    if let Some(k) = K::from_row_key(&row.key) {
                         one(&k, row.version, Some(row));
                         present.insert(k);
                     }
@@ -477,24 +540,29 @@ impl Heard {
 
 /// The shared version of each record a node caches (of a deletion: the version it was
 /// deleted at), beside the cache it describes.
-#[derive(Default)]
-pub struct Versions(dashmap::DashMap<IdentityKey, i64>);
+pub struct Versions<K: RowKey = IdentityKey>(dashmap::DashMap<K, i64>);
 
-impl Versions {
+impl<K: RowKey> Default for Versions<K> {
+    fn default() -> Self {
+        Versions(dashmap::DashMap::new())
+    }
+}
+
+impl<K: RowKey> Versions<K> {
     /// Whether a record of `key` at `version` is newer than what this node has.
-    pub fn newer(&self, key: &IdentityKey, version: i64) -> bool {
+    pub fn newer(&self, key: &K, version: i64) -> bool {
         self.0.get(key).is_none_or(|v| *v < version)
     }
 
-    pub fn get(&self, key: &IdentityKey) -> Option<i64> {
+    pub fn get(&self, key: &K) -> Option<i64> {
         self.0.get(key).map(|v| *v)
     }
 
-    pub fn insert(&self, key: IdentityKey, version: i64) {
+    pub fn insert(&self, key: K, version: i64) {
         self.0.insert(key, version);
     }
 
-    pub fn remove(&self, key: &IdentityKey) {
+    pub fn remove(&self, key: &K) {
         self.0.remove(key);
     }
 

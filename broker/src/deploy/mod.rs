@@ -49,6 +49,9 @@ pub enum DeployError {
     Exists(String),
     #[error("store: {0}")]
     Store(String),
+    /// Changed on another cluster node meanwhile (read again and retried where it can be).
+    #[error("{0}")]
+    Changed(String),
     #[error("twin write: {0}")]
     Twin(#[from] TwinWriteError),
 }

@@ -36,7 +36,7 @@ impl From<DeployError> for ApiError {
             DeployError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
             DeployError::InvalidRoutes(errors) => ApiError::InvalidRoutes(errors),
             DeployError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            DeployError::Exists(_) => ApiError::Conflict(e.to_string()),
+            DeployError::Exists(_) | DeployError::Changed(_) => ApiError::Conflict(e.to_string()),
             DeployError::Store(_) | DeployError::Twin(_) => ApiError::Internal(e.to_string()),
         }
     }

@@ -34,7 +34,7 @@ pub use spec::{
     Compiled, Deployment, DeploymentSpec, DeploymentUpdate, DeviceState, MetricsSpec, OnUnmatch,
     Rollout, RolloutState, RolloutStatus, MAX_METRICS,
 };
-pub use store::Deployments;
+pub use store::{Deployments, Table};
 
 use super::DeployError;
 use crate::hub::{Hub, TwinWrite};

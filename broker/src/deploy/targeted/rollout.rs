@@ -43,9 +43,30 @@ impl Deployments {
         let c = self
             .get(id)
             .ok_or_else(|| DeployError::NotFound(format!("deployment '{id}'")))?;
-        let (Some(rollout), Some(state)) = (&c.d.rollout, &c.d.rollout_state) else {
+        if c.d.rollout.is_none() || c.d.rollout_state.is_none() {
             return Ok(c);
+        }
+        // Read again on each attempt: another node may have paused, aborted or advanced it.
+        self.modify(id, |c| self.next_phase(hub, c, phase))
+    }
+
+    /// The deployment with phase `phase` started, if its rollout is still where starting
+    /// that phase makes sense (phase 0 of a new one, or the phase after a running one's).
+    fn next_phase(
+        &self,
+        hub: &Hub,
+        c: &Compiled,
+        phase: usize,
+    ) -> Result<super::spec::Deployment, DeployError> {
+        let (Some(rollout), Some(state)) = (&c.d.rollout, &c.d.rollout_state) else {
+            return Ok(c.d.clone());
         };
+        if phase > 0 && (state.status != RolloutStatus::Running || state.phase + 1 != phase) {
+            return Err(DeployError::Invalid {
+                field: "rollout",
+                message: format!("deployment '{}' changed meanwhile", c.d.id),
+            });
+        }
         let mut d = c.d.clone();
         let mut next = state.clone();
         if phase >= rollout.phases.len() {
@@ -53,7 +74,7 @@ impl Deployments {
             next.members.clear();
             next.phase_members.clear();
         } else {
-            let targets = self.targeted_in_order(hub, &c);
+            let targets = self.targeted_in_order(hub, c);
             let pct = rollout.phases[phase] as usize;
             let n = (targets.len() * pct).div_ceil(100).min(targets.len());
             let old: HashSet<&String> = state.members.iter().collect();
@@ -72,42 +93,13 @@ impl Deployments {
         }
         next.phase_started_ms = now_ms();
         d.rollout_state = Some(next);
-        self.put(d)
+        Ok(d)
     }
 
     /// Pause, resume or abort a rollout (`abort` also works on a deployment mid-phase: the
     /// phase's devices go back to what they had).
     pub fn control(&self, id: &str, action: &str) -> Result<Arc<Compiled>, DeployError> {
-        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let c = self
-            .get(id)
-            .ok_or_else(|| DeployError::NotFound(format!("deployment '{id}'")))?;
-        let Some(state) = &c.d.rollout_state else {
-            return Err(DeployError::Invalid {
-                field: "rollout",
-                message: format!("deployment '{id}' has no phased rollout"),
-            });
-        };
-        let mut next = state.clone();
-        match (action, state.status) {
-            ("pause", RolloutStatus::Running) => next.status = RolloutStatus::Paused,
-            ("resume", RolloutStatus::Paused) => {
-                next.status = RolloutStatus::Running;
-                next.phase_started_ms = now_ms();
-            }
-            ("abort", RolloutStatus::Running | RolloutStatus::Paused) => {
-                abort(&mut next, "aborted by the operator".into());
-            }
-            (a, s) => {
-                return Err(DeployError::Invalid {
-                    field: "rollout",
-                    message: format!("cannot {a} a rollout that is {s:?}"),
-                })
-            }
-        }
-        let mut d = c.d.clone();
-        d.rollout_state = Some(next);
-        self.put(d)
+        self.modify(id, |c| control(c, action))
     }
 
     /// Advances or stops running rollouts from their devices' reports. Returns the
@@ -130,22 +122,31 @@ impl Deployments {
                     None => {}
                 }
             }
-            let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             if n > 0 && failed > 0 && failed as f64 * 100.0 >= rollout.failure_threshold * n as f64
             {
-                let mut d = c.d.clone();
-                let mut next = state.clone();
-                abort(
-                    &mut next,
-                    format!(
-                        "phase {} ({}%): {failed} of {n} devices reported failure (threshold {}%)",
-                        state.phase + 1,
-                        rollout.phases[state.phase],
-                        rollout.failure_threshold
-                    ),
+                let reason = format!(
+                    "phase {} ({}%): {failed} of {n} devices reported failure (threshold {}%)",
+                    state.phase + 1,
+                    rollout.phases[state.phase],
+                    rollout.failure_threshold
                 );
-                d.rollout_state = Some(next);
-                if self.put(d).is_ok() {
+                let stopped = self.modify(&c.d.id, |now| {
+                    // Only the phase this tick judged, if nobody paused or moved it since.
+                    match &now.d.rollout_state {
+                        Some(s) if s.status == RolloutStatus::Running && s.phase == state.phase => {
+                            let mut d = now.d.clone();
+                            let mut next = s.clone();
+                            abort(&mut next, reason.clone());
+                            d.rollout_state = Some(next);
+                            Ok(d)
+                        }
+                        _ => Err(DeployError::Invalid {
+                            field: "rollout",
+                            message: "changed meanwhile".into(),
+                        }),
+                    }
+                });
+                if stopped.is_ok() {
                     tracing::warn!(deployment = %c.d.id, "rollout stopped: failure threshold passed");
                     changed.push(c.d.id.clone());
                 }
@@ -154,16 +155,44 @@ impl Deployments {
             let observed =
                 now_ms().saturating_sub(state.phase_started_ms) >= rollout.observe_secs * 1000;
             let succeeded = ok as f64 * 100.0 >= rollout.success_threshold * n as f64;
-            if observed && succeeded {
-                drop(_w);
-                if self.start_phase(hub, &c.d.id, state.phase + 1).is_ok() {
-                    tracing::info!(deployment = %c.d.id, phase = state.phase + 2, "rollout phase started");
-                    changed.push(c.d.id.clone());
-                }
+            if observed && succeeded && self.start_phase(hub, &c.d.id, state.phase + 1).is_ok() {
+                tracing::info!(deployment = %c.d.id, phase = state.phase + 2, "rollout phase started");
+                changed.push(c.d.id.clone());
             }
         }
         changed
     }
+}
+
+/// The deployment with `action` (pause, resume, abort) applied to its rollout.
+fn control(c: &Compiled, action: &str) -> Result<super::spec::Deployment, DeployError> {
+    let id = &c.d.id;
+    let Some(state) = &c.d.rollout_state else {
+        return Err(DeployError::Invalid {
+            field: "rollout",
+            message: format!("deployment '{id}' has no phased rollout"),
+        });
+    };
+    let mut next = state.clone();
+    match (action, state.status) {
+        ("pause", RolloutStatus::Running) => next.status = RolloutStatus::Paused,
+        ("resume", RolloutStatus::Paused) => {
+            next.status = RolloutStatus::Running;
+            next.phase_started_ms = now_ms();
+        }
+        ("abort", RolloutStatus::Running | RolloutStatus::Paused) => {
+            abort(&mut next, "aborted by the operator".into());
+        }
+        (a, s) => {
+            return Err(DeployError::Invalid {
+                field: "rollout",
+                message: format!("cannot {a} a rollout that is {s:?}"),
+            })
+        }
+    }
+    let mut d = c.d.clone();
+    d.rollout_state = Some(next);
+    Ok(d)
 }
 
 fn abort(state: &mut RolloutState, reason: String) {
