@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::rows::{Exclusive, Heard, Row, SharedRows, Versions};
 use crate::identity::IdentityKey;
 use crate::registry::{now_rfc3339, Identity, Registry, RegistryError};
 use crate::storage::JsonTable;
@@ -211,6 +212,16 @@ pub struct Fleet {
     db: Arc<Store>,
     state: RwLock<State>,
     writer: Mutex<()>,
+    /// On a cluster node: the shared table (`p/{id}` products, `g/{id}` groups) and the
+    /// version of each cached record.
+    shared: std::sync::OnceLock<(Arc<SharedRows>, Versions<String>)>,
+}
+
+/// A writer's hold on the fleet: this node's lock and, on a cluster node, the cluster-wide
+/// one with the table as it stood when it was taken.
+struct Held<'a> {
+    _local: MutexGuard<'a, ()>,
+    exclusive: Option<Exclusive>,
 }
 
 pub fn new_guid() -> String {
@@ -236,12 +247,100 @@ impl Fleet {
             db,
             state: RwLock::new(state),
             writer: Mutex::new(()),
+            shared: std::sync::OnceLock::new(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
+    /// Makes this fleet a cluster node's: products and groups live in `rows` from now on.
+    /// The first node of a new cluster brings its own.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), FleetError> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = rows.exclusive().map_err(FleetError::Store)?;
+        let versions = Versions::default();
+        if held.rows().is_empty() {
+            let state = self.read();
+            let writes: Vec<(String, Option<String>)> = state
+                .products
+                .values()
+                .map(|p| (format!("p/{}", p.id), Some(json(p))))
+                .chain(
+                    state
+                        .groups
+                        .values()
+                        .map(|g| (format!("g/{}", g.id), Some(json(g)))),
+                )
+                .collect();
+            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
+            drop(state);
+            for (k, v) in keys
+                .into_iter()
+                .zip(held.commit(writes).map_err(FleetError::Store)?)
+            {
+                versions.insert(k, v);
+            }
+        } else {
+            self.replace_state(held.rows(), &versions);
+            drop(held);
+        }
+        let _ = self.shared.set((rows, versions));
+        Ok(())
+    }
+
+    /// The shared table, on a cluster node.
+    pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
+        self.shared.get().map(|(rows, _)| rows.clone())
+    }
+
+    /// Replaces what this node holds with the shared table's records.
+    fn replace_state(&self, rows: &[Row], versions: &Versions<String>) {
+        let mut state = State::default();
+        versions.clear();
+        for row in rows {
+            versions.insert(row.key.clone(), row.version);
+            apply_row(&mut state, &row.key, Some(&row.body));
+        }
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// Applies what another node changed (newer records only).
+    pub fn heard(&self, heard: Heard) {
+        let Some((_, versions)) = self.shared.get() else {
+            return;
+        };
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = || {
+            let state = self.read();
+            state
+                .products
+                .keys()
+                .map(|id| format!("p/{id}"))
+                .chain(state.groups.keys().map(|id| format!("g/{id}")))
+                .collect()
+        };
+        heard.apply_newer(versions, cached, |key, row| {
+            let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+            apply_row(&mut state, key, row.map(|r| r.body.as_str()));
+        });
+    }
+
+    /// Takes the writer's lock; on a cluster node also the cluster-wide one, and reads the
+    /// shared table afresh under it, so what the writer checks (a name free, a group
+    /// empty) is true of the whole cluster when it commits.
+    fn lock(&self) -> Result<Held<'_>, FleetError> {
         // redb transactions are atomic, so a poisoned lock guards nothing half-written.
-        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+        let local = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let exclusive = match self.shared.get() {
+            Some((rows, versions)) => {
+                let held = rows.exclusive().map_err(FleetError::Store)?;
+                self.replace_state(held.rows(), versions);
+                Some(held)
+            }
+            None => None,
+        };
+        Ok(Held {
+            _local: local,
+            exclusive,
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -251,25 +350,45 @@ impl Fleet {
     /// Commits these puts and deletes in one transaction, then applies them to memory.
     fn commit(
         &self,
+        held: Held<'_>,
         products: &[&Product],
         groups: &[&DeviceGroup],
         delete_products: &[&str],
         delete_groups: &[&str],
     ) -> Result<(), FleetError> {
-        let tx = self.db.begin_write()?;
-        for product in products {
-            PRODUCTS.put::<FleetError>(&tx, &product.id, product)?;
+        if let (Some(exclusive), Some((_, versions))) = (held.exclusive, self.shared.get()) {
+            let writes: Vec<(String, Option<String>)> = products
+                .iter()
+                .map(|p| (format!("p/{}", p.id), Some(json(p))))
+                .chain(
+                    groups
+                        .iter()
+                        .map(|g| (format!("g/{}", g.id), Some(json(g)))),
+                )
+                .chain(delete_products.iter().map(|id| (format!("p/{id}"), None)))
+                .chain(delete_groups.iter().map(|id| (format!("g/{id}"), None)))
+                .collect();
+            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
+            let written = exclusive.commit(writes).map_err(FleetError::Store)?;
+            for (k, v) in keys.into_iter().zip(written) {
+                versions.insert(k, v);
+            }
+        } else {
+            let tx = self.db.begin_write()?;
+            for product in products {
+                PRODUCTS.put::<FleetError>(&tx, &product.id, product)?;
+            }
+            for id in delete_products {
+                PRODUCTS.remove::<FleetError>(&tx, id)?;
+            }
+            for group in groups {
+                GROUPS.put::<FleetError>(&tx, &group.id, *group)?;
+            }
+            for id in delete_groups {
+                GROUPS.remove::<FleetError>(&tx, id)?;
+            }
+            tx.commit()?;
         }
-        for id in delete_products {
-            PRODUCTS.remove::<FleetError>(&tx, id)?;
-        }
-        for group in groups {
-            GROUPS.put::<FleetError>(&tx, &group.id, *group)?;
-        }
-        for id in delete_groups {
-            GROUPS.remove::<FleetError>(&tx, id)?;
-        }
-        tx.commit()?;
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         for p in products {
             state.products.insert(p.id.clone(), (*p).clone());
@@ -367,7 +486,7 @@ impl Fleet {
         default_groups: bool,
     ) -> Result<(Product, Vec<DeviceGroup>), FleetError> {
         let name = Name::new("name", name)?;
-        let _w = self.lock();
+        let held = self.lock()?;
         if self.product(name.as_str()).is_some() {
             return Err(FleetError::Exists(format!("product '{name}'")));
         }
@@ -394,7 +513,13 @@ impl Fleet {
         } else {
             Vec::new()
         };
-        self.commit(&[&product], &groups.iter().collect::<Vec<_>>(), &[], &[])?;
+        self.commit(
+            held,
+            &[&product],
+            &groups.iter().collect::<Vec<_>>(),
+            &[],
+            &[],
+        )?;
         Ok((product, groups))
     }
 
@@ -406,7 +531,7 @@ impl Fleet {
         description: Option<String>,
     ) -> Result<Product, FleetError> {
         let new_name = new_name.map(|n| Name::new("name", n)).transpose()?;
-        let _w = self.lock();
+        let held = self.lock()?;
         let mut product = self.require_product(name_or_id)?;
         if let Some(n) = new_name {
             if let Some(other) = self.product(n.as_str()) {
@@ -419,13 +544,13 @@ impl Fleet {
         if let Some(d) = description {
             product.description = d;
         }
-        self.commit(&[&product], &[], &[], &[])?;
+        self.commit(held, &[&product], &[], &[], &[])?;
         Ok(product)
     }
 
     /// Deletes a product and its groups; refused while any device is in one of them.
     pub fn delete_product(&self, name_or_id: &str, registry: &Registry) -> Result<(), FleetError> {
-        let _w = self.lock();
+        let held = self.lock()?;
         let product = self.require_product(name_or_id)?;
         let groups = self.groups_of(&product.id);
         let ids: Vec<&str> = groups.iter().map(|g| g.id.as_str()).collect();
@@ -439,7 +564,7 @@ impl Fleet {
                 devices[0]
             )));
         }
-        self.commit(&[], &[], &[product.id.as_str()], &ids)
+        self.commit(held, &[], &[], &[product.id.as_str()], &ids)
     }
 
     pub fn create_group(
@@ -451,7 +576,7 @@ impl Fleet {
         os_feed: Option<OsFeed>,
     ) -> Result<DeviceGroup, FleetError> {
         let name = Name::new("name", name)?;
-        let _w = self.lock();
+        let held = self.lock()?;
         let p = self.require_product(product)?;
         if self
             .groups_of(&p.id)
@@ -472,7 +597,7 @@ impl Fleet {
             os_feed: os_feed.unwrap_or(OsFeed::Retail),
             created_time: now_rfc3339(),
         };
-        self.commit(&[], &[&group], &[], &[])?;
+        self.commit(held, &[], &[&group], &[], &[])?;
         Ok(group)
     }
 
@@ -487,7 +612,7 @@ impl Fleet {
             .as_deref()
             .map(|n| Name::new("name", n))
             .transpose()?;
-        let _w = self.lock();
+        let held = self.lock()?;
         let mut g = self.group(product, group)?;
         if let Some(n) = new_name {
             let clash = self
@@ -508,7 +633,7 @@ impl Fleet {
         if let Some(f) = update.os_feed {
             g.os_feed = f;
         }
-        self.commit(&[], &[&g], &[], &[])?;
+        self.commit(held, &[], &[&g], &[], &[])?;
         Ok(g)
     }
 
@@ -519,7 +644,7 @@ impl Fleet {
         group: &str,
         registry: &Registry,
     ) -> Result<(), FleetError> {
-        let _w = self.lock();
+        let held = self.lock()?;
         let g = self.group(product, group)?;
         let devices = devices_in(registry, &[g.id.as_str()]);
         if !devices.is_empty() {
@@ -531,7 +656,7 @@ impl Fleet {
                 devices[0]
             )));
         }
-        self.commit(&[], &[], &[], &[g.id.as_str()])
+        self.commit(held, &[], &[], &[], &[g.id.as_str()])
     }
 
     /// Moves a device into the group at `path` (`Product/Group` or a group id). A device is
@@ -548,7 +673,7 @@ impl Fleet {
                 message: "modules belong to their device's group".into(),
             });
         }
-        let _w = self.lock();
+        let _held = self.lock()?;
         let group = self.resolve(path)?;
         Ok(registry.set_device_group(device, Some(group.id))?)
     }
@@ -580,6 +705,33 @@ fn devices_in(registry: &Registry, groups: &[&str]) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// Applies one shared record (`p/{id}` or `g/{id}`; `None`: deleted) to `state`.
+fn apply_row(state: &mut State, key: &str, body: Option<&str>) {
+    if let Some(id) = key.strip_prefix("p/") {
+        match body.and_then(|b| serde_json::from_str::<Product>(b).ok()) {
+            Some(p) => {
+                state.products.insert(id.to_string(), p);
+            }
+            None => {
+                state.products.remove(id);
+            }
+        }
+    } else if let Some(id) = key.strip_prefix("g/") {
+        match body.and_then(|b| serde_json::from_str::<DeviceGroup>(b).ok()) {
+            Some(g) => {
+                state.groups.insert(id.to_string(), g);
+            }
+            None => {
+                state.groups.remove(id);
+            }
+        }
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 #[cfg(test)]

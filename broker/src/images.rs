@@ -9,6 +9,11 @@
 //! Content lives in `data_dir/images/{id}`, written to a temporary file, fsynced and renamed
 //! before the metadata (in redb) is committed: an image the API acknowledged is complete on
 //! disk, and a crash mid-upload leaves at most a stray temporary file.
+//!
+//! On a cluster node ([`Images::share`]) the records live in a table the nodes share and
+//! the content in the cluster's PostgreSQL too (`cluster::images`); `images/` is then this
+//! node's copy of what it has served or taken in. An add takes the table's cluster-wide lock,
+//! so "a name and version never change content" holds across nodes.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -20,6 +25,7 @@ use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cluster::rows::{Heard, Row, SharedRows, Versions};
 use crate::registry::now_rfc3339;
 use crate::storage::JsonTable;
 
@@ -155,6 +161,8 @@ pub struct Images {
     dir: PathBuf,
     by_id: RwLock<BTreeMap<String, Image>>,
     writer: Mutex<()>,
+    /// On a cluster node: the shared table and the version of each cached record.
+    shared: std::sync::OnceLock<(Arc<SharedRows>, Versions<String>)>,
 }
 
 impl Images {
@@ -166,7 +174,81 @@ impl Images {
             dir: dir.to_path_buf(),
             by_id: RwLock::new(by_id),
             writer: Mutex::new(()),
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this catalog a cluster node's: records and content live in the cluster's
+    /// PostgreSQL from now on. The first node of a new cluster brings its own.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), ImageError> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        rows.create_image_content().map_err(ImageError::Store)?;
+        let versions = Versions::default();
+        // Content first, outside the table's lock (the lock holds the table's connection).
+        let (existing, _) = rows.load().map_err(ImageError::Store)?;
+        if existing.is_empty() {
+            for image in self.read().values() {
+                let content = std::fs::read(self.dir.join(&image.id))?;
+                rows.put_image_content(&image.id, &content)
+                    .map_err(ImageError::Store)?;
+            }
+        }
+        let held = rows.exclusive().map_err(ImageError::Store)?;
+        if held.rows().is_empty() {
+            let writes: Vec<(String, Option<String>)> = self
+                .read()
+                .values()
+                .map(|i| (i.id.clone(), Some(json(i))))
+                .collect();
+            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
+            for (k, v) in keys
+                .into_iter()
+                .zip(held.commit(writes).map_err(ImageError::Store)?)
+            {
+                versions.insert(k, v);
+            }
+        } else {
+            self.replace(held.rows(), &versions);
+        }
+        let _ = self.shared.set((rows, versions));
+        Ok(())
+    }
+
+    /// The shared table, on a cluster node.
+    pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
+        self.shared.get().map(|(rows, _)| rows.clone())
+    }
+
+    fn replace(&self, rows: &[Row], versions: &Versions<String>) {
+        versions.clear();
+        let mut by_id = BTreeMap::new();
+        for row in rows {
+            versions.insert(row.key.clone(), row.version);
+            if let Ok(image) = serde_json::from_str::<Image>(&row.body) {
+                by_id.insert(row.key.clone(), image);
+            }
+        }
+        *self.by_id.write().unwrap_or_else(|e| e.into_inner()) = by_id;
+    }
+
+    /// Applies what another node changed (newer records only).
+    pub fn heard(&self, heard: Heard) {
+        let Some((_, versions)) = self.shared.get() else {
+            return;
+        };
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = || self.read().keys().cloned().collect();
+        heard.apply_newer(versions, cached, |id, row| {
+            let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+            match row.and_then(|r| serde_json::from_str::<Image>(&r.body).ok()) {
+                Some(image) => {
+                    by_id.insert(id.clone(), image);
+                }
+                None => {
+                    by_id.remove(id);
+                }
+            }
+        });
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Image>> {
@@ -191,6 +273,21 @@ impl Images {
         }
         let id = hex(&Sha256::digest(content));
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // On a cluster node: the content first (by digest, so a refused add leaves only
+        // bytes nobody names), then the checks and the record under the cluster-wide lock,
+        // against the table as it is.
+        let held = match self.shared.get() {
+            Some((rows, versions)) => {
+                if self.get(&id).is_none() {
+                    rows.put_image_content(&id, content)
+                        .map_err(ImageError::Store)?;
+                }
+                let held = rows.exclusive().map_err(ImageError::Store)?;
+                self.replace(held.rows(), versions);
+                Some(held)
+            }
+            None => None,
+        };
         if let Some(existing) = self.get(&id) {
             if existing.name == name && existing.version() == v && existing.kind == kind {
                 return Ok(Added::Existing(existing));
@@ -229,9 +326,19 @@ impl Images {
             size: content.len() as u64,
             created_time: now_rfc3339(),
         };
-        let tx = self.db.begin_write()?;
-        IMAGES.put::<ImageError>(&tx, &id, &image)?;
-        tx.commit()?;
+        match (held, self.shared.get()) {
+            (Some(held), Some((_, versions))) => {
+                let written = held
+                    .commit(vec![(id.clone(), Some(json(&image)))])
+                    .map_err(ImageError::Store)?;
+                versions.insert(id.clone(), written.first().copied().unwrap_or_default());
+            }
+            _ => {
+                let tx = self.db.begin_write()?;
+                IMAGES.put::<ImageError>(&tx, &id, &image)?;
+                tx.commit()?;
+            }
+        }
         self.by_id
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -275,8 +382,29 @@ impl Images {
 
     /// The content of an image.
     pub fn content(&self, image: &Image) -> Result<Vec<u8>, ImageError> {
-        Ok(std::fs::read(self.dir.join(&image.id))?)
+        let path = self.dir.join(&image.id);
+        match (std::fs::read(&path), self.shared.get()) {
+            (Ok(bytes), _) => Ok(bytes),
+            // Taken in by another node: fetched by digest once, kept here after.
+            (Err(e), Some((rows, _))) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = rows
+                    .image_content(&image.id)
+                    .map_err(ImageError::Store)?
+                    .ok_or_else(|| {
+                        ImageError::NotFound(format!("content of image {}", image.id))
+                    })?;
+                let tmp = self.dir.join(format!("{}.tmp", image.id));
+                std::fs::write(&tmp, &bytes)?;
+                std::fs::rename(&tmp, &path)?;
+                Ok(bytes)
+            }
+            (Err(e), _) => Err(e.into()),
+        }
     }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 fn hex(bytes: &[u8]) -> String {

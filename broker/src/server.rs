@@ -213,6 +213,29 @@ pub async fn run_with_reload(
             .await
             .map_err(|e| ServerError::Store(e.to_string()))?
             .map_err(|e| ServerError::Store(e.to_string()))?;
+            // The Azure Sphere side: products and groups, images, group deployments.
+            let fleet = open("fleet")
+                .await
+                .map_err(|e| ServerError::Store(e.to_string()))??;
+            let images = open("images")
+                .await
+                .map_err(|e| ServerError::Store(e.to_string()))??;
+            let groups = open("group_deployments")
+                .await
+                .map_err(|e| ServerError::Store(e.to_string()))??;
+            let shared = |e: &dyn std::fmt::Display| ServerError::Store(e.to_string());
+            stores
+                .fleet
+                .share(Arc::new(fleet))
+                .map_err(|e| shared(&e))?;
+            stores
+                .images
+                .share(Arc::new(images))
+                .map_err(|e| shared(&e))?;
+            deploy
+                .groups
+                .share(Arc::new(groups))
+                .map_err(|e| shared(&e))?;
             Some((rows, twins))
         }
         None => None,
@@ -481,6 +504,34 @@ pub async fn run_with_reload(
             on,
             stop_rx.clone(),
         ));
+        // Products and groups, images and group deployments other nodes wrote.
+        type On = Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync>;
+        let (h, d) = (hub.clone(), deploy.clone());
+        let feeds: [(Option<Arc<crate::cluster::rows::SharedRows>>, On); 3] = [
+            (hub.fleet.shared_rows(), {
+                let h = h.clone();
+                Arc::new(move |heard| h.fleet.heard(heard))
+            }),
+            (
+                hub.images.shared_rows(),
+                Arc::new(move |heard| h.images.heard(heard)),
+            ),
+            (
+                deploy.groups.shared_rows(),
+                Arc::new(move |heard| d.groups.heard(heard)),
+            ),
+        ];
+        for (rows, on) in feeds {
+            if let Some(rows) = rows {
+                tasks.spawn(crate::cluster::rows::listen(
+                    rows,
+                    c.postgres.clone(),
+                    c.node.clone(),
+                    on,
+                    stop_rx.clone(),
+                ));
+            }
+        }
         // Other nodes' deployments and device deployment states: into this node's cache (the
         // node that changed them reconciled their devices).
         if let Some((records, states)) = deploy.targeted.shared_tables() {

@@ -1326,3 +1326,100 @@ async fn a_deployment_made_on_any_node_rolls_out_and_a_new_leader_continues_it()
     drop(reporters);
     drop(pg);
 }
+
+/// The Azure Sphere side is shared too: products and groups made on one node are there on
+/// the other, with names unique across the cluster even when two nodes create the same one
+/// at once; an image taken in by one node is served (by digest) by the other and keeps its
+/// name and version to one content cluster-wide; a group deployment made on one node
+/// reaches a device connected to the other, and follows `name:latest` when a new version
+/// comes in through either.
+#[tokio::test]
+async fn products_groups_images_and_group_deployments_are_shared() {
+    use crate::group_deployments::{images, next_desired, upload};
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+    let a = start_node("a", &url).await;
+    let b = start_node("b", &url).await;
+
+    let (s, body) = a
+        .api(Method::POST, "/products", Some(json!({"name": "Coffee"})))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    until_status(&b, "/products/Coffee", 200).await;
+    let (s, body) = b
+        .api(Method::POST, "/products", Some(json!({"name": "coffee"})))
+        .await;
+    assert_eq!(s, 409, "a name taken on a is taken on b: {body}");
+    let (ra, rb) = tokio::join!(
+        a.api(Method::POST, "/products", Some(json!({"name": "Tea"}))),
+        b.api(Method::POST, "/products", Some(json!({"name": "TEA"}))),
+    );
+    let mut codes = [ra.0, rb.0];
+    codes.sort();
+    assert_eq!(
+        codes,
+        [201, 409],
+        "one of two creates at once wins: {ra:?} {rb:?}"
+    );
+
+    // An image taken in by b: a serves its content and will not give its name to other bytes.
+    let brew1 = upload(&b, "brew", "1.0.0", "application", "brew one").await;
+    until_status(&a, &format!("/images/{brew1}"), 200).await;
+    let got = reqwest::Client::new()
+        .get(a.api_url("/images/brew:1.0.0/content"))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status().as_u16(), 200);
+    assert_eq!(got.text().await.unwrap(), "brew one");
+    let refused = reqwest::Client::new()
+        .post(a.api_url("/images?name=brew&version=1.0.0&kind=application"))
+        .bearer_auth(&a.token)
+        .body("other bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 409);
+
+    // A device on a, put in a group through b, gets the deployment made on b.
+    let key = a.create_device("c1").await;
+    until_status(&b, "/devices/c1", 200).await;
+    let (ok, _, err) = b.fleethub("device update c1 --device-group 'Coffee/Field Test'");
+    assert!(ok, "{err}");
+    let mut c1 = a.device("c1", &key).await;
+    c1.subscribe_many(&["$iothub/twin/PATCH/properties/desired/#"])
+        .await;
+    let (s, body) = b
+        .api(
+            Method::POST,
+            "/products/Coffee/groups/Field%20Test/deployments",
+            Some(json!({"images": ["brew:latest"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let patch = next_desired(&mut c1).await;
+    assert_eq!(images(&patch["groupDeployment"]), ["brew:1.0.0"]);
+    // A new version taken in by a: the group follows it.
+    upload(&a, "brew", "1.1.0", "application", "brew one one").await;
+    let patch = next_desired(&mut c1).await;
+    assert_eq!(images(&patch["groupDeployment"]), ["brew:1.1.0"]);
+    let (s, history) = a
+        .api(
+            Method::GET,
+            "/products/Coffee/groups/Field%20Test/deployments",
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{history}");
+    assert_eq!(
+        history["items"].as_array().map(Vec::len),
+        Some(1),
+        "{history}"
+    );
+    // The group is in use on either node.
+    let (s, body) = a.api(Method::DELETE, "/products/Coffee", None).await;
+    assert_eq!(s, 409, "{body}");
+    drop(pg);
+}

@@ -13,7 +13,7 @@ use crate::harness::{cli, json_of, Client, Hub};
 
 const DESIRED: &str = "$iothub/twin/PATCH/properties/desired/";
 
-async fn upload(hub: &Hub, name: &str, version: &str, kind: &str, body: &str) -> String {
+pub(crate) async fn upload(hub: &Hub, name: &str, version: &str, kind: &str, body: &str) -> String {
     let resp = reqwest::Client::new()
         .post(hub.api_url(&format!(
             "/images?name={name}&version={version}&kind={kind}"
@@ -29,7 +29,7 @@ async fn upload(hub: &Hub, name: &str, version: &str, kind: &str, body: &str) ->
 }
 
 /// `name:version` of each image in a `groupDeployment` value.
-fn images(v: &Value) -> Vec<String> {
+pub(crate) fn images(v: &Value) -> Vec<String> {
     v["images"]
         .as_array()
         .map(|a| {
@@ -46,7 +46,7 @@ fn images(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn next_desired(d: &mut Client) -> Value {
+pub(crate) async fn next_desired(d: &mut Client) -> Value {
     let p = d
         .next_publish_on(DESIRED, Duration::from_secs(5))
         .await

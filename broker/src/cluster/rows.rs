@@ -161,14 +161,7 @@ impl SharedRows {
         self.jobs
             .send(job)
             .map_err(|_| "the shared table's connection is gone".to_string())?;
-        // A caller on an async worker (a connection reading its C2D queue) lets the runtime
-        // move the worker's other tasks elsewhere while it waits.
-        let wait = || rx.recv_timeout(ANSWER_WITHIN);
-        let answer = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
-            _ => wait(),
-        };
-        match answer {
+        match wait_for(&rx) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(format!("cluster PostgreSQL: {e}")),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
@@ -440,6 +433,147 @@ impl SharedRows {
     /// The next number of the table's version sequence: increasing across every node.
     pub fn next_sequence(&self) -> Result<i64, String> {
         self.call(|c, table, _| Box::pin(async move { next_version(&*c, &table).await }))
+    }
+}
+
+/// A record's key and its new body, or `None` to delete it.
+pub type Upsert = (String, Option<String>);
+
+/// A table's records read under a cluster-wide lock, held until [`Exclusive::commit`] (or
+/// the drop, which writes nothing). For the rarely written catalogs whose rules span
+/// records (a product name unique among all products, a group deployment's sequence): the
+/// node reads the whole table as it is, checks and computes in Rust, and writes, with no
+/// other node's writer in between.
+pub struct Exclusive {
+    rows: Vec<Row>,
+    writes: Option<tokio::sync::oneshot::Sender<Vec<Upsert>>>,
+    done: mpsc::Receiver<Result<Vec<i64>, String>>,
+}
+
+impl Exclusive {
+    /// The table as it is now.
+    pub fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+
+    /// Writes (`Some(body)`) or deletes (`None`) these records and commits; returns each
+    /// write's version.
+    pub fn commit(mut self, writes: Vec<(String, Option<String>)>) -> Result<Vec<i64>, String> {
+        let Some(tx) = self.writes.take() else {
+            return Err("already committed".into());
+        };
+        tx.send(writes)
+            .map_err(|_| "the shared table's connection is gone".to_string())?;
+        match wait_for(&self.done) {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "cluster PostgreSQL: no commit within {ANSWER_WITHIN:?}"
+            )),
+        }
+    }
+}
+
+impl SharedRows {
+    /// Takes the table's cluster-wide write lock (a transaction-scoped advisory lock, so a
+    /// node that dies holding it releases it) and reads every record. Writers of this table
+    /// that use it run one at a time across the cluster.
+    pub fn exclusive(&self) -> Result<Exclusive, String> {
+        let (rows_tx, rows_rx) = mpsc::sync_channel::<Result<Vec<Row>, String>>(1);
+        let (writes_tx, writes_rx) = tokio::sync::oneshot::channel::<Vec<Upsert>>();
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        let (table, node) = (self.table.clone(), self.node.clone());
+        let job: Job = Box::new(move |client| {
+            Box::pin(async move {
+                let outcome = async {
+                    let tx = client.transaction().await?;
+                    // The second key: this table's name, hashed by PostgreSQL.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                        &[&super::LOCK.0, &table],
+                    )
+                    .await?;
+                    let rows = tx
+                        .query(
+                            &format!("SELECT key, body, etag, version FROM {table} ORDER BY key"),
+                            &[],
+                        )
+                        .await?
+                        .iter()
+                        .map(row)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let _ = rows_tx.send(Ok(rows));
+                    let Ok(writes) = writes_rx.await else {
+                        tx.rollback().await?;
+                        return Ok(Vec::new());
+                    };
+                    let mut versions = Vec::with_capacity(writes.len());
+                    for (key, body) in &writes {
+                        let version = match body {
+                            Some(body) => tx
+                                .query_one(
+                                    &format!(
+                                        "INSERT INTO {table} (key, body, etag, version)
+                                         VALUES ($1, $2, '', nextval('{table}_version'))
+                                         ON CONFLICT (key) DO UPDATE
+                                         SET body = EXCLUDED.body, version = EXCLUDED.version
+                                         RETURNING version"
+                                    ),
+                                    &[key, body],
+                                )
+                                .await?
+                                .try_get(0)?,
+                            None => {
+                                tx.execute(&format!("DELETE FROM {table} WHERE key = $1"), &[key])
+                                    .await?;
+                                next_version(&tx, &table).await?
+                            }
+                        };
+                        notify(&tx, &table, &node, key).await?;
+                        versions.push(version);
+                    }
+                    tx.commit().await?;
+                    Ok::<_, tokio_postgres::Error>(versions)
+                }
+                .await;
+                match outcome {
+                    Ok(v) => {
+                        let _ = done_tx.send(Ok(v));
+                    }
+                    Err(e) => {
+                        let e = format!("cluster PostgreSQL: {e}");
+                        let _ = rows_tx.try_send(Err(e.clone()));
+                        let _ = done_tx.send(Err(e));
+                    }
+                }
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| "the shared table's connection is gone".to_string())?;
+        let rows = match wait_for(&rows_rx) {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(format!(
+                    "cluster PostgreSQL: the table's lock not granted within {ANSWER_WITHIN:?}"
+                ))
+            }
+        };
+        Ok(Exclusive {
+            rows,
+            writes: Some(writes_tx),
+            done: done_rx,
+        })
+    }
+}
+
+/// Waits (at most [`ANSWER_WITHIN`]) for the table's thread to answer. A caller on an async
+/// worker (a connection reading its C2D queue) lets the runtime move the worker's other
+/// tasks elsewhere while it waits.
+fn wait_for<T>(rx: &mpsc::Receiver<T>) -> Result<T, mpsc::RecvTimeoutError> {
+    let wait = || rx.recv_timeout(ANSWER_WITHIN);
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
     }
 }
 

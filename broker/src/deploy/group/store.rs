@@ -1,5 +1,9 @@
 //! Where group deployments are kept (redb): every deployment made for a group, newest in
 //! force. Knows no hub.
+//!
+//! On a cluster node ([`GroupDeployments::share`]) they live in a table the nodes share;
+//! a new one is numbered under the table's cluster-wide lock, so "newest" means the same
+//! on every node.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -8,6 +12,7 @@ use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 
 use super::super::DeployError;
+use crate::cluster::rows::{Heard, Row, SharedRows, Versions};
 use crate::images::Images;
 use crate::registry::now_rfc3339;
 use crate::storage::JsonTable;
@@ -32,6 +37,8 @@ pub struct GroupDeployments {
     db: Arc<Store>,
     by_id: RwLock<BTreeMap<String, GroupDeployment>>,
     writer: Mutex<()>,
+    /// On a cluster node: the shared table and the version of each cached record.
+    shared: std::sync::OnceLock<(Arc<SharedRows>, Versions<String>)>,
 }
 
 impl GroupDeployments {
@@ -44,7 +51,126 @@ impl GroupDeployments {
             db,
             by_id: RwLock::new(by_id),
             writer: Mutex::new(()),
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this store a cluster node's. The first node of a new cluster brings its own.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), DeployError> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = rows.exclusive().map_err(DeployError::Store)?;
+        let versions = Versions::default();
+        if held.rows().is_empty() {
+            let writes: Vec<(String, Option<String>)> = self
+                .read()
+                .values()
+                .map(|d| (d.id.clone(), Some(json(d))))
+                .collect();
+            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
+            for (k, v) in keys
+                .into_iter()
+                .zip(held.commit(writes).map_err(DeployError::Store)?)
+            {
+                versions.insert(k, v);
+            }
+        } else {
+            self.replace(held.rows(), &versions);
+        }
+        let _ = self.shared.set((rows, versions));
+        Ok(())
+    }
+
+    /// The shared table, on a cluster node.
+    pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
+        self.shared.get().map(|(rows, _)| rows.clone())
+    }
+
+    fn replace(&self, rows: &[Row], versions: &Versions<String>) {
+        versions.clear();
+        let mut by_id = BTreeMap::new();
+        for row in rows {
+            versions.insert(row.key.clone(), row.version);
+            if let Ok(d) = serde_json::from_str::<GroupDeployment>(&row.body) {
+                by_id.insert(row.key.clone(), d);
+            }
+        }
+        *self.by_id.write().unwrap_or_else(|e| e.into_inner()) = by_id;
+    }
+
+    /// Applies what another node changed (newer records only).
+    pub fn heard(&self, heard: Heard) {
+        let Some((_, versions)) = self.shared.get() else {
+            return;
+        };
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = || self.read().keys().cloned().collect();
+        heard.apply_newer(versions, cached, |id, row| {
+            let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+            match row.and_then(|r| serde_json::from_str::<GroupDeployment>(&r.body).ok()) {
+                Some(d) => {
+                    by_id.insert(id.clone(), d);
+                }
+                None => {
+                    by_id.remove(id);
+                }
+            }
+        });
+    }
+
+    /// Writes (`Some`) and deletes (`None`) records: under the held cluster-wide lock on a
+    /// cluster node, in one redb transaction otherwise; then in memory.
+    fn write(
+        &self,
+        held: Option<crate::cluster::rows::Exclusive>,
+        writes: Vec<(String, Option<GroupDeployment>)>,
+    ) -> Result<(), DeployError> {
+        match (held, self.shared.get()) {
+            (Some(held), Some((_, versions))) => {
+                let rows = writes
+                    .iter()
+                    .map(|(id, d)| (id.clone(), d.as_ref().map(json)))
+                    .collect();
+                let written = held.commit(rows).map_err(DeployError::Store)?;
+                for ((id, _), v) in writes.iter().zip(written) {
+                    versions.insert(id.clone(), v);
+                }
+            }
+            _ => {
+                let tx = self.db.begin_write()?;
+                for (id, d) in &writes {
+                    match d {
+                        Some(d) => GROUP_DEPLOYMENTS.put::<DeployError>(&tx, id, d)?,
+                        None => GROUP_DEPLOYMENTS.remove::<DeployError>(&tx, id)?,
+                    }
+                }
+                tx.commit()?;
+            }
+        }
+        let mut map = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        for (id, d) in writes {
+            match d {
+                Some(d) => {
+                    map.insert(id, d);
+                }
+                None => {
+                    map.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// On a cluster node: the table's cluster-wide lock, with this node's cache made what
+    /// the table holds under it.
+    fn hold(&self) -> Result<Option<crate::cluster::rows::Exclusive>, DeployError> {
+        match self.shared.get() {
+            Some((rows, versions)) => {
+                let held = rows.exclusive().map_err(DeployError::Store)?;
+                self.replace(held.rows(), versions);
+                Ok(Some(held))
+            }
+            None => Ok(None),
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, GroupDeployment>> {
@@ -92,6 +218,7 @@ impl GroupDeployments {
         }
         images.dedup();
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.hold()?;
         let sequence = self.read().values().map(|d| d.sequence).max().unwrap_or(0) + 1;
         let d = GroupDeployment {
             id: crate::fleet::new_guid(),
@@ -100,30 +227,20 @@ impl GroupDeployments {
             created_time: now_rfc3339(),
             sequence,
         };
-        let tx = self.db.begin_write()?;
-        GROUP_DEPLOYMENTS.put::<DeployError>(&tx, &d.id, &d)?;
-        tx.commit()?;
-        self.by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(d.id.clone(), d.clone());
+        self.write(held, vec![(d.id.clone(), Some(d.clone()))])?;
         Ok(d)
     }
 
     /// Forgets a deleted group's deployments.
     pub fn forget_group(&self, group_id: &str) -> Result<(), DeployError> {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let ids: Vec<String> = self.history(group_id).into_iter().map(|d| d.id).collect();
-        let tx = self.db.begin_write()?;
-        for id in &ids {
-            GROUP_DEPLOYMENTS.remove::<DeployError>(&tx, id)?;
-        }
-        tx.commit()?;
-        let mut map = self.by_id.write().unwrap_or_else(|e| e.into_inner());
-        for id in ids {
-            map.remove(&id);
-        }
-        Ok(())
+        let held = self.hold()?;
+        let gone = self
+            .history(group_id)
+            .into_iter()
+            .map(|d| (d.id, None))
+            .collect();
+        self.write(held, gone)
     }
 
     /// Groups whose deployment in force follows `name:latest`.
@@ -136,4 +253,8 @@ impl GroupDeployments {
             .filter(|g| self.current(g).is_some_and(|d| d.images.contains(&latest)))
             .collect()
     }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
