@@ -386,7 +386,17 @@ pub async fn run_with_reload(
             Arc::downgrade(&hub),
             Arc::downgrade(&hub),
         );
+        let h4 = Arc::downgrade(&hub);
         bus.serve_with(crate::cluster::bus::Handlers {
+            inputs: Arc::new(move |key, entries| {
+                let hub = h4.clone();
+                Box::pin(async move {
+                    match hub.upgrade() {
+                        Some(hub) => crate::cluster::relay::take_relayed(&hub, &key, entries).await,
+                        None => Err("stopping".into()),
+                    }
+                })
+            }),
             c2d: Arc::new(move |key| {
                 // C2D goes to the device, whichever identity's connection carried it.
                 let device = crate::identity::IdentityKey::device(key.device.clone());
@@ -551,6 +561,11 @@ pub async fn run_with_reload(
         }
     }
     tasks.spawn(show_leadership(hub.clone(), stop_rx.clone()));
+    // Routed messages for modules connected to other nodes go to them.
+    tasks.spawn(crate::cluster::relay::relay_inputs(
+        hub.clone(),
+        stop_rx.clone(),
+    ));
     let (h, d) = (hub.clone(), deploy.clone());
     tasks.spawn(crate::cluster::singleton(
         "rollouts",

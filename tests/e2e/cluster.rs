@@ -1423,3 +1423,136 @@ async fn products_groups_images_and_group_deployments_are_shared() {
     assert_eq!(s, 409, "{body}");
     drop(pg);
 }
+
+/// What routes queue for a module reaches it on whichever node it is connected to: the
+/// node that queued an entry moves it to the module's node (which commits it before the
+/// first lets go), so nothing acknowledged is lost when either node is killed on the way.
+#[tokio::test]
+async fn routed_messages_reach_a_module_on_another_node_and_survive_either_node_killed() {
+    let (Some(pg_bin), Some(nats_bin)) = (pg_bin(), nats_bin()) else {
+        return;
+    };
+    let pg = Pg::init(&pg_bin);
+    let nats = NatsCluster::start(&nats_bin);
+    let url = pg.url();
+    let mut a = start_bus_node("a", &url, &nats.urls(0)).await;
+    let mut b = start_bus_node("b", &url, &nats.urls(1)).await;
+    let sensor_key = a.create_device("sensor").await;
+    let module_key = a.create_module("fleethub", "m1").await;
+    until_status(&b, "/devices/fleethub/modules/m1", 200).await;
+    until_status(&b, "/devices/sensor", 200).await;
+    let (s, body) = a
+        .api(
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            Some(json!({"properties": {"desired": {"routes": {
+                "toM": "FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId) INTO BrokeredEndpoint(\"/modules/m1/inputs/in1\")"
+            }}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b
+        .api(Method::GET, "/routes", None)
+        .await
+        .1
+        .to_string()
+        .contains("toM")
+    {
+        assert!(Instant::now() < deadline, "b never took the routes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    const INPUT: &str = "devices/fleethub/modules/m1/inputs/in1/";
+    let numbered = |i: usize| {
+        (
+            "devices/sensor/messages/events/".to_string(),
+            format!("{{\"n\":{i}}}"),
+        )
+    };
+    // Every number the module receives until none comes for a while.
+    async fn received(module: &mut Client, quiet: Duration) -> Vec<u64> {
+        let mut got = Vec::new();
+        while let Some(p) = module.next_publish_on(INPUT, quiet).await {
+            got.push(
+                crate::harness::json_of(&p)["n"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX),
+            );
+        }
+        got
+    }
+    let distinct = |got: &[u64]| {
+        let mut d = got.to_vec();
+        d.sort();
+        d.dedup();
+        d
+    };
+
+    // Queued on a while the module is connected nowhere; it connects to b and gets them all,
+    // in order.
+    let mut sensor = a.device("sensor", &sensor_key).await;
+    sensor.publish_acked(0, 50, numbered).await;
+    let mut module = b.device("fleethub/m1", &module_key).await;
+    module
+        .subscribe_many(&["devices/fleethub/modules/m1/inputs/#"])
+        .await;
+    let got = received(&mut module, Duration::from_secs(3)).await;
+    assert_eq!(got, (0..50).collect::<Vec<u64>>(), "in order, once each");
+
+    // Acknowledged by a, then a is killed at once: what it had not moved yet, it moves after
+    // its restart.
+    sensor.publish_acked(50, 100, numbered).await;
+    a = a.restart().await;
+    let got = received(&mut module, Duration::from_secs(4)).await;
+    assert_eq!(
+        distinct(&got),
+        (50..150).collect::<Vec<u64>>(),
+        "every message a acknowledged"
+    );
+    assert!(
+        got.len() <= 100 + 256,
+        "duplicates bounded by one batch: {}",
+        got.len()
+    );
+
+    // Moved to b while the module does not read its inputs there; b is killed; the module
+    // comes back on a, and b, restarted, hands them over.
+    // What a has moved since its restart.
+    async fn relayed(hub: &Hub) -> f64 {
+        hub.metrics()
+            .await
+            .lines()
+            .filter(|l| {
+                l.starts_with("fleethub_sink_messages_total{")
+                    && l.contains("result=\"relayed\"")
+                    && l.contains("/modules/m1/inputs/in1")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+    drop(module);
+    let mut idle = b.device("fleethub/m1", &module_key).await;
+    let before = relayed(&a).await;
+    let mut sensor = a.device("sensor", &sensor_key).await;
+    sensor.publish_acked(150, 30, numbered).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relayed(&a).await < before + 30.0 {
+        assert!(Instant::now() < deadline, "a never moved the entries to b");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.kill9();
+    assert!(idle.disconnected(Duration::from_secs(10)).await.is_some());
+    let mut module = a.device("fleethub/m1", &module_key).await;
+    module
+        .subscribe_many(&["devices/fleethub/modules/m1/inputs/#"])
+        .await;
+    b = b.restart().await;
+    let got = received(&mut module, Duration::from_secs(4)).await;
+    assert_eq!(
+        distinct(&got),
+        (150..180).collect::<Vec<u64>>(),
+        "what b had taken over reached the module on a: {got:?}"
+    );
+    drop((a, b));
+    drop(pg);
+}

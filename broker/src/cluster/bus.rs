@@ -48,8 +48,30 @@ pub enum MethodOutcome {
     Timeout(String),
 }
 
+/// A routed message for a module input, moved from the node whose routes queued it to the
+/// node holding the module's connection (see `cluster::relay`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayedEntry {
+    /// `/modules/{m}/inputs/{i}`.
+    pub sink: String,
+    pub priority: u8,
+    /// What is left of its time to live, in ms: it expires when it would have.
+    pub ttl_ms: u64,
+    pub bag: String,
+    /// The body, base64.
+    pub body: String,
+}
+
+/// Stores relayed entries for a module connected here; `Ok` once committed.
+pub type TakeRelayed =
+    dyn Fn(IdentityKey, Vec<RelayedEntry>) -> BoxFuture<'static, Result<(), String>> + Send + Sync;
+
 /// What the server does with what arrives for a local connection.
 pub struct Handlers {
+    /// Routed messages for this module's inputs, from another node's queues: stored in this
+    /// node's queues (`Ok` only once committed) and delivered from there.
+    pub inputs: Arc<TakeRelayed>,
     /// A C2D message for this device was stored in the shared queue: deliver it.
     pub c2d: Arc<dyn Fn(IdentityKey) + Send + Sync>,
     pub method:
@@ -174,7 +196,14 @@ impl Bus {
                 let Some(reply) = message.reply.clone() else {
                     continue;
                 };
-                let body = if message.subject.ends_with(".method") {
+                let body = if message.subject.ends_with(".inputs") {
+                    let stored = match serde_json::from_slice::<Vec<RelayedEntry>>(&message.payload)
+                    {
+                        Ok(entries) => (handlers.inputs)(key.clone(), entries).await,
+                        Err(e) => Err(format!("unreadable relayed entries: {e}")),
+                    };
+                    serde_json::to_vec(&stored)
+                } else if message.subject.ends_with(".method") {
                     let outcome = match serde_json::from_slice::<MethodRequest>(&message.payload) {
                         Ok(request) => (handlers.method)(key.clone(), request).await,
                         Err(e) => MethodOutcome::Offline(format!("unreadable method request: {e}")),
@@ -255,6 +284,25 @@ impl Bus {
                 "no answer from the node holding '{key}' within {within:?}"
             )),
             Err(Asked::Failed(why)) => MethodOutcome::Offline(why),
+        }
+    }
+
+    /// Hands routed entries for module `key`'s inputs to the node holding its connection:
+    /// `Ok(true)` once that node has committed them, `Ok(false)` when no node holds it.
+    pub async fn relay_inputs(
+        &self,
+        key: &IdentityKey,
+        entries: &[RelayedEntry],
+    ) -> Result<bool, String> {
+        match self
+            .ask::<Result<(), String>>(key, "inputs", &entries, Duration::from_secs(10))
+            .await
+        {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(why)) => Err(why),
+            Err(Asked::Nobody) => Ok(false),
+            Err(Asked::TimedOut) => Err("no answer from the module's node".into()),
+            Err(Asked::Failed(why)) => Err(why),
         }
     }
 

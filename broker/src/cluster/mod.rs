@@ -24,6 +24,7 @@ pub mod bus;
 pub mod c2d;
 pub mod images;
 mod leader;
+pub mod relay;
 pub mod rows;
 pub mod sessions;
 mod status;
