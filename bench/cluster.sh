@@ -5,7 +5,8 @@
 # For each: identity creates and desired twin writes per second through the API (8 clients;
 # twin writes also from 1 client, for latency), routed telemetry from
 # device-sim (spread over the nodes with --mqtt a,b,c) with CPU per message per node, and
-# direct-method round trips through one node to devices connected to another.
+# direct-method round trips through one node to devices connected to another; persistent
+# sessions made (clean session 0, four SUBSCRIBEs) and resumed on the next node.
 #
 #   cargo build --release --bin fleethub --bin device-sim && bash bench/cluster.sh
 #
@@ -79,6 +80,8 @@ run_setup() { # run_setup LABEL NODES... (each "API MQTT TOKEN"); methods cross 
   python3 "$ROOT/bench/cluster_api.py" create "$api" "$token" "reg-" 2000 8 | sed 's/^/creates: /'
   python3 "$ROOT/bench/cluster_api.py" twins "$api" "$token" "reg-" 2000 8 | sed 's/^/twin writes, 8 clients: /'
   python3 "$ROOT/bench/cluster_api.py" twins "$api" "$token" "reg-" 250 1 | sed 's/^/twin writes, 1 client: /'
+  # Persistent sessions (SDK-like): first connect + 4 SUBSCRIBEs, then resume on the next node.
+  (cd "$ROOT/bench" && python3 cluster_sessions.py "$api" "$token" "$mqtt_list" 1000 8) | sed 's/^/sessions: /'
   # Telemetry: the load scenario, spread over the nodes; CPU and messages per node around it.
   local cpu0=() msg0=()
   for a in "${apis[@]}"; do cpu0+=("$(metric "$a" fleethub_process_cpu_seconds_total)"); msg0+=("$(metric "$a" fleethub_telemetry_messages_total)"); done

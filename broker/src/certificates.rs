@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::*;
 
+use crate::cluster::catalog::{json, Catalog};
+use crate::cluster::rows::{Exclusive, Heard, Row, SharedRows};
 use crate::storage::{JsonTable, Store};
 
 const CAS: JsonTable<CaCertificate> = JsonTable::new("ca_certificates");
@@ -81,6 +83,8 @@ pub struct CaStore {
     db: Arc<Store>,
     by_name: RwLock<BTreeMap<String, CaCertificate>>,
     writer: Mutex<()>,
+    /// On a cluster node: the table the nodes share (`cluster::catalog`).
+    shared: std::sync::OnceLock<Catalog>,
 }
 
 impl CaStore {
@@ -90,17 +94,80 @@ impl CaStore {
             db,
             by_name: RwLock::new(by_name),
             writer: Mutex::new(()),
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this store a cluster node's: a CA added or verified on any node authenticates
+    /// devices on every node. The first node of a new cluster brings its own.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), CertificateError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let local = self
+            .read()
+            .values()
+            .map(|c| (c.name.clone(), json(c)))
+            .collect();
+        let (catalog, rows) = Catalog::share(rows, local).map_err(CertificateError::Store)?;
+        self.replace(&rows);
+        let _ = self.shared.set(catalog);
+        Ok(())
+    }
+
+    /// The shared table, on a cluster node.
+    pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
+        self.shared.get().map(Catalog::rows)
+    }
+
+    fn replace(&self, rows: &[Row]) {
+        let by_name = rows
+            .iter()
+            .filter_map(|r| Some((r.key.clone(), serde_json::from_str(&r.body).ok()?)))
+            .collect();
+        *self.by_name.write().unwrap_or_else(|e| e.into_inner()) = by_name;
+    }
+
+    /// Applies what another node changed (newer records only).
+    pub fn heard(&self, heard: Heard) {
+        let Some(catalog) = self.shared.get() else {
+            return;
+        };
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = || self.read().keys().cloned().collect();
+        catalog.heard(heard, cached, |name, row| {
+            let mut by_name = self.by_name.write().unwrap_or_else(|e| e.into_inner());
+            match row.and_then(|r| serde_json::from_str::<CaCertificate>(&r.body).ok()) {
+                Some(ca) => by_name.insert(name.clone(), ca),
+                None => by_name.remove(name),
+            };
+        });
+    }
+
+    /// On a cluster node: the table's cluster-wide lock, with the cache made what the table
+    /// holds under it (callers hold `writer`).
+    fn hold(&self) -> Result<Option<Exclusive>, CertificateError> {
+        let Some(catalog) = self.shared.get() else {
+            return Ok(None);
+        };
+        let held = catalog.hold().map_err(CertificateError::Store)?;
+        self.replace(held.rows());
+        Ok(Some(held))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, CaCertificate>> {
         self.by_name.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save(&self, ca: &CaCertificate) -> Result<(), CertificateError> {
-        let tx = self.db.begin_write()?;
-        CAS.put::<CertificateError>(&tx, &ca.name, ca)?;
-        tx.commit()?;
+    fn save(&self, held: Option<Exclusive>, ca: &CaCertificate) -> Result<(), CertificateError> {
+        match (held, self.shared.get()) {
+            (Some(held), Some(catalog)) => catalog
+                .commit(held, vec![(ca.name.clone(), Some(json(ca)))])
+                .map_err(CertificateError::Store)?,
+            _ => {
+                let tx = self.db.begin_write()?;
+                CAS.put::<CertificateError>(&tx, &ca.name, ca)?;
+                tx.commit()?;
+            }
+        }
         self.by_name
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -141,6 +208,7 @@ impl CaStore {
             ));
         }
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.hold()?;
         if self.get(name).is_some() {
             return Err(CertificateError::Exists(format!("CA certificate '{name}'")));
         }
@@ -158,7 +226,7 @@ impl CaStore {
                 .to_uppercase(),
             created_time: crate::registry::now_rfc3339(),
         };
-        self.save(&ca)?;
+        self.save(held, &ca)?;
         Ok(ca)
     }
 
@@ -166,6 +234,7 @@ impl CaStore {
     /// its common name.
     pub fn verify(&self, name: &str, pem: &str) -> Result<CaCertificate, CertificateError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.hold()?;
         let mut ca = self
             .get(name)
             .ok_or_else(|| CertificateError::NotFound(format!("CA certificate '{name}'")))?;
@@ -185,20 +254,28 @@ impl CaStore {
             ));
         }
         ca.is_verified = true;
-        self.save(&ca)?;
+        self.save(held, &ca)?;
         Ok(ca)
     }
 
     pub fn delete(&self, name: &str) -> Result<(), CertificateError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.hold()?;
         if self.get(name).is_none() {
             return Err(CertificateError::NotFound(format!(
                 "CA certificate '{name}'"
             )));
         }
-        let tx = self.db.begin_write()?;
-        CAS.remove::<CertificateError>(&tx, name)?;
-        tx.commit()?;
+        match (held, self.shared.get()) {
+            (Some(held), Some(catalog)) => catalog
+                .commit(held, vec![(name.to_string(), None)])
+                .map_err(CertificateError::Store)?,
+            _ => {
+                let tx = self.db.begin_write()?;
+                CAS.remove::<CertificateError>(&tx, name)?;
+                tx.commit()?;
+            }
+        }
         self.by_name
             .write()
             .unwrap_or_else(|e| e.into_inner())

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::cluster::catalog::{json, Catalog};
+use crate::cluster::rows::{Exclusive, Heard, Row, SharedRows};
 use crate::storage::{JsonTable, Store};
 
 const ENROLLMENTS: JsonTable<Enrollment> = JsonTable::new("enrollments");
@@ -101,6 +103,8 @@ pub struct Enrollments {
     db: Arc<Store>,
     by_key: RwLock<BTreeMap<(EnrollmentKind, String), Enrollment>>,
     writer: Mutex<()>,
+    /// On a cluster node: the table the nodes share (`cluster::catalog`).
+    shared: std::sync::OnceLock<Catalog>,
 }
 
 fn table_key(kind: EnrollmentKind, id: &str) -> String {
@@ -121,7 +125,71 @@ impl Enrollments {
             db,
             by_key: RwLock::new(by_key),
             writer: Mutex::new(()),
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this store a cluster node's: a device provisions through any node under an
+    /// enrollment made on any node. The first node of a new cluster brings its own.
+    pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), EnrollmentError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let local = self
+            .read()
+            .values()
+            .map(|e| (table_key(e.kind, &e.id), json(e)))
+            .collect();
+        let (catalog, rows) = Catalog::share(rows, local).map_err(EnrollmentError::Store)?;
+        self.replace(&rows);
+        let _ = self.shared.set(catalog);
+        Ok(())
+    }
+
+    /// The shared table, on a cluster node.
+    pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
+        self.shared.get().map(Catalog::rows)
+    }
+
+    fn replace(&self, rows: &[Row]) {
+        let by_key = rows
+            .iter()
+            .filter_map(|r| serde_json::from_str::<Enrollment>(&r.body).ok())
+            .map(|e| ((e.kind, e.id.clone()), e))
+            .collect();
+        *self.by_key.write().unwrap_or_else(|e| e.into_inner()) = by_key;
+    }
+
+    /// Applies what another node changed (newer records only).
+    pub fn heard(&self, heard: Heard) {
+        let Some(catalog) = self.shared.get() else {
+            return;
+        };
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = || {
+            self.read()
+                .values()
+                .map(|e| table_key(e.kind, &e.id))
+                .collect()
+        };
+        catalog.heard(heard, cached, |key, row| {
+            let mut by_key = self.by_key.write().unwrap_or_else(|e| e.into_inner());
+            match row.and_then(|r| serde_json::from_str::<Enrollment>(&r.body).ok()) {
+                Some(e) => {
+                    by_key.insert((e.kind, e.id.clone()), e);
+                }
+                None => by_key.retain(|(kind, id), _| table_key(*kind, id) != *key),
+            }
+        });
+    }
+
+    /// On a cluster node: the table's cluster-wide lock, with the cache made what the table
+    /// holds under it (callers hold `writer`).
+    fn hold(&self) -> Result<Option<Exclusive>, EnrollmentError> {
+        let Some(catalog) = self.shared.get() else {
+            return Ok(None);
+        };
+        let held = catalog.hold().map_err(EnrollmentError::Store)?;
+        self.replace(held.rows());
+        Ok(Some(held))
     }
 
     fn read(
@@ -130,10 +198,17 @@ impl Enrollments {
         self.by_key.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save(&self, e: &Enrollment) -> Result<(), EnrollmentError> {
-        let tx = self.db.begin_write()?;
-        ENROLLMENTS.put::<EnrollmentError>(&tx, &table_key(e.kind, &e.id), e)?;
-        tx.commit()?;
+    fn save(&self, held: Option<Exclusive>, e: &Enrollment) -> Result<(), EnrollmentError> {
+        match (held, self.shared.get()) {
+            (Some(held), Some(catalog)) => catalog
+                .commit(held, vec![(table_key(e.kind, &e.id), Some(json(e)))])
+                .map_err(EnrollmentError::Store)?,
+            _ => {
+                let tx = self.db.begin_write()?;
+                ENROLLMENTS.put::<EnrollmentError>(&tx, &table_key(e.kind, &e.id), e)?;
+                tx.commit()?;
+            }
+        }
         self.by_key
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -203,13 +278,14 @@ impl Enrollments {
             created_time: crate::registry::now_rfc3339(),
         };
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.hold()?;
         if self.get(kind, &enrollment.id).is_some() {
             return Err(EnrollmentError::Exists(format!(
                 "enrollment '{}'",
                 enrollment.id
             )));
         }
-        self.save(&enrollment)?;
+        self.save(held, &enrollment)?;
         Ok(enrollment)
     }
 
@@ -226,22 +302,31 @@ impl Enrollments {
             });
         }
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.hold()?;
         let mut e = self
             .get(kind, id)
             .ok_or_else(|| EnrollmentError::NotFound(format!("enrollment '{id}'")))?;
         e.provisioning_status = status.to_string();
-        self.save(&e)?;
+        self.save(held, &e)?;
         Ok(e)
     }
 
     pub fn delete(&self, kind: EnrollmentKind, id: &str) -> Result<(), EnrollmentError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.hold()?;
         if self.get(kind, id).is_none() {
             return Err(EnrollmentError::NotFound(format!("enrollment '{id}'")));
         }
-        let tx = self.db.begin_write()?;
-        ENROLLMENTS.remove::<EnrollmentError>(&tx, &table_key(kind, id))?;
-        tx.commit()?;
+        match (held, self.shared.get()) {
+            (Some(held), Some(catalog)) => catalog
+                .commit(held, vec![(table_key(kind, id), None)])
+                .map_err(EnrollmentError::Store)?,
+            _ => {
+                let tx = self.db.begin_write()?;
+                ENROLLMENTS.remove::<EnrollmentError>(&tx, &table_key(kind, id))?;
+                tx.commit()?;
+            }
+        }
         self.by_key
             .write()
             .unwrap_or_else(|e| e.into_inner())

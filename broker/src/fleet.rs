@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::rows::{Exclusive, Heard, Row, SharedRows, Versions};
+use crate::cluster::catalog::{json, Catalog};
+use crate::cluster::rows::{Exclusive, Heard, Row, SharedRows, Upsert};
 use crate::identity::IdentityKey;
 use crate::registry::{now_rfc3339, Identity, Registry, RegistryError};
 use crate::storage::JsonTable;
@@ -214,7 +215,7 @@ pub struct Fleet {
     writer: Mutex<()>,
     /// On a cluster node: the shared table (`p/{id}` products, `g/{id}` groups) and the
     /// version of each cached record.
-    shared: std::sync::OnceLock<(Arc<SharedRows>, Versions<String>)>,
+    shared: std::sync::OnceLock<Catalog>,
 }
 
 /// A writer's hold on the fleet: this node's lock and, on a cluster node, the cluster-wide
@@ -255,48 +256,35 @@ impl Fleet {
     /// The first node of a new cluster brings its own.
     pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), FleetError> {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let held = rows.exclusive().map_err(FleetError::Store)?;
-        let versions = Versions::default();
-        if held.rows().is_empty() {
+        let local = {
             let state = self.read();
-            let writes: Vec<(String, Option<String>)> = state
+            state
                 .products
                 .values()
-                .map(|p| (format!("p/{}", p.id), Some(json(p))))
+                .map(|p| (format!("p/{}", p.id), json(p)))
                 .chain(
                     state
                         .groups
                         .values()
-                        .map(|g| (format!("g/{}", g.id), Some(json(g)))),
+                        .map(|g| (format!("g/{}", g.id), json(g))),
                 )
-                .collect();
-            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
-            drop(state);
-            for (k, v) in keys
-                .into_iter()
-                .zip(held.commit(writes).map_err(FleetError::Store)?)
-            {
-                versions.insert(k, v);
-            }
-        } else {
-            self.replace_state(held.rows(), &versions);
-            drop(held);
-        }
-        let _ = self.shared.set((rows, versions));
+                .collect()
+        };
+        let (catalog, rows) = Catalog::share(rows, local).map_err(FleetError::Store)?;
+        self.replace_state(&rows);
+        let _ = self.shared.set(catalog);
         Ok(())
     }
 
     /// The shared table, on a cluster node.
     pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
-        self.shared.get().map(|(rows, _)| rows.clone())
+        self.shared.get().map(Catalog::rows)
     }
 
     /// Replaces what this node holds with the shared table's records.
-    fn replace_state(&self, rows: &[Row], versions: &Versions<String>) {
+    fn replace_state(&self, rows: &[Row]) {
         let mut state = State::default();
-        versions.clear();
         for row in rows {
-            versions.insert(row.key.clone(), row.version);
             apply_row(&mut state, &row.key, Some(&row.body));
         }
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
@@ -304,7 +292,7 @@ impl Fleet {
 
     /// Applies what another node changed (newer records only).
     pub fn heard(&self, heard: Heard) {
-        let Some((_, versions)) = self.shared.get() else {
+        let Some(catalog) = self.shared.get() else {
             return;
         };
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -317,7 +305,7 @@ impl Fleet {
                 .chain(state.groups.keys().map(|id| format!("g/{id}")))
                 .collect()
         };
-        heard.apply_newer(versions, cached, |key, row| {
+        catalog.heard(heard, cached, |key, row| {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
             apply_row(&mut state, key, row.map(|r| r.body.as_str()));
         });
@@ -330,9 +318,9 @@ impl Fleet {
         // redb transactions are atomic, so a poisoned lock guards nothing half-written.
         let local = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let exclusive = match self.shared.get() {
-            Some((rows, versions)) => {
-                let held = rows.exclusive().map_err(FleetError::Store)?;
-                self.replace_state(held.rows(), versions);
+            Some(catalog) => {
+                let held = catalog.hold().map_err(FleetError::Store)?;
+                self.replace_state(held.rows());
                 Some(held)
             }
             None => None,
@@ -356,8 +344,8 @@ impl Fleet {
         delete_products: &[&str],
         delete_groups: &[&str],
     ) -> Result<(), FleetError> {
-        if let (Some(exclusive), Some((_, versions))) = (held.exclusive, self.shared.get()) {
-            let writes: Vec<(String, Option<String>)> = products
+        if let (Some(exclusive), Some(catalog)) = (held.exclusive, self.shared.get()) {
+            let writes: Vec<Upsert> = products
                 .iter()
                 .map(|p| (format!("p/{}", p.id), Some(json(p))))
                 .chain(
@@ -368,11 +356,9 @@ impl Fleet {
                 .chain(delete_products.iter().map(|id| (format!("p/{id}"), None)))
                 .chain(delete_groups.iter().map(|id| (format!("g/{id}"), None)))
                 .collect();
-            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
-            let written = exclusive.commit(writes).map_err(FleetError::Store)?;
-            for (k, v) in keys.into_iter().zip(written) {
-                versions.insert(k, v);
-            }
+            catalog
+                .commit(exclusive, writes)
+                .map_err(FleetError::Store)?;
         } else {
             let tx = self.db.begin_write()?;
             for product in products {
@@ -728,10 +714,6 @@ fn apply_row(state: &mut State, key: &str, body: Option<&str>) {
             }
         }
     }
-}
-
-fn json<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -25,7 +25,8 @@ use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::cluster::rows::{Heard, Row, SharedRows, Versions};
+use crate::cluster::catalog::{json, Catalog};
+use crate::cluster::rows::{Heard, Row, SharedRows};
 use crate::registry::now_rfc3339;
 use crate::storage::JsonTable;
 
@@ -161,8 +162,9 @@ pub struct Images {
     dir: PathBuf,
     by_id: RwLock<BTreeMap<String, Image>>,
     writer: Mutex<()>,
-    /// On a cluster node: the shared table and the version of each cached record.
-    shared: std::sync::OnceLock<(Arc<SharedRows>, Versions<String>)>,
+    /// On a cluster node: the table the nodes share (`cluster::catalog`) and the content
+    /// beside it.
+    shared: std::sync::OnceLock<Catalog>,
 }
 
 impl Images {
@@ -183,7 +185,6 @@ impl Images {
     pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), ImageError> {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         rows.create_image_content().map_err(ImageError::Store)?;
-        let versions = Versions::default();
         // Content first, outside the table's lock (the lock holds the table's connection).
         let (existing, _) = rows.load().map_err(ImageError::Store)?;
         if existing.is_empty() {
@@ -193,52 +194,38 @@ impl Images {
                     .map_err(ImageError::Store)?;
             }
         }
-        let held = rows.exclusive().map_err(ImageError::Store)?;
-        if held.rows().is_empty() {
-            let writes: Vec<(String, Option<String>)> = self
-                .read()
-                .values()
-                .map(|i| (i.id.clone(), Some(json(i))))
-                .collect();
-            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
-            for (k, v) in keys
-                .into_iter()
-                .zip(held.commit(writes).map_err(ImageError::Store)?)
-            {
-                versions.insert(k, v);
-            }
-        } else {
-            self.replace(held.rows(), &versions);
-        }
-        let _ = self.shared.set((rows, versions));
+        let local = self
+            .read()
+            .values()
+            .map(|i| (i.id.clone(), json(i)))
+            .collect();
+        let (catalog, rows) = Catalog::share(rows, local).map_err(ImageError::Store)?;
+        self.replace(&rows);
+        let _ = self.shared.set(catalog);
         Ok(())
     }
 
     /// The shared table, on a cluster node.
     pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
-        self.shared.get().map(|(rows, _)| rows.clone())
+        self.shared.get().map(Catalog::rows)
     }
 
-    fn replace(&self, rows: &[Row], versions: &Versions<String>) {
-        versions.clear();
-        let mut by_id = BTreeMap::new();
-        for row in rows {
-            versions.insert(row.key.clone(), row.version);
-            if let Ok(image) = serde_json::from_str::<Image>(&row.body) {
-                by_id.insert(row.key.clone(), image);
-            }
-        }
+    fn replace(&self, rows: &[Row]) {
+        let by_id = rows
+            .iter()
+            .filter_map(|r| Some((r.key.clone(), serde_json::from_str(&r.body).ok()?)))
+            .collect();
         *self.by_id.write().unwrap_or_else(|e| e.into_inner()) = by_id;
     }
 
     /// Applies what another node changed (newer records only).
     pub fn heard(&self, heard: Heard) {
-        let Some((_, versions)) = self.shared.get() else {
+        let Some(catalog) = self.shared.get() else {
             return;
         };
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let cached = || self.read().keys().cloned().collect();
-        heard.apply_newer(versions, cached, |id, row| {
+        catalog.heard(heard, cached, |id, row| {
             let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
             match row.and_then(|r| serde_json::from_str::<Image>(&r.body).ok()) {
                 Some(image) => {
@@ -277,13 +264,15 @@ impl Images {
         // bytes nobody names), then the checks and the record under the cluster-wide lock,
         // against the table as it is.
         let held = match self.shared.get() {
-            Some((rows, versions)) => {
+            Some(catalog) => {
                 if self.get(&id).is_none() {
-                    rows.put_image_content(&id, content)
+                    catalog
+                        .rows()
+                        .put_image_content(&id, content)
                         .map_err(ImageError::Store)?;
                 }
-                let held = rows.exclusive().map_err(ImageError::Store)?;
-                self.replace(held.rows(), versions);
+                let held = catalog.hold().map_err(ImageError::Store)?;
+                self.replace(held.rows());
                 Some(held)
             }
             None => None,
@@ -327,12 +316,9 @@ impl Images {
             created_time: now_rfc3339(),
         };
         match (held, self.shared.get()) {
-            (Some(held), Some((_, versions))) => {
-                let written = held
-                    .commit(vec![(id.clone(), Some(json(&image)))])
-                    .map_err(ImageError::Store)?;
-                versions.insert(id.clone(), written.first().copied().unwrap_or_default());
-            }
+            (Some(held), Some(catalog)) => catalog
+                .commit(held, vec![(id.clone(), Some(json(&image)))])
+                .map_err(ImageError::Store)?,
             _ => {
                 let tx = self.db.begin_write()?;
                 IMAGES.put::<ImageError>(&tx, &id, &image)?;
@@ -386,8 +372,9 @@ impl Images {
         match (std::fs::read(&path), self.shared.get()) {
             (Ok(bytes), _) => Ok(bytes),
             // Taken in by another node: fetched by digest once, kept here after.
-            (Err(e), Some((rows, _))) if e.kind() == std::io::ErrorKind::NotFound => {
-                let bytes = rows
+            (Err(e), Some(catalog)) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = catalog
+                    .rows()
                     .image_content(&image.id)
                     .map_err(ImageError::Store)?
                     .ok_or_else(|| {
@@ -401,10 +388,6 @@ impl Images {
             (Err(e), _) => Err(e.into()),
         }
     }
-}
-
-fn json<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_default()
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -236,6 +236,17 @@ pub async fn run_with_reload(
                 .groups
                 .share(Arc::new(groups))
                 .map_err(|e| shared(&e))?;
+            // Device authentication and provisioning: X.509 CAs and DPS enrollments.
+            let cas = open("ca_certificates").await.map_err(|e| shared(&e))??;
+            let enrollments = open("enrollments").await.map_err(|e| shared(&e))??;
+            stores
+                .certificates
+                .share(Arc::new(cas))
+                .map_err(|e| shared(&e))?;
+            stores
+                .enrollments
+                .share(Arc::new(enrollments))
+                .map_err(|e| shared(&e))?;
             Some((rows, twins))
         }
         None => None,
@@ -517,7 +528,7 @@ pub async fn run_with_reload(
         // Products and groups, images and group deployments other nodes wrote.
         type On = Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync>;
         let (h, d) = (hub.clone(), deploy.clone());
-        let feeds: [(Option<Arc<crate::cluster::rows::SharedRows>>, On); 3] = [
+        let feeds: [(Option<Arc<crate::cluster::rows::SharedRows>>, On); 5] = [
             (hub.fleet.shared_rows(), {
                 let h = h.clone();
                 Arc::new(move |heard| h.fleet.heard(heard))
@@ -530,6 +541,14 @@ pub async fn run_with_reload(
                 deploy.groups.shared_rows(),
                 Arc::new(move |heard| d.groups.heard(heard)),
             ),
+            (hub.certificates.shared_rows(), {
+                let h = hub.clone();
+                Arc::new(move |heard| h.certificates.heard(heard))
+            }),
+            (hub.enrollments.shared_rows(), {
+                let h = hub.clone();
+                Arc::new(move |heard| h.enrollments.heard(heard))
+            }),
         ];
         for (rows, on) in feeds {
             if let Some(rows) = rows {

@@ -1556,3 +1556,88 @@ async fn routed_messages_reach_a_module_on_another_node_and_survive_either_node_
     drop((a, b));
     drop(pg);
 }
+
+/// Device authentication and provisioning records are shared: a CA uploaded on one node and
+/// verified on another authenticates a CA-signed device on either; an enrollment group made
+/// on one node is there on the other, its id taken there, its status changed there.
+#[tokio::test]
+async fn ca_certificates_and_enrollments_are_shared() {
+    use crate::x509::{options, test_ca};
+    let Some(bin) = pg_bin() else { return };
+    let pg = Pg::init(&bin);
+    let url = pg.url();
+    let a = start_node("a", &url).await;
+    let b = start_node("b", &url).await;
+
+    let root = test_ca("Fleet Root CA");
+    let (s, added) = a
+        .api(
+            Method::POST,
+            "/certificates",
+            Some(json!({"name": "fleet-root", "certificate": root.cert.pem()})),
+        )
+        .await;
+    assert_eq!(s, 201, "{added}");
+    let code = added["verificationCode"].as_str().unwrap().to_string();
+    until_status(&b, "/certificates/fleet-root", 200).await;
+    let (s, verified) = b
+        .api(
+            Method::POST,
+            "/certificates/fleet-root/verify",
+            Some(json!({"certificate": root.leaf(&code, &[]).cert_pem})),
+        )
+        .await;
+    assert_eq!(s, 200, "{verified}");
+    let (ok, _, err) = cli(&a, &["device", "create", "c1", "--auth", "x509-ca"]);
+    assert!(ok, "{err}");
+    let device = root.leaf("c1", &[]);
+    for hub in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Client::connect(options(hub, "c1", "", Some(&device))).await {
+                Ok(_) => break,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "the CA verified on b never authenticated c1 on this node: {e:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (s, g) = a
+        .api(
+            Method::POST,
+            "/enrollmentGroups",
+            Some(json!({"id": "line-1"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{g}");
+    until_status(&b, "/enrollmentGroups/line-1", 200).await;
+    let (s, _) = b
+        .api(
+            Method::POST,
+            "/enrollmentGroups",
+            Some(json!({"id": "line-1"})),
+        )
+        .await;
+    assert_eq!(s, 409, "an id taken on a is taken on b");
+    let (s, body) = b
+        .api(
+            Method::PATCH,
+            "/enrollmentGroups/line-1",
+            Some(json!({"provisioningStatus": "disabled"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, g) = a.api(Method::GET, "/enrollmentGroups/line-1", None).await;
+        if g["provisioningStatus"] == "disabled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a never saw b's change: {g}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(pg);
+}

@@ -98,7 +98,12 @@ impl TestCa {
 }
 
 /// MQTT/TLS options trusting the hub's CA, presenting `cert` (if any) as client certificate.
-fn options(hub: &Hub, device: &str, password: &str, cert: Option<&DeviceCert>) -> MqttOptions {
+pub(crate) fn options(
+    hub: &Hub,
+    device: &str,
+    password: &str,
+    cert: Option<&DeviceCert>,
+) -> MqttOptions {
     let addr = hub.endpoints.mqtts.expect("MQTTS enabled");
     let mut o = MqttOptions::new(device, "localhost", addr.port());
     o.set_credentials(hub.username(device), password);

@@ -22,6 +22,7 @@
 
 pub mod bus;
 pub mod c2d;
+pub mod catalog;
 pub mod images;
 mod leader;
 pub mod relay;

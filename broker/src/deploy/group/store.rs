@@ -12,7 +12,8 @@ use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 
 use super::super::DeployError;
-use crate::cluster::rows::{Heard, Row, SharedRows, Versions};
+use crate::cluster::catalog::{json, Catalog};
+use crate::cluster::rows::{Heard, Row, SharedRows};
 use crate::images::Images;
 use crate::registry::now_rfc3339;
 use crate::storage::JsonTable;
@@ -37,8 +38,8 @@ pub struct GroupDeployments {
     db: Arc<Store>,
     by_id: RwLock<BTreeMap<String, GroupDeployment>>,
     writer: Mutex<()>,
-    /// On a cluster node: the shared table and the version of each cached record.
-    shared: std::sync::OnceLock<(Arc<SharedRows>, Versions<String>)>,
+    /// On a cluster node: the table the nodes share (`cluster::catalog`).
+    shared: std::sync::OnceLock<Catalog>,
 }
 
 impl GroupDeployments {
@@ -58,62 +59,43 @@ impl GroupDeployments {
     /// Makes this store a cluster node's. The first node of a new cluster brings its own.
     pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), DeployError> {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let held = rows.exclusive().map_err(DeployError::Store)?;
-        let versions = Versions::default();
-        if held.rows().is_empty() {
-            let writes: Vec<(String, Option<String>)> = self
-                .read()
-                .values()
-                .map(|d| (d.id.clone(), Some(json(d))))
-                .collect();
-            let keys: Vec<String> = writes.iter().map(|(k, _)| k.clone()).collect();
-            for (k, v) in keys
-                .into_iter()
-                .zip(held.commit(writes).map_err(DeployError::Store)?)
-            {
-                versions.insert(k, v);
-            }
-        } else {
-            self.replace(held.rows(), &versions);
-        }
-        let _ = self.shared.set((rows, versions));
+        let local = self
+            .read()
+            .values()
+            .map(|d| (d.id.clone(), json(d)))
+            .collect();
+        let (catalog, rows) = Catalog::share(rows, local).map_err(DeployError::Store)?;
+        self.replace(&rows);
+        let _ = self.shared.set(catalog);
         Ok(())
     }
 
     /// The shared table, on a cluster node.
     pub fn shared_rows(&self) -> Option<Arc<SharedRows>> {
-        self.shared.get().map(|(rows, _)| rows.clone())
+        self.shared.get().map(Catalog::rows)
     }
 
-    fn replace(&self, rows: &[Row], versions: &Versions<String>) {
-        versions.clear();
-        let mut by_id = BTreeMap::new();
-        for row in rows {
-            versions.insert(row.key.clone(), row.version);
-            if let Ok(d) = serde_json::from_str::<GroupDeployment>(&row.body) {
-                by_id.insert(row.key.clone(), d);
-            }
-        }
+    fn replace(&self, rows: &[Row]) {
+        let by_id = rows
+            .iter()
+            .filter_map(|r| Some((r.key.clone(), serde_json::from_str(&r.body).ok()?)))
+            .collect();
         *self.by_id.write().unwrap_or_else(|e| e.into_inner()) = by_id;
     }
 
     /// Applies what another node changed (newer records only).
     pub fn heard(&self, heard: Heard) {
-        let Some((_, versions)) = self.shared.get() else {
+        let Some(catalog) = self.shared.get() else {
             return;
         };
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let cached = || self.read().keys().cloned().collect();
-        heard.apply_newer(versions, cached, |id, row| {
+        catalog.heard(heard, cached, |id, row| {
             let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
             match row.and_then(|r| serde_json::from_str::<GroupDeployment>(&r.body).ok()) {
-                Some(d) => {
-                    by_id.insert(id.clone(), d);
-                }
-                None => {
-                    by_id.remove(id);
-                }
-            }
+                Some(d) => by_id.insert(id.clone(), d),
+                None => by_id.remove(id),
+            };
         });
     }
 
@@ -125,15 +107,12 @@ impl GroupDeployments {
         writes: Vec<(String, Option<GroupDeployment>)>,
     ) -> Result<(), DeployError> {
         match (held, self.shared.get()) {
-            (Some(held), Some((_, versions))) => {
+            (Some(held), Some(catalog)) => {
                 let rows = writes
                     .iter()
                     .map(|(id, d)| (id.clone(), d.as_ref().map(json)))
                     .collect();
-                let written = held.commit(rows).map_err(DeployError::Store)?;
-                for ((id, _), v) in writes.iter().zip(written) {
-                    versions.insert(id.clone(), v);
-                }
+                catalog.commit(held, rows).map_err(DeployError::Store)?;
             }
             _ => {
                 let tx = self.db.begin_write()?;
@@ -164,9 +143,9 @@ impl GroupDeployments {
     /// the table holds under it.
     fn hold(&self) -> Result<Option<crate::cluster::rows::Exclusive>, DeployError> {
         match self.shared.get() {
-            Some((rows, versions)) => {
-                let held = rows.exclusive().map_err(DeployError::Store)?;
-                self.replace(held.rows(), versions);
+            Some(catalog) => {
+                let held = catalog.hold().map_err(DeployError::Store)?;
+                self.replace(held.rows());
                 Ok(Some(held))
             }
             None => Ok(None),
@@ -253,8 +232,4 @@ impl GroupDeployments {
             .filter(|g| self.current(g).is_some_and(|d| d.images.contains(&latest)))
             .collect()
     }
-}
-
-fn json<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_default()
 }
