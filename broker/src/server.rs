@@ -494,53 +494,45 @@ pub async fn run_with_reload(
         ));
     }
     if let (Some((rows, twins)), Some(c)) = (shared_identities, cluster.config()) {
+        use crate::cluster::rows::{OnHeard, SharedRows};
+        let mut feeds: Vec<(Arc<SharedRows>, OnHeard)> = Vec::new();
         // Other nodes' twin writes: into this node's cache, and what follows them here.
         let h = Arc::downgrade(&hub);
-        let on: Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync> = Arc::new(move |heard| {
-            if let Some(hub) = h.upgrade() {
-                for changed in hub.twins.heard(heard) {
-                    hub.heard_twin(changed);
-                }
-            }
-        });
-        tasks.spawn(crate::cluster::rows::listen(
+        feeds.push((
             twins,
-            c.postgres.clone(),
-            c.node.clone(),
-            on,
-            stop_rx.clone(),
+            Arc::new(move |heard| {
+                if let Some(hub) = h.upgrade() {
+                    for changed in hub.twins.heard(heard) {
+                        hub.heard_twin(changed);
+                    }
+                }
+            }),
         ));
         // Other nodes' registry changes: into this node's cache, and a disabled or deleted
         // identity (or one with new keys) is disconnected here as it would be there.
         let h = hub.clone();
-        let on: Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync> = Arc::new(move |heard| {
-            for key in h.registry.heard(heard) {
-                h.kick(&key);
-            }
-        });
-        tasks.spawn(crate::cluster::rows::listen(
+        feeds.push((
             rows,
-            c.postgres.clone(),
-            c.node.clone(),
-            on,
-            stop_rx.clone(),
+            Arc::new(move |heard| {
+                for key in h.registry.heard(heard) {
+                    h.kick(&key);
+                }
+            }),
         ));
-        // Products and groups, images and group deployments other nodes wrote.
-        type On = Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync>;
-        let (h, d) = (hub.clone(), deploy.clone());
-        let feeds: [(Option<Arc<crate::cluster::rows::SharedRows>>, On); 5] = [
+        // Products and groups, images, group deployments, CAs and enrollments.
+        let catalogs: [(Option<Arc<SharedRows>>, OnHeard); 5] = [
             (hub.fleet.shared_rows(), {
-                let h = h.clone();
+                let h = hub.clone();
                 Arc::new(move |heard| h.fleet.heard(heard))
             }),
-            (
-                hub.images.shared_rows(),
-                Arc::new(move |heard| h.images.heard(heard)),
-            ),
-            (
-                deploy.groups.shared_rows(),
-                Arc::new(move |heard| d.groups.heard(heard)),
-            ),
+            (hub.images.shared_rows(), {
+                let h = hub.clone();
+                Arc::new(move |heard| h.images.heard(heard))
+            }),
+            (deploy.groups.shared_rows(), {
+                let d = deploy.clone();
+                Arc::new(move |heard| d.groups.heard(heard))
+            }),
             (hub.certificates.shared_rows(), {
                 let h = hub.clone();
                 Arc::new(move |heard| h.certificates.heard(heard))
@@ -550,34 +542,27 @@ pub async fn run_with_reload(
                 Arc::new(move |heard| h.enrollments.heard(heard))
             }),
         ];
-        for (rows, on) in feeds {
-            if let Some(rows) = rows {
-                tasks.spawn(crate::cluster::rows::listen(
-                    rows,
-                    c.postgres.clone(),
-                    c.node.clone(),
-                    on,
-                    stop_rx.clone(),
-                ));
-            }
-        }
+        feeds.extend(
+            catalogs
+                .into_iter()
+                .filter_map(|(rows, on)| Some((rows?, on))),
+        );
         // Other nodes' deployments and device deployment states: into this node's cache (the
         // node that changed them reconciled their devices).
         if let Some((records, states)) = deploy.targeted.shared_tables() {
             use crate::deploy::targeted::Table;
             for (rows, table) in [(records, Table::Records), (states, Table::States)] {
                 let d = deploy.clone();
-                let on: Arc<dyn Fn(crate::cluster::rows::Heard) + Send + Sync> =
-                    Arc::new(move |heard| d.targeted.heard(table, heard));
-                tasks.spawn(crate::cluster::rows::listen(
-                    rows,
-                    c.postgres.clone(),
-                    c.node.clone(),
-                    on,
-                    stop_rx.clone(),
-                ));
+                feeds.push((rows, Arc::new(move |heard| d.targeted.heard(table, heard))));
             }
         }
+        // One listening connection for all of them.
+        tasks.spawn(crate::cluster::rows::listen(
+            feeds,
+            c.postgres.clone(),
+            c.node.clone(),
+            stop_rx.clone(),
+        ));
     }
     tasks.spawn(show_leadership(hub.clone(), stop_rx.clone()));
     // Routed messages for modules connected to other nodes go to them.

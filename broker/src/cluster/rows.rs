@@ -705,21 +705,29 @@ impl<K: RowKey> Versions<K> {
     }
 }
 
-/// Follows other nodes' changes to `rows`' table until `stop`, calling `on` for each (from a
-/// blocking thread, as the stores are synchronous).
+/// What a node does with the changes heard on one shared table.
+pub type OnHeard = std::sync::Arc<dyn Fn(Heard) + Send + Sync>;
+
+/// Follows other nodes' changes to every table of `feeds` until `stop`, calling each
+/// table's `on` (from a blocking thread, as the stores are synchronous).
+///
+/// One connection listens on every table's channel: PostgreSQL wakes every listening
+/// backend of the database at each commit that notifies (whatever the channel), so one
+/// listener per node, not one per table, keeps a write's cost flat as tables are added.
 pub async fn listen(
-    rows: std::sync::Arc<SharedRows>,
+    feeds: Vec<(std::sync::Arc<SharedRows>, OnHeard)>,
     url: String,
     node: String,
-    on: std::sync::Arc<dyn Fn(Heard) + Send + Sync>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let channel = rows.channel().to_string();
+    if feeds.is_empty() {
+        return;
+    }
     loop {
-        match follow(&rows, &url, &node, &channel, &on, &mut stop).await {
+        match follow(&feeds, &url, &node, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
-                warn!(table = channel, error = %e, "change feed lost; reading the table again once it is back")
+                warn!(error = %e, "change feed lost; reading the shared tables again once it is back")
             }
         }
         tokio::select! {
@@ -729,13 +737,12 @@ pub async fn listen(
     }
 }
 
-/// One connection's worth of the feed: LISTEN, the whole table once, then each change.
+/// One connection's worth of the feed: LISTEN on every channel, each whole table once, then
+/// each change.
 async fn follow(
-    rows: &std::sync::Arc<SharedRows>,
+    feeds: &[(std::sync::Arc<SharedRows>, OnHeard)],
     url: &str,
     node: &str,
-    channel: &str,
-    on: &std::sync::Arc<dyn Fn(Heard) + Send + Sync>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
     // Its own connection, not `connect`'s: the feed reads the notifications off it.
@@ -750,7 +757,10 @@ async fn follow(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
-                    if heard_tx.send(n.payload().to_string()).is_err() {
+                    if heard_tx
+                        .send((n.channel().to_string(), n.payload().to_string()))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -760,22 +770,28 @@ async fn follow(
         }
     });
     let result = async {
+        let channels: Vec<String> = feeds
+            .iter()
+            .map(|(rows, _)| format!("LISTEN {};", rows.channel()))
+            .collect();
         client
-            .batch_execute(&format!("LISTEN {channel}"))
+            .batch_execute(&channels.join(" "))
             .await
             .map_err(|e| e.to_string())?;
         // Listening first, then reading: a change committed in between is heard again,
         // never missed.
-        let (all, at) = {
-            let rows = rows.clone();
-            tokio::task::spawn_blocking(move || rows.load())
-                .await
-                .map_err(|e| e.to_string())??
-        };
-        hand(on, Heard::All(all, at)).await;
-        info!(table = channel, "following the cluster's changes");
+        for (rows, on) in feeds {
+            let (all, at) = {
+                let rows = rows.clone();
+                tokio::task::spawn_blocking(move || rows.load())
+                    .await
+                    .map_err(|e| e.to_string())??
+            };
+            hand(on, Heard::All(all, at)).await;
+        }
+        info!(tables = feeds.len(), "following the cluster's changes");
         loop {
-            let payload = tokio::select! {
+            let (channel, payload) = tokio::select! {
                 p = heard.recv() => match p {
                     Some(p) => p,
                     None => return Err("the connection closed".to_string()),
@@ -788,6 +804,9 @@ async fn follow(
             if from == node {
                 continue; // this node's own write, applied when it was made
             }
+            let Some((rows, on)) = feeds.iter().find(|(rows, _)| rows.channel() == channel) else {
+                continue;
+            };
             let (r, k) = (rows.clone(), key.to_string());
             let row = tokio::task::spawn_blocking(move || r.get(&k))
                 .await
@@ -800,7 +819,7 @@ async fn follow(
     result
 }
 
-async fn hand(on: &std::sync::Arc<dyn Fn(Heard) + Send + Sync>, heard: Heard) {
+async fn hand(on: &OnHeard, heard: Heard) {
     let on = on.clone();
     let _ = tokio::task::spawn_blocking(move || on(heard)).await;
 }
