@@ -113,7 +113,15 @@ impl C2dStore {
                 }
             }
         }
-        rows.seed_c2d(local).map_err(C2dError)?;
+        // The first node of a new cluster brings what its own store holds.
+        if !local.is_empty() && rows.count().map_err(C2dError)? == 0 {
+            for (device, msg) in local {
+                rows.enqueue_c2d(&device, move |seq| {
+                    serde_json::to_string(&C2dMessage { seq, ..msg }).unwrap_or_default()
+                })
+                .map_err(C2dError)?;
+            }
+        }
         let _ = self.shared.set(rows);
         Ok(())
     }
@@ -136,7 +144,13 @@ impl C2dStore {
             expires_at_ms: now_ms().saturating_add(ttl_ms),
         };
         if let Some(rows) = self.shared.get() {
-            return rows.enqueue_c2d(device, msg).map_err(C2dError);
+            let stored = msg.clone();
+            let seq = rows
+                .enqueue_c2d(device, move |seq| {
+                    serde_json::to_string(&C2dMessage { seq, ..stored }).unwrap_or_default()
+                })
+                .map_err(C2dError)?;
+            return Ok(C2dMessage { seq, ..msg });
         }
         let bytes = serde_json::to_vec(&msg).map_err(err)?;
         let tx = self.db.begin_write().map_err(err)?;
@@ -165,7 +179,8 @@ impl C2dStore {
             loop {
                 let batch = rows.c2d_after(device, after, limit).map_err(C2dError)?;
                 let full = batch.len() >= limit;
-                for found in batch {
+                for (body, seq) in batch {
+                    let found = serde_json::from_str::<C2dMessage>(&body).map_err(|_| seq);
                     match found {
                         Ok(msg) if msg.expires_at_ms > now && live.len() < limit => {
                             after = msg.seq;

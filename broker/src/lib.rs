@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod provisioning;
 pub mod registry;
+pub mod relay;
 pub mod routing;
 pub mod sas;
 pub mod server;

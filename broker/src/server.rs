@@ -403,7 +403,7 @@ pub async fn run_with_reload(
                 let hub = h4.clone();
                 Box::pin(async move {
                     match hub.upgrade() {
-                        Some(hub) => crate::cluster::relay::take_relayed(&hub, &key, entries).await,
+                        Some(hub) => crate::relay::take_relayed(&hub, &key, entries).await,
                         None => Err("stopping".into()),
                     }
                 })
@@ -566,10 +566,7 @@ pub async fn run_with_reload(
     }
     tasks.spawn(show_leadership(hub.clone(), stop_rx.clone()));
     // Routed messages for modules connected to other nodes go to them.
-    tasks.spawn(crate::cluster::relay::relay_inputs(
-        hub.clone(),
-        stop_rx.clone(),
-    ));
+    tasks.spawn(crate::relay::relay_inputs(hub.clone(), stop_rx.clone()));
     let (h, d) = (hub.clone(), deploy.clone());
     tasks.spawn(crate::cluster::singleton(
         "rollouts",

@@ -156,7 +156,12 @@ impl SessionStore {
                     0 => now,
                     t => t,
                 };
-                (k, StoredSession { last_seen_ms, ..s })
+                let seeded = StoredSession {
+                    last_seen_ms,
+                    node: String::new(),
+                    ..s
+                };
+                (k, serde_json::to_string(&seeded).unwrap_or_default())
             })
             .collect();
         rows.seed_sessions(local).map_err(SessionError::Store)?;
@@ -174,7 +179,11 @@ impl SessionStore {
     /// for this node: call it for a client connecting here.
     pub fn get(&self, key: &str) -> Result<Option<StoredSession>, SessionError> {
         if let Some(rows) = self.shared() {
-            let found = rows.claim_session(key).map_err(SessionError::Store)?;
+            let found: Option<StoredSession> = rows
+                .claim_session(key)
+                .map_err(SessionError::Store)?
+                .map(|body| serde_json::from_str(&body))
+                .transpose()?;
             if found.is_some() {
                 self.index.entry(key.to_string()).or_default().last_seen_ms = 0;
             }

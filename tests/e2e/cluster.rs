@@ -1641,3 +1641,174 @@ async fn ca_certificates_and_enrollments_are_shared() {
     }
     drop(pg);
 }
+
+/// `kill -9` of a node under load: three devices publish numbered messages one after
+/// another through one address (a TCP proxy standing in for a load balancer) to node a,
+/// routed to a module connected to node b; a is killed mid-stream, the devices reconnect
+/// through the same address to b and go on; one NATS server dies too; a comes back and hands
+/// over what it had queued. Every message a device saw acknowledged reaches the module;
+/// duplicates are bounded (a message resent after a lost PUBACK, a relayed batch resent).
+#[tokio::test]
+async fn a_node_killed_under_load_its_devices_move_and_every_acknowledged_message_arrives() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let (Some(pg_bin), Some(nats_bin)) = (pg_bin(), nats_bin()) else {
+        return;
+    };
+    let pg = Pg::init(&pg_bin);
+    let mut nats = NatsCluster::start(&nats_bin);
+    let url = pg.url();
+    let mut a = start_bus_node("a", &url, &nats.urls(0)).await;
+    let b = start_bus_node("b", &url, &nats.urls(2)).await;
+    let module_key = a.create_module("fleethub", "m1").await;
+    let mut keys = Vec::new();
+    for d in ["s0", "s1", "s2"] {
+        keys.push((d.to_string(), a.create_device(d).await));
+        until_status(&b, &format!("/devices/{d}"), 200).await;
+    }
+    let (s, body) = a
+        .api(
+            Method::PATCH,
+            "/twins/fleethub/modules/$edgeHub",
+            Some(json!({"properties": {"desired": {"routes": {
+                "toM": "FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId) INTO BrokeredEndpoint(\"/modules/m1/inputs/in1\")"
+            }}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b
+        .api(Method::GET, "/routes", None)
+        .await
+        .1
+        .to_string()
+        .contains("toM")
+    {
+        assert!(Instant::now() < deadline, "b never took the routes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_status(&b, "/devices/fleethub/modules/m1", 200).await;
+
+    // The module on b: everything it receives, as (device, number).
+    let mut module = b.device("fleethub/m1", &module_key).await;
+    module
+        .subscribe_many(&["devices/fleethub/modules/m1/inputs/#"])
+        .await;
+    let received: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let collecting = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(p) = module
+                .next_publish_on(
+                    "devices/fleethub/modules/m1/inputs/in1/",
+                    Duration::from_secs(60),
+                )
+                .await
+            {
+                let v = crate::harness::json_of(&p);
+                if let (Some(d), Some(n)) = (v["d"].as_str(), v["n"].as_u64()) {
+                    received.lock().unwrap().push((d.to_string(), n));
+                }
+            }
+        })
+    };
+
+    // The devices: publish, wait for the PUBACK, next; on a lost connection, reconnect through
+    // the same address and send the unacknowledged one again.
+    let lb = crate::harness::Proxy::start("127.0.0.1:0", a.endpoints.mqtt.expect("mqtt")).await;
+    let (port, username_of) = (lb.port(), |d: &str| a.username(d));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for (d, key) in &keys {
+        let mut o = rumqttc::MqttOptions::new(d.clone(), "127.0.0.1", port);
+        o.set_credentials(username_of(d), a.sas(d, key));
+        o.set_keep_alive(Duration::from_secs(30));
+        let (d, stop) = (d.clone(), stop.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            let mut client: Option<Client> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(c) = client.as_mut() else {
+                    client = Client::connect(o.clone()).await.ok();
+                    if client.is_none() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                };
+                let body = json!({"d": d, "n": n}).to_string();
+                if c.client
+                    .publish(
+                        format!("devices/{d}/messages/events/"),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        body,
+                    )
+                    .await
+                    .is_err()
+                {
+                    client = None;
+                    continue;
+                }
+                match c.next(Duration::from_secs(5)).await {
+                    Some(crate::harness::Seen::PubAck(_)) => {
+                        acked.push(n);
+                        n += 1;
+                    }
+                    _ => client = None,
+                }
+            }
+            (d, acked)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.kill9();
+    lb.retarget(b.endpoints.mqtt.expect("mqtt"));
+    lb.cut();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for p in publishers {
+        let (d, a) = p.await.unwrap();
+        acked.insert(d, a);
+    }
+    // b's NATS server dies too; a comes back and hands over what it had queued.
+    nats.kill(2);
+    a = a.restart().await;
+    let want: usize = acked.values().map(Vec::len).sum();
+    assert!(want > 30, "the devices hardly published: {acked:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let missing = loop {
+        let got: BTreeSet<(String, u64)> = received.lock().unwrap().iter().cloned().collect();
+        let missing: Vec<(String, u64)> = acked
+            .iter()
+            .flat_map(|(d, ns)| ns.iter().map(move |n| (d.clone(), *n)))
+            .filter(|m| !got.contains(m))
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        missing.is_empty(),
+        "{} of {want} acknowledged messages never reached the module, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let all = received.lock().unwrap().len();
+    let distinct: BTreeSet<(String, u64)> = received.lock().unwrap().iter().cloned().collect();
+    assert!(
+        all - distinct.len() <= 256 + keys.len(),
+        "{} duplicates of {all}",
+        all - distinct.len()
+    );
+    eprintln!(
+        "acknowledged {want}, received {all} ({} duplicates)",
+        all - distinct.len()
+    );
+    collecting.abort();
+    drop((a, b));
+    drop(pg);
+}

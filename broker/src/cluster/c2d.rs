@@ -10,7 +10,6 @@
 //! with an index of that order), whatever the database's own collation.
 
 use super::rows::SharedRows;
-use crate::c2d::C2dMessage;
 
 fn key_of(device: &str, seq: u64) -> String {
     format!("{device}\n{seq:020}")
@@ -42,9 +41,13 @@ impl SharedRows {
         })
     }
 
-    /// Stores `message` (its `seq` replaced by the next of the cluster's sequence) and
-    /// returns it as stored.
-    pub fn enqueue_c2d(&self, device: &str, message: C2dMessage) -> Result<C2dMessage, String> {
+    /// Stores the message `body_for` makes with the next number of the cluster's sequence
+    /// (its JSON carries that number); returns the number.
+    pub fn enqueue_c2d(
+        &self,
+        device: &str,
+        body_for: impl FnOnce(u64) -> String + Send + 'static,
+    ) -> Result<u64, String> {
         let device = device.to_string();
         self.call(move |c, table, _| {
             Box::pin(async move {
@@ -53,11 +56,7 @@ impl SharedRows {
                     .query_one(&format!("SELECT nextval('{table}_version')"), &[])
                     .await?
                     .try_get(0)?;
-                let message = C2dMessage {
-                    seq: seq as u64,
-                    ..message
-                };
-                let body = serde_json::to_string(&message).unwrap_or_default();
+                let body = body_for(seq as u64);
                 tx.execute(
                     &format!(
                         "INSERT INTO {table} (key, body, etag, version) VALUES ($1, $2, '', $3)"
@@ -66,19 +65,19 @@ impl SharedRows {
                 )
                 .await?;
                 tx.commit().await?;
-                Ok(message)
+                Ok(seq as u64)
             })
         })
     }
 
-    /// Up to `limit` records of `device` after sequence `after`, in order: each message, or
-    /// the sequence of a record that cannot be read.
+    /// Up to `limit` records of `device` after sequence `after`, in order: each message's
+    /// JSON with its sequence.
     pub fn c2d_after(
         &self,
         device: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Result<C2dMessage, u64>>, String> {
+    ) -> Result<Vec<(String, u64)>, String> {
         let (from, to) = range_of(device, after);
         let limit = limit.min(i64::MAX as usize) as i64;
         let rows = self.call(move |c, table, _| {
@@ -99,7 +98,7 @@ impl SharedRows {
         })?;
         Ok(rows
             .into_iter()
-            .map(|(body, seq)| serde_json::from_str(&body).map_err(|_| seq as u64))
+            .map(|(body, seq)| (body, seq as u64))
             .collect())
     }
 
@@ -133,18 +132,6 @@ impl SharedRows {
                 .map(|_| ())
             })
         })
-    }
-
-    /// The first node of a cluster brings the messages queued in its own store, where the
-    /// shared table is empty.
-    pub fn seed_c2d(&self, local: Vec<(String, C2dMessage)>) -> Result<(), String> {
-        if local.is_empty() || self.count()? > 0 {
-            return Ok(());
-        }
-        for (device, message) in local {
-            self.enqueue_c2d(&device, message)?;
-        }
-        Ok(())
     }
 }
 

@@ -25,7 +25,6 @@ pub mod c2d;
 pub mod catalog;
 pub mod images;
 mod leader;
-pub mod relay;
 pub mod rows;
 pub mod sessions;
 mod status;

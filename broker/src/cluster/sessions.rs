@@ -2,8 +2,10 @@
 //! device that reconnects to another node finds its subscriptions there (the Azure IoT SDKs
 //! never subscribe again after a reconnect).
 //!
-//! A session record is the single node's [`StoredSession`] as JSON, with `node` naming the
-//! node that holds its client's connection (empty while the client is away). That one field
+//! A session record is the single node's stored session as JSON (`filters`,
+//! `last_seen_ms`), with `node` naming the node that holds its client's connection (empty
+//! while the client is away); `session.rs` reads and writes the records, this file only
+//! the SQL that settles who holds one. That one field
 //! settles the races of a client moving between nodes:
 //! - the node the client connects to *claims* the record as it reads it (one statement:
 //!   `node` = itself, idle time cleared);
@@ -15,7 +17,6 @@
 //! Sessions have no change feed: nothing is cached from them; each CONNECT reads its own.
 
 use super::rows::SharedRows;
-use crate::session::StoredSession;
 
 /// One write of a batch, in the order the node made them.
 #[derive(Debug, Clone)]
@@ -37,12 +38,12 @@ impl SharedRows {
                 for (key, write) in &writes {
                     match write {
                         SessionWrite::Put(filters) => {
-                            let body = serde_json::to_string(&StoredSession {
-                                filters: filters.clone(),
-                                last_seen_ms: 0,
-                                node: node.clone(),
+                            let body = serde_json::json!({
+                                "filters": filters,
+                                "last_seen_ms": 0,
+                                "node": node,
                             })
-                            .unwrap_or_default();
+                            .to_string();
                             tx.execute(
                                 &format!(
                                     "INSERT INTO {table} (key, body, etag, version)
@@ -78,11 +79,11 @@ impl SharedRows {
         })
     }
 
-    /// Reads `key`'s session and claims it for this node in one statement: `None` when the
-    /// client has none.
-    pub fn claim_session(&self, key: &str) -> Result<Option<StoredSession>, String> {
+    /// Reads `key`'s session (its JSON) and claims it for this node in one statement: `None`
+    /// when the client has none.
+    pub fn claim_session(&self, key: &str) -> Result<Option<String>, String> {
         let key = key.to_string();
-        let body: Option<String> = self.call(move |c, table, node| {
+        self.call(move |c, table, node| {
             Box::pin(async move {
                 c.query_opt(
                     &format!(
@@ -97,9 +98,7 @@ impl SharedRows {
                 .map(|r| r.try_get(0))
                 .transpose()
             })
-        })?;
-        body.map(|b| serde_json::from_str(&b).map_err(|e| format!("a shared session record: {e}")))
-            .transpose()
+        })
     }
 
     /// At a node's start: the sessions it held before it stopped (or died) are idle from now,
@@ -158,22 +157,15 @@ impl SharedRows {
         })
     }
 
-    /// The first node of a cluster brings its own sessions: written where the table is
-    /// empty, never over another node's.
-    pub fn seed_sessions(&self, local: Vec<(String, StoredSession)>) -> Result<(), String> {
+    /// The first node of a cluster brings its own sessions (key, JSON): written where the
+    /// table is empty, never over another node's.
+    pub fn seed_sessions(&self, local: Vec<(String, String)>) -> Result<(), String> {
         if local.is_empty() || self.count()? > 0 {
             return Ok(());
         }
         let rows = local
             .into_iter()
-            .map(|(k, s)| {
-                let body = serde_json::to_string(&StoredSession {
-                    node: String::new(),
-                    ..s
-                })
-                .unwrap_or_default();
-                (k, body, String::new())
-            })
+            .map(|(k, body)| (k, body, String::new()))
             .collect();
         self.insert_new(rows).map(|_| ())
     }

@@ -21,7 +21,7 @@ use fleethub_router::queue::{KeySet, NewEntry, Queue};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::bus::RelayedEntry;
+use crate::cluster::bus::RelayedEntry;
 use crate::hub::SharedHub;
 use crate::identity::{IdentityKey, ModuleId};
 
