@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::prelude::*;
 
 use crate::cluster::catalog::{json, Catalog};
-use crate::cluster::rows::{Exclusive, Heard, Row, SharedRows};
+use crate::cluster::rows::{Exclusive, Heard, SharedRows};
 use crate::storage::{JsonTable, Store};
 
 const CAS: JsonTable<CaCertificate> = JsonTable::new("ca_certificates");
@@ -102,13 +102,7 @@ impl CaStore {
     /// devices on every node. The first node of a new cluster brings its own.
     pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), CertificateError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let local = self
-            .read()
-            .values()
-            .map(|c| (c.name.clone(), json(c)))
-            .collect();
-        let (catalog, rows) = Catalog::share(rows, local).map_err(CertificateError::Store)?;
-        self.replace(&rows);
+        let catalog = Catalog::share_into(rows, &self.by_name).map_err(CertificateError::Store)?;
         let _ = self.shared.set(catalog);
         Ok(())
     }
@@ -118,28 +112,12 @@ impl CaStore {
         self.shared.get().map(Catalog::rows)
     }
 
-    fn replace(&self, rows: &[Row]) {
-        let by_name = rows
-            .iter()
-            .filter_map(|r| Some((r.key.clone(), serde_json::from_str(&r.body).ok()?)))
-            .collect();
-        *self.by_name.write().unwrap_or_else(|e| e.into_inner()) = by_name;
-    }
-
     /// Applies what another node changed (newer records only).
     pub fn heard(&self, heard: Heard) {
-        let Some(catalog) = self.shared.get() else {
-            return;
-        };
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let cached = || self.read().keys().cloned().collect();
-        catalog.heard(heard, cached, |name, row| {
-            let mut by_name = self.by_name.write().unwrap_or_else(|e| e.into_inner());
-            match row.and_then(|r| serde_json::from_str::<CaCertificate>(&r.body).ok()) {
-                Some(ca) => by_name.insert(name.clone(), ca),
-                None => by_name.remove(name),
-            };
-        });
+        if let Some(catalog) = self.shared.get() {
+            let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            catalog.heard_into(heard, &self.by_name);
+        }
     }
 
     /// On a cluster node: the table's cluster-wide lock, with the cache made what the table
@@ -148,9 +126,10 @@ impl CaStore {
         let Some(catalog) = self.shared.get() else {
             return Ok(None);
         };
-        let held = catalog.hold().map_err(CertificateError::Store)?;
-        self.replace(held.rows());
-        Ok(Some(held))
+        catalog
+            .hold_into(&self.by_name)
+            .map(Some)
+            .map_err(CertificateError::Store)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, CaCertificate>> {

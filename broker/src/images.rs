@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cluster::catalog::{json, Catalog};
-use crate::cluster::rows::{Heard, Row, SharedRows};
+use crate::cluster::rows::{Heard, SharedRows};
 use crate::registry::now_rfc3339;
 use crate::storage::JsonTable;
 
@@ -194,13 +194,7 @@ impl Images {
                     .map_err(ImageError::Store)?;
             }
         }
-        let local = self
-            .read()
-            .values()
-            .map(|i| (i.id.clone(), json(i)))
-            .collect();
-        let (catalog, rows) = Catalog::share(rows, local).map_err(ImageError::Store)?;
-        self.replace(&rows);
+        let catalog = Catalog::share_into(rows, &self.by_id).map_err(ImageError::Store)?;
         let _ = self.shared.set(catalog);
         Ok(())
     }
@@ -210,32 +204,12 @@ impl Images {
         self.shared.get().map(Catalog::rows)
     }
 
-    fn replace(&self, rows: &[Row]) {
-        let by_id = rows
-            .iter()
-            .filter_map(|r| Some((r.key.clone(), serde_json::from_str(&r.body).ok()?)))
-            .collect();
-        *self.by_id.write().unwrap_or_else(|e| e.into_inner()) = by_id;
-    }
-
     /// Applies what another node changed (newer records only).
     pub fn heard(&self, heard: Heard) {
-        let Some(catalog) = self.shared.get() else {
-            return;
-        };
-        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let cached = || self.read().keys().cloned().collect();
-        catalog.heard(heard, cached, |id, row| {
-            let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
-            match row.and_then(|r| serde_json::from_str::<Image>(&r.body).ok()) {
-                Some(image) => {
-                    by_id.insert(id.clone(), image);
-                }
-                None => {
-                    by_id.remove(id);
-                }
-            }
-        });
+        if let Some(catalog) = self.shared.get() {
+            let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            catalog.heard_into(heard, &self.by_id);
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Image>> {
@@ -271,9 +245,7 @@ impl Images {
                         .put_image_content(&id, content)
                         .map_err(ImageError::Store)?;
                 }
-                let held = catalog.hold().map_err(ImageError::Store)?;
-                self.replace(held.rows());
-                Some(held)
+                Some(catalog.hold_into(&self.by_id).map_err(ImageError::Store)?)
             }
             None => None,
         };

@@ -1424,23 +1424,9 @@ async fn products_groups_images_and_group_deployments_are_shared() {
     drop(pg);
 }
 
-/// What routes queue for a module reaches it on whichever node it is connected to: the
-/// node that queued an entry moves it to the module's node (which commits it before the
-/// first lets go), so nothing acknowledged is lost when either node is killed on the way.
-#[tokio::test]
-async fn routed_messages_reach_a_module_on_another_node_and_survive_either_node_killed() {
-    let (Some(pg_bin), Some(nats_bin)) = (pg_bin(), nats_bin()) else {
-        return;
-    };
-    let pg = Pg::init(&pg_bin);
-    let nats = NatsCluster::start(&nats_bin);
-    let url = pg.url();
-    let mut a = start_bus_node("a", &url, &nats.urls(0)).await;
-    let mut b = start_bus_node("b", &url, &nats.urls(1)).await;
-    let sensor_key = a.create_device("sensor").await;
-    let module_key = a.create_module("fleethub", "m1").await;
-    until_status(&b, "/devices/fleethub/modules/m1", 200).await;
-    until_status(&b, "/devices/sensor", 200).await;
+/// Routes device telemetry to module m1's input in1 (written through `a`), and waits until
+/// `b` has the route too.
+async fn route_telemetry_to_m1(a: &Hub, b: &Hub) {
     let (s, body) = a
         .api(
             Method::PATCH,
@@ -1462,6 +1448,26 @@ async fn routed_messages_reach_a_module_on_another_node_and_survive_either_node_
         assert!(Instant::now() < deadline, "b never took the routes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// What routes queue for a module reaches it on whichever node it is connected to: the
+/// node that queued an entry moves it to the module's node (which commits it before the
+/// first lets go), so nothing acknowledged is lost when either node is killed on the way.
+#[tokio::test]
+async fn routed_messages_reach_a_module_on_another_node_and_survive_either_node_killed() {
+    let (Some(pg_bin), Some(nats_bin)) = (pg_bin(), nats_bin()) else {
+        return;
+    };
+    let pg = Pg::init(&pg_bin);
+    let nats = NatsCluster::start(&nats_bin);
+    let url = pg.url();
+    let mut a = start_bus_node("a", &url, &nats.urls(0)).await;
+    let mut b = start_bus_node("b", &url, &nats.urls(1)).await;
+    let sensor_key = a.create_device("sensor").await;
+    let module_key = a.create_module("fleethub", "m1").await;
+    until_status(&b, "/devices/fleethub/modules/m1", 200).await;
+    until_status(&b, "/devices/sensor", 200).await;
+    route_telemetry_to_m1(&a, &b).await;
     const INPUT: &str = "devices/fleethub/modules/m1/inputs/in1/";
     let numbered = |i: usize| {
         (
@@ -1667,27 +1673,7 @@ async fn a_node_killed_under_load_its_devices_move_and_every_acknowledged_messag
         keys.push((d.to_string(), a.create_device(d).await));
         until_status(&b, &format!("/devices/{d}"), 200).await;
     }
-    let (s, body) = a
-        .api(
-            Method::PATCH,
-            "/twins/fleethub/modules/$edgeHub",
-            Some(json!({"properties": {"desired": {"routes": {
-                "toM": "FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId) INTO BrokeredEndpoint(\"/modules/m1/inputs/in1\")"
-            }}}})),
-        )
-        .await;
-    assert_eq!(s, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !b
-        .api(Method::GET, "/routes", None)
-        .await
-        .1
-        .to_string()
-        .contains("toM")
-    {
-        assert!(Instant::now() < deadline, "b never took the routes");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    route_telemetry_to_m1(&a, &b).await;
     until_status(&b, "/devices/fleethub/modules/m1", 200).await;
 
     // The module on b: everything it receives, as (device, number).

@@ -9,9 +9,17 @@
 //! anything) and ends with [`Catalog::commit`]; [`Catalog::heard`] applies other nodes'
 //! changes that are newer than what the node has.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use super::rows::{Exclusive, Heard, Row, SharedRows, Upsert, Versions};
+
+/// A store's cache keyed by the table's own keys (a CA's name, an image's or a group
+/// deployment's id): what the `*_into` helpers keep in step with the table.
+pub type Keyed<T> = RwLock<BTreeMap<String, T>>;
 
 pub struct Catalog {
     rows: Arc<SharedRows>,
@@ -78,6 +86,59 @@ impl Catalog {
     ) {
         heard.apply_newer(&self.versions, cached, apply);
     }
+}
+
+impl Catalog {
+    /// [`Catalog::share`] for a cache keyed by the table's keys: seeds the table from `map`
+    /// and makes `map` what the table holds.
+    pub fn share_into<T: Serialize + DeserializeOwned>(
+        rows: Arc<SharedRows>,
+        map: &Keyed<T>,
+    ) -> Result<Catalog, String> {
+        let local = map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), json(v)))
+            .collect();
+        let (catalog, rows) = Catalog::share(rows, local)?;
+        fill(&rows, map);
+        Ok(catalog)
+    }
+
+    /// [`Catalog::hold`], with `map` made what the table holds under the lock.
+    pub fn hold_into<T: DeserializeOwned>(&self, map: &Keyed<T>) -> Result<Exclusive, String> {
+        let held = self.hold()?;
+        fill(held.rows(), map);
+        Ok(held)
+    }
+
+    /// [`Catalog::heard`] into `map`: newer records replace, deletions remove.
+    pub fn heard_into<T: DeserializeOwned>(&self, heard: Heard, map: &Keyed<T>) {
+        let cached = || {
+            map.read()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect()
+        };
+        self.heard(heard, cached, |key, row| {
+            let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+            match row.and_then(|r| serde_json::from_str::<T>(&r.body).ok()) {
+                Some(v) => map.insert(key.clone(), v),
+                None => map.remove(key),
+            };
+        });
+    }
+}
+
+/// Makes `map` the records of `rows` (those that can be read).
+fn fill<T: DeserializeOwned>(rows: &[Row], map: &Keyed<T>) {
+    let fresh = rows
+        .iter()
+        .filter_map(|r| Some((r.key.clone(), serde_json::from_str(&r.body).ok()?)))
+        .collect();
+    *map.write().unwrap_or_else(|e| e.into_inner()) = fresh;
 }
 
 /// A record as a catalog stores it.

@@ -395,35 +395,11 @@ impl SharedRows {
     /// Writes (`Some(body)`) or deletes (`None`) each record whatever it holds now, in one
     /// transaction: for records that are computed from shared inputs, where the last write
     /// is as good as any. Returns the version of each write.
-    pub fn upsert_batch(&self, writes: Vec<(String, Option<String>)>) -> Result<Vec<i64>, String> {
+    pub fn upsert_batch(&self, writes: Vec<Upsert>) -> Result<Vec<i64>, String> {
         self.call(move |c, table, node| {
             Box::pin(async move {
                 let tx = c.transaction().await?;
-                let mut versions = Vec::with_capacity(writes.len());
-                for (key, body) in &writes {
-                    let version = match body {
-                        Some(body) => tx
-                            .query_one(
-                                &format!(
-                                    "INSERT INTO {table} (key, body, etag, version)
-                                     VALUES ($1, $2, '', nextval('{table}_version'))
-                                     ON CONFLICT (key) DO UPDATE
-                                     SET body = EXCLUDED.body, version = EXCLUDED.version
-                                     RETURNING version"
-                                ),
-                                &[key, body],
-                            )
-                            .await?
-                            .try_get(0)?,
-                        None => {
-                            tx.execute(&format!("DELETE FROM {table} WHERE key = $1"), &[key])
-                                .await?;
-                            next_version(&tx, &table).await?
-                        }
-                    };
-                    notify(&tx, &table, &node, key).await?;
-                    versions.push(version);
-                }
+                let versions = upsert_all(&tx, &table, &node, &writes).await?;
                 tx.commit().await?;
                 Ok(versions)
             })
@@ -506,31 +482,7 @@ impl SharedRows {
                         tx.rollback().await?;
                         return Ok(Vec::new());
                     };
-                    let mut versions = Vec::with_capacity(writes.len());
-                    for (key, body) in &writes {
-                        let version = match body {
-                            Some(body) => tx
-                                .query_one(
-                                    &format!(
-                                        "INSERT INTO {table} (key, body, etag, version)
-                                         VALUES ($1, $2, '', nextval('{table}_version'))
-                                         ON CONFLICT (key) DO UPDATE
-                                         SET body = EXCLUDED.body, version = EXCLUDED.version
-                                         RETURNING version"
-                                    ),
-                                    &[key, body],
-                                )
-                                .await?
-                                .try_get(0)?,
-                            None => {
-                                tx.execute(&format!("DELETE FROM {table} WHERE key = $1"), &[key])
-                                    .await?;
-                                next_version(&tx, &table).await?
-                            }
-                        };
-                        notify(&tx, &table, &node, key).await?;
-                        versions.push(version);
-                    }
+                    let versions = upsert_all(&tx, &table, &node, &writes).await?;
                     tx.commit().await?;
                     Ok::<_, tokio_postgres::Error>(versions)
                 }
@@ -564,6 +516,42 @@ impl SharedRows {
             done: done_rx,
         })
     }
+}
+
+/// Writes (`Some(body)`) or deletes (`None`) each record whatever it holds now, notifying
+/// each change; the version of each write.
+async fn upsert_all(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    node: &str,
+    writes: &[Upsert],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let mut versions = Vec::with_capacity(writes.len());
+    for (key, body) in writes {
+        let version = match body {
+            Some(body) => tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO {table} (key, body, etag, version)
+                         VALUES ($1, $2, '', nextval('{table}_version'))
+                         ON CONFLICT (key) DO UPDATE
+                         SET body = EXCLUDED.body, version = EXCLUDED.version
+                         RETURNING version"
+                    ),
+                    &[key, body],
+                )
+                .await?
+                .try_get(0)?,
+            None => {
+                tx.execute(&format!("DELETE FROM {table} WHERE key = $1"), &[key])
+                    .await?;
+                next_version(tx, table).await?
+            }
+        };
+        notify(tx, table, node, key).await?;
+        versions.push(version);
+    }
+    Ok(versions)
 }
 
 /// Waits (at most [`ANSWER_WITHIN`]) for the table's thread to answer. A caller on an async

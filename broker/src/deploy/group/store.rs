@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::super::DeployError;
 use crate::cluster::catalog::{json, Catalog};
-use crate::cluster::rows::{Heard, Row, SharedRows};
+use crate::cluster::rows::{Heard, SharedRows};
 use crate::images::Images;
 use crate::registry::now_rfc3339;
 use crate::storage::JsonTable;
@@ -59,13 +59,7 @@ impl GroupDeployments {
     /// Makes this store a cluster node's. The first node of a new cluster brings its own.
     pub fn share(&self, rows: Arc<SharedRows>) -> Result<(), DeployError> {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let local = self
-            .read()
-            .values()
-            .map(|d| (d.id.clone(), json(d)))
-            .collect();
-        let (catalog, rows) = Catalog::share(rows, local).map_err(DeployError::Store)?;
-        self.replace(&rows);
+        let catalog = Catalog::share_into(rows, &self.by_id).map_err(DeployError::Store)?;
         let _ = self.shared.set(catalog);
         Ok(())
     }
@@ -75,28 +69,12 @@ impl GroupDeployments {
         self.shared.get().map(Catalog::rows)
     }
 
-    fn replace(&self, rows: &[Row]) {
-        let by_id = rows
-            .iter()
-            .filter_map(|r| Some((r.key.clone(), serde_json::from_str(&r.body).ok()?)))
-            .collect();
-        *self.by_id.write().unwrap_or_else(|e| e.into_inner()) = by_id;
-    }
-
     /// Applies what another node changed (newer records only).
     pub fn heard(&self, heard: Heard) {
-        let Some(catalog) = self.shared.get() else {
-            return;
-        };
-        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let cached = || self.read().keys().cloned().collect();
-        catalog.heard(heard, cached, |id, row| {
-            let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
-            match row.and_then(|r| serde_json::from_str::<GroupDeployment>(&r.body).ok()) {
-                Some(d) => by_id.insert(id.clone(), d),
-                None => by_id.remove(id),
-            };
-        });
+        if let Some(catalog) = self.shared.get() {
+            let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            catalog.heard_into(heard, &self.by_id);
+        }
     }
 
     /// Writes (`Some`) and deletes (`None`) records: under the held cluster-wide lock on a
@@ -143,11 +121,10 @@ impl GroupDeployments {
     /// the table holds under it.
     fn hold(&self) -> Result<Option<crate::cluster::rows::Exclusive>, DeployError> {
         match self.shared.get() {
-            Some(catalog) => {
-                let held = catalog.hold().map_err(DeployError::Store)?;
-                self.replace(held.rows());
-                Ok(Some(held))
-            }
+            Some(catalog) => catalog
+                .hold_into(&self.by_id)
+                .map(Some)
+                .map_err(DeployError::Store),
             None => Ok(None),
         }
     }
