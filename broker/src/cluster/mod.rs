@@ -1,7 +1,12 @@
-//! Several hub nodes on one PostgreSQL: who is in the cluster, and which node is the leader.
+//! Several hub nodes on one PostgreSQL and NATS (a preview; README "Cluster" says what is
+//! shared and what is not yet).
 //!
-//! This is the first part of clustering (a preview; README "Cluster" says what is shared and
-//! what is not yet). A node started with `[cluster] postgres` does two things there:
+//! The pieces: [`rows`] (a shared table of JSON records with a change feed, which the
+//! registry, twins, deployments, sessions and C2D queues write through), [`catalog`] (the
+//! small tables written under a cluster-wide lock), [`sessions`], [`c2d`] and [`images`] (the
+//! SQL particular to those stores), [`bus`] (messages to the node holding an identity's
+//! connection). This file: who is in the cluster, and which node is the leader. A node
+//! started with `[cluster] postgres` does two things here:
 //!
 //! - **Membership** ([`heartbeats`]): every `heartbeat_ms` it writes its row in
 //!   `fleethub_nodes` (addresses, version, connections). A row not written for
