@@ -8,8 +8,12 @@
 //! channel, one link). The view is best effort, as documented: QoS 0 into the router, and
 //! what would queue beyond [`MAX_PENDING_BYTES`] for it is dropped and counted; the events
 //! endpoint and the routes keep everything.
+//!
+//! On a cluster node the view also spans the other nodes (`relay::live_view_across`): while
+//! another node has watchers, this node hands its telemetry out as well ([`LiveView::outward`]),
+//! and what other nodes hand out comes in through [`LiveView::offer`] like local telemetry.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rumqttd::protocol::{Packet, Publish};
@@ -28,6 +32,11 @@ pub struct LiveView {
     pending: Arc<AtomicUsize>,
     /// Started on first use (from the async runtime).
     tx: OnceLock<mpsc::UnboundedSender<Publish>>,
+    /// On a cluster node: whether another node has watchers now, and where this node's
+    /// telemetry goes for them.
+    watched_elsewhere: AtomicBool,
+    outward: OnceLock<mpsc::UnboundedSender<(bytes::Bytes, bytes::Bytes)>>,
+    outward_pending: Arc<AtomicUsize>,
 }
 
 impl LiveView {
@@ -37,6 +46,43 @@ impl LiveView {
             dropped,
             pending: Arc::new(AtomicUsize::new(0)),
             tx: OnceLock::new(),
+            watched_elsewhere: AtomicBool::new(false),
+            outward: OnceLock::new(),
+            outward_pending: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Whether another cluster node has watchers: one relaxed load on the telemetry path.
+    pub fn watched_elsewhere(&self) -> bool {
+        self.watched_elsewhere.load(Ordering::Relaxed)
+    }
+
+    pub fn set_watched_elsewhere(&self, watched: bool) {
+        self.watched_elsewhere.store(watched, Ordering::Relaxed);
+    }
+
+    /// Where telemetry goes for other nodes' watchers (set once by the cluster's task);
+    /// returns the counter of bytes waiting there, which the task lowers as it sends.
+    pub fn send_outward_to(
+        &self,
+        tx: mpsc::UnboundedSender<(bytes::Bytes, bytes::Bytes)>,
+    ) -> Arc<AtomicUsize> {
+        let _ = self.outward.set(tx);
+        self.outward_pending.clone()
+    }
+
+    /// Hands telemetry (live-view topic and envelope) to other nodes' watchers, best effort
+    /// as the local view is.
+    pub fn outward(&self, topic: bytes::Bytes, payload: bytes::Bytes) {
+        let Some(tx) = self.outward.get() else {
+            return;
+        };
+        let size = topic.len() + payload.len();
+        if self.outward_pending.fetch_add(size, Ordering::Relaxed) + size > MAX_PENDING_BYTES
+            || tx.send((topic, payload)).is_err()
+        {
+            self.outward_pending.fetch_sub(size, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 

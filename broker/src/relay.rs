@@ -13,6 +13,9 @@
 //!
 //! What this does not do yet: the queues are not replicated, so a node whose disk is lost
 //! loses what it had queued (README "Cluster" says so).
+//!
+//! Also here, for the same reason (it needs the hub and the bus): the live view across the
+//! cluster ([`live_view_across`]).
 
 use std::time::Duration;
 
@@ -135,6 +138,86 @@ pub async fn take_relayed(
         live.mailbox.wake_inputs();
     }
     Ok(())
+}
+
+/// How often a node with watchers says so, and how long the others keep handing their
+/// telemetry out after they last heard it.
+const WATCHING_EVERY: Duration = Duration::from_millis(500);
+const WATCHING_FOR: Duration = Duration::from_secs(3);
+
+/// The live view across the cluster: while this node has watchers (`monitor-events`,
+/// `$fleethub/events/+/#`) it says so on `fleethub.watching` and takes what the others hand
+/// out on `fleethub.live.{node}` into its own view; while any other node has watchers, this
+/// node hands its telemetry out there. Nothing is published while nobody watches anywhere.
+/// Best effort, like the local view: the events endpoint and the routes keep everything.
+pub async fn live_view_across(hub: SharedHub, mut stop: watch::Receiver<bool>) {
+    use futures_util::StreamExt;
+    let Some(bus) = hub.cluster.bus().cloned() else {
+        return;
+    };
+    let nats = bus.nats().clone();
+    let node = bus.node().to_string();
+    let mut watching = match nats.subscribe("fleethub.watching").await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "the live view will not span the cluster");
+            return;
+        }
+    };
+    let (tx, mut outward) = tokio::sync::mpsc::unbounded_channel::<(bytes::Bytes, bytes::Bytes)>();
+    let pending = hub.live_view.send_outward_to(tx);
+    let mut incoming: Option<async_nats::Subscriber> = None;
+    let mut heard_at: Option<tokio::time::Instant> = None;
+    let mut said_at: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let here = hub.event_subscribers.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                if here {
+                    if said_at.is_none_or(|t| t.elapsed() >= WATCHING_EVERY) {
+                        let _ = nats.publish("fleethub.watching", node.clone().into()).await;
+                        said_at = Some(tokio::time::Instant::now());
+                    }
+                    if incoming.is_none() {
+                        incoming = nats.subscribe("fleethub.live.*").await.ok();
+                    }
+                } else {
+                    incoming = None;
+                    said_at = None;
+                }
+                hub.live_view
+                    .set_watched_elsewhere(heard_at.is_some_and(|t| t.elapsed() < WATCHING_FOR));
+            }
+            Some(m) = watching.next() => {
+                if m.payload.as_ref() != node.as_bytes() {
+                    heard_at = Some(tokio::time::Instant::now());
+                    hub.live_view.set_watched_elsewhere(true);
+                }
+            }
+            Some((topic, payload)) = outward.recv() => {
+                pending.fetch_sub(topic.len() + payload.len(), std::sync::atomic::Ordering::Relaxed);
+                let mut body = Vec::with_capacity(2 + topic.len() + payload.len());
+                body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+                body.extend_from_slice(&topic);
+                body.extend_from_slice(&payload);
+                let _ = nats.publish(format!("fleethub.live.{node}"), body.into()).await;
+            }
+            Some(m) = async { match incoming.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
+                if m.subject.as_str() == format!("fleethub.live.{node}") {
+                    continue;
+                }
+                let b = m.payload;
+                if b.len() >= 2 {
+                    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+                    if b.len() >= 2 + n {
+                        hub.live_view.offer(b.slice(2..2 + n), b.slice(2 + n..));
+                    }
+                }
+            }
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
 }
 
 /// The module of a `/modules/{m}/inputs/{i}` queue.

@@ -567,6 +567,8 @@ pub async fn run_with_reload(
     tasks.spawn(show_leadership(hub.clone(), stop_rx.clone()));
     // Routed messages for modules connected to other nodes go to them.
     tasks.spawn(crate::relay::relay_inputs(hub.clone(), stop_rx.clone()));
+    // `monitor-events` on any node shows every node's telemetry.
+    tasks.spawn(crate::relay::live_view_across(hub.clone(), stop_rx.clone()));
     let (h, d) = (hub.clone(), deploy.clone());
     tasks.spawn(crate::cluster::singleton(
         "rollouts",

@@ -1798,3 +1798,73 @@ async fn a_node_killed_under_load_its_devices_move_and_every_acknowledged_messag
     drop((a, b));
     drop(pg);
 }
+
+/// `monitor-events` (a service connection on `$fleethub/events/+/#`) on one node shows the
+/// telemetry of devices connected to the other nodes too, with their property bags; and a
+/// node hands nothing out while nobody watches anywhere.
+#[tokio::test]
+async fn the_live_view_on_one_node_shows_every_nodes_telemetry() {
+    let (Some(pg_bin), Some(nats_bin)) = (pg_bin(), nats_bin()) else {
+        return;
+    };
+    let pg = Pg::init(&pg_bin);
+    let nats = NatsCluster::start(&nats_bin);
+    let url = pg.url();
+    let a = start_bus_node("a", &url, &nats.urls(0)).await;
+    let b = start_bus_node("b", &url, &nats.urls(1)).await;
+    let key = b.create_device("far").await;
+    until_status(&a, "/devices/far", 200).await;
+    let mut far = b.device("far", &key).await;
+
+    // Nobody watches: b hands nothing out.
+    far.publish_acked(0, 5, |i| {
+        (
+            "devices/far/messages/events/".to_string(),
+            format!("{{\"n\":{i}}}"),
+        )
+    })
+    .await;
+    // A watcher on a: what the device on b sends arrives, in order, with its properties.
+    let mut monitor = a.monitor().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    let mut n = 100;
+    while got.len() < 20 {
+        far.publish_acked(n, 1, |i| {
+            (
+                "devices/far/messages/events/site=lab".to_string(),
+                format!("{{\"n\":{i}}}"),
+            )
+        })
+        .await;
+        n += 1;
+        while let Some(p) = monitor.next_publish(Duration::from_millis(50)).await {
+            assert!(p.topic.contains("far"), "{}", p.topic);
+            got.push(p);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watcher on a never saw b's telemetry ({} seen)",
+            got.len()
+        );
+    }
+    let numbers: Vec<u64> = got
+        .iter()
+        .filter_map(|p| {
+            let text = String::from_utf8_lossy(&p.payload).to_string();
+            let start = text.find("{\"n\":")?;
+            text[start + 5..].split('}').next()?.parse().ok()
+        })
+        .collect();
+    assert!(
+        numbers.iter().all(|n| *n >= 100),
+        "nothing from before anyone watched: {numbers:?}"
+    );
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "in order: {numbers:?}"
+    );
+    drop(monitor);
+    drop((a, b));
+    drop(pg);
+}

@@ -319,6 +319,16 @@ impl Bus {
         }
     }
 
+    /// The NATS client, for the subjects other parts of the cluster use directly.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Whether the NATS connection is up now.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

@@ -112,14 +112,21 @@ impl Session {
             .hub
             .event_subscribers
             .load(std::sync::atomic::Ordering::Relaxed);
-        if subscribers > 0 {
+        let elsewhere = self.hub.live_view.watched_elsewhere();
+        if subscribers > 0 || elsewhere {
             if let Some(payload) = envelope::pack(&bag, &message.body) {
-                let topic = if forwarded {
+                let topic: bytes::Bytes = if forwarded {
                     topics::telemetry_topic(&sender)
                 } else {
                     self.telemetry_topic.clone()
-                };
-                self.hub.live_view.offer(topic.into(), payload);
+                }
+                .into();
+                if elsewhere {
+                    self.hub.live_view.outward(topic.clone(), payload.clone());
+                }
+                if subscribers > 0 {
+                    self.hub.live_view.offer(topic, payload);
+                }
             }
         }
         Ok(())
