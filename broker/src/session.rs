@@ -103,6 +103,8 @@ pub struct SessionStore {
     db: Arc<Store>,
     index: DashMap<String, Presence>,
     jobs: mpsc::Sender<Job>,
+    /// On a cluster node: CONNECTs' claims, batched by one claimer thread.
+    claims: std::sync::OnceLock<mpsc::Sender<Claim>>,
     /// On a cluster node: the shared table, which then holds the sessions (the writer
     /// thread reads it too).
     shared: Arc<std::sync::OnceLock<Arc<SharedRows>>>,
@@ -139,6 +141,7 @@ impl SessionStore {
             db,
             index,
             jobs,
+            claims: std::sync::OnceLock::new(),
             shared,
         })
     }
@@ -167,6 +170,13 @@ impl SessionStore {
         rows.seed_sessions(local).map_err(SessionError::Store)?;
         rows.release_sessions(now).map_err(SessionError::Store)?;
         self.index.clear();
+        let (claims, rx) = mpsc::channel();
+        let claimer_rows = rows.clone();
+        std::thread::Builder::new()
+            .name("session-claimer".into())
+            .spawn(move || claimer(claimer_rows, rx))
+            .map_err(|e| SessionError::Store(e.to_string()))?;
+        let _ = self.claims.set(claims);
         let _ = self.shared.set(rows);
         Ok(())
     }
@@ -178,9 +188,17 @@ impl SessionStore {
     /// The stored session of `key`, if there is one. On a cluster node this also claims it
     /// for this node: call it for a client connecting here.
     pub fn get(&self, key: &str) -> Result<Option<StoredSession>, SessionError> {
-        if let Some(rows) = self.shared() {
-            let found: Option<StoredSession> = rows
-                .claim_session(key)
+        if let Some(claims) = self.claims.get() {
+            let (reply, answer) = mpsc::sync_channel(1);
+            claims
+                .send(Claim {
+                    key: key.to_string(),
+                    reply,
+                })
+                .map_err(|_| SessionError::Store("session claimer stopped".into()))?;
+            let found: Option<StoredSession> = answer
+                .recv()
+                .map_err(|_| SessionError::Store("session claimer stopped".into()))?
                 .map_err(SessionError::Store)?
                 .map(|body| serde_json::from_str(&body))
                 .transpose()?;
@@ -319,6 +337,31 @@ impl SessionStore {
             queued.map_err(|_| SessionError::Store("session writer stopped".into()))?;
             rx.await
                 .map_err(|_| SessionError::Store("session writer stopped".into()))?
+        }
+    }
+}
+
+/// One CONNECT's claim of its session, answered with the session's JSON (if any).
+struct Claim {
+    key: String,
+    reply: mpsc::SyncSender<Result<Option<String>, String>>,
+}
+
+/// Claims the sessions of a cluster node's CONNECTs, as many as are waiting in one statement.
+fn claimer(rows: Arc<SharedRows>, rx: mpsc::Receiver<Claim>) {
+    while let Some(batch) = crate::storage::next_batch(&rx, MAX_BATCH) {
+        let keys = batch.iter().map(|c| c.key.clone()).collect();
+        match rows.claim_sessions(keys) {
+            Ok(found) => {
+                for claim in batch {
+                    let _ = claim.reply.send(Ok(found.get(&claim.key).cloned()));
+                }
+            }
+            Err(e) => {
+                for claim in batch {
+                    let _ = claim.reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 }
