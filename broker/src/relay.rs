@@ -157,6 +157,8 @@ pub async fn live_view_across(hub: SharedHub, mut stop: watch::Receiver<bool>) {
     };
     let nats = bus.nats().clone();
     let node = bus.node().to_string();
+    // This node's subject, written once: each message handed out is published on it.
+    let own_subject = async_nats::Subject::from(format!("fleethub.live.{node}"));
     let mut watching = match nats.subscribe("fleethub.watching").await {
         Ok(s) => s,
         Err(e) => {
@@ -201,10 +203,10 @@ pub async fn live_view_across(hub: SharedHub, mut stop: watch::Receiver<bool>) {
                 body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
                 body.extend_from_slice(&topic);
                 body.extend_from_slice(&payload);
-                let _ = nats.publish(format!("fleethub.live.{node}"), body.into()).await;
+                let _ = nats.publish(own_subject.clone(), body.into()).await;
             }
             Some(m) = async { match incoming.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
-                if m.subject.as_str() == format!("fleethub.live.{node}") {
+                if m.subject == own_subject {
                     continue;
                 }
                 let b = m.payload;

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::cluster::rows::SharedRows;
 use crate::config::Config;
 use crate::core::Core;
 use crate::hub::{Endpoints, Hub, SharedHub};
@@ -147,108 +148,10 @@ pub async fn run_with_reload(
             admin_token = shared;
         }
     }
-    // A cluster node's registry is the table the nodes share (seeded by the first node from
-    // its own store).
+    // A cluster node's stores are the tables the nodes share (each seeded by the first node
+    // from its own store). Opened before anything serves: blocking here holds nothing up.
     let shared_identities = match cluster.config() {
-        Some(c) => {
-            let (url, node) = (c.postgres.clone(), c.node.clone());
-            let rows = tokio::task::spawn_blocking(move || {
-                crate::cluster::rows::SharedRows::open(&url, &node, "identities")
-            })
-            .await
-            .map_err(|e| ServerError::Store(e.to_string()))??;
-            let rows = Arc::new(rows);
-            stores.registry.share(rows.clone())?;
-            let (url, node) = (c.postgres.clone(), c.node.clone());
-            let twins = tokio::task::spawn_blocking(move || {
-                crate::cluster::rows::SharedRows::open(&url, &node, "twins")
-            })
-            .await
-            .map_err(|e| ServerError::Store(e.to_string()))??;
-            let twins = Arc::new(twins);
-            stores
-                .twins
-                .share(twins.clone())
-                .map_err(|e| ServerError::Store(e.to_string()))?;
-            // Sessions: each CONNECT reads its own; no change feed.
-            let (url, node) = (c.postgres.clone(), c.node.clone());
-            let sessions = tokio::task::spawn_blocking(move || {
-                crate::cluster::rows::SharedRows::open(&url, &node, "sessions")
-            })
-            .await
-            .map_err(|e| ServerError::Store(e.to_string()))??;
-            stores
-                .sessions
-                .share(Arc::new(sessions))
-                .map_err(|e| ServerError::Store(e.to_string()))?;
-            // C2D queues: read by the node the device is connected to.
-            let (url, node) = (c.postgres.clone(), c.node.clone());
-            let c2d = tokio::task::spawn_blocking(move || {
-                crate::cluster::rows::SharedRows::open(&url, &node, "c2d")
-            })
-            .await
-            .map_err(|e| ServerError::Store(e.to_string()))??;
-            stores
-                .c2d
-                .share(Arc::new(c2d))
-                .map_err(|e| ServerError::Store(e.to_string()))?;
-            // Targeted deployments with their rollout state, and each device's deployment
-            // state: any node's API changes them, the leader's ticker advances rollouts.
-            let open = |name: &'static str| {
-                let (url, node) = (c.postgres.clone(), c.node.clone());
-                tokio::task::spawn_blocking(move || {
-                    crate::cluster::rows::SharedRows::open(&url, &node, name)
-                })
-            };
-            let records = open("deployments")
-                .await
-                .map_err(|e| ServerError::Store(e.to_string()))??;
-            let states = open("deployment_devices")
-                .await
-                .map_err(|e| ServerError::Store(e.to_string()))??;
-            let d = deploy.clone();
-            tokio::task::spawn_blocking(move || {
-                d.targeted.share(Arc::new(records), Arc::new(states))
-            })
-            .await
-            .map_err(|e| ServerError::Store(e.to_string()))?
-            .map_err(|e| ServerError::Store(e.to_string()))?;
-            // The Azure Sphere side: products and groups, images, group deployments.
-            let fleet = open("fleet")
-                .await
-                .map_err(|e| ServerError::Store(e.to_string()))??;
-            let images = open("images")
-                .await
-                .map_err(|e| ServerError::Store(e.to_string()))??;
-            let groups = open("group_deployments")
-                .await
-                .map_err(|e| ServerError::Store(e.to_string()))??;
-            let shared = |e: &dyn std::fmt::Display| ServerError::Store(e.to_string());
-            stores
-                .fleet
-                .share(Arc::new(fleet))
-                .map_err(|e| shared(&e))?;
-            stores
-                .images
-                .share(Arc::new(images))
-                .map_err(|e| shared(&e))?;
-            deploy
-                .groups
-                .share(Arc::new(groups))
-                .map_err(|e| shared(&e))?;
-            // Device authentication and provisioning: X.509 CAs and DPS enrollments.
-            let cas = open("ca_certificates").await.map_err(|e| shared(&e))??;
-            let enrollments = open("enrollments").await.map_err(|e| shared(&e))??;
-            stores
-                .certificates
-                .share(Arc::new(cas))
-                .map_err(|e| shared(&e))?;
-            stores
-                .enrollments
-                .share(Arc::new(enrollments))
-                .map_err(|e| shared(&e))?;
-            Some((rows, twins))
-        }
+        Some(c) => Some(share_stores(c, &stores, &deploy)?),
         None => None,
     };
 
@@ -494,7 +397,7 @@ pub async fn run_with_reload(
         ));
     }
     if let (Some((rows, twins)), Some(c)) = (shared_identities, cluster.config()) {
-        use crate::cluster::rows::{OnHeard, SharedRows};
+        use crate::cluster::rows::OnHeard;
         let mut feeds: Vec<(Arc<SharedRows>, OnHeard)> = Vec::new();
         // Other nodes' twin writes: into this node's cache, and what follows them here.
         let h = Arc::downgrade(&hub);
@@ -926,6 +829,55 @@ fn write_endpoints(data_dir: &Path, endpoints: &Endpoints) -> Result<(), ServerE
             path,
             source,
         })
+}
+
+/// Makes every store of a cluster node write through to the tables the nodes share;
+/// returns the registry's and the twins' tables, whose change feeds the node follows with
+/// the others'.
+fn share_stores(
+    c: &crate::config::ClusterSection,
+    stores: &crate::hub::Stores,
+    deploy: &crate::deploy::Engine,
+) -> Result<(Arc<SharedRows>, Arc<SharedRows>), ServerError> {
+    let open = |name: &str| SharedRows::open(&c.postgres, &c.node, name).map(Arc::new);
+    let store = |e: &dyn std::fmt::Display| ServerError::Store(e.to_string());
+    let identities = open("identities")?;
+    stores.registry.share(identities.clone())?;
+    let twins = open("twins")?;
+    stores.twins.share(twins.clone()).map_err(|e| store(&e))?;
+    // Sessions: each CONNECT claims its own; no change feed.
+    stores
+        .sessions
+        .share(open("sessions")?)
+        .map_err(|e| store(&e))?;
+    // C2D queues: read by the node the device is connected to.
+    stores.c2d.share(open("c2d")?).map_err(|e| store(&e))?;
+    // Targeted deployments with their rollout state, and each device's deployment state:
+    // any node's API changes them, the leader's ticker advances rollouts.
+    deploy
+        .targeted
+        .share(open("deployments")?, open("deployment_devices")?)
+        .map_err(|e| store(&e))?;
+    // The Azure Sphere side: products and groups, images, group deployments.
+    stores.fleet.share(open("fleet")?).map_err(|e| store(&e))?;
+    stores
+        .images
+        .share(open("images")?)
+        .map_err(|e| store(&e))?;
+    deploy
+        .groups
+        .share(open("group_deployments")?)
+        .map_err(|e| store(&e))?;
+    // Device authentication and provisioning: X.509 CAs and DPS enrollments.
+    stores
+        .certificates
+        .share(open("ca_certificates")?)
+        .map_err(|e| store(&e))?;
+    stores
+        .enrollments
+        .share(open("enrollments")?)
+        .map_err(|e| store(&e))?;
+    Ok((identities, twins))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -84,12 +84,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-enum Op {
-    Put(Vec<String>),
-    Remove,
-    /// The client went: its idle time starts at this time.
-    Touch(u64),
-}
+/// A write of the session writer: the same on one hub (redb) and on a cluster node.
+type Op = SessionWrite;
 
 struct Job {
     key: String,
@@ -186,10 +182,11 @@ impl SessionStore {
     }
 
     /// The stored session of `key`, if there is one. On a cluster node this also claims it
-    /// for this node: call it for a client connecting here.
-    pub fn get(&self, key: &str) -> Result<Option<StoredSession>, SessionError> {
+    /// for this node (batched with other CONNECTs' claims): call it for a client connecting
+    /// here. On one hub it answers at once (the index, then redb only when there is one).
+    pub async fn get(&self, key: &str) -> Result<Option<StoredSession>, SessionError> {
         if let Some(claims) = self.claims.get() {
-            let (reply, answer) = mpsc::sync_channel(1);
+            let (reply, answer) = oneshot::channel();
             claims
                 .send(Claim {
                     key: key.to_string(),
@@ -197,7 +194,7 @@ impl SessionStore {
                 })
                 .map_err(|_| SessionError::Store("session claimer stopped".into()))?;
             let found: Option<StoredSession> = answer
-                .recv()
+                .await
                 .map_err(|_| SessionError::Store("session claimer stopped".into()))?
                 .map_err(SessionError::Store)?
                 .map(|body| serde_json::from_str(&body))
@@ -288,7 +285,7 @@ impl SessionStore {
             }
             let _ = self.jobs.send(Job {
                 key: key.to_string(),
-                op: Op::Touch(t),
+                op: Op::Left(t),
                 reply: None,
             });
         }
@@ -344,7 +341,7 @@ impl SessionStore {
 /// One CONNECT's claim of its session, answered with the session's JSON (if any).
 struct Claim {
     key: String,
-    reply: mpsc::SyncSender<Result<Option<String>, String>>,
+    reply: oneshot::Sender<Result<Option<String>, String>>,
 }
 
 /// Claims the sessions of a cluster node's CONNECTs, as many as are waiting in one statement.
@@ -375,14 +372,7 @@ fn writer(
         if let Some(rows) = shared.get() {
             let writes = batch
                 .iter()
-                .map(|job| {
-                    let write = match &job.op {
-                        Op::Put(filters) => SessionWrite::Put(filters.clone()),
-                        Op::Remove => SessionWrite::Remove,
-                        Op::Touch(t) => SessionWrite::Left(*t),
-                    };
-                    (job.key.clone(), write)
-                })
+                .map(|job| (job.key.clone(), job.op.clone()))
                 .collect();
             let result = rows.write_sessions(writes).map_err(SessionError::Store);
             if let Err(e) = &result {
@@ -414,7 +404,7 @@ fn writer(
                         Op::Remove => {
                             table.remove(key)?;
                         }
-                        Op::Touch(t) => {
+                        Op::Left(t) => {
                             let found = table.get(key)?.map(|v| v.value().to_vec());
                             if let Some(bytes) = found {
                                 let mut session: StoredSession = serde_json::from_slice(&bytes)?;
@@ -478,11 +468,11 @@ mod tests {
             store.remove("never").await.unwrap();
         }
         let store = SessionStore::open(db(&dir)).unwrap();
-        let s = store.get("d1").unwrap().unwrap();
+        let s = store.get("d1").await.unwrap().unwrap();
         assert_eq!(s.filters, vec!["$iothub/methods/POST/#".to_string()]);
         // A session without a disconnect counts as seen at load: not expired at once.
         assert_eq!(store.expire(60_000), 0);
-        assert!(store.get("d2").unwrap().is_none());
+        assert!(store.get("d2").await.unwrap().is_none());
         assert_eq!(store.len(), 1);
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -500,8 +490,8 @@ mod tests {
         store.disconnected("live");
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert_eq!(store.expire(10), 1);
-        assert!(store.get("idle").unwrap().is_none());
-        assert!(store.get("live").unwrap().is_some());
+        assert!(store.get("idle").await.unwrap().is_none());
+        assert!(store.get("live").await.unwrap().is_some());
         assert_eq!(store.expire(60_000), 0);
         let _ = std::fs::remove_dir_all(dir);
     }

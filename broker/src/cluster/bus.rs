@@ -231,21 +231,24 @@ impl Bus {
         }
     }
 
-    /// Asks the node holding `key`'s connection (`what`: `method`) and reads its answer.
-    /// A connection made a moment ago may not be known to every NATS server yet (interest
-    /// crosses the NATS cluster's routes asynchronously), so "no responders" is asked once
-    /// more after a short wait before it counts as no node holding `key`.
+    /// Asks the node holding `key`'s connection (`what`: `method`, `inputs`) and reads its
+    /// answer. A connection made a moment ago may not be known to every NATS server yet
+    /// (interest crosses the NATS cluster's routes asynchronously), so with `twice` "no
+    /// responders" is asked once more after a short wait before it counts as no node holding
+    /// `key`: for answers a caller sees (a method's 404). A caller that asks again anyway
+    /// (the relay, every look) takes the first "no responders".
     async fn ask<T: serde::de::DeserializeOwned>(
         &self,
         key: &IdentityKey,
         what: &str,
         request: &impl Serialize,
         within: Duration,
+        twice: bool,
     ) -> Result<T, Asked> {
         let body: bytes::Bytes = serde_json::to_vec(request)
             .map_err(|e| Asked::Failed(e.to_string()))?
             .into();
-        let mut asked_twice = false;
+        let mut asked_twice = !twice;
         loop {
             let asked = self.client.send_request(
                 subject(key, what),
@@ -275,7 +278,7 @@ impl Bus {
     pub async fn call_method(&self, key: &IdentityKey, request: &MethodRequest) -> MethodOutcome {
         // The holder times the call itself; this only covers a node dying mid-call.
         let within = Duration::from_secs(request.timeout_secs + 5);
-        match self.ask(key, "method", request, within).await {
+        match self.ask(key, "method", request, within, true).await {
             Ok(outcome) => outcome,
             Err(Asked::Nobody) => {
                 MethodOutcome::Offline(format!("'{key}' is not connected to any node"))
@@ -295,7 +298,7 @@ impl Bus {
         entries: &[RelayedEntry],
     ) -> Result<bool, String> {
         match self
-            .ask::<Result<(), String>>(key, "inputs", &entries, Duration::from_secs(10))
+            .ask::<Result<(), String>>(key, "inputs", &entries, Duration::from_secs(10), false)
             .await
         {
             Ok(Ok(())) => Ok(true),

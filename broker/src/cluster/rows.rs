@@ -434,7 +434,7 @@ impl Exclusive {
 
     /// Writes (`Some(body)`) or deletes (`None`) these records and commits; returns each
     /// write's version.
-    pub fn commit(mut self, writes: Vec<(String, Option<String>)>) -> Result<Vec<i64>, String> {
+    pub fn commit(mut self, writes: Vec<Upsert>) -> Result<Vec<i64>, String> {
         let Some(tx) = self.writes.take() else {
             return Err("already committed".into());
         };

@@ -267,12 +267,7 @@ where
         }
         None
     } else {
-        // A read of the store (on a cluster node, of PostgreSQL): off the async workers.
-        let (h, k) = (hub.clone(), session_key.clone());
-        let found = tokio::task::spawn_blocking(move || h.sessions.get(&k))
-            .await
-            .unwrap_or_else(|e| Err(crate::session::SessionError::Store(e.to_string())));
-        match found {
+        match hub.sessions.get(&session_key).await {
             Ok(found) => found,
             Err(e) => {
                 // Refuse rather than pretend there was no session: the client retries.
